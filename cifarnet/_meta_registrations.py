@@ -1,0 +1,60 @@
+"""Fake (meta) kernels: output shapes, dtypes and strides of every op, for torch.compile.
+
+Shapes and the errors for impossible geometry come from native conv2d and max_pool2d's own
+meta functions, so they agree with the composition the ops replace; layouts follow the rule
+the C++ kernels use (channels_last when the input or the weight is channels_last).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
+
+from cifarnet import _C
+
+
+def conv_output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    if torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_pool_window(pool_size) -> None:
+    elements = pool_size[0] * pool_size[1]
+    torch._check(
+        elements <= _C.MAX_POOL_WINDOW_ELEMENTS,
+        lambda: f"pool_size {list(pool_size)} has {elements} elements; at most "
+        f"{_C.MAX_POOL_WINDOW_ELEMENTS} are supported (the argmax is stored in one byte)",
+    )
+
+
+@torch.library.register_fake("cifarnet::conv2d_relu_max_pool2d_with_argmax")
+def _conv2d_relu_max_pool2d_with_argmax_fake(
+    input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode
+):
+    torch._check(input.dim() == 4, lambda: f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D")
+    _check_pool_window(pool_size)
+    conv = F.conv2d(input, weight, bias, stride, padding)
+    pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, ceil_mode=ceil_mode)
+    memory_format = conv_output_memory_format(input, weight)
+    output = torch.empty(pooled.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
+    argmax = torch.empty(pooled.shape, dtype=torch.uint8, device=input.device, memory_format=memory_format)
+    return output, argmax
+
+
+@torch.library.register_fake("cifarnet::_conv2d_relu_max_pool2d_backward")
+def _conv2d_relu_max_pool2d_backward_fake(
+    grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
+):
+    grad_input = grad_weight = grad_bias = None
+    if output_mask[0]:
+        memory_format = conv_output_memory_format(input, weight)
+        grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
+    if output_mask[1]:
+        grad_weight = torch.empty(
+            weight.shape, dtype=weight.dtype, device=weight.device, memory_format=suggest_memory_format(weight)
+        )
+    if output_mask[2]:
+        grad_bias = weight.new_empty(weight.shape[0])
+    return grad_input, grad_weight, grad_bias

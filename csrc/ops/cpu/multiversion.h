@@ -1,0 +1,65 @@
+#pragma once
+// Runtime ISA selection for the CPU kernels' hot loops.
+//
+// A kernel keeps its hot loops in a header of templates with no includes of its own, and
+// includes it through isa_variants.inc, which compiles it three times: for baseline x86-64,
+// AVX2 (x86-64-v3) and AVX-512 (x86-64-v4), in namespaces isa_baseline, isa_avx2 and
+// isa_avx512. CIFARNET_ISA_DISPATCH calls the variant this CPU supports. The package thus runs
+// on any x86-64 and still uses 16-float vectors where the CPU has them. (GCC's target_clones
+// would be shorter, but it lowers vector-extension code of inlined templates for the baseline
+// ISA before cloning, which scalarises it.)
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define CIFARNET_HAS_ISA_VARIANTS 1
+#else
+#define CIFARNET_HAS_ISA_VARIANTS 0
+#endif
+
+namespace cifarnet {
+
+enum class CpuIsa { baseline, avx2, avx512 };
+
+inline CpuIsa detect_cpu_isa() {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::avx512;
+  if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::avx2;
+#endif
+  return CpuIsa::baseline;
+}
+
+inline CpuIsa cpu_isa() {
+  static const CpuIsa isa = detect_cpu_isa();
+  return isa;
+}
+
+inline const char* cpu_isa_name() {
+  switch (cpu_isa()) {
+    case CpuIsa::avx512:
+      return "avx512 (x86-64-v4)";
+    case CpuIsa::avx2:
+      return "avx2 (x86-64-v3)";
+    default:
+      return CIFARNET_HAS_ISA_VARIANTS ? "baseline x86-64" : "compiler default";
+  }
+}
+
+}  // namespace cifarnet
+
+// Calls isa_<variant>::function(args...) for this CPU's variant.
+#if CIFARNET_HAS_ISA_VARIANTS
+#define CIFARNET_ISA_DISPATCH(function, ...)                    \
+  do {                                                          \
+    switch (::cifarnet::cpu_isa()) {                            \
+      case ::cifarnet::CpuIsa::avx512:                          \
+        isa_avx512::function(__VA_ARGS__);                      \
+        break;                                                  \
+      case ::cifarnet::CpuIsa::avx2:                            \
+        isa_avx2::function(__VA_ARGS__);                        \
+        break;                                                  \
+      default:                                                  \
+        isa_baseline::function(__VA_ARGS__);                    \
+    }                                                           \
+  } while (0)
+#else
+#define CIFARNET_ISA_DISPATCH(function, ...) isa_baseline::function(__VA_ARGS__)
+#endif

@@ -1,0 +1,43 @@
+#pragma once
+// 64-byte SIMD vectors through the GCC/Clang vector extension: one AVX-512 register, two AVX2
+// or four SSE ones, lowered for whatever ISA the enclosing function is compiled for (see
+// multiversion.h). Used where the auto-vectoriser will not turn compare-and-select loops with
+// NaN rules into vector code on its own.
+
+#include <cstdint>
+#include <cstring>
+
+namespace cifarnet::simd {
+
+template <typename T>
+struct Vec64;
+
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64)));
+  typedef int32_t mask __attribute__((vector_size(64)));  // lanes of -1 (true) or 0
+  typedef uint8_t bytes __attribute__((vector_size(16)));
+  static constexpr int lanes = 16;
+};
+
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64)));
+  typedef int64_t mask __attribute__((vector_size(64)));
+  typedef uint8_t bytes __attribute__((vector_size(8)));
+  static constexpr int lanes = 8;
+};
+
+template <typename V>
+inline __attribute__((always_inline)) V load(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline __attribute__((always_inline)) void store(void* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+}  // namespace cifarnet::simd

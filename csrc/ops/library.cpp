@@ -1,0 +1,77 @@
+// The cifarnet operator library: every schema in one place, and the C++ entry points that call
+// them through the dispatcher. Kernels register themselves per device in csrc/ops/<device>/.
+
+#include "ops.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace cifarnet::ops {
+
+at::Tensor conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef pool_size,
+                                  at::IntArrayRef pool_stride, bool ceil_mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::conv2d_relu_max_pool2d", "")
+                       .typed<decltype(conv2d_relu_max_pool2d)>();
+  return op.call(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride, bool ceil_mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::conv2d_relu_max_pool2d_with_argmax", "")
+                       .typed<decltype(conv2d_relu_max_pool2d_with_argmax)>();
+  return op.call(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    std::array<bool, 3> output_mask) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::_conv2d_relu_max_pool2d_backward", "")
+                       .typed<decltype(_conv2d_relu_max_pool2d_backward)>();
+  return op.call(grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride,
+                 ceil_mode, output_mask);
+}
+
+namespace {
+
+// NB: like native max_pool2d over max_pool2d_with_indices, the public op is a composite of the
+// op that also returns the argmax; autograd, fake kernels and device kernels live on that one.
+at::Tensor conv2d_relu_max_pool2d_composite(const at::Tensor& input, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            at::IntArrayRef stride, at::IntArrayRef padding,
+                                            at::IntArrayRef pool_size,
+                                            at::IntArrayRef pool_stride, bool ceil_mode) {
+  return std::get<0>(conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride, padding,
+                                                        pool_size, pool_stride, ceil_mode));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cifarnet, m) {
+  m.def(
+      "conv2d_relu_max_pool2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, "
+      "int[2] padding=0, int[2] pool_size=2, int[2] pool_stride=[], bool ceil_mode=False) "
+      "-> Tensor");
+  m.def(
+      "conv2d_relu_max_pool2d_with_argmax(Tensor input, Tensor weight, Tensor? bias=None, "
+      "int[2] stride=1, int[2] padding=0, int[2] pool_size=2, int[2] pool_stride=[], "
+      "bool ceil_mode=False) -> (Tensor output, Tensor argmax)");
+  m.def(
+      "_conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+      "Tensor argmax, int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, "
+      "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+}
+
+TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {
+  m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_composite);
+}
+
+}  // namespace cifarnet::ops

@@ -1,0 +1,36 @@
+#pragma once
+// C++ API of the cifarnet ops. Each function calls the op through the PyTorch dispatcher, so it
+// gets the device kernel, autograd (registered from Python) and any active mode, exactly as
+// torch.ops.cifarnet.<op> does from Python.
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace cifarnet::ops {
+
+// max_pool2d(relu(conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride,
+// ceil_mode). input: Tensor[N, C_in, H, W]; weight: Tensor[C_out, C_in, kH, kW]; bias:
+// Tensor[C_out] or nullopt; float32 or float64. An empty pool_stride means pool_size.
+at::Tensor conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding, at::IntArrayRef pool_size,
+                                  at::IntArrayRef pool_stride, bool ceil_mode);
+
+// Same, also returning the one-byte window argmax (uint8, the output's shape and layout):
+// the offset of the maximum inside its pool window, or 255 where the maximum was not positive.
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride, bool ceil_mode);
+
+// Gradients (input, weight, bias) of conv2d_relu_max_pool2d; those not asked for in
+// output_mask come back undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    std::array<bool, 3> output_mask);
+
+}  // namespace cifarnet::ops

@@ -1,0 +1,30 @@
+// The `cifarnet._C` Python module. Importing it loads the shared library, whose static
+// initialisers register the ops with the dispatcher; the ops themselves are reached through
+// torch.ops.cifarnet, never through pybind11. The module only reports how it was built.
+
+#include "ops/conv_pool_geometry.h"
+
+#include <ATen/Parallel.h>
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cifarnet's compiled ops (registered under torch.ops.cifarnet) and build facts";
+  m.attr("MAX_POOL_WINDOW_ELEMENTS") = cifarnet::kMaxPoolWindowElements;
+  m.attr("ARGMAX_RELU_ZERO") = static_cast<int>(cifarnet::kArgmaxReluZero);
+  m.def("build_info", [] {
+    py::dict info;
+#ifdef CIFARNET_WITH_CUDA
+    info["cuda"] = true;
+    info["cuda_version"] = CIFARNET_CUDA_VERSION;
+#else
+    info["cuda"] = false;
+    info["cuda_version"] = py::none();
+#endif
+    info["torch_version"] = TORCH_VERSION;
+    info["parallel"] = at::get_parallel_info();
+    return info;
+  }, "How the extension was built: CUDA kernels compiled in, torch version, threading.");
+}

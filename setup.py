@@ -1,0 +1,73 @@
+"""Builds cifarnet._C with torch.utils.cpp_extension and ninja.
+
+Environment:
+  CIFARNET_CUDA=0        build the CPU kernels only, even where a CUDA toolkit is installed.
+  CUDA_HOME              the CUDA toolkit (default: found by torch, e.g. /usr/local/cuda).
+  TORCH_CUDA_ARCH_LIST   GPU targets; on a machine without a visible GPU it defaults to
+                         DEFAULT_CUDA_ARCH_LIST below.
+  MAX_JOBS               parallel compile jobs (ninja).
+
+Build against the torch you run: `pip install --no-build-isolation .` after installing torch
+(see the README); a second torch inside an isolated build environment is the classic cause of
+undefined-symbol errors at import.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CUDA_ARCH_LIST = "9.0+PTX"
+
+
+def sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern), recursive=True))
+
+
+def cuda_toolkit_found():
+    home = cpp_extension.CUDA_HOME
+    return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+
+
+def extension():
+    cpp_sources = sources("csrc/**/*.cpp")
+    cuda_sources = sources("csrc/**/*.cu")
+    use_cuda = (
+        os.environ.get("CIFARNET_CUDA", "1") != "0" and bool(cuda_sources) and cuda_toolkit_found()
+    )
+    cxx_flags = ["-O3", "-fopenmp"]
+    link_flags = ["-fopenmp"]
+    if not use_cuda:
+        return cpp_extension.CppExtension(
+            "cifarnet._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
+    import torch
+
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+        print(f"cifarnet: no GPU visible, compiling CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCH_LIST}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    cuda_version = torch.version.cuda or "unknown"
+    defines = ["-DCIFARNET_WITH_CUDA", f'-DCIFARNET_CUDA_VERSION="{cuda_version}"']
+    return cpp_extension.CUDAExtension(
+        "cifarnet._C",
+        cpp_sources + cuda_sources,
+        extra_compile_args={"cxx": cxx_flags + defines, "nvcc": ["-O3", "--expt-relaxed-constexpr"] + defines},
+        extra_link_args=link_flags,
+    )
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """ninja build whose objects persist in build/ (pip would use a fresh temp dir each time),
+    so reinstalling an unchanged tree compiles nothing and an edit recompiles one file."""
+
+    def finalize_options(self):
+        super().finalize_options()
+        self.build_temp = os.path.join(ROOT, "build", "temp")
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -31,9 +31,15 @@ def _check_pool_window(pool_size) -> None:
 
 @torch.library.register_fake("cifarnet::conv2d_relu_max_pool2d_with_argmax")
 def _conv2d_relu_max_pool2d_with_argmax_fake(
-    input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode
+    input, weight, bias=None, stride=(1, 1), padding=(0, 0), pool_size=(2, 2), pool_stride=(), ceil_mode=False
 ):
+    # Defaults mirror the schema's: callers may leave defaulted arguments out.
     torch._check(input.dim() == 4, lambda: f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D")
+    for name, tensor in (("weight", weight), ("bias", bias)):
+        torch._check(
+            tensor is None or tensor.device == input.device,
+            lambda: f"{name} is on {tensor.device} but input is on {input.device}",
+        )
     _check_pool_window(pool_size)
     conv = F.conv2d(input, weight, bias, stride, padding)
     pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, ceil_mode=ceil_mode)

@@ -2,11 +2,12 @@
 // initialisers register the ops with the dispatcher; the ops themselves are reached through
 // torch.ops.cifarnet, never through pybind11. The module only reports how it was built.
 
-#include "ops/conv_pool_geometry.h"
-
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
+
+#include "ops/conv_pool_geometry.h"
+#include "ops/cpu/multiversion.h"
 
 namespace py = pybind11;
 
@@ -14,17 +15,22 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "cifarnet's compiled ops (registered under torch.ops.cifarnet) and build facts";
   m.attr("MAX_POOL_WINDOW_ELEMENTS") = cifarnet::kMaxPoolWindowElements;
   m.attr("ARGMAX_RELU_ZERO") = static_cast<int>(cifarnet::kArgmaxReluZero);
-  m.def("build_info", [] {
-    py::dict info;
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
 #ifdef CIFARNET_WITH_CUDA
-    info["cuda"] = true;
-    info["cuda_version"] = CIFARNET_CUDA_VERSION;
+        info["cuda"] = true;
+        info["cuda_version"] = CIFARNET_CUDA_VERSION;
 #else
-    info["cuda"] = false;
-    info["cuda_version"] = py::none();
+        info["cuda"] = false;
+        info["cuda_version"] = py::none();
 #endif
-    info["torch_version"] = TORCH_VERSION;
-    info["parallel"] = at::get_parallel_info();
-    return info;
-  }, "How the extension was built: CUDA kernels compiled in, torch version, threading.");
+        info["torch_version"] = TORCH_VERSION;
+        info["cpu_isa"] = cifarnet::cpu_isa_name();
+        info["parallel"] = at::get_parallel_info();
+        return info;
+      },
+      "How the extension was built: CUDA kernels compiled in, torch version, the ISA of the\n"
+      "CPU kernels' vector loops on this machine, threading.");
 }

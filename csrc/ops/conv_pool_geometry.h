@@ -27,9 +27,7 @@ struct ConvPoolGeometry {
   int64_t out_h, out_w;  // pooled output
 };
 
-inline std::string shape_string(const at::Tensor& t) {
-  return c10::str(t.sizes());
-}
+inline std::string shape_string(const at::Tensor& t) { return c10::str(t.sizes()); }
 
 // Output length of a max pool with no padding and no dilation, as at::pooling_output_shape
 // computes it: in ceil mode the last window must start inside the input.
@@ -75,8 +73,10 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
               " input channels");
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "bias must be a 1-D tensor of ", weight.size(0), " elements (one per output "
-                "channel), got shape ", shape_string(*bias));
+                "bias must be a 1-D tensor of ", weight.size(0),
+                " elements (one per output "
+                "channel), got shape ",
+                shape_string(*bias));
     TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype ", bias->scalar_type(),
                 " does not match input dtype ", input.scalar_type());
     TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(),
@@ -89,14 +89,13 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
               "pool_stride must be empty (= pool_size) or have two elements, got ", pool_stride);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
   TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
-  TORCH_CHECK(pool_size[0] > 0 && pool_size[1] > 0, "pool_size must be positive, got ",
-              pool_size);
+  TORCH_CHECK(pool_size[0] > 0 && pool_size[1] > 0, "pool_size must be positive, got ", pool_size);
   const at::IntArrayRef window_stride = pool_stride.empty() ? pool_size : pool_stride;
   TORCH_CHECK(window_stride[0] > 0 && window_stride[1] > 0, "pool_stride must be positive, got ",
               window_stride);
   TORCH_CHECK(pool_size[0] * pool_size[1] <= kMaxPoolWindowElements, "pool_size ", pool_size,
-              " has ", pool_size[0] * pool_size[1], " elements; at most ",
-              kMaxPoolWindowElements, " are supported (the argmax is stored in one byte)");
+              " has ", pool_size[0] * pool_size[1], " elements; at most ", kMaxPoolWindowElements,
+              " are supported (the argmax is stored in one byte)");
 
   ConvPoolGeometry g{};
   g.batch = input.size(0);
@@ -134,23 +133,22 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
 // last when either the input or the weight is channels last.
 inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input,
                                                   const at::Tensor& weight) {
-  const bool channels_last =
-      input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
-      weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
+                             weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
 // Checks the backward's extra arguments against the forward geometry.
 inline void check_conv2d_relu_max_pool2d_backward_args(const at::Tensor& grad_output,
-                                                        const at::Tensor& argmax,
-                                                        const at::Tensor& input,
-                                                        const ConvPoolGeometry& g) {
+                                                       const at::Tensor& argmax,
+                                                       const at::Tensor& input,
+                                                       const ConvPoolGeometry& g) {
   const std::array<int64_t, 4> expected_sizes{g.batch, g.out_channels, g.out_h, g.out_w};
   const at::IntArrayRef expected(expected_sizes);
-  TORCH_CHECK(grad_output.sizes() == expected, "grad_output must have shape ",
-              expected, ", got ", shape_string(grad_output));
-  TORCH_CHECK(argmax.sizes() == expected, "argmax must have shape ", expected,
-              ", got ", shape_string(argmax));
+  TORCH_CHECK(grad_output.sizes() == expected, "grad_output must have shape ", expected, ", got ",
+              shape_string(grad_output));
+  TORCH_CHECK(argmax.sizes() == expected, "argmax must have shape ", expected, ", got ",
+              shape_string(argmax));
   TORCH_CHECK(argmax.scalar_type() == at::kByte, "argmax must be uint8, got ",
               argmax.scalar_type());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ",

@@ -1,10 +1,10 @@
 // The cifarnet operator library: every schema in one place, and the C++ entry points that call
 // them through the dispatcher. Kernels register themselves per device in csrc/ops/<device>/.
 
-#include "ops.h"
-
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "ops.h"
 
 namespace cifarnet::ops {
 
@@ -47,8 +47,8 @@ namespace {
 at::Tensor conv2d_relu_max_pool2d_composite(const at::Tensor& input, const at::Tensor& weight,
                                             const std::optional<at::Tensor>& bias,
                                             at::IntArrayRef stride, at::IntArrayRef padding,
-                                            at::IntArrayRef pool_size,
-                                            at::IntArrayRef pool_stride, bool ceil_mode) {
+                                            at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+                                            bool ceil_mode) {
   return std::get<0>(conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride, padding,
                                                         pool_size, pool_stride, ceil_mode));
 }
@@ -67,7 +67,8 @@ TORCH_LIBRARY(cifarnet, m) {
   m.def(
       "_conv2d_relu_max_pool2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
       "Tensor argmax, int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, "
-      "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor "
+      "grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {

@@ -7,13 +7,9 @@
 // max pooling and the one-byte argmax over it before the next tile, so the pre-pool activation
 // never exists at full size and is never written to or read from memory.
 
-#include "../conv_pool_geometry.h"
-#include "multiversion.h"
-#include "simd.h"
-
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
@@ -22,6 +18,10 @@
 #include <array>
 #include <type_traits>
 #include <vector>
+
+#include "../conv_pool_geometry.h"
+#include "multiversion.h"
+#include "simd.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -56,47 +56,14 @@ void relu_max_pool2d_samples(const at::Tensor& conv, int64_t conv_n0, at::Tensor
   uint8_t* argmax_data = argmax.mutable_data_ptr<uint8_t>();
   for (int64_t n = n_begin; n < n_end; ++n) {
     CIFARNET_ISA_DISPATCH(relu_max_pool2d_rows<scalar_t>, conv_data + (n - conv_n0) * conv_sample,
-                          out_data + n * os.n, argmax_data + n * os.n, os, g, row_begin,
-                          row_end);
+                          out_data + n * os.n, argmax_data + n * os.n, os, g, row_begin, row_end);
   }
 }
-
-// How a batch is cut for the per-thread fused path: tiles of whole samples whose convolution
-// output fits in kTileBytes, at least one tile per thread. With fewer samples than threads
-// there is no such cut (per_thread = false) and the kernels thread inside each op instead.
-struct BatchTiling {
-  int64_t tile, tiles;
-  bool per_thread;
-};
-
-BatchTiling batch_tiling(const ConvPoolGeometry& g, int64_t element_size) {
-  const int64_t sample_bytes = std::max<int64_t>(1, g.out_channels * g.conv_h * g.conv_w * element_size);
-  const int64_t threads = at::get_num_threads();
-  int64_t tile = std::max<int64_t>(1, kTileBytes / sample_bytes);
-  tile = std::min(tile, std::max<int64_t>(1, (g.batch + threads - 1) / threads));
-  const int64_t tiles = (g.batch + tile - 1) / tile;
-  return {tile, tiles, g.batch > 0 && tiles >= threads};
-}
-
-// Makes the ops a thread calls inside one of our parallel regions single-threaded, and sure of
-// it. NB: oneDNN sizes its work by omp_get_max_threads(), which nested regions do not lower;
-// its weight-gradient kernel then waits at a barrier for threads that never come. Setting the
-// thread count inside the region only changes this implicit task's copy of it.
-// Also excludes autograd: worker threads do not inherit the caller's thread-local state, so
-// grad mode may be on there, and the inner ops must not record history.
-struct InnerOpGuard {
-  InnerOpGuard() {
-#ifdef _OPENMP
-    omp_set_num_threads(1);
-#endif
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-};
 
 at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g) {
-  return at::convolution(input, weight, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w},
-                         {1, 1}, /*transposed=*/false, {0, 0}, /*groups=*/1)
+  return at::convolution(input, weight, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
+                         /*transposed=*/false, {0, 0}, /*groups=*/1)
       .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
@@ -104,45 +71,34 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode);
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
+                                                               pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
-  at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w},
-                                input.options().memory_format(format));
+  at::Tensor output =
+      at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));
   if (output.numel() == 0) {
     return {output, argmax};
   }
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   // A channels-last weight makes the convolution produce the channels-last layout the
   // epilogue vectorises over.
   const at::Tensor weight_cl = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  const BatchTiling tiling = batch_tiling(g, input.element_size());
+  const int64_t sample_bytes = g.out_channels * g.conv_h * g.conv_w * input.element_size();
+  static const int64_t tile_bytes = getenv("CIFARNET_TILE_BYTES") ? atoll(getenv("CIFARNET_TILE_BYTES")) : kTileBytes;
+  const int64_t tile = std::max<int64_t>(1, tile_bytes / std::max<int64_t>(1, sample_bytes));
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_forward", [&] {
-    if (tiling.per_thread) {
-      // Each thread convolves a tile (oneDNN runs single-threaded inside a parallel region)
-      // and pools it while it is still in cache.
-      at::parallel_for(0, tiling.tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-        InnerOpGuard inner_ops;
-        for (int64_t t = tile_begin; t < tile_end; ++t) {
-          const int64_t n0 = t * tiling.tile;
-          const int64_t n1 = std::min(n0 + tiling.tile, g.batch);
-          const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
-          relu_max_pool2d_samples<scalar_t>(conv, n0, output, argmax, g, n0, n1, 0, g.out_h);
-        }
-      });
-    } else {
-      // Fewer samples than threads: a threaded convolution of the whole batch, then the
-      // epilogue parallel over pooled rows.
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      const at::Tensor conv = convolution(input, weight_cl, bias, g);
-      at::parallel_for(0, g.batch * g.out_h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
+      const int64_t n1 = std::min(n0 + tile, g.batch);
+      const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
+      at::parallel_for(n0 * g.out_h, n1 * g.out_h, 1, [&](int64_t begin, int64_t end) {
         for (int64_t row = begin; row < end;) {
           const int64_t n = row / g.out_h;
           const int64_t row_end = std::min(end, (n + 1) * g.out_h);
-          relu_max_pool2d_samples<scalar_t>(conv, 0, output, argmax, g, n, n + 1,
+          relu_max_pool2d_samples<scalar_t>(conv, n0, output, argmax, g, n, n + 1,
                                             row - n * g.out_h, row_end - n * g.out_h);
           row = row_end;
         }
@@ -210,80 +166,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
               input.device());
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
   const bool conv_grads = (output_mask[0] || output_mask[1]) && g.batch > 0;
-  const BatchTiling tiling = batch_tiling(g, input.element_size());
-  const int64_t threads = at::get_num_threads();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
 
+  at::Tensor grad_conv;
+  if (conv_grads) {
+    grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
+                          grad_output.options().memory_format(format));
+  }
   at::Tensor grad_input, grad_weight, grad_bias;
-  if (output_mask[0]) {
-    grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-    if (g.batch == 0) grad_input.zero_();
-  }
-  if (output_mask[1]) {
-    grad_weight = at::zeros(weight.sizes(), weight.options());
-  }
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
     const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor bias_partial = at::zeros({threads, g.out_channels}, input.options().dtype(acc_dtype));
+    at::Tensor bias_partial =
+        at::zeros({at::get_num_threads(), g.out_channels}, input.options().dtype(acc_dtype));
     acc_t* bias_data = bias_partial.mutable_data_ptr<acc_t>();
-    auto bias_row = [&] { return bias_data + at::get_thread_num() * g.out_channels; };
-
-    if (!conv_grads) {
-      at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-        scatter_pool_gradient<scalar_t, acc_t>(grad_output, argmax, nullptr, Strides4d(grad_output),
-                                               0, g, n_begin, n_end, bias_row());
-      });
-    } else if (tiling.per_thread) {
-      // Per tile: the convolution-output gradient is built in a cache-sized buffer and fed
-      // straight to a single-threaded convolution backward; weight gradients are summed per
-      // thread. The full-size gradient of the pre-pool activation never exists.
-      const at::Tensor weight_cl = weight.contiguous(at::MemoryFormat::ChannelsLast);
-      at::Tensor weight_partial;
-      if (output_mask[1]) weight_partial = at::zeros({threads, g.out_channels, g.in_channels, g.kernel_h, g.kernel_w}, weight.options());
-      at::parallel_for(0, tiling.tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
-        InnerOpGuard inner_ops;
-        const int64_t thread = at::get_thread_num();
-        const at::Tensor grad_conv_buffer =
-            at::empty({tiling.tile, g.out_channels, g.conv_h, g.conv_w},
-                      grad_output.options().memory_format(at::MemoryFormat::ChannelsLast));
-        for (int64_t t = tile_begin; t < tile_end; ++t) {
-          const int64_t n0 = t * tiling.tile;
-          const int64_t n1 = std::min(n0 + tiling.tile, g.batch);
-          at::Tensor grad_conv = grad_conv_buffer.narrow(0, 0, n1 - n0).zero_();
-          scatter_pool_gradient<scalar_t, acc_t>(grad_output, argmax,
-                                                 grad_conv.mutable_data_ptr<scalar_t>(),
-                                                 Strides4d(grad_conv), n0, g, n0, n1, bias_row());
-          auto [tile_grad_input, tile_grad_weight, unused] = at::convolution_backward(
-              grad_conv, input.narrow(0, n0, n1 - n0), weight_cl, std::nullopt, stride, padding,
-              {1, 1}, /*transposed=*/false, {0, 0}, /*groups=*/1,
-              {output_mask[0], output_mask[1], false});
-          if (output_mask[0]) grad_input.narrow(0, n0, n1 - n0).copy_(tile_grad_input);
-          if (output_mask[1]) weight_partial[thread].add_(tile_grad_weight);
-        }
-      });
-      if (output_mask[1]) grad_weight = weight_partial.sum(0);
-    } else {
-      // Fewer samples than threads: scatter the whole batch, then one threaded backward.
-      at::Tensor grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
-                                       grad_output.options().memory_format(format));
-      at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-        scatter_pool_gradient<scalar_t, acc_t>(grad_output, argmax,
-                                               grad_conv.mutable_data_ptr<scalar_t>(),
-                                               Strides4d(grad_conv), 0, g, n_begin, n_end,
-                                               bias_row());
-      });
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      at::Tensor whole_grad_input, whole_grad_weight;
-      std::tie(whole_grad_input, whole_grad_weight, std::ignore) = at::convolution_backward(
-          grad_conv, input, weight, std::nullopt, stride, padding, {1, 1}, /*transposed=*/false,
-          {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
-      if (output_mask[0]) grad_input.copy_(whole_grad_input);
-      if (output_mask[1]) grad_weight = whole_grad_weight;
-    }
+    scalar_t* grad_conv_data = conv_grads ? grad_conv.mutable_data_ptr<scalar_t>() : nullptr;
+    const Strides4d conv_strides(conv_grads ? grad_conv : grad_output);
+    at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+      scatter_pool_gradient<scalar_t, acc_t>(grad_output, argmax, grad_conv_data, conv_strides, 0,
+                                             g, n_begin, n_end,
+                                             bias_data + at::get_thread_num() * g.out_channels);
+    });
     if (output_mask[2]) {
       grad_bias = bias_partial.sum(0).to(input.scalar_type());
     }
   });
+  // NB: the convolution backward runs once over the whole batch, outside any parallel region of
+  // ours: oneDNN's weight-gradient kernel plans its threads when its primitive is created and
+  // deadlocks when run inside a region with fewer threads than it planned for.
+  if (conv_grads) {
+    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
+        grad_conv, input, weight, std::nullopt, stride, padding, {1, 1}, /*transposed=*/false,
+        {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
+    if (grad_input.defined()) grad_input = grad_input.contiguous(format);
+  } else {
+    // Nothing flowed back (empty batch).
+    if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options().memory_format(format));
+    if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
+  }
   // A fixed layout, so the fake kernel can promise the same strides.
   if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   return {grad_input, grad_weight, grad_bias};

@@ -47,18 +47,18 @@ inline const char* cpu_isa_name() {
 
 // Calls isa_<variant>::function(args...) for this CPU's variant.
 #if CIFARNET_HAS_ISA_VARIANTS
-#define CIFARNET_ISA_DISPATCH(function, ...)                    \
-  do {                                                          \
-    switch (::cifarnet::cpu_isa()) {                            \
-      case ::cifarnet::CpuIsa::avx512:                          \
-        isa_avx512::function(__VA_ARGS__);                      \
-        break;                                                  \
-      case ::cifarnet::CpuIsa::avx2:                            \
-        isa_avx2::function(__VA_ARGS__);                        \
-        break;                                                  \
-      default:                                                  \
-        isa_baseline::function(__VA_ARGS__);                    \
-    }                                                           \
+#define CIFARNET_ISA_DISPATCH(function, ...) \
+  do {                                       \
+    switch (::cifarnet::cpu_isa()) {         \
+      case ::cifarnet::CpuIsa::avx512:       \
+        isa_avx512::function(__VA_ARGS__);   \
+        break;                               \
+      case ::cifarnet::CpuIsa::avx2:         \
+        isa_avx2::function(__VA_ARGS__);     \
+        break;                               \
+      default:                               \
+        isa_baseline::function(__VA_ARGS__); \
+    }                                        \
   } while (0)
 #else
 #define CIFARNET_ISA_DISPATCH(function, ...) isa_baseline::function(__VA_ARGS__)

@@ -6,10 +6,9 @@
 // max_pool2d's order and with its rule (strictly greater, or NaN), so ties go to the first
 // maximum and NaN to the last NaN, as native.
 template <typename scalar_t>
-inline __attribute__((always_inline)) void relu_max_pool2d_window(const scalar_t* window, int64_t window_h,
-                                            int64_t window_w, int64_t row_stride,
-                                            int64_t column_stride, int64_t pool_w,
-                                            scalar_t* out, uint8_t* argmax) {
+inline __attribute__((always_inline)) void relu_max_pool2d_window(
+    const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
+    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax) {
   scalar_t best = window[0];
   int64_t best_offset = 0;
   for (int64_t h = 0; h < window_h; ++h) {
@@ -28,23 +27,23 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window(const scalar_t
 
 // The same over one 64-byte vector of channels (16 floats, 8 doubles), lane by lane.
 template <typename scalar_t>
-inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(const scalar_t* window, int64_t window_h,
-                                                int64_t window_w, int64_t row_stride,
-                                                int64_t column_stride, int64_t pool_w,
-                                                scalar_t* out, uint8_t* argmax,
-                                                int64_t out_stride_c) {
+inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
+    const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
+    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   using mask = typename V::mask;
-  vec best = simd::load<vec>(window);
+  vec best;
+  simd::load(best, window);
   mask best_offset{};
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
-      const vec x = simd::load<vec>(window + h * row_stride + w * column_stride);
+      vec x;
+      simd::load(x, window + h * row_stride + w * column_stride);
       const mask take = (x > best) | (x != x);
       best = take ? x : best;
-      using lane_t = std::remove_reference_t<decltype(best_offset[0])>;
-      best_offset = take ? (mask{} + static_cast<lane_t>(h * pool_w + w)) : best_offset;
+      const auto offset = static_cast<typename V::lane_int>(h * pool_w + w);
+      best_offset = take ? (mask{} + offset) : best_offset;
     }
   }
   const mask positive = (best > scalar_t(0)) | (best != best);
@@ -65,9 +64,8 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(const scal
 // conv: channels-last [conv_h][conv_w][C]; out/argmax: one sample, any strides.
 // Vectorised over channels, the contiguous dimension of conv.
 template <typename scalar_t>
-void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax,
-                                          const Strides4d& os, const ConvPoolGeometry& g,
-                                          int64_t row_begin, int64_t row_end) {
+void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, const Strides4d& os,
+                          const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;

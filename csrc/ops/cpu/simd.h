@@ -15,7 +15,8 @@ struct Vec64;
 template <>
 struct Vec64<float> {
   typedef float type __attribute__((vector_size(64)));
-  typedef int32_t mask __attribute__((vector_size(64)));  // lanes of -1 (true) or 0
+  typedef int32_t lane_int;                                // an integer as wide as a lane
+  typedef lane_int mask __attribute__((vector_size(64)));  // -1 (true) or 0 per lane
   typedef uint8_t bytes __attribute__((vector_size(16)));
   static constexpr int lanes = 16;
 };
@@ -23,16 +24,17 @@ struct Vec64<float> {
 template <>
 struct Vec64<double> {
   typedef double type __attribute__((vector_size(64)));
-  typedef int64_t mask __attribute__((vector_size(64)));
+  typedef int64_t lane_int;
+  typedef lane_int mask __attribute__((vector_size(64)));
   typedef uint8_t bytes __attribute__((vector_size(8)));
   static constexpr int lanes = 8;
 };
 
+// Unaligned load into `v`. (An out-parameter, not a return value: a 64-byte vector returned by
+// value from a baseline-ISA function would change the calling convention.)
 template <typename V>
-inline __attribute__((always_inline)) V load(const void* p) {
-  V v;
+inline __attribute__((always_inline)) void load(V& v, const void* p) {
   std::memcpy(&v, p, sizeof(V));
-  return v;
 }
 
 template <typename V>

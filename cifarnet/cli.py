@@ -1,0 +1,227 @@
+"""The ``cifarnet-train`` and ``cifarnet-eval`` commands.
+
+Both print problems with the data, the settings or a checkpoint as one line on stderr and
+exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cifarnet.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
+from cifarnet.fileio import atomic_write_text
+from cifarnet.models import OPS, ConvNet
+from cifarnet.plots import plot_confusion_matrix, plot_test_accuracy
+from cifarnet.train import CHECKPOINT_FILE, DEVICES, TrainConfig, epoch, load_checkpoint, resolve_device, train
+from cifarnet.variants import VARIANTS, recipe
+
+__all__ = ["eval_main", "results_table", "train_main"]
+
+ALL = "all"
+RESULTS_FILE = "results.md"
+COMPARISON_PLOT = "test_accuracy.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return value
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(
+        prog="cifarnet-train",
+        description="Train the study's CIFAR-10 ConvNet (one variant, or all six in turn).",
+    )
+    parser.add_argument("--variant", choices=(*VARIANTS, ALL), default=defaults.variant,
+                        help="study step to train; 'all' trains the six in turn (default: %(default)s)")
+    parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="default: %(default)s")
+    parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="initial learning rate (default: %(default)s)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"cifar-10-batches-py/ or train/ and test/ image folders; downloaded when empty "
+                             f"(default: {default_data_dir()})")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<variant>)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
+    parser.add_argument("--ops", choices=OPS, default=defaults.ops,
+                        help="fused cifarnet ops or native torch layers (default: %(default)s)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
+                        help="train on the first N training images only")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt where it exists")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    return parser
+
+
+def _fail(program: str, message: object) -> int:
+    print(f"{program}: error: {message}", file=sys.stderr)
+    return ERROR_STATUS
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """``cifarnet-train``: trains one variant into ``--out``, or all six into ``--out/<variant>``
+    followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status."""
+    args = _train_parser().parse_args(argv)
+    variants = VARIANTS if args.variant == ALL else (args.variant,)
+    out = args.out if args.out is not None else Path("runs") / args.variant
+    progress = not args.no_progress
+    try:
+        data = load_cifar10(args.data_dir, progress=progress)
+        histories = {}
+        for variant in variants:
+            config = TrainConfig(
+                variant=variant,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                seed=args.seed,
+                ops=args.ops,
+                limit_train=args.limit_train,
+            )
+            run_out = out / variant if args.variant == ALL else out
+            histories[variant] = train(
+                config, run_out, data=data, device=args.device, threads=args.threads, resume=args.resume,
+                progress=progress,
+            )
+            print(f"{variant}: results in {run_out}")
+        if args.variant == ALL:
+            atomic_write_text(out / RESULTS_FILE, results_table(histories))
+            plot_test_accuracy(histories, out / COMPARISON_PLOT)
+            print(f"summary: {out / RESULTS_FILE}, {out / COMPARISON_PLOT}")
+    except (DataError, ValueError) as error:
+        return _fail("cifarnet-train", error)
+    except KeyboardInterrupt:
+        print(f"cifarnet-train: interrupted; completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    return 0
+
+
+def results_table(histories: dict[str, list[dict]]) -> str:
+    """A Markdown table of each variant's best and final test figures and epoch time.
+
+    Args:
+        histories: variant -> its ``metrics.jsonl`` records (at least one each).
+    """
+    lines = [
+        "| variant | epochs | best test top-1 (%) | final test top-1 (%) | final test loss | seconds / epoch |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for variant, history in histories.items():
+        if not history:
+            continue
+        final = history[-1]
+        best = max(record["test_top1"] for record in history)
+        seconds = sum(record["seconds"] for record in history) / len(history)
+        lines.append(
+            f"| {variant} | {len(history)} | {best:.2f} | {final['test_top1']:.2f} | {final['test_loss']:.4f} | {seconds:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cifarnet-eval",
+        description="Test a checkpoint written by cifarnet-train: loss, top-1/top-5, per-class accuracy, confusion matrix.",
+    )
+    parser.add_argument("checkpoint", type=Path, help=f"a {CHECKPOINT_FILE} written by cifarnet-train")
+    parser.add_argument("--data-dir", type=Path, default=None, help=f"as for cifarnet-train (default: {default_data_dir()})")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
+    parser.add_argument("--ops", choices=OPS, default=None, help="default: the checkpoint's")
+    parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"confusion-matrix PNG (default: {CONFUSION_PLOT} beside the checkpoint)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return parser
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    """``cifarnet-eval``: tests a checkpoint and prints the figures, a per-class table and the
+    path of the confusion-matrix PNG. Returns the exit status."""
+    args = _eval_parser().parse_args(argv)
+    progress = not args.no_progress
+    try:
+        device = resolve_device(args.device)
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        checkpoint = load_checkpoint(args.checkpoint)
+        config = TrainConfig(**checkpoint["config"])
+        ops = args.ops or config.ops
+        model = ConvNet(config.variant, ops)
+        try:
+            model.load_state_dict(checkpoint["model"])
+        except RuntimeError as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise ValueError(f"{args.checkpoint} does not fit a {config.variant} ConvNet ({first_line})") from None
+        model.to(device)
+        data = load_cifar10(args.data_dir, progress=progress)
+        loader = BatchLoader(data.test, args.batch_size or config.batch_size, recipe(config.variant), train=False, device=device)
+        confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64)
+        result = epoch(loader, model, nn.CrossEntropyLoss(), progress=progress, description="test", confusion=confusion)
+        plot_path = args.out if args.out is not None else args.checkpoint.parent / CONFUSION_PLOT
+        plot_path.parent.mkdir(parents=True, exist_ok=True)
+        plot_confusion_matrix(
+            confusion.numpy(), CLASSES, plot_path,
+            title=f"{config.variant}, epoch {checkpoint['epoch']}: test top-1 {result.top1:.2f}%",
+        )
+    except (DataError, ValueError) as error:
+        return _fail("cifarnet-eval", error)
+    except KeyboardInterrupt:
+        print("cifarnet-eval: interrupted", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    print(f"checkpoint {args.checkpoint}: variant {config.variant}, epoch {checkpoint['epoch']}, ops {ops}")
+    print(f"test loss {result.loss:.4f}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  ({len(data.test):,} images)")
+    print()
+    print(_per_class_table(confusion))
+    print()
+    print(f"confusion matrix: {plot_path}")
+    return 0
+
+
+def _per_class_table(confusion: torch.Tensor) -> str:
+    width = max(len(name) for name in CLASSES)
+    lines = [f"{'class':<{width}}  accuracy  correct / total"]
+    for label, name in enumerate(CLASSES):
+        total = int(confusion[label].sum())
+        correct = int(confusion[label, label])
+        accuracy = f"{100 * correct / total:.2f}%" if total else "-"
+        lines.append(f"{name:<{width}}  {accuracy:>8}  {correct:>7} / {total}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cifarnet.cli {train,eval} ...``: the two commands under one entry point."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train_main, "eval": eval_main}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m cifarnet.cli {train,eval} [options]  (or cifarnet-train / cifarnet-eval)", file=sys.stderr)
+        return ERROR_STATUS
+    return commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The study's figures, drawn with matplotlib's Agg canvas and written atomically as PNG.
+
+Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global backend
+is chosen and nothing is kept open between epochs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from cifarnet.fileio import atomic_write
+
+__all__ = ["plot_batch_losses", "plot_confusion_matrix", "plot_curves", "plot_test_accuracy"]
+
+DPI = 100
+
+
+def _save(figure: Figure, path: str | os.PathLike) -> None:
+    FigureCanvasAgg(figure)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
+
+
+def plot_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "") -> None:
+    """"Accuracy / epoch" beside "Loss / epoch", train and test, from ``metrics.jsonl`` records.
+
+    Args:
+        history: one mapping per epoch with ``epoch``, ``train_top1``, ``test_top1``,
+            ``train_loss`` and ``test_loss``.
+        path: the PNG to write.
+        title: shown above both panels.
+    """
+    epochs = [record["epoch"] for record in history]
+    figure = Figure(figsize=(11, 4.2))
+    accuracy, loss = figure.subplots(1, 2)
+    for split, style in (("train", "-o"), ("test", "-s")):
+        accuracy.plot(epochs, [r[f"{split}_top1"] for r in history], style, markersize=3, label=split)
+        loss.plot(epochs, [r[f"{split}_loss"] for r in history], style, markersize=3, label=split)
+    accuracy.set(title="Accuracy / epoch", xlabel="epoch", ylabel="top-1 accuracy (%)")
+    loss.set(title="Loss / epoch", xlabel="epoch", ylabel="cross-entropy loss")
+    for axes in (accuracy, loss):
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        axes.legend()
+    if title:
+        figure.suptitle(title)
+    _save(figure, path)
+
+
+def plot_batch_losses(batch_losses: Sequence[Sequence[float]], path: str | os.PathLike, title: str = "") -> None:
+    """The training loss of every mini-batch, epoch after epoch, with epoch boundaries marked.
+
+    Args:
+        batch_losses: per epoch, the loss of each of its training batches.
+        path: the PNG to write.
+        title: the figure title.
+    """
+    figure = Figure(figsize=(11, 4))
+    axes = figure.subplots()
+    losses = [loss for epoch_losses in batch_losses for loss in epoch_losses]
+    batches_per_epoch = max((len(e) for e in batch_losses), default=1) or 1
+    # x in epochs, so the curve lines up with the per-epoch plots.
+    positions = np.arange(len(losses)) / batches_per_epoch
+    axes.plot(positions, losses, linewidth=0.6)
+    axes.set(title=title or "Training loss / batch", xlabel="epoch", ylabel="cross-entropy loss")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def plot_test_accuracy(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike) -> None:
+    """The test top-1 accuracy per epoch of several variants in one axes.
+
+    Args:
+        histories: variant name -> its ``metrics.jsonl`` records.
+        path: the PNG to write.
+    """
+    figure = Figure(figsize=(8, 5))
+    axes = figure.subplots()
+    for variant, history in histories.items():
+        axes.plot([r["epoch"] for r in history], [r["test_top1"] for r in history], label=variant)
+    axes.set(title="Test accuracy / epoch", xlabel="epoch", ylabel="test top-1 accuracy (%)")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save(figure, path)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: str | os.PathLike, title: str = "") -> None:
+    """A confusion matrix as a heat map with counts.
+
+    Args:
+        matrix: ``int`` ``[C, C]``, ``matrix[true, predicted]`` = number of test images.
+        classes: the C class names, in label order.
+        path: the PNG to write.
+        title: the figure title.
+    """
+    figure = Figure(figsize=(8, 7))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    figure.colorbar(image, ax=axes)
+    ticks = np.arange(len(classes))
+    axes.set_xticks(ticks, classes, rotation=45, ha="right")
+    axes.set_yticks(ticks, classes)
+    axes.set(xlabel="predicted class", ylabel="true class", title=title or "Confusion matrix")
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for true in range(matrix.shape[0]):
+        for predicted in range(matrix.shape[1]):
+            count = int(matrix[true, predicted])
+            colour = "white" if count > threshold else "black"
+            axes.text(predicted, true, str(count), ha="center", va="center", fontsize=7, color=colour)
+    _save(figure, path)

@@ -1,0 +1,438 @@
+"""The study's training loop: one ``epoch`` function for train and test, a run per variant,
+per-epoch metrics, plots and atomic, resumable checkpoints.
+
+A run writes into its output folder:
+
+* ``metrics.jsonl``: one JSON object per epoch with the keys :data:`METRIC_KEYS`;
+* ``batch_losses.csv``: ``epoch,batch,loss`` for every training batch;
+* ``curves.png`` ("Accuracy / epoch" beside "Loss / epoch") and ``batch_losses.png``;
+* ``checkpoint.pt``: everything needed to continue (see :func:`train`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from cifarnet.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
+from cifarnet.fileio import atomic_save, atomic_write_text
+from cifarnet.models import OPS, ConvNet
+from cifarnet.plots import plot_batch_losses, plot_curves
+from cifarnet.variants import check_variant, recipe
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "DEVICES",
+    "METRIC_KEYS",
+    "EpochResult",
+    "TrainConfig",
+    "epoch",
+    "load_checkpoint",
+    "make_optimizer",
+    "resolve_device",
+    "train",
+]
+
+METRIC_KEYS = ("epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds")
+"""The keys of each ``metrics.jsonl`` line, in order."""
+
+DEVICES = ("auto", "cpu", "cuda")
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.jsonl"
+BATCH_LOSSES_FILE = "batch_losses.csv"
+CURVES_FILE = "curves.png"
+BATCH_LOSSES_PLOT = "batch_losses.png"
+CHECKPOINT_FORMAT = 1
+CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history", "batch_losses")
+
+# Settings that may change when a run is resumed: how long it runs, and how the same
+# computation is carried out (fused and native models share their state_dict).
+RESUMABLE_CHANGES = ("epochs", "ops")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What defines a run of the study (SEED.md's defaults).
+
+    Attributes:
+        variant: one of :data:`cifarnet.variants.VARIANTS`.
+        epochs: epochs to reach (a resumed run continues up to this many).
+        batch_size: training and test mini-batch size.
+        lr: initial SGD learning rate.
+        seed: seeds initialisation, dropout, shuffling and augmentation.
+        ops: ``"fused"`` or ``"native"`` conv→ReLU→pool stages (see :class:`ConvNet`).
+        limit_train: train on the first ``limit_train`` training images only (None: all).
+    """
+
+    variant: str = "full"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 0.1
+    seed: int = 0
+    ops: str = "fused"
+    limit_train: int | None = None
+
+    def __post_init__(self) -> None:
+        check_variant(self.variant)
+        if self.ops not in OPS:
+            raise ValueError(f"ops must be one of {', '.join(OPS)}; got {self.ops!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be at least 1; got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number; got {self.lr}")
+        if self.limit_train is not None and self.limit_train < 1:
+            raise ValueError(f"limit_train must be at least 1 (or None for all images); got {self.limit_train}")
+
+
+@dataclass
+class EpochResult:
+    """Loss and accuracy of one pass over a data set.
+
+    Attributes:
+        loss: mean cross-entropy per example.
+        top1, top5: percentage of examples whose label is the first, or among the first
+            five, predictions.
+        batch_losses: the mean loss of each batch, in order.
+    """
+
+    loss: float
+    top1: float
+    top5: float
+    batch_losses: list[float] = field(default_factory=list)
+
+
+def epoch(
+    data: Iterable[tuple[Tensor, Tensor]],
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    progress: bool = False,
+    description: str = "",
+    confusion: Tensor | None = None,
+) -> EpochResult:
+    """One pass over ``data``: training with ``optimizer``, evaluation without.
+
+    With an optimizer the model is in train mode (dropout and BN batch statistics active),
+    its weights move after every batch, and the figures are running averages over the epoch.
+    Without, the model is in eval mode under ``torch.no_grad`` and the figures are those of
+    the fixed model.
+
+    Args:
+        data: batches of ``float32`` inputs ``Tensor[B, 3, H, W]`` and ``int64`` labels
+            ``Tensor[B]`` on the model's device.
+        model: maps inputs to logits ``Tensor[B, C]``.
+        criterion: loss of ``(logits, labels)``, averaged over the batch.
+        optimizer: updates the model's parameters; None evaluates.
+        progress: show a progress bar with the running loss and accuracy.
+        description: the progress bar's label.
+        confusion: optional ``int64`` ``Tensor[C, C]`` on the CPU; ``confusion[true, predicted]``
+            is incremented for every example.
+
+    Returns:
+        :class:`EpochResult` with example-weighted averages.
+    """
+    training = optimizer is not None
+    model.train(training)
+    seen = correct1 = correct5 = 0
+    loss_sum = 0.0
+    batch_losses = []
+    total = len(data) if hasattr(data, "__len__") else None
+    bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
+    with torch.set_grad_enabled(training):
+        for inputs, labels in bar:
+            logits = model(inputs)
+            loss = criterion(logits, labels)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            batch_loss = loss.item()
+            count = labels.shape[0]
+            batch_losses.append(batch_loss)
+            loss_sum += batch_loss * count
+            # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
+            top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+            predicted = top[:, 0]
+            correct1 += int((predicted == labels).sum())
+            correct5 += int((top == labels[:, None]).any(dim=1).sum())
+            if confusion is not None:
+                classes = confusion.shape[0]
+                pairs = (labels * classes + predicted).cpu()
+                confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+            seen += count
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
+    bar.close()
+    if seen == 0:
+        raise ValueError("data yielded no batches")
+    return EpochResult(loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses)
+
+
+def make_optimizer(
+    model: nn.Module, config: TrainConfig
+) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.ExponentialLR | None]:
+    """SGD at ``config.lr`` with the variant's momentum, and its ExponentialLR (or None)."""
+    schedule = recipe(config.variant)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=schedule.momentum)
+    if schedule.lr_gamma is None:
+        return optimizer, None
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=schedule.lr_gamma)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA if available, else CPU; ``"cuda"`` must be available."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {str(device)!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device; use --device cpu or auto")
+    return device
+
+
+def _check_model_runs_on(model: ConvNet, device: torch.device) -> None:
+    """Fails early, in one line, where the build lacks a kernel for ``device`` (fused ops)."""
+    if device.type == "cpu":
+        return
+    size = CROP_SIZE if model.recipe.augment else IMAGE_SIZE
+    was_training = model.training
+    model.eval()  # no BN statistics move, no dropout draws
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size, device=device))
+    except (NotImplementedError, RuntimeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(f"ops={model.ops!r} cannot run on {device} ({first_line}); try ops='native'") from None
+    finally:
+        model.train(was_training)
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": _numpy_state_to_python(np.random.get_state()),
+        "data": generator.get_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _numpy_state_to_python(state) -> tuple:
+    # Plain Python types, so checkpoints load with weights_only=True.
+    name, keys, position, has_gauss, cached_gaussian = state
+    return (name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian))
+
+
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuples(state["python"]))
+    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
+    generator.set_state(state["data"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    """``random.setstate`` needs tuples where a round trip may have given lists."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_as_tuples(v) for v in value)
+    return value
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Reads a checkpoint written by :func:`train`.
+
+    Returns:
+        dict with ``format``, ``epoch`` (epochs completed), ``config`` (a
+        :class:`TrainConfig` as dict), ``model``, ``optimizer``, ``scheduler`` (None for a
+        constant learning rate), ``rng``, ``history`` (the ``metrics.jsonl`` records) and
+        ``batch_losses`` (per epoch, the loss of each training batch).
+
+    Raises:
+        ValueError: ``path`` is not a readable cifarnet checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise ValueError(f"checkpoint {path} is not readable ({reason})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a cifarnet checkpoint of format {CHECKPOINT_FORMAT}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
+    try:
+        TrainConfig(**checkpoint["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"checkpoint {path} holds an unusable config ({error})") from None
+    return checkpoint
+
+
+def _resumable_config(saved: dict, config: TrainConfig, path: Path) -> None:
+    changed = [
+        f"{f.name}: {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
+        for f in fields(TrainConfig)
+        if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)
+    ]
+    if changed:
+        raise ValueError(f"cannot resume {path} with different settings ({'; '.join(changed)})")
+
+
+def _write_records(out: Path, history: list[dict], batch_losses: list[list[float]]) -> None:
+    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
+    atomic_write_text(out / BATCH_LOSSES_FILE, "epoch,batch,loss\n" + "".join(_batch_loss_rows(batch_losses)))
+
+
+def _batch_loss_rows(batch_losses: list[list[float]], first_epoch: int = 1) -> Iterable[str]:
+    for epoch_number, losses in enumerate(batch_losses, start=first_epoch):
+        for batch, loss in enumerate(losses, start=1):
+            yield f"{epoch_number},{batch},{loss!r}\n"
+
+
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    data: CIFAR10 | None = None,
+    data_dir: str | Path | None = None,
+    device: str | torch.device = "auto",
+    threads: int | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Trains and tests one variant, epoch by epoch, writing results and checkpoints to ``out``.
+
+    Each epoch trains on the (shuffled, augmented) training set, tests the end-of-epoch model,
+    steps the learning-rate schedule, then saves ``checkpoint.pt`` atomically (model, optimiser,
+    scheduler, the torch/CUDA/python/numpy random states and the data generator, epoch, config,
+    history), appends to ``metrics.jsonl`` and ``batch_losses.csv`` and redraws the plots. So a
+    run killed at any moment loses at most the epoch in progress, and on the CPU a resumed run
+    gives the same metrics, bit for bit, as one that was never interrupted.
+
+    Args:
+        config: the run's settings.
+        out: output folder (created).
+        data: the data set, already loaded (e.g. shared by several runs); else read from
+            ``data_dir`` with :func:`cifarnet.data.load_cifar10`.
+        data_dir: see :func:`cifarnet.data.load_cifar10`.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        threads: ``torch.set_num_threads(threads)`` for CPU ops (None: leave it).
+        resume: continue from ``out/checkpoint.pt`` up to ``config.epochs`` if it exists (its
+            settings must equal ``config`` except ``epochs`` and ``ops``); else start afresh.
+        progress: show progress bars and print one summary line per epoch.
+
+    Returns:
+        The ``metrics.jsonl`` records of all epochs so far (dicts with :data:`METRIC_KEYS`).
+
+    Raises:
+        ValueError: bad settings, an unusable device or a checkpoint that does not fit.
+        cifarnet.data.DataError: the data set cannot be read.
+    """
+    out = Path(out)
+    device = resolve_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be at least 1; got {threads}")
+        torch.set_num_threads(threads)
+    checkpoint_path = out / CHECKPOINT_FILE
+    checkpoint = None
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        _resumable_config(checkpoint["config"], config, checkpoint_path)
+    if data is None:
+        data = load_cifar10(data_dir, progress=progress)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    model = ConvNet(config.variant, config.ops).to(device)
+    optimizer, scheduler = make_optimizer(model, config)
+    history: list[dict] = []
+    batch_losses: list[list[float]] = []
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+        _set_rng_state(checkpoint["rng"], generator, device)
+        history, batch_losses = list(checkpoint["history"]), [list(b) for b in checkpoint["batch_losses"]]
+    _check_model_runs_on(model, device)
+    # Rewritten from the checkpoint, so lines of an epoch lost to a crash disappear.
+    _write_records(out, history, batch_losses)
+
+    train_loader, test_loader = make_loaders(
+        data, recipe(config.variant), config.batch_size, generator, device=device, limit_train=config.limit_train
+    )
+    criterion = nn.CrossEntropyLoss()
+    for epoch_number in range(len(history) + 1, config.epochs + 1):
+        label = f"{config.variant} {epoch_number}/{config.epochs}"
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train")
+        tested = epoch(test_loader, model, criterion, progress=progress, description=f"{label} test")
+        if scheduler is not None:
+            scheduler.step()
+        seconds = time.perf_counter() - started
+        record = {
+            "epoch": epoch_number,
+            "train_loss": trained.loss,
+            "train_top1": trained.top1,
+            "train_top5": trained.top5,
+            "test_loss": tested.loss,
+            "test_top1": tested.top1,
+            "test_top5": tested.top5,
+            "lr": lr,
+            "seconds": seconds,
+        }
+        history.append(record)
+        batch_losses.append(trained.batch_losses)
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "epoch": epoch_number,
+                "config": asdict(config),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "rng": _rng_state(generator, device),
+                "history": history,
+                "batch_losses": batch_losses,
+            },
+            checkpoint_path,
+        )
+        with open(out / METRICS_FILE, "a", encoding="utf-8") as metrics_file:
+            metrics_file.write(json.dumps(record) + "\n")
+        with open(out / BATCH_LOSSES_FILE, "a", encoding="utf-8") as losses_file:
+            losses_file.writelines(_batch_loss_rows([trained.batch_losses], first_epoch=epoch_number))
+        plot_curves(history, out / CURVES_FILE, title=f"{config.variant} ({config.ops} ops)")
+        plot_batch_losses(batch_losses, out / BATCH_LOSSES_PLOT, title=f"{config.variant}: training loss / batch")
+        if progress:
+            tqdm.write(
+                f"{label}: train loss {trained.loss:.4f} top-1 {trained.top1:.2f}% | "
+                f"test loss {tested.loss:.4f} top-1 {tested.top1:.2f}% top-5 {tested.top5:.2f}% | "
+                f"lr {lr:.4g} | {seconds:.1f} s",
+                file=sys.stdout,
+            )
+    return history

@@ -1,0 +1,29 @@
+"""Shared test fixtures: the devices the ops are tested on, and the native references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cifarnet
+
+
+def _devices() -> list[str]:
+    devices = ["cpu"]
+    if cifarnet.build_info()["cuda"] and torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+DEVICES = _devices()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+def native_conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False):
+    """The composition of native ops that cifarnet.ops.conv2d_relu_max_pool2d replaces."""
+    return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride, ceil_mode=ceil_mode)

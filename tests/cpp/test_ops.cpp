@@ -1,0 +1,125 @@
+// Calls the cifarnet ops through the dispatcher from C++ and compares them with the native
+// composition at::max_pool2d(at::relu(at::conv2d(...))) and its autograd gradients.
+
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "ops/ops.h"
+
+namespace {
+
+int failures = 0;
+
+void check(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+bool close(const at::Tensor& a, const at::Tensor& b, double tolerance) {
+  return a.sizes() == b.sizes() && at::allclose(a, b, tolerance, tolerance);
+}
+
+struct Case {
+  std::string name;
+  int64_t batch, in_channels, out_channels, height, width, kernel;
+  std::vector<int64_t> stride, padding, pool_size, pool_stride;
+  bool ceil_mode, channels_last;
+  at::ScalarType dtype;
+};
+
+void compare_with_native(const Case& c) {
+  const auto options = at::TensorOptions().dtype(c.dtype);
+  at::Tensor input = at::randn({c.batch, c.in_channels, c.height, c.width}, options);
+  if (c.channels_last) input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = at::randn({c.out_channels, c.in_channels, c.kernel, c.kernel}, options);
+  const at::Tensor bias = at::randn({c.out_channels}, options);
+  const std::vector<int64_t> native_pool_stride =
+      c.pool_stride.empty() ? c.pool_size : c.pool_stride;
+
+  auto [output, argmax] = cifarnet::ops::conv2d_relu_max_pool2d_with_argmax(
+      input, weight, bias, c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode);
+  const at::Tensor plain = cifarnet::ops::conv2d_relu_max_pool2d(
+      input, weight, bias, c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode);
+
+  const at::Tensor input_leaf = input.detach().clone().set_requires_grad(true);
+  const at::Tensor weight_leaf = weight.detach().clone().set_requires_grad(true);
+  const at::Tensor bias_leaf = bias.detach().clone().set_requires_grad(true);
+  const at::Tensor native =
+      at::max_pool2d(at::relu(at::conv2d(input_leaf, weight_leaf, bias_leaf, c.stride, c.padding)),
+                     c.pool_size, native_pool_stride, {0, 0}, {1, 1}, c.ceil_mode);
+  const double tolerance = c.dtype == at::kDouble ? 1e-10 : 1e-4;
+  check(close(output, native.detach(), tolerance), c.name + ": forward matches native");
+  check(at::equal(plain, output),
+        c.name + ": conv2d_relu_max_pool2d equals the _with_argmax output");
+  check(output.is_contiguous(c.channels_last ? at::MemoryFormat::ChannelsLast
+                                             : at::MemoryFormat::Contiguous),
+        c.name + ": output in the native memory format");
+  check(argmax.scalar_type() == at::kByte, c.name + ": argmax is one byte per output");
+
+  const at::Tensor grad_output = at::randn_like(native);
+  const auto native_grads =
+      torch::autograd::grad({native}, {input_leaf, weight_leaf, bias_leaf}, {grad_output});
+  auto [grad_input, grad_weight, grad_bias] = cifarnet::ops::_conv2d_relu_max_pool2d_backward(
+      grad_output, input, weight, argmax, c.stride, c.padding, c.pool_size, c.pool_stride,
+      c.ceil_mode, {true, true, true});
+  check(close(grad_input, native_grads[0], tolerance), c.name + ": grad_input matches native");
+  check(close(grad_weight, native_grads[1], 10 * tolerance),
+        c.name + ": grad_weight matches native");
+  check(close(grad_bias, native_grads[2], 10 * tolerance), c.name + ": grad_bias matches native");
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  const std::vector<Case> cases = {
+      {"study layer 1", 16, 3, 32, 32, 32, 5, {1, 1}, {2, 2}, {2, 2}, {}, false, false, at::kFloat},
+      {"study layer 2, channels_last",
+       8,
+       32,
+       64,
+       16,
+       16,
+       5,
+       {1, 1},
+       {2, 2},
+       {2, 2},
+       {},
+       false,
+       true,
+       at::kFloat},
+      {"ceil mode 7 -> 4", 4, 8, 16, 7, 7, 3, {1, 1}, {1, 1}, {2, 2}, {}, true, false, at::kFloat},
+      {"float64, strides, overlapping pool",
+       3,
+       4,
+       5,
+       13,
+       11,
+       3,
+       {2, 1},
+       {1, 0},
+       {3, 2},
+       {2, 1},
+       false,
+       false,
+       at::kDouble},
+  };
+  for (const Case& c : cases) {
+    compare_with_native(c);
+  }
+
+  bool threw = false;
+  try {
+    cifarnet::ops::conv2d_relu_max_pool2d(at::randn({3, 8, 8}), at::randn({4, 3, 3, 3}),
+                                          std::nullopt, {1, 1}, {0, 0}, {2, 2}, {}, false);
+  } catch (const c10::Error& error) {
+    threw = std::string(error.what()).find("input must be a 4-D tensor") != std::string::npos;
+  }
+  check(threw, "a 3-D input is refused with a clear error");
+
+  std::printf("%d failure(s)\n", failures);
+  return failures == 0 ? 0 : 1;
+}

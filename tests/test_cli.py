@@ -1,0 +1,294 @@
+"""cifarnet-train and cifarnet-eval end to end, their outputs and their one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from cifarnet.cli import eval_main, train_main
+from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = REPO.parent / "shared" / "cifar10-jpeg"
+EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds"]
+VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "full"]
+TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Decode caches and default data folders go to the test's own folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_threads():
+    # --threads 1 (see TINY) sets torch's global thread count; give the next module its own.
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No test may reach the network: a download fails as it does without one."""
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+
+
+@pytest.fixture
+def pickles(tmp_path):
+    root = tmp_path / "pickles"
+    write_pickles(root, make_split(40, seed=21), make_split(20, seed=22))
+    return root
+
+
+@pytest.fixture
+def folders(tmp_path):
+    return write_folders(tmp_path / "folders", make_split(40, seed=23), make_split(20, seed=24))
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_seconds(records):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in records]
+
+
+def assert_one_line_error(capsys, status, program="cifarnet-train") -> str:
+    captured = capsys.readouterr()
+    assert status == 2
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"{program}: error: ") and "Traceback" not in captured.err
+    return lines[0]
+
+
+# --- training ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layout", ["pickles", "folders"])
+def test_train_end_to_end(request, tmp_path, capsys, layout):
+    data_dir = request.getfixturevalue(layout)
+    out = tmp_path / "run"
+    status = train_main(["--variant", "full", "--epochs", "2", "--data-dir", str(data_dir), "--out", str(out), *TINY])
+    assert status == 0
+    metrics = read_metrics(out)
+    assert [list(m) for m in metrics] == [EXPECTED_KEYS] * 2
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    for name in ("curves.png", "batch_losses.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG"
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["limit_train"] == 24
+    assert f"results in {out}" in capsys.readouterr().out
+
+
+def test_progress_output_per_epoch(pickles, tmp_path, capsys):
+    args = ["--variant", "baseline", "--epochs", "1", "--data-dir", str(pickles), "--out", str(tmp_path / "run")]
+    assert train_main([*args, *[a for a in TINY if a != "--no-progress"]]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"baseline 1/1: train loss \d+\.\d{4} top-1 [\d.]+% \| test loss [\d.]+ top-1 [\d.]+% top-5", out)
+
+
+def test_resume_from_the_command_line_equals_one_run(pickles, tmp_path):
+    common = ["--variant", "dropout", "--data-dir", str(pickles), *TINY]
+    assert train_main([*common, "--epochs", "2", "--out", str(tmp_path / "whole")]) == 0
+    assert train_main([*common, "--epochs", "1", "--out", str(tmp_path / "parts")]) == 0
+    assert train_main([*common, "--epochs", "2", "--out", str(tmp_path / "parts"), "--resume"]) == 0
+    assert without_seconds(read_metrics(tmp_path / "parts")) == without_seconds(read_metrics(tmp_path / "whole"))
+
+
+def test_all_variants_and_their_summary(pickles, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert train_main(["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
+    assert [row.split("|")[1].strip() for row in rows] == VARIANT_NAMES
+    for row, variant in zip(rows, VARIANT_NAMES):
+        metrics = read_metrics(out / variant)
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert float(cells[2]) == pytest.approx(max(m["test_top1"] for m in metrics), abs=0.005)
+        assert float(cells[3]) == pytest.approx(metrics[-1]["test_top1"], abs=0.005)
+        assert float(cells[4]) == pytest.approx(metrics[-1]["test_loss"], abs=5e-5)
+        assert float(cells[5]) == pytest.approx(metrics[-1]["seconds"], abs=0.05)
+        assert (out / variant / "checkpoint.pt").is_file()
+    with Image.open(out / "test_accuracy.png") as image:
+        assert image.format == "PNG"
+
+
+def test_unknown_variant_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--variant", "best"])
+    assert info.value.code == 2
+    assert "invalid choice: 'best'" in capsys.readouterr().err
+
+
+def test_nonpositive_epochs_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--epochs", "0"])
+    assert "expected a positive integer, got 0" in capsys.readouterr().err
+
+
+# --- bad data: one line, status 2 -------------------------------------------------------------
+
+
+def truncate_pickle(root: Path) -> str:
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:500])
+    return str(batch)
+
+
+def corrupt_image(root: Path) -> str:
+    image = root / "train" / "frog" / "0000.png"
+    image.write_bytes(b"garbage")
+    return str(image)
+
+
+def remove_class(root: Path) -> str:
+    for path in (root / "train" / "ship").iterdir():
+        path.unlink()
+    (root / "train" / "ship").rmdir()
+    return "missing ship"
+
+
+def remove_test_split(root: Path) -> str:
+    for path in sorted((root / "test").rglob("*"), reverse=True):
+        path.unlink() if path.is_file() else path.rmdir()
+    (root / "test").rmdir()
+    return f"{root / 'test'} is missing"
+
+
+@pytest.mark.parametrize(
+    "layout, damage",
+    [("pickles", truncate_pickle), ("folders", corrupt_image), ("folders", remove_class), ("folders", remove_test_split)],
+)
+def test_bad_data_is_one_line(request, tmp_path, capsys, layout, damage):
+    root = request.getfixturevalue(layout)
+    expected = damage(root)
+    status = train_main(["--data-dir", str(root), "--out", str(tmp_path / "run"), *TINY])
+    assert expected in assert_one_line_error(capsys, status)
+
+
+def test_missing_data_offline_is_one_line(tmp_path, capsys):
+    status = train_main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *TINY])
+    line = assert_one_line_error(capsys, status)
+    assert "downloading" in line and "failed" in line and str(tmp_path / "nowhere") in line
+
+
+def test_default_data_dir_is_the_cache(tmp_path, capsys):
+    status = train_main(["--out", str(tmp_path / "run"), *TINY])
+    assert str(tmp_path / "xdg-cache" / "cifarnet") in assert_one_line_error(capsys, status)
+
+
+def test_folder_without_a_data_set_is_one_line(tmp_path, capsys):
+    (tmp_path / "holiday").mkdir()
+    (tmp_path / "holiday" / "beach.jpg").write_bytes(b"")
+    status = train_main(["--data-dir", str(tmp_path / "holiday"), "--out", str(tmp_path / "run"), *TINY])
+    assert "holds beach.jpg" in assert_one_line_error(capsys, status)
+
+
+def test_cuda_without_a_gpu_is_one_line(pickles, tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    args = ["--data-dir", str(pickles), "--out", str(tmp_path / "run"), "--device", "cuda", "--no-progress"]
+    assert "no CUDA device" in assert_one_line_error(capsys, train_main(args))
+
+
+def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
+    truncate_pickle(pickles)
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+    result = subprocess.run(
+        [sys.executable, "-m", "cifarnet.cli", "train", "--data-dir", str(pickles), "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("cifarnet-train: error: ")
+    assert "data_batch_2" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def trained(folders, tmp_path):
+    out = tmp_path / "trained"
+    assert train_main(["--variant", "augmented", "--epochs", "1", "--data-dir", str(folders), "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_eval_reports_what_training_measured(trained, folders, capsys):
+    capsys.readouterr()
+    status = eval_main([str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--device", "cpu"])
+    assert status == 0
+    out = capsys.readouterr().out
+    final = read_metrics(trained)[-1]
+    assert f"top-1 {final['test_top1']:.2f}%" in out and f"top-5 {final['test_top5']:.2f}%" in out
+    assert f"test loss {final['test_loss']:.4f}" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.split() and line.split()[0] in CLASS_NAMES}
+    assert list(rows) == list(CLASS_NAMES)
+    correct = sum(int(re.search(r"(\d+) / (\d+)$", row).group(1)) for row in rows.values())
+    totals = [int(re.search(r"(\d+) / (\d+)$", row).group(2)) for row in rows.values()]
+    assert totals == [2] * 10  # the 20 test images, two per class
+    assert correct == round(final["test_top1"] * 20 / 100)
+    plot = Path(re.search(r"confusion matrix: (.+)$", out, re.M).group(1))
+    assert plot == trained / "confusion_matrix.png"
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
+
+
+def test_eval_with_the_other_ops_and_own_plot_path(trained, folders, tmp_path, capsys):
+    plot = tmp_path / "plots" / "cm.png"
+    args = [str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--ops", "native", "--out", str(plot), "--no-progress"]
+    assert eval_main(args) == 0
+    assert plot.is_file() and f"confusion matrix: {plot}" in capsys.readouterr().out
+
+
+def test_eval_of_a_broken_checkpoint_is_one_line(tmp_path, folders, capsys):
+    broken = tmp_path / "checkpoint.pt"
+    broken.write_bytes(b"\x00" * 100)
+    status = eval_main([str(broken), "--data-dir", str(folders), "--no-progress"])
+    assert f"checkpoint {broken} is not readable" in assert_one_line_error(capsys, status, "cifarnet-eval")
+
+
+def test_eval_with_bad_data_is_one_line(trained, tmp_path, capsys):
+    capsys.readouterr()
+    status = eval_main([str(trained / "checkpoint.pt"), "--data-dir", str(tmp_path / "void"), "--no-progress"])
+    assert "downloading" in assert_one_line_error(capsys, status, "cifarnet-eval")
+
+
+def test_module_entry_point_needs_a_command(capsys):
+    from cifarnet.cli import main
+
+    assert main([]) == 2
+    assert "usage:" in capsys.readouterr().err
+
+
+# --- real data --------------------------------------------------------------------------------
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real CIFAR-10 not found at {REAL_DATA}")
+def test_full_variant_learns_on_real_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME")  # reuse the machine's decode cache of the real data
+    out = tmp_path / "full"
+    args = ["--variant", "full", "--epochs", "2", "--limit-train", "10000", "--data-dir", str(REAL_DATA)]
+    # One thread: the two cores are often shared with benchmarks, where OpenMP threads spin-wait.
+    assert train_main([*args, "--out", str(out), "--no-progress", "--device", "cpu", "--threads", "1"]) == 0
+    metrics = read_metrics(out)
+    assert len(metrics) == 2
+    assert metrics[-1]["test_top1"] >= 30.0, metrics

@@ -1,0 +1,337 @@
+"""cifarnet.ops.conv2d_relu_max_pool2d against the native conv2d -> relu -> max_pool2d."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import cifarnet
+from cifarnet.ops import conv2d_relu_max_pool2d
+from conftest import DEVICES, native_conv2d_relu_max_pool2d
+
+BACKWARD_OP = torch.ops.cifarnet._conv2d_relu_max_pool2d_backward.default
+WITH_ARGMAX_OP = torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax.default
+
+
+def conv_out(size, kernel, stride, padding):
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def pooled_out(size, window, stride, ceil_mode):
+    """The pooled size torch documents for max_pool2d (no padding, no dilation)."""
+    rounding = math.ceil if ceil_mode else math.floor
+    out = rounding((size - window) / stride) + 1
+    if ceil_mode and (out - 1) * stride >= size:
+        out -= 1
+    return out
+
+
+@st.composite
+def layer_cases(draw):
+    """A valid conv -> ReLU -> max-pool geometry, memory formats, dtype and value pattern."""
+    kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    pool_size = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pool_stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    ceil_mode = draw(st.booleans())
+    height, width = draw(st.integers(1, 13)), draw(st.integers(1, 13))
+    conv_h = conv_out(height, kernel[0], stride[0], padding[0])
+    conv_w = conv_out(width, kernel[1], stride[1], padding[1])
+    window_stride = pool_stride or pool_size
+    assume(kernel[0] <= height + 2 * padding[0] and kernel[1] <= width + 2 * padding[1])
+    assume(pooled_out(conv_h, pool_size[0], window_stride[0], ceil_mode) > 0)
+    assume(pooled_out(conv_w, pool_size[1], window_stride[1], ceil_mode) > 0)
+    return dict(
+        batch=draw(st.integers(0, 4)),
+        in_channels=draw(st.integers(1, 5)),
+        out_channels=draw(st.sampled_from([1, 2, 3, 8, 16, 19])),
+        size=(height, width),
+        kernel=kernel,
+        stride=stride,
+        padding=padding,
+        pool_size=pool_size,
+        pool_stride=pool_stride,
+        ceil_mode=ceil_mode,
+        bias=draw(st.booleans()),
+        input_channels_last=draw(st.booleans()),
+        weight_channels_last=draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64])),
+        values=draw(st.sampled_from(["normal", "integers", "nan", "negative", "zeros"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def make_tensors(case, device):
+    """Input, weight, bias and output gradient for a case.
+
+    "integers" makes small integer values: every sum is exact, so pooling windows hold exact
+    ties and both implementations must break them the same way.
+    """
+    generator = torch.Generator().manual_seed(case["seed"])
+    kind, dtype = case["values"], case["dtype"]
+
+    def draw(*shape):
+        if kind == "integers":
+            return torch.randint(-2, 3, shape, generator=generator).to(dtype)
+        return torch.randn(shape, generator=generator, dtype=dtype)
+
+    input = draw(case["batch"], case["in_channels"], *case["size"])
+    weight = draw(case["out_channels"], case["in_channels"], *case["kernel"])
+    bias = draw(case["out_channels"]) if case["bias"] else None
+    if kind == "nan" and input.numel():
+        input.view(-1)[torch.randint(input.numel(), (max(1, input.numel() // 7),), generator=generator)] = math.nan
+    if kind == "negative":
+        input, weight = input.abs(), -weight.abs()
+        bias = None if bias is None else -bias.abs()
+    if kind == "zeros":
+        input.zero_()
+    if case["input_channels_last"]:
+        input = input.contiguous(memory_format=torch.channels_last)
+    if case["weight_channels_last"]:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return move(input), move(weight), move(bias), generator
+
+
+def op_args(case):
+    return dict(
+        stride=case["stride"],
+        padding=case["padding"],
+        pool_size=case["pool_size"],
+        pool_stride=case["pool_stride"],
+        ceil_mode=case["ceil_mode"],
+    )
+
+
+def assert_same_layout(actual, expected):
+    """Same element order in memory (an empty tensor, or a size-1 dimension, has no order)."""
+    if expected.numel() == 0:
+        return
+    actual_strides = [s for s, n in zip(actual.stride(), actual.shape) if n > 1]
+    expected_strides = [s for s, n in zip(expected.stride(), expected.shape) if n > 1]
+    assert actual_strides == expected_strides, f"layout {actual.stride()} differs from native {expected.stride()}"
+
+
+def tolerances(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=int(__import__("os").environ.get("CIFARNET_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=layer_cases())
+def test_forward_and_gradients_match_native(case, device):
+    input, weight, bias, generator = make_tensors(case, device)
+    leaves = [t.detach().clone().requires_grad_() for t in (input, weight) + ((bias,) if bias is not None else ())]
+    native_leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    fused = conv2d_relu_max_pool2d(leaves[0], leaves[1], leaves[2] if bias is not None else None, **op_args(case))
+    native = native_conv2d_relu_max_pool2d(
+        native_leaves[0], native_leaves[1], native_leaves[2] if bias is not None else None, **op_args(case)
+    )
+
+    assert fused.shape == native.shape
+    assert_same_layout(fused, native)
+    torch.testing.assert_close(fused, native, equal_nan=True, **tolerances(case["dtype"]))
+
+    grad_output = torch.randn(native.shape, generator=generator, dtype=case["dtype"]).to(device)
+    if case["values"] == "integers":
+        grad_output = grad_output.round()
+    fused_grads = torch.autograd.grad(fused, leaves, grad_output)
+    native_grads = torch.autograd.grad(native, native_leaves, grad_output)
+    for name, ours, theirs in zip(("input", "weight", "bias"), fused_grads, native_grads):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"grad {name}: {m}", **tolerances(case["dtype"]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "batch, in_channels, out_channels, size",
+    [(64, 3, 32, 32), (40, 16, 32, 16), (9, 8, 24, 8)],
+)
+def test_study_shapes_match_native(device, threads, batch, in_channels, out_channels, size):
+    """Batches large enough for the per-thread tiled path, with one thread and with two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(batch)
+        input = torch.randn(batch, in_channels, size, size, generator=generator).to(device).requires_grad_()
+        weight = (0.1 * torch.randn(out_channels, in_channels, 5, 5, generator=generator)).to(device).requires_grad_()
+        bias = torch.randn(out_channels, generator=generator).to(device).requires_grad_()
+        fused = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+        native = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+        torch.testing.assert_close(fused, native, rtol=1e-4, atol=1e-4)
+        grad_output = torch.randn(native.shape, generator=generator).to(device)
+        for ours, theirs in zip(
+            torch.autograd.grad(fused, (input, weight, bias), grad_output),
+            torch.autograd.grad(native, (input, weight, bias), grad_output),
+        ):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-3)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ties_go_to_the_first_maximum_and_nan_to_the_last(device):
+    # A 1x1 identity convolution makes the pooled input exactly what we write here.
+    x = torch.tensor([[[[3.0, 3.0, 1.0, math.nan], [2.0, 3.0, math.nan, 5.0]]]], device=device, requires_grad=True)
+    weight = torch.ones(1, 1, 1, 1, device=device)
+    out = conv2d_relu_max_pool2d(x, weight, pool_size=2)
+    out.backward(torch.tensor([[[[10.0, 20.0]]]], device=device))
+    assert out[0, 0, 0, 0].item() == 3.0 and math.isnan(out[0, 0, 0, 1].item())
+    expected = torch.tensor([[[[10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 20.0, 0.0]]]], device=device)
+    native_x = x.detach().clone().requires_grad_()
+    native_conv2d_relu_max_pool2d(native_x, weight, pool_size=2).backward(torch.tensor([[[[10.0, 20.0]]]], device=device))
+    torch.testing.assert_close(native_x.grad, expected)  # the rule we claim is native's
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_keeps_only_input_weight_and_one_byte_argmax(device):
+    input = torch.randn(4, 3, 16, 16, device=device, requires_grad=True)
+    weight = torch.randn(8, 3, 5, 5, device=device, requires_grad=True)
+    bias = torch.randn(8, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+    kinds = sorted((str(t.dtype), tuple(t.shape)) for t in saved)
+    expected = [(torch.float32, input.shape), (torch.float32, weight.shape), (torch.uint8, out.shape)]
+    assert kinds == sorted((str(dtype), tuple(shape)) for dtype, shape in expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    input = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    bias = torch.randn(4, device=device, requires_grad=True)
+    out = conv2d_relu_max_pool2d(input, weight, bias, padding=1)
+    assert out.shape == (0, 4, 4, 4)
+    out.sum().backward()
+    assert input.grad.shape == input.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize(
+    "geometry",
+    [
+        dict(stride=1, padding=1, pool_size=2, pool_stride=None, ceil_mode=False),
+        dict(stride=2, padding=2, pool_size=(3, 2), pool_stride=(2, 1), ceil_mode=True),
+        dict(stride=(1, 2), padding=(0, 1), pool_size=3, pool_stride=1, ceil_mode=False),
+    ],
+)
+def test_gradcheck_float64(device, bias, geometry):
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(2, 3, 9, 8, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64, generator=generator).to(device).requires_grad_()
+    bias_tensor = torch.randn(4, dtype=torch.float64, generator=generator).to(device).requires_grad_() if bias else None
+    inputs = (input, weight) + ((bias_tensor,) if bias else ())
+
+    def fn(*tensors):
+        return conv2d_relu_max_pool2d(tensors[0], tensors[1], tensors[2] if bias else None, **geometry)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+def opcheck_samples(device):
+    generator = torch.Generator().manual_seed(1)
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        for dtype in (torch.float32, torch.float64):
+            input = torch.randn(3, 4, 10, 9, dtype=dtype, generator=generator).to(device).contiguous(memory_format=memory_format)
+            weight = torch.randn(6, 4, 3, 3, dtype=dtype, generator=generator).to(device)
+            bias = torch.randn(6, dtype=dtype, generator=generator).to(device)
+            yield (input.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [2, 2], [], False)
+            yield (input.detach(), weight.detach().requires_grad_(), None, [2, 1], [0, 2], [3, 2], [2, 2], True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for args in opcheck_samples(device):
+        torch.library.opcheck(WITH_ARGMAX_OP, args)
+        output, argmax = WITH_ARGMAX_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+        grad_output = torch.randn_like(output)
+        input, weight = args[0].detach(), args[1].detach()
+        torch.library.opcheck(
+            BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [True, True, args[2] is not None])
+        )
+        torch.library.opcheck(BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [False, True, False]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(device, dynamic):
+    torch._dynamo.reset()
+    layer = cifarnet.nn.Conv2dReLUMaxPool2d(3, 8, 3, padding=1, ceil_mode=True).to(device)
+    compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
+    for batch in (4, 6):
+        input = torch.randn(batch, 3, 11, 11, device=device, requires_grad=True)
+        expected = layer(input)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), input)
+        actual = compiled(input)
+        (actual_grad,) = torch.autograd.grad(actual.sum(), input)
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(actual_grad, expected_grad)
+
+
+def _bad_input_cases():
+    x = torch.randn(2, 3, 8, 8)
+    w = torch.randn(4, 3, 3, 3)
+    return [
+        ("3-D input", dict(input=torch.randn(3, 8, 8)), RuntimeError, "input must be a 4-D tensor"),
+        ("5-D weight", dict(weight=torch.randn(4, 3, 3, 3, 1)), RuntimeError, "weight must be a 4-D tensor"),
+        ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), RuntimeError, "input has 5 channels"),
+        ("dtype mismatch", dict(weight=w.double()), RuntimeError, "weight dtype Double does not match input dtype Float"),
+        ("integer input", dict(input=x.long(), weight=w.long()), RuntimeError, "input must be float32 or float64"),
+        ("half input", dict(input=x.half(), weight=w.half()), RuntimeError, "got Half"),
+        ("bias shape", dict(bias=torch.randn(5)), RuntimeError, "bias must be a 1-D tensor of 4 elements"),
+        ("weight too large", dict(weight=torch.randn(4, 3, 11, 3)), RuntimeError, "weight kernel 11x3 is larger than the padded input 8x8"),
+        ("zero stride", dict(stride=0), RuntimeError, "stride must be positive, got [0, 0]"),
+        ("negative padding", dict(padding=(1, -1)), RuntimeError, "padding must be non-negative, got [1, -1]"),
+        ("zero pool size", dict(pool_size=(0, 2)), RuntimeError, "pool_size must be positive, got [0, 2]"),
+        ("zero pool stride", dict(pool_stride=0), RuntimeError, "pool_stride must be positive, got [0, 0]"),
+        ("pool window of 256", dict(input=torch.randn(1, 3, 20, 20), pool_size=16), RuntimeError, "has 256 elements; at most 255"),
+        ("pool larger than conv output", dict(pool_size=7), RuntimeError, "pool_size [7, 7] is larger than the convolution output 6x6"),
+        ("three-element stride", dict(stride=(1, 1, 1)), ValueError, "stride must be an int or a pair"),
+        ("float padding", dict(padding=1.5), TypeError, "padding must be an int or a pair"),
+        ("device mismatch", dict(weight=w.to("meta")), RuntimeError, "meta"),
+    ]
+
+
+@pytest.mark.parametrize("name, overrides, error, message", _bad_input_cases(), ids=[c[0] for c in _bad_input_cases()])
+def test_bad_input_raises_a_clear_error(name, overrides, error, message):
+    args = dict(input=torch.randn(2, 3, 8, 8), weight=torch.randn(4, 3, 3, 3), bias=None)
+    args.update(overrides)
+    with pytest.raises(error, match=None) as info:
+        conv2d_relu_max_pool2d(**args)
+    assert message in str(info.value), str(info.value)
+
+
+def test_pool_window_of_255_elements_is_accepted():
+    # 15 x 17 = 255: the largest window the one-byte argmax can address.
+    input = torch.randn(1, 2, 20, 20, requires_grad=True)
+    weight = torch.randn(3, 2, 3, 3)
+    out = conv2d_relu_max_pool2d(input, weight, pool_size=(15, 17), pool_stride=(2, 3))
+    native = native_conv2d_relu_max_pool2d(input, weight, pool_size=(15, 17), pool_stride=(2, 3))
+    torch.testing.assert_close(out, native)
+    grad = torch.randn_like(native)
+    torch.testing.assert_close(torch.autograd.grad(out, input, grad)[0], torch.autograd.grad(native, input, grad)[0])
+
+
+def test_backward_op_rejects_inconsistent_saved_tensors():
+    input, weight = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    output, argmax = WITH_ARGMAX_OP(input, weight, None, [1, 1], [1, 1], [2, 2], [], False)
+    with pytest.raises(RuntimeError, match=r"argmax must have shape \[2, 4, 4, 4\]"):
+        BACKWARD_OP(torch.ones_like(output), input, weight, argmax[:1], [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+    with pytest.raises(RuntimeError, match="argmax must be uint8"):
+        BACKWARD_OP(torch.ones_like(output), input, weight, argmax.long(), [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+
+
+def test_build_info_reports_the_build():
+    info = cifarnet.build_info()
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cuda"] in (True, False)
+    assert info["cpu_isa"]

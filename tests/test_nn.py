@@ -1,0 +1,103 @@
+"""cifarnet.nn modules against the torch.nn layers they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cifarnet.nn import Conv2dReLUMaxPool2d
+from conftest import DEVICES
+
+
+def native_block(conv: nn.Conv2d, pool: nn.MaxPool2d) -> nn.Sequential:
+    return nn.Sequential(conv, nn.ReLU(), pool)
+
+
+def test_same_seed_gives_nn_conv2d_initialisation():
+    torch.manual_seed(7)
+    conv = nn.Conv2d(3, 16, (5, 3), padding=2)
+    torch.manual_seed(7)
+    fused = Conv2dReLUMaxPool2d(3, 16, (5, 3), padding=2)
+    assert torch.equal(fused.weight, conv.weight) and torch.equal(fused.bias, conv.bias)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dicts_load_both_ways(bias):
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=bias)
+    fused = Conv2dReLUMaxPool2d(4, 6, 3, padding=1, bias=bias)
+    fused.load_state_dict(conv.state_dict())
+    assert torch.equal(fused.weight, conv.weight)
+    back = nn.Conv2d(4, 6, 3, padding=1, bias=bias)
+    back.load_state_dict(fused.state_dict())
+    assert torch.equal(back.weight, conv.weight)
+    assert list(fused.state_dict()) == list(conv.state_dict())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "conv_args, pool_args",
+    [
+        (dict(kernel_size=5, padding=2), dict(kernel_size=2)),
+        (dict(kernel_size=3, stride=2, padding=1, bias=False), dict(kernel_size=3, stride=2, ceil_mode=True)),
+        (dict(kernel_size=(3, 1), padding="same"), dict(kernel_size=(2, 1))),
+        (dict(kernel_size=2, padding="valid"), dict(kernel_size=2, stride=1)),
+    ],
+)
+def test_matches_native_sequential_in_float64(device, conv_args, pool_args):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, **conv_args).double().to(device)
+    pool = nn.MaxPool2d(**pool_args)
+    fused = Conv2dReLUMaxPool2d.from_modules(conv, pool)
+    reference = native_block(conv, pool)
+    input = torch.randn(5, 3, 12, 10, dtype=torch.float64, device=device, requires_grad=True)
+    out, expected = fused(input), reference(input)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(expected)
+    params = [input] + list(conv.parameters())
+    for ours, theirs in zip(torch.autograd.grad(out, params, grad), torch.autograd.grad(expected, params, grad)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_constructor_arguments_match_native_modules():
+    torch.manual_seed(1)
+    fused = Conv2dReLUMaxPool2d(3, 4, 3, stride=(2, 1), padding=1, pool_size=3, pool_stride=2, ceil_mode=True)
+    conv = nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1)
+    conv.load_state_dict(fused.state_dict())
+    input = torch.randn(2, 3, 15, 13)
+    reference = native_block(conv, nn.MaxPool2d(3, 2, ceil_mode=True))
+    torch.testing.assert_close(fused(input), reference(input))
+
+
+def test_from_modules_shares_parameters_and_mode():
+    conv, pool = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)
+    conv.eval()
+    fused = Conv2dReLUMaxPool2d.from_modules(conv, pool)
+    assert fused.weight is conv.weight and fused.bias is conv.bias
+    assert not fused.training
+
+
+@pytest.mark.parametrize(
+    "conv, pool, reason",
+    [
+        (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2), "dilation"),
+        (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2), "groups"),
+        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2), "padding_mode"),
+        (nn.Conv2d(3, 4, 2, padding="same"), nn.MaxPool2d(2), "asymmetric"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1), "pool.padding"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2), "pool.dilation"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True), "return_indices"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(16), "256 elements"),
+        (nn.Conv1d(3, 4, 3), nn.MaxPool2d(2), "not an nn.Conv2d"),
+        (nn.Conv2d(3, 4, 3), nn.AvgPool2d(2), "not an nn.MaxPool2d"),
+    ],
+)
+def test_from_modules_refuses_what_it_cannot_fuse(conv, pool, reason):
+    with pytest.raises(ValueError, match=reason):
+        Conv2dReLUMaxPool2d.from_modules(conv, pool)
+
+
+def test_extra_repr_names_every_hyperparameter():
+    text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True))
+    for part in ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True"):
+        assert part in text

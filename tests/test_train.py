@@ -1,0 +1,327 @@
+"""The epoch function, the schedules, and runs: outputs, checkpoints, exact resumption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import cifarnet.train as train_module
+from cifarnet.data import load_cifar10
+from cifarnet.models import ConvNet
+from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
+from cifar10_fakes import make_split, write_pickles
+
+EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds"]
+TRAIN_COUNT, TEST_COUNT, BATCH = 40, 20, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # NB: OpenMP threads spin-wait when the machine's two cores are busy with other work, which
+    # slows these tiny runs several-fold; one thread keeps them fast and their timing stable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_pickles(root, make_split(TRAIN_COUNT, seed=11), make_split(TEST_COUNT, seed=12))
+    return load_cifar10(root, progress=False)
+
+
+def run(dataset, out, **settings):
+    resume = settings.pop("resume", False)
+    config = TrainConfig(**{"batch_size": BATCH, "epochs": 2, **settings})
+    return train(config, out, data=dataset, device="cpu", resume=resume, progress=False)
+
+
+def without_seconds(history):
+    return [{k: v for k, v in record.items() if k != "seconds"} for record in history]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+# --- epoch ------------------------------------------------------------------------------------
+
+
+class ModeRecorder(nn.Module):
+    """A linear classifier that records the train/eval mode and grad mode it ran in."""
+
+    def __init__(self, features: int = 12, classes: int = 10):
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+        self.modes = []
+
+    def forward(self, x):
+        self.modes.append((self.training, torch.is_grad_enabled()))
+        return self.linear(x)
+
+
+def make_batches(count=50, batch=16, features=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, features, generator=generator)
+    labels = torch.randint(0, 10, (count,), generator=generator)
+    return inputs, labels, [(inputs[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def test_evaluation_figures_are_those_of_the_whole_set():
+    torch.manual_seed(0)
+    model = ModeRecorder()
+    inputs, labels, batches = make_batches()
+    result = epoch(batches, model, nn.CrossEntropyLoss())
+    logits = model.linear(inputs)
+    ranked = logits.argsort(dim=1, descending=True)
+    assert result.loss == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)
+    assert result.top1 == pytest.approx(100 * (ranked[:, 0] == labels).double().mean().item())
+    assert result.top5 == pytest.approx(100 * (ranked[:, :5] == labels[:, None]).any(1).double().mean().item())
+    assert set(model.modes) == {(False, False)}
+    assert len(result.batch_losses) == 4
+
+
+def test_training_averages_over_the_moving_model():
+    torch.manual_seed(0)
+    model = ModeRecorder()
+    before = model.linear.weight.detach().clone()
+    _, _, batches = make_batches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    result = epoch(batches, model, nn.CrossEntropyLoss(), optimizer)
+    assert set(model.modes) == {(True, True)}
+    assert not torch.equal(before, model.linear.weight)
+    sizes = [len(b[1]) for b in batches]
+    weighted = sum(loss * size for loss, size in zip(result.batch_losses, sizes)) / sum(sizes)
+    assert result.loss == pytest.approx(weighted)
+    # The first batch's loss is that of the initial weights, before any step.
+    first_inputs, first_labels = batches[0]
+    torch.manual_seed(0)
+    initial = ModeRecorder()
+    assert torch.equal(initial.linear.weight, before)
+    assert result.batch_losses[0] == pytest.approx(F.cross_entropy(initial.linear(first_inputs), first_labels).item())
+
+
+def test_confusion_matrix_counts_every_example():
+    torch.manual_seed(0)
+    model = ModeRecorder()
+    inputs, labels, batches = make_batches()
+    confusion = torch.zeros(10, 10, dtype=torch.int64)
+    result = epoch(batches, model, nn.CrossEntropyLoss(), confusion=confusion)
+    predicted = model.linear(inputs).argmax(1)
+    expected = torch.zeros(10, 10, dtype=torch.int64)
+    for t, p in zip(labels.tolist(), predicted.tolist()):
+        expected[t, p] += 1
+    assert torch.equal(confusion, expected)
+    assert confusion.trace().item() == pytest.approx(result.top1 * len(labels) / 100)
+
+
+def test_epoch_rejects_empty_data():
+    with pytest.raises(ValueError, match="no batches"):
+        epoch([], ModeRecorder(), nn.CrossEntropyLoss())
+
+
+# --- schedules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variant, momentum, decays",
+    [("baseline", 0.0, False), ("normalized", 0.0, False), ("augmented", 0.0, False),
+     ("momentum", 0.9, True), ("dropout", 0.9, True), ("full", 0.9, True)],
+)
+def test_optimiser_and_schedule_per_variant(variant, momentum, decays):
+    model = nn.Linear(2, 2)
+    optimizer, scheduler = make_optimizer(model, TrainConfig(variant=variant, lr=0.1))
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == momentum
+    assert optimizer.param_groups[0]["lr"] == 0.1
+    assert (scheduler is not None) == decays
+    if decays:
+        assert isinstance(scheduler, torch.optim.lr_scheduler.ExponentialLR) and scheduler.gamma == 0.95
+        for _ in range(3):
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.95**3)
+
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        TrainConfig(variant="best")
+    with pytest.raises(ValueError, match="epochs must be at least 1; got 0"):
+        TrainConfig(epochs=0)
+    with pytest.raises(ValueError, match="lr must be a positive number; got -1"):
+        TrainConfig(lr=-1)
+    with pytest.raises(ValueError, match="ops must be one of fused, native"):
+        TrainConfig(ops="fast")
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda; got 'meta'"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+def test_run_writes_metrics_plots_and_checkpoint(dataset, tmp_path):
+    out = tmp_path / "run"
+    history = run(dataset, out, variant="momentum", epochs=2)
+    lines = read_metrics(out)
+    assert lines == history and [list(line) for line in lines] == [EXPECTED_KEYS] * 2
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert [line["lr"] for line in lines] == [0.1, pytest.approx(0.095)]
+    for line in lines:
+        assert 0 <= line["train_top1"] <= line["train_top5"] <= 100 and line["seconds"] > 0
+        assert 0 <= line["test_top1"] <= line["test_top5"] <= 100
+    rows = (out / "batch_losses.csv").read_text().splitlines()
+    assert rows[0] == "epoch,batch,loss" and len(rows) == 1 + 2 * 3  # 40 images in batches of 16
+    checkpoint = load_checkpoint(out / "checkpoint.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["history"] == history
+    losses = [[float(r.split(",")[2]) for r in rows[1:] if r.startswith(f"{e},")] for e in (1, 2)]
+    assert checkpoint["batch_losses"] == losses
+    for e in (0, 1):
+        sizes = [16, 16, 8]
+        assert lines[e]["train_loss"] == pytest.approx(sum(l * s for l, s in zip(losses[e], sizes)) / 40)
+    assert set(checkpoint["rng"]) >= {"torch", "python", "numpy", "data"}
+    for name in ("curves.png", "batch_losses.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.width > 300
+    assert sorted(p.name for p in out.iterdir()) == [
+        "batch_losses.csv", "batch_losses.png", "checkpoint.pt", "curves.png", "metrics.jsonl"
+    ]
+
+
+def test_constant_learning_rate_before_momentum(dataset, tmp_path):
+    assert [line["lr"] for line in run(dataset, tmp_path, variant="baseline", epochs=2)] == [0.1, 0.1]
+
+
+def test_checkpoint_holds_the_trained_model(dataset, tmp_path):
+    history = run(dataset, tmp_path, variant="augmented", epochs=1)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
+    model = ConvNet("augmented", "native")
+    model.load_state_dict(checkpoint["model"])  # across ops, strictly
+    from cifarnet.data import make_loaders
+    from cifarnet.variants import recipe
+
+    _, test = make_loaders(dataset, recipe("augmented"), BATCH, torch.Generator())
+    result = epoch(test, model, nn.CrossEntropyLoss())
+    assert result.top1 == pytest.approx(history[-1]["test_top1"])
+    assert result.loss == pytest.approx(history[-1]["test_loss"], rel=1e-4)
+
+
+@pytest.mark.parametrize("variant, ops", [("full", "fused"), ("dropout", "fused"), ("augmented", "native")])
+def test_resumed_run_equals_uninterrupted_run(dataset, tmp_path, variant, ops):
+    whole = run(dataset, tmp_path / "whole", variant=variant, ops=ops, epochs=3)
+    run(dataset, tmp_path / "parts", variant=variant, ops=ops, epochs=1)
+    resumed = run(dataset, tmp_path / "parts", variant=variant, ops=ops, epochs=3, resume=True)
+    assert without_seconds(resumed) == without_seconds(whole)
+    assert without_seconds(read_metrics(tmp_path / "parts")) == without_seconds(whole)
+    assert (tmp_path / "parts" / "batch_losses.csv").read_text() == (tmp_path / "whole" / "batch_losses.csv").read_text()
+    parts = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    whole_checkpoint = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")
+    for key, value in whole_checkpoint["model"].items():
+        assert torch.equal(parts["model"][key], value), key
+    assert torch.equal(parts["rng"]["data"], whole_checkpoint["rng"]["data"])
+    assert parts["scheduler"] == whole_checkpoint["scheduler"]
+    for key, state in whole_checkpoint["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(parts["optimizer"]["state"][key][name], value), (key, name)
+
+
+def test_run_killed_mid_epoch_resumes_exactly(dataset, tmp_path, monkeypatch):
+    whole = run(dataset, tmp_path / "whole", variant="dropout", epochs=3)
+    real_epoch = train_module.epoch
+    calls = []
+
+    def epoch_killed_in_second_training_pass(data, model, criterion, optimizer=None, **kwargs):
+        calls.append(optimizer is not None)
+        if calls.count(True) == 2 and optimizer is not None:
+            def killed_after_one_batch():
+                for index, batch in enumerate(data):
+                    if index == 1:
+                        raise KeyboardInterrupt
+                    yield batch
+
+            return real_epoch(killed_after_one_batch(), model, criterion, optimizer, **kwargs)
+        return real_epoch(data, model, criterion, optimizer, **kwargs)
+
+    monkeypatch.setattr(train_module, "epoch", epoch_killed_in_second_training_pass)
+    with pytest.raises(KeyboardInterrupt):
+        run(dataset, tmp_path / "killed", variant="dropout", epochs=3)
+    monkeypatch.setattr(train_module, "epoch", real_epoch)
+    assert len(read_metrics(tmp_path / "killed")) == 1
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+    resumed = run(dataset, tmp_path / "killed", variant="dropout", epochs=3, resume=True)
+    assert without_seconds(resumed) == without_seconds(whole)
+
+
+def test_metrics_lines_of_a_lost_epoch_are_dropped_on_resume(dataset, tmp_path):
+    out = tmp_path / "run"
+    run(dataset, out, variant="baseline", epochs=1)
+    with open(out / "metrics.jsonl", "a") as file:
+        file.write('{"epoch": 2, "half": "written"}\n')
+    history = run(dataset, out, variant="baseline", epochs=2, resume=True)
+    assert read_metrics(out) == history and len(history) == 2
+
+
+def test_same_seed_same_metrics_other_seed_other_metrics(dataset, tmp_path):
+    first = run(dataset, tmp_path / "a", variant="dropout", epochs=1, seed=3)
+    second = run(dataset, tmp_path / "b", variant="dropout", epochs=1, seed=3)
+    third = run(dataset, tmp_path / "c", variant="dropout", epochs=1, seed=4)
+    assert without_seconds(first) == without_seconds(second)
+    assert without_seconds(first) != without_seconds(third)
+
+
+def test_resume_refuses_other_settings(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1)
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint.pt with different settings \(batch_size: 16 -> 8\)"):
+        train(TrainConfig(variant="baseline", epochs=2, batch_size=8), tmp_path, data=dataset, device="cpu",
+              resume=True, progress=False)
+
+
+def test_resume_may_switch_ops(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", ops="fused", epochs=1)
+    history = run(dataset, tmp_path, variant="baseline", ops="native", epochs=2, resume=True)
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_resume_without_checkpoint_starts_afresh(dataset, tmp_path):
+    resumed = run(dataset, tmp_path / "new", variant="baseline", epochs=1, resume=True)
+    fresh = run(dataset, tmp_path / "fresh", variant="baseline", epochs=1)
+    assert without_seconds(resumed) == without_seconds(fresh)
+
+
+def test_resume_of_a_finished_run_trains_nothing(dataset, tmp_path):
+    history = run(dataset, tmp_path, variant="baseline", epochs=1)
+    assert run(dataset, tmp_path, variant="baseline", epochs=1, resume=True) == history
+
+
+def test_limit_train_shrinks_the_epoch(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1, limit_train=10)
+    assert len(load_checkpoint(tmp_path / "checkpoint.pt")["batch_losses"][0]) == 1
+
+
+def test_unreadable_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="is not readable"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"format": 1, "epoch": 1}, tmp_path / "partial.pt")
+    with pytest.raises(ValueError, match="lacks config, model"):
+        load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_epoch_result_is_plain_data():
+    assert EpochResult(1.0, 50.0, 90.0).batch_losses == []

@@ -1,11 +1,14 @@
 // CPU kernels of conv2d -> ReLU -> max_pool2d (forward and backward).
 //
-// NB: the convolution itself goes through at::convolution, i.e. oneDNN for float32, which on
-// these shapes reaches 240 GFLOP/s, more than an im2col + MKL SGEMM of the same tile (85-145
-// GFLOP/s measured here). What this file fuses is everything around it: the batch is cut into
-// tiles whose convolution output stays in L2, each thread convolves its own tile and runs ReLU,
-// max pooling and the one-byte argmax over it before the next tile, so the pre-pool activation
-// never exists at full size and is never written to or read from memory.
+// Forward: the convolution goes through at::convolution (oneDNN for float32, which reaches
+// ~240 GFLOP/s on the study's shapes here, more than an im2col + MKL SGEMM of the same tile at
+// 85-145), a tile of samples at a time; ReLU, max pooling and the one-byte argmax then run over
+// the tile while it is in cache, so the pre-pool activation never exists at full size.
+//
+// Backward: the pre-pool gradient is zero but at one argmax per pool window, so the
+// convolution gradients only visit those positions (see conv2d_relu_max_pool2d_loops.h): a
+// quarter of a dense backward's arithmetic for 2x2 pools. Where pools are dense, or inputs are
+// not finite, a dense scatter + at::convolution_backward takes over.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -16,22 +19,20 @@
 
 #include <algorithm>
 #include <array>
-#include <type_traits>
+#include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "../conv_pool_geometry.h"
 #include "multiversion.h"
 #include "simd.h"
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace cifarnet::ops {
 namespace {
 
-// Convolution output bytes per batch tile: half of one core's L2 on the machines we tune for.
-constexpr int64_t kTileBytes = 512 * 1024;
+// Convolution output bytes per forward tile: the two cores' L2 here; larger tiles measured no
+// faster, smaller ones slower (more, smaller oneDNN calls).
+constexpr int64_t kTileBytes = 2 * 1024 * 1024;
 
 // Element strides of a 4-D (N, C, H, W) tensor, whatever its memory format.
 struct Strides4d {
@@ -40,7 +41,7 @@ struct Strides4d {
       : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
 };
 
-#define CIFARNET_LOOPS_HEADER "relu_max_pool2d_loops.h"
+#define CIFARNET_LOOPS_HEADER "conv2d_relu_max_pool2d_loops.h"
 #include "isa_variants.inc"
 
 // Pools rows [row_begin, row_end) of samples [n_begin, n_end) of a channels-last convolution
@@ -87,8 +88,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   // epilogue vectorises over.
   const at::Tensor weight_cl = weight.contiguous(at::MemoryFormat::ChannelsLast);
   const int64_t sample_bytes = g.out_channels * g.conv_h * g.conv_w * input.element_size();
-  static const int64_t tile_bytes = getenv("CIFARNET_TILE_BYTES") ? atoll(getenv("CIFARNET_TILE_BYTES")) : kTileBytes;
-  const int64_t tile = std::max<int64_t>(1, tile_bytes / std::max<int64_t>(1, sample_bytes));
+  const int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, sample_bytes));
 
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_forward", [&] {
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
@@ -108,50 +108,242 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   return {output, argmax};
 }
 
-// Scatters the pooled gradients of samples [n_begin, n_end) to the convolution output
-// positions their argmax names, skipping windows whose maximum was not positive (ReLU's zero
-// gradient), and adds what passes to bias_sum per channel: that sum is the bias gradient.
-// grad_conv (zeroed; nullptr when only the bias gradient is wanted) holds samples from
-// conv_n0 on. Windows overlap only within a sample, so callers may split samples across threads.
-template <typename scalar_t, typename acc_t>
-void scatter_pool_gradient(const at::Tensor& grad_output, const at::Tensor& argmax,
-                           scalar_t* grad_conv, const Strides4d& cs, int64_t conv_n0,
-                           const ConvPoolGeometry& g, int64_t n_begin, int64_t n_end,
-                           acc_t* bias_sum) {
-  const Strides4d gs(grad_output);
-  const Strides4d as(argmax);
-  const scalar_t* grad_data = grad_output.const_data_ptr<scalar_t>();
-  const uint8_t* argmax_data = argmax.const_data_ptr<uint8_t>();
-  // Element offset of each window position from the window's corner: no divisions per element.
-  std::array<int64_t, kMaxPoolWindowElements> window_offset{};
-  for (int64_t k = 0; k < g.pool_h * g.pool_w; ++k) {
-    window_offset[k] = (k / g.pool_w) * cs.h + (k % g.pool_w) * cs.w;
-  }
-  auto visit = [&](int64_t n, int64_t c, int64_t ph, int64_t pw) {
-    const uint8_t offset = argmax_data[n * as.n + c * as.c + ph * as.h + pw * as.w];
-    if (offset == kArgmaxReluZero) {
-      return;
+// Row and column, inside its pool window, of each argmax offset: no divisions per element.
+struct WindowPositions {
+  std::array<int64_t, kMaxPoolWindowElements> row{}, column{};
+  explicit WindowPositions(const ConvPoolGeometry& g) {
+    for (int64_t k = 0; k < g.pool_h * g.pool_w; ++k) {
+      row[k] = k / g.pool_w;
+      column[k] = k % g.pool_w;
     }
-    const scalar_t grad = grad_data[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w];
-    bias_sum[c] += grad;
-    if (grad_conv != nullptr) {
-      grad_conv[(n - conv_n0) * cs.n + c * cs.c + ph * g.pool_stride_h * cs.h +
-                pw * g.pool_stride_w * cs.w + window_offset[offset]] += grad;
+  }
+};
+
+// Calls visit(c, ph, pw, h, w, grad) for each window of sample n whose maximum was positive
+// (others pass no gradient: ReLU's zero), with (h, w) the convolution position of its argmax,
+// walking the argmax in its memory order.
+template <typename scalar_t, typename Visit>
+void for_each_argmax_hit(const at::Tensor& grad_output, const at::Tensor& argmax,
+                         const ConvPoolGeometry& g, const WindowPositions& window, int64_t n,
+                         Visit&& visit) {
+  const Strides4d gs(grad_output), as(argmax);
+  const scalar_t* grad_data = grad_output.const_data_ptr<scalar_t>() + n * gs.n;
+  const uint8_t* argmax_data = argmax.const_data_ptr<uint8_t>() + n * as.n;
+  auto one = [&](int64_t c, int64_t ph, int64_t pw) {
+    const uint8_t offset = argmax_data[c * as.c + ph * as.h + pw * as.w];
+    if (offset != kArgmaxReluZero) {
+      visit(c, ph, pw, ph * g.pool_stride_h + window.row[offset],
+            pw * g.pool_stride_w + window.column[offset],
+            grad_data[c * gs.c + ph * gs.h + pw * gs.w]);
     }
   };
-  // Walk the argmax in its memory order.
-  const bool channels_last = as.c == 1 && g.out_channels > 1;
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    if (channels_last) {
+  if (as.c == 1 && g.out_channels > 1) {  // channels last
+    for (int64_t ph = 0; ph < g.out_h; ++ph)
+      for (int64_t pw = 0; pw < g.out_w; ++pw)
+        for (int64_t c = 0; c < g.out_channels; ++c) one(c, ph, pw);
+  } else {
+    for (int64_t c = 0; c < g.out_channels; ++c)
       for (int64_t ph = 0; ph < g.out_h; ++ph)
-        for (int64_t pw = 0; pw < g.out_w; ++pw)
-          for (int64_t c = 0; c < g.out_channels; ++c) visit(n, c, ph, pw);
-    } else {
-      for (int64_t c = 0; c < g.out_channels; ++c)
-        for (int64_t ph = 0; ph < g.out_h; ++ph)
-          for (int64_t pw = 0; pw < g.out_w; ++pw) visit(n, c, ph, pw);
-    }
+        for (int64_t pw = 0; pw < g.out_w; ++pw) one(c, ph, pw);
   }
+}
+
+// The bias gradient: per channel, the sum of the pooled gradients that pass ReLU.
+template <typename scalar_t>
+at::Tensor bias_gradient(const at::Tensor& grad_output, const at::Tensor& argmax,
+                         const ConvPoolGeometry& g) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  const WindowPositions window(g);
+  at::Tensor partial =
+      at::zeros({at::get_num_threads(), g.out_channels},
+                grad_output.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* partial_data = partial.mutable_data_ptr<acc_t>();
+  at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+    acc_t* sum = partial_data + at::get_thread_num() * g.out_channels;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      for_each_argmax_hit<scalar_t>(
+          grad_output, argmax, g, window, n,
+          [&](int64_t c, int64_t, int64_t, int64_t, int64_t, scalar_t grad) { sum[c] += grad; });
+    }
+  });
+  return partial.sum(0).to(grad_output.scalar_type());
+}
+
+// The dense backward: the full gradient of the convolution output, scattered from the argmax,
+// through at::convolution_backward (oneDNN for float32).
+// NB: that runs once over the whole batch, outside any parallel region of ours: oneDNN's
+// weight-gradient kernel plans its threads when its primitive is created and deadlocks when
+// run inside a region with fewer threads than it planned for.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> dense_conv_gradients(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& argmax, const ConvPoolGeometry& g, at::MemoryFormat format,
+    std::array<bool, 3> output_mask) {
+  at::Tensor grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
+                                   grad_output.options().memory_format(format));
+  const WindowPositions window(g);
+  const Strides4d cs(grad_conv);
+  scalar_t* conv_data = grad_conv.mutable_data_ptr<scalar_t>();
+  // Windows overlap only within a sample: no two threads add to the same element.
+  at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      for_each_argmax_hit<scalar_t>(
+          grad_output, argmax, g, window, n,
+          [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
+            conv_data[n * cs.n + c * cs.c + h * cs.h + w * cs.w] += grad;
+          });
+    }
+  });
+  auto [grad_input, grad_weight, unused] = at::convolution_backward(
+      grad_conv, input, weight, std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
+      /*transposed=*/false, {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
+  return {grad_input, grad_weight};
+}
+
+// Whether to take the sparse backward: with at most one argmax per two convolution outputs
+// (2x2 pools: one per four), visiting only the argmax positions does at least 2x less
+// arithmetic than a dense convolution backward. Non-finite inputs or weights go dense, where
+// the zeros of the pre-pool gradient multiply them into NaN, as natively.
+bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
+                             const ConvPoolGeometry& g) {
+  if (2 * g.out_h * g.out_w > g.conv_h * g.conv_w) return false;
+  // A non-finite element makes the sum non-finite (a finite sum may only overflow: then the
+  // dense path is merely slower).
+  return std::isfinite(input.sum().item<double>()) && std::isfinite(weight.sum().item<double>());
+}
+
+// Zero-padded channels-last copy [N][H + 2 pH][W + 2 pW][C] of an (N, C, H, W) tensor, flat,
+// with 64 bytes of slack at the end for the vector loops' whole-vector loads.
+at::Tensor padded_channels_last(const at::Tensor& tensor, int64_t pad_h, int64_t pad_w) {
+  const int64_t n = tensor.size(0), c = tensor.size(1), h = tensor.size(2), w = tensor.size(3);
+  const int64_t numel = n * (h + 2 * pad_h) * (w + 2 * pad_w) * c;
+  at::Tensor flat = at::zeros({numel + 64 / tensor.element_size()}, tensor.options());
+  flat.narrow(0, 0, numel)
+      .view({n, h + 2 * pad_h, w + 2 * pad_w, c})
+      .narrow(1, pad_h, h)
+      .narrow(2, pad_w, w)
+      .copy_(tensor.permute({0, 2, 3, 1}));
+  return flat;
+}
+
+// The (N, C, H, W) view of the unpadded interior of a padded_channels_last buffer.
+at::Tensor padded_interior(const at::Tensor& flat, at::IntArrayRef sizes, int64_t pad_h,
+                           int64_t pad_w) {
+  const int64_t n = sizes[0], c = sizes[1], h = sizes[2], w = sizes[3];
+  return flat.narrow(0, 0, n * (h + 2 * pad_h) * (w + 2 * pad_w) * c)
+      .view({n, h + 2 * pad_h, w + 2 * pad_w, c})
+      .narrow(1, pad_h, h)
+      .narrow(2, pad_w, w)
+      .permute({0, 3, 1, 2});
+}
+
+// Argmax hits of one sample grouped by a key (a counting sort): begin[k]..begin[k + 1] index
+// the offsets and gradients of key k.
+template <typename scalar_t>
+struct HitLists {
+  std::vector<int64_t> begin, offsets;
+  std::vector<scalar_t> grads;
+  HitLists(int64_t keys, int64_t capacity) : begin(keys + 1), offsets(capacity), grads(capacity) {}
+};
+
+// The sparse backward (see conv2d_relu_max_pool2d_loops.h), parallel over samples. Per sample
+// the argmax hits are decoded once and sorted twice: by output channel, for the weight
+// gradient (summed per thread, reduced at the end), and by convolution position, for the
+// input gradient.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& argmax, const ConvPoolGeometry& g, std::array<bool, 3> output_mask) {
+  const WindowPositions window(g);
+  const int64_t row_stride = (g.in_w + 2 * g.pad_w) * g.in_channels;  // one padded input row
+  const int64_t sample_stride = (g.in_h + 2 * g.pad_h) * row_stride;
+  const int64_t row_len = g.kernel_w * g.in_channels;  // one kernel row of one output channel
+  const int64_t channel_len = g.kernel_h * row_len;
+  const int64_t weight_numel = g.out_channels * channel_len;
+  const int64_t positions = g.conv_h * g.conv_w;
+  const int64_t windows = g.out_channels * g.out_h * g.out_w;
+  const int64_t slack = 64 / input.element_size();  // for whole-vector loads past the end
+  const int64_t threads = at::get_num_threads();
+
+  at::Tensor input_padded, grad_weight_partial, weight_rows, grad_input_padded;
+  if (output_mask[1]) {
+    input_padded = padded_channels_last(input, g.pad_h, g.pad_w);
+    grad_weight_partial = at::zeros({threads * weight_numel + slack}, input.options());
+  }
+  if (output_mask[0]) {
+    // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
+    weight_rows = at::empty({weight_numel + slack}, weight.options());
+    weight_rows.narrow(0, 0, weight_numel)
+        .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
+        .copy_(weight.permute({0, 2, 3, 1}));
+    grad_input_padded = at::zeros({g.batch * sample_stride + slack}, input.options());
+  }
+
+  at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+    HitLists<scalar_t> by_channel(g.out_channels, windows), by_position(positions, windows);
+    std::vector<int64_t> hit_channel(windows), hit_position(windows);
+    std::vector<scalar_t> hit_grad(windows);
+    scalar_t* grad_weight = output_mask[1] ? grad_weight_partial.mutable_data_ptr<scalar_t>() +
+                                                 at::get_thread_num() * weight_numel
+                                           : nullptr;
+    for (int64_t n = n_begin; n < n_end; ++n) {
+      int64_t hits = 0;
+      for_each_argmax_hit<scalar_t>(
+          grad_output, argmax, g, window, n,
+          [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
+            hit_channel[hits] = c;
+            hit_position[hits] = h * g.conv_w + w;
+            hit_grad[hits] = grad;
+            ++hits;
+          });
+      // Counting sort of the hits by `key`, storing offset(hit) with each.
+      auto sort_hits = [&](HitLists<scalar_t>& lists, const std::vector<int64_t>& key,
+                           auto&& offset) {
+        std::fill(lists.begin.begin(), lists.begin.end(), 0);
+        for (int64_t i = 0; i < hits; ++i) ++lists.begin[key[i] + 1];
+        for (size_t k = 1; k < lists.begin.size(); ++k) lists.begin[k] += lists.begin[k - 1];
+        for (int64_t i = 0; i < hits; ++i) {
+          const int64_t slot = lists.begin[key[i]]++;
+          lists.offsets[slot] = offset(i);
+          lists.grads[slot] = hit_grad[i];
+        }
+        // The fill advanced each begin to the next key's: shift back.
+        for (size_t k = lists.begin.size() - 1; k > 0; --k) lists.begin[k] = lists.begin[k - 1];
+        lists.begin[0] = 0;
+      };
+      if (output_mask[1]) {
+        sort_hits(by_channel, hit_channel, [&](int64_t i) {
+          const int64_t h = hit_position[i] / g.conv_w, w = hit_position[i] % g.conv_w;
+          return h * g.stride_h * row_stride + w * g.stride_w * g.in_channels;
+        });
+        CIFARNET_ISA_DISPATCH(sparse_weight_grad_sample<scalar_t>, grad_weight, g, row_stride,
+                              input_padded.const_data_ptr<scalar_t>() + n * sample_stride,
+                              by_channel.begin.data(), by_channel.offsets.data(),
+                              by_channel.grads.data());
+      }
+      if (output_mask[0]) {
+        sort_hits(by_position, hit_position,
+                  [&](int64_t i) { return hit_channel[i] * channel_len; });
+        CIFARNET_ISA_DISPATCH(sparse_input_grad_sample<scalar_t>,
+                              grad_input_padded.mutable_data_ptr<scalar_t>() + n * sample_stride, g,
+                              row_stride, weight_rows.const_data_ptr<scalar_t>(),
+                              by_position.begin.data(), by_position.offsets.data(),
+                              by_position.grads.data());
+      }
+    }
+  });
+
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[1]) {
+    grad_weight = grad_weight_partial.narrow(0, 0, threads * weight_numel)
+                      .view({threads, g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
+                      .sum(0)
+                      .permute({0, 3, 1, 2});
+  }
+  if (output_mask[0]) {
+    grad_input = padded_interior(grad_input_padded, input.sizes(), g.pad_h, g.pad_w);
+  }
+  return {grad_input, grad_weight};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_kernel(
@@ -165,46 +357,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
-  const bool conv_grads = (output_mask[0] || output_mask[1]) && g.batch > 0;
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  at::Tensor grad_conv;
-  if (conv_grads) {
-    grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
-                          grad_output.options().memory_format(format));
-  }
   at::Tensor grad_input, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
-    const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-    at::Tensor bias_partial =
-        at::zeros({at::get_num_threads(), g.out_channels}, input.options().dtype(acc_dtype));
-    acc_t* bias_data = bias_partial.mutable_data_ptr<acc_t>();
-    scalar_t* grad_conv_data = conv_grads ? grad_conv.mutable_data_ptr<scalar_t>() : nullptr;
-    const Strides4d conv_strides(conv_grads ? grad_conv : grad_output);
-    at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-      scatter_pool_gradient<scalar_t, acc_t>(grad_output, argmax, grad_conv_data, conv_strides, 0,
-                                             g, n_begin, n_end,
-                                             bias_data + at::get_thread_num() * g.out_channels);
-    });
     if (output_mask[2]) {
-      grad_bias = bias_partial.sum(0).to(input.scalar_type());
+      grad_bias = bias_gradient<scalar_t>(grad_output, argmax, g);
     }
+    if (g.batch == 0 || !(output_mask[0] || output_mask[1])) {
+      return;
+    }
+    std::tie(grad_input, grad_weight) =
+        sparse_backward_applies(input, weight, g)
+            ? sparse_conv_gradients<scalar_t>(grad_output, input, weight, argmax, g, output_mask)
+            : dense_conv_gradients<scalar_t>(grad_output, input, weight, argmax, g, format,
+                                             output_mask);
   });
-  // NB: the convolution backward runs once over the whole batch, outside any parallel region of
-  // ours: oneDNN's weight-gradient kernel plans its threads when its primitive is created and
-  // deadlocks when run inside a region with fewer threads than it planned for.
-  if (conv_grads) {
-    std::tie(grad_input, grad_weight, std::ignore) = at::convolution_backward(
-        grad_conv, input, weight, std::nullopt, stride, padding, {1, 1}, /*transposed=*/false,
-        {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
-    if (grad_input.defined()) grad_input = grad_input.contiguous(format);
-  } else {
-    // Nothing flowed back (empty batch).
-    if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options().memory_format(format));
+  if (g.batch == 0) {  // nothing flowed back
+    if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
     if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
   }
-  // A fixed layout, so the fake kernel can promise the same strides.
+  // Fixed layouts, so the fake kernel can promise the same strides.
+  if (grad_input.defined()) grad_input = grad_input.contiguous(format);
   if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
   return {grad_input, grad_weight, grad_bias};
 }

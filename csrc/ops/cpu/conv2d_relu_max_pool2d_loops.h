@@ -1,0 +1,216 @@
+// Hot loops of the CPU conv2d -> ReLU -> max_pool2d kernels: the forward's ReLU, max pooling
+// and one-byte argmax over a channels-last convolution tile, and the backward's sparse
+// gradient accumulation. Included once per ISA through isa_variants.inc (so: no include guard,
+// no includes; see multiversion.h).
+
+// ReLU + max pool + argmax of one window over one channel. The window is compared in native
+// max_pool2d's order and with its rule (strictly greater, or NaN), so ties go to the first
+// maximum and NaN to the last NaN, as native.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void relu_max_pool2d_window(
+    const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
+    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax) {
+  scalar_t best = window[0];
+  int64_t best_offset = 0;
+  for (int64_t h = 0; h < window_h; ++h) {
+    for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
+      const scalar_t x = window[h * row_stride + w * column_stride];
+      if (x > best || x != x) {
+        best = x;
+        best_offset = h * pool_w + w;
+      }
+    }
+  }
+  const bool positive = best > scalar_t(0) || best != best;
+  *out = positive ? best : scalar_t(0);
+  *argmax = positive ? static_cast<uint8_t>(best_offset) : kArgmaxReluZero;
+}
+
+// The same over one 64-byte vector of channels (16 floats, 8 doubles), lane by lane.
+template <typename scalar_t>
+inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
+    const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
+    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
+  using V = simd::Vec64<scalar_t>;
+  using vec = typename V::type;
+  using mask = typename V::mask;
+  vec best;
+  simd::load(best, window);
+  mask best_offset{};
+  for (int64_t h = 0; h < window_h; ++h) {
+    for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
+      vec x;
+      simd::load(x, window + h * row_stride + w * column_stride);
+      const mask take = (x > best) | (x != x);
+      best = take ? x : best;
+      const auto offset = static_cast<typename V::lane_int>(h * pool_w + w);
+      best_offset = take ? (mask{} + offset) : best_offset;
+    }
+  }
+  const mask positive = (best > scalar_t(0)) | (best != best);
+  const vec pooled = positive ? best : vec{};
+  const mask offsets = positive ? best_offset : (mask{} + kArgmaxReluZero);  // no truncation: 255
+  if (out_stride_c == 1) {
+    simd::store(out, pooled);
+    simd::store(argmax, __builtin_convertvector(offsets, typename V::bytes));
+  } else {
+    for (int i = 0; i < V::lanes; ++i) {
+      out[i * out_stride_c] = pooled[i];
+      argmax[i * out_stride_c] = static_cast<uint8_t>(offsets[i]);
+    }
+  }
+}
+
+// ReLU + max pool + argmax of pooled rows [row_begin, row_end) of one sample.
+// conv: channels-last [conv_h][conv_w][C]; out/argmax: one sample, any strides.
+// Vectorised over channels, the contiguous dimension of conv.
+template <typename scalar_t>
+void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, const Strides4d& os,
+                          const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end) {
+  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  const int64_t channels = g.out_channels;
+  const int64_t row_stride = g.conv_w * channels;
+  for (int64_t ph = row_begin; ph < row_end; ++ph) {
+    const int64_t h0 = ph * g.pool_stride_h;
+    const int64_t window_h = std::min(h0 + g.pool_h, g.conv_h) - h0;
+    for (int64_t pw = 0; pw < g.out_w; ++pw) {
+      const int64_t w0 = pw * g.pool_stride_w;
+      const int64_t window_w = std::min(w0 + g.pool_w, g.conv_w) - w0;
+      const scalar_t* window = conv + h0 * row_stride + w0 * channels;
+      scalar_t* out_pixel = out + ph * os.h + pw * os.w;
+      uint8_t* argmax_pixel = argmax + ph * os.h + pw * os.w;
+      int64_t c = 0;
+      for (; c + lanes <= channels; c += lanes) {
+        relu_max_pool2d_window_vec(window + c, window_h, window_w, row_stride, channels, g.pool_w,
+                                   out_pixel + c * os.c, argmax_pixel + c * os.c, os.c);
+      }
+      for (; c < channels; ++c) {
+        relu_max_pool2d_window(window + c, window_h, window_w, row_stride, channels, g.pool_w,
+                               out_pixel + c * os.c, argmax_pixel + c * os.c);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sparse backward. The gradient of the pre-pool activation is zero except at one argmax per
+// pool window, so both convolution gradients are sums over those few positions of
+// "gradient times a contiguous segment": with channels-last data, kernel row kh of a window at
+// convolution position (h, w) touches input[n, h*sh + kh, w*sw : w*sw + kW, :], kW * C_in
+// contiguous values, and the matching weight row weight[c, kh, :, :] is contiguous too.
+
+// Accumulators per register block: what the ISA's vector registers hold, less room for the
+// broadcast gradient and a loaded operand.
+template <typename scalar_t>
+constexpr int kGatherBlock =
+    std::max(1, std::min(16, kVectorRegisters* kVectorRegisterBytes /
+                                     int(sizeof(typename simd::Vec64<scalar_t>::type)) -
+                                 2));
+
+// dst[0, len) += sum over e < count of grads[e] * base[offsets[e] + (0, len)], for the `block`
+// 64-byte vectors starting at element `begin` (the last one may be partial: it is loaded whole
+// (callers leave 64 bytes of slack after every buffer) and stored only up to len).
+template <typename scalar_t, int block>
+inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64_t begin,
+                                                            int64_t len, const scalar_t* base,
+                                                            const int64_t* offsets,
+                                                            const scalar_t* grads, int64_t count) {
+  using V = simd::Vec64<scalar_t>;
+  using vec = typename V::type;
+  vec acc[block];
+  for (int k = 0; k < block; ++k) simd::load(acc[k], dst + begin + k * V::lanes);
+  for (int64_t e = 0; e < count; ++e) {
+    const vec grad = vec{} + grads[e];
+    const scalar_t* source = base + offsets[e] + begin;
+    for (int k = 0; k < block; ++k) {
+      vec x;
+      simd::load(x, source + k * V::lanes);
+      acc[k] += grad * x;
+    }
+  }
+  for (int k = 0; k < block; ++k) {
+    const int64_t start = begin + k * V::lanes;
+    const int64_t lanes = std::min<int64_t>(V::lanes, len - start);
+    if (lanes == V::lanes) {
+      simd::store(dst + start, acc[k]);
+    } else {
+      std::memcpy(dst + start, &acc[k], lanes * sizeof(scalar_t));
+    }
+  }
+}
+
+// gather_fma_block over a run-time number of vectors, 1 to kGatherBlock.
+template <typename scalar_t, int block = kGatherBlock<scalar_t>>
+inline __attribute__((always_inline)) void gather_fma_vectors(
+    scalar_t* dst, int64_t begin, int64_t vectors, int64_t len, const scalar_t* base,
+    const int64_t* offsets, const scalar_t* grads, int64_t count) {
+  if constexpr (block > 0) {
+    if (vectors == block) {
+      gather_fma_block<scalar_t, block>(dst, begin, len, base, offsets, grads, count);
+    } else {
+      gather_fma_vectors<scalar_t, block - 1>(dst, begin, vectors, len, base, offsets, grads,
+                                              count);
+    }
+  }
+}
+
+// Weight gradient contribution of one sample: for each output channel c and kernel row kh,
+// grad_weight[c, kh, :, :] += sum over c's argmax hits of grad * input[h*sh + kh, w*sw :
+// w*sw + kW, :], the hits grouped by channel (lists channel_begin/input_offsets/grads) so
+// that each register block of grad_weight is loaded and stored once per sample. input: this
+// sample's padded channels-last input, each offset pointing at a hit's kernel-row-0 segment;
+// grad_weight: [C_out][kH][kW * C_in].
+template <typename scalar_t>
+void sparse_weight_grad_sample(scalar_t* grad_weight, const ConvPoolGeometry& g,
+                               int64_t input_row_stride, const scalar_t* input,
+                               const int64_t* channel_begin, const int64_t* input_offsets,
+                               const scalar_t* grads) {
+  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  constexpr int64_t block = kGatherBlock<scalar_t>;
+  const int64_t row_len = g.kernel_w * g.in_channels;
+  const int64_t vectors = (row_len + lanes - 1) / lanes;
+  for (int64_t c = 0; c < g.out_channels; ++c) {
+    const int64_t begin = channel_begin[c], count = channel_begin[c + 1] - begin;
+    if (count == 0) continue;
+    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+      for (int64_t v = 0; v < vectors; v += block) {
+        gather_fma_vectors(grad_weight + (c * g.kernel_h + kh) * row_len, v * lanes,
+                           std::min(block, vectors - v), row_len, input + kh * input_row_stride,
+                           input_offsets + begin, grads + begin, count);
+      }
+    }
+  }
+}
+
+// Input gradient of one sample: for each convolution position with argmax hits (lists
+// position_begin/weight_offsets/grads) and each kernel row kh,
+// grad_input[h*sh + kh, w*sw : w*sw + kW, :] += sum over the hits of grad * weight[c, kh, :, :].
+// Loops run kernel row and register block outermost, with blocks narrow enough that the
+// weight slices they read for every output channel stay in L1 across all positions.
+// grad_input: this sample's padded channels-last gradient; weight: [C_out][kH][kW * C_in].
+template <typename scalar_t>
+void sparse_input_grad_sample(scalar_t* grad_input, const ConvPoolGeometry& g,
+                              int64_t input_row_stride, const scalar_t* weight,
+                              const int64_t* position_begin, const int64_t* weight_offsets,
+                              const scalar_t* grads) {
+  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  constexpr int64_t l1_bytes = 32 * 1024;
+  const int64_t row_len = g.kernel_w * g.in_channels;
+  const int64_t vectors = (row_len + lanes - 1) / lanes;
+  const int64_t block =
+      std::clamp<int64_t>(l1_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t v = 0; v < vectors; v += block) {
+      for (int64_t position = 0; position < g.conv_h * g.conv_w; ++position) {
+        const int64_t begin = position_begin[position];
+        const int64_t count = position_begin[position + 1] - begin;
+        if (count == 0) continue;
+        const int64_t h = position / g.conv_w, w = position % g.conv_w;
+        scalar_t* row =
+            grad_input + (h * g.stride_h + kh) * input_row_stride + w * g.stride_w * g.in_channels;
+        gather_fma_vectors(row, v * lanes, std::min(block, vectors - v), row_len,
+                           weight + kh * row_len, weight_offsets + begin, grads + begin, count);
+      }
+    }
+  }
+}

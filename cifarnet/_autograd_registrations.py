@@ -33,3 +33,77 @@ torch.library.register_autograd(
     _conv2d_relu_max_pool2d_backward,
     setup_context=_conv2d_relu_max_pool2d_setup_context,
 )
+
+
+def _batch_norm_forward_setup_context(ctx, inputs, output):
+    input, mean, var, weight, bias, training, eps = inputs
+    _, save_mean, save_var = output
+    ctx.mark_non_differentiable(save_mean, save_var)
+    ctx.save_for_backward(input, save_mean, save_var, weight)
+    ctx.training, ctx.eps = training, eps
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _batch_norm_forward_backward(ctx, grad_output, grad_save_mean, grad_save_var):
+    input, save_mean, save_var, weight = ctx.saved_tensors
+    output_mask = [
+        ctx.needs_input_grad[0],
+        ctx.has_weight and ctx.needs_input_grad[3],
+        ctx.has_bias and ctx.needs_input_grad[4],
+    ]
+    grad_input = grad_weight = grad_bias = None
+    if any(output_mask):
+        grad_input, grad_weight, grad_bias = torch.ops.cifarnet._batch_norm_backward.default(
+            grad_output, input, save_mean, save_var, weight, ctx.training, ctx.eps, output_mask
+        )
+    # The running statistics are buffers: no gradient flows to them.
+    return grad_input, None, None, grad_weight, grad_bias, None, None
+
+
+torch.library.register_autograd(
+    "cifarnet::_batch_norm_forward",
+    _batch_norm_forward_backward,
+    setup_context=_batch_norm_forward_setup_context,
+)
+
+
+def _conv2d_batch_norm_relu_max_pool2d_training_setup_context(ctx, inputs, output):
+    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode = inputs
+    _, argmax, conv_output, save_mean, save_var = output
+    ctx.mark_non_differentiable(argmax, conv_output, save_mean, save_var)
+    # The input, the pre-normalisation convolution output, the statistics and the one-byte
+    # argmax: neither the normalised nor the ReLU output is kept.
+    ctx.save_for_backward(input, weight, conv_output, save_mean, save_var, bn_weight, argmax)
+    ctx.eps = eps
+    ctx.geometry = (stride, padding, pool_size, pool_stride, ceil_mode)
+    ctx.has = (bias is not None, bn_weight is not None, bn_bias is not None)
+
+
+def _conv2d_batch_norm_relu_max_pool2d_training_backward(ctx, grad_output, *grads_of_saved):
+    input, weight, conv_output, save_mean, save_var, bn_weight, argmax = ctx.saved_tensors
+    has_bias, has_bn_weight, has_bn_bias = ctx.has
+    needs = ctx.needs_input_grad
+    output_mask = [needs[0], needs[1], has_bias and needs[2], has_bn_weight and needs[3], has_bn_bias and needs[4]]
+    grads = [None] * 5
+    if any(output_mask):
+        grads = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default(
+            grad_output,
+            input,
+            weight,
+            conv_output,
+            save_mean,
+            save_var,
+            bn_weight,
+            argmax,
+            ctx.eps,
+            *ctx.geometry,
+            output_mask,
+        )
+    return (*grads, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training",
+    _conv2d_batch_norm_relu_max_pool2d_training_backward,
+    setup_context=_conv2d_batch_norm_relu_max_pool2d_training_setup_context,
+)

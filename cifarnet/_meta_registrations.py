@@ -64,3 +64,101 @@ def _conv2d_relu_max_pool2d_backward_fake(
     if output_mask[2]:
         grad_bias = weight.new_empty(weight.shape[0])
     return grad_input, grad_weight, grad_bias
+
+
+def _batch_norm_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The layout the batch norm kernels give their outputs: channels_last for channels-last
+    4-D inputs, else contiguous."""
+    if input.dim() == 4 and suggest_memory_format(input) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _batch_norm_stats_dtype(input: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype statistics are saved in: float64 for float32 on the CPU,
+    float32 for float16/bfloat16/float32 on CUDA (at::toAccumulateType)."""
+    if input.dtype == torch.float64:
+        return torch.float64
+    return torch.float64 if input.device.type == "cpu" else torch.float32
+
+
+def _empty_like_layout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_forward")
+def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps):
+    torch._check(input.dim() >= 2, lambda: f"input must have at least 2 dimensions (N, C, ...), got {input.dim()}-D")
+    channels = input.shape[1]
+    stats_dtype = _batch_norm_stats_dtype(input)
+    return (
+        _empty_like_layout(input, _batch_norm_memory_format(input)),
+        input.new_empty(channels, dtype=stats_dtype),
+        input.new_empty(channels, dtype=stats_dtype),
+    )
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_backward")
+def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, training, eps, output_mask):
+    channels = input.shape[1]
+    return (
+        _empty_like_layout(input, _batch_norm_memory_format(input)) if output_mask[0] else None,
+        input.new_empty(channels) if output_mask[1] else None,
+        input.new_empty(channels) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_update_running_stats")
+def _batch_norm_update_running_stats_fake(running_mean, running_var, save_mean, save_var, momentum, count):
+    return None
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_training")
+def _conv2d_batch_norm_relu_max_pool2d_training_fake(
+    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode
+):
+    output, argmax = _conv2d_relu_max_pool2d_with_argmax_fake(
+        input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode
+    )
+    conv = F.conv2d(input, weight, bias, stride, padding)
+    conv_output = torch.empty(conv.shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+    stats_dtype = _batch_norm_stats_dtype(input)
+    channels = weight.shape[0]
+    return (
+        output,
+        argmax,
+        conv_output,
+        input.new_empty(channels, dtype=stats_dtype),
+        input.new_empty(channels, dtype=stats_dtype),
+    )
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_training_backward")
+def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
+    grad_output,
+    input,
+    weight,
+    conv_output,
+    save_mean,
+    save_var,
+    bn_weight,
+    argmax,
+    eps,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    ceil_mode,
+    output_mask,
+):
+    grad_input, grad_weight, grad_bias = _conv2d_relu_max_pool2d_backward_fake(
+        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask[:3]
+    )
+    channels = weight.shape[0]
+    return (
+        grad_input,
+        grad_weight,
+        grad_bias,
+        input.new_empty(channels) if output_mask[3] else None,
+        input.new_empty(channels) if output_mask[4] else None,
+    )

@@ -127,12 +127,36 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
-def _forward_backward(block, leaves, grad_output):
-    def run():
-        output = block(*leaves())
-        output.backward(grad_output)
+def make_block(implementation: str) -> Callable:
+    """The conv -> ReLU -> max-pool block of one implementation: native, compiled or fused."""
+    if implementation == "native":
+        return native_conv2d_relu_max_pool2d
+    if implementation == "fused":
+        return fused_conv2d_relu_max_pool2d
+    if implementation == "compiled":
+        # dynamic=False: a user's fixed-shape training loop gets static-shape graphs.
+        return torch.compile(native_conv2d_relu_max_pool2d, dynamic=False)
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
-    return run
+
+def make_call(block: Callable, tensors: LayerTensors, layer: LayerShape, mode: str) -> Callable[[], object]:
+    """A zero-argument call of ``block``: its forward, or forward then backward.
+
+    The forward runs on tensors that need no gradient (inference); forward+backward on fresh
+    leaves that do (weights, bias, and the input except for the first layer), with a fixed
+    output gradient.
+    """
+    if mode == "forward":
+        leaves = tensors.leaves(False, False)
+        return lambda: block(*leaves)
+    if mode == "forward_backward":
+        grad_output = torch.randn_like(native_conv2d_relu_max_pool2d(*tensors.leaves(False, False)))
+
+        def forward_backward():
+            block(*tensors.leaves(True, layer.input_requires_grad)).backward(grad_output)
+
+        return forward_backward
+    raise ValueError(f"mode must be 'forward' or 'forward_backward', got {mode!r}")
 
 
 def benchmark_layer(
@@ -147,25 +171,17 @@ def benchmark_layer(
 ) -> dict:
     """Times one layer's forward and forward+backward for each implementation."""
     tensors = make_layer_tensors(layer, batch_size, dtype, device, memory_format)
-    blocks = {
-        "native": native_conv2d_relu_max_pool2d,
-        "fused": fused_conv2d_relu_max_pool2d,
-    }
-    if "compiled" in implementations:
-        # Separate compilations for inference and training graphs, as a user would get them.
-        blocks["compiled"] = torch.compile(native_conv2d_relu_max_pool2d, dynamic=False)
-    grad_output = torch.randn_like(native_conv2d_relu_max_pool2d(*tensors.leaves(False, False)))
+    blocks = {name: make_block(name) for name in implementations}
     stopwatch = Stopwatch(device)
-
-    forward, forward_backward = {}, {}
-    for name in implementations:
-        block = blocks[name]
-        inference_leaves = tensors.leaves(False, False)
-        forward[name] = (lambda block=block, leaves=inference_leaves: block(*leaves))
-        training_leaves = lambda: tensors.leaves(True, layer.input_requires_grad)  # noqa: E731
-        forward_backward[name] = _forward_backward(block, training_leaves, grad_output)
-    forward_ms = interleaved_medians(forward, stopwatch, warmup, repeats)
-    forward_backward_ms = interleaved_medians(forward_backward, stopwatch, warmup, repeats)
+    times = {
+        mode: interleaved_medians(
+            {name: make_call(blocks[name], tensors, layer, mode) for name in implementations},
+            stopwatch,
+            warmup,
+            repeats,
+        )
+        for mode in ("forward", "forward_backward")
+    }
     saved = {
         name: saved_tensor_bytes(lambda block=blocks[name]: block(*tensors.leaves(True, layer.input_requires_grad)))
         for name in ("native", "fused")
@@ -173,8 +189,8 @@ def benchmark_layer(
     return {
         "layer": layer.name,
         "shape": layer.describe(batch_size),
-        "forward_ms": forward_ms,
-        "forward_backward_ms": forward_backward_ms,
+        "forward_ms": times["forward"],
+        "forward_backward_ms": times["forward_backward"],
         "saved_bytes": saved,
     }
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from cifarnet import _C, ops
 from cifarnet._arguments import pair
 
-__all__ = ["Conv2dReLUMaxPool2d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "Conv2dBatchNormReLUMaxPool2d", "Conv2dReLUMaxPool2d"]
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -144,6 +144,164 @@ class Conv2dReLUMaxPool2d(nn.Module):
     def forward(self, input: Tensor) -> Tensor:
         return ops.conv2d_relu_max_pool2d(
             input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+        )
+
+
+def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
+    """The running statistics, mode and momentum a batch-norm module normalises with.
+
+    torch.nn's rules, in one place for every module here: counts the batch in
+    ``num_batches_tracked`` when training with running statistics; ``momentum=None`` means a
+    cumulative average (momentum ``1 / num_batches_tracked``); without running statistics the
+    batch statistics are used in evaluation too.
+    """
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    update_running = not bn.training or bn.track_running_stats
+    return {
+        "running_mean": bn.running_mean if update_running else None,
+        "running_var": bn.running_var if update_running else None,
+        "training": use_batch_stats,
+        "momentum": momentum,
+        "eps": bn.eps,
+    }
+
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` computed by :func:`cifarnet.ops.batch_norm`.
+
+    Same constructor arguments, parameters and buffers (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``), so state_dicts load both ways.
+
+    Shape:
+        input ``[N, C]`` or ``[N, C, L]`` -> output of the same shape.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` computed by :func:`cifarnet.ops.batch_norm`.
+
+    Same constructor arguments, parameters and buffers (``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``num_batches_tracked``), so state_dicts load both ways.
+
+    Shape:
+        input ``[N, C, H, W]`` (contiguous or channels_last) -> output of the same shape.
+    """
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+
+
+def conv_bn_relu_pool_unfusable_reason(conv: nn.Module, bn: nn.Module, pool: nn.Module) -> str | None:
+    """Why ``(conv, bn, ReLU, pool)`` cannot become a fused layer, or None if it can."""
+    reason = conv_relu_pool_unfusable_reason(conv, pool)
+    if reason is not None:
+        return reason
+    if not isinstance(bn, nn.BatchNorm2d):
+        return f"{type(bn).__name__} is not an nn.BatchNorm2d"
+    if bn.num_features != conv.out_channels:
+        return f"bn.num_features={bn.num_features} does not match conv.out_channels={conv.out_channels}"
+    return None
+
+
+class Conv2dBatchNormReLUMaxPool2d(nn.Module):
+    """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> ``nn.ReLU`` -> ``nn.MaxPool2d`` as one layer.
+
+    The convolution's parameters are this module's ``weight`` and ``bias`` (initialised as
+    ``nn.Conv2d``'s); the batch norm's live in the child ``bn`` (a :class:`BatchNorm2d`), so the
+    state_dict keys of an ``(nn.Conv2d, nn.BatchNorm2d)`` pair map as ``conv.* -> *`` and
+    ``bn.* -> bn.*``. Training uses batch statistics and updates the running ones; evaluation
+    folds the batch norm into the convolution.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``.
+        eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``.
+        pool_size, pool_stride, ceil_mode: as in :class:`Conv2dReLUMaxPool2d`.
+
+    Shape:
+        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        pool_size=2,
+        pool_stride=None,
+        ceil_mode: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        conv = Conv2dReLUMaxPool2d(
+            in_channels, out_channels, kernel_size, stride, padding, bias, pool_size, pool_stride, ceil_mode, device, dtype
+        )
+        self._adopt(conv, BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
+
+    def _adopt(self, conv: Conv2dReLUMaxPool2d, bn: nn.BatchNorm2d) -> None:
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode"):
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        if conv.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = conv.bias
+        self.bn = bn
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d) -> Conv2dBatchNormReLUMaxPool2d:
+        """The fused layer of an existing ``(conv, bn, pool)`` chain (a ReLU between bn and pool).
+
+        Shares ``conv``'s parameters and uses ``bn`` itself as the child ``bn`` (its
+        parameters, running statistics and ``num_batches_tracked`` keep counting), in
+        ``conv``'s train/eval mode. Raises ``ValueError`` when the chain cannot be fused.
+        """
+        reason = conv_bn_relu_pool_unfusable_reason(conv, bn, pool)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {conv}, {bn} and {pool}: {reason}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(Conv2dReLUMaxPool2d.from_modules(conv, pool), bn)
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.conv2d_batch_norm_relu_max_pool2d(
+            input,
+            self.weight,
+            self.bias,
+            bn_weight=self.bn.weight,
+            bn_bias=self.bn.bias,
+            stride=self.stride,
+            padding=self.padding,
+            pool_size=self.pool_size,
+            pool_stride=self.pool_stride,
+            ceil_mode=self.ceil_mode,
+            **batch_norm_arguments(self.bn),
         )
 
     def extra_repr(self) -> str:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from cifarnet._arguments import pair
 
-__all__ = ["conv2d_relu_max_pool2d"]
+__all__ = ["batch_norm", "conv2d_batch_norm_relu_max_pool2d", "conv2d_relu_max_pool2d"]
 
 
 def conv2d_relu_max_pool2d(
@@ -49,6 +49,97 @@ def conv2d_relu_max_pool2d(
         input,
         weight,
         bias,
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(pool_size, "pool_size"),
+        [] if pool_stride is None else pair(pool_stride, "pool_stride"),
+        bool(ceil_mode),
+    )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Batch normalisation with ``torch.nn.functional.batch_norm``'s signature and semantics.
+
+    Training normalises each channel with the batch mean and biased variance and, when
+    running statistics are given, updates them in place:
+    ``running = (1 - momentum) * running + momentum * batch`` (with the unbiased variance).
+    Evaluation normalises with the running statistics. Statistics of float32 inputs
+    accumulate in double.
+
+    Args:
+        input (Tensor[N, C, *]): float32 or float64; contiguous or channels_last.
+        running_mean, running_var (Tensor[C], optional): updated in place in training;
+            required in evaluation.
+        weight, bias (Tensor[C], optional): the affine transform after normalisation.
+        training (bool): use batch statistics.
+        momentum (float): weight of the batch statistics in the running ones.
+        eps (float): added to the variance.
+
+    Returns:
+        Tensor[N, C, *]: same shape, dtype and memory format as ``input``.
+    """
+    return torch.ops.cifarnet.batch_norm.default(
+        input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
+    )
+
+
+def conv2d_batch_norm_relu_max_pool2d(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride=1,
+    padding=0,
+    pool_size=2,
+    pool_stride=None,
+    ceil_mode: bool = False,
+) -> Tensor:
+    """Convolution, batch norm, ReLU and max pooling in one op.
+
+    Computes ``F.max_pool2d(F.relu(F.batch_norm(F.conv2d(input, weight, bias, stride,
+    padding), running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
+    pool_size, pool_stride, ceil_mode=ceil_mode)``, updating the running statistics in
+    training as :func:`batch_norm` does. The backward keeps the input, the convolution output,
+    the per-channel statistics and a one-byte window argmax (no normalised or ReLU output, no
+    int64 indices). In evaluation the batch norm is folded into the convolution.
+
+    Args:
+        input (Tensor[N, C_in, H, W]), weight (Tensor[C_out, C_in, kH, kW]),
+            bias (Tensor[C_out], optional), stride, padding: the convolution.
+        running_mean, running_var, bn_weight, bn_bias (Tensor[C_out], optional), training,
+            momentum, eps: the batch norm, as in :func:`batch_norm`.
+        pool_size, pool_stride, ceil_mode: the max pooling, as in
+            :func:`conv2d_relu_max_pool2d` (windows of at most 255 elements).
+
+    Returns:
+        Tensor[N, C_out, H_out, W_out]: in the memory format native conv2d would give.
+    """
+    return torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        bn_weight,
+        bn_bias,
+        bool(training),
+        float(momentum),
+        float(eps),
         pair(stride, "stride"),
         pair(padding, "padding"),
         pair(pool_size, "pool_size"),

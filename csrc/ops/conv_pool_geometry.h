@@ -27,6 +27,13 @@ struct ConvPoolGeometry {
   int64_t out_h, out_w;  // pooled output
 };
 
+// Element strides of a 4-D (N, C, H, W) tensor, whatever its memory format.
+struct Strides4d {
+  int64_t n, c, h, w;
+  explicit Strides4d(const at::Tensor& t)
+      : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
+};
+
 inline std::string shape_string(const at::Tensor& t) { return c10::str(t.sizes()); }
 
 // Output length of a max pool with no padding and no dilation, as at::pooling_output_shape

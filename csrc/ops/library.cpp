@@ -1,9 +1,11 @@
 // The cifarnet operator library: every schema in one place, and the C++ entry points that call
 // them through the dispatcher. Kernels register themselves per device in csrc/ops/<device>/.
 
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "batch_norm_common.h"
 #include "ops.h"
 
 namespace cifarnet::ops {
@@ -40,7 +42,133 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
                  ceil_mode, output_mask);
 }
 
+at::Tensor batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, bool training, double momentum,
+                      double eps) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::batch_norm", "")
+                       .typed<decltype(batch_norm)>();
+  return op.call(input, running_mean, running_var, weight, bias, training, momentum, eps);
+}
+
+at::Tensor conv2d_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::conv2d_batch_norm_relu_max_pool2d", "")
+                       .typed<decltype(conv2d_batch_norm_relu_max_pool2d)>();
+  return op.call(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training,
+                 momentum, eps, stride, padding, pool_size, pool_stride, ceil_mode);
+}
+
 namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> internal_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// The running statistics after a training batch: momentum-weighted averages with the batch
+// mean and the unbiased batch variance (count elements per channel), updated in place.
+void batch_norm_update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
+                                     const at::Tensor& save_mean, const at::Tensor& save_var,
+                                     double momentum, c10::SymInt symbolic_count) {
+  const int64_t count = symbolic_count.guard_int(__FILE__, __LINE__);
+  TORCH_CHECK(count > 1, "running statistics need more than 1 value per channel, got ", count);
+  at::NoGradGuard no_grad;
+  running_mean.mul_(1 - momentum).add_(save_mean.to(running_mean.scalar_type()), momentum);
+  const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
+  running_var.mul_(1 - momentum).add_(save_var.to(running_var.scalar_type()), momentum * unbiased);
+}
+
+void update_running_stats_if_given(const std::optional<at::Tensor>& running_mean,
+                                   const std::optional<at::Tensor>& running_var,
+                                   const at::Tensor& save_mean, const at::Tensor& save_var,
+                                   double momentum, c10::SymInt count) {
+  TORCH_CHECK(defined(running_mean) == defined(running_var),
+              "running_mean and running_var must both be given or both be None");
+  if (!defined(running_mean)) return;
+  static auto op =
+      internal_op<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                       c10::SymInt)>("cifarnet::_batch_norm_update_running_stats");
+  at::Tensor mean = *running_mean, var = *running_var;
+  op.call(mean, var, save_mean, save_var, momentum, count);
+}
+
+// Training normalises with the batch statistics (and updates the running ones); evaluation
+// with the running statistics.
+at::Tensor batch_norm_composite(const at::Tensor& input,
+                                const std::optional<at::Tensor>& running_mean,
+                                const std::optional<at::Tensor>& running_var,
+                                const std::optional<at::Tensor>& weight,
+                                const std::optional<at::Tensor>& bias, bool training,
+                                double momentum, double eps) {
+  static auto forward = internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double)>(
+      "cifarnet::_batch_norm_forward");
+  if (!training) {
+    return std::get<0>(forward.call(input, running_mean, running_var, weight, bias, false, eps));
+  }
+  check_batch_norm_input(input, training);
+  check_per_channel(running_mean, "running_mean", input);
+  check_per_channel(running_var, "running_var", input);
+  auto [output, save_mean, save_var] =
+      forward.call(input, std::nullopt, std::nullopt, weight, bias, true, eps);
+  update_running_stats_if_given(running_mean, running_var, save_mean, save_var, momentum,
+                                batch_norm_count(input));
+  return output;
+}
+
+// Training: one op for convolution, batch statistics, normalisation, ReLU and pooling.
+// Evaluation: the batch norm folded into the convolution's weight and bias, then the
+// conv -> ReLU -> max-pool op (the algebra is exact; autograd flows through the folding).
+at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode) {
+  TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (C_out, C_in, kH, kW), got ",
+              weight.dim(), "-D tensor of shape ", shape_string(weight));
+  for (const auto& [t, name] :
+       {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"},
+        std::pair{&bn_weight, "bn_weight"}, std::pair{&bn_bias, "bn_bias"}}) {
+    if (!defined(*t)) continue;
+    TORCH_SYM_CHECK((*t)->sym_numel().sym_eq(weight.sym_size(0)).sym_and((*t)->dim() == 1), name,
+                    " should contain ", weight.sym_size(0),
+                    " elements (one per output channel of weight of shape ", shape_string(weight),
+                    "), got shape ", shape_string(**t));
+  }
+  if (training) {
+    static auto fused =
+        internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+            const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+            const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>(
+            "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
+    auto [output, argmax, conv_output, save_mean, save_var] =
+        fused.call(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size,
+                   pool_stride, ceil_mode);
+    update_running_stats_if_given(running_mean, running_var, save_mean, save_var, momentum,
+                                  batch_norm_count(conv_output));
+    return output;
+  }
+  TORCH_CHECK(defined(running_mean) && defined(running_var),
+              "running_mean and running_var must be defined in evaluation mode");
+  at::Tensor scale = at::rsqrt(*running_var + eps);
+  if (defined(bn_weight)) scale = scale * *bn_weight;
+  const at::Tensor folded_weight = weight * scale.reshape({-1, 1, 1, 1});
+  at::Tensor folded_bias = defined(bias) ? (*bias - *running_mean) * scale : -*running_mean * scale;
+  if (defined(bn_bias)) folded_bias = folded_bias + *bn_bias;
+  return conv2d_relu_max_pool2d(input, folded_weight, folded_bias, stride, padding, pool_size,
+                                pool_stride, ceil_mode);
+}
 
 // NB: like native max_pool2d over max_pool2d_with_indices, the public op is a composite of the
 // op that also returns the argmax; autograd, fake kernels and device kernels live on that one.
@@ -69,10 +197,51 @@ TORCH_LIBRARY(cifarnet, m) {
       "Tensor argmax, int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, "
       "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor "
       "grad_bias)");
+
+  m.def(
+      "batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? weight=None, Tensor? bias=None, bool training=False, float momentum=0.1, "
+      "float eps=1e-05) -> Tensor");
+  m.def(
+      "_batch_norm_forward(Tensor input, Tensor? mean, Tensor? var, Tensor? weight, "
+      "Tensor? bias, bool training, float eps) -> (Tensor output, Tensor save_mean, "
+      "Tensor save_var)");
+  m.def(
+      "_batch_norm_backward(Tensor grad_output, Tensor input, Tensor save_mean, "
+      "Tensor save_var, Tensor? weight, bool training, float eps, bool[3] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "_batch_norm_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor save_mean, Tensor save_var, float momentum, SymInt count) -> ()");
+
+  m.def(
+      "conv2d_batch_norm_relu_max_pool2d(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? bn_weight, Tensor? bn_bias, "
+      "bool training=False, float momentum=0.1, float eps=1e-05, int[2] stride=1, "
+      "int[2] padding=0, int[2] pool_size=2, int[2] pool_stride=[], bool ceil_mode=False) "
+      "-> Tensor");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_training(Tensor input, Tensor weight, Tensor? bias, "
+      "Tensor? bn_weight, Tensor? bn_bias, float eps, int[2] stride, int[2] padding, "
+      "int[2] pool_size, int[2] pool_stride, bool ceil_mode) -> (Tensor output, "
+      "Tensor argmax, Tensor conv_output, Tensor save_mean, Tensor save_var)");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_training_backward(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor conv_output, Tensor save_mean, Tensor save_var, Tensor? bn_weight, "
+      "Tensor argmax, float eps, int[2] stride, int[2] padding, int[2] pool_size, "
+      "int[2] pool_stride, bool ceil_mode, bool[5] output_mask) -> (Tensor grad_input, "
+      "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
 }
 
 TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {
   m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_composite);
+  m.impl("batch_norm", &batch_norm_composite);
+  m.impl("conv2d_batch_norm_relu_max_pool2d", &conv2d_batch_norm_relu_max_pool2d_composite);
+}
+
+// In-place updates of small per-channel tensors with ATen ops: one kernel for every device.
+TORCH_LIBRARY_IMPL(cifarnet, CompositeExplicitAutograd, m) {
+  m.impl("_batch_norm_update_running_stats", &batch_norm_update_running_stats);
 }
 
 }  // namespace cifarnet::ops

@@ -33,4 +33,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
     std::array<bool, 3> output_mask);
 
+// F.batch_norm's semantics: normalises input Tensor[N, C, *] per channel with the batch
+// statistics (training; running_mean/running_var, if given, are updated in place with
+// `momentum` and the unbiased batch variance) or with the running statistics (evaluation).
+at::Tensor batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var,
+                      const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, bool training, double momentum,
+                      double eps);
+
+// max_pool2d(relu(batch_norm(conv2d(input, weight, bias, stride, padding), ...)), pool_size,
+// pool_stride, ceil_mode), running statistics updated as batch_norm does.
+at::Tensor conv2d_batch_norm_relu_max_pool2d(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode);
+
 }  // namespace cifarnet::ops

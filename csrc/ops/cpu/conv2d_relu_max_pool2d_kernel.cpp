@@ -34,32 +34,9 @@ namespace {
 // faster, smaller ones slower (more, smaller oneDNN calls).
 constexpr int64_t kTileBytes = 2 * 1024 * 1024;
 
-// Element strides of a 4-D (N, C, H, W) tensor, whatever its memory format.
-struct Strides4d {
-  int64_t n, c, h, w;
-  explicit Strides4d(const at::Tensor& t)
-      : n(t.stride(0)), c(t.stride(1)), h(t.stride(2)), w(t.stride(3)) {}
-};
-
 #define CIFARNET_LOOPS_HEADER "conv2d_relu_max_pool2d_loops.h"
 #include "isa_variants.inc"
-
-// Pools rows [row_begin, row_end) of samples [n_begin, n_end) of a channels-last convolution
-// output whose first sample is sample `conv_n0` of the batch.
-template <typename scalar_t>
-void relu_max_pool2d_samples(const at::Tensor& conv, int64_t conv_n0, at::Tensor& output,
-                             at::Tensor& argmax, const ConvPoolGeometry& g, int64_t n_begin,
-                             int64_t n_end, int64_t row_begin, int64_t row_end) {
-  const Strides4d os(output);
-  const int64_t conv_sample = g.conv_h * g.conv_w * g.out_channels;
-  const scalar_t* conv_data = conv.const_data_ptr<scalar_t>();
-  scalar_t* out_data = output.mutable_data_ptr<scalar_t>();
-  uint8_t* argmax_data = argmax.mutable_data_ptr<uint8_t>();
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    CIFARNET_ISA_DISPATCH(relu_max_pool2d_rows<scalar_t>, conv_data + (n - conv_n0) * conv_sample,
-                          out_data + n * os.n, argmax_data + n * os.n, os, g, row_begin, row_end);
-  }
-}
+#include "pool_argmax.h"
 
 at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g) {
@@ -94,58 +71,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
       const int64_t n1 = std::min(n0 + tile, g.batch);
       const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
-      at::parallel_for(n0 * g.out_h, n1 * g.out_h, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t row = begin; row < end;) {
-          const int64_t n = row / g.out_h;
-          const int64_t row_end = std::min(end, (n + 1) * g.out_h);
-          relu_max_pool2d_samples<scalar_t>(conv, n0, output, argmax, g, n, n + 1,
-                                            row - n * g.out_h, row_end - n * g.out_h);
-          row = row_end;
-        }
-      });
+      relu_max_pool2d<scalar_t>(conv, output, argmax, g, n0, n1, nullptr, nullptr, nullptr);
     }
   });
   return {output, argmax};
-}
-
-// Row and column, inside its pool window, of each argmax offset: no divisions per element.
-struct WindowPositions {
-  std::array<int64_t, kMaxPoolWindowElements> row{}, column{};
-  explicit WindowPositions(const ConvPoolGeometry& g) {
-    for (int64_t k = 0; k < g.pool_h * g.pool_w; ++k) {
-      row[k] = k / g.pool_w;
-      column[k] = k % g.pool_w;
-    }
-  }
-};
-
-// Calls visit(c, ph, pw, h, w, grad) for each window of sample n whose maximum was positive
-// (others pass no gradient: ReLU's zero), with (h, w) the convolution position of its argmax,
-// walking the argmax in its memory order.
-template <typename scalar_t, typename Visit>
-void for_each_argmax_hit(const at::Tensor& grad_output, const at::Tensor& argmax,
-                         const ConvPoolGeometry& g, const WindowPositions& window, int64_t n,
-                         Visit&& visit) {
-  const Strides4d gs(grad_output), as(argmax);
-  const scalar_t* grad_data = grad_output.const_data_ptr<scalar_t>() + n * gs.n;
-  const uint8_t* argmax_data = argmax.const_data_ptr<uint8_t>() + n * as.n;
-  auto one = [&](int64_t c, int64_t ph, int64_t pw) {
-    const uint8_t offset = argmax_data[c * as.c + ph * as.h + pw * as.w];
-    if (offset != kArgmaxReluZero) {
-      visit(c, ph, pw, ph * g.pool_stride_h + window.row[offset],
-            pw * g.pool_stride_w + window.column[offset],
-            grad_data[c * gs.c + ph * gs.h + pw * gs.w]);
-    }
-  };
-  if (as.c == 1 && g.out_channels > 1) {  // channels last
-    for (int64_t ph = 0; ph < g.out_h; ++ph)
-      for (int64_t pw = 0; pw < g.out_w; ++pw)
-        for (int64_t c = 0; c < g.out_channels; ++c) one(c, ph, pw);
-  } else {
-    for (int64_t c = 0; c < g.out_channels; ++c)
-      for (int64_t ph = 0; ph < g.out_h; ++ph)
-        for (int64_t pw = 0; pw < g.out_w; ++pw) one(c, ph, pw);
-  }
 }
 
 // The bias gradient: per channel, the sum of the pooled gradients that pass ReLU.

@@ -3,18 +3,34 @@
 // gradient accumulation. Included once per ISA through isa_variants.inc (so: no include guard,
 // no includes; see multiversion.h).
 
+// NB: no lambdas in this file: GCC compiles a lambda's body without the ISA of the
+// `#pragma GCC target` region it is written in, which scalarises its vector code.
+
+// x, or (x - mean) * scale + shift when `affine` (a batch norm in front of the ReLU; centred
+// first, as the batch norm kernels compute it).
+template <bool affine, typename T>
+inline __attribute__((always_inline)) T affine_value(T x, T mean, T scale, T shift) {
+  if constexpr (affine) {
+    return (x - mean) * scale + shift;
+  } else {
+    return x;
+  }
+}
+
 // ReLU + max pool + argmax of one window over one channel. The window is compared in native
 // max_pool2d's order and with its rule (strictly greater, or NaN), so ties go to the first
 // maximum and NaN to the last NaN, as native.
-template <typename scalar_t>
+template <typename scalar_t, bool affine>
 inline __attribute__((always_inline)) void relu_max_pool2d_window(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax) {
-  scalar_t best = window[0];
+    int64_t column_stride, int64_t pool_w, scalar_t mean, scalar_t scale, scalar_t shift,
+    scalar_t* out, uint8_t* argmax) {
+  scalar_t best = affine_value<affine>(window[0], mean, scale, shift);
   int64_t best_offset = 0;
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
-      const scalar_t x = window[h * row_stride + w * column_stride];
+      const scalar_t x =
+          affine_value<affine>(window[h * row_stride + w * column_stride], mean, scale, shift);
       if (x > best || x != x) {
         best = x;
         best_offset = h * pool_w + w;
@@ -26,21 +42,31 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window(
   *argmax = positive ? static_cast<uint8_t>(best_offset) : kArgmaxReluZero;
 }
 
-// The same over one 64-byte vector of channels (16 floats, 8 doubles), lane by lane.
-template <typename scalar_t>
+// The same over one 64-byte vector of channels (16 floats, 8 doubles), lane by lane;
+// mean/scale/shift point at the vector's channels when `affine`.
+template <typename scalar_t, bool affine>
 inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
+    int64_t column_stride, int64_t pool_w, const scalar_t* mean, const scalar_t* scale,
+    const scalar_t* shift, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   using mask = typename V::mask;
+  vec mean_v{}, scale_v{}, shift_v{};
+  if constexpr (affine) {
+    simd::load(mean_v, mean);
+    simd::load(scale_v, scale);
+    simd::load(shift_v, shift);
+  }
   vec best;
   simd::load(best, window);
+  best = affine_value<affine>(best, mean_v, scale_v, shift_v);
   mask best_offset{};
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
       vec x;
       simd::load(x, window + h * row_stride + w * column_stride);
+      x = affine_value<affine>(x, mean_v, scale_v, shift_v);
       const mask take = (x > best) | (x != x);
       best = take ? x : best;
       const auto offset = static_cast<typename V::lane_int>(h * pool_w + w);
@@ -61,12 +87,11 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
   }
 }
 
-// ReLU + max pool + argmax of pooled rows [row_begin, row_end) of one sample.
-// conv: channels-last [conv_h][conv_w][C]; out/argmax: one sample, any strides.
-// Vectorised over channels, the contiguous dimension of conv.
-template <typename scalar_t>
-void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, const Strides4d& os,
-                          const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end) {
+template <typename scalar_t, bool affine>
+void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* argmax,
+                               const Strides4d& os, const ConvPoolGeometry& g, int64_t row_begin,
+                               int64_t row_end, const scalar_t* mean, const scalar_t* scale,
+                               const scalar_t* shift) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;
@@ -81,14 +106,35 @@ void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, 
       uint8_t* argmax_pixel = argmax + ph * os.h + pw * os.w;
       int64_t c = 0;
       for (; c + lanes <= channels; c += lanes) {
-        relu_max_pool2d_window_vec(window + c, window_h, window_w, row_stride, channels, g.pool_w,
-                                   out_pixel + c * os.c, argmax_pixel + c * os.c, os.c);
+        relu_max_pool2d_window_vec<scalar_t, affine>(
+            window + c, window_h, window_w, row_stride, channels, g.pool_w,
+            affine ? mean + c : nullptr, affine ? scale + c : nullptr, affine ? shift + c : nullptr,
+            out_pixel + c * os.c, argmax_pixel + c * os.c, os.c);
       }
       for (; c < channels; ++c) {
-        relu_max_pool2d_window(window + c, window_h, window_w, row_stride, channels, g.pool_w,
-                               out_pixel + c * os.c, argmax_pixel + c * os.c);
+        relu_max_pool2d_window<scalar_t, affine>(
+            window + c, window_h, window_w, row_stride, channels, g.pool_w,
+            affine ? mean[c] : scalar_t(0), affine ? scale[c] : scalar_t(1),
+            affine ? shift[c] : scalar_t(0), out_pixel + c * os.c, argmax_pixel + c * os.c);
       }
     }
+  }
+}
+
+// ReLU + max pool + argmax of pooled rows [row_begin, row_end) of one sample.
+// conv: channels-last [conv_h][conv_w][C]; out/argmax: one sample, any strides;
+// mean/scale/shift: per channel, or nullptr for none. Vectorised over channels, the contiguous
+// dimension of conv.
+template <typename scalar_t>
+void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, const Strides4d& os,
+                          const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end,
+                          const scalar_t* mean, const scalar_t* scale, const scalar_t* shift) {
+  if (scale != nullptr) {
+    relu_max_pool2d_rows_impl<scalar_t, true>(conv, out, argmax, os, g, row_begin, row_end, mean,
+                                              scale, shift);
+  } else {
+    relu_max_pool2d_rows_impl<scalar_t, false>(conv, out, argmax, os, g, row_begin, row_end,
+                                               nullptr, nullptr, nullptr);
   }
 }
 

@@ -42,4 +42,20 @@ inline __attribute__((always_inline)) void store(void* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// Eight values of scalar_t (float or double) widened to one vector of eight doubles: sums
+// of float data accumulate in double at the cost of a conversion per load.
+using doubles = Vec64<double>::type;
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void load_doubles(doubles& v, const scalar_t* p) {
+  if constexpr (sizeof(scalar_t) == sizeof(double)) {
+    load(v, p);
+  } else {
+    typedef scalar_t eight __attribute__((vector_size(8 * sizeof(scalar_t))));
+    eight narrow;
+    load(narrow, p);
+    v = __builtin_convertvector(narrow, doubles);
+  }
+}
+
 }  // namespace cifarnet::simd

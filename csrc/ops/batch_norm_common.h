@@ -1,0 +1,55 @@
+#pragma once
+// Argument checks and shape facts of the batch norm ops, shared by the CPU and CUDA kernels
+// (and by the fused conv -> batch norm -> ReLU -> max-pool op for its statistics).
+
+#include <ATen/AccumulateType.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "conv_pool_geometry.h"
+
+namespace cifarnet {
+
+// The dtype statistics are computed and saved in: the accumulation type (double for float32
+// on the CPU; float32 for float16, bfloat16 and float32 on CUDA).
+inline at::ScalarType batch_norm_stats_dtype(const at::Tensor& input) {
+  return at::toAccumulateType(input.scalar_type(), input.device().type());
+}
+
+inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+// These checks also run in the ops' composite (Python-free, traceable) entry points, where
+// torch.compile may give tensors symbolic sizes: they use sym_* sizes throughout.
+
+// Checks a per-channel tensor (running stats, affine weight or bias) as native batch norm does.
+inline void check_per_channel(const std::optional<at::Tensor>& t, const char* name,
+                              const at::Tensor& input) {
+  if (!defined(t)) return;
+  const c10::SymInt channels = input.sym_size(1);
+  TORCH_SYM_CHECK(t->sym_numel().sym_eq(channels).sym_and(c10::SymBool(t->dim() == 1)), name,
+                  " should contain ", channels, " elements (one per channel of the normalised ",
+                  "tensor of shape ", shape_string(input), "), got shape ", shape_string(*t));
+  TORCH_CHECK(t->device() == input.device(), name, " is on ", t->device(), " but input is on ",
+              input.device());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), name, " must be a floating-point tensor, got ",
+              t->scalar_type());
+}
+
+// Elements per channel of a batch-norm input (N, C, *spatial): N * prod(spatial).
+inline c10::SymInt batch_norm_count(const at::Tensor& input) {
+  const c10::SymInt channels = input.sym_size(1);
+  return channels == 0 ? c10::SymInt(0) : input.sym_numel() / channels;
+}
+
+inline void check_batch_norm_input(const at::Tensor& input, bool training) {
+  TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
+              input.dim(), "-D tensor of shape ", shape_string(input));
+  check_floating_dtype(input, "input");
+  TORCH_SYM_CHECK(c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1)),
+                  "Expected more than 1 value per channel when training, got input size ",
+                  shape_string(input));
+}
+
+}  // namespace cifarnet

@@ -1,0 +1,63 @@
+#pragma once
+// Batch-norm statistics on the CPU, shared by the batch norm kernel and the fused
+// conv -> batch norm -> ReLU -> max-pool kernel.
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+
+#include <optional>
+#include <vector>
+
+namespace cifarnet::ops {
+
+template <typename scalar_t>
+using stats_t = at::acc_type<scalar_t, /*is_cuda=*/false>;  // double for float32
+
+// Per-channel mean and biased (population) variance.
+template <typename acc_t>
+struct BatchNormStats {
+  std::vector<acc_t> mean, var;
+};
+
+// Statistics of a dense tensor laid out channels-inner (element (p, c) at p * channels + c,
+// `rows` pixels) or channels-outer (element (n, c, s) at (n * channels + c) * row_len + s,
+// `rows` = N * channels). One threaded pass; sums accumulate in double, shifted by an element
+// of each channel.
+template <typename scalar_t>
+BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool channels_inner,
+                                                   int64_t channels, int64_t rows, int64_t row_len);
+
+// The values of an optional per-channel tensor as T (fallback where it is absent).
+template <typename T>
+std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t channels, T fallback) {
+  if (!t.has_value() || !t->defined()) return std::vector<T>(channels, fallback);
+  const at::Tensor values =
+      t->detach().to(at::kCPU, c10::CppTypeToScalarType<T>::value).contiguous();
+  return {values.const_data_ptr<T>(), values.const_data_ptr<T>() + channels};
+}
+
+// A mean split as x - mean == (x - hi) - lo, hi in the data's type. x - hi is exact for x
+// within a factor of two of the mean (Sterbenz), so centring data far from zero loses nothing
+// to the rounding of the mean; lo, small, folds into the constant terms.
+template <typename scalar_t, typename acc_t>
+struct SplitMean {
+  std::vector<scalar_t> hi;
+  std::vector<acc_t> lo;
+  explicit SplitMean(const std::vector<acc_t>& mean) : hi(mean.size()), lo(mean.size()) {
+    for (size_t c = 0; c < mean.size(); ++c) {
+      hi[c] = static_cast<scalar_t>(mean[c]);
+      lo[c] = mean[c] - static_cast<acc_t>(hi[c]);
+    }
+  }
+};
+
+// A per-channel tensor of the given values.
+template <typename T>
+at::Tensor channel_tensor(const std::vector<T>& values, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({static_cast<int64_t>(values.size())},
+                           options.dtype(c10::CppTypeToScalarType<T>::value));
+  std::copy(values.begin(), values.end(), t.mutable_data_ptr<T>());
+  return t;
+}
+
+}  // namespace cifarnet::ops

@@ -1,0 +1,284 @@
+// CPU kernels of batch norm: forward (batch statistics or given ones) and backward.
+//
+// A dense input is either channels-outer (NCHW and other contiguous inputs: each (n, c) row is
+// contiguous) or channels-inner (channels-last, and (N, C) inputs); each kernel is one or two
+// passes vectorised along the contiguous dimension, threaded over rows or pixels with
+// per-thread partial sums. Training statistics take one pass (shifted sums, accumulated in
+// double for float32), where native takes two.
+
+#include <ATen/ATen.h>
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../batch_norm_common.h"
+#include "batch_norm_cpu.h"
+#include "multiversion.h"
+#include "simd.h"
+
+namespace cifarnet::ops {
+namespace {
+
+#define CIFARNET_LOOPS_HEADER "batch_norm_loops.h"
+#include "isa_variants.inc"
+
+// A dense view of a batch-norm input: its data in one of the two layouts above.
+struct BatchNormLayout {
+  at::Tensor data;          // dense, in the layout below
+  bool channels_inner;      // element (p, c) at p * C + c; else (n, c, s) at (n * C + c) * S + s
+  int64_t channels, rows;   // rows: N * C (channels outer) or pixels N * S (channels inner)
+  int64_t row_len;          // S (channels outer) or C (channels inner)
+  at::MemoryFormat format;  // the memory format outputs take
+};
+
+BatchNormLayout dense_layout(const at::Tensor& input) {
+  const int64_t channels = input.size(1);
+  const int64_t count = batch_norm_count(input).expect_int();
+  if (input.dim() == 2) {
+    return {input.contiguous(), true, channels, count, channels, at::MemoryFormat::Contiguous};
+  }
+  if (input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
+    return {input.contiguous(at::MemoryFormat::ChannelsLast),
+            true,
+            channels,
+            count,
+            channels,
+            at::MemoryFormat::ChannelsLast};
+  }
+  const int64_t spatial = input.size(0) == 0 ? 0 : count / input.size(0);
+  return {input.contiguous(),       false,   channels,
+          input.size(0) * channels, spatial, at::MemoryFormat::Contiguous};
+}
+
+// Sums per channel over the whole input, threaded with per-thread partials. `rows_kernel` and
+// `pixels_kernel` add one thread's range to its partial sums (two acc_t arrays of C).
+template <typename acc_t, typename Rows, typename Pixels>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> channel_sums(const BatchNormLayout& layout,
+                                                               Rows&& rows_kernel,
+                                                               Pixels&& pixels_kernel) {
+  const int64_t channels = layout.channels;
+  const int64_t threads = at::get_num_threads();
+  std::vector<acc_t> partial_a(threads * channels), partial_b(threads * channels);
+  // Rows of one channel are short in deep layers; chunks of whole rows keep threads busy.
+  at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
+    const int64_t t = at::get_thread_num();
+    if (layout.channels_inner) {
+      pixels_kernel(begin, end, partial_a.data() + t * channels, partial_b.data() + t * channels);
+    } else {
+      rows_kernel(begin, end, partial_a.data() + t * channels, partial_b.data() + t * channels);
+    }
+  });
+  std::vector<acc_t> a(channels), b(channels);
+  for (int64_t t = 0; t < threads; ++t) {
+    for (int64_t c = 0; c < channels; ++c) {
+      a[c] += partial_a[t * channels + c];
+      b[c] += partial_b[t * channels + c];
+    }
+  }
+  return {std::move(a), std::move(b)};
+}
+
+// Per-channel coefficients: out = (x - mean) * a + b (normalize), or
+// out = ((x - mean) * a + b + g) * k (input_grad; see batch_norm_loops.h).
+template <typename scalar_t>
+struct ChannelMap {
+  std::vector<scalar_t> mean, a, b, k;
+  explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
+};
+
+// The normalize pass (g == nullptr) or the input_grad pass, threaded over rows or pixels.
+template <typename scalar_t>
+void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scalar_t* x,
+                       const scalar_t* g, const ChannelMap<scalar_t>& f, bool input_grad) {
+  at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
+    if (!input_grad && layout.channels_inner) {
+      CIFARNET_ISA_DISPATCH(normalize_channels_inner<scalar_t>, out, x, layout.channels, begin, end,
+                            f.mean.data(), f.a.data(), f.b.data());
+    } else if (!input_grad) {
+      CIFARNET_ISA_DISPATCH(normalize_channels_outer<scalar_t>, out, x, layout.channels,
+                            layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data());
+    } else if (layout.channels_inner) {
+      CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, out, x, g, layout.channels, begin,
+                            end, f.mean.data(), f.a.data(), f.b.data(), f.k.data());
+    } else {
+      CIFARNET_ISA_DISPATCH(input_grad_channels_outer<scalar_t>, out, x, g, layout.channels,
+                            layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data(),
+                            f.k.data());
+    }
+  });
+}
+
+}  // namespace
+
+template <typename scalar_t>
+BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool channels_inner,
+                                                   int64_t channels, int64_t rows,
+                                                   int64_t row_len) {
+  using acc_t = stats_t<scalar_t>;
+  const BatchNormLayout layout{dense, channels_inner, channels,
+                               rows,  row_len,        at::MemoryFormat::Contiguous};
+  const scalar_t* x = dense.const_data_ptr<scalar_t>();
+  // Shift by an element of each channel: sums of (x - ref) keep the variance of inputs whose
+  // mean is far from zero.
+  std::vector<scalar_t> ref(channels);
+  for (int64_t c = 0; c < channels; ++c) ref[c] = x[channels_inner ? c : c * row_len];
+  auto [sum, sum_sq] = channel_sums<acc_t>(
+      layout,
+      [&](int64_t begin, int64_t end, acc_t* s, acc_t* q) {
+        CIFARNET_ISA_DISPATCH(shifted_sums_channels_outer, x, channels, row_len, begin, end,
+                              ref.data(), s, q);
+      },
+      [&](int64_t begin, int64_t end, acc_t* s, acc_t* q) {
+        CIFARNET_ISA_DISPATCH(shifted_sums_channels_inner, x, channels, begin, end, ref.data(), s,
+                              q);
+      });
+  const acc_t count = static_cast<acc_t>(dense.numel() / std::max<int64_t>(1, channels));
+  BatchNormStats<acc_t> stats{std::vector<acc_t>(channels), std::vector<acc_t>(channels)};
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t shifted_mean = sum[c] / count;
+    stats.mean[c] = ref[c] + shifted_mean;
+    stats.var[c] = std::max<acc_t>(0, sum_sq[c] / count - shifted_mean * shifted_mean);
+  }
+  return stats;
+}
+
+template BatchNormStats<double> batch_statistics<float>(const at::Tensor&, bool, int64_t, int64_t,
+                                                        int64_t);
+template BatchNormStats<double> batch_statistics<double>(const at::Tensor&, bool, int64_t, int64_t,
+                                                         int64_t);
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
+    const at::Tensor& input, const std::optional<at::Tensor>& mean,
+    const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool training, double eps) {
+  check_batch_norm_input(input, training);
+  TORCH_CHECK(training || (defined(mean) && defined(var)),
+              "running_mean and running_var must be defined in evaluation mode");
+  check_per_channel(mean, "running_mean", input);
+  check_per_channel(var, "running_var", input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  const BatchNormLayout layout = dense_layout(input);
+  const int64_t channels = layout.channels;
+  at::Tensor output = at::empty(input.sizes(), input.options().memory_format(layout.format));
+  at::Tensor save_mean, save_var;
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_forward", [&] {
+    using acc_t = stats_t<scalar_t>;
+    const BatchNormStats<acc_t> stats =
+        training ? batch_statistics<scalar_t>(layout.data, layout.channels_inner, channels,
+                                              layout.rows, layout.row_len)
+                 : BatchNormStats<acc_t>{channel_values<acc_t>(mean, channels, 0),
+                                         channel_values<acc_t>(var, channels, 1)};
+    save_mean = channel_tensor(stats.mean, input.options());
+    save_var = channel_tensor(stats.var, input.options());
+    if (output.numel() == 0) return;
+    // y = (x - mean) * weight / sqrt(var + eps) + bias.
+    const SplitMean<scalar_t, acc_t> centre(stats.mean);
+    const auto w = channel_values<acc_t>(weight, channels, 1);
+    const auto b = channel_values<acc_t>(bias, channels, 0);
+    ChannelMap<scalar_t> f(channels);
+    f.mean = centre.hi;
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t scale = w[c] / std::sqrt(stats.var[c] + eps);
+      f.a[c] = static_cast<scalar_t>(scale);
+      f.b[c] = static_cast<scalar_t>(b[c] - centre.lo[c] * scale);
+    }
+    apply_channel_map<scalar_t>(layout, output.mutable_data_ptr<scalar_t>(),
+                                layout.data.const_data_ptr<scalar_t>(), nullptr, f, false);
+  });
+  return {output, save_mean, save_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
+    const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
+    std::array<bool, 3> output_mask) {
+  check_batch_norm_input(input, /*training=*/false);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(grad_output));
+  check_per_channel(save_mean, "save_mean", input);
+  check_per_channel(save_var, "save_var", input);
+  check_per_channel(weight, "weight", input);
+  const BatchNormLayout layout = dense_layout(input);
+  // The gradient in the input's layout, so both walk the same element order.
+  const at::Tensor grad = grad_output.contiguous(layout.format);
+  const int64_t channels = layout.channels;
+  at::Tensor grad_input, grad_weight, grad_bias;
+
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward", [&] {
+    using acc_t = stats_t<scalar_t>;
+    const auto var = channel_values<acc_t>(save_var, channels, 1);
+    const auto w = channel_values<acc_t>(weight, channels, 1);
+    const SplitMean<scalar_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* x = layout.data.const_data_ptr<scalar_t>();
+    // sum_g = sum(g), sum_gx = sum(g * (x - mean)) = sum(g * (x - hi)) - lo * sum_g.
+    std::vector<acc_t> sum_g(channels), sum_gx(channels);
+    if ((training || output_mask[1] || output_mask[2]) && grad.numel() > 0) {
+      std::tie(sum_g, sum_gx) = channel_sums<acc_t>(
+          layout,
+          [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
+            CIFARNET_ISA_DISPATCH(grad_sums_channels_outer, g, x, channels, layout.row_len, begin,
+                                  end, centre.hi.data(), sg, sgx);
+          },
+          [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
+            CIFARNET_ISA_DISPATCH(grad_sums_channels_inner, g, x, channels, begin, end,
+                                  centre.hi.data(), sg, sgx);
+          });
+      for (int64_t c = 0; c < channels; ++c) sum_gx[c] -= centre.lo[c] * sum_g[c];
+    }
+    std::vector<acc_t> invstd(channels);
+    for (int64_t c = 0; c < channels; ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
+    if (output_mask[0]) {
+      grad_input = at::empty(input.sizes(), input.options().memory_format(layout.format));
+      // Training: dx = k (g - sum_g / M - (x - mean) invstd^2 sum_gx / M), k = w invstd:
+      // input_grad with slope -invstd^2 sum_gx / M around hi. Evaluation: dx = k g, i.e.
+      // normalize of g with mean 0 and scale k.
+      const acc_t count = static_cast<acc_t>(batch_norm_count(input).expect_int());
+      ChannelMap<scalar_t> f(channels);
+      for (int64_t c = 0; c < channels; ++c) {
+        const acc_t k = w[c] * invstd[c];
+        const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / count;
+        f.mean[c] = training ? centre.hi[c] : scalar_t(0);
+        f.a[c] = static_cast<scalar_t>(training ? slope : k);
+        f.b[c] = static_cast<scalar_t>(training ? -sum_g[c] / count - centre.lo[c] * slope : 0);
+        f.k[c] = static_cast<scalar_t>(k);
+      }
+      if (grad_input.numel() > 0) {
+        scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+        if (training) {
+          apply_channel_map<scalar_t>(layout, out, x, g, f, true);
+        } else {
+          apply_channel_map<scalar_t>(layout, out, g, nullptr, f, false);
+        }
+      }
+    }
+    std::vector<scalar_t> grad_w(channels), grad_b(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      grad_w[c] = static_cast<scalar_t>(sum_gx[c] * invstd[c]);
+      grad_b[c] = static_cast<scalar_t>(sum_g[c]);
+    }
+    if (output_mask[1]) grad_weight = channel_tensor(grad_w, input.options());
+    if (output_mask[2]) grad_bias = channel_tensor(grad_b, input.options());
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cifarnet, CPU, m) {
+  m.impl("_batch_norm_forward", &batch_norm_forward_kernel);
+  m.impl("_batch_norm_backward", &batch_norm_backward_kernel);
+}
+
+}  // namespace cifarnet::ops

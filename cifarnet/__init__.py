@@ -6,6 +6,7 @@ import torch  # noqa: F401  (loads libtorch before the extension that links agai
 from cifarnet import _C  # noqa: F401  (registers the ops with the dispatcher)
 from cifarnet import _autograd_registrations, _meta_registrations  # noqa: F401
 from cifarnet import nn, ops
+from cifarnet.fuse import fuse, unfuse  # NB: the functions shadow the module: import names from cifarnet.fuse
 
 __version__ = "0.1.0"
 
@@ -15,4 +16,4 @@ def build_info() -> dict:
     return _C.build_info()
 
 
-__all__ = ["build_info", "nn", "ops"]
+__all__ = ["build_info", "fuse", "nn", "ops", "unfuse"]

@@ -2,10 +2,14 @@
 
 For each layer of the study's ConvNet it times, in one interleaved run (so machine noise hits
 every variant alike), native eager, ``torch.compile``d native and the fused op, forward and
-forward+backward, and counts the bytes autograd saves for the backward. Ratios are what to
-read; absolute times are context.
+forward+backward (batch norm in training mode), and counts the bytes autograd saves for the
+backward. Ratios are what to read; absolute times are context.
+
+With ``--model`` it times a whole model instead, forward+backward in training mode, before and
+after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``features`` alone).
 
     cifarnet-bench --batch-size 128 --threads 2 --json bench.json
+    cifarnet-bench --model vgg11_bn --batch-size 128 --threads 2
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm import tqdm
 
 import cifarnet
 from cifarnet import ops
 
 IMPLEMENTATIONS = ("native", "compiled", "fused")
+MODES = ("forward", "forward_backward")
+MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 @dataclasses.dataclass(frozen=True)
 class LayerShape:
-    """One conv -> ReLU -> max-pool layer of the study (5x5 kernels, padding 2, 2x2 pools)."""
+    """One conv -> [BN ->] ReLU -> max-pool layer of the study (5x5, padding 2, 2x2 pools)."""
 
     name: str
     in_channels: int
@@ -50,36 +57,130 @@ STUDY_LAYERS = (
 )
 
 
-def native_conv2d_relu_max_pool2d(input, weight, bias):
-    return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, 1, 2)), 2)
+@dataclasses.dataclass(frozen=True)
+class BenchOp:
+    """An op to benchmark: its native composition, the fused op, and how to make inputs."""
+
+    name: str
+    native: Callable[..., Tensor]
+    fused: Callable[..., Tensor]
+    conv: bool  # takes the layer's input and convolves it (else: batch norm of its output)
+
+    def describe(self, layer: LayerShape, batch_size: int) -> str:
+        if self.conv:
+            return layer.describe(batch_size)
+        return f"{layer.out_channels} ch @{layer.size}x{layer.size} (N={batch_size})"
 
 
-def fused_conv2d_relu_max_pool2d(input, weight, bias):
-    return ops.conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+def _conv_relu_pool(t):
+    return F.max_pool2d(F.relu(F.conv2d(t["input"], t["weight"], t["bias"], 1, 2)), 2)
 
 
-@dataclasses.dataclass
-class LayerTensors:
-    input: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-
-    def leaves(self, requires_grad: bool, input_requires_grad: bool) -> tuple[torch.Tensor, ...]:
-        """Fresh leaves (so gradients never accumulate across timed calls)."""
-        return (
-            self.input.detach().requires_grad_(requires_grad and input_requires_grad),
-            self.weight.detach().requires_grad_(requires_grad),
-            self.bias.detach().requires_grad_(requires_grad),
-        )
+def _conv_bn_relu_pool(t):
+    conv = F.conv2d(t["input"], t["weight"], t["bias"], 1, 2)
+    normalised = F.batch_norm(conv, t["running_mean"], t["running_var"], t["bn_weight"], t["bn_bias"], True)
+    return F.max_pool2d(F.relu(normalised), 2)
 
 
-def make_layer_tensors(layer: LayerShape, batch_size: int, dtype, device, memory_format) -> LayerTensors:
+OPS = {
+    op.name: op
+    for op in (
+        BenchOp(
+            "conv2d_relu_max_pool2d",
+            native=_conv_relu_pool,
+            fused=lambda t: ops.conv2d_relu_max_pool2d(t["input"], t["weight"], t["bias"], padding=2),
+            conv=True,
+        ),
+        BenchOp(
+            "conv2d_batch_norm_relu_max_pool2d",
+            native=_conv_bn_relu_pool,
+            fused=lambda t: ops.conv2d_batch_norm_relu_max_pool2d(
+                t["input"], t["weight"], t["bias"], t["running_mean"], t["running_var"], t["bn_weight"],
+                t["bn_bias"], training=True, padding=2,
+            ),
+            conv=True,
+        ),
+        BenchOp(
+            "batch_norm",
+            native=lambda t: F.batch_norm(t["input"], t["running_mean"], t["running_var"], t["weight"], t["bias"], True),
+            fused=lambda t: ops.batch_norm(t["input"], t["running_mean"], t["running_var"], t["weight"], t["bias"], True),
+            conv=False,
+        ),
+    )
+}
+
+# Tensors that never take a gradient.
+_BUFFERS = ("running_mean", "running_var")
+
+
+def make_tensors(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format) -> dict[str, Tensor]:
+    """Inputs of one op at one layer: He-scaled weights, as in a trained network."""
     generator = torch.Generator().manual_seed(0)
-    input = torch.randn(batch_size, layer.in_channels, layer.size, layer.size, generator=generator, dtype=dtype)
-    weight = torch.randn(layer.out_channels, layer.in_channels, 5, 5, generator=generator, dtype=dtype)
-    weight *= (2.0 / (layer.in_channels * 25)) ** 0.5  # He-scaled, as in a trained network
-    bias = 0.1 * torch.randn(layer.out_channels, generator=generator, dtype=dtype)
-    return LayerTensors(input.to(device).contiguous(memory_format=memory_format), weight.to(device), bias.to(device))
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(shape, generator=generator, dtype=dtype)).to(device)
+
+    channels = layer.out_channels
+    if op.conv:
+        tensors = {
+            "input": randn(batch_size, layer.in_channels, layer.size, layer.size),
+            "weight": randn(channels, layer.in_channels, 5, 5, scale=(2.0 / (layer.in_channels * 25)) ** 0.5),
+            "bias": randn(channels, scale=0.1),
+        }
+        if op.name == "conv2d_batch_norm_relu_max_pool2d":
+            tensors.update(bn_weight=1 + randn(channels, scale=0.1), bn_bias=randn(channels, scale=0.1))
+    else:
+        tensors = {
+            "input": randn(batch_size, channels, layer.size, layer.size),
+            "weight": 1 + randn(channels, scale=0.1),
+            "bias": randn(channels, scale=0.1),
+        }
+    if op.name != "conv2d_relu_max_pool2d":
+        tensors.update(running_mean=torch.zeros(channels, dtype=dtype, device=device), running_var=torch.ones(channels, dtype=dtype, device=device))
+    tensors["input"] = tensors["input"].contiguous(memory_format=memory_format)
+    return tensors
+
+
+def leaves(tensors: dict[str, Tensor], requires_grad: bool, input_requires_grad: bool) -> dict[str, Tensor]:
+    """Fresh leaves (so gradients never accumulate across timed calls)."""
+    fresh = {}
+    for name, tensor in tensors.items():
+        wants_grad = requires_grad and name not in _BUFFERS and (name != "input" or input_requires_grad)
+        fresh[name] = tensor if name in _BUFFERS else tensor.detach().requires_grad_(wants_grad)
+    return fresh
+
+
+def input_requires_grad(op: BenchOp, layer: LayerShape) -> bool:
+    # A batch norm's input is an activation: it always needs a gradient.
+    return layer.input_requires_grad or not op.conv
+
+
+def make_block(op: BenchOp, implementation: str) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The op of one implementation: native, compiled (torch.compile of native) or fused."""
+    if implementation == "native":
+        return op.native
+    if implementation == "fused":
+        return op.fused
+    if implementation == "compiled":
+        # dynamic=False: a training loop over fixed shapes gets static-shape graphs.
+        return torch.compile(op.native, dynamic=False)
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+
+
+def make_call(block, tensors: dict[str, Tensor], op: BenchOp, layer: LayerShape, mode: str) -> Callable[[], object]:
+    """A zero-argument call of ``block``: its forward (no gradient needed), or forward then
+    backward with a fixed output gradient on fresh leaves."""
+    if mode == "forward":
+        inference = leaves(tensors, False, False)
+        return lambda: block(inference)
+    if mode == "forward_backward":
+        grad_output = torch.randn_like(op.native(leaves(tensors, False, False)))
+
+        def forward_backward():
+            block(leaves(tensors, True, input_requires_grad(op, layer))).backward(grad_output)
+
+        return forward_backward
+    raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
 
 class Stopwatch:
@@ -127,160 +228,223 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
-def make_block(implementation: str) -> Callable:
-    """The conv -> ReLU -> max-pool block of one implementation: native, compiled or fused."""
-    if implementation == "native":
-        return native_conv2d_relu_max_pool2d
-    if implementation == "fused":
-        return fused_conv2d_relu_max_pool2d
-    if implementation == "compiled":
-        # dynamic=False: a user's fixed-shape training loop gets static-shape graphs.
-        return torch.compile(native_conv2d_relu_max_pool2d, dynamic=False)
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-
-
-def make_call(block: Callable, tensors: LayerTensors, layer: LayerShape, mode: str) -> Callable[[], object]:
-    """A zero-argument call of ``block``: its forward, or forward then backward.
-
-    The forward runs on tensors that need no gradient (inference); forward+backward on fresh
-    leaves that do (weights, bias, and the input except for the first layer), with a fixed
-    output gradient.
-    """
-    if mode == "forward":
-        leaves = tensors.leaves(False, False)
-        return lambda: block(*leaves)
-    if mode == "forward_backward":
-        grad_output = torch.randn_like(native_conv2d_relu_max_pool2d(*tensors.leaves(False, False)))
-
-        def forward_backward():
-            block(*tensors.leaves(True, layer.input_requires_grad)).backward(grad_output)
-
-        return forward_backward
-    raise ValueError(f"mode must be 'forward' or 'forward_backward', got {mode!r}")
-
-
-def benchmark_layer(
-    layer: LayerShape,
-    batch_size: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    memory_format: torch.memory_format,
-    implementations: Sequence[str],
-    warmup: int,
-    repeats: int,
-) -> dict:
-    """Times one layer's forward and forward+backward for each implementation."""
-    tensors = make_layer_tensors(layer, batch_size, dtype, device, memory_format)
-    blocks = {name: make_block(name) for name in implementations}
+def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int) -> dict:
+    """Times one op at one layer, forward and forward+backward, for each implementation."""
+    tensors = make_tensors(op, layer, batch_size, dtype, device, memory_format)
+    blocks = {name: make_block(op, name) for name in implementations}
     stopwatch = Stopwatch(device)
-    times = {
-        mode: interleaved_medians(
-            {name: make_call(blocks[name], tensors, layer, mode) for name in implementations},
-            stopwatch,
-            warmup,
-            repeats,
-        )
-        for mode in ("forward", "forward_backward")
-    }
-    saved = {
-        name: saved_tensor_bytes(lambda block=blocks[name]: block(*tensors.leaves(True, layer.input_requires_grad)))
+    row = {"op": op.name, "layer": layer.name, "shape": op.describe(layer, batch_size)}
+    for mode in MODES:
+        calls = {name: make_call(blocks[name], tensors, op, layer, mode) for name in implementations}
+        row[f"{mode}_ms"] = interleaved_medians(calls, stopwatch, warmup, repeats)
+    row["saved_bytes"] = {
+        name: saved_tensor_bytes(lambda block=blocks[name]: block(leaves(tensors, True, input_requires_grad(op, layer))))
         for name in ("native", "fused")
     }
-    return {
-        "layer": layer.name,
-        "shape": layer.describe(batch_size),
-        "forward_ms": times["forward"],
-        "forward_backward_ms": times["forward_backward"],
-        "saved_bytes": saved,
-    }
+    return row
 
 
-def stack_saved_bytes(batch_size: int, dtype, device, memory_format) -> dict[str, int]:
-    """Saved-for-backward bytes of the whole three-layer stack, native and fused."""
-    layers = [make_layer_tensors(layer, batch_size, dtype, device, memory_format) for layer in STUDY_LAYERS]
+def stack_saved_bytes(op: BenchOp, batch_size: int, dtype, device, memory_format) -> dict[str, int]:
+    """Saved-for-backward bytes of the study's three-layer stack of a conv op."""
+    layers = [make_tensors(op, layer, batch_size, dtype, device, memory_format) for layer in STUDY_LAYERS]
 
     def stack(block):
         def run():
-            x = layers[0].input
+            x = layers[0]["input"]
             for tensors in layers:
-                x = block(x, tensors.weight.detach().requires_grad_(), tensors.bias.detach().requires_grad_())
+                x = block({**leaves(tensors, True, False), "input": x})
             return x
 
         return run
 
-    return {
-        "native": saved_tensor_bytes(stack(native_conv2d_relu_max_pool2d)),
-        "fused": saved_tensor_bytes(stack(fused_conv2d_relu_max_pool2d)),
-    }
+    return {name: saved_tensor_bytes(stack(getattr(op, name))) for name in ("native", "fused")}
 
 
 def summarise(rows: list[dict], implementations: Sequence[str]) -> dict:
-    """Totals over the layers and the ratios (native time / other time: > 1 means faster)."""
-    total = {
-        key: {name: sum(row[key][name] for row in rows) for name in implementations}
-        for key in ("forward_ms", "forward_backward_ms")
-    }
+    """Totals over the rows and the ratios (native time / other time: > 1 means faster)."""
+    total = {f"{mode}_ms": {name: sum(row[f"{mode}_ms"][name] for row in rows) for name in implementations} for mode in MODES}
     total["saved_bytes"] = {name: sum(row["saved_bytes"][name] for row in rows) for name in ("native", "fused")}
     for entry in rows + [total]:
-        entry["speedup"] = {
-            key: {name: entry[key]["native"] / entry[key][name] for name in implementations if name != "native"}
-            for key in ("forward_ms", "forward_backward_ms")
-        }
-        if "compiled" in implementations:
-            for key in ("forward_ms", "forward_backward_ms"):
-                entry["speedup"][key]["fused_vs_compiled"] = entry[key]["compiled"] / entry[key]["fused"]
+        entry["speedup"] = {}
+        for mode in MODES:
+            times = entry[f"{mode}_ms"]
+            entry["speedup"][mode] = {name: times["native"] / times[name] for name in implementations if name != "native"}
+            if "compiled" in implementations:
+                entry["speedup"][mode]["fused_vs_compiled"] = times["compiled"] / times["fused"]
         entry["saved_ratio"] = entry["saved_bytes"]["fused"] / entry["saved_bytes"]["native"]
     return total
 
 
-def format_table(rows: list[dict], total: dict, stack_saved: dict, implementations: Sequence[str]) -> str:
+def format_table(rows: list[dict], total: dict, implementations: Sequence[str]) -> str:
     """A Markdown table: times in ms, speedups (x, > 1 is faster than native), saved MiB."""
     compiled = "compiled" in implementations
     header = ["layer", "shape"]
     for mode in ("fwd", "fwd+bwd"):
         header += [f"{mode} native", *([f"{mode} compiled"] if compiled else []), f"{mode} fused", f"{mode} speedup"]
-        if compiled:
-            header.append(f"{mode} vs compiled")
+        header += [f"{mode} vs compiled"] if compiled else []
     header += ["saved native MiB", "saved fused MiB", "saved ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
     def cells(entry, name, shape):
         out = [name, shape]
-        for key in ("forward_ms", "forward_backward_ms"):
-            out += [f"{entry[key]['native']:.1f}"]
-            if compiled:
-                out += [f"{entry[key]['compiled']:.1f}"]
-            out += [f"{entry[key]['fused']:.1f}", f"{entry['speedup'][key]['fused']:.2f}x"]
-            if compiled:
-                out += [f"{entry['speedup'][key]['fused_vs_compiled']:.2f}x"]
-        out += [f"{entry['saved_bytes'][k] / 2**20:.1f}" for k in ("native", "fused")]
-        out += [f"{entry['saved_ratio']:.3f}"]
+        for mode in MODES:
+            times, speedup = entry[f"{mode}_ms"], entry["speedup"][mode]
+            out += [f"{times['native']:.2f}"] + ([f"{times['compiled']:.2f}"] if compiled else [])
+            out += [f"{times['fused']:.2f}", f"{speedup['fused']:.2f}x"]
+            out += [f"{speedup['fused_vs_compiled']:.2f}x"] if compiled else []
+        out += [f"{entry['saved_bytes'][k] / 2**20:.1f}" for k in ("native", "fused")] + [f"{entry['saved_ratio']:.3f}"]
         return out
 
     for row in rows:
         lines.append("| " + " | ".join(cells(row, row["layer"], row["shape"])) + " |")
     lines.append("| " + " | ".join(cells(total, "**total**", "three layers")) + " |")
-    stack_ratio = stack_saved["fused"] / stack_saved["native"]
-    lines.append("")
-    lines.append(
-        f"Saved for backward by the three-layer stack: native {stack_saved['native'] / 2**20:.1f} MiB, "
-        f"fused {stack_saved['fused'] / 2**20:.1f} MiB ({stack_ratio:.3f}x)."
-    )
     return "\n".join(lines)
+
+
+MODEL_INPUT_SIZES = {"convnet": 28, "vgg11": 32, "vgg11_bn": 32, "alexnet": 64}
+"""The models ``--model`` times, and the side of their square inputs: the study's ``full``
+ConvNet trains on 28x28 crops; VGG pools 32x32 down to 1x1; AlexNet's stride-4 11x11 stem
+needs 64x64 to keep its three pools."""
+
+
+def make_model(name: str) -> nn.Module:
+    """A ``--model`` with random weights: the study's ``full`` ConvNet built from native torch
+    layers, or a torchvision model (1000 classes)."""
+    if name == "convnet":
+        from cifarnet.models import ConvNet
+
+        return ConvNet("full", "native")
+    if name not in MODEL_INPUT_SIZES:
+        raise ValueError(f"model must be one of {', '.join(MODEL_INPUT_SIZES)}, got {name!r}")
+    import torchvision
+
+    return getattr(torchvision.models, name)()
+
+
+def model_forward_backward(model: nn.Module, input: Tensor) -> Callable[[], object]:
+    """A zero-argument forward then backward of ``model`` on ``input``, with a fixed output
+    gradient and fresh parameter gradients each call."""
+    grad_output = torch.randn_like(model(input))
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        model(input).backward(grad_output)
+
+    return forward_backward
+
+
+def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int) -> list[dict]:
+    """Times forward+backward of a model (training mode) before and after ``cifarnet.fuse``,
+    interleaved, and counts the bytes saved for its backward; for ``vgg11_bn`` also its
+    ``features`` alone (the classifier's linear layers would hide the convolutions)."""
+    torch.manual_seed(0)
+    model = make_model(name).to(device=device, dtype=dtype).train()
+    size = MODEL_INPUT_SIZES[name]
+    input = torch.randn(batch_size, 3, size, size, dtype=dtype, device=device)
+    parts = {"model": model}
+    if name == "vgg11_bn":
+        parts["features"] = model.features
+    stopwatch = Stopwatch(device)
+    rows = []
+    for part, native in parts.items():
+        fused, report = cifarnet.fuse(native, report=True)
+        versions = {"native": native, "fused": fused}
+        calls = {key: model_forward_backward(module, input) for key, module in versions.items()}
+        times = interleaved_medians(calls, stopwatch, warmup, repeats)
+        saved = {key: saved_tensor_bytes(lambda module=module: module(input)) for key, module in versions.items()}
+        rows.append(
+            {
+                "model": name,
+                "part": part,
+                "shape": f"3x{size}x{size} (N={batch_size})",
+                "fused_chains": len(report.fused),
+                "unfused_chains": len(report.unfused),
+                "forward_backward_ms": times,
+                "speedup": times["native"] / times["fused"],
+                "saved_bytes": saved,
+                "saved_ratio": saved["fused"] / saved["native"],
+            }
+        )
+    return rows
+
+
+def format_model_table(rows: list[dict]) -> str:
+    """A Markdown table of ``benchmark_model``'s rows: ms, speedup (> 1 is faster), MiB."""
+    header = [
+        "model", "part", "input", "chains fused", "fwd+bwd native ms", "fwd+bwd fused ms", "speedup",
+        "saved native MiB", "saved fused MiB", "saved ratio",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        times, saved = row["forward_backward_ms"], row["saved_bytes"]
+        cells = [
+            row["model"], row["part"], row["shape"], str(row["fused_chains"]),
+            f"{times['native']:.2f}", f"{times['fused']:.2f}", f"{row['speedup']:.2f}x",
+            f"{saved['native'] / 2**20:.1f}", f"{saved['fused'] / 2**20:.1f}", f"{row['saved_ratio']:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_speedups(results: list[dict], path: str) -> None:
+    """Bar charts of the fused op's speedup over native eager (and torch.compile), one panel
+    per op and memory format, forward and forward+backward per layer."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(4.2 * len(results), 3.6), layout="constrained")
+    axes = figure.subplots(1, len(results), squeeze=False)[0]
+    for ax, result in zip(axes, results):
+        entries = result["layers"] + [result["total"] | {"layer": "total"}]
+        names = [entry["layer"] for entry in entries]
+        series = [(f"{label} vs native", mode, "fused") for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd"))]
+        if "fused_vs_compiled" in result["total"]["speedup"]["forward"]:
+            series += [(f"{label} vs compiled", mode, "fused_vs_compiled") for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd"))]
+        width = 0.8 / len(series)
+        for i, (label, mode, key) in enumerate(series):
+            positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
+            ax.bar(positions, [entry["speedup"][mode][key] for entry in entries], width, label=label)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names)
+        ax.set_ylabel("speedup of the fused op (x)")
+        ax.set_title(f"{result['op']}\n{result['memory_format']}", fontsize=9)
+        ax.legend(fontsize=7)
+    figure.savefig(path, dpi=120)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cifarnet-bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to benchmark (default: all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument(
+        "--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
+        help="float16/bfloat16: CUDA only",
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous")
-    parser.add_argument("--repeats", type=int, default=20, help="timed calls per variant (median reported)")
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--memory-format", choices=[*MEMORY_FORMATS, "both"], default="contiguous", help="layout of the inputs"
+    )
+    parser.add_argument(
+        "--model",
+        choices=list(MODEL_INPUT_SIZES),
+        help="time this whole model before and after cifarnet.fuse instead of the per-op tables "
+        "(--op, --memory-format, --no-compile and --plot do not apply)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per variant, median reported (default: 20; 5 with --model)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3; 1 with --model)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native variant")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="also draw the speedups as a PNG")
     args = parser.parse_args(argv)
+    # A whole model takes seconds per call at batch 128: fewer calls still give a steady median.
+    if args.repeats is None:
+        args.repeats = 5 if args.model else 20
+    if args.warmup is None:
+        args.warmup = 1 if args.model else 3
+    if args.model and args.plot:
+        parser.error("--plot draws the per-op speedups; it does not apply with --model")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.repeats < 1:
@@ -297,22 +461,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cifarnet-bench: --device cuda asked for, but no GPU is visible", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
+        print(f"cifarnet-bench: --dtype {args.dtype} needs --device cuda (the CPU ops take float32 and float64)", file=sys.stderr)
+        return 2
+    if args.model:
+        return main_model(args, device, dtype)
     implementations = [name for name in IMPLEMENTATIONS if not (name == "compiled" and args.no_compile)]
-
-    rows = []
-    for layer in tqdm(STUDY_LAYERS, desc="layers", leave=False):
-        rows.append(
-            benchmark_layer(layer, args.batch_size, dtype, device, memory_format, implementations, args.warmup, args.repeats)
-        )
-    total = summarise(rows, implementations)
-    stack_saved = stack_saved_bytes(args.batch_size, dtype, device, memory_format)
+    formats = list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format]
+    selected = list(OPS.values()) if args.op == "all" else [OPS[args.op]]
 
     print(
-        f"conv2d -> ReLU -> max_pool2d, {args.dtype}, {args.memory_format}, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} thread(s), device {device}; median of {args.repeats} interleaved runs"
+        f"cifarnet-bench: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
+        f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode"
     )
-    print(format_table(rows, total, stack_saved, implementations))
+    results = []
+    progress = tqdm(total=len(selected) * len(formats) * len(STUDY_LAYERS), desc="benchmarking", leave=False)
+    for op in selected:
+        for format_name in formats:
+            memory_format = MEMORY_FORMATS[format_name]
+            rows = []
+            for layer in STUDY_LAYERS:
+                rows.append(benchmark_layer(op, layer, args.batch_size, dtype, device, memory_format, implementations, args.warmup, args.repeats))
+                progress.update()
+            total = summarise(rows, implementations)
+            result = {"op": op.name, "memory_format": format_name, "layers": rows, "total": total}
+            if op.conv:
+                result["stack_saved_bytes"] = stack_saved_bytes(op, args.batch_size, dtype, device, memory_format)
+            results.append(result)
+            progress.clear()
+            print(f"\n{op.name}, {format_name}:")
+            print(format_table(rows, total, implementations))
+            if op.conv:
+                stack = result["stack_saved_bytes"]
+                print(
+                    f"Saved for backward by the three-layer stack: native {stack['native'] / 2**20:.1f} MiB, "
+                    f"fused {stack['fused'] / 2**20:.1f} MiB ({stack['fused'] / stack['native']:.3f}x)."
+                )
+    progress.close()
+    if args.plot:
+        plot_speedups(results, args.plot)
     if args.json:
         report = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -320,9 +507,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cifarnet": cifarnet.__version__,
             "build": {k: v for k, v in cifarnet.build_info().items() if k != "parallel"},
             "config": vars(args) | {"threads": torch.get_num_threads()},
-            "layers": rows,
-            "total": total,
-            "stack_saved_bytes": stack_saved,
+            "results": results,
+        }
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    return 0
+
+
+def main_model(args: argparse.Namespace, device: torch.device, dtype) -> int:
+    """``cifarnet-bench --model``: one model before and after ``cifarnet.fuse``."""
+    print(
+        f"cifarnet-bench --model {args.model}: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} "
+        f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
+    )
+    rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats)
+    print(format_model_table(rows))
+    if args.json:
+        report = {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "torch": torch.__version__,
+            "cifarnet": cifarnet.__version__,
+            "build": {k: v for k, v in cifarnet.build_info().items() if k != "parallel"},
+            "config": vars(args) | {"threads": torch.get_num_threads()},
+            "model": args.model,
+            "results": rows,
         }
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)

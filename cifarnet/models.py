@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cifarnet.nn import Conv2dReLUMaxPool2d
+from cifarnet.nn import Conv2dReLUMaxPool2d, batch_norm_arguments
+from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
 from cifarnet.variants import VARIANTS, recipe
 
 __all__ = ["CONV_CHANNELS", "ConvNet", "OPS", "VARIANTS", "count_parameters"]
@@ -39,9 +40,10 @@ class ConvNet(nn.Module):
     Args:
         variant: one of :data:`cifarnet.variants.VARIANTS`.
         ops: ``"fused"`` computes each conv→ReLU→pool stage with
-            :class:`cifarnet.nn.Conv2dReLUMaxPool2d`; ``"native"`` with ``nn.Conv2d``,
-            ``F.relu`` and ``nn.MaxPool2d``. ``full`` uses native layers either way until the
-            fused conv→BN→ReLU→pool layer exists.
+            :class:`cifarnet.nn.Conv2dReLUMaxPool2d`, and each conv→BN→ReLU→pool stage of
+            ``full`` with :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` on the tensors
+            of its ``nn.Conv2d`` and ``nn.BatchNorm2d``; ``"native"`` with ``nn.Conv2d``,
+            ``nn.BatchNorm2d``, ``F.relu`` and ``nn.MaxPool2d``.
         num_classes: outputs of fc5.
 
     Shape:
@@ -75,11 +77,8 @@ class ConvNet(nn.Module):
     def _make_stage(self, in_channels: int, out_channels: int, ceil_mode: bool):
         """``(conv, bn or None, pool or None)`` of one conv→[BN→]ReLU→pool stage."""
         if self.recipe.batch_norm:
-            # TODO(issue 4): with self.ops == "fused", compute this stage with
-            # cifarnet.nn.Conv2dBatchNormReLUMaxPool2d. Its state_dict keys must stay conv{i}.* and
-            # bn{i}.* as here, so checkpoints keep loading across ops: e.g. keep conv and bn
-            # registered and let the fused layer share their parameters and buffers, as
-            # Conv2dReLUMaxPool2d.from_modules shares conv's.
+            # Both ops keep nn.Conv2d and nn.BatchNorm2d as conv{i} and bn{i} (the checkpoint
+            # keys); with ops="fused" forward hands their tensors to the fused op.
             conv = nn.Conv2d(in_channels, out_channels, CONV_KERNEL_SIZE, padding=CONV_PADDING)
             return conv, nn.BatchNorm2d(out_channels), nn.MaxPool2d(POOL_SIZE, ceil_mode=ceil_mode)
         if self.ops == "fused":
@@ -95,10 +94,23 @@ class ConvNet(nn.Module):
         conv = nn.Conv2d(in_channels, out_channels, CONV_KERNEL_SIZE, padding=CONV_PADDING)
         return conv, None, nn.MaxPool2d(POOL_SIZE, ceil_mode=ceil_mode)
 
-    @staticmethod
-    def _conv_relu_pool(conv: nn.Module, bn: nn.Module | None, pool: nn.Module | None, input: Tensor) -> Tensor:
+    def _conv_relu_pool(self, conv: nn.Module, bn: nn.Module | None, pool: nn.Module | None, input: Tensor) -> Tensor:
         if pool is None:  # a fused layer: ReLU and pooling are inside conv
             return conv(input)
+        if bn is not None and self.ops == "fused":
+            return conv2d_batch_norm_relu_max_pool2d(
+                input,
+                conv.weight,
+                conv.bias,
+                bn_weight=bn.weight,
+                bn_bias=bn.bias,
+                stride=conv.stride,
+                padding=conv.padding,
+                pool_size=pool.kernel_size,
+                pool_stride=pool.stride,
+                ceil_mode=pool.ceil_mode,
+                **batch_norm_arguments(bn),
+            )
         output = conv(input)
         if bn is not None:
             output = bn(output)

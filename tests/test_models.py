@@ -209,3 +209,27 @@ def test_invalid_ops_lists_the_valid_ones():
 def test_forward_rejects_wrong_channels():
     with pytest.raises(ValueError, match=r"got shape \(2, 1, 32, 32\)"):
         ConvNet("baseline")(torch.zeros(2, 1, 32, 32))
+
+
+def test_full_fused_matches_native_over_training_steps_then_eval():
+    torch.manual_seed(4)
+    native = ConvNet("full", "native").double()
+    fused = ConvNet("full", "fused").double()
+    fused.load_state_dict(native.state_dict(), strict=True)
+    for step in range(3):
+        x = torch.randn(6, 3, 28, 28, dtype=torch.float64)
+        native.zero_grad(), fused.zero_grad()
+        torch.manual_seed(step)  # the same dropout masks for both
+        expected = native(x)
+        torch.manual_seed(step)
+        actual = fused(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+        expected.square().sum().backward()
+        actual.square().sum().backward()
+        for (name, ours), theirs in zip(fused.named_parameters(), native.parameters()):
+            torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-8, atol=1e-8, msg=lambda m: f"{name}: {m}")
+    for key, value in native.state_dict().items():
+        torch.testing.assert_close(fused.state_dict()[key], value, rtol=1e-10, atol=1e-10)
+    native.eval(), fused.eval()
+    x = torch.randn(4, 3, 28, 28, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), native(x), rtol=1e-10, atol=1e-10)

@@ -37,6 +37,18 @@ inline void check_per_channel(const std::optional<at::Tensor>& t, const char* na
               t->scalar_type());
 }
 
+// Checks a per-output-channel tensor of the fused conv -> batch norm op against its weight.
+inline void check_per_output_channel(const std::optional<at::Tensor>& t, const char* name,
+                                     const at::Tensor& weight) {
+  if (!defined(t)) return;
+  TORCH_SYM_CHECK(t->sym_numel().sym_eq(weight.sym_size(0)).sym_and(t->dim() == 1), name,
+                  " should contain ", weight.sym_size(0),
+                  " elements (one per output channel of weight of shape ", shape_string(weight),
+                  "), got shape ", shape_string(*t));
+  TORCH_CHECK(t->device() == weight.device(), name, " is on ", t->device(), " but weight is on ",
+              weight.device());
+}
+
 // Elements per channel of a batch-norm input (N, C, *spatial): N * prod(spatial).
 inline c10::SymInt batch_norm_count(const at::Tensor& input) {
   const c10::SymInt channels = input.sym_size(1);

@@ -2,6 +2,7 @@
 // them through the dispatcher. Kernels register themselves per device in csrc/ops/<device>/.
 
 #include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
@@ -136,15 +137,10 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode) {
   TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (C_out, C_in, kH, kW), got ",
               weight.dim(), "-D tensor of shape ", shape_string(weight));
-  for (const auto& [t, name] :
-       {std::pair{&running_mean, "running_mean"}, std::pair{&running_var, "running_var"},
-        std::pair{&bn_weight, "bn_weight"}, std::pair{&bn_bias, "bn_bias"}}) {
-    if (!defined(*t)) continue;
-    TORCH_SYM_CHECK((*t)->sym_numel().sym_eq(weight.sym_size(0)).sym_and((*t)->dim() == 1), name,
-                    " should contain ", weight.sym_size(0),
-                    " elements (one per output channel of weight of shape ", shape_string(weight),
-                    "), got shape ", shape_string(**t));
-  }
+  check_per_output_channel(running_mean, "running_mean", weight);
+  check_per_output_channel(running_var, "running_var", weight);
+  check_per_output_channel(bn_weight, "bn_weight", weight);
+  check_per_output_channel(bn_bias, "bn_bias", weight);
   if (training) {
     static auto fused =
         internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -179,6 +175,40 @@ at::Tensor conv2d_relu_max_pool2d_composite(const at::Tensor& input, const at::T
                                             bool ceil_mode) {
   return std::get<0>(conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride, padding,
                                                         pool_size, pool_stride, ceil_mode));
+}
+
+// Under torch.autocast("cuda"), the convolution ops run in the autocast dtype (float16 or
+// bfloat16), as F.conv2d does; batch-norm parameters and statistics stay in float32.
+template <typename Op, typename... Rest>
+auto call_autocast_cuda(Op& op, const at::Tensor& input, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& bias, Rest&&... rest) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
+  return op.call(at::autocast::cached_cast(dtype, input, at::kCUDA),
+                 at::autocast::cached_cast(dtype, weight, at::kCUDA),
+                 at::autocast::cached_cast(dtype, bias, at::kCUDA), std::forward<Rest>(rest)...);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax_autocast(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride, bool ceil_mode) {
+  static auto op = internal_op<decltype(conv2d_relu_max_pool2d_with_argmax)>(
+      "cifarnet::conv2d_relu_max_pool2d_with_argmax");
+  return call_autocast_cuda(op, input, weight, bias, stride, padding, pool_size, pool_stride,
+                            ceil_mode);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+conv2d_batch_norm_relu_max_pool2d_training_autocast(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
+    double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+    at::IntArrayRef pool_stride, bool ceil_mode) {
+  static auto op = internal_op<decltype(conv2d_batch_norm_relu_max_pool2d_training_autocast)>(
+      "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
+  return call_autocast_cuda(op, input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
+                            pool_size, pool_stride, ceil_mode);
 }
 
 }  // namespace
@@ -237,6 +267,12 @@ TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {
   m.impl("conv2d_relu_max_pool2d", &conv2d_relu_max_pool2d_composite);
   m.impl("batch_norm", &batch_norm_composite);
   m.impl("conv2d_batch_norm_relu_max_pool2d", &conv2d_batch_norm_relu_max_pool2d_composite);
+}
+
+TORCH_LIBRARY_IMPL(cifarnet, AutocastCUDA, m) {
+  m.impl("conv2d_relu_max_pool2d_with_argmax", &conv2d_relu_max_pool2d_with_argmax_autocast);
+  m.impl("_conv2d_batch_norm_relu_max_pool2d_training",
+         &conv2d_batch_norm_relu_max_pool2d_training_autocast);
 }
 
 // In-place updates of small per-channel tensors with ATen ops: one kernel for every device.

@@ -71,6 +71,41 @@ void compare_with_native(const Case& c) {
   check(close(grad_bias, native_grads[2], 10 * tolerance), c.name + ": grad_bias matches native");
 }
 
+// batch_norm in training mode, running statistics included, against ATen's batch norm.
+void compare_batch_norm_with_native(bool channels_last) {
+  const std::string name = channels_last ? "batch_norm, channels_last" : "batch_norm";
+  at::Tensor input = at::randn({8, 5, 6, 7}) * 3 + 100;
+  if (channels_last) input = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor weight = at::rand({5}) + 0.5, bias = at::randn({5});
+  at::Tensor mean = at::zeros({5}), var = at::ones({5});
+  at::Tensor native_mean = mean.clone(), native_var = var.clone();
+  const at::Tensor ours =
+      cifarnet::ops::batch_norm(input, mean, var, weight, bias, true, 0.1, 1e-5);
+  const at::Tensor native =
+      at::batch_norm(input, weight, bias, native_mean, native_var, true, 0.1, 1e-5, false);
+  check(close(ours, native, 1e-3), name + ": output matches native");
+  check(close(mean, native_mean, 1e-4) && close(var, native_var, 1e-4),
+        name + ": running statistics match native");
+}
+
+// The fused conv -> batch norm -> ReLU -> max-pool op in training mode against the ATen ops.
+void compare_conv_batch_norm_with_native() {
+  const at::Tensor x = at::randn({4, 3, 12, 12}), w = at::randn({6, 3, 3, 3}) * 0.2;
+  const at::Tensor bn_weight = at::rand({6}) + 0.5, bn_bias = at::randn({6});
+  at::Tensor mean = at::zeros({6}), var = at::ones({6});
+  at::Tensor native_mean = mean.clone(), native_var = var.clone();
+  const at::Tensor fused = cifarnet::ops::conv2d_batch_norm_relu_max_pool2d(
+      x, w, std::nullopt, mean, var, bn_weight, bn_bias, true, 0.1, 1e-5, {1, 1}, {1, 1}, {2, 2},
+      {}, false);
+  const at::Tensor conv = at::conv2d(x, w, {}, {1, 1}, {1, 1});
+  const at::Tensor native =
+      at::max_pool2d(at::relu(at::batch_norm(conv, bn_weight, bn_bias, native_mean, native_var,
+                                             true, 0.1, 1e-5, false)),
+                     {2, 2});
+  check(close(fused, native, 1e-4), "conv2d_batch_norm_relu_max_pool2d: output matches native");
+  check(close(var, native_var, 1e-4), "conv2d_batch_norm_relu_max_pool2d: running_var matches");
+}
+
 }  // namespace
 
 int main() {
@@ -110,6 +145,10 @@ int main() {
   for (const Case& c : cases) {
     compare_with_native(c);
   }
+
+  compare_batch_norm_with_native(false);
+  compare_batch_norm_with_native(true);
+  compare_conv_batch_norm_with_native();
 
   bool threw = false;
   try {

@@ -36,16 +36,6 @@ namespace {
 #include "isa_variants.inc"
 #include "pool_argmax.h"
 
-void check_bn_affine(const std::optional<at::Tensor>& t, const char* name,
-                     const at::Tensor& weight) {
-  if (!defined(t)) return;
-  TORCH_CHECK(t->dim() == 1 && t->numel() == weight.size(0), name, " should contain ",
-              weight.size(0), " elements (one per output channel of weight of shape ",
-              shape_string(weight), "), got shape ", shape_string(*t));
-  TORCH_CHECK(t->device() == weight.device(), name, " is on ", t->device(), " but weight is on ",
-              weight.device());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 conv2d_batch_norm_relu_max_pool2d_training_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -56,8 +46,8 @@ conv2d_batch_norm_relu_max_pool2d_training_kernel(
                                                                pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
-  check_bn_affine(bn_weight, "bn_weight", weight);
-  check_bn_affine(bn_bias, "bn_bias", weight);
+  check_per_output_channel(bn_weight, "bn_weight", weight);
+  check_per_output_channel(bn_bias, "bn_bias", weight);
   TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
   const int64_t pixels = g.batch * g.conv_h * g.conv_w;
   TORCH_CHECK(pixels > 1,
@@ -111,9 +101,9 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
   const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
   TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
               at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
-  check_bn_affine(save_mean, "save_mean", weight);
-  check_bn_affine(save_var, "save_var", weight);
-  check_bn_affine(bn_weight, "bn_weight", weight);
+  check_per_output_channel(save_mean, "save_mean", weight);
+  check_per_output_channel(save_var, "save_var", weight);
+  check_per_output_channel(bn_weight, "bn_weight", weight);
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
   const int64_t channels = g.out_channels;
   const int64_t pixels = g.batch * g.conv_h * g.conv_w;

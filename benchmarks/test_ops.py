@@ -1,0 +1,38 @@
+"""pytest-benchmark suite: each fused op against native eager and torch.compile'd native.
+
+    pytest benchmarks/ --benchmark-group-by=group --benchmark-columns=median,iqr,rounds
+
+Each group (one op at one study layer, forward or forward+backward, batch norm in training
+mode) lists the three implementations side by side; compare medians within a group.
+CIFARNET_BENCH_BATCH sets the batch (default 128). `cifarnet-bench` prints the same cases as
+ratios from one interleaved run, which is the fairer comparison on a noisy machine.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from cifarnet import benchmark as bench
+
+BATCH_SIZE = int(os.environ.get("CIFARNET_BENCH_BATCH", "128"))
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("layer", bench.STUDY_LAYERS, ids=lambda layer: layer.name)
+@pytest.mark.parametrize("implementation", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("op", bench.OPS.values(), ids=lambda op: op.name)
+def test_op(benchmark, op, implementation, layer, mode):
+    tensors = bench.make_tensors(op, layer, BATCH_SIZE, torch.float32, torch.device("cpu"), torch.contiguous_format)
+    block = bench.make_block(op, implementation)
+    call = bench.make_call(block, tensors, op, layer, mode)
+    for _ in range(3):  # compile and warm up outside the timed rounds
+        call()
+    benchmark.group = f"{op.name} {op.describe(layer, BATCH_SIZE)} {mode}"
+    if implementation != "compiled":
+        benchmark.extra_info["saved_bytes"] = bench.saved_tensor_bytes(
+            lambda: block(bench.leaves(tensors, True, bench.input_requires_grad(op, layer)))
+        )
+    benchmark.pedantic(call, rounds=15, iterations=1)

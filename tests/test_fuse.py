@@ -1,0 +1,531 @@
+"""cifarnet.fuse and cifarnet.unfuse against the unfused models they rewrite."""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import cifarnet
+from cifarnet import benchmark
+from cifarnet.fuse import (
+    FusedBatchNorm2d,
+    FusedConv2dBatchNormReLUMaxPool2d,
+    FusedConv2dReLUMaxPool2d,
+    FusedIdentity,
+    FusionReport,
+)
+from cifarnet.models import ConvNet
+from cifarnet.nn import conv_relu_pool_unfusable_reason
+from cifarnet.variants import VARIANTS, recipe
+
+FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
+FLOAT32 = {"rtol": 1e-4, "atol": 1e-4}  # atol: of the tensor's largest magnitude (see assert_close)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # NB: as in test_models.py: OpenMP threads spin-wait on a busy two-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fuse_quietly(model, **kwargs):
+    """cifarnet.fuse, failing the test if it warns (every model here is traceable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return cifarnet.fuse(model, **kwargs)
+
+
+def run(model, input, seed=0):
+    """Output, input gradient and parameter gradients (by name) of one forward+backward, with
+    the RNG seeded first (dropout) and a seeded output gradient."""
+    input = input.detach().clone().requires_grad_(True)
+    torch.manual_seed(seed)
+    output = model(input)
+    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
+    parameters = dict(model.named_parameters())
+    grads = torch.autograd.grad(output, [input, *parameters.values()], grad_output, allow_unused=True)
+    return output, grads[0], dict(zip(parameters, grads[1:]))
+
+
+EXACT = {"rtol": 0, "atol": 0}
+
+
+def assert_close(mine, expected, tolerance, name="") -> None:
+    """torch.testing.assert_close with ``atol`` relative to ``expected``'s largest magnitude
+    when above 1: float32 rounding through a deep network's eight batch norms scales with
+    the gradient's size (VGG11-bn's first conv: max 24, float32 noise 1.5e-4)."""
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        mine, expected, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale, msg=lambda m: f"{name}: {m}"
+    )
+LARGE = 1_000_000  # elements; VGG's classifier has 100M-element weights
+
+
+def assert_same_tensors(ours: dict, theirs: dict, tolerance) -> None:
+    assert list(ours) == list(theirs)
+    for name in theirs:
+        mine, expected = ours[name], theirs[name]
+        if expected is None:
+            assert mine is None, name
+        elif tolerance == EXACT:
+            assert mine.dtype == expected.dtype and torch.equal(mine, expected), name
+        else:
+            if expected.numel() > LARGE:
+                # NB: comparing 100M elements takes seconds on a busy CPU; a strided sample of
+                # the classifier's weights (which the fused layers feed) is as telling.
+                mine, expected = mine.reshape(-1)[::97], expected.reshape(-1)[::97]
+            assert_close(mine, expected, tolerance, name)
+
+
+def assert_same_function(fused, original, input, tolerance, modes=(True, False)) -> None:
+    """Outputs, gradients and (after the training-mode call) buffers of ``fused`` equal the
+    unfused ``original``'s, in each mode."""
+    for training in modes:
+        original.train(training)
+        fused.train(training)
+        out, input_grad, grads = run(fused, input)
+        expected_out, expected_input_grad, expected_grads = run(original, input)
+        assert_close(out, expected_out, tolerance, "output")
+        assert_close(input_grad, expected_input_grad, tolerance, "input gradient")
+        assert_same_tensors(grads, expected_grads, tolerance)
+        assert_same_tensors(dict(fused.named_buffers()), dict(original.named_buffers()), tolerance)
+
+
+def assert_state_dicts_load_both_ways(fused, original) -> None:
+    assert list(fused.state_dict()) == list(original.state_dict())
+    fused = copy.deepcopy(fused)
+    # Different values first, so that loading is seen to do something.
+    other = copy.deepcopy(original)
+    with torch.no_grad():
+        for tensor in other.state_dict().values():
+            tensor.add_(1)
+    fused.load_state_dict(other.state_dict(), strict=True)
+    assert_same_tensors(fused.state_dict(), other.state_dict(), EXACT)
+    fresh = copy.deepcopy(original)
+    fresh.load_state_dict(fused.state_dict(), strict=True)
+    assert_same_tensors(fresh.state_dict(), other.state_dict(), EXACT)
+
+
+def module_types(model) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules() if name]
+
+
+def assert_unfuses_to(model, fused, input, tolerance) -> None:
+    """unfuse(fused) has model's class and module types, fused's tensors and model's function."""
+    unfused = cifarnet.unfuse(fused)
+    assert type(unfused) is type(model)
+    assert module_types(unfused) == module_types(model)
+    assert_same_tensors(unfused.state_dict(), fused.state_dict(), EXACT)
+    assert_same_function(unfused, model, input, tolerance)
+
+
+# --------------------------------------------------------------------------------------------
+# The study's ConvNet: functional ReLU in forward, an input check, BN in `full`
+
+
+def convnet_input(variant, batch=2, dtype=torch.float64):
+    size = 28 if recipe(variant).augment else 32
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+
+def convnet_chains(variant) -> list[tuple[str, ...]]:
+    relus = ["relu", "relu_1", "relu_2"]  # torch.fx's names of the three F.relu calls
+    if recipe(variant).batch_norm:
+        return [(f"conv{i}", f"bn{i}", relus[i - 1], f"pool{i}") for i in (1, 2, 3)]
+    return [(f"conv{i}", relus[i - 1], f"pool{i}") for i in (1, 2, 3)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_convnet_fuses_every_stage_and_computes_the_same(variant):
+    torch.manual_seed(0)
+    model = ConvNet(variant, "native").double()
+    fused, report = fuse_quietly(model, report=True)
+    assert [chain.names for chain in report.fused] == convnet_chains(variant)
+    assert report.unfused == [] and report.untraced == {}
+    assert report.checks  # the input check of ConvNet.forward is kept
+    layer = FusedConv2dBatchNormReLUMaxPool2d if recipe(variant).batch_norm else FusedConv2dReLUMaxPool2d
+    assert all(isinstance(getattr(fused, f"conv{i}"), layer) for i in (1, 2, 3))
+    assert not any(isinstance(m, (FusedConv2dReLUMaxPool2d, FusedConv2dBatchNormReLUMaxPool2d)) for m in model.modules())
+    assert fused.variant == variant  # plain attributes come along
+    assert_same_function(fused, model, convnet_input(variant), FLOAT64)
+    assert_state_dicts_load_both_ways(fused, model)
+    assert_unfuses_to(model, fused, convnet_input(variant), FLOAT64)
+
+
+def test_convnet_full_training_keeps_running_statistics_in_step():
+    torch.manual_seed(0)
+    model = ConvNet("full", "native").double()
+    fused = fuse_quietly(model)
+    assert fused.conv1.bn is fused.bn1  # reads the registered batch norm, which holds the keys
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (model, fused)]
+    for step in range(3):
+        input = convnet_input("full", batch=4) + step
+        target = torch.tensor([0, 1, 2, 3])
+        for m, optimizer in zip((model, fused), optimizers):
+            m.train()
+            optimizer.zero_grad()
+            torch.manual_seed(step)
+            F.cross_entropy(m(input), target).backward()
+            optimizer.step()
+    assert int(fused.bn2.num_batches_tracked) == 3
+    assert_same_tensors(fused.state_dict(), model.state_dict(), FLOAT64)
+    assert_same_function(fused, model, convnet_input("full"), FLOAT64, modes=(False,))
+
+
+def test_convnet_dtype_and_copies_follow_the_model():
+    torch.manual_seed(0)
+    model = ConvNet("full", "native")  # float32
+    fused = fuse_quietly(model).double()
+    assert fused.conv1.weight.dtype == fused.bn1.running_var.dtype == torch.float64
+    assert_same_function(fused, model.double(), convnet_input("full"), FLOAT64)
+    copied = copy.deepcopy(fused)
+    assert copied.conv3.bn is copied.bn3 and copied.bn3 is not fused.bn3
+    assert type(copied).__name__ == "ConvNet"
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.conv2.bn is loaded.bn2
+    assert_same_function(loaded, model, convnet_input("full"), FLOAT64)
+
+
+def test_fused_convnet_keeps_its_input_check():
+    model = ConvNet("baseline", "native")
+    fused = fuse_quietly(model)
+    bad = torch.randn(2, 1, 32, 32)
+    with pytest.raises(ValueError):
+        model(bad)
+    with pytest.raises(AssertionError, match=r"models.py:\d+"):
+        fused(bad)
+
+
+def test_fused_ops_convnet_is_left_alone_without_baking_its_tensors():
+    # ops="fused" full calls the functional op, which counts num_batches_tracked in Python:
+    # tracing would bake that away, so fuse must refuse to trace it (and say so).
+    model = ConvNet("full", "fused")
+    with pytest.warns(UserWarning, match="buffer bn1.num_batches_tracked"):
+        fused, report = cifarnet.fuse(model, report=True)
+    assert report.fused == [] and "" in report.untraced
+    assert int(fused.bn1.num_batches_tracked) == 0
+    assert_same_function(fused, model, convnet_input("full", dtype=torch.float32), FLOAT32)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision models: chains as nn.Sequential children, rewritten by position
+
+
+def torchvision_chains(features: nn.Sequential, prefix: str = "features") -> list[tuple[str, ...]]:
+    """Every [Conv2d, (BatchNorm2d,) ReLU, MaxPool2d] run of ``features``, read off directly."""
+    children = list(features.named_children())
+    chains = []
+    for index, (name, module) in enumerate(children):
+        if isinstance(module, nn.MaxPool2d) and isinstance(children[index - 1][1], nn.ReLU):
+            start = index - 3 if isinstance(children[index - 2][1], nn.BatchNorm2d) else index - 2
+            chains.append(tuple(f"{prefix}.{n}" for n, _ in children[start : index + 1]))
+    return chains
+
+
+@pytest.mark.parametrize("name, size", [("vgg11", 32), ("vgg11_bn", 32), ("alexnet", 64)])
+def test_torchvision_model_fuses_by_position_and_computes_the_same(name, size):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10)
+    fused, report = fuse_quietly(model, report=True)
+    assert type(fused) is type(model)  # rewritten by position: no GraphModule
+    assert [chain.names for chain in report.fused] == torchvision_chains(model.features)
+    assert len(report.fused) == (3 if name == "alexnet" else 5) and report.unfused == []
+    first = report.fused[0].names
+    assert isinstance(fused.get_submodule(first[-1]), FusedIdentity)
+    if name == "vgg11_bn":
+        assert isinstance(fused.get_submodule(first[1]), FusedBatchNorm2d)
+        assert fused.get_submodule(first[0]).bn is fused.get_submodule(first[1])
+    input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
+    # NB: the fused op accumulates batch statistics in double; in float32, through VGG11-bn's
+    # eight training-mode batch norms on batch 2 that gap grows past 1e-4 (the native float32
+    # gradients are no closer to float64 ones). The float64 check of features covers training.
+    modes = (False,) if name == "vgg11_bn" else (True, False)
+    assert_same_function(fused, model, input, FLOAT32, modes)
+    features = copy.deepcopy(model.features).double()
+    assert_same_function(fuse_quietly(features), features, input.double(), FLOAT64)
+    assert_state_dicts_load_both_ways(fused, model)
+    assert_unfuses_to(model, fused, input, FLOAT32)
+
+
+def test_inplace_rewrites_the_model_itself_and_keeps_its_parameters():
+    model = torchvision.models.vgg11_bn(num_classes=10).features
+    weight, running_mean = model[0].weight, model[1].running_mean
+    assert cifarnet.fuse(model, inplace=True) is model
+    assert isinstance(model[0], FusedConv2dBatchNormReLUMaxPool2d)
+    assert model[0].weight is weight and model[1].running_mean is running_mean  # optimisers keep working
+    untouched = torchvision.models.vgg11_bn(num_classes=10).features
+    cifarnet.fuse(untouched)
+    assert type(untouched[0]) is nn.Conv2d
+
+
+def test_fusing_twice_changes_nothing_more():
+    model = ConvNet("full", "native").double()
+    once = fuse_quietly(model)
+    twice, report = fuse_quietly(once, report=True)
+    assert report.fused == [] and report.unfused == []
+    assert module_types(twice) == module_types(once)
+    assert_same_function(twice, model, convnet_input("full"), FLOAT64)
+
+
+# --------------------------------------------------------------------------------------------
+# Chains written in forward, and chains that must not be fused
+
+
+class FunctionalNet(nn.Module):
+    """Conv modules with every spelling of ReLU and max pooling in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(6, momentum=None)  # cumulative average: counts batches
+        self.conv2 = nn.Conv2d(6, 8, 3, padding="same", bias=False)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)  # shared by two chains
+        self.conv4 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x)), inplace=True), 2)
+        x = self.pool(torch.relu(self.conv2(x)))
+        x = torch.max_pool2d(self.relu(self.bn3(self.conv3(x))), 3, 2, ceil_mode=True)  # 4x4 -> 2x2
+        x = self.pool(self.conv4(x).relu_())
+        return torch.flatten(x, 1)
+
+
+def test_functional_chains_fuse_in_the_graph_and_compute_the_same():
+    torch.manual_seed(0)
+    model = FunctionalNet().double()
+    fused, report = fuse_quietly(model, report=True)
+    assert isinstance(fused, torch.fx.GraphModule) and type(fused).__name__ == "FunctionalNet"
+    assert [chain.names for chain in report.fused] == [
+        ("conv1", "bn1", "relu", "max_pool2d"),
+        ("conv2", "relu_1", "pool"),
+        ("conv3", "bn3", "relu", "max_pool2d_1"),
+        ("conv4", "relu_", "pool"),
+    ]
+    assert report.unfused == [] and report.checks == []
+    input = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
+    assert int(fused.bn1.num_batches_tracked) == 1
+    assert_state_dicts_load_both_ways(fused, model)
+    assert_unfuses_to(model, fused, input, FLOAT64)
+
+
+def test_a_frozen_batch_norm_stays_frozen():
+    # Each batch norm's own mode decides, as in torch: here bn2 normalises with its running
+    # statistics (and leaves them alone) while the rest of the model trains.
+    torch.manual_seed(0)
+    model = ConvNet("full", "native").double()
+    fused = fuse_quietly(model)
+    for m in (model, fused):
+        m.train()
+        m.bn2.eval()
+    out, _, grads = run(fused, convnet_input("full"))
+    expected_out, _, expected_grads = run(model, convnet_input("full"))
+    torch.testing.assert_close(out, expected_out, **FLOAT64)
+    assert_same_tensors(grads, expected_grads, FLOAT64)
+    assert int(fused.bn2.num_batches_tracked) == 0 and int(fused.bn1.num_batches_tracked) == 1
+    assert_same_tensors(dict(fused.named_buffers()), dict(model.named_buffers()), FLOAT64)
+
+
+def test_a_graph_module_given_to_fuse_unfuses_to_its_graph():
+    torch.manual_seed(0)
+    model = FunctionalNet().double()
+    traced = torch.fx.symbolic_trace(model)
+    fused = fuse_quietly(traced)
+    assert isinstance(fused.conv2, FusedConv2dReLUMaxPool2d)
+    unfused = cifarnet.unfuse(fused)
+    assert isinstance(unfused, torch.fx.GraphModule) and module_types(unfused) == module_types(traced)
+    functions = [node.target for node in unfused.graph.nodes if node.op == "call_function"]
+    assert functions.count(F.max_pool2d) == 1 and functions.count(torch.max_pool2d) == 1
+    input = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    assert_same_function(unfused, model, input, FLOAT64)
+
+
+class ReusedOutputNet(nn.Module):
+    """The convolution's output also feeds a second branch: fusing would lose it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.pool(F.relu(y))
+        return self.pool(F.relu(self.conv2(z))).sum((1, 2, 3)) + y.mean((1, 2, 3))
+
+
+def test_a_reused_output_is_not_fused_and_is_reported():
+    torch.manual_seed(0)
+    model = ReusedOutputNet().double()
+    fused, report = fuse_quietly(model, report=True)
+    assert [str(chain) for chain in report.unfused] == ["conv -> relu -> pool: the output of conv is also used by mean"]
+    assert [chain.names for chain in report.fused] == [("conv2", "relu_1", "pool")]  # pool is called twice
+    assert type(fused.conv) is nn.Conv2d
+    input = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
+
+
+@pytest.mark.parametrize(
+    "conv, pool",
+    [
+        (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2)),
+        (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2)),
+        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2)),
+        (nn.Conv2d(3, 4, 2, padding="same"), nn.MaxPool2d(2)),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1)),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2)),
+        (nn.Conv2d(3, 4, 1), nn.MaxPool2d(16)),
+    ],
+    ids=["dilation", "groups", "reflect", "same-even", "pool-padding", "pool-dilation", "window-256"],
+)
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_unfusable_chains_are_left_alone_with_the_reason(conv, pool):
+    model = nn.Sequential(conv, nn.ReLU(), pool).double()
+    fused, report = fuse_quietly(model, report=True)
+    reason = conv_relu_pool_unfusable_reason(conv, pool)
+    assert reason is not None
+    assert report.fused == [] and [(c.names, c.reason) for c in report.unfused] == [(("0", "1", "2"), reason)]
+    assert module_types(fused) == module_types(model)
+    input = torch.randn(2, conv.in_channels, 17, 17, dtype=torch.float64)
+    torch.testing.assert_close(fused(input), model(input), **FLOAT64)
+
+
+def test_pool_returning_indices_and_hooked_modules_are_not_fused():
+    class IndicesNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            values, indices = F.max_pool2d(F.relu(self.conv(x)), 2, return_indices=True)
+            return values
+
+    _, report = fuse_quietly(IndicesNet(), report=True)
+    assert [c.reason for c in report.unfused] == ["pool.return_indices=True; the fused op returns only the pooled values"]
+    hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    hooked[1].register_forward_hook(lambda module, args, output: None)
+    _, report = fuse_quietly(hooked, report=True)
+    assert [c.reason for c in report.unfused] == ["1 has hooks, which the fused layer would not call"]
+
+
+# --------------------------------------------------------------------------------------------
+# Models torch.fx cannot trace: rewritten by position inside, with a warning
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+class UntraceableNet(nn.Module):
+    """forward branches on data; its Sequential and its traceable child can still be fused."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+        self.head = Head()
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.sum() > 0:
+            x = x * 2
+        else:
+            x = x - 1
+        return self.head(x)
+
+
+def test_untraceable_model_warns_and_fuses_its_parts():
+    torch.manual_seed(0)
+    model = UntraceableNet().double()
+    with pytest.warns(UserWarning, match="cannot trace the model with torch.fx .*either branch at test_fuse.py"):
+        fused, report = cifarnet.fuse(model, report=True)
+    assert list(report.untraced) == [""]
+    assert [chain.names for chain in report.fused] == [
+        ("stem.0", "stem.1", "stem.2", "stem.3"),
+        ("head.conv", "head.relu", "head.max_pool2d"),
+    ]
+    assert type(fused) is UntraceableNet and isinstance(fused.head, torch.fx.GraphModule)
+    assert isinstance(fused.stem[1], FusedBatchNorm2d) and fused.stem[0].bn is fused.stem[1]
+    for sign in (1, -1):  # both branches of forward
+        input = sign * torch.rand(2, 3, 16, 16, dtype=torch.float64) + sign
+        assert_same_function(fused, model, input, FLOAT64)
+    assert_state_dicts_load_both_ways(fused, model)
+    assert_unfuses_to(model, fused, torch.rand(2, 3, 16, 16, dtype=torch.float64), FLOAT64)
+
+
+def test_forward_that_depends_on_the_mode_is_not_traced():
+    class ModeNet(Head):
+        def forward(self, x):
+            return F.dropout(super().forward(x), 0.5, self.training)
+
+    with pytest.warns(UserWarning, match="different branches in training and in evaluation mode"):
+        fused, report = cifarnet.fuse(ModeNet(), report=True)
+    assert report.fused == [] and type(fused) is ModeNet
+
+
+def test_report_reads_as_a_summary():
+    _, report = fuse_quietly(ReusedOutputNet(), report=True)
+    assert isinstance(report, FusionReport)
+    assert str(report).splitlines() == [
+        "cifarnet.fuse: fused 1 chain(s), left 1 unfused",
+        "  fused:      conv2 -> relu_1 -> pool",
+        "  unfused:    conv -> relu -> pool: the output of conv is also used by mean",
+    ]
+
+
+def test_fused_layers_are_not_built_by_hand():
+    with pytest.raises(TypeError, match="cifarnet.fuse"):
+        FusedConv2dBatchNormReLUMaxPool2d(3, 4, 3)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        cifarnet.fuse(lambda x: x)
+
+
+# --------------------------------------------------------------------------------------------
+# cifarnet-bench --model
+
+
+def test_bench_model_compares_before_and_after_fuse(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    assert benchmark.main(["--model", "convnet", "--batch-size", "2", "--repeats", "1", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "| convnet | model | 3x28x28 (N=2) | 3 |" in printed
+    written = json.loads(report.read_text())
+    assert written["model"] == "convnet" and written["config"]["repeats"] == 1
+    (row,) = written["results"]
+    assert row["forward_backward_ms"]["native"] > 0 and row["forward_backward_ms"]["fused"] > 0
+    assert 0 < row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
+
+
+def test_bench_model_times_vgg11_bn_features_alone(capsys):
+    assert benchmark.main(["--model", "vgg11_bn", "--batch-size", "2", "--repeats", "1", "--warmup", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "| vgg11_bn | model | 3x32x32 (N=2) | 5 |" in printed
+    assert "| vgg11_bn | features | 3x32x32 (N=2) | 5 |" in printed
+
+
+def test_bench_model_refuses_plot(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--model", "alexnet", "--plot", "x.png"])
+    assert "--plot" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from cifarnet.fuse import (
 from cifarnet.models import ConvNet
 from cifarnet.nn import conv_relu_pool_unfusable_reason
 from cifarnet.variants import VARIANTS, recipe
+from op_cases import assert_no_worse_than_native
 
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
 FLOAT32 = {"rtol": 1e-4, "atol": 1e-4}  # atol: of the tensor's largest magnitude (see assert_close)
@@ -100,6 +101,19 @@ def assert_same_function(fused, original, input, tolerance, modes=(True, False))
         assert_close(input_grad, expected_input_grad, tolerance, "input gradient")
         assert_same_tensors(grads, expected_grads, tolerance)
         assert_same_tensors(dict(fused.named_buffers()), dict(original.named_buffers()), tolerance)
+
+
+def assert_as_accurate_as_native(fused, original, input) -> None:
+    """In eval mode, the float32 ``fused`` model's output and gradients are no further from a
+    float64 copy of ``original`` than the float32 ``original``'s own (see op_cases)."""
+    reference = copy.deepcopy(original).double()
+    for model in (fused, original, reference):
+        model.eval()
+    mine, native, exact = run(fused, input), run(original, input), run(reference, input.double())
+    names = ["output", "input gradient", *(f"grad {name}" for name in exact[2])]
+    flat = lambda result: [result[0], result[1], *result[2].values()]
+    for name, ours, theirs, truth in zip(names, flat(mine), flat(native), flat(exact)):
+        assert_no_worse_than_native(ours, theirs, truth, name, rtol=1e-5, atol=0)
 
 
 def assert_state_dicts_load_both_ways(fused, original) -> None:
@@ -250,11 +264,15 @@ def test_torchvision_model_fuses_by_position_and_computes_the_same(name, size):
         assert isinstance(fused.get_submodule(first[1]), FusedBatchNorm2d)
         assert fused.get_submodule(first[0]).bn is fused.get_submodule(first[1])
     input = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
-    # NB: the fused op accumulates batch statistics in double; in float32, through VGG11-bn's
-    # eight training-mode batch norms on batch 2 that gap grows past 1e-4 (the native float32
-    # gradients are no closer to float64 ones). The float64 check of features covers training.
-    modes = (False,) if name == "vgg11_bn" else (True, False)
-    assert_same_function(fused, model, input, FLOAT32, modes)
+    if name == "vgg11_bn":
+        # NB: after a training step, VGG11-bn's eval-mode gradient here runs through pool
+        # windows whose two largest values are within float32 rounding: any two float32
+        # convolution algorithms may pick different maxima (native float32 and float64 differ
+        # by 1e-2 of the gradient's scale). Eval is judged against float64 instead.
+        assert_same_function(fused, model, input, FLOAT32, modes=(True,))
+        assert_as_accurate_as_native(fused, model, input)
+    else:
+        assert_same_function(fused, model, input, FLOAT32)
     features = copy.deepcopy(model.features).double()
     assert_same_function(fuse_quietly(features), features, input.double(), FLOAT64)
     assert_state_dicts_load_both_ways(fused, model)

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../batch_norm_common.h"
@@ -67,11 +68,18 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> channel_sums(const BatchNormLa
   std::vector<acc_t> partial_a(threads * channels), partial_b(threads * channels);
   // Rows of one channel are short in deep layers; chunks of whole rows keep threads busy.
   at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
-    const int64_t t = at::get_thread_num();
+    // Accumulate in this thread's own arrays: neighbouring threads' slices of the partials
+    // share a cache line, which the per-pixel updates of the channels-inner walk would bounce.
+    std::vector<acc_t> a(channels), b(channels);
     if (layout.channels_inner) {
-      pixels_kernel(begin, end, partial_a.data() + t * channels, partial_b.data() + t * channels);
+      pixels_kernel(begin, end, a.data(), b.data());
     } else {
-      rows_kernel(begin, end, partial_a.data() + t * channels, partial_b.data() + t * channels);
+      rows_kernel(begin, end, a.data(), b.data());
+    }
+    const int64_t t = at::get_thread_num();
+    for (int64_t c = 0; c < channels; ++c) {
+      partial_a[t * channels + c] += a[c];
+      partial_b[t * channels + c] += b[c];
     }
   });
   std::vector<acc_t> a(channels), b(channels);

@@ -4,14 +4,10 @@
 //     (n * C + c) * S + s (NCHW, NCL, ...);
 //   channels inner, pixels of all channels: element (p, c) at p * C + c (channels-last
 //     NHWC, and (N, C) inputs).
-// Sums accumulate in double (float data widened on load); values are shifted by a per-channel
-// reference (an element of the channel) first, so that inputs with a mean far from zero keep
-// their variance.
+// Sums accumulate in double (float data widened on load; channels-inner data after runs of 16
+// pixels summed in registers); values are shifted by a per-channel reference (an element of
+// the channel) first, so that inputs with a mean far from zero keep their variance.
 // Included once per ISA through isa_variants.inc (so: no include guard, no includes).
-
-// Pixels of a channels-inner block whose channels are summed before the next block: small
-// enough to stay in L1 while each group of eight channels walks it.
-constexpr int64_t kPixelBlock = 64;
 
 // Per-channel sums of (x - ref) and (x - ref)^2 over rows [row_begin, row_end) of a
 // channels-outer input, added to sum[c] and sum_sq[c]. Accumulates in double (8 lanes).
@@ -54,39 +50,103 @@ void shifted_sums_channels_outer(const scalar_t* x, int64_t channels, int64_t ro
   }
 }
 
+// One scalar_t (T = scalar_t) or one vector of them (T a Vec64 type) from p.
+template <typename T, typename scalar_t>
+inline __attribute__((always_inline)) void load_lanes(T& v, const scalar_t* p) {
+  if constexpr (std::is_same_v<T, scalar_t>) {
+    v = *p;
+  } else {
+    simd::load(v, p);
+  }
+}
+
+// Adds the scalar_t vector v to the doubles at sum (widening float lanes).
+template <typename vec>
+inline __attribute__((always_inline)) void add_to_doubles(double* sum, const vec& v) {
+  using simd::doubles;
+  if constexpr (sizeof(v[0]) == sizeof(double)) {
+    doubles s;
+    simd::load(s, sum);
+    simd::store(sum, doubles(s + v));
+  } else {
+    typedef float eight __attribute__((vector_size(32)));
+    const eight low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+    const eight high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    doubles s0, s1;
+    simd::load(s0, sum);
+    simd::load(s1, sum + 8);
+    simd::store(sum, doubles(s0 + __builtin_convertvector(low, doubles)));
+    simd::store(sum + 8, doubles(s1 + __builtin_convertvector(high, doubles)));
+  }
+}
+
+// Pixels whose terms a channels-inner reduction adds up in scalar_t registers before adding
+// them to its double sums: few enough that float rounding stays at a few ulps of a run's sum.
+constexpr int64_t kRegisterRun = 16;
+
+// Two per-channel sums over pixels [pixel_begin, pixel_end) of channels-inner data, added to
+// sum_a[c] and sum_b[c]; terms(a, b, p, c) adds the terms of the vector of channels [c, c +
+// lanes) at pixel p to the register accumulators a and b. Walking runs of kRegisterRun pixels
+// with the accumulators of a few channel vectors in registers reads memory nearly in order
+// and stores only once a run, where per-pixel double accumulators in memory would spend twice
+// the vector work on widening and most of the rest on loads and stores.
+template <typename scalar_t, typename Terms>
+inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
+                                                               int64_t pixel_begin,
+                                                               int64_t pixel_end, double* sum_a,
+                                                               double* sum_b, Terms&& terms) {
+  using V = simd::Vec64<scalar_t>;
+  using vec = typename V::type;
+  // Two accumulators per channel vector plus temporaries, in a quarter of the registers.
+  constexpr int kVectors = std::max(1, kVectorRegisters * kVectorRegisterBytes / 64 / 8);
+  for (int64_t run = pixel_begin; run < pixel_end; run += kRegisterRun) {
+    const int64_t run_end = std::min(pixel_end, run + kRegisterRun);
+    int64_t c = 0;
+    for (; c + kVectors * V::lanes <= channels; c += kVectors * V::lanes) {
+      vec a[kVectors] = {}, b[kVectors] = {};
+      for (int64_t p = run; p < run_end; ++p) {
+        for (int j = 0; j < kVectors; ++j) terms(a[j], b[j], p, c + j * V::lanes);
+      }
+      for (int j = 0; j < kVectors; ++j) {
+        add_to_doubles(sum_a + c + j * V::lanes, a[j]);
+        add_to_doubles(sum_b + c + j * V::lanes, b[j]);
+      }
+    }
+    for (; c + V::lanes <= channels; c += V::lanes) {
+      vec a{}, b{};
+      for (int64_t p = run; p < run_end; ++p) terms(a, b, p, c);
+      add_to_doubles(sum_a + c, a);
+      add_to_doubles(sum_b + c, b);
+    }
+    if (c < channels) {
+      // The last channels, fewer than a vector, one at a time.
+      for (int64_t p = run; p < run_end; ++p) {
+        for (int64_t r = c; r < channels; ++r) {
+          scalar_t ta = 0, tb = 0;
+          terms(ta, tb, p, r);
+          sum_a[r] += ta;
+          sum_b[r] += tb;
+        }
+      }
+    }
+  }
+}
+
 // Per-channel sums of (x - ref) and (x - ref)^2 over pixels [pixel_begin, pixel_end) of a
-// channels-inner input, added to sum[c] and sum_sq[c]. Accumulates in double.
+// channels-inner input, added to sum[c] and sum_sq[c].
 template <typename scalar_t>
 void shifted_sums_channels_inner(const scalar_t* x, int64_t channels, int64_t pixel_begin,
                                  int64_t pixel_end, const scalar_t* ref, double* sum,
                                  double* sum_sq) {
-  using simd::doubles;
-  for (int64_t block = pixel_begin; block < pixel_end; block += kPixelBlock) {
-    const int64_t block_end = std::min(pixel_end, block + kPixelBlock);
-    int64_t c = 0;
-    for (; c + 8 <= channels; c += 8) {
-      doubles shift, s, q;
-      simd::load_doubles(shift, ref + c);
-      simd::load(s, sum + c);
-      simd::load(q, sum_sq + c);
-      for (int64_t p = block; p < block_end; ++p) {
-        doubles d;
-        simd::load_doubles(d, x + p * channels + c);
-        d -= shift;
-        s += d;
-        q += d * d;
-      }
-      simd::store(sum + c, s);
-      simd::store(sum_sq + c, q);
-    }
-    for (; c < channels; ++c) {
-      for (int64_t p = block; p < block_end; ++p) {
-        const double d = x[p * channels + c] - static_cast<double>(ref[c]);
-        sum[c] += d;
-        sum_sq[c] += d * d;
-      }
-    }
-  }
+  channels_inner_sums<scalar_t>(channels, pixel_begin, pixel_end, sum, sum_sq,
+                                [&](auto& s, auto& q, int64_t p, int64_t c) {
+                                  std::decay_t<decltype(s)> d, shift;
+                                  load_lanes(d, x + p * channels + c);
+                                  load_lanes(shift, ref + c);
+                                  d -= shift;
+                                  s += d;
+                                  q += d * d;
+                                });
 }
 
 // Per-channel sums of g and g * (x - mean) over rows [row_begin, row_end) of channels-outer
@@ -129,32 +189,15 @@ template <typename scalar_t>
 void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t channels,
                               int64_t pixel_begin, int64_t pixel_end, const scalar_t* mean,
                               double* sum_g, double* sum_gx) {
-  using simd::doubles;
-  for (int64_t block = pixel_begin; block < pixel_end; block += kPixelBlock) {
-    const int64_t block_end = std::min(pixel_end, block + kPixelBlock);
-    int64_t c = 0;
-    for (; c + 8 <= channels; c += 8) {
-      doubles m, sg, sgx;
-      simd::load_doubles(m, mean + c);
-      simd::load(sg, sum_g + c);
-      simd::load(sgx, sum_gx + c);
-      for (int64_t p = block; p < block_end; ++p) {
-        doubles gv, xv;
-        simd::load_doubles(gv, g + p * channels + c);
-        simd::load_doubles(xv, x + p * channels + c);
-        sg += gv;
-        sgx += gv * (xv - m);
-      }
-      simd::store(sum_g + c, sg);
-      simd::store(sum_gx + c, sgx);
-    }
-    for (; c < channels; ++c) {
-      for (int64_t p = block; p < block_end; ++p) {
-        sum_g[c] += g[p * channels + c];
-        sum_gx[c] += double(g[p * channels + c]) * (double(x[p * channels + c]) - double(mean[c]));
-      }
-    }
-  }
+  channels_inner_sums<scalar_t>(channels, pixel_begin, pixel_end, sum_g, sum_gx,
+                                [&](auto& sg, auto& sgx, int64_t p, int64_t c) {
+                                  std::decay_t<decltype(sg)> gv, xv, m;
+                                  load_lanes(gv, g + p * channels + c);
+                                  load_lanes(xv, x + p * channels + c);
+                                  load_lanes(m, mean + c);
+                                  sg += gv;
+                                  sgx += gv * (xv - m);
+                                });
 }
 
 // The elementwise passes, over rows [row_begin, row_end) of channels-outer tensors or pixels

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <array>
 #include <optional>
 
 #include "conv_pool_geometry.h"
@@ -62,6 +63,43 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   TORCH_SYM_CHECK(c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1)),
                   "Expected more than 1 value per channel when training, got input size ",
                   shape_string(input));
+}
+
+// The batch norm forward's argument checks, shared by the CPU and CUDA kernels.
+inline void check_batch_norm_forward_args(const at::Tensor& input,
+                                          const std::optional<at::Tensor>& mean,
+                                          const std::optional<at::Tensor>& var,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias, bool training,
+                                          double eps) {
+  check_batch_norm_input(input, training);
+  TORCH_CHECK(training || (defined(mean) && defined(var)),
+              "running_mean and running_var must be defined in evaluation mode");
+  check_per_channel(mean, "running_mean", input);
+  check_per_channel(var, "running_var", input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+}
+
+// The fused conv2d -> batch norm -> ReLU -> max_pool2d training backward's argument checks,
+// shared by the CPU and CUDA kernels; returns the geometry.
+inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_backward_args(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
+    const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+    bool ceil_mode) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+  check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
+  const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
+  TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
+              at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
+  check_per_output_channel(save_mean, "save_mean", weight);
+  check_per_output_channel(save_var, "save_var", weight);
+  check_per_output_channel(bn_weight, "bn_weight", weight);
+  return g;
 }
 
 }  // namespace cifarnet

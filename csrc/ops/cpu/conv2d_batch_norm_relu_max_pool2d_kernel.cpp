@@ -93,17 +93,11 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 5> output_mask) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
-  check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
+  const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
+      grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
+      padding, pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
-  const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
-  TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
-              at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
-  check_per_output_channel(save_mean, "save_mean", weight);
-  check_per_output_channel(save_var, "save_var", weight);
-  check_per_output_channel(bn_weight, "bn_weight", weight);
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
   const int64_t channels = g.out_channels;
   const int64_t pixels = g.batch * g.conv_h * g.conv_w;

@@ -377,14 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double eps) {
-  check_batch_norm_input(input, training);
-  TORCH_CHECK(training || (defined(mean) && defined(var)),
-              "running_mean and running_var must be defined in evaluation mode");
-  check_per_channel(mean, "running_mean", input);
-  check_per_channel(var, "running_var", input);
-  check_per_channel(weight, "weight", input);
-  check_per_channel(bias, "bias", input);
-  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  check_batch_norm_forward_args(input, mean, var, weight, bias, training, eps);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::MemoryFormat format = input.dim() == 4 ? input.suggest_memory_format()
                                                    : at::MemoryFormat::Contiguous;

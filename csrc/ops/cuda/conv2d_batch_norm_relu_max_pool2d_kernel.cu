@@ -69,17 +69,11 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 5> output_mask) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
-  check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
+  const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
+      grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
+      padding, pool_size, pool_stride, ceil_mode);
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor for the CUDA kernel, got ",
               input.device());
-  const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
-  TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
-              at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
-  check_per_output_channel(save_mean, "save_mean", weight);
-  check_per_output_channel(save_var, "save_var", weight);
-  check_per_output_channel(bn_weight, "bn_weight", weight);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
   at::AutoDispatchBelowADInplaceOrView below_autograd;

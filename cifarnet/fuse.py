@@ -224,14 +224,7 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
     def bn(self) -> nn.BatchNorm2d:
         return self.__dict__["_batch_norm"]
 
-    def _adopt(self, conv: Conv2dReLUMaxPool2d, bn: nn.BatchNorm2d) -> None:
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode"):
-            setattr(self, name, getattr(conv, name))
-        self.weight = conv.weight
-        if conv.bias is None:
-            self.register_parameter("bias", None)
-        else:
-            self.bias = conv.bias
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
         # NB: written past nn.Module.__setattr__, which would register bn as a child and add
         # "bn.*" keys; bn is registered (once) at its own position in the model.
         self.__dict__["_batch_norm"] = bn

@@ -270,6 +270,9 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = conv.bias
+        self._set_batch_norm(bn)
+
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
         self.bn = bn
 
     @classmethod

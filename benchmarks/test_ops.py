@@ -20,6 +20,12 @@ from cifarnet import benchmark as bench
 BATCH_SIZE = int(os.environ.get("CIFARNET_BENCH_BATCH", "128"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def steady_allocator():
+    """As cifarnet-bench does: no page faults from glibc returning freed memory mid-run."""
+    bench.keep_freed_memory()
+
+
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("layer", bench.STUDY_LAYERS, ids=lambda layer: layer.name)
 @pytest.mark.parametrize("implementation", bench.IMPLEMENTATIONS)

@@ -4,7 +4,7 @@ drop-in modules, and the CIFAR-10 ConvNet study they speed up."""
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from cifarnet import _C  # noqa: F401  (registers the ops with the dispatcher)
-from cifarnet import _autograd_registrations, _meta_registrations  # noqa: F401
+from cifarnet import _meta_registrations  # noqa: F401
 from cifarnet import nn, ops
 from cifarnet.fuse import fuse, unfuse  # NB: the functions shadow the module: import names from cifarnet.fuse
 

@@ -15,6 +15,8 @@ after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``feat
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
 import datetime
 import json
@@ -202,6 +204,24 @@ class Stopwatch:
         return (time.perf_counter() - begin) * 1e3
 
 
+def keep_freed_memory() -> bool:
+    """Makes glibc's malloc keep freed memory for reuse rather than return it to the system,
+    and serve large blocks from its heap, as jemalloc and tcmalloc do by default.
+
+    By default glibc returns the top of its heap once more than twice the largest recent block
+    is free there; the next large tensor then page-faults in afresh (2048 faults, about 1 ms,
+    for 8 MiB here), on whichever variant happens to allocate next. Returns False where the C
+    library is not glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = libc.mallopt
+    except (OSError, TypeError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
+
+
 def interleaved_medians(calls: dict[str, Callable[[], object]], stopwatch: Stopwatch, warmup: int, repeats: int) -> dict[str, float]:
     """Median milliseconds of each call, timing them round-robin so drift hits all alike."""
     for _ in range(warmup):
@@ -231,6 +251,9 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
 def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int) -> dict:
     """Times one op at one layer, forward and forward+backward, for each implementation."""
     tensors = make_tensors(op, layer, batch_size, dtype, device, memory_format)
+    # Every layer, memory format and mode is a recompilation of the same native function:
+    # a fresh start per layer keeps dynamo under its recompile limit (past it, it runs eager).
+    torch._dynamo.reset()
     blocks = {name: make_block(op, name) for name in implementations}
     stopwatch = Stopwatch(device)
     row = {"op": op.name, "layer": layer.name, "shape": op.describe(layer, batch_size)}
@@ -435,6 +458,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3; 1 with --model)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native variant")
+    parser.add_argument(
+        "--malloc-trim",
+        action="store_true",
+        help="leave glibc's malloc returning freed memory to the system, as it does by default (timings "
+        "then include page faults on fresh tensors, which land on one variant or another)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="also draw the speedups as a PNG")
     args = parser.parse_args(argv)
@@ -452,10 +481,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def allocator_note(args: argparse.Namespace) -> str:
+    return "; malloc keeps freed memory" if args.keeps_freed_memory else ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    args.keeps_freed_memory = not args.malloc_trim and keep_freed_memory()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("cifarnet-bench: --device cuda asked for, but no GPU is visible", file=sys.stderr)
@@ -472,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(
         f"cifarnet-bench: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
-        f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode"
+        f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode{allocator_note(args)}"
     )
     results = []
     progress = tqdm(total=len(selected) * len(formats) * len(STUDY_LAYERS), desc="benchmarking", leave=False)
@@ -519,6 +553,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype) -> int:
     print(
         f"cifarnet-bench --model {args.model}: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} "
         f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
+        f"{allocator_note(args)}"
     )
     rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats)
     print(format_model_table(rows))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import glob
+import math
 import os
 
 import pytest
@@ -114,6 +116,54 @@ def test_large_offset_keeps_the_variance(device, dtype, channels_last):
     batch_norm(input, running_mean, running_var, training=True, momentum=1.0)
     expected_var = input.double().var(dim=(0, 2, 3), unbiased=True)
     torch.testing.assert_close(running_var.double(), expected_var, rtol=1e-5, atol=1e-6)
+
+
+def last_level_cache_bytes() -> int:
+    """The largest CPU cache, as the CPU kernels read it (Linux sysfs); 0 where unknown."""
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        text = open(path).read().strip()
+        scale = {"K": 2**10, "M": 2**20}.get(text[-1], 1)
+        sizes.append(int(text.rstrip("KM")) * scale)
+    return max(sizes, default=0)
+
+
+@pytest.mark.skipif(last_level_cache_bytes() == 0, reason="cache size unknown: streaming stores stay off")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_passes_larger_than_the_cache_match_native(channels_last):
+    # A normalising pass over more than the last-level cache writes with non-temporal stores:
+    # the tensor here is sized so that both the forward's and the backward's passes do.
+    channels, size = 32, 16
+    batch = math.ceil(1.25 * last_level_cache_bytes() / 8 / (channels * size * size))
+    generator = torch.Generator().manual_seed(7)
+    input = torch.randn(batch, channels, size, size, generator=generator)
+    if channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.rand(channels, generator=generator) + 0.5, torch.randn(channels, generator=generator)
+    grad = torch.randn(input.shape, generator=generator).contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    results = {}
+    for name, function in (("ours", batch_norm), ("native", F.batch_norm)):
+        leaves = [t.detach().clone().requires_grad_() for t in (input, weight, bias)]
+        output = function(leaves[0], None, None, leaves[1], leaves[2], training=True)
+        results[name] = (output, *torch.autograd.grad(output, leaves, grad))
+    for what, ours, native in zip(("output", "grad input", "grad weight", "grad bias"), results["ours"], results["native"]):
+        torch.testing.assert_close(ours, native, rtol=1e-4, atol=1e-4 * math.sqrt(batch), msg=what)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_running_stats_views_update_in_place(device, dtype):
+    # Every other element of larger buffers: updated in place as native updates them, the
+    # elements in between left alone.
+    generator = torch.Generator().manual_seed(5)
+    input = torch.randn(6, 5, 4, 4, generator=generator, dtype=dtype).to(device)
+    initial = torch.rand(2, 10, generator=generator, dtype=dtype).to(device) + 0.5
+    buffers = {"ours": initial.clone(), "native": initial.clone()}
+    for _ in range(3):
+        batch_norm(input, buffers["ours"][0, ::2], buffers["ours"][1, ::2], training=True, momentum=0.3)
+        F.batch_norm(input, buffers["native"][0, ::2], buffers["native"][1, ::2], training=True, momentum=0.3)
+    assert not torch.equal(buffers["ours"], initial)
+    torch.testing.assert_close(buffers["ours"], buffers["native"])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -56,6 +56,13 @@ inline c10::SymInt batch_norm_count(const at::Tensor& input) {
   return channels == 0 ? c10::SymInt(0) : input.sym_numel() / channels;
 }
 
+// The factor that turns the biased variance of a batch of `count` values per channel into the
+// unbiased one the running variance takes.
+inline double unbiased_variance_factor(int64_t count) {
+  TORCH_CHECK(count > 1, "running statistics need more than 1 value per channel, got ", count);
+  return static_cast<double>(count) / static_cast<double>(count - 1);
+}
+
 inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
               input.dim(), "-D tensor of shape ", shape_string(input));

@@ -79,11 +79,9 @@ c10::TypedOperatorHandle<Signature> internal_op(const char* name) {
 void batch_norm_update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
                                      const at::Tensor& save_mean, const at::Tensor& save_var,
                                      double momentum, c10::SymInt symbolic_count) {
-  const int64_t count = symbolic_count.guard_int(__FILE__, __LINE__);
-  TORCH_CHECK(count > 1, "running statistics need more than 1 value per channel, got ", count);
+  const double unbiased = unbiased_variance_factor(symbolic_count.guard_int(__FILE__, __LINE__));
   at::NoGradGuard no_grad;
   running_mean.mul_(1 - momentum).add_(save_mean.to(running_mean.scalar_type()), momentum);
-  const double unbiased = static_cast<double>(count) / static_cast<double>(count - 1);
   running_var.mul_(1 - momentum).add_(save_var.to(running_var.scalar_type()), momentum * unbiased);
 }
 
@@ -275,7 +273,8 @@ TORCH_LIBRARY_IMPL(cifarnet, AutocastCUDA, m) {
          &conv2d_batch_norm_relu_max_pool2d_training_autocast);
 }
 
-// In-place updates of small per-channel tensors with ATen ops: one kernel for every device.
+// In-place updates of small per-channel tensors with ATen ops, for devices without a kernel of
+// their own (the CPU has a loop, batch_norm_kernel.cpp).
 TORCH_LIBRARY_IMPL(cifarnet, CompositeExplicitAutograd, m) {
   m.impl("_batch_norm_update_running_stats", &batch_norm_update_running_stats);
 }

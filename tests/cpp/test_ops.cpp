@@ -1,5 +1,5 @@
-// Calls the cifarnet ops through the dispatcher from C++ and compares them with the native
-// composition at::max_pool2d(at::relu(at::conv2d(...))) and its autograd gradients.
+// Calls the cifarnet ops through the dispatcher from C++ and compares them, and the gradients
+// autograd takes through them (the C++ formulas, no Python), with the native compositions.
 
 #include <torch/torch.h>
 
@@ -20,6 +20,27 @@ void check(bool ok, const std::string& what) {
 
 bool close(const at::Tensor& a, const at::Tensor& b, double tolerance) {
   return a.sizes() == b.sizes() && at::allclose(a, b, tolerance, tolerance);
+}
+
+std::vector<at::Tensor> leaves_of(const std::vector<at::Tensor>& tensors) {
+  std::vector<at::Tensor> leaves;
+  for (const at::Tensor& t : tensors) leaves.push_back(t.detach().clone().set_requires_grad(true));
+  return leaves;
+}
+
+// Gradients of `ours` and `native` (computed from their own copies of the same leaves) for
+// the same output gradient, one check per leaf.
+void check_gradients(const at::Tensor& ours, const std::vector<at::Tensor>& our_leaves,
+                     const at::Tensor& native, const std::vector<at::Tensor>& native_leaves,
+                     const std::vector<std::string>& names, double tolerance,
+                     const std::string& what) {
+  const at::Tensor grad_output = at::randn_like(native);
+  const auto our_grads = torch::autograd::grad({ours}, our_leaves, {grad_output});
+  const auto native_grads = torch::autograd::grad({native}, native_leaves, {grad_output});
+  for (size_t i = 0; i < names.size(); ++i) {
+    check(close(our_grads[i], native_grads[i], tolerance),
+          what + ": autograd " + names[i] + " matches native");
+  }
 }
 
 struct Case {
@@ -69,6 +90,18 @@ void compare_with_native(const Case& c) {
   check(close(grad_weight, native_grads[1], 10 * tolerance),
         c.name + ": grad_weight matches native");
   check(close(grad_bias, native_grads[2], 10 * tolerance), c.name + ": grad_bias matches native");
+
+  const auto leaves = leaves_of({input, weight, bias});
+  const auto native_leaves = leaves_of({input, weight, bias});
+  const at::Tensor ours = cifarnet::ops::conv2d_relu_max_pool2d(
+      leaves[0], leaves[1], leaves[2], c.stride, c.padding, c.pool_size, c.pool_stride,
+      c.ceil_mode);
+  const at::Tensor native_again = at::max_pool2d(
+      at::relu(at::conv2d(native_leaves[0], native_leaves[1], native_leaves[2], c.stride,
+                          c.padding)),
+      c.pool_size, native_pool_stride, {0, 0}, {1, 1}, c.ceil_mode);
+  check_gradients(ours, leaves, native_again, native_leaves, {"grad_input", "grad_weight",
+                  "grad_bias"}, 10 * tolerance, c.name);
 }
 
 // batch_norm in training mode, running statistics included, against ATen's batch norm.
@@ -86,6 +119,16 @@ void compare_batch_norm_with_native(bool channels_last) {
   check(close(ours, native, 1e-3), name + ": output matches native");
   check(close(mean, native_mean, 1e-4) && close(var, native_var, 1e-4),
         name + ": running statistics match native");
+
+  const auto leaves = leaves_of({input, weight, bias});
+  const auto native_leaves = leaves_of({input, weight, bias});
+  check_gradients(
+      cifarnet::ops::batch_norm(leaves[0], std::nullopt, std::nullopt, leaves[1], leaves[2], true,
+                                0.1, 1e-5),
+      leaves,
+      at::batch_norm(native_leaves[0], native_leaves[1], native_leaves[2], {}, {}, true, 0.1,
+                     1e-5, false),
+      native_leaves, {"grad_input", "grad_weight", "grad_bias"}, 1e-3, name);
 }
 
 // The fused conv -> batch norm -> ReLU -> max-pool op in training mode against the ATen ops.
@@ -104,6 +147,21 @@ void compare_conv_batch_norm_with_native() {
                      {2, 2});
   check(close(fused, native, 1e-4), "conv2d_batch_norm_relu_max_pool2d: output matches native");
   check(close(var, native_var, 1e-4), "conv2d_batch_norm_relu_max_pool2d: running_var matches");
+
+  // No convolution bias: an optional tensor left out between given ones.
+  const auto leaves = leaves_of({x, w, bn_weight, bn_bias});
+  const auto native_leaves = leaves_of({x, w, bn_weight, bn_bias});
+  const at::Tensor ours = cifarnet::ops::conv2d_batch_norm_relu_max_pool2d(
+      leaves[0], leaves[1], std::nullopt, std::nullopt, std::nullopt, leaves[2], leaves[3], true,
+      0.1, 1e-5, {1, 1}, {1, 1}, {2, 2}, {}, false);
+  const at::Tensor native_again = at::max_pool2d(
+      at::relu(at::batch_norm(at::conv2d(native_leaves[0], native_leaves[1], {}, {1, 1}, {1, 1}),
+                              native_leaves[2], native_leaves[3], {}, {}, true, 0.1, 1e-5,
+                              false)),
+      {2, 2});
+  check_gradients(ours, leaves, native_again, native_leaves,
+                  {"grad_input", "grad_weight", "grad_bn_weight", "grad_bn_bias"}, 1e-3,
+                  "conv2d_batch_norm_relu_max_pool2d");
 }
 
 }  // namespace

@@ -15,6 +15,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <fstream>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -25,6 +28,7 @@
 
 namespace cifarnet::ops {
 namespace {
+
 
 #define CIFARNET_LOOPS_HEADER "batch_norm_loops.h"
 #include "isa_variants.inc"
@@ -100,25 +104,54 @@ struct ChannelMap {
   explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
 };
 
+// The size of the largest data cache (the last level), from Linux's sysfs; 0 where unknown.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0;; ++index) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) +
+                         "/size");
+      int64_t size = 0;
+      char unit = 0;
+      if (!(file >> size)) break;  // e.g. "32768K"
+      file >> unit;
+      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : 1;
+      largest = std::max(largest, size * scale);
+    }
+    return largest;
+  }();
+  return bytes;
+}
+
 // The normalize pass (g == nullptr) or the input_grad pass, threaded over rows or pixels.
 template <typename scalar_t>
 void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scalar_t* x,
                        const scalar_t* g, const ChannelMap<scalar_t>& f, bool input_grad) {
+  // A pass over more than the last-level cache holds has evicted its first output lines by its
+  // end anyway: its stores may as well skip reading the lines in first. Vector stores are at
+  // multiples of 64 bytes from a row's start; streaming needs them 16-byte aligned.
+  const int64_t pass_bytes = (g != nullptr ? 3 : 2) * layout.data.numel() *
+                             static_cast<int64_t>(sizeof(scalar_t));
+  const bool stream = pass_bytes > last_level_cache_bytes() && last_level_cache_bytes() > 0 &&
+                      reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
+                      layout.row_len * sizeof(scalar_t) % 16 == 0;
   at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
     if (!input_grad && layout.channels_inner) {
       CIFARNET_ISA_DISPATCH(normalize_channels_inner<scalar_t>, out, x, layout.channels, begin, end,
-                            f.mean.data(), f.a.data(), f.b.data());
+                            f.mean.data(), f.a.data(), f.b.data(), stream);
     } else if (!input_grad) {
       CIFARNET_ISA_DISPATCH(normalize_channels_outer<scalar_t>, out, x, layout.channels,
-                            layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data());
+                            layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data(),
+                            stream);
     } else if (layout.channels_inner) {
       CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, out, x, g, layout.channels, begin,
-                            end, f.mean.data(), f.a.data(), f.b.data(), f.k.data());
+                            end, f.mean.data(), f.a.data(), f.b.data(), f.k.data(), stream);
     } else {
       CIFARNET_ISA_DISPATCH(input_grad_channels_outer<scalar_t>, out, x, g, layout.channels,
                             layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data(),
-                            f.k.data());
+                            f.k.data(), stream);
     }
+    if (stream) simd::stream_fence();
   });
 }
 
@@ -275,11 +308,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// running = (1 - momentum) * running + momentum * factor * batch, in place, in one loop: the
+// composite of ATen ops other devices use costs more than the forward of a small layer.
+void blend_running_stat(at::Tensor& running, const at::Tensor& batch, double momentum,
+                        double factor) {
+  at::Tensor dense = running.is_contiguous() ? running : running.contiguous();
+  const at::Tensor values = batch.to(at::kDouble).contiguous();
+  const double* v = values.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(),
+                                  "batch_norm_update_running_stats", [&] {
+    scalar_t* r = dense.mutable_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < dense.numel(); ++c) {
+      r[c] = static_cast<scalar_t>((1 - momentum) * static_cast<double>(r[c]) +
+                                   momentum * factor * v[c]);
+    }
+  });
+  if (!dense.is_same(running)) running.copy_(dense);
+}
+
+void batch_norm_update_running_stats_kernel(at::Tensor& running_mean, at::Tensor& running_var,
+                                            const at::Tensor& save_mean,
+                                            const at::Tensor& save_var, double momentum,
+                                            c10::SymInt symbolic_count) {
+  const double unbiased = unbiased_variance_factor(symbolic_count.expect_int());
+  TORCH_CHECK(save_mean.numel() == running_mean.numel() && save_var.numel() == running_var.numel(),
+              "running statistics of ", running_mean.numel(), " and ", running_var.numel(),
+              " channels cannot take batch statistics of ", save_mean.numel(), " and ",
+              save_var.numel());
+  const at::NoGradGuard no_grad;
+  blend_running_stat(running_mean, save_mean, momentum, 1);
+  blend_running_stat(running_var, save_var, momentum, unbiased);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cifarnet, CPU, m) {
   m.impl("_batch_norm_forward", &batch_norm_forward_kernel);
   m.impl("_batch_norm_backward", &batch_norm_backward_kernel);
+  m.impl("_batch_norm_update_running_stats", &batch_norm_update_running_stats_kernel);
 }
 
 }  // namespace cifarnet::ops

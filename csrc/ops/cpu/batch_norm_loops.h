@@ -84,6 +84,23 @@ inline __attribute__((always_inline)) void add_to_doubles(double* sum, const vec
 // them to its double sums: few enough that float rounding stays at a few ulps of a run's sum.
 constexpr int64_t kRegisterRun = 16;
 
+// The terms of J channel vectors [c, c + J * lanes) over pixels [run, run_end), summed in
+// registers and then added to sum_a and sum_b.
+template <int J, typename scalar_t, typename Terms>
+inline __attribute__((always_inline)) void channel_block_sums(int64_t c, int64_t run,
+                                                              int64_t run_end, double* sum_a,
+                                                              double* sum_b, Terms& terms) {
+  using V = simd::Vec64<scalar_t>;
+  typename V::type a[J] = {}, b[J] = {};
+  for (int64_t p = run; p < run_end; ++p) {
+    for (int j = 0; j < J; ++j) terms(a[j], b[j], p, c + j * V::lanes);
+  }
+  for (int j = 0; j < J; ++j) {
+    add_to_doubles(sum_a + c + j * V::lanes, a[j]);
+    add_to_doubles(sum_b + c + j * V::lanes, b[j]);
+  }
+}
+
 // Two per-channel sums over pixels [pixel_begin, pixel_end) of channels-inner data, added to
 // sum_a[c] and sum_b[c]; terms(a, b, p, c) adds the terms of the vector of channels [c, c +
 // lanes) at pixel p to the register accumulators a and b. Walking runs of kRegisterRun pixels
@@ -95,28 +112,26 @@ inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
                                                                int64_t pixel_begin,
                                                                int64_t pixel_end, double* sum_a,
                                                                double* sum_b, Terms&& terms) {
-  using V = simd::Vec64<scalar_t>;
-  using vec = typename V::type;
+  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
   // Two accumulators per channel vector plus temporaries, in a quarter of the registers.
   constexpr int kVectors = std::max(1, kVectorRegisters * kVectorRegisterBytes / 64 / 8);
   for (int64_t run = pixel_begin; run < pixel_end; run += kRegisterRun) {
     const int64_t run_end = std::min(pixel_end, run + kRegisterRun);
     int64_t c = 0;
-    for (; c + kVectors * V::lanes <= channels; c += kVectors * V::lanes) {
-      vec a[kVectors] = {}, b[kVectors] = {};
-      for (int64_t p = run; p < run_end; ++p) {
-        for (int j = 0; j < kVectors; ++j) terms(a[j], b[j], p, c + j * V::lanes);
-      }
-      for (int j = 0; j < kVectors; ++j) {
-        add_to_doubles(sum_a + c + j * V::lanes, a[j]);
-        add_to_doubles(sum_b + c + j * V::lanes, b[j]);
+    for (; c + kVectors * lanes <= channels; c += kVectors * lanes) {
+      channel_block_sums<kVectors, scalar_t>(c, run, run_end, sum_a, sum_b, terms);
+    }
+    // Then half a block where it fits (32 channels of float32 with AVX-512): one block per
+    // pixel keeps the reads in memory order, where one vector at a time would walk each
+    // run once per vector.
+    if constexpr (kVectors >= 4) {
+      if (c + 2 * lanes <= channels) {
+        channel_block_sums<2, scalar_t>(c, run, run_end, sum_a, sum_b, terms);
+        c += 2 * lanes;
       }
     }
-    for (; c + V::lanes <= channels; c += V::lanes) {
-      vec a{}, b{};
-      for (int64_t p = run; p < run_end; ++p) terms(a, b, p, c);
-      add_to_doubles(sum_a + c, a);
-      add_to_doubles(sum_b + c, b);
+    for (; c + lanes <= channels; c += lanes) {
+      channel_block_sums<1, scalar_t>(c, run, run_end, sum_a, sum_b, terms);
     }
     if (c < channels) {
       // The last channels, fewer than a vector, one at a time.
@@ -207,6 +222,8 @@ void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t chan
 // Centring first keeps float32 exact for data whose mean is far from zero, where
 // x * scale + (shift - mean * scale) would cancel; input_grad factors k out as native batch
 // norm does, so its terms cancel before they are scaled by a possibly large 1 / std.
+// `stream`: vector stores bypass the caches (see simd::store_or_stream; the caller makes them
+// aligned and fences).
 
 template <typename scalar_t>
 inline __attribute__((always_inline)) scalar_t input_grad_value(scalar_t x, scalar_t g,
@@ -218,7 +235,7 @@ inline __attribute__((always_inline)) scalar_t input_grad_value(scalar_t x, scal
 template <typename scalar_t>
 void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels, int64_t row_len,
                               int64_t row_begin, int64_t row_end, const scalar_t* mean,
-                              const scalar_t* scale, const scalar_t* shift) {
+                              const scalar_t* scale, const scalar_t* shift, bool stream) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -230,7 +247,7 @@ void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels
     for (; i + V::lanes <= row_len; i += V::lanes) {
       vec xv;
       simd::load(xv, x_row + i);
-      simd::store(out_row + i, vec((xv - m) * a + b));
+      simd::store_or_stream(out_row + i, vec((xv - m) * a + b), stream);
     }
     for (; i < row_len; ++i) out_row[i] = (x_row[i] - mean[c]) * scale[c] + shift[c];
   }
@@ -239,7 +256,7 @@ void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels
 template <typename scalar_t>
 void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels,
                               int64_t pixel_begin, int64_t pixel_end, const scalar_t* mean,
-                              const scalar_t* scale, const scalar_t* shift) {
+                              const scalar_t* scale, const scalar_t* shift, bool stream) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
@@ -251,7 +268,7 @@ void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels
       simd::load(m, mean + c);
       simd::load(a, scale + c);
       simd::load(b, shift + c);
-      simd::store(out + base + c, vec((xv - m) * a + b));
+      simd::store_or_stream(out + base + c, vec((xv - m) * a + b), stream);
     }
     for (; c < channels; ++c) out[base + c] = (x[base + c] - mean[c]) * scale[c] + shift[c];
   }
@@ -261,7 +278,7 @@ template <typename scalar_t>
 void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t row_len, int64_t row_begin,
                                int64_t row_end, const scalar_t* mean, const scalar_t* slope,
-                               const scalar_t* offset, const scalar_t* k) {
+                               const scalar_t* offset, const scalar_t* k, bool stream) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -275,7 +292,7 @@ void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t*
       vec xv, gv{};
       simd::load(xv, x_row + i);
       if (g_row != nullptr) simd::load(gv, g_row + i);
-      simd::store(out_row + i, vec(((xv - m) * s + o + gv) * kv));
+      simd::store_or_stream(out_row + i, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; i < row_len; ++i) {
       out_row[i] = input_grad_value(x_row[i], g_row != nullptr ? g_row[i] : scalar_t(0), mean[c],
@@ -288,7 +305,7 @@ template <typename scalar_t>
 void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t pixel_begin, int64_t pixel_end,
                                const scalar_t* mean, const scalar_t* slope, const scalar_t* offset,
-                               const scalar_t* k) {
+                               const scalar_t* k, bool stream) {
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
@@ -302,7 +319,7 @@ void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t*
       simd::load(s, slope + c);
       simd::load(o, offset + c);
       simd::load(kv, k + c);
-      simd::store(out + base + c, vec(((xv - m) * s + o + gv) * kv));
+      simd::store_or_stream(out + base + c, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; c < channels; ++c) {
       out[base + c] = input_grad_value(x[base + c], g != nullptr ? g[base + c] : scalar_t(0),

@@ -186,7 +186,8 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
         auto input_grad_pixels = [&](int64_t begin, int64_t end, bool with_hits) {
           CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, grad_conv_data, conv_data,
                                 with_hits ? grad_conv_data : nullptr, channels, begin, end,
-                                mean.data(), slope.data(), offset.data(), k.data());
+                                mean.data(), slope.data(), offset.data(), k.data(),
+                                /*stream=*/false);
         };
         // Tiled: one vectorised pass per window; positions no window covers (the remainder
         // rows and columns of a floor-mode pool) take the hit-free map.

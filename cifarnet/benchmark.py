@@ -219,7 +219,10 @@ def keep_freed_memory() -> bool:
     except (OSError, TypeError, AttributeError):
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(mallopt(m_mmap_threshold, 1 << 30) and mallopt(m_trim_threshold, 2**31 - 1))
+    # Older glibc caps the mmap threshold at 32 MiB: larger blocks are then mapped afresh on
+    # every side alike.
+    heap_blocks = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)
+    return bool(heap_blocks and mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], stopwatch: Stopwatch, warmup: int, repeats: int) -> dict[str, float]:

@@ -8,7 +8,6 @@
 // fused conv -> batch norm chain also the pre-normalisation convolution output and the batch
 // statistics (never the normalised or the ReLU output).
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -17,6 +16,7 @@
 #include <tuple>
 
 #include "batch_norm_common.h"
+#include "internal_op.h"
 #include "ops.h"
 
 namespace cifarnet::ops {
@@ -27,11 +27,6 @@ using torch::autograd::variable_list;
 using OptionalTensor = std::optional<at::Tensor>;
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> find_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // Which arguments want a gradient. AutogradContext::needs_input_grad counts only the tensor
 // arguments that were given (the graph's edges), so the positions of the optional ones shift;
@@ -100,7 +95,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                const OptionalTensor& weight, const OptionalTensor& bias,
                                bool training, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = find_op<Tensor3(const at::Tensor&, const OptionalTensor&,
+    static auto op = internal_op<Tensor3(const at::Tensor&, const OptionalTensor&,
                                      const OptionalTensor&, const OptionalTensor&,
                                      const OptionalTensor&, bool, double)>(
         "cifarnet::_batch_norm_forward");
@@ -123,7 +118,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     variable_list grads(7);
     if (!grad_outputs[0].defined() || !any(output_mask)) return grads;
     static auto op =
-        find_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        internal_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const OptionalTensor&, bool, double,
                         std::array<bool, 3>)>("cifarnet::_batch_norm_backward");
     const variable_list saved = ctx->get_saved_variables();
@@ -145,7 +140,7 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
                                at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
                                bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = find_op<Tensor5(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+    static auto op = internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
                                      const OptionalTensor&, const OptionalTensor&, double,
                                      at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
                                      at::IntArrayRef, bool)>(
@@ -174,7 +169,7 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
     variable_list grads(11);
     if (!grad_outputs[0].defined() || !any(needs)) return grads;
     static auto op =
-        find_op<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const at::Tensor&, const at::Tensor&, const at::Tensor&,
                         const OptionalTensor&, const at::Tensor&, double, at::IntArrayRef,
                         at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool,

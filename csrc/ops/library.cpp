@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "batch_norm_common.h"
+#include "internal_op.h"
 #include "ops.h"
 
 namespace cifarnet::ops {
@@ -68,11 +69,6 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d(
 }
 
 namespace {
-
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> internal_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 // The running statistics after a training batch: momentum-weighted averages with the batch
 // mean and the unbiased batch variance (count elements per channel), updated in place.

@@ -1,8 +1,10 @@
 """Builds cifarnet._C with torch.utils.cpp_extension and ninja.
 
-Environment:
+Environment (none of it needed: by default the build finds a usable CUDA toolkit by itself,
+see tools/cuda_toolkit.py, and builds the CPU kernels only, saying why, when there is none):
   CIFARNET_CUDA=0        build the CPU kernels only, even where a CUDA toolkit is installed.
-  CUDA_HOME              the CUDA toolkit (default: found by torch, e.g. /usr/local/cuda).
+  CIFARNET_CUDA=1        require the CUDA kernels: fail with the reason when they cannot be built.
+  CUDA_HOME              the CUDA toolkit to try first.
   TORCH_CUDA_ARCH_LIST   GPU targets; on a machine without a visible GPU it defaults to
                          DEFAULT_CUDA_ARCH_LIST below.
   MAX_JOBS               parallel compile jobs (ninja).
@@ -14,11 +16,14 @@ undefined-symbol errors at import.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from cuda_toolkit import find_cuda_toolkit, torch_cuda_major  # noqa: E402
 DEFAULT_CUDA_ARCH_LIST = "9.0+PTX"
 
 
@@ -40,17 +45,35 @@ def nvidia_wheel_include_dirs():
     return sorted(d for root in spec.submodule_search_locations for d in glob.glob(os.path.join(root, "*", "include")))
 
 
-def cuda_toolkit_found():
-    home = cpp_extension.CUDA_HOME
-    return home is not None and os.path.exists(os.path.join(home, "bin", "nvcc"))
+def cuda_toolkit_root():
+    """The CUDA toolkit to compile the CUDA kernels with, or None to build the CPU kernels only."""
+    request = os.environ.get("CIFARNET_CUDA", "")
+    if request not in ("", "0", "1"):
+        sys.exit(f"cifarnet: CIFARNET_CUDA must be 0, 1 or unset, got {request!r}")
+    if request == "0":
+        return None
+    torch_major = torch_cuda_major()
+    if torch_major is None:
+        import torch
+
+        reason = f"torch {torch.__version__} is a CPU-only build"
+    else:
+        search = find_cuda_toolkit(torch_major)
+        if search.root is not None:
+            print(f"cifarnet: compiling the CUDA kernels with CUDA {search.version} at {search.root}")
+            return search.root
+        reason = f"no usable CUDA {torch_major}.x toolkit ({search.explain()})"
+    if request == "1":
+        sys.exit(f"cifarnet: CIFARNET_CUDA=1 asks for the CUDA kernels, but {reason}")
+    print(f"cifarnet: {reason}: building the CPU kernels only")
+    return None
 
 
 def extension():
     cpp_sources = sources("csrc/**/*.cpp")
     cuda_sources = sources("csrc/**/*.cu")
-    use_cuda = (
-        os.environ.get("CIFARNET_CUDA", "1") != "0" and bool(cuda_sources) and cuda_toolkit_found()
-    )
+    cuda_root = cuda_toolkit_root()
+    use_cuda = cuda_root is not None
     # -Wno-psabi: the vector loops pass 64-byte vectors between always-inlined functions, for
     # which GCC warns about an ABI that never comes into play.
     cxx_flags = ["-O3", "-fopenmp", "-Wno-psabi"]
@@ -61,6 +84,9 @@ def extension():
         )
     import torch
 
+    # NB: torch's extension builder reads its module-level guess, not the environment, when it
+    # compiles and links; both are set so that nvcc and libcudart come from the same toolkit.
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_root
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
         print(f"cifarnet: no GPU visible, compiling CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCH_LIST}")
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST

@@ -4,9 +4,11 @@
 
 #include <ATen/Parallel.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 #include <torch/version.h>
 
 #include "ops/conv_pool_geometry.h"
+#include "ops/cpu/batch_norm_cpu.h"
 #include "ops/cpu/multiversion.h"
 
 namespace py = pybind11;
@@ -33,4 +35,9 @@ PYBIND11_MODULE(_C, m) {
       },
       "How the extension was built: CUDA kernels compiled in, torch version, the ISA of the\n"
       "CPU kernels' vector loops on this machine, threading.");
+  m.def("_streaming_store_threshold_bytes", &cifarnet::ops::streaming_store_threshold_bytes,
+        "Bytes above which the CPU batch-norm passes write with non-temporal stores (0: never).");
+  m.def("_set_streaming_store_threshold_bytes", &cifarnet::ops::set_streaming_store_threshold_bytes,
+        py::arg("bytes"),
+        "Overrides that threshold (None restores the last-level cache size); for tests.");
 }

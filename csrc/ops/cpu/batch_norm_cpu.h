@@ -27,6 +27,12 @@ template <typename scalar_t>
 BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool channels_inner,
                                                    int64_t channels, int64_t rows, int64_t row_len);
 
+// Normalising and input-gradient passes over more bytes than this write with non-temporal
+// stores (0: never). Default: the last-level cache size from Linux's sysfs, 0 where unknown.
+int64_t streaming_store_threshold_bytes();
+// Replaces the default (nullopt restores it); for tests, which must not depend on the machine.
+void set_streaming_store_threshold_bytes(std::optional<int64_t> bytes);
+
 // The values of an optional per-channel tensor as T (fallback where it is absent).
 template <typename T>
 std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t channels, T fallback) {

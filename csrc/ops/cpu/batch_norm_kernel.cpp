@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
@@ -123,6 +124,25 @@ int64_t last_level_cache_bytes() {
   return bytes;
 }
 
+// NB: an override, not a second cache reading, so a test can reach the streaming path with a
+// small tensor on any machine instead of sizing one from this machine's cache.
+std::atomic<int64_t> streaming_threshold_override{-1};
+
+}  // namespace
+
+int64_t streaming_store_threshold_bytes() {
+  const int64_t override_bytes = streaming_threshold_override.load(std::memory_order_relaxed);
+  return override_bytes >= 0 ? override_bytes : last_level_cache_bytes();
+}
+
+void set_streaming_store_threshold_bytes(std::optional<int64_t> bytes) {
+  TORCH_CHECK(!bytes.has_value() || *bytes >= 0,
+              "streaming store threshold must be a non-negative byte count or None, got ", *bytes);
+  streaming_threshold_override.store(bytes.value_or(-1), std::memory_order_relaxed);
+}
+
+namespace {
+
 // The normalize pass (g == nullptr) or the input_grad pass, threaded over rows or pixels.
 template <typename scalar_t>
 void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scalar_t* x,
@@ -132,7 +152,8 @@ void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scala
   // multiples of 64 bytes from a row's start; streaming needs them 16-byte aligned.
   const int64_t pass_bytes = (g != nullptr ? 3 : 2) * layout.data.numel() *
                              static_cast<int64_t>(sizeof(scalar_t));
-  const bool stream = pass_bytes > last_level_cache_bytes() && last_level_cache_bytes() > 0 &&
+  const int64_t threshold = streaming_store_threshold_bytes();
+  const bool stream = pass_bytes > threshold && threshold > 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                       layout.row_len * sizeof(scalar_t) % 16 == 0;
   at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 import cifarnet
 from cifarnet import ops
+from cifarnet.fileio import output_file_problem
 
 IMPLEMENTATIONS = ("native", "compiled", "fused")
 MODES = ("forward", "forward_backward")
@@ -481,7 +483,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
+    # Checked now, not after minutes of timing; missing folders are created when writing.
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = output_file_problem(path) if path is not None else None
+        if problem:
+            parser.error(f"{option} {path}: {problem}")
     return args
+
+
+def _make_parent(path: str) -> str:
+    """Creates the folders ``path`` is to go in, and returns it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def allocator_note(args: argparse.Namespace) -> str:
@@ -536,7 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     progress.close()
     if args.plot:
-        plot_speedups(results, args.plot)
+        plot_speedups(results, _make_parent(args.plot))
     if args.json:
         report = {
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -546,7 +559,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": vars(args) | {"threads": torch.get_num_threads()},
             "results": results,
         }
-        with open(args.json, "w") as file:
+        with open(_make_parent(args.json), "w") as file:
             json.dump(report, file, indent=2)
     return 0
 
@@ -570,7 +583,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype) -> int:
             "model": args.model,
             "results": rows,
         }
-        with open(args.json, "w") as file:
+        with open(_make_parent(args.json), "w") as file:
             json.dump(report, file, indent=2)
     return 0
 

@@ -1,23 +1,35 @@
 """The ``cifarnet-train`` and ``cifarnet-eval`` commands.
 
-Both print problems with the data, the settings or a checkpoint as one line on stderr and
-exit with status 2, without a traceback.
+Both print problems with the data, the settings, a checkpoint or an output path as one line
+on stderr and exit with status 2, without a traceback. Output paths are checked before any
+work starts, and neither command replaces what it did not write unless told to
+(``--overwrite``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from cifarnet.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
-from cifarnet.fileio import atomic_write_text
+from cifarnet.fileio import atomic_write_text, describe_file, output_file_problem, output_folder_problem
 from cifarnet.models import OPS, ConvNet
-from cifarnet.plots import plot_confusion_matrix, plot_test_accuracy
-from cifarnet.train import CHECKPOINT_FILE, DEVICES, TrainConfig, epoch, load_checkpoint, resolve_device, train
+from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix, plot_test_accuracy
+from cifarnet.train import (
+    CHECKPOINT_FILE,
+    DEVICES,
+    TrainConfig,
+    earlier_run_files,
+    epoch,
+    load_checkpoint,
+    resolve_device,
+    train,
+)
 from cifarnet.variants import VARIANTS, recipe
 
 __all__ = ["eval_main", "results_table", "train_main"]
@@ -72,7 +84,13 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                         help="train on the first N training images only")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt where it exists")
+    earlier_run = parser.add_mutually_exclusive_group()
+    earlier_run.add_argument("--resume", action="store_true",
+                             help="continue from OUT/checkpoint.pt where it exists (same data and settings; "
+                                  "--epochs and --ops may change)")
+    earlier_run.add_argument("--overwrite", action="store_true",
+                             help="where OUT already holds a run, replace it (without this, or --resume, such "
+                                  "a folder is refused)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     return parser
 
@@ -88,7 +106,11 @@ def train_main(argv: list[str] | None = None) -> int:
     args = _train_parser().parse_args(argv)
     variants = VARIANTS if args.variant == ALL else (args.variant,)
     out = args.out if args.out is not None else Path("runs") / args.variant
+    run_folders = {variant: out / variant if args.variant == ALL else out for variant in variants}
     progress = not args.no_progress
+    problem = _train_output_problem(out, run_folders.values(), args.resume, args.overwrite)
+    if problem:
+        return _fail("cifarnet-train", problem)
     try:
         data = load_cifar10(args.data_dir, progress=progress)
         histories = {}
@@ -102,22 +124,40 @@ def train_main(argv: list[str] | None = None) -> int:
                 ops=args.ops,
                 limit_train=args.limit_train,
             )
-            run_out = out / variant if args.variant == ALL else out
+            run_out = run_folders[variant]
             histories[variant] = train(
                 config, run_out, data=data, device=args.device, threads=args.threads, resume=args.resume,
-                progress=progress,
+                overwrite=args.overwrite, progress=progress,
             )
             print(f"{variant}: results in {run_out}")
         if args.variant == ALL:
             atomic_write_text(out / RESULTS_FILE, results_table(histories))
             plot_test_accuracy(histories, out / COMPARISON_PLOT)
             print(f"summary: {out / RESULTS_FILE}, {out / COMPARISON_PLOT}")
-    except (DataError, ValueError) as error:
+    except (DataError, ValueError, OSError) as error:
         return _fail("cifarnet-train", error)
     except KeyboardInterrupt:
         print(f"cifarnet-train: interrupted; completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
         return INTERRUPTED_STATUS
     return 0
+
+
+def _train_output_problem(out: Path, run_folders: Iterable[Path], resume: bool, overwrite: bool) -> str | None:
+    """Why cifarnet-train must not write into ``out``, in its own words, or None."""
+    problem = output_folder_problem(out)
+    if problem:
+        return f"--out {out}: {problem}"
+    for folder in run_folders:
+        problem = output_folder_problem(folder)
+        if problem:
+            return f"{folder}: {problem}"
+        earlier = earlier_run_files(folder)
+        if earlier and not (resume or overwrite):
+            return (
+                f"{folder} already holds a run ({', '.join(earlier)}); continue it with --resume, "
+                f"or pass --overwrite to replace it"
+            )
+    return None
 
 
 def results_table(histories: dict[str, list[dict]]) -> str:
@@ -154,7 +194,9 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"confusion-matrix PNG (default: {CONFUSION_PLOT} beside the checkpoint)")
+                        help=f"confusion-matrix PNG (default: {CONFUSION_PLOT} beside the checkpoint); an "
+                             "existing file is replaced only where it is a plot cifarnet drew")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out whatever it is")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -164,6 +206,10 @@ def eval_main(argv: list[str] | None = None) -> int:
     path of the confusion-matrix PNG. Returns the exit status."""
     args = _eval_parser().parse_args(argv)
     progress = not args.no_progress
+    plot_path = args.out if args.out is not None else args.checkpoint.parent / CONFUSION_PLOT
+    problem = _plot_output_problem(plot_path, explicit=args.out is not None, overwrite=args.overwrite)
+    if problem:
+        return _fail("cifarnet-eval", problem)
     try:
         device = resolve_device(args.device)
         if args.threads is not None:
@@ -182,13 +228,12 @@ def eval_main(argv: list[str] | None = None) -> int:
         loader = BatchLoader(data.test, args.batch_size or config.batch_size, recipe(config.variant), train=False, device=device)
         confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64)
         result = epoch(loader, model, nn.CrossEntropyLoss(), progress=progress, description="test", confusion=confusion)
-        plot_path = args.out if args.out is not None else args.checkpoint.parent / CONFUSION_PLOT
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         plot_confusion_matrix(
             confusion.numpy(), CLASSES, plot_path,
             title=f"{config.variant}, epoch {checkpoint['epoch']}: test top-1 {result.top1:.2f}%",
         )
-    except (DataError, ValueError) as error:
+    except (DataError, ValueError, OSError) as error:
         return _fail("cifarnet-eval", error)
     except KeyboardInterrupt:
         print("cifarnet-eval: interrupted", file=sys.stderr)
@@ -200,6 +245,28 @@ def eval_main(argv: list[str] | None = None) -> int:
     print()
     print(f"confusion matrix: {plot_path}")
     return 0
+
+
+def _plot_output_problem(path: Path, *, explicit: bool, overwrite: bool) -> str | None:
+    """Why cifarnet-eval must not write its PNG to ``path``, or None.
+
+    An existing file is replaced only where it is a plot cifarnet drew (tagged, see
+    :func:`cifarnet.plots.is_cifarnet_plot`), or, at the default path, any PNG (earlier
+    versions drew untagged ones there), or with ``--overwrite``.
+    """
+    option = "--out " if explicit else "the confusion-matrix plot "
+    problem = output_file_problem(path)
+    if problem:
+        return f"{option}{path}: {problem}"
+    if not path.exists() or overwrite or is_cifarnet_plot(path):
+        return None
+    what = describe_file(path)
+    if not explicit and what == "a PNG image":
+        return None
+    return (
+        f"{option}{path} exists and is {what}, not a plot cifarnet drew; choose another --out, "
+        f"or pass --overwrite to replace it"
+    )
 
 
 def _per_class_table(confusion: torch.Tensor) -> str:

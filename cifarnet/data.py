@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import pickle
+import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -175,7 +176,8 @@ def load_cifar10(
         data_dir: folder holding ``cifar-10-batches-py/`` or ``train/`` and ``test/`` image
             folders; default :func:`default_data_dir`.
         download: when ``data_dir`` holds no data set (missing, or empty), download the
-            official pickles into it. Never downloads over other files.
+            official pickles into it. Never downloads over other files; a failed download
+            leaves nothing behind (no folder it created, no partial archive).
         cache_dir: where decoded image folders are cached; default :func:`default_cache_dir`.
         workers: processes decoding images (default: the usable CPUs, at most 8).
         progress: show a progress bar while decoding.
@@ -218,16 +220,37 @@ def _check_nothing_else_there(data_dir: Path, download: bool) -> None:
 def _download(data_dir: Path) -> None:
     from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
 
+    # What a failed download must remove: the outermost folder it creates, or else whatever
+    # appears in the existing folder (a partial archive, a half-extracted batches folder).
+    created = next((folder for folder in reversed((data_dir, *data_dir.parents)) if not folder.exists()), None)
+    present = set() if created is not None else {entry.name for entry in data_dir.iterdir()}
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
         # Downloads and md5-checks the archive, extracts it and md5-checks every batch.
         TorchvisionCIFAR10(str(data_dir), train=True, download=True)
-    except Exception as error:  # network, disk and checksum failures all end the same way
+    except BaseException as error:
+        _remove_download_leftovers(data_dir, created, present)
+        if not isinstance(error, Exception):  # Ctrl-C: cleaned up, and still an interrupt
+            raise
+        # Network, disk and checksum failures all end the same way.
         reason = " ".join(str(error).split()) or type(error).__name__
         raise DataError(
             f"no CIFAR-10 in {data_dir} and downloading {TorchvisionCIFAR10.url} failed ({reason}); "
             f"put {PICKLE_FOLDER}/ or train/ and test/ image folders there"
         ) from None
+
+
+def _remove_download_leftovers(data_dir: Path, created: Path | None, present: set[str]) -> None:
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for entry in data_dir.iterdir():
+        if entry.name in present:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _load_pickles(root: Path) -> CIFAR10:

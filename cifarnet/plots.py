@@ -1,7 +1,9 @@
 """The study's figures, drawn with matplotlib's Agg canvas and written atomically as PNG.
 
 Figures are built with ``matplotlib.figure.Figure`` rather than pyplot, so no global backend
-is chosen and nothing is kept open between epochs.
+is chosen and nothing is kept open between epochs. Every PNG carries :data:`PNG_SOFTWARE` in
+its ``Software`` text chunk, so a command can tell its own plots (which it may redraw) from a
+user's files (which it must not replace unasked); see :func:`is_cifarnet_plot`.
 """
 
 from __future__ import annotations
@@ -13,18 +15,40 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from cifarnet.fileio import atomic_write
 
-__all__ = ["plot_batch_losses", "plot_confusion_matrix", "plot_curves", "plot_test_accuracy"]
+__all__ = [
+    "PNG_SOFTWARE",
+    "is_cifarnet_plot",
+    "plot_batch_losses",
+    "plot_confusion_matrix",
+    "plot_curves",
+    "plot_test_accuracy",
+]
 
 DPI = 100
+PNG_SOFTWARE = "cifarnet"
+"""The ``Software`` entry of the PNGs written here."""
 
 
 def _save(figure: Figure, path: str | os.PathLike) -> None:
     FigureCanvasAgg(figure)
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=DPI))
+    atomic_write(
+        path,
+        lambda temporary: figure.savefig(temporary, format="png", dpi=DPI, metadata={"Software": PNG_SOFTWARE}),
+    )
+
+
+def is_cifarnet_plot(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PNG written by this module (it carries :data:`PNG_SOFTWARE`)."""
+    try:
+        with Image.open(path) as image:
+            return image.format == "PNG" and image.info.get("Software") == PNG_SOFTWARE
+    except (OSError, ValueError):  # missing, a folder, not an image
+        return False
 
 
 def plot_curves(history: Sequence[Mapping[str, float]], path: str | os.PathLike, title: str = "") -> None:

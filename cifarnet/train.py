@@ -6,16 +6,23 @@ A run writes into its output folder:
 * ``metrics.jsonl``: one JSON object per epoch with the keys :data:`METRIC_KEYS`;
 * ``batch_losses.csv``: ``epoch,batch,loss`` for every training batch;
 * ``curves.png`` ("Accuracy / epoch" beside "Loss / epoch") and ``batch_losses.png``;
-* ``checkpoint.pt``: everything needed to continue (see :func:`train`).
+* ``checkpoint.pt``: everything needed to continue (see :func:`train`), and a record of the
+  data the run was trained on, so that a resume on other data is refused.
+
+A folder that already holds a run is neither resumed nor replaced unless asked (``resume`` or
+``overwrite``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
+import re
 import sys
 import time
+import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -26,7 +33,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from cifarnet.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
-from cifarnet.fileio import atomic_save, atomic_write_text
+from cifarnet.fileio import atomic_save, atomic_write_text, describe_file, output_folder_problem
 from cifarnet.models import OPS, ConvNet
 from cifarnet.plots import plot_batch_losses, plot_curves
 from cifarnet.variants import check_variant, recipe
@@ -37,7 +44,9 @@ __all__ = [
     "METRIC_KEYS",
     "EpochResult",
     "TrainConfig",
+    "data_record",
     "epoch",
+    "earlier_run_files",
     "load_checkpoint",
     "make_optimizer",
     "resolve_device",
@@ -55,9 +64,15 @@ CURVES_FILE = "curves.png"
 BATCH_LOSSES_PLOT = "batch_losses.png"
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history", "batch_losses")
+# Optional: what the run was trained on (see data_record); checkpoints written before it was
+# recorded lack it and still resume, unchecked.
+CHECKPOINT_DATA_KEY = "data"
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT)
+"""The files a run writes into its folder (and ``overwrite`` removes)."""
 
 # Settings that may change when a run is resumed: how long it runs, and how the same
-# computation is carried out (fused and native models share their state_dict).
+# computation is carried out (fused and native models share their state_dict; a switch is
+# noted, since float32 rounding then differs from the uninterrupted run).
 RESUMABLE_CHANGES = ("epochs", "ops")
 
 
@@ -262,22 +277,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     Returns:
         dict with ``format``, ``epoch`` (epochs completed), ``config`` (a
         :class:`TrainConfig` as dict), ``model``, ``optimizer``, ``scheduler`` (None for a
-        constant learning rate), ``rng``, ``history`` (the ``metrics.jsonl`` records) and
-        ``batch_losses`` (per epoch, the loss of each training batch).
+        constant learning rate), ``rng``, ``history`` (the ``metrics.jsonl`` records),
+        ``batch_losses`` (per epoch, the loss of each training batch) and, in checkpoints that
+        record it, ``data`` (see :func:`data_record`).
 
     Raises:
-        ValueError: ``path`` is not a readable cifarnet checkpoint.
+        ValueError: ``path`` is not a readable cifarnet checkpoint; the message says what it is
+            instead.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {path} does not exist")
+    expected = f"expected a {CHECKPOINT_FILE} written by cifarnet-train"
+    if not path.exists():
+        raise ValueError(f"checkpoint {path} does not exist; {expected}")
+    if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
+        raise ValueError(f"checkpoint {path} is a folder; did you mean {path / CHECKPOINT_FILE}?")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a ZIP archive; anything else (an image, a text file) is not ours.
+        raise ValueError(f"{path} is not a checkpoint: it is {describe_file(path)}; {expected} (a torch.save ZIP archive)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
-        raise ValueError(f"checkpoint {path} is not readable ({reason})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a cifarnet checkpoint of format {CHECKPOINT_FORMAT}")
+        raise ValueError(f"{path} is not a checkpoint: {_torch_load_failure(error)}; {expected}") from None
+    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
+        raise ValueError(
+            f"{path} is a torch file but not a cifarnet checkpoint: it holds {_describe_object(checkpoint)}; {expected} "
+            f"(a dict with format {CHECKPOINT_FORMAT} and {', '.join(CHECKPOINT_KEYS)})"
+        )
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {path} has format {checkpoint['format']!r}; this cifarnet reads format {CHECKPOINT_FORMAT}"
+        )
     missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
@@ -288,6 +317,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return checkpoint
 
 
+def _torch_load_failure(error: Exception) -> str:
+    """One clause saying why ``torch.load(weights_only=True)`` refused a ZIP archive."""
+    message = " ".join(str(error).split())
+    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+    if unsupported:
+        # weights_only refuses pickled Python objects; a cifarnet checkpoint holds none.
+        return f"it is a torch file holding a Python object of type {unsupported.group(1)}"
+    return f"it is a ZIP archive torch cannot load ({message[:200] or type(error).__name__})"
+
+
+def _describe_object(value) -> str:
+    if isinstance(value, dict):
+        keys = [str(key) for key in list(value)[:6]]
+        return f"a dict with keys {', '.join(keys)}{', ...' if len(value) > 6 else ''}" if keys else "an empty dict"
+    if isinstance(value, Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    return f"a {type(value).__name__}"
+
+
 def _resumable_config(saved: dict, config: TrainConfig, path: Path) -> None:
     changed = [
         f"{f.name}: {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
@@ -295,7 +343,78 @@ def _resumable_config(saved: dict, config: TrainConfig, path: Path) -> None:
         if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)
     ]
     if changed:
-        raise ValueError(f"cannot resume {path} with different settings ({'; '.join(changed)})")
+        raise ValueError(
+            f"cannot resume {path} with different settings ({'; '.join(changed)}); "
+            "resume with the run's settings, or train into another folder"
+        )
+    if saved.get("ops") != config.ops:
+        _note(
+            f"{path} was trained with {saved.get('ops')} ops and continues with {config.ops} ops: the two compute "
+            "the same function on the same weights, but round differently in float32, so the result will not "
+            "match an uninterrupted run bit for bit"
+        )
+
+
+def data_record(data: CIFAR10, limit_train: int | None = None) -> dict:
+    """What a run trains and tests on, as stored in its checkpoint under ``"data"``.
+
+    Args:
+        data: the loaded data set.
+        limit_train: the run's ``TrainConfig.limit_train``.
+
+    Returns:
+        dict with ``root`` (the folder read, resolved), ``layout``, ``train_images`` (those
+        used), ``test_images`` and ``sha256``, a hash of the pixels and labels of both (so the
+        same images read from another place are recognised as the same data).
+    """
+    train_split = data.train.head(limit_train) if limit_train is not None else data.train
+    digest = hashlib.sha256()
+    for tensor in (train_split.images, train_split.labels, data.test.images, data.test.labels):
+        digest.update(tensor.contiguous().numpy())
+    return {
+        "root": str(Path(data.root).resolve()),
+        "layout": data.layout,
+        "train_images": len(train_split),
+        "test_images": len(data.test),
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _describe_data(record: dict) -> str:
+    return f"{record['root']} ({record['train_images']:,} training and {record['test_images']:,} test images)"
+
+
+def _check_same_data(saved, current: dict, path: Path) -> None:
+    """Refuses to resume on other data; says so where it cannot tell, or where only the path moved."""
+    if not (isinstance(saved, dict) and saved.keys() >= current.keys()):
+        _note(f"{path} does not record the data it was trained on (written by an older cifarnet); continuing on "
+              f"{_describe_data(current)} unchecked")
+        return
+    if saved.get("sha256") != current["sha256"]:
+        raise ValueError(
+            f"cannot resume {path} on other data: it was trained on {_describe_data(saved)}, not on "
+            f"{_describe_data(current)}; point the data folder at the run's data, or train into another folder"
+        )
+    if saved.get("root") != current["root"]:
+        _note(f"{path} was trained on {saved.get('root')}; {current['root']} holds the same images, so the run continues")
+
+
+def _note(message: str) -> None:
+    print(f"note: {message}", file=sys.stdout, flush=True)
+
+
+def earlier_run_files(out: str | Path) -> list[str]:
+    """The names of the files in ``out`` that show an earlier run: its checkpoint, or metrics of
+    at least one epoch. Empty where ``out`` holds no run (a run stopped in its first epoch
+    leaves nothing worth keeping)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    metrics = out / METRICS_FILE
+    found = [CHECKPOINT_FILE] if (out / CHECKPOINT_FILE).exists() else []
+    if metrics.is_file() and metrics.stat().st_size > 0:
+        found.append(METRICS_FILE)
+    return found
 
 
 def _write_records(out: Path, history: list[dict], batch_losses: list[list[float]]) -> None:
@@ -318,6 +437,7 @@ def train(
     device: str | torch.device = "auto",
     threads: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict]:
     """Trains and tests one variant, epoch by epoch, writing results and checkpoints to ``out``.
@@ -337,18 +457,35 @@ def train(
         data_dir: see :func:`cifarnet.data.load_cifar10`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         threads: ``torch.set_num_threads(threads)`` for CPU ops (None: leave it).
-        resume: continue from ``out/checkpoint.pt`` up to ``config.epochs`` if it exists (its
-            settings must equal ``config`` except ``epochs`` and ``ops``); else start afresh.
+        resume: continue from ``out/checkpoint.pt`` up to ``config.epochs`` if it exists; else
+            start afresh. Its settings must equal ``config`` except ``epochs`` and ``ops``
+            (fused and native models share their weights; a switch prints a note), and it must
+            have been trained on the same images (the same ``limit_train`` and, per
+            :func:`data_record`, the same pixels and labels; moved data prints a note, a
+            checkpoint that predates the record resumes unchecked, with a note).
+        overwrite: where ``out`` already holds a run, remove its files (:data:`RUN_FILES`) and
+            start afresh. Without ``resume`` or ``overwrite`` such a folder is refused.
         progress: show progress bars and print one summary line per epoch.
 
     Returns:
         The ``metrics.jsonl`` records of all epochs so far (dicts with :data:`METRIC_KEYS`).
 
     Raises:
-        ValueError: bad settings, an unusable device or a checkpoint that does not fit.
+        ValueError: bad settings, an unusable device, an output folder that cannot be written or
+            holds a run (without ``resume`` or ``overwrite``), or a checkpoint that does not fit.
         cifarnet.data.DataError: the data set cannot be read.
     """
     out = Path(out)
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
+    problem = output_folder_problem(out)
+    if problem:
+        raise ValueError(f"output folder {out}: {problem}")
+    earlier = earlier_run_files(out)
+    if earlier and not (resume or overwrite):
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(earlier)}); resume it (resume=True) or replace it (overwrite=True)"
+        )
     device = resolve_device(device)
     if threads is not None:
         if threads < 1:
@@ -361,7 +498,14 @@ def train(
         _resumable_config(checkpoint["config"], config, checkpoint_path)
     if data is None:
         data = load_cifar10(data_dir, progress=progress)
+    trained_on = data_record(data, config.limit_train)
+    if checkpoint is not None:
+        _check_same_data(checkpoint.get(CHECKPOINT_DATA_KEY), trained_on, checkpoint_path)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        # Only now, once settings and data are known to be good: a failed start keeps the old run.
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -419,6 +563,7 @@ def train(
                 "rng": _rng_state(generator, device),
                 "history": history,
                 "batch_losses": batch_losses,
+                CHECKPOINT_DATA_KEY: trained_on,
             },
             checkpoint_path,
         )

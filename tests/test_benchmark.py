@@ -41,6 +41,46 @@ def test_bench_rejects_a_bad_batch_size(capsys):
     assert "--batch-size must be positive, got 0" in capsys.readouterr().err
 
 
+def bench_usage_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit:
+        benchmark.main(argv)
+    assert exit.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_bench_checks_its_outputs_before_timing_anything(tmp_path, capsys, monkeypatch, option):
+    monkeypatch.setattr(benchmark, "benchmark_layer", lambda *args, **kwargs: pytest.fail("timed before checking"))
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert f"{option} {folder}: it is a folder; expected the path of a file" in bench_usage_error(capsys, [option, str(folder)])
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    under_a_file = blocker / "bench.out"
+    err = bench_usage_error(capsys, [option, str(under_a_file)])
+    assert f"{option} {under_a_file}: {blocker} is a file" in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+def test_bench_creates_the_folders_of_its_outputs(tmp_path):
+    report, plot = tmp_path / "missing" / "dir" / "bench.json", tmp_path / "other" / "bench.png"
+    status = benchmark.main(
+        ["--op", "batch_norm", "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--no-compile",
+         "--json", str(report), "--plot", str(plot)]
+    )
+    assert status == 0
+    assert [r["op"] for r in json.loads(report.read_text())["results"]] == ["batch_norm"]
+    assert plot.stat().st_size > 0
+
+
+def test_bench_model_creates_the_folder_of_its_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: [])
+    monkeypatch.setattr(benchmark, "format_model_table", lambda rows: "")
+    report = tmp_path / "missing" / "bench.json"
+    assert benchmark.main(["--model", next(iter(benchmark.MODEL_INPUT_SIZES)), "--json", str(report)]) == 0
+    assert json.loads(report.read_text())["results"] == []
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="configures glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_on_fresh_tensors():
     # Two 8 MiB tensors freed together leave more than glibc's default trim threshold free at

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
@@ -143,6 +144,114 @@ def test_nonpositive_epochs_is_a_usage_error(capsys):
     assert "expected a positive integer, got 0" in capsys.readouterr().err
 
 
+# --- the output folder: never a traceback, never an earlier run lost --------------------------
+
+
+def test_out_that_is_a_file_is_one_line(pickles, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    line = assert_one_line_error(capsys, train_main(["--data-dir", str(pickles), "--out", str(notes), *TINY]))
+    assert f"--out {notes}: it is a text file, not a folder" in line
+    line = assert_one_line_error(capsys, train_main(["--data-dir", str(pickles), "--out", str(notes / "run"), *TINY]))
+    assert f"--out {notes / 'run'}: {notes} is a file" in line
+    assert notes.read_text() == "my notes"
+
+
+def test_out_is_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch):
+    import cifarnet.cli as cli
+
+    monkeypatch.setattr(cli, "load_cifar10", lambda *args, **kwargs: pytest.fail("read the data first"))
+    (tmp_path / "file").write_text("")
+    assert "--out" in assert_one_line_error(capsys, train_main(["--out", str(tmp_path / "file"), *TINY]))
+
+
+def test_training_into_an_earlier_run_is_refused(pickles, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["--variant", "baseline", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]
+    assert train_main([*common, "--seed", "1"]) == 0
+    capsys.readouterr()
+    before = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "curves.png")}
+    line = assert_one_line_error(capsys, train_main([*common, "--seed", "2"]))
+    assert f"{out} already holds a run (checkpoint.pt, metrics.jsonl)" in line
+    assert "--resume" in line and "--overwrite" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_overwrite_replaces_an_earlier_run(pickles, tmp_path):
+    common = ["--variant", "baseline", "--data-dir", str(pickles), *TINY]
+    assert train_main([*common, "--epochs", "2", "--seed", "1", "--out", str(tmp_path / "run")]) == 0
+    assert train_main([*common, "--epochs", "1", "--seed", "2", "--out", str(tmp_path / "fresh")]) == 0
+    assert train_main([*common, "--epochs", "1", "--seed", "2", "--out", str(tmp_path / "run"), "--overwrite"]) == 0
+    assert without_seconds(read_metrics(tmp_path / "run")) == without_seconds(read_metrics(tmp_path / "fresh"))
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["seed"] == 2
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--resume", "--overwrite"])
+    assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_all_variants_check_every_run_folder_before_training(pickles, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert train_main(["--variant", "full", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out / "full"), *TINY]) == 0
+    capsys.readouterr()
+    line = assert_one_line_error(capsys, train_main(["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]))
+    assert f"{out / 'full'} already holds a run" in line
+    assert sorted(p.name for p in out.iterdir()) == ["full"]  # baseline, trained first, was not started
+
+
+# --- resuming: the same data and settings -----------------------------------------------------
+
+
+@pytest.fixture
+def half_run(pickles, tmp_path):
+    """A baseline run of one epoch (of two) on the pickles, and the arguments that made it."""
+    out = tmp_path / "run"
+    common = ["--variant", "baseline", "--out", str(out), *TINY]
+    assert train_main([*common, "--data-dir", str(pickles), "--epochs", "1"]) == 0
+    return out, common
+
+
+def test_resume_on_other_data_is_refused(half_run, pickles, folders, capsys):
+    out, common = half_run
+    capsys.readouterr()
+    before = (out / "checkpoint.pt").read_bytes()
+    line = assert_one_line_error(capsys, train_main([*common, "--data-dir", str(folders), "--epochs", "2", "--resume"]))
+    assert "on other data" in line and str(pickles.resolve()) in line and str(folders.resolve()) in line
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "option, value, setting",
+    [("--limit-train", "16", "limit_train: 24 -> 16"), ("--batch-size", "4", "batch_size: 8 -> 4"), ("--seed", "5", "seed: 0 -> 5")],
+)
+def test_resume_with_other_training_settings_is_refused(half_run, pickles, capsys, option, value, setting):
+    out, common = half_run
+    capsys.readouterr()
+    # The last occurrence wins, so this changes one setting of TINY's (or adds one).
+    argv = [*common, "--data-dir", str(pickles), "--epochs", "2", "--resume", option, value]
+    assert setting in assert_one_line_error(capsys, train_main(argv))
+
+
+def test_resume_on_a_copy_of_the_data_continues_with_a_note(half_run, pickles, tmp_path, capsys):
+    out, common = half_run
+    copy = tmp_path / "copy"
+    shutil.copytree(pickles, copy)
+    assert train_main([*common, "--data-dir", str(copy), "--epochs", "2", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"note: {out / 'checkpoint.pt'} was trained on {(pickles / 'cifar-10-batches-py').resolve()}" in printed
+    assert [m["epoch"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_resume_with_other_ops_continues_with_a_note(half_run, pickles, capsys):
+    out, common = half_run
+    assert train_main([*common, "--data-dir", str(pickles), "--epochs", "2", "--resume", "--ops", "native"]) == 0
+    assert "trained with fused ops and continues with native ops" in capsys.readouterr().out
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["ops"] == "native"
+
+
 # --- bad data: one line, status 2 -------------------------------------------------------------
 
 
@@ -187,6 +296,7 @@ def test_missing_data_offline_is_one_line(tmp_path, capsys):
     status = train_main(["--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), *TINY])
     line = assert_one_line_error(capsys, status)
     assert "downloading" in line and "failed" in line and str(tmp_path / "nowhere") in line
+    assert not (tmp_path / "nowhere").exists()  # the failed download leaves no empty folder
 
 
 def test_default_data_dir_is_the_cache(tmp_path, capsys):
@@ -257,11 +367,62 @@ def test_eval_with_the_other_ops_and_own_plot_path(trained, folders, tmp_path, c
     assert plot.is_file() and f"confusion matrix: {plot}" in capsys.readouterr().out
 
 
-def test_eval_of_a_broken_checkpoint_is_one_line(tmp_path, folders, capsys):
+@pytest.mark.parametrize(
+    "content, what",
+    [(b"\x00" * 100, "a file of 100 bytes in an unknown format"), (b"epoch 1: 52%\n", "a text file"), (b"", "an empty file")],
+    ids=["binary", "text", "empty"],
+)
+def test_eval_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, folders, capsys, content, what):
     broken = tmp_path / "checkpoint.pt"
-    broken.write_bytes(b"\x00" * 100)
-    status = eval_main([str(broken), "--data-dir", str(folders), "--no-progress"])
-    assert f"checkpoint {broken} is not readable" in assert_one_line_error(capsys, status, "cifarnet-eval")
+    broken.write_bytes(content)
+    line = assert_one_line_error(capsys, eval_main([str(broken), "--data-dir", str(folders), "--no-progress"]), "cifarnet-eval")
+    assert f"{broken} is not a checkpoint: it is {what}; expected a checkpoint.pt written by cifarnet-train" in line
+
+
+def test_eval_of_a_png_names_what_it_got(trained, folders, capsys):
+    capsys.readouterr()
+    status = eval_main([str(trained / "curves.png"), "--data-dir", str(folders), "--no-progress"])
+    assert "curves.png is not a checkpoint: it is a PNG image" in assert_one_line_error(capsys, status, "cifarnet-eval")
+
+
+def test_eval_never_replaces_a_users_file(trained, folders, tmp_path, capsys):
+    notes = tmp_path / "afile.txt"
+    notes.write_text("my notes")
+    capsys.readouterr()
+    args = [str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--out", str(notes)]
+    line = assert_one_line_error(capsys, eval_main(args), "cifarnet-eval")
+    assert f"--out {notes} exists and is a text file, not a plot cifarnet drew" in line and "--overwrite" in line
+    assert notes.read_text() == "my notes"
+    assert eval_main([*args, "--overwrite"]) == 0
+    with Image.open(notes) as image:
+        assert image.format == "PNG"
+
+
+def test_eval_redraws_its_own_plot(trained, folders, tmp_path):
+    plot = tmp_path / "cm.png"
+    args = [str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--out", str(plot)]
+    assert eval_main(args) == 0 and eval_main(args) == 0
+
+
+def test_eval_replaces_a_png_at_its_default_path_but_not_other_files(trained, folders, capsys):
+    default = trained / "confusion_matrix.png"
+    Image.new("RGB", (4, 4)).save(default)  # as an earlier cifarnet, which did not tag its PNGs, left it
+    args = [str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress"]
+    assert eval_main(args) == 0
+    assert default.stat().st_size > 1000
+    default.write_text("not a plot")
+    capsys.readouterr()
+    assert "--overwrite" in assert_one_line_error(capsys, eval_main(args), "cifarnet-eval")
+    assert default.read_text() == "not a plot"
+
+
+def test_eval_out_that_is_a_folder_is_checked_before_evaluating(trained, tmp_path, capsys, monkeypatch):
+    import cifarnet.cli as cli
+
+    monkeypatch.setattr(cli, "load_cifar10", lambda *args, **kwargs: pytest.fail("read the data first"))
+    capsys.readouterr()
+    status = eval_main([str(trained / "checkpoint.pt"), "--out", str(tmp_path), "--no-progress"])
+    assert f"--out {tmp_path}: it is a folder" in assert_one_line_error(capsys, status, "cifarnet-eval")
 
 
 def test_eval_with_bad_data_is_one_line(trained, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,6 +225,50 @@ def test_failed_download_is_one_clean_line(tmp_path, monkeypatch):
     message = load_error(tmp_path / "fresh")
     assert "downloading https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz failed" in message
     assert "Name or service not known" in message and str(tmp_path / "fresh") in message
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_failed_download_removes_the_folders_it_created(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def partial_download(url, download_root, filename=None, **kwargs):
+        (Path(download_root) / filename).write_bytes(b"half an archive")
+        raise urllib.error.URLError("[Errno 104] Connection reset by peer")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", partial_download)
+    message = load_error(tmp_path / "new" / "cifar")
+    assert "Connection reset by peer" in message and str(tmp_path / "new" / "cifar") in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_failed_download_leaves_an_existing_folder_as_it_was(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def partial_download(url, download_root, filename=None, **kwargs):
+        (Path(download_root) / filename).write_bytes(b"half an archive")
+        (Path(download_root) / "cifar-10-batches-py").mkdir()
+        (Path(download_root) / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"half a batch")
+        raise OSError("[Errno 28] No space left on device")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", partial_download)
+    data_dir = tmp_path / "empty"
+    data_dir.mkdir()
+    (data_dir / ".hidden-by-the-user").write_text("keep")
+    assert "No space left on device" in load_error(data_dir)
+    assert sorted(p.name for p in data_dir.iterdir()) == [".hidden-by-the-user"]
+
+
+def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def interrupted(url, download_root, filename=None, **kwargs):
+        (Path(download_root) / filename).write_bytes(b"a third of an archive")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        load_cifar10(tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
 
 
 def test_download_never_goes_into_a_folder_of_other_things(tmp_path, monkeypatch):

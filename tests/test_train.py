@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 import cifarnet.train as train_module
-from cifarnet.data import load_cifar10
+from cifarnet.data import CIFAR10, DataError, Split, load_cifar10
 from cifarnet.models import ConvNet
 from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
 from cifar10_fakes import make_split, write_pickles
@@ -38,9 +38,9 @@ def dataset(tmp_path_factory):
 
 
 def run(dataset, out, **settings):
-    resume = settings.pop("resume", False)
+    resume, overwrite = settings.pop("resume", False), settings.pop("overwrite", False)
     config = TrainConfig(**{"batch_size": BATCH, "epochs": 2, **settings})
-    return train(config, out, data=dataset, device="cpu", resume=resume, progress=False)
+    return train(config, out, data=dataset, device="cpu", resume=resume, overwrite=overwrite, progress=False)
 
 
 def without_seconds(history):
@@ -290,10 +290,108 @@ def test_resume_refuses_other_settings(dataset, tmp_path):
               resume=True, progress=False)
 
 
-def test_resume_may_switch_ops(dataset, tmp_path):
+def test_resume_may_switch_ops_and_says_so(dataset, tmp_path, capsys):
     run(dataset, tmp_path, variant="baseline", ops="fused", epochs=1)
+    capsys.readouterr()
     history = run(dataset, tmp_path, variant="baseline", ops="native", epochs=2, resume=True)
     assert [r["epoch"] for r in history] == [1, 2]
+    assert "note: " in (printed := capsys.readouterr().out)
+    assert "trained with fused ops and continues with native ops" in printed
+
+
+def test_resume_refuses_other_data(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    images = dataset.train.images.clone()
+    images[-1, 0, 0, 0] ^= 1  # one bit of one pixel
+    other = CIFAR10(Split(images, dataset.train.labels), dataset.test, dataset.layout, dataset.root)
+    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint.pt on other data: it was trained on .*40 training"):
+        run(other, tmp_path, variant="baseline", epochs=2, resume=True)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_on_the_same_images_elsewhere_continues_with_a_note(dataset, tmp_path, capsys):
+    whole = run(dataset, tmp_path / "whole", variant="baseline", epochs=2)
+    run(dataset, tmp_path / "parts", variant="baseline", epochs=1)
+    moved = CIFAR10(dataset.train, dataset.test, dataset.layout, tmp_path / "moved")
+    capsys.readouterr()
+    resumed = run(moved, tmp_path / "parts", variant="baseline", epochs=2, resume=True)
+    assert without_seconds(resumed) == without_seconds(whole)
+    assert f"{tmp_path / 'moved'} holds the same images" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["data"]["root"] == str(tmp_path / "moved")
+
+
+def test_checkpoint_without_a_data_record_still_resumes(dataset, tmp_path, capsys):
+    whole = run(dataset, tmp_path / "whole", variant="baseline", epochs=2)
+    run(dataset, tmp_path / "parts", variant="baseline", epochs=1)
+    path = tmp_path / "parts" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["data"]  # as written before the record existed
+    torch.save(checkpoint, path)
+    capsys.readouterr()
+    resumed = run(dataset, tmp_path / "parts", variant="baseline", epochs=2, resume=True)
+    assert without_seconds(resumed) == without_seconds(whole)
+    assert "does not record the data it was trained on" in capsys.readouterr().out
+
+
+def test_checkpoint_records_the_images_trained_on(dataset, tmp_path):
+    run(dataset, tmp_path / "all", variant="baseline", epochs=1)
+    run(dataset, tmp_path / "some", variant="baseline", epochs=1, limit_train=10)
+    everything = load_checkpoint(tmp_path / "all" / "checkpoint.pt")["data"]
+    some = load_checkpoint(tmp_path / "some" / "checkpoint.pt")["data"]
+    assert everything["root"] == some["root"] == str(dataset.root.resolve())
+    assert (everything["train_images"], some["train_images"]) == (TRAIN_COUNT, 10)
+    assert everything["test_images"] == some["test_images"] == TEST_COUNT
+    assert everything["sha256"] != some["sha256"]
+
+
+# --- the output folder ------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1, seed=1)
+    before = {name: (tmp_path / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"already holds a run \(checkpoint.pt, metrics.jsonl\); resume it"):
+        run(dataset, tmp_path, variant="baseline", epochs=1, seed=2)
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+
+
+def test_overwrite_replaces_the_run(dataset, tmp_path):
+    run(dataset, tmp_path / "old", variant="baseline", epochs=2, seed=1)
+    fresh = run(dataset, tmp_path / "fresh", variant="baseline", epochs=1, seed=2)
+    replaced = run(dataset, tmp_path / "old", variant="baseline", epochs=1, seed=2, overwrite=True)
+    assert without_seconds(replaced) == without_seconds(fresh)
+    assert without_seconds(read_metrics(tmp_path / "old")) == without_seconds(fresh)
+    assert load_checkpoint(tmp_path / "old" / "checkpoint.pt")["config"]["seed"] == 2
+
+
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    (tmp_path / "not-data").write_text("")  # a data folder that is a file: refused without a download
+    with pytest.raises(DataError):
+        train(TrainConfig(variant="baseline", epochs=1), tmp_path, data_dir=tmp_path / "not-data",
+              device="cpu", overwrite=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_an_interrupted_first_epoch_is_not_a_run_to_keep(dataset, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")  # what a run stopped in its first epoch leaves
+    assert len(run(dataset, tmp_path, variant="baseline", epochs=1)) == 1
+
+
+def test_resume_and_overwrite_exclude_each_other(dataset, tmp_path):
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        run(dataset, tmp_path, variant="baseline", epochs=1, resume=True, overwrite=True)
+
+
+def test_output_folder_that_is_a_file(dataset, tmp_path):
+    (tmp_path / "run").write_text("my notes")
+    with pytest.raises(ValueError, match=r"output folder .*run: it is a text file, not a folder"):
+        run(dataset, tmp_path / "run", variant="baseline", epochs=1)
+    with pytest.raises(ValueError, match=r"output folder .*sub: .*run is a file, so no folder can be created under it"):
+        run(dataset, tmp_path / "run" / "sub", variant="baseline", epochs=1)
+    assert (tmp_path / "run").read_text() == "my notes"
 
 
 def test_resume_without_checkpoint_starts_afresh(dataset, tmp_path):
@@ -312,15 +410,41 @@ def test_limit_train_shrinks_the_epoch(dataset, tmp_path):
     assert len(load_checkpoint(tmp_path / "checkpoint.pt")["batch_losses"][0]) == 1
 
 
+class NotPlainData:
+    pass
+
+
 def test_unreadable_checkpoint(tmp_path):
+    expected = "expected a checkpoint.pt written by cifarnet-train"
     with pytest.raises(ValueError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="is not readable"):
+    with pytest.raises(ValueError, match=f"bad.pt is not a checkpoint: it is a text file; {expected}"):
         load_checkpoint(tmp_path / "bad.pt")
+    (tmp_path / "zeros.pt").write_bytes(b"\x00" * 100)
+    with pytest.raises(ValueError, match=f"zeros.pt is not a checkpoint: it is a file of 100 bytes in an unknown format; {expected}"):
+        load_checkpoint(tmp_path / "zeros.pt")
+    Image.new("RGB", (4, 4)).save(tmp_path / "image.pt", format="PNG")
+    with pytest.raises(ValueError, match="image.pt is not a checkpoint: it is a PNG image"):
+        load_checkpoint(tmp_path / "image.pt")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match=r"tensor.pt is a torch file but not a cifarnet checkpoint: it holds a tensor of shape \(3,\)"):
+        load_checkpoint(tmp_path / "tensor.pt")
+    torch.save(NotPlainData(), tmp_path / "object.pt")
+    with pytest.raises(ValueError, match=r"object.pt is not a checkpoint: it is a torch file holding a Python object of type .*NotPlainData"):
+        load_checkpoint(tmp_path / "object.pt")
+    torch.save({"format": 7}, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match="has format 7; this cifarnet reads format 1"):
+        load_checkpoint(tmp_path / "future.pt")
     torch.save({"format": 1, "epoch": 1}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="lacks config, model"):
         load_checkpoint(tmp_path / "partial.pt")
+
+
+def test_checkpoint_path_that_is_a_run_folder(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1)
+    with pytest.raises(ValueError, match=r"is a folder; did you mean .*checkpoint.pt\?"):
+        load_checkpoint(tmp_path)
 
 
 def test_epoch_result_is_plain_data():

@@ -1,0 +1,165 @@
+"""ONNX translations of the fused ops, so ``torch.onnx.export(model, args, dynamo=True)`` exports
+models with cifarnet layers as standard ONNX nodes.
+
+The dynamo exporter captures the model with ``torch.export``, decomposes it, then translates each
+op with an ONNX Script function from its registry. What reaches the translation step, for a model
+in evaluation mode:
+
+- ``conv2d_relu_max_pool2d`` stays whole (a functional composite op, which the exporter keeps
+  when the registry translates it) and becomes ``Conv -> Relu -> MaxPool``.
+- ``batch_norm`` (a composite op that may update running statistics) decomposes into
+  ``_batch_norm_forward``, which becomes ``BatchNormalization``.
+- ``conv2d_batch_norm_relu_max_pool2d`` decomposes as it runs in evaluation: the batch norm
+  folded into the convolution's weight and bias (a few ``Mul``/``Sqrt`` on initializers, which
+  the exporter's optimizer folds into constants), then ``conv2d_relu_max_pool2d``:
+  ``Conv -> Relu -> MaxPool``, the graph ONNX runtimes make of ``Conv -> BatchNormalization``
+  anyway.
+
+Batch norm with batch statistics (training mode, or no running statistics) has no translation
+and fails export with that reason; the training op of ``conv2d_batch_norm_relu_max_pool2d`` and
+``conv2d_relu_max_pool2d_with_argmax`` (what an already decomposed ``ExportedProgram`` holds)
+fail naming the op, as any op the exporter does not know. Export the model, or its
+``torch.export.export`` program, in ``model.eval()``.
+
+NB: ``torch.onnx.export`` has no public hook that makes a translation apply to every export (its
+``custom_translation_table`` argument applies to one call), so :func:`_register_with_exporter`
+adds the translations to the list the exporter builds its registry from at each export, a
+private one in ``torch.onnx``; tests/test_onnx.py fails clearly when torch changes it. That
+happens when ``torch.onnx``'s registry module is first imported (at once if it already is), so
+``import cifarnet`` imports neither ``torch.onnx`` nor ``onnxscript``; without ``onnxscript``,
+which the exporter needs too, nothing is registered.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+
+import torch
+
+_MIN_OPSET = 18  # the opset the translations' ops are written against (onnxscript opset18)
+
+
+def _pads(padding) -> list[int]:
+    """``[top, left, bottom, right]`` ONNX pads of a symmetric torch ``(pad_h, pad_w)``."""
+    return [padding[0], padding[1], padding[0], padding[1]]
+
+
+def _per_channel_or(value, fill: float, input):
+    """``value``, or a ``Tensor[C]`` of ``fill`` in ``input``'s dtype when ``value`` is None."""
+    from onnxscript import opset18 as op
+
+    if value is not None:
+        return value
+    channels = op.Shape(input, start=1, end=2)
+    return op.Expand(op.CastLike(op.Constant(value_float=fill), input), channels)
+
+
+def conv2d_relu_max_pool2d(
+    input, weight, bias=None, stride=(1, 1), padding=(0, 0), pool_size=(2, 2), pool_stride=(), ceil_mode=False
+):
+    """``cifarnet::conv2d_relu_max_pool2d`` as ``Conv -> Relu -> MaxPool`` (defaults mirror the schema)."""
+    from onnxscript import opset18 as op
+
+    conv = op.Conv(input, weight, bias, strides=list(stride), pads=_pads(padding), dilations=[1, 1], group=1)
+    pooled, _ = op.MaxPool(
+        op.Relu(conv),
+        kernel_shape=list(pool_size),
+        strides=list(pool_stride or pool_size),
+        pads=[0, 0, 0, 0],
+        dilations=[1, 1],
+        ceil_mode=int(ceil_mode),
+    )
+    return pooled
+
+
+def batch_norm_forward(input, mean, var, weight, bias, training, eps):
+    """``cifarnet::_batch_norm_forward`` in evaluation as ``BatchNormalization``.
+
+    Returns ``(output, save_mean, save_var)`` like the op; in evaluation the saved statistics
+    are the running ones (only the backward reads them, so the exported graph drops them).
+    """
+    from onnxscript import opset18 as op
+
+    if training:
+        raise NotImplementedError(
+            "cifarnet batch norm with batch statistics (a model in training mode, or a batch norm "
+            "without running statistics) has no ONNX translation; export the model in "
+            "evaluation mode (model.eval()) with running statistics"
+        )
+    mean = _per_channel_or(mean, 0.0, input)
+    var = _per_channel_or(var, 1.0, input)
+    output = op.BatchNormalization(
+        input, _per_channel_or(weight, 1.0, input), _per_channel_or(bias, 0.0, input), mean, var, epsilon=eps
+    )
+    # NB: new values (Identity), not the inputs themselves: the exporter names each output.
+    return output, op.Identity(mean), op.Identity(var)
+
+
+ONNX_TRANSLATIONS = {
+    torch.ops.cifarnet.conv2d_relu_max_pool2d.default: conv2d_relu_max_pool2d,
+    torch.ops.cifarnet._batch_norm_forward.default: batch_norm_forward,
+}
+"""What :func:`_register_with_exporter` registers; also usable as ``torch.onnx.export``'s
+``custom_translation_table``."""
+
+
+_EXPORTER_REGISTRY_MODULE = "torch.onnx._internal.exporter._registration"
+# Loaders made for one module each (find_spec returns a new one), so patching one patches no other.
+_FILE_LOADERS = (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader)
+
+
+def _register_with_exporter() -> None:
+    """Add :data:`ONNX_TRANSLATIONS` to the list every ``torch.onnx.export(dynamo=True)`` builds
+    its registry from (idempotent)."""
+    # NB: private torch.onnx API, used here only; tests/test_onnx.py checks that an exporter
+    # registry built after `import cifarnet` translates every op in ONNX_TRANSLATIONS.
+    from torch.onnx._internal.exporter import _registration
+    from torch.onnx._internal.exporter._torchlib import _torchlib_registry
+
+    registered = {meta.fx_target for meta in _torchlib_registry._registry}
+    for target, function in ONNX_TRANSLATIONS.items():
+        if target not in registered:
+            _torchlib_registry._registry.append(
+                _registration.OnnxDecompMeta(
+                    onnx_function=function,
+                    fx_target=target,
+                    signature=None,
+                    is_custom=True,
+                    opset_introduced=_MIN_OPSET,
+                )
+            )
+
+
+class _RegisterAfterExporterImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`_register_with_exporter` right after the exporter's registry module is first
+    imported, so ``import cifarnet`` does not import ``torch.onnx`` and ``onnxscript`` (half a
+    second) for programs that never export."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _EXPORTER_REGISTRY_MODULE:
+            return None
+        sys.meta_path.remove(self)  # once; and the lookup below must not find this finder
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and isinstance(spec.loader, _FILE_LOADERS):
+            exec_module = spec.loader.exec_module
+
+            def exec_module_then_register(module):
+                del spec.loader.exec_module  # the loader's own method again, for any later module
+                exec_module(module)
+                _register_with_exporter()
+
+            spec.loader.exec_module = exec_module_then_register
+        return spec
+
+
+def _register_when_exporting() -> None:
+    if _EXPORTER_REGISTRY_MODULE in sys.modules:
+        _register_with_exporter()
+    elif importlib.util.find_spec("onnxscript") is not None:  # without it the exporter cannot run
+        sys.meta_path.insert(0, _RegisterAfterExporterImport())
+
+
+_register_when_exporting()

@@ -1,0 +1,173 @@
+"""torch.onnx.export(dynamo=True) of models with cifarnet layers: standard ONNX nodes, and
+onnxruntime computing what PyTorch computes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+pytest.importorskip("onnxscript")
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+import cifarnet  # noqa: E402
+from cifarnet import nn as cnn  # noqa: E402
+from cifarnet._onnx_registrations import ONNX_TRANSLATIONS  # noqa: E402
+from cifarnet.models import ConvNet  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # NB: as in test_models.py: OpenMP threads spin-wait on a busy two-core machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def export(model: nn.Module, input: torch.Tensor, **options) -> onnx.ModelProto:
+    """What a user writes: the plain dynamo export, nothing cifarnet-specific."""
+    return torch.onnx.export(model, (input,), dynamo=True, verbose=False, **options).model_proto
+
+
+def run_onnx(proto: onnx.ModelProto, input: torch.Tensor) -> torch.Tensor:
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: input.detach().contiguous().numpy()})
+    return torch.from_numpy(output)
+
+
+def node_types(proto: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in proto.graph.node]
+
+
+def assert_close_float32(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    # Two float32 convolution algorithms: rounding of the order of 1e-6 of the output's scale.
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(actual, expected.contiguous(), rtol=1e-4, atol=1e-5 * scale)
+
+
+def exported_and_checked(model: nn.Module, input: torch.Tensor, **options) -> onnx.ModelProto:
+    """Exports ``model`` in eval mode and checks that onnxruntime computes on ``input`` what
+    PyTorch computes, in float32."""
+    model.eval()
+    proto = export(model, input, **options)
+    with torch.no_grad():
+        assert_close_float32(run_onnx(proto, input), model(input))
+    return proto
+
+
+def randomise_running_statistics(model: nn.Module) -> nn.Module:
+    """Running statistics away from 0 and 1, so that an eval-mode batch norm is not the identity."""
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean.copy_(torch.rand(module.running_mean.shape, generator=generator) - 0.5)
+            module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+            if module.affine:
+                module.weight.data.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.data.copy_(torch.rand(module.bias.shape, generator=generator) - 0.5)
+    return model
+
+
+def image(*shape: int, channels_last: bool = False) -> torch.Tensor:
+    input = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    return input.to(memory_format=torch.channels_last) if channels_last else input
+
+
+def test_every_translation_is_in_the_registry_the_exporter_builds():
+    # Fails when torch.onnx changes the private registry cifarnet._onnx_registrations adds to.
+    from torch.onnx._internal.exporter import _registration
+
+    registry = _registration.ONNXRegistry.from_torchlib()
+    assert [op for op in ONNX_TRANSLATIONS if not registry.is_registered(op)] == []
+    for op, function in ONNX_TRANSLATIONS.items():
+        assert registry.get_decomps(op)[0].onnx_function is function
+
+
+def test_import_cifarnet_does_not_import_the_exporter():
+    code = "import sys, cifarnet; print(sorted(m for m in ('onnxscript', 'torch.onnx') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# (in, out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, height, width, bias, channels_last);
+# bias and layout vary across the geometries rather than multiplying them (each export takes seconds).
+CONV_RELU_POOL_CASES = [
+    pytest.param((3, 8, 3, 1, 1, 2, None, False, 16, 16, True, False), id="3x3-pool2"),
+    pytest.param((3, 8, 3, 1, 1, 2, None, False, 16, 16, False, True), id="3x3-pool2-no_bias-channels_last"),
+    pytest.param((3, 8, 5, 1, 2, 2, None, True, 15, 13, True, True), id="ceil_mode-channels_last"),
+    pytest.param((4, 6, 3, 2, 1, 3, 2, False, 17, 19, False, False), id="stride2-pool3-stride2-no_bias"),
+    # Pooled height: 12 -> 4 with PyTorch's rule that drops a last window starting past the input.
+    pytest.param((4, 6, 3, 1, 0, (2, 3), (3, 2), True, 14, 17, True, False), id="pool_stride-over-size-ceil_mode"),
+]
+
+
+@pytest.mark.parametrize("case", CONV_RELU_POOL_CASES)
+def test_conv2d_relu_max_pool2d_exports_as_conv_relu_maxpool(case):
+    c_in, c_out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, height, width, bias, channels_last = case
+    torch.manual_seed(0)
+    layer = cnn.Conv2dReLUMaxPool2d(c_in, c_out, kernel, stride, padding, bias, pool_size, pool_stride, ceil_mode)
+    nodes = node_types(exported_and_checked(layer, image(2, c_in, height, width, channels_last=channels_last)))
+    assert nodes == ["Conv", "Relu", "MaxPool"]
+
+
+@pytest.mark.parametrize("affine, channels_last", [(True, False), (False, True)], ids=["affine", "no_affine-channels_last"])
+def test_batch_norm2d_exports_as_batch_normalization(affine, channels_last):
+    layer = randomise_running_statistics(cnn.BatchNorm2d(5, eps=1e-3, affine=affine))
+    nodes = node_types(exported_and_checked(layer, image(3, 5, 6, 7, channels_last=channels_last)))
+    assert nodes.count("BatchNormalization") == 1 and not {"Conv", "Relu", "MaxPool"} & set(nodes)
+
+
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 9)])
+def test_batch_norm1d_exports_as_batch_normalization(shape):
+    layer = randomise_running_statistics(cnn.BatchNorm1d(6))
+    assert node_types(exported_and_checked(layer, image(*shape))) == ["BatchNormalization"]
+
+
+@pytest.mark.parametrize("bias, channels_last", [(True, False), (False, True)], ids=["bias", "no_bias-channels_last"])
+def test_conv2d_batch_norm_relu_max_pool2d_exports_folded_into_conv(bias, channels_last):
+    torch.manual_seed(0)
+    layer = cnn.Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1, bias=bias, pool_size=3, pool_stride=2, ceil_mode=True)
+    layer = randomise_running_statistics(layer)
+    nodes = node_types(exported_and_checked(layer, image(2, 3, 12, 11, channels_last=channels_last)))
+    # Evaluation folds the batch norm into the convolution (as the op itself does); the
+    # exporter's optimizer folds that arithmetic on the initializers into constants.
+    assert nodes == ["Conv", "Relu", "MaxPool"]
+
+
+def test_batch_statistics_fail_to_export_naming_the_reason():
+    layer = cnn.BatchNorm2d(4, track_running_stats=False)  # batch statistics in eval too
+    with pytest.raises(Exception, match="batch statistics"):
+        export(layer.eval(), image(2, 4, 5, 5))
+
+
+def test_study_convnet_full_exports_and_takes_any_batch_size():
+    torch.manual_seed(0)
+    model = randomise_running_statistics(ConvNet("full", "fused")).eval()
+    proto = exported_and_checked(model, image(2, 3, 28, 28), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    nodes = node_types(proto)
+    assert nodes.count("Conv") == 3 and nodes.count("Relu") == 4 and nodes.count("MaxPool") == 3
+    assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}  # no custom-op domain
+    other_batch = image(5, 3, 28, 28)
+    with torch.no_grad():
+        assert_close_float32(run_onnx(proto, other_batch), model(other_batch))
+
+
+def test_fused_torchvision_vgg11_bn_exports_and_computes_the_same():
+    torch.manual_seed(0)
+    # NB: the features, where fuse puts every fused layer; VGG's classifier (400 MB of Linear
+    # weights) would only slow the export down.
+    model = randomise_running_statistics(torchvision.models.vgg11_bn(num_classes=10).features)
+    fused = cifarnet.fuse(model).eval()
+    input = image(2, 3, 32, 32, channels_last=True)
+    nodes = node_types(exported_and_checked(fused, input))
+    assert nodes.count("Conv") == 8 and nodes.count("MaxPool") == 5 and nodes.count("Relu") == 8
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input), model.eval()(input), rtol=1e-4, atol=1e-4)

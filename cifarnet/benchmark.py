@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import cifarnet
 from cifarnet import ops
+from cifarnet._cpu import describe_cpu
 from cifarnet.fileio import output_file_problem
 
 IMPLEMENTATIONS = ("native", "compiled", "fused")
@@ -501,6 +502,13 @@ def allocator_note(args: argparse.Namespace) -> str:
     return "; malloc keeps freed memory" if args.keeps_freed_memory else ""
 
 
+def machine_line(device: torch.device) -> str:
+    """What the figures were measured on: the CPU (model, instruction sets, cache) or the GPU."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}; CPU: {describe_cpu()}"
+    return f"CPU: {describe_cpu()}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -524,6 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"cifarnet-bench: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
         f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode{allocator_note(args)}"
     )
+    print(machine_line(device))
     results = []
     progress = tqdm(total=len(selected) * len(formats) * len(STUDY_LAYERS), desc="benchmarking", leave=False)
     for op in selected:
@@ -571,6 +580,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype) -> int:
         f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
         f"{allocator_note(args)}"
     )
+    print(machine_line(device))
     rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats)
     print(format_model_table(rows))
     if args.json:

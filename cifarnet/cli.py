@@ -23,6 +23,7 @@ from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix, plot_test_ac
 from cifarnet.train import (
     CHECKPOINT_FILE,
     DEVICES,
+    PRECISIONS,
     TrainConfig,
     earlier_run_files,
     epoch,
@@ -81,6 +82,9 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     parser.add_argument("--ops", choices=OPS, default=defaults.ops,
                         help="fused cifarnet ops or native torch layers (default: %(default)s)")
+    parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
+                        help="float32 (the study as published) or bfloat16: forward passes under torch.autocast, "
+                             "parameters kept in float32 (default: %(default)s)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                         help="train on the first N training images only")
@@ -123,6 +127,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 seed=args.seed,
                 ops=args.ops,
                 limit_train=args.limit_train,
+                precision=args.precision,
             )
             run_out = run_folders[variant]
             histories[variant] = train(
@@ -192,6 +197,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     parser.add_argument("--ops", choices=OPS, default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the checkpoint's")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"confusion-matrix PNG (default: {CONFUSION_PLOT} beside the checkpoint); an "
@@ -217,6 +223,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         checkpoint = load_checkpoint(args.checkpoint)
         config = TrainConfig(**checkpoint["config"])
         ops = args.ops or config.ops
+        precision = args.precision or config.precision
         model = ConvNet(config.variant, ops)
         try:
             model.load_state_dict(checkpoint["model"])
@@ -227,7 +234,8 @@ def eval_main(argv: list[str] | None = None) -> int:
         data = load_cifar10(args.data_dir, progress=progress)
         loader = BatchLoader(data.test, args.batch_size or config.batch_size, recipe(config.variant), train=False, device=device)
         confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64)
-        result = epoch(loader, model, nn.CrossEntropyLoss(), progress=progress, description="test", confusion=confusion)
+        result = epoch(loader, model, nn.CrossEntropyLoss(), progress=progress, description="test", confusion=confusion,
+                       autocast_dtype=PRECISIONS[precision])
         plot_path.parent.mkdir(parents=True, exist_ok=True)
         plot_confusion_matrix(
             confusion.numpy(), CLASSES, plot_path,
@@ -238,7 +246,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("cifarnet-eval: interrupted", file=sys.stderr)
         return INTERRUPTED_STATUS
-    print(f"checkpoint {args.checkpoint}: variant {config.variant}, epoch {checkpoint['epoch']}, ops {ops}")
+    print(f"checkpoint {args.checkpoint}: variant {config.variant}, epoch {checkpoint['epoch']}, ops {ops}, {precision}")
     print(f"test loss {result.loss:.4f}  top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  ({len(data.test):,} images)")
     print()
     print(_per_class_table(confusion))

@@ -42,6 +42,7 @@ __all__ = [
     "CHECKPOINT_FILE",
     "DEVICES",
     "METRIC_KEYS",
+    "PRECISIONS",
     "EpochResult",
     "TrainConfig",
     "data_record",
@@ -63,6 +64,8 @@ BATCH_LOSSES_FILE = "batch_losses.csv"
 CURVES_FILE = "curves.png"
 BATCH_LOSSES_PLOT = "batch_losses.png"
 CHECKPOINT_FORMAT = 1
+# precision -> the autocast dtype of the forward passes (None: no autocast).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history", "batch_losses")
 # Optional: what the run was trained on (see data_record); checkpoints written before it was
 # recorded lack it and still resume, unchecked.
@@ -88,6 +91,9 @@ class TrainConfig:
         seed: seeds initialisation, dropout, shuffling and augmentation.
         ops: ``"fused"`` or ``"native"`` conv→ReLU→pool stages (see :class:`ConvNet`).
         limit_train: train on the first ``limit_train`` training images only (None: all).
+        precision: ``"float32"`` (the study as published) or ``"bfloat16"``: forward passes
+            under ``torch.autocast`` in that dtype (see :data:`PRECISIONS`); parameters,
+            optimizer state and batch-norm statistics stay float32.
     """
 
     variant: str = "full"
@@ -97,9 +103,12 @@ class TrainConfig:
     seed: int = 0
     ops: str = "fused"
     limit_train: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         if self.ops not in OPS:
             raise ValueError(f"ops must be one of {', '.join(OPS)}; got {self.ops!r}")
         if self.epochs < 1:
@@ -138,6 +147,7 @@ def epoch(
     progress: bool = False,
     description: str = "",
     confusion: Tensor | None = None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> EpochResult:
     """One pass over ``data``: training with ``optimizer``, evaluation without.
 
@@ -156,6 +166,8 @@ def epoch(
         description: the progress bar's label.
         confusion: optional ``int64`` ``Tensor[C, C]`` on the CPU; ``confusion[true, predicted]``
             is incremented for every example.
+        autocast_dtype: run the forward pass and loss under ``torch.autocast`` in this dtype
+            (None: in the inputs' dtype).
 
     Returns:
         :class:`EpochResult` with example-weighted averages.
@@ -169,8 +181,9 @@ def epoch(
     bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
     with torch.set_grad_enabled(training):
         for inputs, labels in bar:
-            logits = model(inputs)
-            loss = criterion(logits, labels)
+            with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                logits = model(inputs)
+                loss = criterion(logits, labels)
             if training:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -337,10 +350,11 @@ def _describe_object(value) -> str:
 
 
 def _resumable_config(saved: dict, config: TrainConfig, path: Path) -> None:
+    # A setting a checkpoint predates (precision) had its default then.
     changed = [
-        f"{f.name}: {saved.get(f.name)!r} -> {getattr(config, f.name)!r}"
+        f"{f.name}: {saved.get(f.name, f.default)!r} -> {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)
-        if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)
+        if f.name not in RESUMABLE_CHANGES and saved.get(f.name, f.default) != getattr(config, f.name)
     ]
     if changed:
         raise ValueError(
@@ -534,8 +548,11 @@ def train(
         label = f"{config.variant} {epoch_number}/{config.epochs}"
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train")
-        tested = epoch(test_loader, model, criterion, progress=progress, description=f"{label} test")
+        autocast_dtype = PRECISIONS[config.precision]
+        trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train",
+                        autocast_dtype=autocast_dtype)
+        tested = epoch(test_loader, model, criterion, progress=progress, description=f"{label} test",
+                       autocast_dtype=autocast_dtype)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started

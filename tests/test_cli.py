@@ -340,6 +340,18 @@ def trained(folders, tmp_path):
     return out
 
 
+def test_bfloat16_training_is_evaluated_in_bfloat16(folders, tmp_path, capsys):
+    out = tmp_path / "bf16"
+    assert train_main(["--variant", "full", "--epochs", "1", "--precision", "bfloat16", "--data-dir", str(folders),
+                       "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    assert eval_main([str(out / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    final = read_metrics(out)[-1]
+    assert "ops fused, bfloat16" in printed  # the checkpoint's precision, by default
+    assert f"test loss {final['test_loss']:.4f}" in printed  # the same computation as training's test pass
+
+
 def test_eval_reports_what_training_measured(trained, folders, capsys):
     capsys.readouterr()
     status = eval_main([str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--device", "cpu"])

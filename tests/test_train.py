@@ -299,6 +299,60 @@ def test_resume_may_switch_ops_and_says_so(dataset, tmp_path, capsys):
     assert "trained with fused ops and continues with native ops" in printed
 
 
+class DtypeRecorder(nn.Module):
+    """A linear classifier that records the dtype its output is computed in."""
+
+    def __init__(self, features: int = 12, classes: int = 10):
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+        self.dtypes = []
+
+    def forward(self, x):
+        logits = self.linear(x)
+        self.dtypes.append(logits.dtype)
+        return logits
+
+
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_epoch_runs_the_forward_under_autocast(autocast_dtype):
+    model = DtypeRecorder()
+    _, _, batches = make_batches()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    epoch(batches, model, nn.CrossEntropyLoss(), optimizer, autocast_dtype=autocast_dtype)
+    assert set(model.dtypes) == {autocast_dtype or torch.float32}
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("ops", ["fused", "native"])
+def test_bfloat16_run_records_its_precision_and_resumes_exactly(dataset, tmp_path, ops):
+    whole = run(dataset, tmp_path / "whole", variant="full", ops=ops, precision="bfloat16", epochs=2)
+    run(dataset, tmp_path / "parts", variant="full", ops=ops, precision="bfloat16", epochs=1)
+    resumed = run(dataset, tmp_path / "parts", variant="full", ops=ops, precision="bfloat16", epochs=2, resume=True)
+    assert without_seconds(resumed) == without_seconds(whole)
+    checkpoint = load_checkpoint(tmp_path / "parts" / "checkpoint.pt")
+    assert checkpoint["config"]["precision"] == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in checkpoint["model"].values() if t.is_floating_point())
+    float32 = run(dataset, tmp_path / "float32", variant="full", ops=ops, epochs=2)
+    assert without_seconds(float32) != without_seconds(whole)  # the precision did change the computation
+    with pytest.raises(ValueError, match=r"different settings \(precision: 'bfloat16' -> 'float32'\)"):
+        run(dataset, tmp_path / "parts", variant="full", ops=ops, epochs=3, resume=True)
+
+
+def test_checkpoint_without_a_precision_resumes_as_float32(dataset, tmp_path):
+    whole = run(dataset, tmp_path / "whole", variant="baseline", epochs=2)
+    run(dataset, tmp_path / "parts", variant="baseline", epochs=1)
+    path = tmp_path / "parts" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["precision"]  # as written before the setting existed
+    torch.save(checkpoint, path)
+    assert without_seconds(run(dataset, tmp_path / "parts", variant="baseline", epochs=2, resume=True)) == without_seconds(whole)
+
+
+def test_config_rejects_an_unknown_precision():
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16; got 'float16'"):
+        TrainConfig(precision="float16")
+
+
 def test_resume_refuses_other_data(dataset, tmp_path):
     run(dataset, tmp_path, variant="baseline", epochs=1)
     before = (tmp_path / "checkpoint.pt").read_bytes()

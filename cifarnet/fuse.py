@@ -37,10 +37,12 @@ must give one graph (no Python branch on ``self.training``) without touching a b
 the graph. Input checks such as ``if input.dim() != 4: raise ValueError(...)`` do not stop the
 trace: every way through ``forward``'s branches on traced values is tried, and when exactly
 one of them traces (the others raise or cannot be traced) that one is kept, with each branch
-condition checked at run time by ``torch._assert`` (an ``AssertionError`` naming the check,
-where the original raised its own error). A module that cannot be traced is left as it is,
-except that its plain ``nn.Sequential`` children are rewritten by position and its other
-children are tried in turn; :func:`fuse` warns, naming it.
+condition checked at run time. An input that fails a check runs the module's own ``forward``
+instead, on the same tensors with the graph's fused layers back to ``nn.Conv2d``: it raises
+what the original raises (the ``ValueError``, or the user's own exception type) or, on a way
+the graph does not hold, returns what the original returns. A module that cannot be traced
+is left as it is, except that its plain ``nn.Sequential`` children are rewritten by position
+and its other children are tried in turn; :func:`fuse` warns, naming it.
 
 Chains the fused ops cannot compute (dilation, groups, padding modes, padded, dilated or
 index-returning pools, windows over 255 elements, asymmetric ``'same'`` padding, batch-norm
@@ -49,7 +51,8 @@ listed, with the reason, in the :class:`FusionReport`.
 
 :func:`unfuse` puts back ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU``, ``nn.MaxPool2d`` and the
 modules' own classes (and so their own ``forward``), sharing the same tensors, for people
-without cifarnet.
+without cifarnet; it also turns the :mod:`cifarnet.nn` layers of any model into torch modules
+(their ``to_native()``).
 """
 
 from __future__ import annotations
@@ -69,13 +72,17 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from torch.fx.node import has_side_effect
+from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet.nn import (
+    BatchNorm1d,
     BatchNorm2d,
     Conv2dBatchNormReLUMaxPool2d,
     Conv2dReLUMaxPool2d,
     conv_bn_relu_pool_unfusable_reason,
     conv_relu_pool_unfusable_reason,
+    share_batch_norm_state,
 )
 
 __all__ = [
@@ -233,20 +240,6 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
         return f"{super().extra_repr()}, {self._fuses_repr()}"
 
 
-def _share_batch_norm_state(cls, bn: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """A ``cls`` instance (an ``nn.BatchNorm2d`` class) holding ``bn``'s very tensors."""
-    shared = cls.__new__(cls)
-    nn.Module.__init__(shared)
-    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
-        setattr(shared, name, getattr(bn, name))
-    for name, parameter in bn._parameters.items():
-        shared.register_parameter(name, parameter)
-    for name, buffer in bn._buffers.items():
-        shared.register_buffer(name, buffer, persistent=name not in bn._non_persistent_buffers_set)
-    shared.train(bn.training)
-    return shared
-
-
 class FusedBatchNorm2d(nn.BatchNorm2d):
     """An ``nn.BatchNorm2d`` whose normalisation the fused layer before it computes.
 
@@ -267,13 +260,13 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     def from_batch_norm(cls, bn: nn.BatchNorm2d, computed_by: str) -> FusedBatchNorm2d:
         """Holds ``bn``'s tensors (shared, not copied) and mode; ``computed_by`` names the fused
         layer that normalises."""
-        fused = _share_batch_norm_state(cls, bn)
+        fused = share_batch_norm_state(cls, bn)
         fused.computed_by = computed_by
         return fused
 
     def to_batch_norm2d(self) -> nn.BatchNorm2d:
         """A plain ``nn.BatchNorm2d`` holding this module's tensors."""
-        return _share_batch_norm_state(nn.BatchNorm2d, self)
+        return share_batch_norm_state(nn.BatchNorm2d, self)
 
     def forward(self, input: Tensor) -> Tensor:
         return input
@@ -339,7 +332,8 @@ class FusionReport:
         untraced: qualified name (``""``: the model) -> why ``torch.fx`` could not trace the
             module, for the modules fused only by position inside (see :func:`fuse`).
         checks: the branch conditions kept, as run-time checks, in the graphs of traced
-            modules: where the condition is and the value the traced branch needs.
+            modules: where the condition is and the value the traced branch needs. An input
+            that fails one runs the module's own ``forward`` (see :class:`_FusedGraphModule`).
     """
 
     fused: list[Chain] = dataclasses.field(default_factory=list)
@@ -415,10 +409,14 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     batch-norm, ReLU and pooling calls are put back after the convolution. Modules that
     ``fuse`` turned into GraphModules become instances of their own classes again, running
     their own ``forward`` (a GraphModule given to ``fuse`` stays one, its graph unfused).
-    Layers of :mod:`cifarnet.nn` that ``fuse`` did not make stay.
+    Layers of :mod:`cifarnet.nn` that ``fuse`` did not make (a model written with them, or
+    one such layer given as ``model``) become their ``to_native()``: ``nn.BatchNorm1d`` and
+    ``nn.BatchNorm2d``, and GraphModules of torch calls for the conv layers, holding the same
+    tensors under the same names. A forward that calls :mod:`cifarnet.ops` itself is code,
+    not a layer, and stays as it is.
 
     Args:
-        model: a model returned by :func:`fuse`.
+        model: any model: one returned by :func:`fuse`, or one built with :mod:`cifarnet.nn`.
         inplace: rewrite ``model`` itself rather than a deep copy.
 
     Returns:
@@ -431,15 +429,32 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, GraphModule):
             _unfuse_graph(module)
-    for module in list(model.modules()):
-        for name, child in list(module._modules.items()):
-            if isinstance(child, _FusedChainLayer):
-                setattr(module, name, child.to_conv2d())
-            elif isinstance(child, FusedBatchNorm2d):
-                setattr(module, name, child.to_batch_norm2d())
-            elif isinstance(child, FusedIdentity):
-                setattr(module, name, child.original.train(child.training))
-    return _untraced(model)
+    _unfuse_children(model)
+    model = _untraced(model)
+    return model.to_native() if isinstance(model, _LAYERS) else model
+
+
+# The layers of cifarnet.nn, each with a to_native() that computes it with torch alone.
+_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNorm1d, BatchNorm2d)
+
+
+def _unfuse_children(module: nn.Module) -> None:
+    """Replaces, at every depth below ``module``, what fuse put in by what it replaced, and the
+    layers of cifarnet.nn by their ``to_native()``."""
+    for name, child in list(module._modules.items()):
+        if isinstance(child, _FusedChainLayer):  # before _LAYERS: the chain's other positions come back too
+            native = child.to_conv2d()
+        elif isinstance(child, FusedBatchNorm2d):
+            native = child.to_batch_norm2d()
+        elif isinstance(child, FusedIdentity):
+            native = child.original.train(child.training)
+        elif isinstance(child, _LAYERS):
+            native = child.to_native()
+        else:
+            if child is not None:
+                _unfuse_children(child)
+            continue
+        setattr(module, name, native)
 
 
 # --------------------------------------------------------------------------------------------
@@ -728,7 +743,11 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> GraphModule:
     parameter, buffer and hook under its name, in its order and container type.
     """
     graph._tracer_cls = None  # nothing of cifarnet's is needed to unpickle the GraphModule
-    graph_module = GraphModule(module, graph, class_name=type(module).__name__)
+    # The module's own forward stays at hand for the inputs the graph does not hold, where
+    # there is one: a GraphModule given to fuse has nothing to go back to.
+    has_original = not isinstance(module, GraphModule) or "_traced_from" in vars(module)
+    graph_module_class = _FusedGraphModule if has_original else GraphModule
+    graph_module = graph_module_class(module, graph, class_name=type(module).__name__)
     preserved = {}
     for key, value in vars(module).items():
         if key in _MODULE_STATE:
@@ -768,13 +787,8 @@ def _untraced(module: nn.Module) -> nn.Module:
         restored = child if child is None else _untraced(child)
         if restored is not child:
             setattr(module, name, restored)
-    traced_from = module.__dict__.get("_traced_from") if isinstance(module, GraphModule) else None
-    if traced_from is None:
-        return module
-    original = traced_from.cls.__new__(traced_from.cls)
-    state = vars(module)
-    original.__dict__.update({key: state[key] for key in (*_MODULE_STATE, *traced_from.attributes) if key in state})
-    return original
+    original = _as_traced_class(module) if isinstance(module, GraphModule) else None
+    return module if original is None else original
 
 
 def _unfuse_graph(graph_module: GraphModule) -> None:
@@ -802,6 +816,132 @@ def _unfuse_graph(graph_module: GraphModule) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Inputs a fused graph does not hold: the module's own forward
+
+
+class _UntracedBranch(AssertionError):
+    """An input takes a branch of forward that the fused graph does not hold (the message says
+    which); :class:`_FusedGraphModule` answers it with the module's own forward."""
+
+
+@has_side_effect  # NB: as torch._assert: dead-code elimination must keep it
+def _check_branch(holds, message: str) -> None:
+    """``torch._assert`` for the branch conditions of fused graphs, raising :class:`_UntracedBranch`.
+
+    Traceable as ``torch._assert`` is: a Proxy (torch.fx tracing the graph's code again, when
+    unpickling or fusing twice) records the call instead of running it.
+    """
+    if type(holds) is not Tensor and has_torch_function((holds,)):
+        return handle_torch_function(_check_branch, (holds,), holds, message)
+    if not holds:
+        raise _UntracedBranch(message)
+
+
+class _FusedGraphModule(GraphModule):
+    """The GraphModule :func:`fuse` makes of a traced module: its graph where the input takes
+    the branches the graph holds, the module's own ``forward`` everywhere else.
+
+    Where one of the graph's branch checks fails (an input ``forward`` rejects, or a branch
+    that could not be traced), the module's class's own ``forward`` runs on
+    :func:`_original_view`, from the start: the caller gets the original's own exception
+    (``ValueError``, not an ``AssertionError``), or its result. Anything the graph did before
+    the failed check (a batch norm's running statistics, in training) is done again then.
+    """
+
+    def recompile(self):
+        python_code = super().recompile()
+        cls = type(self)  # GraphModule's per-instance class, where recompile puts the graph's code
+        cls.forward = _or_original_forward(cls.__dict__["forward"])
+        return python_code
+
+    def __reduce__(self):
+        unpickle, arguments = super().__reduce__()
+        return _unpickle_fused_graph_module, (unpickle, arguments)
+
+
+def _or_original_forward(graph_forward):
+    """``forward`` running the graph's code, or where a branch check fails, the traced class's
+    own ``forward`` on :func:`_original_view`."""
+
+    # NB: wraps keeps the graph's signature where torch.fx and torch.export read it.
+    @functools.wraps(graph_forward)
+    def forward(self, *args, **kwargs):
+        try:
+            return graph_forward(self, *args, **kwargs)
+        except _UntracedBranch:
+            pass
+        # Outside the except clause, so that the original's own exception is not shown as
+        # raised while handling the check's.
+        return self.__dict__["_traced_from"].cls.forward(_original_view(self), *args, **kwargs)
+
+    return forward
+
+
+def _unpickle_fused_graph_module(unpickle, arguments) -> _FusedGraphModule:
+    return _with_original_forward(unpickle(*arguments))
+
+
+def _with_original_forward(graph_module: GraphModule) -> _FusedGraphModule:
+    """A :class:`_FusedGraphModule` taking over ``graph_module``'s state and graph."""
+    fused = _FusedGraphModule.__new__(_FusedGraphModule)
+    fused.__dict__.update(vars(graph_module))
+    type(fused).__name__ = type(graph_module).__name__
+    fused.graph = graph_module.graph  # takes the graph over and compiles it
+    return fused
+
+
+def _as_traced_class(graph_module: GraphModule) -> nn.Module | None:
+    """An instance of the class ``graph_module`` was traced from, over ``graph_module``'s own
+    state (the same dictionaries of parameters, buffers, modules and hooks); None for a
+    GraphModule that fuse was given."""
+    traced_from = graph_module.__dict__.get("_traced_from")
+    if traced_from is None:
+        return None
+    original = traced_from.cls.__new__(traced_from.cls)
+    state = vars(graph_module)
+    original.__dict__.update({key: state[key] for key in (*_MODULE_STATE, *traced_from.attributes) if key in state})
+    return original
+
+
+def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
+    """What ``graph_module`` was before fusing, sharing every tensor and module with it: an
+    instance of the traced class whose graph-fused layers are ``nn.Conv2d`` again.
+
+    The modules on the way to those layers are shallow copies, so ``graph_module`` itself is
+    left as it is; the batch norms, ReLUs and pools of its chains are where they always were.
+    """
+    view = _as_traced_class(graph_module)
+    view.__dict__["_modules"] = dict(view._modules)
+    copies = {id(view)}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module":
+            continue
+        layer = graph_module.get_submodule(node.target)
+        if not isinstance(layer, _FusedChainLayer) or not layer.steps:
+            continue
+        *path, name = node.target.split(".")
+        owner = view
+        for part in path:
+            child = owner._modules[part]
+            if id(child) not in copies:
+                child = _shallow_copy(child)
+                child.__dict__["_modules"] = dict(child._modules)
+                copies.add(id(child))
+                owner._modules[part] = child
+            owner = child
+        owner._modules[name] = layer.to_conv2d()
+    return view
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A second ``module`` object with the same attributes (not GraphModule's ``__copy__``,
+    which rebuilds a GraphModule from what its graph uses)."""
+    copied = object.__new__(type(module))
+    copied.__dict__.update(vars(module))
+    return copied
+
+
+# --------------------------------------------------------------------------------------------
 # Tracing
 
 
@@ -814,7 +954,7 @@ class _Tracer(torch.fx.Tracer):
 
     At the i-th branch on a traced value (``if input.dim() != 4:``) it takes ``plan[i]``
     (False past the plan's end), records where the branch is and what it took, and puts a
-    ``torch._assert`` of the condition's value in the graph.
+    :func:`_check_branch` of the condition's value in the graph.
     """
 
     def __init__(self, plan: tuple[bool, ...]) -> None:
@@ -839,7 +979,7 @@ class _Tracer(torch.fx.Tracer):
             f"{type(self.root).__name__}.forward as fused by cifarnet.fuse needs {where} to be {value}; "
             "the original forward raises (or could not be traced) otherwise"
         )
-        self.create_proxy("call_function", torch._assert, (holds, message), {})
+        self.create_proxy("call_function", _check_branch, (holds, message), {})
         return value
 
 

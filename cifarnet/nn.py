@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarnet import _C, ops
@@ -69,7 +71,8 @@ class Conv2dReLUMaxPool2d(nn.Module):
             ``nn.MaxPool2d``; ``pool_stride=None`` means ``pool_size``.
 
     Shape:
-        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``.
+        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``; an unbatched input
+        ``[C_in, H, W]`` -> ``[C_out, H_out, W_out]``, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take it.
     """
 
     def __init__(
@@ -146,6 +149,15 @@ class Conv2dReLUMaxPool2d(nn.Module):
             input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
         )
 
+    def to_native(self) -> nn.Module:
+        """This layer computed by torch alone: ``F.conv2d -> F.relu -> F.max_pool2d``.
+
+        A ``torch.fx.GraphModule`` holding this layer's own ``weight`` and ``bias``
+        ``Parameter`` objects under the same names, so the state_dict keys stay and a
+        checkpoint loads both ways; it needs nothing of cifarnet to run, pickle or export.
+        """
+        return _native_chain(self, None)
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -178,6 +190,24 @@ def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     }
 
 
+def share_batch_norm_state(cls: type, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """A ``cls`` instance (a batch-norm class) holding ``bn``'s very tensors and its mode.
+
+    Its parameters and buffers are ``bn``'s own objects under the same names, so optimisers and
+    state_dicts see no difference.
+    """
+    shared = cls.__new__(cls)
+    nn.Module.__init__(shared)
+    for name in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+        setattr(shared, name, getattr(bn, name))
+    for name, parameter in bn._parameters.items():
+        shared.register_parameter(name, parameter)
+    for name, buffer in bn._buffers.items():
+        shared.register_buffer(name, buffer, persistent=name not in bn._non_persistent_buffers_set)
+    shared.train(bn.training)
+    return shared
+
+
 class BatchNorm1d(nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` computed by :func:`cifarnet.ops.batch_norm`.
 
@@ -191,6 +221,10 @@ class BatchNorm1d(nn.BatchNorm1d):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+
+    def to_native(self) -> nn.BatchNorm1d:
+        """A ``torch.nn.BatchNorm1d`` holding this module's very parameters and buffers, and its mode."""
+        return share_batch_norm_state(nn.BatchNorm1d, self)
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -206,6 +240,18 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+
+    def to_native(self) -> nn.BatchNorm2d:
+        """A ``torch.nn.BatchNorm2d`` holding this module's very parameters and buffers, and its mode."""
+        return share_batch_norm_state(nn.BatchNorm2d, self)
+
+
+@torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
+def _check_batch_norm2d_input(input: Tensor) -> None:
+    """``nn.BatchNorm2d``'s rank check, with its message: the native conv -> batch norm chain
+    takes no unbatched input."""
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
 def conv_bn_relu_pool_unfusable_reason(conv: nn.Module, bn: nn.Module, pool: nn.Module) -> str | None:
@@ -235,7 +281,9 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         pool_size, pool_stride, ceil_mode: as in :class:`Conv2dReLUMaxPool2d`.
 
     Shape:
-        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``.
+        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``. An unbatched input
+        raises ``ValueError``, as ``nn.BatchNorm2d`` does in the native chain
+        (:func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` takes it as a batch of one).
     """
 
     def __init__(
@@ -293,6 +341,7 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         return fused
 
     def forward(self, input: Tensor) -> Tensor:
+        _check_batch_norm2d_input(input)
         return ops.conv2d_batch_norm_relu_max_pool2d(
             input,
             self.weight,
@@ -307,9 +356,47 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
             **batch_norm_arguments(self.bn),
         )
 
+    def to_native(self) -> nn.Module:
+        """This layer computed by torch alone: ``F.conv2d -> nn.BatchNorm2d -> F.relu ->
+        F.max_pool2d``.
+
+        A ``torch.fx.GraphModule`` holding this layer's ``weight`` and ``bias`` and, as ``bn``,
+        an ``nn.BatchNorm2d`` over the batch norm's very tensors (its mode too): the same
+        state_dict keys, and nothing of cifarnet needed to run, pickle or export it.
+        """
+        return _native_chain(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
+
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
             f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
         )
+
+
+def _native_chain(layer: Conv2dReLUMaxPool2d | Conv2dBatchNormReLUMaxPool2d, bn: nn.BatchNorm2d | None) -> nn.Module:
+    """The GraphModule of ``layer.to_native()``: conv -> [bn ->] ReLU -> max pool in torch calls.
+
+    NB: a GraphModule rather than an ``nn.Sequential`` of torch layers, whose keys
+    (``0.weight``) would differ from the layer's (``weight``): the convolution's parameters
+    stay attributes of the module itself, read by ``F.conv2d``.
+    """
+    root = nn.Module()
+    root.weight = layer.weight
+    root.bias = layer.bias
+    graph = torch.fx.Graph()
+    output = graph.placeholder("input")
+    weight = graph.get_attr("weight")  # first: GraphModule registers in this order, the state_dict's
+    bias = None if layer.bias is None else graph.get_attr("bias")
+    output = graph.call_function(F.conv2d, (output, weight, bias, layer.stride, layer.padding))
+    if bn is not None:
+        root.bn = bn
+        output = graph.call_module("bn", (output,))
+    output = graph.call_function(F.relu, (output,))
+    output = graph.call_function(
+        F.max_pool2d, (output, layer.pool_size, layer.pool_stride), {"ceil_mode": layer.ceil_mode}
+    )
+    graph.output(output)
+    native = torch.fx.GraphModule(root, graph)
+    native.training = layer.training  # not .train(): bn keeps its own mode, as in the layer
+    return native

@@ -1,17 +1,33 @@
 """Functional API of the fused ops: thin wrappers over ``torch.ops.cifarnet``.
 
 Each function normalises its arguments to the op schema and calls the op through the
-dispatcher, so autograd, ``torch.compile`` and device kernels come with it.
+dispatcher, so autograd, ``torch.compile`` and device kernels come with it. Like torch's own
+functionals, each first hands ``__torch_function__`` overrides (a ``torch.fx`` Proxy, a tensor
+subclass, a TorchFunctionMode) the call itself: the Python around the op (unbatched inputs)
+branches on the input, which a ``torch.fx`` trace could not follow.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet._arguments import pair
 
 __all__ = ["batch_norm", "conv2d_batch_norm_relu_max_pool2d", "conv2d_relu_max_pool2d"]
+
+
+def _is_unbatched(input: Tensor) -> bool:
+    """Whether ``input`` is an unbatched ``(C, H, W)`` image rather than an ``(N, C, H, W)``
+    batch, the two ranks ``F.conv2d`` and ``F.max_pool2d`` take; raises on any other."""
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"input must be a 3-D (unbatched) or 4-D (batched) tensor, got {input.dim()}-D tensor of shape "
+            f"{list(input.shape)}"
+        )
+    return input.dim() == 3
 
 
 def conv2d_relu_max_pool2d(
@@ -32,7 +48,9 @@ def conv2d_relu_max_pool2d(
     Ties and NaN are resolved as native ``max_pool2d`` resolves them, so gradients match.
 
     Args:
-        input (Tensor[N, C_in, H, W]): float32 or float64; contiguous or channels_last.
+        input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]): float32 or float64; contiguous or
+            channels_last. An unbatched ``[C_in, H, W]`` input is computed as a batch of one,
+            as ``F.conv2d`` and ``F.max_pool2d`` compute it.
         weight (Tensor[C_out, C_in, kH, kW]): same dtype and device as ``input``.
         bias (Tensor[C_out], optional): convolution bias.
         stride (int or (int, int)): convolution stride.
@@ -42,11 +60,26 @@ def conv2d_relu_max_pool2d(
         ceil_mode (bool): round the pooled size up, as in ``F.max_pool2d``.
 
     Returns:
-        Tensor[N, C_out, H_out, W_out]: in the memory format native conv2d would give
-        (channels_last if ``input`` or ``weight`` is channels_last).
+        Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
+        the memory format native conv2d would give (channels_last if ``input`` or ``weight`` is
+        channels_last).
     """
-    return torch.ops.cifarnet.conv2d_relu_max_pool2d.default(
-        input,
+    if has_torch_function((input, weight, bias)):
+        return handle_torch_function(
+            conv2d_relu_max_pool2d,
+            (input, weight, bias),
+            input,
+            weight,
+            bias,
+            stride,
+            padding,
+            pool_size,
+            pool_stride,
+            ceil_mode,
+        )
+    unbatched = _is_unbatched(input)
+    output = torch.ops.cifarnet.conv2d_relu_max_pool2d.default(
+        input.unsqueeze(0) if unbatched else input,
         weight,
         bias,
         pair(stride, "stride"),
@@ -55,6 +88,7 @@ def conv2d_relu_max_pool2d(
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
     )
+    return output.squeeze(0) if unbatched else output
 
 
 def batch_norm(
@@ -73,7 +107,9 @@ def batch_norm(
     running statistics are given, updates them in place:
     ``running = (1 - momentum) * running + momentum * batch`` (with the unbiased variance).
     Evaluation normalises with the running statistics. Statistics of float32 inputs
-    accumulate in double.
+    accumulate in double. Takes the shapes ``F.batch_norm`` takes: ``[N, C]``, ``[N, C, L]``,
+    ``[N, C, H, W]`` or more dimensions, and empty inputs (which ``F.batch_norm`` itself
+    computes: there is nothing to normalise, and no statistics to update).
 
     Args:
         input (Tensor[N, C, *]): float32 or float64; contiguous or channels_last.
@@ -87,6 +123,15 @@ def batch_norm(
     Returns:
         Tensor[N, C, *]: same shape, dtype and memory format as ``input``.
     """
+    tensors = (input, running_mean, running_var, weight, bias)
+    if has_torch_function(tensors):
+        return handle_torch_function(
+            batch_norm, tensors, input, running_mean, running_var, weight, bias, training, momentum, eps
+        )
+    if input.numel() == 0:
+        # NB: F.batch_norm takes empty inputs (of any rank, even (0,)) in training too, where
+        # the op needs two values per channel; it also decides which empty shapes are valid.
+        return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return torch.ops.cifarnet.batch_norm.default(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)
     )
@@ -119,18 +164,43 @@ def conv2d_batch_norm_relu_max_pool2d(
     int64 indices). In evaluation the batch norm is folded into the convolution.
 
     Args:
-        input (Tensor[N, C_in, H, W]), weight (Tensor[C_out, C_in, kH, kW]),
-            bias (Tensor[C_out], optional), stride, padding: the convolution.
+        input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]), weight (Tensor[C_out, C_in, kH, kW]),
+            bias (Tensor[C_out], optional), stride, padding: the convolution. An unbatched
+            ``[C_in, H, W]`` input is computed as a batch of one (batch statistics over its
+            ``H_conv x W_conv`` positions), as in :func:`conv2d_relu_max_pool2d`.
         running_mean, running_var, bn_weight, bn_bias (Tensor[C_out], optional), training,
             momentum, eps: the batch norm, as in :func:`batch_norm`.
         pool_size, pool_stride, ceil_mode: the max pooling, as in
             :func:`conv2d_relu_max_pool2d` (windows of at most 255 elements).
 
     Returns:
-        Tensor[N, C_out, H_out, W_out]: in the memory format native conv2d would give.
+        Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
+        the memory format native conv2d would give.
     """
-    return torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
-        input,
+    tensors = (input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
+    if has_torch_function(tensors):
+        return handle_torch_function(
+            conv2d_batch_norm_relu_max_pool2d,
+            tensors,
+            input,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            bn_weight,
+            bn_bias,
+            training,
+            momentum,
+            eps,
+            stride,
+            padding,
+            pool_size,
+            pool_stride,
+            ceil_mode,
+        )
+    unbatched = _is_unbatched(input)
+    output = torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
+        input.unsqueeze(0) if unbatched else input,
         weight,
         bias,
         running_mean,
@@ -146,3 +216,4 @@ def conv2d_batch_norm_relu_max_pool2d(
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
     )
+    return output.squeeze(0) if unbatched else output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -133,3 +134,28 @@ def assert_no_worse_than_native(ours, native, reference, name, rtol, atol):
     assert error <= 4 * native_error + atol + rtol * scale, (
         f"{name}: max error {error:.3g}, native's {native_error:.3g} (largest reference value {scale:.3g})"
     )
+
+
+@functools.cache
+def opinfo_samples(name: str) -> tuple:
+    """PyTorch's own OpInfo sample inputs (float64, CPU) of the torch op ``name``
+    (``"nn.functional.conv2d"``): the cases torch tests its own op with.
+
+    NB: ``torch.testing._internal`` is private, and this is the one place that reads it; the
+    assertions say what changed if torch changes it. Importing it has side effects that this
+    undoes for the rest of the session: it freezes ``torch.backends`` flags and wraps
+    TorchScript calls. (Its ``common_utils`` imports ``expecttest``: a dev dependency.)
+    """
+    frozen = torch.backends.flags_frozen()
+    script_calls = torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__
+    try:
+        from torch.testing._internal.common_methods_invocations import op_db
+    finally:
+        if not frozen:
+            vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
+        torch._C.ScriptFunction.__call__, torch._C.ScriptMethod.__call__ = script_calls
+    infos = [info for info in op_db if info.name == name and not info.variant_test_name]
+    assert len(infos) == 1, f"torch's op_db has {len(infos)} OpInfos named {name!r}, expected 1"
+    samples = tuple(infos[0].sample_inputs("cpu", torch.float64, requires_grad=False))
+    assert samples, f"torch's OpInfo {name!r} gives no sample inputs"
+    return samples

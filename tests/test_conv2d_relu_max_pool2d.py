@@ -181,7 +181,8 @@ def _bad_input_cases():
     x = torch.randn(2, 3, 8, 8)
     w = torch.randn(4, 3, 3, 3)
     return [
-        ("3-D input", dict(input=torch.randn(3, 8, 8)), RuntimeError, "input must be a 4-D tensor"),
+        ("2-D input", dict(input=torch.randn(8, 8)), RuntimeError, "input must be a 3-D (unbatched) or 4-D (batched) tensor, got 2-D"),
+        ("5-D input", dict(input=torch.randn(2, 3, 8, 8, 1)), RuntimeError, "input must be a 3-D (unbatched) or 4-D (batched) tensor, got 5-D"),
         ("5-D weight", dict(weight=torch.randn(4, 3, 3, 3, 1)), RuntimeError, "weight must be a 4-D tensor"),
         ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), RuntimeError, "input has 5 channels"),
         ("dtype mismatch", dict(weight=w.double()), RuntimeError, "weight dtype Double does not match input dtype Float"),

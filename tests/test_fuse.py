@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import json
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -214,14 +216,26 @@ def test_convnet_dtype_and_copies_follow_the_model():
     assert_same_function(loaded, model, convnet_input("full"), FLOAT64)
 
 
+def assert_raises_as(model, fused, input) -> None:
+    """``fused(input)`` raises the very exception type and message that ``model(input)`` raises."""
+    with pytest.raises(Exception) as expected:
+        model(input)
+    with pytest.raises(type(expected.value)) as raised:
+        fused(input)
+    assert type(raised.value) is type(expected.value) and str(raised.value) == str(expected.value)
+
+
 def test_fused_convnet_keeps_its_input_check():
     model = ConvNet("baseline", "native")
-    fused = fuse_quietly(model)
-    bad = torch.randn(2, 1, 32, 32)
-    with pytest.raises(ValueError):
-        model(bad)
-    with pytest.raises(AssertionError, match=r"models.py:\d+"):
-        fused(bad)
+    fused, report = fuse_quietly(model, report=True)
+    assert any("models.py:" in check for check in report.checks)
+    for bad in (torch.randn(2, 1, 32, 32), torch.randn(3, 32, 32)):
+        assert_raises_as(model, fused, bad)  # ValueError, not the graph's AssertionError
+        assert_raises_as(model, copy.deepcopy(fused), bad)
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    assert_raises_as(model, torch.load(buffer, weights_only=False), torch.randn(2, 1, 32, 32))
 
 
 def test_fused_ops_convnet_is_left_alone_without_baking_its_tensors():
@@ -503,6 +517,66 @@ def test_forward_that_depends_on_the_mode_is_not_traced():
     assert report.fused == [] and type(fused) is ModeNet
 
 
+class ShapeError(Exception):
+    """A user's own exception type, which fusing must not turn into another."""
+
+
+class CheckedHead(Head):
+    """Checks its input in forward, with its own exception type."""
+
+    def forward(self, x):
+        if x.shape[1] != self.conv.in_channels:
+            raise ShapeError(f"expected {self.conv.in_channels} channels, got {x.shape[1]}")
+        return super().forward(x)
+
+
+class CheckingNet(nn.Module):
+    """Checks in its own forward (ValueError) and in a submodule's that is traced into
+    (ShapeError); an unbatched input takes a way through forward that torch.fx cannot trace
+    (it iterates over the input), so only the batched way is in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = CheckedHead()
+
+    def forward(self, x):
+        if x.dim() == 3:
+            return self(torch.stack(list(x)).unsqueeze(0))[0]  # list(x): torch.fx cannot iterate
+        if x.dim() != 4:
+            raise ValueError(f"x must be 3-D or 4-D, got {x.dim()}-D")
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        return torch.flatten(self.head(x), 1)
+
+
+def test_exceptions_raised_in_forward_keep_their_type_after_fusing():
+    torch.manual_seed(0)
+    model = CheckingNet().double().eval()
+    fused, report = fuse_quietly(model, report=True)
+    assert isinstance(fused, torch.fx.GraphModule) and len(report.fused) == 2 and len(report.checks) == 3
+    assert_raises_as(model, fused, torch.randn(2, 3, 8, 8, 1, dtype=torch.float64))  # ValueError
+    assert_raises_as(model, fused, torch.randn(2, 3, 8, 8, 1, 1, dtype=torch.float64))
+    model.head.conv = nn.Conv2d(4, 8, 3, padding=1).double()  # head now rejects 8 channels: ShapeError
+    fused = fuse_quietly(model)
+    assert_raises_as(model, fused, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert_raises_as(model, copy.deepcopy(fused), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert_raises_as(model, fuse_quietly(fused), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+
+
+def test_inputs_the_graph_does_not_hold_get_the_original_forward():
+    # The unbatched way through CheckingNet.forward is not in the graph: the model's own
+    # forward computes it, on the same tensors (running statistics included).
+    torch.manual_seed(0)
+    model = CheckingNet().double()
+    fused = fuse_quietly(model)
+    unbatched = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_same_function(fused, model, unbatched, FLOAT64)
+    assert_same_function(fused, model, unbatched.unsqueeze(0), FLOAT64)  # the graph's way
+    assert isinstance(fused.conv, FusedConv2dBatchNormReLUMaxPool2d) and int(fused.bn.num_batches_tracked) == 2
+    assert_unfuses_to(model, fused, unbatched, FLOAT64)
+
+
 def test_report_reads_as_a_summary():
     _, report = fuse_quietly(ReusedOutputNet(), report=True)
     assert isinstance(report, FusionReport)
@@ -518,6 +592,62 @@ def test_fused_layers_are_not_built_by_hand():
         FusedConv2dBatchNormReLUMaxPool2d(3, 4, 3)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         cifarnet.fuse(lambda x: x)
+
+
+# --------------------------------------------------------------------------------------------
+# Models written with cifarnet.nn layers: unfuse gives them back to torch
+
+
+class LayersNet(nn.Module):
+    """Every cifarnet.nn layer, written into a model by hand (not by fuse)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage1 = cifarnet.nn.Conv2dReLUMaxPool2d(3, 6, 3, padding=1)
+        self.stage2 = cifarnet.nn.Conv2dBatchNormReLUMaxPool2d(6, 8, 3, padding=1, momentum=None)
+        self.head = nn.Sequential(cifarnet.nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(32, 10), cifarnet.nn.BatchNorm1d(10))
+
+    def forward(self, x):
+        return self.head(self.stage2(self.stage1(x)))
+
+
+def assert_torch_only(model) -> None:
+    assert not [(n, type(m)) for n, m in model.named_modules() if type(m).__module__.startswith("cifarnet")]
+
+
+def test_unfuse_turns_cifarnet_layers_into_torch_modules():
+    torch.manual_seed(0)
+    model = LayersNet().double()
+    unfused = cifarnet.unfuse(model)
+    assert type(unfused) is LayersNet and unfused is not model
+    assert_torch_only(unfused.stage1)
+    assert_torch_only(unfused.stage2)
+    assert_torch_only(unfused.head)
+    assert_same_tensors(unfused.state_dict(), model.state_dict(), EXACT)  # same keys, in order
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    assert_same_function(unfused, model, input, FLOAT64)
+    assert_state_dicts_load_both_ways(unfused, model)
+    layer = cifarnet.nn.Conv2dReLUMaxPool2d(3, 6, 3)
+    assert_torch_only(cifarnet.unfuse(layer))  # a layer on its own too
+    inplace = copy.deepcopy(model)
+    assert cifarnet.unfuse(inplace, inplace=True) is inplace
+    assert_torch_only(inplace.stage1)
+
+
+def test_an_unfused_model_loads_without_cifarnet(tmp_path):
+    torch.manual_seed(0)
+    layers = LayersNet().double()
+    model = nn.Sequential(layers.stage1, layers.stage2, layers.head)
+    input = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    torch.save({"model": cifarnet.unfuse(model).eval(), "input": input, "output": model.eval()(input)}, tmp_path / "model.pt")
+    script = (
+        "import sys; sys.modules['cifarnet'] = None  # any import of cifarnet fails\n"
+        "import torch\n"
+        f"saved = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False)\n"
+        "torch.testing.assert_close(saved['model'](saved['input']), saved['output'], rtol=1e-12, atol=1e-12)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------------------------

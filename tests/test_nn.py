@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from cifarnet.nn import Conv2dReLUMaxPool2d
+from cifarnet.nn import BatchNorm1d, BatchNorm2d, Conv2dBatchNormReLUMaxPool2d, Conv2dReLUMaxPool2d
 from conftest import DEVICES
 
 
@@ -101,3 +103,51 @@ def test_extra_repr_names_every_hyperparameter():
     text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True))
     for part in ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True"):
         assert part in text
+
+
+# --------------------------------------------------------------------------------------------
+# to_native: every layer back to torch alone
+
+
+def native_layers():
+    torch.manual_seed(3)
+    conv_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True)
+    frozen_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, (3, 1), stride=(1, 2), bias=False, affine=False)
+    frozen_bn.bn.eval()  # the batch norm's own mode decides, as in the native chain
+    return [
+        (Conv2dReLUMaxPool2d(3, 5, 3, padding=1), (2, 3, 9, 8)),
+        (Conv2dReLUMaxPool2d(3, 5, (2, 3), stride=2, bias=False, pool_size=(1, 2), ceil_mode=True), (3, 11, 9)),
+        (conv_bn, (2, 3, 9, 8)),
+        (frozen_bn, (2, 3, 9, 8)),
+        (Conv2dBatchNormReLUMaxPool2d(3, 5, 3, track_running_stats=False), (2, 3, 9, 8)),
+        (BatchNorm1d(3, momentum=0.3), (4, 3, 6)),
+        (BatchNorm2d(3, affine=False), (4, 3, 5, 5)),
+    ]
+
+
+def layer_id(value) -> str:
+    return type(value).__name__ if isinstance(value, nn.Module) else str(value)
+
+
+@pytest.mark.parametrize("layer, shape", native_layers(), ids=layer_id)
+def test_to_native_computes_the_layer_with_torch_alone_on_its_own_tensors(layer, shape):
+    layer = layer.double()
+    native = layer.to_native()
+    assert all(type(module).__module__.startswith("torch.") for module in native.modules())
+    assert list(native.state_dict()) == list(layer.state_dict())
+    for name, tensor in native.state_dict().items():
+        assert tensor.data_ptr() == layer.state_dict()[name].data_ptr(), name  # the same tensors, not copies
+    twin = copy.deepcopy(layer)  # computes as the layer did, on tensors of its own
+    for step in ("modes as built", "eval"):
+        if step == "eval":
+            native.eval()
+            twin.eval()
+        input = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, expected = native(input), twin(input)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        grad = torch.randn(expected.shape, dtype=torch.float64)
+        torch.testing.assert_close(
+            torch.autograd.grad(out, input, grad)[0], torch.autograd.grad(expected, input, grad)[0], rtol=1e-10, atol=1e-10
+        )
+        for (name, ours), theirs in zip(native.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")

@@ -1,17 +1,35 @@
 #!/usr/bin/env bash
-# The project's test command: the Python suite, then the C++ suite (CTest) against the same
-# torch. Extra arguments go to pytest. Run from anywhere, inside the environment cifarnet is
-# installed in.
-set -euo pipefail
+# The project's test command: the Python suite (pytest), then the C++ suite (CMake build and
+# CTest) against the same torch. Both always run. The exit status is non-zero if either failed,
+# and the last line says which. Extra arguments go to pytest. Run from anywhere, inside the
+# environment cifarnet is installed in.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
-python -m pytest "$@"
+# Configures, builds and tests build/cmake. On failure, sets cpp_step to the step that failed.
+cpp_suite() {
+  local torch_prefix cuda_root
+  cpp_step="finding torch's CMake prefix"
+  torch_prefix=$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)') || return
+  # The CUDA toolkit torch's CMake config looks for. Empty means none is usable, and CMake then
+  # does without it. It is passed even when empty, so a value cached by an earlier run can't win.
+  cpp_step="tools/cuda_toolkit.py"
+  cuda_root=$(python tools/cuda_toolkit.py) || return
+  cpp_step="CMake configure"
+  cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
+    -DCUDA_TOOLKIT_ROOT_DIR="$cuda_root" || return
+  cpp_step="CMake build"
+  cmake --build build/cmake || return
+  cpp_step="CTest"
+  ctest --test-dir build/cmake --output-on-failure
+}
 
-torch_prefix=$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')
-# A CUDA build of torch makes find_package(Torch) look for the toolkit; name it explicitly so a
-# stale cache entry cannot win.
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-cmake -S . -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$torch_prefix" \
-  -DCUDA_TOOLKIT_ROOT_DIR="$CUDA_HOME"
-cmake --build build/cmake
-ctest --test-dir build/cmake --output-on-failure
+failed=()
+python -m pytest "$@" || failed+=("pytest (exit status $?)")
+cpp_suite || failed+=("C++ suite, at step: $cpp_step")
+
+if ((${#failed[@]})); then
+  printf 'run_tests.sh: FAILED: %s\n' "${failed[@]}" >&2
+  exit 1
+fi
+echo "run_tests.sh: pytest and the C++ suite passed"

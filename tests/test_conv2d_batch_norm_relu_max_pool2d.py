@@ -74,7 +74,12 @@ def block_tensors(case, device):
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(case=block_cases())
 def test_forward_gradients_and_running_stats_match_native(case, device):
-    """Against the native composition in float64: no further off than native in the case's dtype.
+    check_block_against_native(case, device, conv2d_batch_norm_relu_max_pool2d)
+
+
+def check_block_against_native(case, device, fused_op):
+    """``fused_op`` against the native composition in float64: no further off than native in
+    the case's dtype, in its output, the running statistics it updates and its gradients.
 
     The convolution gradients are sums of products that a batch norm makes cancel (its output
     ignores the scale and shift of its input), so their float32 error is measured against the
@@ -89,7 +94,9 @@ def test_forward_gradients_and_running_stats_match_native(case, device):
     def run(function, dtype):
         nonlocal grad_output
         leaves = [t.detach().to(dtype).requires_grad_() if t is not None else None for t in tensors]
-        stats = [t.to(dtype) for t in running] if running else [None, None]
+        # Copies: each run updates its own running statistics (t.to(dtype) alone would hand
+        # every run of the case's dtype the same tensors, and compare them with themselves).
+        stats = [t.to(dtype, copy=True) for t in running] if running else [None, None]
         output = function(
             leaves[0], leaves[1], leaves[2], stats[0], stats[1], leaves[3], leaves[4],
             training=case["training"], momentum=case["momentum"], eps=1e-5, **geometry
@@ -99,7 +106,7 @@ def test_forward_gradients_and_running_stats_match_native(case, device):
         grads = torch.autograd.grad(output, [leaves[i] for i in present], grad_output.to(dtype))
         return output, stats, grads
 
-    fused, fused_stats, fused_grads = run(conv2d_batch_norm_relu_max_pool2d, case["dtype"])
+    fused, fused_stats, fused_grads = run(fused_op, case["dtype"])
     native, native_stats, native_grads = run(native_block, case["dtype"])
     assert fused.shape == native.shape and fused.dtype == case["dtype"]
     assert_same_layout(fused, native)
@@ -129,12 +136,52 @@ def test_forward_gradients_and_running_stats_match_native(case, device):
             assert_no_worse_than_native(ours, theirs, reference, f"grad {names[i]}", **tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "wrong_update",
+    [
+        pytest.param(lambda mean, var: mean.add_(1e-3), id="mean-off-by-1e-3"),
+        pytest.param(lambda mean, var: var.mul_(1.001), id="var-off-by-0.1%"),
+    ],
+)
+def test_running_stats_check_catches_a_wrong_update(dtype, wrong_update):
+    """The property test's check fails for an op whose running statistics are slightly off."""
+
+    def wrong_op(*args, **kwargs):
+        output = conv2d_batch_norm_relu_max_pool2d(*args, **kwargs)
+        with torch.no_grad():
+            wrong_update(args[3], args[4])
+        return output
+
+    case = dict(
+        batch=3, in_channels=2, out_channels=3, size=(8, 7), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
+        pool_size=(2, 2), pool_stride=None, ceil_mode=False, bias=True, input_channels_last=False,
+        weight_channels_last=False, dtype=dtype, values="normal", seed=7, training=True, running_stats=True,
+        bn_affine=True, momentum=0.1,
+    )
+    check_block_against_native(case, "cpu", conv2d_batch_norm_relu_max_pool2d)  # the case itself passes
+    with pytest.raises(AssertionError, match="running_(mean|var)"):
+        check_block_against_native(case, "cpu", wrong_op)
+
+
+def test_a_nan_in_a_channel_makes_its_running_stats_nan_as_native():
+    """The smallest case the property test finds once each run has its own running statistics."""
+    input = torch.tensor([[[[float("nan")]]], [[[1.0]]]])
+    weight = torch.ones(1, 1, 1, 1)
+    ours = [torch.zeros(1), torch.ones(1)]
+    native = [t.clone() for t in ours]
+    conv2d_batch_norm_relu_max_pool2d(input, weight, None, *ours, None, None, training=True, pool_size=(1, 1))
+    native_block(input, weight, None, *native, None, None, True, 0.1, 1e-5, stride=1, padding=0, pool_size=1, pool_stride=None, ceil_mode=False)
+    for name, mine, theirs in zip(("running_mean", "running_var"), ours, native):
+        torch.testing.assert_close(mine, theirs, equal_nan=True, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def exact_grad_conv(tensors, running, case, grad_output):
     """The float64 gradient of the block with respect to the convolution output."""
     input, weight, bias, bn_weight, bn_bias = (t.double() if t is not None else None for t in tensors)
     geometry = op_args(case)
     conv = F.conv2d(input, weight, bias, geometry["stride"], geometry["padding"]).requires_grad_()
-    stats = [t.double() for t in running] if running else [None, None]
+    stats = [t.to(torch.float64, copy=True) for t in running] if running else [None, None]
     normalised = F.batch_norm(conv, stats[0], stats[1], bn_weight, bn_bias, case["training"], case["momentum"], 1e-5)
     output = F.max_pool2d(F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], ceil_mode=geometry["ceil_mode"])
     return torch.autograd.grad(output, conv, grad_output)[0]

@@ -205,7 +205,10 @@ BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool
   for (int64_t c = 0; c < channels; ++c) {
     const acc_t shifted_mean = sum[c] / count;
     stats.mean[c] = ref[c] + shifted_mean;
-    stats.var[c] = std::max<acc_t>(0, sum_sq[c] / count - shifted_mean * shifted_mean);
+    // NB: not std::max(0, var), which turns a NaN variance (a NaN in the channel) into 0 where
+    // native gives NaN; only rounding's small negative values clamp to 0.
+    const acc_t var = sum_sq[c] / count - shifted_mean * shifted_mean;
+    stats.var[c] = var < 0 ? 0 : var;
   }
   return stats;
 }

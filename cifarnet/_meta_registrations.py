@@ -9,9 +9,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch._prims_common import suggest_memory_format
+from torch._prims_common import suggest_memory_format as _prims_suggest_memory_format
 
 from cifarnet import _C
+
+
+def suggest_memory_format(tensor: torch.Tensor) -> torch.memory_format:
+    """The layout c10's ``TensorBase::suggest_memory_format`` gives ``tensor``, by which the C++
+    kernels lay out their outputs: channels_last where the strides are *like* channels_last."""
+    # NB: torch._prims_common is private, but it holds the only Python copy of c10's rule (no
+    # public tensor method exposes it; is_contiguous(memory_format=...) is a different test).
+    # tests/test_torch_internals.py checks it against the C++ kernels.
+    return _prims_suggest_memory_format(tensor)
 
 
 def conv_output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:

@@ -120,6 +120,56 @@ _MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 # --------------------------------------------------------------------------------------------
+# Private torch behaviour fuse relies on, each in one helper here (where no public API does
+# the same). tests/test_torch_internals.py checks each against the installed torch, so that a
+# release that changes one fails there, naming it, rather than somewhere deep inside fuse.
+
+
+def _tensor_version(tensor: Tensor) -> int:
+    """How many in-place writes ``tensor`` has had (``Tensor._version``)."""
+    # NB: no public counterpart: comparing values would miss a write of equal values, which
+    # forward would repeat at every call where the graph would not.
+    return tensor._version
+
+
+def _set_module_state(module: nn.Module, state: dict) -> None:
+    """Puts ``state`` (a module's attributes, by name) into ``module`` as they are: no copy,
+    no registration as a child, parameter or buffer.
+
+    nn.Module keeps its whole state in its instance ``__dict__`` (``_parameters``,
+    ``_buffers``, ``_modules``, hooks, ``training``, plain attributes): taking over another
+    module's dictionaries makes ``module`` hold the very same tensors, children and hooks,
+    which ``load_state_dict`` (copies values) and ``setattr`` (registers, copies nothing of
+    hooks or order) cannot do.
+    """
+    module.__dict__.update(state)
+
+
+def _graph_module_class(graph_module: GraphModule) -> type:
+    """The class GraphModule makes for each of its instances (``GraphModule.__new__``), on
+    which ``recompile`` installs the graph's ``forward``; renaming it renames only this one."""
+    return type(graph_module)
+
+
+def _rename_graph_module(name: str, graph_module: GraphModule) -> None:
+    _graph_module_class(graph_module).__name__ = name
+
+
+def _keep_through_copies(graph_module: GraphModule, class_name: str, attributes: dict) -> None:
+    """Makes ``copy.deepcopy`` and pickle of ``graph_module`` keep its class name and its
+    plain ``attributes``, which GraphModule's own ``__deepcopy__`` and ``__reduce__`` rebuild
+    from what the graph calls alone (and name "GraphModule").
+
+    torch.fx's own ways: deepcopy restores the attributes under a key of ``meta`` and runs
+    the registered deepcopy hooks; unpickling names the class by ``_graphmodule_cls_name``.
+    """
+    if attributes:
+        graph_module.meta[torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY] = attributes
+    _set_module_state(graph_module, {"_graphmodule_cls_name": class_name})
+    graph_module._register_deepcopy_hook(functools.partial(_rename_graph_module, class_name))
+
+
+# --------------------------------------------------------------------------------------------
 # The modules a fused model holds
 
 
@@ -229,12 +279,12 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
 
     @property
     def bn(self) -> nn.BatchNorm2d:
-        return self.__dict__["_batch_norm"]
+        return self._batch_norm
 
     def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
-        # NB: written past nn.Module.__setattr__, which would register bn as a child and add
+        # NB: not through nn.Module.__setattr__, which would register bn as a child and add
         # "bn.*" keys; bn is registered (once) at its own position in the model.
-        self.__dict__["_batch_norm"] = bn
+        _set_module_state(self, {"_batch_norm": bn})
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._fuses_repr()}"
@@ -288,7 +338,7 @@ class FusedIdentity(nn.Module):
 
     def __init__(self, original: nn.Module, computed_by: str) -> None:
         super().__init__()
-        self.__dict__["original"] = original
+        _set_module_state(self, {"original": original})  # not a child: no longer called
         self.computed_by = computed_by
         self.train(original.training)
 
@@ -742,34 +792,22 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> GraphModule:
     containers; taking over ``module``'s dictionaries keeps every submodule (called or not),
     parameter, buffer and hook under its name, in its order and container type.
     """
-    graph._tracer_cls = None  # nothing of cifarnet's is needed to unpickle the GraphModule
     # The module's own forward stays at hand for the inputs the graph does not hold, where
     # there is one: a GraphModule given to fuse has nothing to go back to.
     has_original = not isinstance(module, GraphModule) or "_traced_from" in vars(module)
     graph_module_class = _FusedGraphModule if has_original else GraphModule
     graph_module = graph_module_class(module, graph, class_name=type(module).__name__)
-    preserved = {}
-    for key, value in vars(module).items():
-        if key in _MODULE_STATE:
-            graph_module.__dict__[key] = value
-        elif key not in vars(graph_module) and key != "forward":
-            graph_module.__dict__[key] = preserved[key] = value
+    state = {key: value for key, value in vars(module).items() if key in _MODULE_STATE}
+    preserved = {
+        key: value
+        for key, value in vars(module).items()
+        if key not in _MODULE_STATE and key not in vars(graph_module) and key != "forward"
+    }
     if not isinstance(module, GraphModule):  # a GraphModule's class holds no forward to go back to
-        traced_from = _TracedFrom(type(module), tuple(preserved))
-        preserved["_traced_from"] = graph_module.__dict__["_traced_from"] = traced_from
-    # deepcopy of a GraphModule restores plain attributes from here (torch.fx's own key).
-    preserved_key = getattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY", None)
-    if preserved_key is not None and preserved:
-        graph_module.meta[preserved_key] = preserved
-    # torch.fx names copies "GraphModule" unless told: unpickling reads this key, deepcopy runs
-    # the hook.
-    graph_module.__dict__["_graphmodule_cls_name"] = type(module).__name__
-    graph_module._register_deepcopy_hook(functools.partial(_rename_class, type(module).__name__))
+        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved))
+    _set_module_state(graph_module, {**state, **preserved})
+    _keep_through_copies(graph_module, type(module).__name__, preserved)
     return graph_module
-
-
-def _rename_class(name: str, graph_module: GraphModule) -> None:
-    type(graph_module).__name__ = name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -850,7 +888,7 @@ class _FusedGraphModule(GraphModule):
 
     def recompile(self):
         python_code = super().recompile()
-        cls = type(self)  # GraphModule's per-instance class, where recompile puts the graph's code
+        cls = _graph_module_class(self)  # where recompile puts the graph's code
         cls.forward = _or_original_forward(cls.__dict__["forward"])
         return python_code
 
@@ -872,7 +910,7 @@ def _or_original_forward(graph_forward):
             pass
         # Outside the except clause, so that the original's own exception is not shown as
         # raised while handling the check's.
-        return self.__dict__["_traced_from"].cls.forward(_original_view(self), *args, **kwargs)
+        return self._traced_from.cls.forward(_original_view(self), *args, **kwargs)
 
     return forward
 
@@ -884,8 +922,8 @@ def _unpickle_fused_graph_module(unpickle, arguments) -> _FusedGraphModule:
 def _with_original_forward(graph_module: GraphModule) -> _FusedGraphModule:
     """A :class:`_FusedGraphModule` taking over ``graph_module``'s state and graph."""
     fused = _FusedGraphModule.__new__(_FusedGraphModule)
-    fused.__dict__.update(vars(graph_module))
-    type(fused).__name__ = type(graph_module).__name__
+    _set_module_state(fused, vars(graph_module))
+    _rename_graph_module(type(graph_module).__name__, fused)
     fused.graph = graph_module.graph  # takes the graph over and compiles it
     return fused
 
@@ -894,12 +932,12 @@ def _as_traced_class(graph_module: GraphModule) -> nn.Module | None:
     """An instance of the class ``graph_module`` was traced from, over ``graph_module``'s own
     state (the same dictionaries of parameters, buffers, modules and hooks); None for a
     GraphModule that fuse was given."""
-    traced_from = graph_module.__dict__.get("_traced_from")
+    traced_from = vars(graph_module).get("_traced_from")
     if traced_from is None:
         return None
     original = traced_from.cls.__new__(traced_from.cls)
     state = vars(graph_module)
-    original.__dict__.update({key: state[key] for key in (*_MODULE_STATE, *traced_from.attributes) if key in state})
+    _set_module_state(original, {key: state[key] for key in (*_MODULE_STATE, *traced_from.attributes) if key in state})
     return original
 
 
@@ -911,7 +949,7 @@ def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
     left as it is; the batch norms, ReLUs and pools of its chains are where they always were.
     """
     view = _as_traced_class(graph_module)
-    view.__dict__["_modules"] = dict(view._modules)
+    _set_module_state(view, {"_modules": dict(view._modules)})
     copies = {id(view)}
     for node in graph_module.graph.nodes:
         if node.op != "call_module":
@@ -925,7 +963,7 @@ def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
             child = owner._modules[part]
             if id(child) not in copies:
                 child = _shallow_copy(child)
-                child.__dict__["_modules"] = dict(child._modules)
+                _set_module_state(child, {"_modules": dict(child._modules)})
                 copies.add(id(child))
                 owner._modules[part] = child
             owner = child
@@ -937,7 +975,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     """A second ``module`` object with the same attributes (not GraphModule's ``__copy__``,
     which rebuilds a GraphModule from what its graph uses)."""
     copied = object.__new__(type(module))
-    copied.__dict__.update(vars(module))
+    _set_module_state(copied, vars(module))
     return copied
 
 
@@ -957,7 +995,9 @@ class _Tracer(torch.fx.Tracer):
     :func:`_check_branch` of the condition's value in the graph.
     """
 
-    def __init__(self, plan: tuple[bool, ...]) -> None:
+    # NB: plan has a default because torch.fx unpickles a GraphModule by tracing its code again
+    # with (a subclass of) the graph's tracer class, made without arguments.
+    def __init__(self, plan: tuple[bool, ...] = ()) -> None:
         super().__init__()
         self.plan = plan
         self.taken: list[bool] = []
@@ -1042,7 +1082,7 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
     # (owner's name, owner, name, tensor, version, copy) of every buffer: tracing runs forward's Python code,
     # and what it does to a buffer is undone and makes the module untraceable.
     buffers = [
-        (owner_name, owner, name, buffer, buffer._version, buffer.clone())
+        (owner_name, owner, name, buffer, _tensor_version(buffer), buffer.clone())
         for owner_name, owner in module.named_modules()
         for name, buffer in owner._buffers.items()
         if buffer is not None
@@ -1059,7 +1099,7 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
             submodule.training = training
         changed = []
         for owner_name, owner, name, buffer, version, saved in buffers:
-            if owner._buffers.get(name) is not buffer or buffer._version != version:
+            if owner._buffers.get(name) is not buffer or _tensor_version(buffer) != version:
                 changed.append(_qualified(owner_name, name))
                 owner._buffers[name] = buffer
                 with torch.no_grad():

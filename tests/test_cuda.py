@@ -6,6 +6,8 @@ in conftest.DEVICES.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -97,16 +99,74 @@ def test_autocast_runs_the_conv_ops_in_reduced_precision(dtype):
         torch.testing.assert_close(ours.float(), theirs.float(), **tolerance(dtype))
 
 
+# About half a second of GPU time (spin_kernel counts clock cycles; GPUs clock at 1-2 GHz).
+SLEEP_CYCLES = 1_000_000_000
+
+
+def cifarnet_work(input, weight, bias):
+    """Forward and backward of the conv op and a training batch norm: every kind of kernel of
+    cifarnet's own (the convolution itself is torch's)."""
+    leaf = input.detach().requires_grad_()
+    output = conv2d_relu_max_pool2d(leaf, weight, bias, padding=2)
+    (grad,) = torch.autograd.grad(output, leaf, torch.ones_like(output))
+    normalised = batch_norm(output.detach(), None, None, None, None, training=True)
+    return output, grad, normalised
+
+
+def stream_ids_while_the_default_stream_sleeps(work, stream):
+    """Runs ``work`` on ``stream`` while the default stream runs a long sleep kernel.
+
+    Returns the profiler's stream ids of cifarnet's kernels and of the sleep, whether the
+    default stream was still busy when ``stream`` had finished, and ``work``'s result.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        torch.cuda._sleep(SLEEP_CYCLES)  # on the default stream, the current one here
+        with torch.cuda.stream(stream):
+            result = work()
+            done = torch.cuda.Event()
+            done.record(stream)
+        done.synchronize()
+        default_busy = not torch.cuda.default_stream().query()
+        torch.cuda.synchronize()
+    kernels = [event for event in prof.events() if event.device_type == DeviceType.CUDA]
+    if not kernels:
+        pytest.skip("the profiler recorded no CUDA kernels (no CUPTI on this machine)")
+    ours = {event.device_resource_id for event in kernels if "cifarnet" in event.name}
+    sleep = {event.device_resource_id for event in kernels if "spin_kernel" in event.name}
+    assert ours, f"no cifarnet kernel among the profiled ones: {sorted({e.name for e in kernels})}"
+    assert len(sleep) == 1, f"spin_kernel on streams {sleep}"
+    return ours, sleep.pop(), default_busy, result
+
+
 def test_ops_run_on_the_current_stream():
+    """Each op launches on the caller's current stream: not the default stream (which is busy
+    meanwhile, and which the op must not wait for) nor a stream of its own."""
     input, weight, bias = study_layer(torch.float32, torch.contiguous_format)
-    expected = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # queue work behind work, then read only after the stream is done
-            actual = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
-    stream.synchronize()
-    torch.testing.assert_close(actual, expected)
+    expected = [t.clone() for t in cifarnet_work(input, weight, bias)]  # also warms cuDNN up
+    side_streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for stream in side_streams:  # the allocator's blocks for each stream, outside the timing
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            cifarnet_work(input, weight, bias)
+    torch.cuda.synchronize()
+    seen = []
+    for stream in side_streams:
+        work = functools.partial(cifarnet_work, input, weight, bias)
+        ours, default_id, default_busy, result = stream_ids_while_the_default_stream_sleeps(work, stream)
+        assert default_id not in ours, "a cifarnet kernel ran on the default stream, not the current one"
+        assert len(ours) == 1, f"cifarnet's kernels ran on {len(ours)} streams, not just the current one"
+        assert default_busy, (
+            "the default stream had finished its sleep before the side stream's work: "
+            "the op waited for the default stream (or SLEEP_CYCLES is too short for this GPU)"
+        )
+        seen.append(ours.pop())
+        for actual, reference in zip(result, expected):
+            torch.testing.assert_close(actual, reference)
+    assert seen[0] != seen[1], "two current streams, one stream id: the op launches on a stream of its own"
 
 
 def test_mixed_devices_are_refused():

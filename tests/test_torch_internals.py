@@ -1,0 +1,162 @@
+"""The private torch behaviour cifarnet relies on, one test per helper that wraps it.
+
+Each helper (cifarnet/fuse.py's section "Private torch behaviour fuse relies on", and
+cifarnet/_meta_registrations.suggest_memory_format) says why no public API does the same. A
+torch release that changes one of them fails here, with a message naming it, rather than as a
+wrong answer or an obscure error deep inside fuse or torch.compile.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+from cifarnet import _meta_registrations
+from cifarnet.fuse import (
+    _graph_module_class,
+    _keep_through_copies,
+    _rename_graph_module,
+    _set_module_state,
+    _tensor_version,
+)
+from cifarnet.ops import batch_norm
+
+TORCH = f"torch {torch.__version__}"
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, input):
+        return self.bn(self.conv(input)).relu()
+
+
+def test_tensor_version_counts_in_place_writes():
+    tensor = torch.zeros(3)
+    before = _tensor_version(tensor)
+    tensor.clone().add_(1), tensor + 1  # neither writes tensor
+    assert _tensor_version(tensor) == before, f"{TORCH} changed Tensor._version: it moves without an in-place write"
+    tensor.add_(0)  # a write that leaves the values as they were
+    assert _tensor_version(tensor) > before, (
+        f"{TORCH} changed Tensor._version: cifarnet.fuse needs it to count in-place writes, to find a "
+        "forward that changes a buffer outside the traced graph"
+    )
+
+
+def test_a_module_is_its_instance_dict():
+    """_set_module_state: an nn.Module's whole state (parameters, buffers, children,
+    hooks, mode) is its instance __dict__, under the names fuse reads."""
+    needed = {"training", "_parameters", "_buffers", "_modules", "_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"}
+    missing = needed - set(vars(nn.Module()))
+    assert not missing, f"{TORCH} changed nn.Module's state: cifarnet.fuse needs nn.Module.__init__ to set {sorted(missing)}"
+    model = TwoLayers()
+    calls = []
+    model.conv.register_forward_hook(lambda *args: calls.append("conv"))
+    assert list(model.conv._forward_hooks.values()), f"{TORCH} changed nn.Module._forward_hooks: cifarnet.fuse reads hooks there"
+    adopted = object.__new__(TwoLayers)
+    _set_module_state(adopted, vars(model))
+    input = torch.randn(2, 2, 5, 5)
+    assert adopted.conv is model.conv and adopted.bn.running_mean is model.bn.running_mean, (
+        f"{TORCH} changed nn.Module: a module made of another's __dict__ no longer holds the same children and buffers, "
+        "which cifarnet.fuse needs to adopt a traced module's state"
+    )
+    assert list(adopted.state_dict()) == list(model.state_dict()) and torch.equal(adopted(input), model(input))
+    assert calls == ["conv", "conv"], f"{TORCH} changed nn.Module: hooks did not come with the adopted __dict__"
+    reference = nn.BatchNorm2d(3)
+    holder = nn.Identity()
+    _set_module_state(holder, {"reference": reference})
+    assert holder.reference is reference and not list(holder.children()) and not holder.state_dict(), (
+        f"{TORCH} changed nn.Module's attribute lookup: cifarnet.fuse needs a module in the instance __dict__ to be "
+        "readable as an attribute without being a child (a fused layer's reference to its batch norm)"
+    )
+
+
+def test_graph_modules_have_a_class_each_holding_the_generated_forward():
+    first = torch.fx.symbolic_trace(TwoLayers())
+    second = torch.fx.symbolic_trace(TwoLayers())
+    cls = _graph_module_class(first)
+    assert cls is not torch.fx.GraphModule and issubclass(cls, torch.fx.GraphModule) and cls is not type(second), (
+        f"{TORCH} changed torch.fx.GraphModule.__new__: cifarnet.fuse needs a class per GraphModule instance, "
+        "which it renames and whose forward it wraps"
+    )
+    first.recompile()
+    assert "forward" in vars(cls), (
+        f"{TORCH} changed torch.fx.GraphModule.recompile: cifarnet.fuse needs it to put forward on the instance's class"
+    )
+    _rename_graph_module("Renamed", first)
+    assert type(first).__name__ == "Renamed" and type(second).__name__ == "TwoLayers", (
+        f"{TORCH} changed torch.fx.GraphModule: renaming one instance's class renamed another's"
+    )
+    assert torch.fx.GraphModule.__name__ == "GraphModule"
+
+
+def test_graph_module_copies_keep_the_name_and_attributes_they_are_told_to():
+    """_keep_through_copies: torch.fx's meta key of attributes deepcopy restores, its
+    deepcopy hooks, and the class name unpickling reads."""
+    graph_module = torch.fx.symbolic_trace(TwoLayers())
+    assert hasattr(torch.fx.graph_module, "_USER_PRESERVED_ATTRIBUTES_KEY"), (
+        f"{TORCH} removed torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY: cifarnet.fuse needs a way to make "
+        "deepcopy keep a fused GraphModule's plain attributes"
+    )
+    assert hasattr(graph_module, "_register_deepcopy_hook"), (
+        f"{TORCH} removed GraphModule._register_deepcopy_hook: cifarnet.fuse needs it to keep the class name in deepcopies"
+    )
+    graph_module.note = "kept"
+    _rename_graph_module("TwoLayers", graph_module)
+    _keep_through_copies(graph_module, "TwoLayers", {"note": "kept"})
+    copied = copy.deepcopy(graph_module)
+    assert getattr(copied, "note", None) == "kept", (
+        f"{TORCH} changed GraphModule.__deepcopy__: it no longer restores the attributes under "
+        "meta[_USER_PRESERVED_ATTRIBUTES_KEY], which cifarnet.fuse relies on"
+    )
+    assert type(copied).__name__ == "TwoLayers", (
+        f"{TORCH} changed GraphModule.__deepcopy__: it no longer runs the hooks of _register_deepcopy_hook, "
+        "which cifarnet.fuse relies on to keep the class name"
+    )
+    loaded = pickle.loads(pickle.dumps(graph_module))
+    assert type(loaded).__name__ == "TwoLayers", (
+        f"{TORCH} changed GraphModule pickling: it no longer names the class by '_graphmodule_cls_name' in the "
+        "module's __dict__, which cifarnet.fuse relies on"
+    )
+    assert loaded.note == "kept"
+
+
+def strided_cases():
+    """4-D tensors of every kind of layout, dense or not, ambiguous ones included."""
+    generator = torch.Generator().manual_seed(0)
+    for shape in [(2, 3, 4, 6), (2, 1, 4, 6), (2, 3, 1, 1), (1, 3, 4, 4), (2, 4, 1, 6)]:
+        base = torch.randn(shape, generator=generator)
+        for memory_format in (torch.contiguous_format, torch.channels_last):
+            dense = base.contiguous(memory_format=memory_format)
+            yield dense
+            yield dense[..., ::2]  # not dense
+            yield dense[:, :, :, 1:]
+            yield dense.transpose(2, 3)
+
+
+def test_suggest_memory_format_agrees_with_the_cpp_rule():
+    """_meta_registrations.suggest_memory_format (torch._prims_common's) against c10's
+    TensorBase::suggest_memory_format, as the C++ kernels apply it: the CPU batch norm lays its
+    output out channels_last exactly where c10 suggests channels_last for its input."""
+    assert hasattr(torch._prims_common, "suggest_memory_format"), (
+        f"{TORCH} removed torch._prims_common.suggest_memory_format: cifarnet's fake kernels need a Python "
+        "copy of c10's suggest_memory_format"
+    )
+    for input in strided_cases():
+        ours = _meta_registrations.suggest_memory_format(input)
+        output = batch_norm(input, None, None, None, None, training=True)
+        expected = torch.empty(input.shape, memory_format=ours).stride()
+        assert output.stride() == expected, (
+            f"{TORCH} changed torch._prims_common.suggest_memory_format: it says {ours} for a tensor of shape "
+            f"{tuple(input.shape)} and strides {input.stride()}, where the C++ kernel (c10's rule) gives strides "
+            f"{output.stride()}; cifarnet's fake kernels need c10's rule"
+        )
+    assert _meta_registrations.suggest_memory_format(torch.randn(2, 3)) == torch.contiguous_format

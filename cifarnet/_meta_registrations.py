@@ -84,11 +84,17 @@ def _batch_norm_memory_format(input: torch.Tensor) -> torch.memory_format:
 
 
 def _batch_norm_stats_dtype(input: torch.Tensor) -> torch.dtype:
-    """The accumulation dtype statistics are saved in: float64 for float32 on the CPU,
-    float32 for float16/bfloat16/float32 on CUDA (at::toAccumulateType)."""
+    """The dtype statistics are saved in: float64 on the CPU for every input dtype, float32
+    for float16/bfloat16/float32 on CUDA (at::toAccumulateType)."""
     if input.dtype == torch.float64:
         return torch.float64
     return torch.float64 if input.device.type == "cpu" else torch.float32
+
+
+def _parameter_grad_dtype(parameter, input: torch.Tensor) -> torch.dtype:
+    """The dtype of a per-channel parameter's gradient: the parameter's own where it is given
+    (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's."""
+    return input.dtype if parameter is None else parameter.dtype
 
 
 def _empty_like_layout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -110,10 +116,11 @@ def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps):
 @torch.library.register_fake("cifarnet::_batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, training, eps, output_mask):
     channels = input.shape[1]
+    grad_dtype = _parameter_grad_dtype(weight, input)
     return (
         _empty_like_layout(input, _batch_norm_memory_format(input)) if output_mask[0] else None,
-        input.new_empty(channels) if output_mask[1] else None,
-        input.new_empty(channels) if output_mask[2] else None,
+        input.new_empty(channels, dtype=grad_dtype) if output_mask[1] else None,
+        input.new_empty(channels, dtype=grad_dtype) if output_mask[2] else None,
     )
 
 
@@ -164,10 +171,11 @@ def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
         grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask[:3]
     )
     channels = weight.shape[0]
+    grad_dtype = _parameter_grad_dtype(bn_weight, input)
     return (
         grad_input,
         grad_weight,
         grad_bias,
-        input.new_empty(channels) if output_mask[3] else None,
-        input.new_empty(channels) if output_mask[4] else None,
+        input.new_empty(channels, dtype=grad_dtype) if output_mask[3] else None,
+        input.new_empty(channels, dtype=grad_dtype) if output_mask[4] else None,
     )

@@ -48,9 +48,11 @@ def conv2d_relu_max_pool2d(
     Ties and NaN are resolved as native ``max_pool2d`` resolves them, so gradients match.
 
     Args:
-        input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]): float32 or float64; contiguous or
-            channels_last. An unbatched ``[C_in, H, W]`` input is computed as a batch of one,
-            as ``F.conv2d`` and ``F.max_pool2d`` compute it.
+        input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]): float32, float64, bfloat16 or
+            float16 (16-bit data are computed in float32); contiguous or channels_last. An
+            unbatched ``[C_in, H, W]`` input is computed as a batch of one, as ``F.conv2d``
+            and ``F.max_pool2d`` compute it. Under ``torch.autocast`` input, weight and bias
+            are cast to the autocast dtype.
         weight (Tensor[C_out, C_in, kH, kW]): same dtype and device as ``input``.
         bias (Tensor[C_out], optional): convolution bias.
         stride (int or (int, int)): convolution stride.
@@ -106,13 +108,16 @@ def batch_norm(
     Training normalises each channel with the batch mean and biased variance and, when
     running statistics are given, updates them in place:
     ``running = (1 - momentum) * running + momentum * batch`` (with the unbiased variance).
-    Evaluation normalises with the running statistics. Statistics of float32 inputs
-    accumulate in double. Takes the shapes ``F.batch_norm`` takes: ``[N, C]``, ``[N, C, L]``,
-    ``[N, C, H, W]`` or more dimensions, and empty inputs (which ``F.batch_norm`` itself
-    computes: there is nothing to normalise, and no statistics to update).
+    Evaluation normalises with the running statistics. Statistics accumulate in double on
+    the CPU; bfloat16 and float16 inputs are computed in float32. Takes the shapes
+    ``F.batch_norm`` takes: ``[N, C]``, ``[N, C, L]``, ``[N, C, H, W]`` or more dimensions,
+    and empty inputs (which ``F.batch_norm`` itself computes: there is nothing to normalise,
+    and no statistics to update).
 
     Args:
-        input (Tensor[N, C, *]): float32 or float64; contiguous or channels_last.
+        input (Tensor[N, C, *]): float32, float64, bfloat16 or float16; contiguous or
+            channels_last. With 16-bit input the weight, bias and running statistics may be
+            float32, as native batch norm allows; the output takes the input's dtype.
         running_mean, running_var (Tensor[C], optional): updated in place in training;
             required in evaluation.
         weight, bias (Tensor[C], optional): the affine transform after normalisation.
@@ -162,6 +167,8 @@ def conv2d_batch_norm_relu_max_pool2d(
     training as :func:`batch_norm` does. The backward keeps the input, the convolution output,
     the per-channel statistics and a one-byte window argmax (no normalised or ReLU output, no
     int64 indices). In evaluation the batch norm is folded into the convolution.
+    Dtypes as :func:`conv2d_relu_max_pool2d` for the convolution and as :func:`batch_norm` for
+    the batch-norm parameters (float32 ones with bfloat16/float16 data, as autocast leaves them).
 
     Args:
         input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]), weight (Tensor[C_out, C_in, kH, kW]),

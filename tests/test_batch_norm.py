@@ -248,7 +248,7 @@ def _bad_batch_norm_cases():
         ("running_mean size", dict(running_mean=torch.zeros(4)), "running_mean should contain 3 elements"),
         ("weight size", dict(weight=torch.ones(2)), "weight should contain 3 elements"),
         ("one value per channel", dict(input=torch.randn(1, 3, 1, 1)), "Expected more than 1 value per channel when training"),
-        ("integer input", dict(input=x.long()), "input must be float32 or float64"),
+        ("integer input", dict(input=x.long()), "input must be float32, float64, float16 or bfloat16, got Long"),
         ("eval without running stats", dict(running_mean=None, running_var=None, training=False), "must be defined in evaluation mode"),
         ("only running_mean", dict(running_var=None), "both be given or both be None"),
     ]

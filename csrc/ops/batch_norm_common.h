@@ -13,9 +13,10 @@
 
 namespace cifarnet {
 
-// The dtype statistics are computed and saved in: the accumulation type (double for float32
-// on the CPU; float32 for float16, bfloat16 and float32 on CUDA).
+// The dtype statistics are computed and saved in: double on the CPU (every input dtype);
+// the accumulation type on CUDA (float32 for float16, bfloat16 and float32).
 inline at::ScalarType batch_norm_stats_dtype(const at::Tensor& input) {
+  if (input.is_cpu()) return at::kDouble;
   return at::toAccumulateType(input.scalar_type(), input.device().type());
 }
 

@@ -52,12 +52,12 @@ inline void check_pair(at::IntArrayRef values, const char* name) {
   TORCH_CHECK(values.size() == 2, name, " must have two elements (height, width), got ", values);
 }
 
+// float32 and float64, and the 16-bit float16 and bfloat16 (stored in 16 bits, computed and
+// accumulated in float32) on every device.
 inline void check_floating_dtype(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(
-      t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-          (t.is_cuda() && (t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16)),
-      name, " must be float32 or float64", (t.is_cuda() ? " (or float16/bfloat16 on CUDA)" : ""),
-      ", got ", t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 // Checks everything native conv2d and max_pool2d would refuse, plus the one-byte argmax

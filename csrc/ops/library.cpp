@@ -153,11 +153,15 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
               "running_mean and running_var must be defined in evaluation mode");
   at::Tensor scale = at::rsqrt(*running_var + eps);
   if (defined(bn_weight)) scale = scale * *bn_weight;
-  const at::Tensor folded_weight = weight * scale.reshape({-1, 1, 1, 1});
+  // float32 batch-norm parameters of bfloat16 or float16 convolutions (as native allows them,
+  // and as autocast leaves them) fold in their precision; the folded weight and bias then
+  // take the convolution's dtype.
+  const at::Tensor folded_weight =
+      (weight * scale.reshape({-1, 1, 1, 1})).to(weight.scalar_type());
   at::Tensor folded_bias = defined(bias) ? (*bias - *running_mean) * scale : -*running_mean * scale;
   if (defined(bn_bias)) folded_bias = folded_bias + *bn_bias;
-  return conv2d_relu_max_pool2d(input, folded_weight, folded_bias, stride, padding, pool_size,
-                                pool_stride, ceil_mode);
+  return conv2d_relu_max_pool2d(input, folded_weight, folded_bias.to(weight.scalar_type()), stride,
+                                padding, pool_size, pool_stride, ceil_mode);
 }
 
 // NB: like native max_pool2d over max_pool2d_with_indices, the public op is a composite of the
@@ -171,38 +175,44 @@ at::Tensor conv2d_relu_max_pool2d_composite(const at::Tensor& input, const at::T
                                                         pool_size, pool_stride, ceil_mode));
 }
 
-// Under torch.autocast("cuda"), the convolution ops run in the autocast dtype (float16 or
-// bfloat16), as F.conv2d does; batch-norm parameters and statistics stay in float32.
-template <typename Op, typename... Rest>
-auto call_autocast_cuda(Op& op, const at::Tensor& input, const at::Tensor& weight,
-                        const std::optional<at::Tensor>& bias, Rest&&... rest) {
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::DispatchKey::AutocastCUDA);
-  const at::ScalarType dtype = at::autocast::get_autocast_dtype(at::kCUDA);
-  return op.call(at::autocast::cached_cast(dtype, input, at::kCUDA),
-                 at::autocast::cached_cast(dtype, weight, at::kCUDA),
-                 at::autocast::cached_cast(dtype, bias, at::kCUDA), std::forward<Rest>(rest)...);
+// Under torch.autocast("cuda") and torch.autocast("cpu"), the convolution ops run in the
+// autocast dtype (float16 or bfloat16), as F.conv2d does: input, weight and bias are cast to
+// it; batch-norm parameters and statistics stay in float32, as native batch norm keeps them.
+template <c10::DeviceType device, c10::DispatchKey autocast_key, typename Op, typename... Rest>
+auto call_autocast(Op& op, const at::Tensor& input, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, Rest&&... rest) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, weight, device),
+                 at::autocast::cached_cast(dtype, bias, device), std::forward<Rest>(rest)...);
 }
 
+template <c10::DeviceType device, c10::DispatchKey autocast_key>
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax_autocast(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
   static auto op = internal_op<decltype(conv2d_relu_max_pool2d_with_argmax)>(
       "cifarnet::conv2d_relu_max_pool2d_with_argmax");
-  return call_autocast_cuda(op, input, weight, bias, stride, padding, pool_size, pool_stride,
-                            ceil_mode);
+  return call_autocast<device, autocast_key>(op, input, weight, bias, stride, padding, pool_size,
+                                             pool_stride, ceil_mode);
 }
 
+template <c10::DeviceType device, c10::DispatchKey autocast_key>
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 conv2d_batch_norm_relu_max_pool2d_training_autocast(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
-  static auto op = internal_op<decltype(conv2d_batch_norm_relu_max_pool2d_training_autocast)>(
+  static auto op = internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, at::IntArrayRef,
+      at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>(
       "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
-  return call_autocast_cuda(op, input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
-                            pool_size, pool_stride, ceil_mode);
+  return call_autocast<device, autocast_key>(op, input, weight, bias, bn_weight, bn_bias, eps,
+                                             stride, padding, pool_size, pool_stride, ceil_mode);
 }
 
 }  // namespace
@@ -264,9 +274,19 @@ TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(cifarnet, AutocastCUDA, m) {
-  m.impl("conv2d_relu_max_pool2d_with_argmax", &conv2d_relu_max_pool2d_with_argmax_autocast);
+  m.impl("conv2d_relu_max_pool2d_with_argmax",
+         &conv2d_relu_max_pool2d_with_argmax_autocast<at::kCUDA, c10::DispatchKey::AutocastCUDA>);
   m.impl("_conv2d_batch_norm_relu_max_pool2d_training",
-         &conv2d_batch_norm_relu_max_pool2d_training_autocast);
+         &conv2d_batch_norm_relu_max_pool2d_training_autocast<at::kCUDA,
+                                                              c10::DispatchKey::AutocastCUDA>);
+}
+
+TORCH_LIBRARY_IMPL(cifarnet, AutocastCPU, m) {
+  m.impl("conv2d_relu_max_pool2d_with_argmax",
+         &conv2d_relu_max_pool2d_with_argmax_autocast<at::kCPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("_conv2d_batch_norm_relu_max_pool2d_training",
+         &conv2d_batch_norm_relu_max_pool2d_training_autocast<at::kCPU,
+                                                              c10::DispatchKey::AutocastCPU>);
 }
 
 // In-place updates of small per-channel tensors with ATen ops, for devices without a kernel of

@@ -13,7 +13,8 @@ namespace cifarnet::ops {
 
 // max_pool2d(relu(conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride,
 // ceil_mode). input: Tensor[N, C_in, H, W]; weight: Tensor[C_out, C_in, kH, kW]; bias:
-// Tensor[C_out] or nullopt; float32 or float64. An empty pool_stride means pool_size.
+// Tensor[C_out] or nullopt; float32, float64, bfloat16 or float16 (16-bit data computed in
+// float32). An empty pool_stride means pool_size.
 at::Tensor conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef pool_size,

@@ -10,8 +10,10 @@
 
 namespace cifarnet::ops {
 
+// Statistics accumulate and are saved in double for every input dtype on the CPU (float32,
+// bfloat16 and float16 alike; at::acc_type would give float for the 16-bit types).
 template <typename scalar_t>
-using stats_t = at::acc_type<scalar_t, /*is_cuda=*/false>;  // double for float32
+using stats_t = double;
 
 // Per-channel mean and biased (population) variance.
 template <typename acc_t>
@@ -42,7 +44,7 @@ std::vector<T> channel_values(const std::optional<at::Tensor>& t, int64_t channe
   return {values.const_data_ptr<T>(), values.const_data_ptr<T>() + channels};
 }
 
-// A mean split as x - mean == (x - hi) - lo, hi in the data's type. x - hi is exact for x
+// A mean split as x - mean == (x - hi) - lo, hi in the type the data are computed in. x - hi is exact for x
 // within a factor of two of the mean (Sterbenz), so centring data far from zero loses nothing
 // to the rounding of the mean; lo, small, folds into the constant terms.
 template <typename scalar_t, typename acc_t>
@@ -57,13 +59,21 @@ struct SplitMean {
   }
 };
 
-// A per-channel tensor of the given values.
+// A per-channel tensor of the given values (in T's dtype).
 template <typename T>
 at::Tensor channel_tensor(const std::vector<T>& values, const at::TensorOptions& options) {
   at::Tensor t = at::empty({static_cast<int64_t>(values.size())},
                            options.dtype(c10::CppTypeToScalarType<T>::value));
   std::copy(values.begin(), values.end(), t.mutable_data_ptr<T>());
   return t;
+}
+
+// The dtype a per-channel parameter's gradient takes: the parameter's own where it is given
+// (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's.
+inline at::ScalarType parameter_grad_dtype(const std::optional<at::Tensor>& parameter,
+                                           const at::Tensor& input) {
+  return parameter.has_value() && parameter->defined() ? parameter->scalar_type()
+                                                       : input.scalar_type();
 }
 
 }  // namespace cifarnet::ops

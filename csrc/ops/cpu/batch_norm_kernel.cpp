@@ -4,7 +4,9 @@
 // contiguous) or channels-inner (channels-last, and (N, C) inputs); each kernel is one or two
 // passes vectorised along the contiguous dimension, threaded over rows or pixels with
 // per-thread partial sums. Training statistics take one pass (shifted sums, accumulated in
-// double for float32), where native takes two.
+// double), where native takes two. bfloat16 and float16 data are computed in float32 (see
+// batch_norm_loops.h); weight, bias and running statistics may be float32 with them, as native
+// allows, and the parameter gradients take the parameters' dtype.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -146,7 +148,8 @@ namespace {
 // The normalize pass (g == nullptr) or the input_grad pass, threaded over rows or pixels.
 template <typename scalar_t>
 void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scalar_t* x,
-                       const scalar_t* g, const ChannelMap<scalar_t>& f, bool input_grad) {
+                       const scalar_t* g, const ChannelMap<simd::opmath_t<scalar_t>>& f,
+                       bool input_grad) {
   // A pass over more than the last-level cache holds has evicted its first output lines by its
   // end anyway: its stores may as well skip reading the lines in first. Vector stores are at
   // multiples of 64 bytes from a row's start; streaming needs them 16-byte aligned.
@@ -217,6 +220,10 @@ template BatchNormStats<double> batch_statistics<float>(const at::Tensor&, bool,
                                                         int64_t);
 template BatchNormStats<double> batch_statistics<double>(const at::Tensor&, bool, int64_t, int64_t,
                                                          int64_t);
+template BatchNormStats<double> batch_statistics<c10::BFloat16>(const at::Tensor&, bool, int64_t,
+                                                                int64_t, int64_t);
+template BatchNormStats<double> batch_statistics<c10::Half>(const at::Tensor&, bool, int64_t,
+                                                            int64_t, int64_t);
 
 namespace {
 
@@ -230,8 +237,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
   at::Tensor output = at::empty(input.sizes(), input.options().memory_format(layout.format));
   at::Tensor save_mean, save_var;
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "batch_norm_forward", [&] {
     using acc_t = stats_t<scalar_t>;
+    using opmath_t = simd::opmath_t<scalar_t>;
     const BatchNormStats<acc_t> stats =
         training ? batch_statistics<scalar_t>(layout.data, layout.channels_inner, channels,
                                               layout.rows, layout.row_len)
@@ -241,15 +250,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
     save_var = channel_tensor(stats.var, input.options());
     if (output.numel() == 0) return;
     // y = (x - mean) * weight / sqrt(var + eps) + bias.
-    const SplitMean<scalar_t, acc_t> centre(stats.mean);
+    const SplitMean<opmath_t, acc_t> centre(stats.mean);
     const auto w = channel_values<acc_t>(weight, channels, 1);
     const auto b = channel_values<acc_t>(bias, channels, 0);
-    ChannelMap<scalar_t> f(channels);
+    ChannelMap<opmath_t> f(channels);
     f.mean = centre.hi;
     for (int64_t c = 0; c < channels; ++c) {
       const acc_t scale = w[c] / std::sqrt(stats.var[c] + eps);
-      f.a[c] = static_cast<scalar_t>(scale);
-      f.b[c] = static_cast<scalar_t>(b[c] - centre.lo[c] * scale);
+      f.a[c] = static_cast<opmath_t>(scale);
+      f.b[c] = static_cast<opmath_t>(b[c] - centre.lo[c] * scale);
     }
     apply_channel_map<scalar_t>(layout, output.mutable_data_ptr<scalar_t>(),
                                 layout.data.const_data_ptr<scalar_t>(), nullptr, f, false);
@@ -273,11 +282,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
   const int64_t channels = layout.channels;
   at::Tensor grad_input, grad_weight, grad_bias;
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "batch_norm_backward", [&] {
     using acc_t = stats_t<scalar_t>;
+    using opmath_t = simd::opmath_t<scalar_t>;
     const auto var = channel_values<acc_t>(save_var, channels, 1);
     const auto w = channel_values<acc_t>(weight, channels, 1);
-    const SplitMean<scalar_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
+    const SplitMean<opmath_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
     const scalar_t* x = layout.data.const_data_ptr<scalar_t>();
     // sum_g = sum(g), sum_gx = sum(g * (x - mean)) = sum(g * (x - hi)) - lo * sum_g.
@@ -303,14 +314,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
       // input_grad with slope -invstd^2 sum_gx / M around hi. Evaluation: dx = k g, i.e.
       // normalize of g with mean 0 and scale k.
       const acc_t count = static_cast<acc_t>(batch_norm_count(input).expect_int());
-      ChannelMap<scalar_t> f(channels);
+      ChannelMap<opmath_t> f(channels);
       for (int64_t c = 0; c < channels; ++c) {
         const acc_t k = w[c] * invstd[c];
         const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / count;
-        f.mean[c] = training ? centre.hi[c] : scalar_t(0);
-        f.a[c] = static_cast<scalar_t>(training ? slope : k);
-        f.b[c] = static_cast<scalar_t>(training ? -sum_g[c] / count - centre.lo[c] * slope : 0);
-        f.k[c] = static_cast<scalar_t>(k);
+        f.mean[c] = training ? centre.hi[c] : opmath_t(0);
+        f.a[c] = static_cast<opmath_t>(training ? slope : k);
+        f.b[c] = static_cast<opmath_t>(training ? -sum_g[c] / count - centre.lo[c] * slope : 0);
+        f.k[c] = static_cast<opmath_t>(k);
       }
       if (grad_input.numel() > 0) {
         scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
@@ -321,13 +332,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
         }
       }
     }
-    std::vector<scalar_t> grad_w(channels), grad_b(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      grad_w[c] = static_cast<scalar_t>(sum_gx[c] * invstd[c]);
-      grad_b[c] = static_cast<scalar_t>(sum_g[c]);
-    }
-    if (output_mask[1]) grad_weight = channel_tensor(grad_w, input.options());
-    if (output_mask[2]) grad_bias = channel_tensor(grad_b, input.options());
+    std::vector<acc_t> grad_w(channels);
+    for (int64_t c = 0; c < channels; ++c) grad_w[c] = sum_gx[c] * invstd[c];
+    const at::ScalarType grad_dtype = parameter_grad_dtype(weight, input);
+    if (output_mask[1]) grad_weight = channel_tensor(grad_w, input.options()).to(grad_dtype);
+    if (output_mask[2]) grad_bias = channel_tensor(sum_g, input.options()).to(grad_dtype);
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -7,6 +7,9 @@
 // Sums accumulate in double (float data widened on load; channels-inner data after runs of 16
 // pixels summed in registers); values are shifted by a per-channel reference (an element of
 // the channel) first, so that inputs with a mean far from zero keep their variance.
+// bfloat16 and float16 data are stored in 16 bits and computed in float
+// (opmath_t<scalar_t>): widened on load, rounded on store (simd.h's load/store overloads);
+// per-channel coefficients are given in that type.
 // Included once per ISA through isa_variants.inc (so: no include guard, no includes).
 
 // Per-channel sums of (x - ref) and (x - ref)^2 over rows [row_begin, row_end) of a
@@ -41,7 +44,7 @@ void shifted_sums_channels_outer(const scalar_t* x, int64_t channels, int64_t ro
       row_sum_sq += q0[l];
     }
     for (; i < row_len; ++i) {
-      const double d = data[i] - shift;
+      const double d = static_cast<double>(data[i]) - shift;
       row_sum += d;
       row_sum_sq += d * d;
     }
@@ -50,11 +53,11 @@ void shifted_sums_channels_outer(const scalar_t* x, int64_t channels, int64_t ro
   }
 }
 
-// One scalar_t (T = scalar_t) or one vector of them (T a Vec64 type) from p.
+// One value (T = opmath_t<scalar_t>) or one vector of them (T a Vec64 type) from p.
 template <typename T, typename scalar_t>
 inline __attribute__((always_inline)) void load_lanes(T& v, const scalar_t* p) {
-  if constexpr (std::is_same_v<T, scalar_t>) {
-    v = *p;
+  if constexpr (sizeof(T) < 64) {
+    v = static_cast<T>(*p);
   } else {
     simd::load(v, p);
   }
@@ -90,7 +93,7 @@ template <int J, typename scalar_t, typename Terms>
 inline __attribute__((always_inline)) void channel_block_sums(int64_t c, int64_t run,
                                                               int64_t run_end, double* sum_a,
                                                               double* sum_b, Terms& terms) {
-  using V = simd::Vec64<scalar_t>;
+  using V = simd::Vec64<simd::opmath_t<scalar_t>>;
   typename V::type a[J] = {}, b[J] = {};
   for (int64_t p = run; p < run_end; ++p) {
     for (int j = 0; j < J; ++j) terms(a[j], b[j], p, c + j * V::lanes);
@@ -112,7 +115,7 @@ inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
                                                                int64_t pixel_begin,
                                                                int64_t pixel_end, double* sum_a,
                                                                double* sum_b, Terms&& terms) {
-  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  constexpr int64_t lanes = simd::Vec64<simd::opmath_t<scalar_t>>::lanes;
   // Two accumulators per channel vector plus temporaries, in a quarter of the registers.
   constexpr int kVectors = std::max(1, kVectorRegisters * kVectorRegisterBytes / 64 / 8);
   for (int64_t run = pixel_begin; run < pixel_end; run += kRegisterRun) {
@@ -137,7 +140,7 @@ inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
       // The last channels, fewer than a vector, one at a time.
       for (int64_t p = run; p < run_end; ++p) {
         for (int64_t r = c; r < channels; ++r) {
-          scalar_t ta = 0, tb = 0;
+          simd::opmath_t<scalar_t> ta = 0, tb = 0;
           terms(ta, tb, p, r);
           sum_a[r] += ta;
           sum_b[r] += tb;
@@ -166,10 +169,10 @@ void shifted_sums_channels_inner(const scalar_t* x, int64_t channels, int64_t pi
 
 // Per-channel sums of g and g * (x - mean) over rows [row_begin, row_end) of channels-outer
 // gradient and input (the batch norm backward's reductions), in double.
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void grad_sums_channels_outer(const scalar_t* g, const scalar_t* x, int64_t channels,
                               int64_t row_len, int64_t row_begin, int64_t row_end,
-                              const scalar_t* mean, double* sum_g, double* sum_gx) {
+                              const T* mean, double* sum_g, double* sum_gx) {
   using simd::doubles;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
@@ -191,8 +194,8 @@ void grad_sums_channels_outer(const scalar_t* g, const scalar_t* x, int64_t chan
       row_gx += sgx[l];
     }
     for (; i < row_len; ++i) {
-      row_g += g_row[i];
-      row_gx += double(g_row[i]) * (double(x_row[i]) - m);
+      row_g += static_cast<double>(g_row[i]);
+      row_gx += static_cast<double>(g_row[i]) * (static_cast<double>(x_row[i]) - m);
     }
     sum_g[c] += row_g;
     sum_gx[c] += row_gx;
@@ -200,9 +203,9 @@ void grad_sums_channels_outer(const scalar_t* g, const scalar_t* x, int64_t chan
 }
 
 // The same over pixels [pixel_begin, pixel_end) of channels-inner gradient and input.
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t channels,
-                              int64_t pixel_begin, int64_t pixel_end, const scalar_t* mean,
+                              int64_t pixel_begin, int64_t pixel_end, const T* mean,
                               double* sum_g, double* sum_gx) {
   channels_inner_sums<scalar_t>(channels, pixel_begin, pixel_end, sum_g, sum_gx,
                                 [&](auto& sg, auto& sgx, int64_t p, int64_t c) {
@@ -225,18 +228,17 @@ void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t chan
 // `stream`: vector stores bypass the caches (see simd::store_or_stream; the caller makes them
 // aligned and fences).
 
-template <typename scalar_t>
-inline __attribute__((always_inline)) scalar_t input_grad_value(scalar_t x, scalar_t g,
-                                                                scalar_t mean, scalar_t slope,
-                                                                scalar_t offset, scalar_t k) {
+template <typename T>
+inline __attribute__((always_inline)) T input_grad_value(T x, T g, T mean, T slope, T offset,
+                                                         T k) {
   return ((x - mean) * slope + offset + g) * k;
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels, int64_t row_len,
-                              int64_t row_begin, int64_t row_end, const scalar_t* mean,
-                              const scalar_t* scale, const scalar_t* shift, bool stream) {
-  using V = simd::Vec64<scalar_t>;
+                              int64_t row_begin, int64_t row_end, const T* mean, const T* scale,
+                              const T* shift, bool stream) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
@@ -249,15 +251,17 @@ void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels
       simd::load(xv, x_row + i);
       simd::store_or_stream(out_row + i, vec((xv - m) * a + b), stream);
     }
-    for (; i < row_len; ++i) out_row[i] = (x_row[i] - mean[c]) * scale[c] + shift[c];
+    for (; i < row_len; ++i) {
+      out_row[i] = static_cast<scalar_t>((static_cast<T>(x_row[i]) - mean[c]) * scale[c] + shift[c]);
+    }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels,
-                              int64_t pixel_begin, int64_t pixel_end, const scalar_t* mean,
-                              const scalar_t* scale, const scalar_t* shift, bool stream) {
-  using V = simd::Vec64<scalar_t>;
+                              int64_t pixel_begin, int64_t pixel_end, const T* mean,
+                              const T* scale, const T* shift, bool stream) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
     const int64_t base = p * channels;
@@ -270,16 +274,19 @@ void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels
       simd::load(b, shift + c);
       simd::store_or_stream(out + base + c, vec((xv - m) * a + b), stream);
     }
-    for (; c < channels; ++c) out[base + c] = (x[base + c] - mean[c]) * scale[c] + shift[c];
+    for (; c < channels; ++c) {
+      out[base + c] =
+          static_cast<scalar_t>((static_cast<T>(x[base + c]) - mean[c]) * scale[c] + shift[c]);
+    }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t row_len, int64_t row_begin,
-                               int64_t row_end, const scalar_t* mean, const scalar_t* slope,
-                               const scalar_t* offset, const scalar_t* k, bool stream) {
-  using V = simd::Vec64<scalar_t>;
+                               int64_t row_end, const T* mean, const T* slope, const T* offset,
+                               const T* k, bool stream) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
@@ -295,18 +302,19 @@ void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t*
       simd::store_or_stream(out_row + i, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; i < row_len; ++i) {
-      out_row[i] = input_grad_value(x_row[i], g_row != nullptr ? g_row[i] : scalar_t(0), mean[c],
-                                    slope[c], offset[c], k[c]);
+      out_row[i] = static_cast<scalar_t>(
+          input_grad_value(static_cast<T>(x_row[i]), g_row != nullptr ? static_cast<T>(g_row[i]) : T(0),
+                           mean[c], slope[c], offset[c], k[c]));
     }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t pixel_begin, int64_t pixel_end,
-                               const scalar_t* mean, const scalar_t* slope, const scalar_t* offset,
-                               const scalar_t* k, bool stream) {
-  using V = simd::Vec64<scalar_t>;
+                               const T* mean, const T* slope, const T* offset, const T* k,
+                               bool stream) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
     const int64_t base = p * channels;
@@ -322,8 +330,9 @@ void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t*
       simd::store_or_stream(out + base + c, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; c < channels; ++c) {
-      out[base + c] = input_grad_value(x[base + c], g != nullptr ? g[base + c] : scalar_t(0),
-                                       mean[c], slope[c], offset[c], k[c]);
+      out[base + c] = static_cast<scalar_t>(
+          input_grad_value(static_cast<T>(x[base + c]), g != nullptr ? static_cast<T>(g[base + c]) : T(0),
+                           mean[c], slope[c], offset[c], k[c]));
     }
   }
 }

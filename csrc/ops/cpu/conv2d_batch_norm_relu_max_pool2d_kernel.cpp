@@ -8,6 +8,10 @@
 // batch norm's two per-channel reductions only visit those; the convolution-output gradient
 // is then one affine pass over the saved convolution output plus the hits, and goes to
 // at::convolution_backward.
+// bfloat16 and float16: the convolution and its backward run in that dtype (oneDNN: AMX or
+// AVX512-BF16 where the CPU has them), the saved convolution output is stored in it, and
+// everything else computes in float32 with statistics in double; the batch-norm parameters may
+// be float32 (as native batch norm allows) and their gradients take their dtype.
 // (Evaluation mode never comes here: it folds the batch norm into the convolution.)
 
 #include <ATen/ATen.h>
@@ -64,19 +68,21 @@ conv2d_batch_norm_relu_max_pool2d_training_kernel(
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));
   at::Tensor save_mean, save_var;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_batch_norm_relu_max_pool2d", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "conv2d_batch_norm_relu_max_pool2d", [&] {
     using acc_t = stats_t<scalar_t>;
+    using opmath_t = simd::opmath_t<scalar_t>;
     const auto stats = batch_statistics<scalar_t>(conv, /*channels_inner=*/true, g.out_channels,
                                                   pixels, g.out_channels);
     // y = (x - mean) * bn_weight / sqrt(var + eps) + bn_bias, as the batch norm op computes it.
-    const SplitMean<scalar_t, acc_t> centre(stats.mean);
+    const SplitMean<opmath_t, acc_t> centre(stats.mean);
     const auto w = channel_values<acc_t>(bn_weight, g.out_channels, 1);
     const auto b = channel_values<acc_t>(bn_bias, g.out_channels, 0);
-    std::vector<scalar_t> scale(g.out_channels), shift(g.out_channels);
+    std::vector<opmath_t> scale(g.out_channels), shift(g.out_channels);
     for (int64_t c = 0; c < g.out_channels; ++c) {
       const acc_t s = w[c] / std::sqrt(stats.var[c] + eps);
-      scale[c] = static_cast<scalar_t>(s);
-      shift[c] = static_cast<scalar_t>(b[c] - centre.lo[c] * s);
+      scale[c] = static_cast<opmath_t>(s);
+      shift[c] = static_cast<opmath_t>(b[c] - centre.lo[c] * s);
     }
     relu_max_pool2d<scalar_t>(conv, output, argmax, g, 0, g.batch, centre.hi.data(), scale.data(),
                               shift.data());
@@ -107,11 +113,13 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
   const at::Tensor argmax_cl = argmax.contiguous(at::MemoryFormat::ChannelsLast);
 
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-  AT_DISPATCH_FLOATING_TYPES(
-      input.scalar_type(), "conv2d_batch_norm_relu_max_pool2d_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "conv2d_batch_norm_relu_max_pool2d_backward",
+      [&] {
         using acc_t = stats_t<scalar_t>;
-        const SplitMean<scalar_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
-        const std::vector<scalar_t>& mean = centre.hi;  // x - mean == (x - hi) - lo
+        using opmath_t = simd::opmath_t<scalar_t>;
+        const SplitMean<opmath_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
+        const std::vector<opmath_t>& mean = centre.hi;  // x - mean == (x - hi) - lo
         const auto var = channel_values<acc_t>(save_var, channels, 1);
         const auto w = channel_values<acc_t>(bn_weight, channels, 1);
         std::vector<acc_t> invstd(channels);
@@ -127,7 +135,7 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
         // walked densely and vectorised, with the argmax as a lane mask; others hit by hit, in
         // channels-last order, the order of the saved convolution output they read.
         const bool tiled = g.pool_stride_h == g.pool_h && g.pool_stride_w == g.pool_w &&
-                           channels % simd::Vec64<scalar_t>::lanes == 0;
+                           channels % simd::Vec64<opmath_t>::lanes == 0;
         const int64_t threads = at::get_num_threads();
         const int64_t pooled_sample = g.out_h * g.out_w * channels;
         const int64_t conv_sample = g.conv_h * g.conv_w * channels;
@@ -147,8 +155,9 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
             for_each_argmax_hit<scalar_t>(
                 grad_cl, argmax_cl, g, window, n,
                 [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w_, scalar_t grad) {
-                  sum_g[c] += grad;
-                  sum_gx[c] += grad * (conv_data[conv_offset(n, h, w_) + c] - mean[c]);
+                  sum_g[c] += static_cast<acc_t>(grad);
+                  sum_gx[c] += static_cast<acc_t>(grad) *
+                               (static_cast<opmath_t>(conv_data[conv_offset(n, h, w_) + c]) - mean[c]);
                 });
           }
         });
@@ -160,24 +169,22 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
           }
         }
         for (int64_t c = 0; c < channels; ++c) sum_gx[c] -= centre.lo[c] * sum_g[c];
-        std::vector<scalar_t> grad_w(channels), grad_b(channels);
-        for (int64_t c = 0; c < channels; ++c) {
-          grad_w[c] = static_cast<scalar_t>(sum_gx[c] * invstd[c]);
-          grad_b[c] = static_cast<scalar_t>(sum_g[c]);
-        }
-        if (output_mask[3]) grad_bn_weight = channel_tensor(grad_w, input.options());
-        if (output_mask[4]) grad_bn_bias = channel_tensor(grad_b, input.options());
+        std::vector<acc_t> grad_w(channels);
+        for (int64_t c = 0; c < channels; ++c) grad_w[c] = sum_gx[c] * invstd[c];
+        const at::ScalarType grad_dtype = parameter_grad_dtype(bn_weight, input);
+        if (output_mask[3]) grad_bn_weight = channel_tensor(grad_w, input.options()).to(grad_dtype);
+        if (output_mask[4]) grad_bn_bias = channel_tensor(sum_g, input.options()).to(grad_dtype);
         if (!(output_mask[0] || output_mask[1] || output_mask[2])) return;
 
         // dx = k (dy - sum_g / M - (x - mean) invstd^2 sum_gx / M), k = bn_weight * invstd:
         // ((x - hi) * slope + offset + dy) * k, with dy nonzero only at the hits.
         const acc_t count = static_cast<acc_t>(pixels);
-        std::vector<scalar_t> k(channels), slope(channels), offset(channels);
+        std::vector<opmath_t> k(channels), slope(channels), offset(channels);
         for (int64_t c = 0; c < channels; ++c) {
           const acc_t s = -invstd[c] * invstd[c] * sum_gx[c] / count;
-          k[c] = static_cast<scalar_t>(w[c] * invstd[c]);
-          slope[c] = static_cast<scalar_t>(s);
-          offset[c] = static_cast<scalar_t>(-sum_g[c] / count - centre.lo[c] * s);
+          k[c] = static_cast<opmath_t>(w[c] * invstd[c]);
+          slope[c] = static_cast<opmath_t>(s);
+          offset[c] = static_cast<opmath_t>(-sum_g[c] / count - centre.lo[c] * s);
         }
         at::Tensor grad_conv = tiled ? at::empty_like(conv) : at::zeros_like(conv);
         scalar_t* grad_conv_data = grad_conv.mutable_data_ptr<scalar_t>();

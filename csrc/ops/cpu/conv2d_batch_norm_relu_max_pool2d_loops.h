@@ -24,10 +24,10 @@ inline __attribute__((always_inline)) typename simd::Vec64<scalar_t>::mask load_
 // sum_g[c] += sum of hit gradients, sum_gx[c] += sum of grad * (x - mean[c]) at the hits, in
 // double, over pooled rows [row_begin, row_end), eight channels at a time; channels past the
 // last group of eight are left to the caller.
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void tiled_hit_sums(const scalar_t* conv, const scalar_t* grad, const uint8_t* argmax,
                     const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end,
-                    const scalar_t* mean, double* sum_g, double* sum_gx) {
+                    const T* mean, double* sum_g, double* sum_gx) {
   using simd::doubles;
   using V = simd::Vec64<double>;
   const int64_t channels = g.out_channels;
@@ -65,12 +65,12 @@ void tiled_hit_sums(const scalar_t* conv, const scalar_t* grad, const uint8_t* a
 // grad_conv = ((conv - mean[c]) * slope[c] + offset[c] + grad at the window's hit) * k[c]
 // (input_grad of batch_norm_loops.h) at every window position, over pooled rows
 // [row_begin, row_end); channels past the last whole vector are left to the caller.
-template <typename scalar_t>
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void tiled_grad_conv(scalar_t* grad_conv, const scalar_t* conv, const scalar_t* grad,
                      const uint8_t* argmax, const ConvPoolGeometry& g, int64_t row_begin,
-                     int64_t row_end, const scalar_t* mean, const scalar_t* slope,
-                     const scalar_t* offset, const scalar_t* k) {
-  using V = simd::Vec64<scalar_t>;
+                     int64_t row_end, const T* mean, const T* slope, const T* offset,
+                     const T* k) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   using mask = typename V::mask;
   const int64_t channels = g.out_channels;
@@ -88,7 +88,7 @@ void tiled_grad_conv(scalar_t* grad_conv, const scalar_t* conv, const scalar_t* 
         simd::load(a, slope + c);
         simd::load(b, offset + c);
         simd::load(kv, k + c);
-        const mask hit = load_argmax<scalar_t>(argmax + pooled);
+        const mask hit = load_argmax<T>(argmax + pooled);
         for (int64_t kh = 0; kh < window_h; ++kh) {
           for (int64_t kw = 0; kw < window_w; ++kw) {
             const int64_t at = ((h0 + kh) * g.conv_w + w0 + kw) * channels + c;

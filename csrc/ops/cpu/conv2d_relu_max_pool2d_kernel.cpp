@@ -20,7 +20,9 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../conv_pool_geometry.h"
@@ -67,7 +69,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   const int64_t sample_bytes = g.out_channels * g.conv_h * g.conv_w * input.element_size();
   const int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, sample_bytes));
 
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "conv2d_relu_max_pool2d_forward", [&] {
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
       const int64_t n1 = std::min(n0 + tile, g.batch);
       const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
@@ -99,7 +102,9 @@ at::Tensor bias_gradient(const at::Tensor& grad_output, const at::Tensor& argmax
 }
 
 // The dense backward: the full gradient of the convolution output, scattered from the argmax,
-// through at::convolution_backward (oneDNN for float32).
+// through at::convolution_backward (oneDNN: AVX-512 FMA for float32, AMX or AVX512-BF16 for
+// bfloat16 where the CPU has them). Overlapping windows may add several gradients into one
+// element: for 16-bit data they are added in float32 and rounded once.
 // NB: that runs once over the whole batch, outside any parallel region of ours: oneDNN's
 // weight-gradient kernel plans its threads when its primitive is created and deadlocks when
 // run inside a region with fewer threads than it planned for.
@@ -108,25 +113,44 @@ std::tuple<at::Tensor, at::Tensor> dense_conv_gradients(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& argmax, const ConvPoolGeometry& g, at::MemoryFormat format,
     std::array<bool, 3> output_mask) {
+  const bool overlapping = g.pool_stride_h < g.pool_h || g.pool_stride_w < g.pool_w;
+  const bool add_in_float = overlapping && sizeof(scalar_t) == 2;
   at::Tensor grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
-                                   grad_output.options().memory_format(format));
+                                   grad_output.options()
+                                       .dtype(add_in_float ? at::kFloat : grad_output.scalar_type())
+                                       .memory_format(format));
   const WindowPositions window(g);
   const Strides4d cs(grad_conv);
-  scalar_t* conv_data = grad_conv.mutable_data_ptr<scalar_t>();
-  // Windows overlap only within a sample: no two threads add to the same element.
-  at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      for_each_argmax_hit<scalar_t>(
-          grad_output, argmax, g, window, n,
-          [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
-            conv_data[n * cs.n + c * cs.c + h * cs.h + w * cs.w] += grad;
-          });
-    }
-  });
+  auto scatter = [&](auto* conv_data) {
+    // Windows overlap only within a sample: no two threads add to the same element.
+    at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+      for (int64_t n = n_begin; n < n_end; ++n) {
+        for_each_argmax_hit<scalar_t>(
+            grad_output, argmax, g, window, n,
+            [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
+              conv_data[n * cs.n + c * cs.c + h * cs.h + w * cs.w] += grad;
+            });
+      }
+    });
+  };
+  if (add_in_float) {
+    scatter(grad_conv.mutable_data_ptr<float>());
+    grad_conv = grad_conv.to(grad_output.scalar_type());
+  } else {
+    scatter(grad_conv.mutable_data_ptr<scalar_t>());
+  }
   auto [grad_input, grad_weight, unused] = at::convolution_backward(
       grad_conv, input, weight, std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
       /*transposed=*/false, {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
   return {grad_input, grad_weight};
+}
+
+// t in the given dtype and memory format (t itself when it already is).
+at::Tensor in_dtype_and_format(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  if (t.scalar_type() == dtype) return t.contiguous(format);
+  at::Tensor converted = at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format));
+  converted.copy_(t);
+  return converted;
 }
 
 // Whether to take the sparse backward: with at most one argmax per two convolution outputs
@@ -141,12 +165,34 @@ bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
   return std::isfinite(input.sum().item<double>()) && std::isfinite(weight.sum().item<double>());
 }
 
+// Whether the sparse backward (in float32) beats the dense one for 16-bit data, where the dense
+// one hands a bfloat16/float16 gradient to oneDNN. Measured on the study's three layers (batch
+// 128, 2 threads, 2x2 pools, time of the dense backward over the sparse one) on a Xeon with
+// AMX-BF16 and AVX512-FP16 but no AMX-FP16:
+//   bfloat16 with AMX:                          0.92, 0.74, 0.77  -> dense
+//   bfloat16, oneDNN capped at AVX512-BF16:     12.7, 1.23, 0.99  -> sparse
+//   bfloat16, oneDNN capped at AVX2:            3.7, 10.8, 6.9    -> sparse
+//   float16 (no AMX-FP16):                      42 (conv1)        -> sparse
+// So: dense where the CPU has AMX for the dtype, sparse elsewhere.
+// CIFARNET_LOW_PRECISION_BACKWARD=sparse or =dense forces one (for tests and measurements).
+template <typename scalar_t>
+bool low_precision_sparse_backward_wins() {
+  if (const char* forced = std::getenv("CIFARNET_LOW_PRECISION_BACKWARD")) {
+    if (std::strcmp(forced, "sparse") == 0) return true;
+    if (std::strcmp(forced, "dense") == 0) return false;
+  }
+  static const bool amx_bf16 = cpu_has_amx_bf16();
+  return !(std::is_same_v<scalar_t, c10::BFloat16> && amx_bf16);
+}
+
 // Zero-padded channels-last copy [N][H + 2 pH][W + 2 pW][C] of an (N, C, H, W) tensor, flat,
-// with 64 bytes of slack at the end for the vector loops' whole-vector loads.
-at::Tensor padded_channels_last(const at::Tensor& tensor, int64_t pad_h, int64_t pad_w) {
+// in `dtype`, with 64 bytes of slack at the end for the vector loops' whole-vector loads.
+at::Tensor padded_channels_last(const at::Tensor& tensor, int64_t pad_h, int64_t pad_w,
+                                at::ScalarType dtype) {
   const int64_t n = tensor.size(0), c = tensor.size(1), h = tensor.size(2), w = tensor.size(3);
   const int64_t numel = n * (h + 2 * pad_h) * (w + 2 * pad_w) * c;
-  at::Tensor flat = at::zeros({numel + 64 / tensor.element_size()}, tensor.options());
+  at::Tensor flat =
+      at::zeros({numel + 64 / static_cast<int64_t>(c10::elementSize(dtype))}, tensor.options().dtype(dtype));
   flat.narrow(0, 0, numel)
       .view({n, h + 2 * pad_h, w + 2 * pad_w, c})
       .narrow(1, pad_h, h)
@@ -178,7 +224,8 @@ struct HitLists {
 // The sparse backward (see conv2d_relu_max_pool2d_loops.h), parallel over samples. Per sample
 // the argmax hits are decoded once and sorted twice: by output channel, for the weight
 // gradient (summed per thread, reduced at the end), and by convolution position, for the
-// input gradient.
+// input gradient. Computes in scalar_t (float or double); 16-bit input and weight are widened
+// to float32 by the padded copies the loops read anyway, and grad_output must be scalar_t.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
@@ -191,21 +238,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
   const int64_t weight_numel = g.out_channels * channel_len;
   const int64_t positions = g.conv_h * g.conv_w;
   const int64_t windows = g.out_channels * g.out_h * g.out_w;
-  const int64_t slack = 64 / input.element_size();  // for whole-vector loads past the end
+  const int64_t slack = 64 / sizeof(scalar_t);  // for whole-vector loads past the end
   const int64_t threads = at::get_num_threads();
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const at::TensorOptions options = input.options().dtype(dtype);
 
   at::Tensor input_padded, grad_weight_partial, weight_rows, grad_input_padded;
   if (output_mask[1]) {
-    input_padded = padded_channels_last(input, g.pad_h, g.pad_w);
-    grad_weight_partial = at::zeros({threads * weight_numel + slack}, input.options());
+    input_padded = padded_channels_last(input, g.pad_h, g.pad_w, dtype);
+    grad_weight_partial = at::zeros({threads * weight_numel + slack}, options);
   }
   if (output_mask[0]) {
     // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
-    weight_rows = at::empty({weight_numel + slack}, weight.options());
+    weight_rows = at::empty({weight_numel + slack}, options);
     weight_rows.narrow(0, 0, weight_numel)
         .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
         .copy_(weight.permute({0, 2, 3, 1}));
-    grad_input_padded = at::zeros({g.batch * sample_stride + slack}, input.options());
+    grad_input_padded = at::zeros({g.batch * sample_stride + slack}, options);
   }
 
   at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
@@ -289,26 +338,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   at::Tensor grad_input, grad_weight, grad_bias;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
-    if (output_mask[2]) {
-      grad_bias = bias_gradient<scalar_t>(grad_output, argmax, g);
-    }
-    if (g.batch == 0 || !(output_mask[0] || output_mask[1])) {
-      return;
-    }
-    std::tie(grad_input, grad_weight) =
-        sparse_backward_applies(input, weight, g)
-            ? sparse_conv_gradients<scalar_t>(grad_output, input, weight, argmax, g, output_mask)
-            : dense_conv_gradients<scalar_t>(grad_output, input, weight, argmax, g, format,
-                                             output_mask);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
+        if (output_mask[2]) {
+          grad_bias = bias_gradient<scalar_t>(grad_output, argmax, g);
+        }
+        if (g.batch == 0 || !(output_mask[0] || output_mask[1])) {
+          return;
+        }
+        const bool sparse = sparse_backward_applies(input, weight, g) &&
+                            (sizeof(scalar_t) != 2 || low_precision_sparse_backward_wins<scalar_t>());
+        if (!sparse) {
+          std::tie(grad_input, grad_weight) = dense_conv_gradients<scalar_t>(
+              grad_output, input, weight, argmax, g, format, output_mask);
+        } else if constexpr (sizeof(scalar_t) == 2) {
+          // 16-bit data: the sparse loops run in float32 on widened copies.
+          std::tie(grad_input, grad_weight) = sparse_conv_gradients<float>(
+              grad_output.to(at::kFloat), input, weight, argmax, g, output_mask);
+        } else {
+          std::tie(grad_input, grad_weight) = sparse_conv_gradients<scalar_t>(
+              grad_output, input, weight, argmax, g, output_mask);
+        }
+      });
   if (g.batch == 0) {  // nothing flowed back
     if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
     if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
   }
-  // Fixed layouts, so the fake kernel can promise the same strides.
-  if (grad_input.defined()) grad_input = grad_input.contiguous(format);
-  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
+  // Fixed dtypes and layouts, so the fake kernel can promise the same.
+  if (grad_input.defined()) grad_input = in_dtype_and_format(grad_input, input.scalar_type(), format);
+  if (grad_weight.defined()) {
+    grad_weight =
+        in_dtype_and_format(grad_weight, weight.scalar_type(), weight.suggest_memory_format());
+  }
   return {grad_input, grad_weight, grad_bias};
 }
 

@@ -19,37 +19,39 @@ inline __attribute__((always_inline)) T affine_value(T x, T mean, T scale, T shi
 
 // ReLU + max pool + argmax of one window over one channel. The window is compared in native
 // max_pool2d's order and with its rule (strictly greater, or NaN), so ties go to the first
-// maximum and NaN to the last NaN, as native.
-template <typename scalar_t, bool affine>
+// maximum and NaN to the last NaN, as native. Values are compared (and normalised) in
+// T = opmath_t<scalar_t>: float for bfloat16 and float16 data.
+template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
 inline __attribute__((always_inline)) void relu_max_pool2d_window(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, scalar_t mean, scalar_t scale, scalar_t shift,
-    scalar_t* out, uint8_t* argmax) {
-  scalar_t best = affine_value<affine>(window[0], mean, scale, shift);
+    int64_t column_stride, int64_t pool_w, T mean, T scale, T shift, scalar_t* out,
+    uint8_t* argmax) {
+  T best = affine_value<affine>(static_cast<T>(window[0]), mean, scale, shift);
   int64_t best_offset = 0;
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
-      const scalar_t x =
-          affine_value<affine>(window[h * row_stride + w * column_stride], mean, scale, shift);
+      const T x = affine_value<affine>(static_cast<T>(window[h * row_stride + w * column_stride]),
+                                       mean, scale, shift);
       if (x > best || x != x) {
         best = x;
         best_offset = h * pool_w + w;
       }
     }
   }
-  const bool positive = best > scalar_t(0) || best != best;
-  *out = positive ? best : scalar_t(0);
+  const bool positive = best > T(0) || best != best;
+  *out = static_cast<scalar_t>(positive ? best : T(0));
   *argmax = positive ? static_cast<uint8_t>(best_offset) : kArgmaxReluZero;
 }
 
-// The same over one 64-byte vector of channels (16 floats, 8 doubles), lane by lane;
-// mean/scale/shift point at the vector's channels when `affine`.
-template <typename scalar_t, bool affine>
+// The same over one 64-byte vector of T (16 floats, 8 doubles: 16 channels of float32,
+// bfloat16 or float16 data, 8 of float64), lane by lane; mean/scale/shift point at the
+// vector's channels when `affine`.
+template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
 inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, const scalar_t* mean, const scalar_t* scale,
-    const scalar_t* shift, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
-  using V = simd::Vec64<scalar_t>;
+    int64_t column_stride, int64_t pool_w, const T* mean, const T* scale, const T* shift,
+    scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
+  using V = simd::Vec64<T>;
   using vec = typename V::type;
   using mask = typename V::mask;
   vec mean_v{}, scale_v{}, shift_v{};
@@ -73,7 +75,7 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
       best_offset = take ? (mask{} + offset) : best_offset;
     }
   }
-  const mask positive = (best > scalar_t(0)) | (best != best);
+  const mask positive = (best > T(0)) | (best != best);
   const vec pooled = positive ? best : vec{};
   const mask offsets = positive ? best_offset : (mask{} + kArgmaxReluZero);  // no truncation: 255
   if (out_stride_c == 1) {
@@ -81,18 +83,17 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
     simd::store(argmax, __builtin_convertvector(offsets, typename V::bytes));
   } else {
     for (int i = 0; i < V::lanes; ++i) {
-      out[i * out_stride_c] = pooled[i];
+      out[i * out_stride_c] = static_cast<scalar_t>(pooled[i]);
       argmax[i * out_stride_c] = static_cast<uint8_t>(offsets[i]);
     }
   }
 }
 
-template <typename scalar_t, bool affine>
+template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
 void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* argmax,
                                const Strides4d& os, const ConvPoolGeometry& g, int64_t row_begin,
-                               int64_t row_end, const scalar_t* mean, const scalar_t* scale,
-                               const scalar_t* shift) {
-  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+                               int64_t row_end, const T* mean, const T* scale, const T* shift) {
+  constexpr int64_t lanes = simd::Vec64<T>::lanes;
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;
   for (int64_t ph = row_begin; ph < row_end; ++ph) {
@@ -114,8 +115,7 @@ void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* arg
       for (; c < channels; ++c) {
         relu_max_pool2d_window<scalar_t, affine>(
             window + c, window_h, window_w, row_stride, channels, g.pool_w,
-            affine ? mean[c] : scalar_t(0), affine ? scale[c] : scalar_t(1),
-            affine ? shift[c] : scalar_t(0), out_pixel + c * os.c, argmax_pixel + c * os.c);
+            affine ? mean[c] : T(0), affine ? scale[c] : T(1), affine ? shift[c] : T(0), out_pixel + c * os.c, argmax_pixel + c * os.c);
       }
     }
   }
@@ -123,18 +123,18 @@ void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* arg
 
 // ReLU + max pool + argmax of pooled rows [row_begin, row_end) of one sample.
 // conv: channels-last [conv_h][conv_w][C]; out/argmax: one sample, any strides;
-// mean/scale/shift: per channel, or nullptr for none. Vectorised over channels, the contiguous
-// dimension of conv.
-template <typename scalar_t>
+// mean/scale/shift: per channel in opmath_t<scalar_t>, or nullptr for none. Vectorised over
+// channels, the contiguous dimension of conv.
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, const Strides4d& os,
                           const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end,
-                          const scalar_t* mean, const scalar_t* scale, const scalar_t* shift) {
+                          const T* mean, const T* scale, const T* shift) {
   if (scale != nullptr) {
     relu_max_pool2d_rows_impl<scalar_t, true>(conv, out, argmax, os, g, row_begin, row_end, mean,
                                               scale, shift);
   } else {
     relu_max_pool2d_rows_impl<scalar_t, false>(conv, out, argmax, os, g, row_begin, row_end,
-                                               nullptr, nullptr, nullptr);
+                                               mean, scale, shift);
   }
 }
 

@@ -15,16 +15,39 @@
 #define CIFARNET_HAS_ISA_VARIANTS 0
 #endif
 
+#include <cstdlib>
+#include <cstring>
+
 namespace cifarnet {
 
 enum class CpuIsa { baseline, avx2, avx512 };
 
+// The best variant this CPU runs. CIFARNET_CPU_ISA=avx2 or =baseline caps it, so that one
+// machine can test the code an older CPU runs (with ONEDNN_MAX_CPU_ISA=AVX2 for oneDNN's
+// part: e.g. bfloat16 on a CPU without AVX512-BF16 or AMX).
 inline CpuIsa detect_cpu_isa() {
+  const char* cap = std::getenv("CIFARNET_CPU_ISA");
+  const bool at_most_avx2 = cap != nullptr && std::strcmp(cap, "avx2") == 0;
+  const bool baseline_only = cap != nullptr && std::strcmp(cap, "baseline") == 0;
 #if CIFARNET_HAS_ISA_VARIANTS
-  if (__builtin_cpu_supports("x86-64-v4")) return CpuIsa::avx512;
-  if (__builtin_cpu_supports("x86-64-v3")) return CpuIsa::avx2;
+  if (!baseline_only && !at_most_avx2 && __builtin_cpu_supports("x86-64-v4")) {
+    return CpuIsa::avx512;
+  }
+  if (!baseline_only && __builtin_cpu_supports("x86-64-v3")) return CpuIsa::avx2;
 #endif
+  (void)at_most_avx2;
+  (void)baseline_only;
   return CpuIsa::baseline;
+}
+
+// Whether the CPU has AMX tiles with bfloat16 multiplies (oneDNN then runs bfloat16
+// convolutions on them).
+inline bool cpu_has_amx_bf16() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+  return __builtin_cpu_supports("amx-bf16");
+#else
+  return false;
+#endif
 }
 
 inline CpuIsa cpu_isa() {

@@ -5,12 +5,15 @@
 
 // Pools rows [row_begin, row_end) of samples [n_begin, n_end) of a channels-last convolution
 // output whose first sample is sample `conv_n0` of the batch, through (x - mean) * scale +
-// shift per channel when those are given (a batch norm in front of the ReLU).
+// shift per channel (in opmath_t<scalar_t>) when those are given (a batch norm in front of the
+// ReLU).
 template <typename scalar_t>
 void relu_max_pool2d_samples(const at::Tensor& conv, int64_t conv_n0, at::Tensor& output,
                              at::Tensor& argmax, const ConvPoolGeometry& g, int64_t n_begin,
                              int64_t n_end, int64_t row_begin, int64_t row_end,
-                             const scalar_t* mean, const scalar_t* scale, const scalar_t* shift) {
+                             const simd::opmath_t<scalar_t>* mean,
+                             const simd::opmath_t<scalar_t>* scale,
+                             const simd::opmath_t<scalar_t>* shift) {
   const Strides4d os(output);
   const int64_t conv_sample = g.conv_h * g.conv_w * g.out_channels;
   const scalar_t* conv_data = conv.const_data_ptr<scalar_t>();
@@ -27,7 +30,8 @@ void relu_max_pool2d_samples(const at::Tensor& conv, int64_t conv_n0, at::Tensor
 template <typename scalar_t>
 void relu_max_pool2d(const at::Tensor& conv, at::Tensor& output, at::Tensor& argmax,
                      const ConvPoolGeometry& g, int64_t n_begin, int64_t n_end,
-                     const scalar_t* mean, const scalar_t* scale, const scalar_t* shift) {
+                     const simd::opmath_t<scalar_t>* mean, const simd::opmath_t<scalar_t>* scale,
+                     const simd::opmath_t<scalar_t>* shift) {
   at::parallel_for(n_begin * g.out_h, n_end * g.out_h, 1, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end;) {
       const int64_t n = row / g.out_h;

@@ -4,6 +4,10 @@
 // multiversion.h). Used where the auto-vectoriser will not turn compare-and-select loops with
 // NaN rules into vector code on its own.
 
+#include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -12,6 +16,11 @@
 #endif
 
 namespace cifarnet::simd {
+
+// The type the loops compute in for data stored as scalar_t: float for float32 and for the
+// 16-bit c10::BFloat16 and c10::Half (widened on load, rounded on store), double for float64.
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
 
 template <typename T>
 struct Vec64;
@@ -46,6 +55,68 @@ inline __attribute__((always_inline)) void store(void* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// 16-bit storage. A vector of float (16 lanes) loads from and stores to 16 bfloat16 or float16
+// values: overloads of load/store taking those pointer types convert on the way, so a loop
+// templated on the storage type reads `simd::load(v, p)` whatever p points at.
+// bfloat16 is the top half of a float: widening is a shift; narrowing rounds to nearest even
+// (NaN stays a quiet NaN with its sign), as c10::BFloat16 does. float16 goes through
+// _Float16, which the F16C instructions of x86-64-v3/v4 convert and the baseline ISA converts
+// in software.
+using floats = Vec64<float>::type;
+typedef uint16_t halfwords __attribute__((vector_size(32)));
+typedef uint32_t words __attribute__((vector_size(64)));
+typedef _Float16 float16s __attribute__((vector_size(32)));
+
+inline __attribute__((always_inline)) floats widen(const halfwords& bits, c10::BFloat16*) {
+  const words wide = __builtin_convertvector(bits, words) << 16;
+  floats v;
+  std::memcpy(&v, &wide, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) floats widen(const halfwords& bits, c10::Half*) {
+  float16s h;
+  std::memcpy(&h, &bits, sizeof(h));
+  return __builtin_convertvector(h, floats);
+}
+
+inline __attribute__((always_inline)) halfwords narrow(const floats& v, c10::BFloat16*) {
+  words bits;
+  std::memcpy(&bits, &v, sizeof(bits));
+  const words rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const auto nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  return __builtin_convertvector(nan ? ((bits >> 16) | 0x40u) : rounded, halfwords);
+}
+
+inline __attribute__((always_inline)) halfwords narrow(const floats& v, c10::Half*) {
+  const float16s h = __builtin_convertvector(v, float16s);
+  halfwords bits;
+  std::memcpy(&bits, &h, sizeof(bits));
+  return bits;
+}
+
+inline __attribute__((always_inline)) void load(floats& v, const c10::BFloat16* p) {
+  halfwords bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  v = widen(bits, static_cast<c10::BFloat16*>(nullptr));
+}
+
+inline __attribute__((always_inline)) void load(floats& v, const c10::Half* p) {
+  halfwords bits;
+  std::memcpy(&bits, p, sizeof(bits));
+  v = widen(bits, static_cast<c10::Half*>(nullptr));
+}
+
+inline __attribute__((always_inline)) void store(c10::BFloat16* p, const floats& v) {
+  const halfwords bits = narrow(v, p);
+  std::memcpy(p, &bits, sizeof(bits));
+}
+
+inline __attribute__((always_inline)) void store(c10::Half* p, const floats& v) {
+  const halfwords bits = narrow(v, p);
+  std::memcpy(p, &bits, sizeof(bits));
+}
+
 // A store, or with `stream` a non-temporal one (p then 16-byte aligned), which goes to memory
 // without first reading the line into the caches: for outputs too large to stay in cache, a
 // quarter less memory traffic in a read-two-write-one pass. Weakly ordered: the writing
@@ -66,20 +137,40 @@ inline __attribute__((always_inline)) void store_or_stream(void* p, const V& v, 
   store(p, v);
 }
 
+inline __attribute__((always_inline)) void store_or_stream(c10::BFloat16* p, const floats& v,
+                                                            bool stream) {
+  store_or_stream(p, narrow(v, p), stream);
+}
+
+inline __attribute__((always_inline)) void store_or_stream(c10::Half* p, const floats& v,
+                                                            bool stream) {
+  store_or_stream(p, narrow(v, p), stream);
+}
+
 inline void stream_fence() {
 #if defined(__SSE2__)
   _mm_sfence();
 #endif
 }
 
-// Eight values of scalar_t (float or double) widened to one vector of eight doubles: sums
-// of float data accumulate in double at the cost of a conversion per load.
+// Eight values of scalar_t (float, double, bfloat16 or float16) widened to one vector of
+// eight doubles: sums of float data accumulate in double at the cost of a conversion per load.
 using doubles = Vec64<double>::type;
 
 template <typename scalar_t>
 inline __attribute__((always_inline)) void load_doubles(doubles& v, const scalar_t* p) {
   if constexpr (sizeof(scalar_t) == sizeof(double)) {
     load(v, p);
+  } else if constexpr (sizeof(scalar_t) == 2) {
+    typedef uint16_t eight_bits __attribute__((vector_size(16)));
+    typedef float eight __attribute__((vector_size(32)));
+    eight_bits bits;
+    std::memcpy(&bits, p, sizeof(bits));
+    halfwords sixteen{};
+    std::memcpy(&sixteen, &bits, sizeof(bits));
+    const floats wide = widen(sixteen, static_cast<scalar_t*>(nullptr));
+    const eight low = __builtin_shufflevector(wide, wide, 0, 1, 2, 3, 4, 5, 6, 7);
+    v = __builtin_convertvector(low, doubles);
   } else {
     typedef scalar_t eight __attribute__((vector_size(8 * sizeof(scalar_t))));
     eight narrow;

@@ -4,7 +4,8 @@
 
 Each group (one op at one study layer, forward or forward+backward, batch norm in training
 mode) lists the three implementations side by side; compare medians within a group.
-CIFARNET_BENCH_BATCH sets the batch (default 128). `cifarnet-bench` prints the same cases as
+CIFARNET_BENCH_BATCH sets the batch (default 128); CIFARNET_BENCH_DTYPE=bfloat16 (or float16)
+times every case under CPU autocast in that dtype, as one trains in low precision on the CPU. `cifarnet-bench` prints the same cases as
 ratios from one interleaved run, which is the fairer comparison on a noisy machine.
 """
 
@@ -18,6 +19,10 @@ import torch
 from cifarnet import benchmark as bench
 
 BATCH_SIZE = int(os.environ.get("CIFARNET_BENCH_BATCH", "128"))
+DTYPE_NAME = os.environ.get("CIFARNET_BENCH_DTYPE", "float32")
+if DTYPE_NAME not in ("float32", "bfloat16", "float16"):
+    raise ValueError(f"CIFARNET_BENCH_DTYPE must be float32, bfloat16 or float16, got {DTYPE_NAME!r}")
+AUTOCAST_DTYPE = None if DTYPE_NAME == "float32" else getattr(torch, DTYPE_NAME)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -32,11 +37,11 @@ def steady_allocator():
 @pytest.mark.parametrize("op", bench.OPS.values(), ids=lambda op: op.name)
 def test_op(benchmark, op, implementation, layer, mode):
     tensors = bench.make_tensors(op, layer, BATCH_SIZE, torch.float32, torch.device("cpu"), torch.contiguous_format)
-    block = bench.make_block(op, implementation)
+    block = bench.make_block(op, implementation, AUTOCAST_DTYPE)
     call = bench.make_call(block, tensors, op, layer, mode)
     for _ in range(3):  # compile and warm up outside the timed rounds
         call()
-    benchmark.group = f"{op.name} {op.describe(layer, BATCH_SIZE)} {mode}"
+    benchmark.group = f"{op.name} {op.describe(layer, BATCH_SIZE)} {DTYPE_NAME} {mode}"
     if implementation != "compiled":
         benchmark.extra_info["saved_bytes"] = bench.saved_tensor_bytes(
             lambda: block(bench.leaves(tensors, True, bench.input_requires_grad(op, layer)))

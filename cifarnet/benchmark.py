@@ -19,6 +19,7 @@ import ctypes
 import ctypes.util
 import dataclasses
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -160,15 +161,29 @@ def input_requires_grad(op: BenchOp, layer: LayerShape) -> bool:
     return layer.input_requires_grad or not op.conv
 
 
-def make_block(op: BenchOp, implementation: str) -> Callable[[dict[str, Tensor]], Tensor]:
-    """The op of one implementation: native, compiled (torch.compile of native) or fused."""
+def under_autocast(fn: Callable, autocast_dtype: torch.dtype | None) -> Callable:
+    """``fn`` run under ``torch.autocast("cpu", autocast_dtype)``; ``fn`` itself where None."""
+    if autocast_dtype is None:
+        return fn
+
+    @functools.wraps(fn)
+    def autocast_fn(*args):
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            return fn(*args)
+
+    return autocast_fn
+
+
+def make_block(op: BenchOp, implementation: str, autocast_dtype: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
+    """The op of one implementation: native, compiled (torch.compile of native) or fused, each
+    under CPU autocast in ``autocast_dtype`` where given (as a user trains in low precision)."""
     if implementation == "native":
-        return op.native
+        return under_autocast(op.native, autocast_dtype)
     if implementation == "fused":
-        return op.fused
+        return under_autocast(op.fused, autocast_dtype)
     if implementation == "compiled":
         # dynamic=False: a training loop over fixed shapes gets static-shape graphs.
-        return torch.compile(op.native, dynamic=False)
+        return torch.compile(under_autocast(op.native, autocast_dtype), dynamic=False)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
 
 
@@ -179,7 +194,7 @@ def make_call(block, tensors: dict[str, Tensor], op: BenchOp, layer: LayerShape,
         inference = leaves(tensors, False, False)
         return lambda: block(inference)
     if mode == "forward_backward":
-        grad_output = torch.randn_like(op.native(leaves(tensors, False, False)))
+        grad_output = torch.randn_like(block(leaves(tensors, False, False)))
 
         def forward_backward():
             block(leaves(tensors, True, input_requires_grad(op, layer))).backward(grad_output)
@@ -254,13 +269,14 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
     return sum(storages.values())
 
 
-def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int) -> dict:
-    """Times one op at one layer, forward and forward+backward, for each implementation."""
+def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None) -> dict:
+    """Times one op at one layer, forward and forward+backward, for each implementation
+    (tensors in ``dtype``, computed under CPU autocast in ``autocast_dtype`` where given)."""
     tensors = make_tensors(op, layer, batch_size, dtype, device, memory_format)
     # Every layer, memory format and mode is a recompilation of the same native function:
     # a fresh start per layer keeps dynamo under its recompile limit (past it, it runs eager).
     torch._dynamo.reset()
-    blocks = {name: make_block(op, name) for name in implementations}
+    blocks = {name: make_block(op, name, autocast_dtype) for name in implementations}
     stopwatch = Stopwatch(device)
     row = {"op": op.name, "layer": layer.name, "shape": op.describe(layer, batch_size)}
     for mode in MODES:
@@ -273,7 +289,7 @@ def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, devi
     return row
 
 
-def stack_saved_bytes(op: BenchOp, batch_size: int, dtype, device, memory_format) -> dict[str, int]:
+def stack_saved_bytes(op: BenchOp, batch_size: int, dtype, device, memory_format, autocast_dtype: torch.dtype | None = None) -> dict[str, int]:
     """Saved-for-backward bytes of the study's three-layer stack of a conv op."""
     layers = [make_tensors(op, layer, batch_size, dtype, device, memory_format) for layer in STUDY_LAYERS]
 
@@ -286,7 +302,7 @@ def stack_saved_bytes(op: BenchOp, batch_size: int, dtype, device, memory_format
 
         return run
 
-    return {name: saved_tensor_bytes(stack(getattr(op, name))) for name in ("native", "fused")}
+    return {name: saved_tensor_bytes(stack(make_block(op, name, autocast_dtype))) for name in ("native", "fused")}
 
 
 def summarise(rows: list[dict], implementations: Sequence[str]) -> dict:
@@ -350,19 +366,21 @@ def make_model(name: str) -> nn.Module:
     return getattr(torchvision.models, name)()
 
 
-def model_forward_backward(model: nn.Module, input: Tensor) -> Callable[[], object]:
-    """A zero-argument forward then backward of ``model`` on ``input``, with a fixed output
-    gradient and fresh parameter gradients each call."""
-    grad_output = torch.randn_like(model(input))
+def model_forward_backward(model: nn.Module, input: Tensor, autocast_dtype: torch.dtype | None = None) -> Callable[[], object]:
+    """A zero-argument forward (under CPU autocast in ``autocast_dtype`` where given) then
+    backward of ``model`` on ``input``, with a fixed output gradient and fresh parameter
+    gradients each call."""
+    forward = under_autocast(model, autocast_dtype)
+    grad_output = torch.randn_like(forward(input))
 
     def forward_backward():
         model.zero_grad(set_to_none=True)
-        model(input).backward(grad_output)
+        forward(input).backward(grad_output)
 
     return forward_backward
 
 
-def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int) -> list[dict]:
+def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """Times forward+backward of a model (training mode) before and after ``cifarnet.fuse``,
     interleaved, and counts the bytes saved for its backward; for ``vgg11_bn`` also its
     ``features`` alone (the classifier's linear layers would hide the convolutions)."""
@@ -378,9 +396,9 @@ def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repe
     for part, native in parts.items():
         fused, report = cifarnet.fuse(native, report=True)
         versions = {"native": native, "fused": fused}
-        calls = {key: model_forward_backward(module, input) for key, module in versions.items()}
+        calls = {key: model_forward_backward(module, input, autocast_dtype) for key, module in versions.items()}
         times = interleaved_medians(calls, stopwatch, warmup, repeats)
-        saved = {key: saved_tensor_bytes(lambda module=module: module(input)) for key, module in versions.items()}
+        saved = {key: saved_tensor_bytes(lambda module=module: under_autocast(module, autocast_dtype)(input)) for key, module in versions.items()}
         rows.append(
             {
                 "model": name,
@@ -447,7 +465,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
-        help="float16/bfloat16: CUDA only",
+        help="float16/bfloat16: on the CPU, float32 tensors under torch.autocast in that dtype (how one "
+        "trains in low precision there); on CUDA, tensors in that dtype",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -502,6 +521,10 @@ def allocator_note(args: argparse.Namespace) -> str:
     return "; malloc keeps freed memory" if args.keeps_freed_memory else ""
 
 
+def precision_note(dtype_name: str, autocast_dtype: torch.dtype | None) -> str:
+    return f"{dtype_name} (torch.autocast on float32 tensors)" if autocast_dtype is not None else dtype_name
+
+
 def machine_line(device: torch.device) -> str:
     """What the figures were measured on: the CPU (model, instruction sets, cache) or the GPU."""
     if device.type == "cuda":
@@ -519,17 +542,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("cifarnet-bench: --device cuda asked for, but no GPU is visible", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
-    if dtype in (torch.float16, torch.bfloat16) and device.type != "cuda":
-        print(f"cifarnet-bench: --dtype {args.dtype} needs --device cuda (the CPU ops take float32 and float64)", file=sys.stderr)
-        return 2
+    # On the CPU a low precision is used through autocast: parameters stay float32.
+    autocast_dtype = dtype if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" else None
+    if autocast_dtype is not None:
+        dtype = torch.float32
     if args.model:
-        return main_model(args, device, dtype)
+        return main_model(args, device, dtype, autocast_dtype)
     implementations = [name for name in IMPLEMENTATIONS if not (name == "compiled" and args.no_compile)]
     formats = list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format]
     selected = list(OPS.values()) if args.op == "all" else [OPS[args.op]]
 
     print(
-        f"cifarnet-bench: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
+        f"cifarnet-bench: {precision_note(args.dtype, autocast_dtype)}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
         f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode{allocator_note(args)}"
     )
     print(machine_line(device))
@@ -540,12 +564,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             memory_format = MEMORY_FORMATS[format_name]
             rows = []
             for layer in STUDY_LAYERS:
-                rows.append(benchmark_layer(op, layer, args.batch_size, dtype, device, memory_format, implementations, args.warmup, args.repeats))
+                rows.append(benchmark_layer(op, layer, args.batch_size, dtype, device, memory_format, implementations, args.warmup, args.repeats, autocast_dtype))
                 progress.update()
             total = summarise(rows, implementations)
             result = {"op": op.name, "memory_format": format_name, "layers": rows, "total": total}
             if op.conv:
-                result["stack_saved_bytes"] = stack_saved_bytes(op, args.batch_size, dtype, device, memory_format)
+                result["stack_saved_bytes"] = stack_saved_bytes(op, args.batch_size, dtype, device, memory_format, autocast_dtype)
             results.append(result)
             progress.clear()
             print(f"\n{op.name}, {format_name}:")
@@ -573,15 +597,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def main_model(args: argparse.Namespace, device: torch.device, dtype) -> int:
+def main_model(args: argparse.Namespace, device: torch.device, dtype, autocast_dtype: torch.dtype | None) -> int:
     """``cifarnet-bench --model``: one model before and after ``cifarnet.fuse``."""
     print(
-        f"cifarnet-bench --model {args.model}: {args.dtype}, batch {args.batch_size}, {torch.get_num_threads()} "
+        f"cifarnet-bench --model {args.model}: {precision_note(args.dtype, autocast_dtype)}, batch {args.batch_size}, {torch.get_num_threads()} "
         f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
         f"{allocator_note(args)}"
     )
     print(machine_line(device))
-    rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats)
+    rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats, autocast_dtype)
     print(format_model_table(rows))
     if args.json:
         report = {

@@ -36,6 +36,25 @@ def test_bench_command_writes_tables_json_and_plot(tmp_path, capsys):
     assert plot.stat().st_size > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_on_the_cpu_runs_every_implementation_under_autocast(dtype):
+    op, layer = benchmark.OPS["conv2d_relu_max_pool2d"], benchmark.STUDY_LAYERS[2]
+    tensors = benchmark.make_tensors(op, layer, 2, torch.float32, torch.device("cpu"), torch.channels_last)
+    for implementation in ("native", "fused"):
+        block = benchmark.make_block(op, implementation, dtype)
+        assert block(benchmark.leaves(tensors, False, False)).dtype == dtype, implementation
+        assert benchmark.make_block(op, implementation)(tensors).dtype == torch.float32
+
+
+def test_bench_in_bfloat16_on_the_cpu_says_so(tmp_path, capsys):
+    report = tmp_path / "bench.json"
+    status = benchmark.main(["--op", "batch_norm", "--dtype", "bfloat16", "--batch-size", "2", "--repeats", "1",
+                             "--warmup", "1", "--no-compile", "--json", str(report)])
+    assert status == 0
+    assert "cifarnet-bench: bfloat16 (torch.autocast on float32 tensors)" in capsys.readouterr().out
+    assert json.loads(report.read_text())["config"]["dtype"] == "bfloat16"
+
+
 def test_bench_rejects_a_bad_batch_size(capsys):
     try:
         benchmark.main(["--batch-size", "0"])

@@ -17,14 +17,17 @@ import torch
 from torch import nn
 
 from cifarnet.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
-from cifarnet.fileio import atomic_write_text, describe_file, output_file_problem, output_folder_problem
+from cifarnet.fileio import describe_file, output_file_problem, output_folder_problem
 from cifarnet.models import OPS, ConvNet
-from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix, plot_test_accuracy
+from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix
+from cifarnet.results import write_report
 from cifarnet.train import (
     CHECKPOINT_FILE,
     DEVICES,
     PRECISIONS,
+    REMEDIES,
     TrainConfig,
+    TrainingDiverged,
     earlier_run_files,
     epoch,
     load_checkpoint,
@@ -33,13 +36,16 @@ from cifarnet.train import (
 )
 from cifarnet.variants import VARIANTS, recipe
 
-__all__ = ["eval_main", "results_table", "train_main"]
+__all__ = ["eval_main", "train_main"]
 
 ALL = "all"
-RESULTS_FILE = "results.md"
-COMPARISON_PLOT = "test_accuracy.png"
 CONFUSION_PLOT = "confusion_matrix.png"
 ERROR_STATUS = 2
+# How a divergence message names each remedy: as the option, with its suggested value.
+REMEDY_OPTIONS = {
+    "warmup_epochs": f"--warmup-epochs {REMEDIES['warmup_epochs']}",
+    "clip_grad_norm": f"--clip-grad-norm {REMEDIES['clip_grad_norm']:g}",
+}
 INTERRUPTED_STATUS = 130
 
 
@@ -50,6 +56,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {value}")
     return value
 
 
@@ -85,6 +101,14 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--precision", choices=PRECISIONS, default=defaults.precision,
                         help="float32 (the study as published) or bfloat16: forward passes under torch.autocast, "
                              "parameters kept in float32 (default: %(default)s)")
+    remedies = parser.add_argument_group(
+        "remedies", "off by default, so the study's schedule stays exact; for runs that diverge (a non-finite loss)")
+    remedies.add_argument("--warmup-epochs", type=_non_negative_int, default=defaults.warmup_epochs, metavar="E",
+                          help="raise the learning rate linearly, batch by batch, to its scheduled value over the "
+                               f"first E epochs (suggested: {REMEDIES['warmup_epochs']}; default: %(default)s, none)")
+    remedies.add_argument("--clip-grad-norm", type=_positive_float, default=defaults.clip_grad_norm, metavar="MAX",
+                          help="clip each batch's gradients to total 2-norm MAX before the step "
+                               f"(suggested: {REMEDIES['clip_grad_norm']:g}; default: none)")
     parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                         help="train on the first N training images only")
@@ -106,18 +130,25 @@ def _fail(program: str, message: object) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``cifarnet-train``: trains one variant into ``--out``, or all six into ``--out/<variant>``
-    followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status."""
+    followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status.
+
+    With ``--variant all --resume`` the six runs can be made over several sessions: a complete
+    run is kept (whatever remedies it was trained with), an interrupted one continues and a
+    missing one starts. The table and plot are written from whatever runs exist, also when the
+    command stops early (an interruption, a divergence), with the missing ones marked.
+    """
     args = _train_parser().parse_args(argv)
-    variants = VARIANTS if args.variant == ALL else (args.variant,)
+    every_variant = args.variant == ALL
+    variants = VARIANTS if every_variant else (args.variant,)
     out = args.out if args.out is not None else Path("runs") / args.variant
-    run_folders = {variant: out / variant if args.variant == ALL else out for variant in variants}
+    run_folders = {variant: out / variant if every_variant else out for variant in variants}
     progress = not args.no_progress
-    problem = _train_output_problem(out, run_folders.values(), args.resume, args.overwrite)
+    problem = _train_output_problem(out, run_folders.values(), args.resume, args.overwrite, every_variant)
     if problem:
         return _fail("cifarnet-train", problem)
+    status, started = 0, False
     try:
         data = load_cifar10(args.data_dir, progress=progress)
-        histories = {}
         for variant in variants:
             config = TrainConfig(
                 variant=variant,
@@ -128,26 +159,37 @@ def train_main(argv: list[str] | None = None) -> int:
                 ops=args.ops,
                 limit_train=args.limit_train,
                 precision=args.precision,
+                warmup_epochs=args.warmup_epochs,
+                clip_grad_norm=args.clip_grad_norm,
             )
             run_out = run_folders[variant]
-            histories[variant] = train(
+            started = True
+            train(
                 config, run_out, data=data, device=args.device, threads=args.threads, resume=args.resume,
                 overwrite=args.overwrite, progress=progress,
             )
             print(f"{variant}: results in {run_out}")
-        if args.variant == ALL:
-            atomic_write_text(out / RESULTS_FILE, results_table(histories))
-            plot_test_accuracy(histories, out / COMPARISON_PLOT)
-            print(f"summary: {out / RESULTS_FILE}, {out / COMPARISON_PLOT}")
+    except TrainingDiverged as diverged:
+        status = _fail("cifarnet-train", diverged.describe(REMEDY_OPTIONS))
     except (DataError, ValueError, OSError) as error:
-        return _fail("cifarnet-train", error)
+        status = _fail("cifarnet-train", error)
     except KeyboardInterrupt:
         print(f"cifarnet-train: interrupted; completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
-        return INTERRUPTED_STATUS
-    return 0
+        status = INTERRUPTED_STATUS
+    if every_variant and started:
+        try:
+            table, plot = write_report(out, epochs=args.epochs)
+            print(f"summary: {table}, {plot}")
+        except (ValueError, OSError) as error:
+            # After an earlier failure its line is the one that matters; the summary is a bonus.
+            if status == 0:
+                status = _fail("cifarnet-train", f"cannot write the summary: {error}")
+    return status
 
 
-def _train_output_problem(out: Path, run_folders: Iterable[Path], resume: bool, overwrite: bool) -> str | None:
+def _train_output_problem(
+    out: Path, run_folders: Iterable[Path], resume: bool, overwrite: bool, every_variant: bool = False
+) -> str | None:
     """Why cifarnet-train must not write into ``out``, in its own words, or None."""
     problem = output_folder_problem(out)
     if problem:
@@ -161,30 +203,10 @@ def _train_output_problem(out: Path, run_folders: Iterable[Path], resume: bool, 
             return (
                 f"{folder} already holds a run ({', '.join(earlier)}); continue it with --resume, "
                 f"or pass --overwrite to replace it"
+                + (" (with --variant all, --resume keeps complete runs and continues the others, "
+                   "--overwrite replaces every run)" if every_variant else "")
             )
     return None
-
-
-def results_table(histories: dict[str, list[dict]]) -> str:
-    """A Markdown table of each variant's best and final test figures and epoch time.
-
-    Args:
-        histories: variant -> its ``metrics.jsonl`` records (at least one each).
-    """
-    lines = [
-        "| variant | epochs | best test top-1 (%) | final test top-1 (%) | final test loss | seconds / epoch |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for variant, history in histories.items():
-        if not history:
-            continue
-        final = history[-1]
-        best = max(record["test_top1"] for record in history)
-        seconds = sum(record["seconds"] for record in history) / len(history)
-        lines.append(
-            f"| {variant} | {len(history)} | {best:.2f} | {final['test_top1']:.2f} | {final['test_loss']:.4f} | {seconds:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def _eval_parser() -> argparse.ArgumentParser:

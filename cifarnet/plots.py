@@ -97,17 +97,28 @@ def plot_batch_losses(batch_losses: Sequence[Sequence[float]], path: str | os.Pa
     _save(figure, path)
 
 
-def plot_test_accuracy(histories: Mapping[str, Sequence[Mapping[str, float]]], path: str | os.PathLike) -> None:
-    """The test top-1 accuracy per epoch of several variants in one axes.
+def plot_test_accuracy(
+    histories: Mapping[str, Sequence[Mapping[str, float]]],
+    path: str | os.PathLike,
+    notes: Mapping[str, str] | None = None,
+) -> None:
+    """The test top-1 accuracy per epoch of several runs in one axes.
 
     Args:
-        histories: variant name -> its ``metrics.jsonl`` records.
+        histories: run name (e.g. the variant) -> its ``metrics.jsonl`` records.
         path: the PNG to write.
+        notes: run name -> a remark shown in the legend beside the name ("diverged ...",
+            "not run"); a name without a history gets a legend entry and no curve.
     """
+    notes = notes or {}
     figure = Figure(figsize=(8, 5))
     axes = figure.subplots()
-    for variant, history in histories.items():
-        axes.plot([r["epoch"] for r in history], [r["test_top1"] for r in history], label=variant)
+    for name, history in histories.items():
+        label = f"{name}: {notes[name]}" if name in notes else name
+        axes.plot([r["epoch"] for r in history], [r["test_top1"] for r in history], label=label)
+    for name, note in notes.items():
+        if name not in histories:
+            axes.plot([], [], linestyle="none", marker="x", color="grey", label=f"{name}: {note}")
     axes.set(title="Test accuracy / epoch", xlabel="epoch", ylabel="test top-1 accuracy (%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)

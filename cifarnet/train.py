@@ -7,7 +7,9 @@ A run writes into its output folder:
 * ``batch_losses.csv``: ``epoch,batch,loss`` for every training batch;
 * ``curves.png`` ("Accuracy / epoch" beside "Loss / epoch") and ``batch_losses.png``;
 * ``checkpoint.pt``: everything needed to continue (see :func:`train`), and a record of the
-  data the run was trained on, so that a resume on other data is refused.
+  data the run was trained on, so that a resume on other data is refused;
+* ``diverged.json``, only where training diverged: the epoch and batch whose loss was not
+  finite (see :class:`TrainingDiverged`).
 
 A folder that already holds a run is neither resumed nor replaced unless asked (``resume`` or
 ``overwrite``).
@@ -23,7 +25,7 @@ import re
 import sys
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -43,8 +45,10 @@ __all__ = [
     "DEVICES",
     "METRIC_KEYS",
     "PRECISIONS",
+    "REMEDIES",
     "EpochResult",
     "TrainConfig",
+    "TrainingDiverged",
     "data_record",
     "epoch",
     "earlier_run_files",
@@ -52,6 +56,7 @@ __all__ = [
     "make_optimizer",
     "resolve_device",
     "train",
+    "warmup_factor",
 ]
 
 METRIC_KEYS = ("epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds")
@@ -63,6 +68,7 @@ METRICS_FILE = "metrics.jsonl"
 BATCH_LOSSES_FILE = "batch_losses.csv"
 CURVES_FILE = "curves.png"
 BATCH_LOSSES_PLOT = "batch_losses.png"
+DIVERGENCE_FILE = "diverged.json"
 CHECKPOINT_FORMAT = 1
 # precision -> the autocast dtype of the forward passes (None: no autocast).
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
@@ -70,13 +76,19 @@ CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", 
 # Optional: what the run was trained on (see data_record); checkpoints written before it was
 # recorded lack it and still resume, unchecked.
 CHECKPOINT_DATA_KEY = "data"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT)
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT, DIVERGENCE_FILE)
 """The files a run writes into its folder (and ``overwrite`` removes)."""
 
 # Settings that may change when a run is resumed: how long it runs, and how the same
 # computation is carried out (fused and native models share their state_dict; a switch is
 # noted, since float32 rounding then differs from the uninterrupted run).
 RESUMABLE_CHANGES = ("epochs", "ops")
+
+# Settings that stabilise the study's schedule, off by default so the study runs as published
+# (without batch norm, SGD at lr 0.1 with momentum 0.9 is at the edge of stability): setting ->
+# the value a divergence message suggests. A complete run is kept whatever its remedies were
+# (nothing of it is trained again); a partial one resumes only with its own.
+REMEDIES = {"warmup_epochs": 1, "clip_grad_norm": 5.0}
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,12 @@ class TrainConfig:
         precision: ``"float32"`` (the study as published) or ``"bfloat16"``: forward passes
             under ``torch.autocast`` in that dtype (see :data:`PRECISIONS`); parameters,
             optimizer state and batch-norm statistics stay float32.
+        warmup_epochs: raise the learning rate linearly, batch by batch, from ``lr / W`` to the
+            scheduled rate over the first ``warmup_epochs`` epochs (W batches in all); see
+            :func:`warmup_factor`. 0 (the study) for none.
+        clip_grad_norm: rescale the gradients of each batch to at most this total 2-norm
+            (``torch.nn.utils.clip_grad_norm_``) before the step; None (the study) for no
+            clipping.
     """
 
     variant: str = "full"
@@ -104,6 +122,8 @@ class TrainConfig:
     ops: str = "fused"
     limit_train: int | None = None
     precision: str = "float32"
+    warmup_epochs: int = 0
+    clip_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
@@ -119,6 +139,63 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number; got {self.lr}")
         if self.limit_train is not None and self.limit_train < 1:
             raise ValueError(f"limit_train must be at least 1 (or None for all images); got {self.limit_train}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be 0 (none) or more; got {self.warmup_epochs}")
+        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            raise ValueError(f"clip_grad_norm must be a positive number (or None for no clipping); got {self.clip_grad_norm}")
+
+
+class TrainingDiverged(ValueError):
+    """Training produced a non-finite loss: the run stopped at that batch.
+
+    Attributes:
+        variant: the run's variant.
+        epoch: the epoch (from 1) in which the loss was not finite.
+        batch: the training batch (from 1) whose loss was not finite, or None where the
+            training losses were finite but the test loss of the epoch's model was not.
+        loss: the non-finite value (nan, inf or -inf).
+        remedies: the remedies to suggest (setting -> value), those the run lacks.
+    """
+
+    def __init__(self, variant: str, epoch: int, batch: int | None, loss: float, remedies: dict):
+        self.variant, self.epoch, self.batch, self.loss, self.remedies = variant, epoch, batch, loss, remedies
+        super().__init__(self.describe({name: f"{name}={value}" for name, value in remedies.items()}))
+
+    def describe(self, remedy_names: dict[str, str]) -> str:
+        """The one-line message, naming each remedy as ``remedy_names[setting]`` (e.g. an option)."""
+        where = f"batch {self.batch}" if self.batch is not None else "test pass"
+        what = "loss" if self.batch is not None else "test loss"
+        message = (
+            f"{self.variant} epoch {self.epoch} {where}: the {what} is {self.loss} (training diverged); "
+            "the study's schedule is at the edge of stability without batch norm"
+        )
+        if not self.remedies:
+            return f"{message}: try a lower learning rate"
+        return f"{message}: try {' or '.join(remedy_names[name] for name in self.remedies)} (off by default)"
+
+
+class _NonFiniteLoss(ArithmeticError):
+    """Raised by :func:`epoch` at the first training batch whose loss is not finite."""
+
+    def __init__(self, batch: int, loss: float):
+        super().__init__(f"batch {batch}: loss {loss}")
+        self.batch, self.loss = batch, loss
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The warm-up's multiplier of the scheduled learning rate at training batch ``step``.
+
+    Args:
+        step: batches trained before this one, counted from the start of the run (0 first).
+        warmup_steps: the length of the warm-up in batches (0: none).
+
+    Returns:
+        ``(step + 1) / warmup_steps`` during the warm-up, so the first batch trains at
+        ``1 / warmup_steps`` of the rate and the last one at the full rate; 1.0 after it.
+    """
+    if step + 1 >= warmup_steps:
+        return 1.0
+    return (step + 1) / warmup_steps
 
 
 @dataclass
@@ -148,6 +225,8 @@ def epoch(
     description: str = "",
     confusion: Tensor | None = None,
     autocast_dtype: torch.dtype | None = None,
+    lr_scale: Callable[[int], float] | None = None,
+    clip_grad_norm: float | None = None,
 ) -> EpochResult:
     """One pass over ``data``: training with ``optimizer``, evaluation without.
 
@@ -168,9 +247,18 @@ def epoch(
             is incremented for every example.
         autocast_dtype: run the forward pass and loss under ``torch.autocast`` in this dtype
             (None: in the inputs' dtype).
+        lr_scale: training only: maps the batch index (from 0) to a multiplier of every
+            parameter group's learning rate for that batch's step (a warm-up); the rates are
+            restored when the epoch ends, however it ends.
+        clip_grad_norm: training only: clip the gradients to this total 2-norm before each step.
 
     Returns:
         :class:`EpochResult` with example-weighted averages.
+
+    Raises:
+        ArithmeticError: training only, at the first batch whose loss is not finite, before
+            its step (so the weights are those that produced it); ``batch`` (from 1) and
+            ``loss`` are attributes.
     """
     training = optimizer is not None
     model.train(training)
@@ -179,31 +267,45 @@ def epoch(
     batch_losses = []
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
-    with torch.set_grad_enabled(training):
-        for inputs, labels in bar:
-            with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                logits = model(inputs)
-                loss = criterion(logits, labels)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            batch_loss = loss.item()
-            count = labels.shape[0]
-            batch_losses.append(batch_loss)
-            loss_sum += batch_loss * count
-            # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
-            top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
-            predicted = top[:, 0]
-            correct1 += int((predicted == labels).sum())
-            correct5 += int((top == labels[:, None]).any(dim=1).sum())
-            if confusion is not None:
-                classes = confusion.shape[0]
-                pairs = (labels * classes + predicted).cpu()
-                confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
-            seen += count
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
-    bar.close()
+    scheduled_lrs = [group["lr"] for group in optimizer.param_groups] if training else []
+    try:
+        with torch.set_grad_enabled(training):
+            for index, (inputs, labels) in enumerate(bar):
+                with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    logits = model(inputs)
+                    loss = criterion(logits, labels)
+                batch_loss = loss.item()
+                if training:
+                    if not math.isfinite(batch_loss):
+                        raise _NonFiniteLoss(index + 1, batch_loss)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if clip_grad_norm is not None:
+                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                    if lr_scale is not None:
+                        scale = lr_scale(index)
+                        for group, scheduled_lr in zip(optimizer.param_groups, scheduled_lrs):
+                            group["lr"] = scheduled_lr * scale
+                    optimizer.step()
+                count = labels.shape[0]
+                batch_losses.append(batch_loss)
+                loss_sum += batch_loss * count
+                # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
+                top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
+                predicted = top[:, 0]
+                correct1 += int((predicted == labels).sum())
+                correct5 += int((top == labels[:, None]).any(dim=1).sum())
+                if confusion is not None:
+                    classes = confusion.shape[0]
+                    pairs = (labels * classes + predicted).cpu()
+                    confusion += torch.bincount(pairs, minlength=classes * classes).view(classes, classes)
+                seen += count
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", top1=f"{100 * correct1 / seen:.2f}%", refresh=False)
+    finally:
+        # The schedule (ExponentialLR, checkpoints) sees the scheduled rates, never a warm-up's.
+        for group, scheduled_lr in zip(optimizer.param_groups if training else [], scheduled_lrs):
+            group["lr"] = scheduled_lr
+        bar.close()
     if seen == 0:
         raise ValueError("data yielded no batches")
     return EpochResult(loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses)
@@ -349,13 +451,20 @@ def _describe_object(value) -> str:
     return f"a {type(value).__name__}"
 
 
-def _resumable_config(saved: dict, config: TrainConfig, path: Path) -> None:
-    # A setting a checkpoint predates (precision) had its default then.
+def _resumable_config(saved: dict, config: TrainConfig, path: Path, *, complete: bool = False) -> None:
+    # A setting a checkpoint predates (precision, the remedies) had its default then.
+    def differs(name: str, default) -> bool:
+        return saved.get(name, default) != getattr(config, name)
+
+    allowed = RESUMABLE_CHANGES + (tuple(REMEDIES) if complete else ())
     changed = [
         f"{f.name}: {saved.get(f.name, f.default)!r} -> {getattr(config, f.name)!r}"
         for f in fields(TrainConfig)
-        if f.name not in RESUMABLE_CHANGES and saved.get(f.name, f.default) != getattr(config, f.name)
+        if f.name not in allowed and differs(f.name, f.default)
     ]
+    kept = [f"{f.name}={saved.get(f.name, f.default)!r}" for f in fields(TrainConfig) if f.name in REMEDIES]
+    if complete and any(differs(f.name, f.default) for f in fields(TrainConfig) if f.name in REMEDIES):
+        _note(f"{path} is a complete run trained with {', '.join(kept)}; it is kept as it is")
     if changed:
         raise ValueError(
             f"cannot resume {path} with different settings ({'; '.join(changed)}); "
@@ -442,6 +551,15 @@ def _batch_loss_rows(batch_losses: list[list[float]], first_epoch: int = 1) -> I
             yield f"{epoch_number},{batch},{loss!r}\n"
 
 
+def _diverged(config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float):
+    """Records the divergence in ``out`` (beside the last good epoch's files) and raises."""
+    remedies = {name: value for name, value in REMEDIES.items() if getattr(config, name) in (0, None)}
+    error = TrainingDiverged(config.variant, epoch_number, batch, loss, remedies)
+    record = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
+    atomic_write_text(out / DIVERGENCE_FILE, json.dumps(record) + "\n")
+    raise error
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -473,7 +591,8 @@ def train(
         threads: ``torch.set_num_threads(threads)`` for CPU ops (None: leave it).
         resume: continue from ``out/checkpoint.pt`` up to ``config.epochs`` if it exists; else
             start afresh. Its settings must equal ``config`` except ``epochs`` and ``ops``
-            (fused and native models share their weights; a switch prints a note), and it must
+            (fused and native models share their weights; a switch prints a note) and, for a
+            run already complete (nothing is trained), the remedies of :data:`REMEDIES`; it must
             have been trained on the same images (the same ``limit_train`` and, per
             :func:`data_record`, the same pixels and labels; moved data prints a note, a
             checkpoint that predates the record resumes unchecked, with a note).
@@ -485,6 +604,9 @@ def train(
         The ``metrics.jsonl`` records of all epochs so far (dicts with :data:`METRIC_KEYS`).
 
     Raises:
+        TrainingDiverged: a training batch's loss (or the test loss of an epoch's model) was not
+            finite. The run stops at that batch; its folder keeps the files of the last
+            complete epoch, and ``diverged.json`` records where it diverged.
         ValueError: bad settings, an unusable device, an output folder that cannot be written or
             holds a run (without ``resume`` or ``overwrite``), or a checkpoint that does not fit.
         cifarnet.data.DataError: the data set cannot be read.
@@ -509,7 +631,7 @@ def train(
     checkpoint = None
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
-        _resumable_config(checkpoint["config"], config, checkpoint_path)
+        _resumable_config(checkpoint["config"], config, checkpoint_path, complete=checkpoint["epoch"] >= config.epochs)
     if data is None:
         data = load_cifar10(data_dir, progress=progress)
     trained_on = data_record(data, config.limit_train)
@@ -520,6 +642,8 @@ def train(
         # Only now, once settings and data are known to be good: a failed start keeps the old run.
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
+    # A divergence recorded earlier is history once training starts again.
+    (out / DIVERGENCE_FILE).unlink(missing_ok=True)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -544,15 +668,29 @@ def train(
         data, recipe(config.variant), config.batch_size, generator, device=device, limit_train=config.limit_train
     )
     criterion = nn.CrossEntropyLoss()
+    batches_per_epoch = len(train_loader)
+    if checkpoint is not None and len(history) >= config.epochs:
+        _note(f"{out} is complete ({len(history)} of {config.epochs} epochs); nothing to train")
     for epoch_number in range(len(history) + 1, config.epochs + 1):
         label = f"{config.variant} {epoch_number}/{config.epochs}"
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         autocast_dtype = PRECISIONS[config.precision]
-        trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train",
-                        autocast_dtype=autocast_dtype)
+        lr_scale = None
+        if epoch_number <= config.warmup_epochs:
+            first_step = (epoch_number - 1) * batches_per_epoch
+            warmup_steps = config.warmup_epochs * batches_per_epoch
+            lr_scale = lambda index, first_step=first_step: warmup_factor(first_step + index, warmup_steps)  # noqa: E731
+        try:
+            trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train",
+                            autocast_dtype=autocast_dtype, lr_scale=lr_scale, clip_grad_norm=config.clip_grad_norm)
+        except _NonFiniteLoss as non_finite:
+            _diverged(config, out, epoch_number, non_finite.batch, non_finite.loss)
         tested = epoch(test_loader, model, criterion, progress=progress, description=f"{label} test",
                        autocast_dtype=autocast_dtype)
+        if not math.isfinite(tested.loss):
+            # The last step of the epoch broke the weights: keep the previous epoch's checkpoint.
+            _diverged(config, out, epoch_number, None, tested.loss)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started

@@ -15,7 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
+import cifarnet.cli as cli
 from cifarnet.cli import eval_main, train_main
+from cifarnet.results import main as results_main
 from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,18 +116,26 @@ def test_resume_from_the_command_line_equals_one_run(pickles, tmp_path):
     assert without_seconds(read_metrics(tmp_path / "parts")) == without_seconds(read_metrics(tmp_path / "whole"))
 
 
+def table_rows(path: Path) -> dict[str, list[str]]:
+    """The rows of a results.md table: run name -> its cells after the name."""
+    rows = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]
+    cells = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+    return {row[0]: row[1:] for row in cells}
+
+
 def test_all_variants_and_their_summary(pickles, tmp_path, capsys):
     out = tmp_path / "study"
-    assert train_main(["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
-    rows = [line for line in (out / "results.md").read_text().splitlines() if line.startswith("| ")][1:]
-    assert [row.split("|")[1].strip() for row in rows] == VARIANT_NAMES
-    for row, variant in zip(rows, VARIANT_NAMES):
+    assert train_main(["--variant", "all", "--epochs", "2", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+    rows = table_rows(out / "results.md")
+    assert list(rows) == VARIANT_NAMES
+    for variant, cells in rows.items():
         metrics = read_metrics(out / variant)
-        cells = [cell.strip() for cell in row.strip("|").split("|")]
-        assert float(cells[2]) == pytest.approx(max(m["test_top1"] for m in metrics), abs=0.005)
-        assert float(cells[3]) == pytest.approx(metrics[-1]["test_top1"], abs=0.005)
-        assert float(cells[4]) == pytest.approx(metrics[-1]["test_loss"], abs=5e-5)
-        assert float(cells[5]) == pytest.approx(metrics[-1]["seconds"], abs=0.05)
+        assert int(cells[0]) == 2
+        assert float(cells[1]) == pytest.approx(max(m["test_top1"] for m in metrics), abs=0.005)
+        assert float(cells[2]) == pytest.approx(metrics[-1]["test_top1"], abs=0.005)
+        assert float(cells[3]) == pytest.approx(metrics[-1]["test_loss"], abs=5e-5)
+        assert float(cells[4]) == pytest.approx((metrics[0]["seconds"] + metrics[1]["seconds"]) / 2, abs=0.05)  # median
+        assert cells[5] == ""
         assert (out / variant / "checkpoint.pt").is_file()
     with Image.open(out / "test_accuracy.png") as image:
         assert image.format == "PNG"
@@ -199,6 +209,7 @@ def test_all_variants_check_every_run_folder_before_training(pickles, tmp_path, 
     capsys.readouterr()
     line = assert_one_line_error(capsys, train_main(["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]))
     assert f"{out / 'full'} already holds a run" in line
+    assert "with --variant all, --resume keeps complete runs and continues the others" in line
     assert sorted(p.name for p in out.iterdir()) == ["full"]  # baseline, trained first, was not started
 
 
@@ -328,6 +339,140 @@ def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("cifarnet-train: error: ")
     assert "data_batch_2" in result.stderr and "Traceback" not in result.stderr
+
+
+# --- --variant all over several sessions, and the report of whatever runs exist --------------
+
+
+def test_all_variants_with_resume_keep_complete_runs_and_continue_the_partial_one(pickles, tmp_path, capsys):
+    out = tmp_path / "study"
+    common = ["--data-dir", str(pickles), *TINY]
+    assert train_main(["--variant", "baseline", "--epochs", "2", "--out", str(out / "baseline"), *common]) == 0
+    assert train_main(["--variant", "normalized", "--epochs", "1", "--out", str(out / "normalized"), *common]) == 0
+    assert train_main(["--variant", "normalized", "--epochs", "2", "--out", str(tmp_path / "whole"), *common]) == 0
+    kept = (out / "baseline" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert train_main(["--variant", "all", "--epochs", "2", "--out", str(out), "--resume", *common]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out / 'baseline'} is complete (2 of 2 epochs); nothing to train" in printed
+    assert (out / "baseline" / "checkpoint.pt").read_bytes() == kept
+    assert without_seconds(read_metrics(out / "normalized")) == without_seconds(read_metrics(tmp_path / "whole"))
+    for variant in VARIANT_NAMES:
+        assert [m["epoch"] for m in read_metrics(out / variant)] == [1, 2], variant
+    rows = table_rows(out / "results.md")
+    assert list(rows) == VARIANT_NAMES and all(cells[0] == "2" and cells[5] == "" for cells in rows.values())
+
+
+def test_interrupted_all_variants_report_what_exists_and_resume(pickles, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "study"
+    common = ["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]
+    real_train = cli.train
+
+    def interrupted_at_momentum(config, run_out, **kwargs):
+        if config.variant == "momentum":
+            raise KeyboardInterrupt
+        return real_train(config, run_out, **kwargs)
+
+    monkeypatch.setattr(cli, "train", interrupted_at_momentum)
+    assert train_main(common) == 130
+    captured = capsys.readouterr()
+    assert "continue with --resume" in captured.err and f"summary: {out / 'results.md'}" in captured.out
+    rows = table_rows(out / "results.md")
+    assert list(rows) == VARIANT_NAMES
+    assert [rows[v][0] for v in VARIANT_NAMES] == ["1", "1", "1", "0", "0", "0"]
+    assert [rows[v][5] for v in VARIANT_NAMES] == ["", "", "", "not run", "not run", "not run"]
+    assert float(rows["augmented"][2]) == pytest.approx(read_metrics(out / "augmented")[-1]["test_top1"], abs=0.005)
+    with Image.open(out / "test_accuracy.png") as image:
+        assert image.format == "PNG"
+    monkeypatch.undo()
+    assert train_main(common) == 2  # the folders hold runs: refused without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert train_main([*common, "--resume"]) == 0
+    rows = table_rows(out / "results.md")
+    assert [rows[v][0] for v in VARIANT_NAMES] == ["1"] * 6 and all(cells[5] == "" for cells in rows.values())
+
+
+def test_report_marks_a_partial_run(pickles, tmp_path, capsys):
+    out = tmp_path / "study"
+    assert train_main(["--variant", "momentum", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out / "momentum"), *TINY]) == 0
+    # As if stopped after 1 of 3 epochs: the checkpoint says how many the run was to have.
+    checkpoint = torch.load(out / "momentum" / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["epochs"] = 3
+    torch.save(checkpoint, out / "momentum" / "checkpoint.pt")
+    assert results_main([str(out)]) == 0
+    rows = table_rows(out / "results.md")
+    assert rows["momentum"][0] == "1" and rows["momentum"][5] == "partial: 1 of 3 epochs"
+    assert rows["baseline"][5] == "not run"
+
+
+def test_divergence_stops_with_one_line_naming_the_remedies(pickles, tmp_path, capsys):
+    out = tmp_path / "run"
+    status = train_main(["--variant", "momentum", "--epochs", "3", "--lr", "1e6", "--data-dir", str(pickles), "--out", str(out), *TINY])
+    line = assert_one_line_error(capsys, status)
+    assert re.fullmatch(
+        r"cifarnet-train: error: momentum epoch 1 batch \d: the loss is (nan|inf) \(training diverged\); the study's "
+        r"schedule is at the edge of stability without batch norm: try --warmup-epochs 1 or --clip-grad-norm 5 "
+        r"\(off by default\)",
+        line,
+    ), line
+    assert not (out / "checkpoint.pt").exists() and read_metrics(out) == []
+    # The divergence is no run to keep: the same folder takes a new run without --overwrite.
+    assert train_main(["--variant", "momentum", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+
+
+def test_remedy_options_reach_the_run(pickles, tmp_path):
+    out = tmp_path / "run"
+    args = ["--variant", "momentum", "--epochs", "1", "--warmup-epochs", "1", "--clip-grad-norm", "2.5"]
+    assert train_main([*args, "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert (config["warmup_epochs"], config["clip_grad_norm"]) == (1, 2.5)
+
+
+@pytest.mark.parametrize("option, value", [("--warmup-epochs", "-1"), ("--clip-grad-norm", "0")])
+def test_bad_remedy_values_are_usage_errors(capsys, option, value):
+    with pytest.raises(SystemExit) as info:
+        train_main([option, value])
+    assert info.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+
+
+def test_diverged_all_variants_report_the_divergence(pickles, tmp_path, capsys):
+    out = tmp_path / "study"
+    status = train_main(["--variant", "all", "--epochs", "1", "--lr", "1e6", "--data-dir", str(pickles), "--out", str(out), *TINY])
+    assert "baseline epoch 1 batch" in assert_one_line_error(capsys, status)
+    rows = table_rows(out / "results.md")
+    assert re.fullmatch(r"diverged \((nan|inf) loss in epoch 1, batch \d\)", rows["baseline"][5])
+    assert [rows[v][5] for v in VARIANT_NAMES[1:]] == ["not run"] * 5
+
+
+def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_path, capsys):
+    runs = tmp_path / "results"
+    assert train_main(["--variant", "full", "--epochs", "2", "--data-dir", str(pickles), "--out", str(tmp_path / "full"), *TINY]) == 0
+    # Only the small files are kept (as in docs/results): metrics, and a divergence record.
+    (runs / "full-fused-seed0").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", runs / "full-fused-seed0")
+    (runs / "momentum-fused-seed0").mkdir()
+    (runs / "momentum-fused-seed0" / "diverged.json").write_text('{"epoch": 1, "batch": 37, "loss": "nan"}\n')
+    (runs / "notes").mkdir()  # not a run folder: ignored
+    assert results_main([str(runs)]) == 0
+    rows = table_rows(runs / "results.md")
+    assert list(rows) == ["baseline", "normalized", "augmented", "momentum-fused-seed0", "dropout", "full-fused-seed0"]
+    metrics = read_metrics(tmp_path / "full")
+    assert rows["full-fused-seed0"][:3] == ["2", f"{max(m['test_top1'] for m in metrics):.2f}", f"{metrics[-1]['test_top1']:.2f}"]
+    assert rows["momentum-fused-seed0"] == ["0", "", "", "", "", "diverged (nan loss in epoch 1, batch 37)"]
+    assert rows["dropout"][5] == "not run"
+    with Image.open(runs / "test_accuracy.png") as image:
+        assert image.format == "PNG"
+    assert f"{runs / 'results.md'}" in capsys.readouterr().out
+    assert results_main([str(tmp_path / "nowhere")]) == 2
+    assert "is not a folder of runs" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REPO / "docs" / "results" / "results.md").is_file(), reason="no docs/results/results.md")
+def test_docs_results_table_is_the_one_its_metrics_give(tmp_path):
+    copy = tmp_path / "results"
+    shutil.copytree(REPO / "docs" / "results", copy)
+    assert results_main([str(copy)]) == 0
+    assert (copy / "results.md").read_text() == (REPO / "docs" / "results" / "results.md").read_text()
 
 
 # --- evaluation -------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import cifarnet.train as train_module
 from cifarnet.data import CIFAR10, DataError, Split, load_cifar10
@@ -503,3 +505,168 @@ def test_checkpoint_path_that_is_a_run_folder(dataset, tmp_path):
 
 def test_epoch_result_is_plain_data():
     assert EpochResult(1.0, 50.0, 90.0).batch_losses == []
+
+
+# --- divergence and its remedies --------------------------------------------------------------
+
+
+def nan_inputs_in_training_pass(real_epoch, calls, training_pass, batch_index):
+    """An ``epoch`` that, in its ``training_pass``-th training pass, feeds NaN inputs at
+    ``batch_index`` (from 0), so that batch's loss is NaN."""
+
+    def patched(data, model, criterion, optimizer=None, **kwargs):
+        calls.append(optimizer is not None)
+        if optimizer is None or calls.count(True) != training_pass:
+            return real_epoch(data, model, criterion, optimizer, **kwargs)
+
+        def poisoned():
+            for index, (inputs, labels) in enumerate(data):
+                yield (torch.full_like(inputs, float("nan")) if index == batch_index else inputs), labels
+
+        return real_epoch(poisoned(), model, criterion, optimizer, **kwargs)
+
+    return patched
+
+
+def test_a_nonfinite_loss_stops_the_run_at_that_batch_and_keeps_the_last_good_epoch(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(dataset, out, variant="momentum", epochs=1)
+    kept = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "batch_losses.csv")}
+    calls = []
+    monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(train_module.epoch, calls, 1, 1))
+    with pytest.raises(train_module.TrainingDiverged) as info:
+        run(dataset, out, variant="momentum", epochs=3, resume=True)
+    assert calls == [True]  # stopped in the training pass: no test pass, no third epoch
+    error = info.value
+    assert (error.variant, error.epoch, error.batch) == ("momentum", 2, 2) and math.isnan(error.loss)
+    assert str(error) == (
+        "momentum epoch 2 batch 2: the loss is nan (training diverged); the study's schedule is at the edge of "
+        "stability without batch norm: try warmup_epochs=1 or clip_grad_norm=5.0 (off by default)"
+    )
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    assert json.loads((out / "diverged.json").read_text())["epoch"] == 2
+    # Training again (here: resuming) forgets the divergence.
+    monkeypatch.undo()
+    assert len(run(dataset, out, variant="momentum", epochs=2, resume=True)) == 2
+    assert not (out / "diverged.json").exists()
+
+
+def test_a_nonfinite_test_loss_keeps_the_previous_checkpoint(dataset, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    run(dataset, out, variant="momentum", epochs=1)
+    kept = (out / "checkpoint.pt").read_bytes()
+    real_epoch = train_module.epoch
+
+    def nan_test_pass(data, model, criterion, optimizer=None, **kwargs):
+        if optimizer is not None:
+            return real_epoch(data, model, criterion, optimizer, **kwargs)
+        return real_epoch([(torch.full_like(x, float("nan")), y) for x, y in data], model, criterion, **kwargs)
+
+    monkeypatch.setattr(train_module, "epoch", nan_test_pass)
+    with pytest.raises(train_module.TrainingDiverged, match=r"^momentum epoch 2 test pass: the test loss is nan"):
+        run(dataset, out, variant="momentum", epochs=2, resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == kept and len(read_metrics(out)) == 1
+
+
+def test_a_diverged_run_with_a_remedy_suggests_the_other(dataset, tmp_path, monkeypatch):
+    real_epoch = train_module.epoch
+    monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(real_epoch, [], 1, 0))
+    with pytest.raises(train_module.TrainingDiverged, match=r"epoch 1 batch 1: .*: try clip_grad_norm=5.0 \(off by default\)$"):
+        run(dataset, tmp_path / "a", variant="dropout", epochs=1, warmup_epochs=1)
+    monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(real_epoch, [], 1, 0))
+    with pytest.raises(train_module.TrainingDiverged, match=r": try a lower learning rate$"):
+        run(dataset, tmp_path / "b", variant="dropout", epochs=1, warmup_epochs=1, clip_grad_norm=1.0)
+
+
+def test_a_huge_learning_rate_diverges_and_stops(dataset, tmp_path):
+    with pytest.raises(train_module.TrainingDiverged, match=r"^momentum epoch 1 batch \d: the loss is (nan|inf)"):
+        run(dataset, tmp_path, variant="momentum", epochs=3, lr=1e6)
+    assert not (tmp_path / "checkpoint.pt").exists() and read_metrics(tmp_path) == []
+
+
+@pytest.fixture
+def step_lrs():
+    """The learning rate of every optimiser step taken while the fixture is active."""
+    lrs = []
+    handle = register_optimizer_step_pre_hook(
+        lambda optimizer, args, kwargs: lrs.append(optimizer.param_groups[0]["lr"])
+    )
+    yield lrs
+    handle.remove()
+
+
+def test_warmup_raises_the_rate_linearly_per_batch_then_follows_the_schedule(dataset, tmp_path, step_lrs):
+    history = run(dataset, tmp_path / "warm", variant="momentum", epochs=3, warmup_epochs=2)
+    # 40 images in batches of 16: three steps per epoch, six in the warm-up.
+    expected = [0.1 * 1 / 6, 0.1 * 2 / 6, 0.1 * 3 / 6, 0.095 * 4 / 6, 0.095 * 5 / 6, 0.095, 0.09025, 0.09025, 0.09025]
+    assert step_lrs == pytest.approx(expected)
+    assert [record["lr"] for record in history] == pytest.approx([0.1, 0.095, 0.09025])  # the schedule's
+    checkpoint = load_checkpoint(tmp_path / "warm" / "checkpoint.pt")
+    assert checkpoint["config"]["warmup_epochs"] == 2
+    assert checkpoint["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.1 * 0.95**3)
+    step_lrs.clear()
+    run(dataset, tmp_path / "study", variant="momentum", epochs=2)
+    assert step_lrs == pytest.approx([0.1] * 3 + [0.095] * 3)
+
+
+def test_warmup_on_a_constant_rate(dataset, tmp_path, step_lrs):
+    run(dataset, tmp_path, variant="baseline", epochs=2, warmup_epochs=1)
+    assert step_lrs == pytest.approx([0.1 / 3, 0.2 / 3, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_clipping_bounds_every_step_gradient(dataset, tmp_path):
+    norms = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item())
+
+    handle = register_optimizer_step_pre_hook(record_norm)
+    try:
+        clipped = run(dataset, tmp_path / "clipped", variant="momentum", epochs=2, clip_grad_norm=0.05)
+        clipped_norms, norms[:] = list(norms), []
+        study = run(dataset, tmp_path / "study", variant="momentum", epochs=2)
+    finally:
+        handle.remove()
+    assert len(clipped_norms) == 6 and max(clipped_norms) <= 0.05 * (1 + 1e-5)
+    assert max(norms) > 0.05  # so the clipping did change something
+    assert without_seconds(clipped) != without_seconds(study)
+    assert load_checkpoint(tmp_path / "clipped" / "checkpoint.pt")["config"]["clip_grad_norm"] == 0.05
+
+
+def test_a_run_with_remedies_resumes_exactly(dataset, tmp_path):
+    settings = {"variant": "dropout", "warmup_epochs": 2, "clip_grad_norm": 1.0}
+    whole = run(dataset, tmp_path / "whole", epochs=3, **settings)
+    run(dataset, tmp_path / "parts", epochs=1, **settings)
+    resumed = run(dataset, tmp_path / "parts", epochs=3, resume=True, **settings)
+    assert without_seconds(resumed) == without_seconds(whole)
+
+
+def test_checkpoint_without_remedies_resumes_without_them(dataset, tmp_path):
+    whole = run(dataset, tmp_path / "whole", variant="momentum", epochs=2)
+    run(dataset, tmp_path / "parts", variant="momentum", epochs=1)
+    path = tmp_path / "parts" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    del checkpoint["config"]["warmup_epochs"], checkpoint["config"]["clip_grad_norm"]  # as written before them
+    torch.save(checkpoint, path)
+    assert without_seconds(run(dataset, tmp_path / "parts", variant="momentum", epochs=2, resume=True)) == without_seconds(whole)
+    with pytest.raises(ValueError, match=r"different settings \(warmup_epochs: 0 -> 1\)"):
+        run(dataset, tmp_path / "parts", variant="momentum", epochs=3, warmup_epochs=1, resume=True)
+
+
+def test_remedies_may_differ_only_for_a_complete_run(dataset, tmp_path, capsys):
+    history = run(dataset, tmp_path, variant="momentum", epochs=1)
+    capsys.readouterr()
+    assert run(dataset, tmp_path, variant="momentum", epochs=1, clip_grad_norm=5.0, resume=True) == history
+    assert "is a complete run trained with warmup_epochs=0, clip_grad_norm=None; it is kept" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"different settings \(clip_grad_norm: None -> 5.0\)"):
+        run(dataset, tmp_path, variant="momentum", epochs=2, clip_grad_norm=5.0, resume=True)
+
+
+def test_config_rejects_bad_remedies():
+    with pytest.raises(ValueError, match="warmup_epochs must be 0 .* got -1"):
+        TrainConfig(warmup_epochs=-1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="clip_grad_norm must be a positive number"):
+            TrainConfig(clip_grad_norm=bad)
+    assert TrainConfig().warmup_epochs == 0 and TrainConfig().clip_grad_norm is None  # the study, exactly

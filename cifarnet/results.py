@@ -1,0 +1,182 @@
+"""The study's table and test-accuracy plot, from whatever runs a folder holds.
+
+``python -m cifarnet.results DIR`` reads every run folder in ``DIR`` and writes
+``DIR/results.md`` (one row per run, and one per variant with no run, marked so) and
+``DIR/test_accuracy.png`` (the runs' test top-1 per epoch). A run folder is named after its
+variant, ``<variant>`` as ``cifarnet-train --variant all`` writes them, or
+``<variant>-<anything>`` (``full-fused-seed0``, as in ``docs/results``), and holds the run's
+``metrics.jsonl``; where the run diverged, its ``diverged.json``; where the run is in the folder
+it was trained in, its ``checkpoint.pt`` (which says how many epochs the run was meant to have,
+so a run stopped early is marked partial). So the table and plot of the README can be
+regenerated from the small files kept in ``docs/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cifarnet.fileio import atomic_write_text
+from cifarnet.plots import plot_test_accuracy
+from cifarnet.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
+from cifarnet.variants import VARIANTS
+
+__all__ = ["COMPARISON_PLOT", "RESULTS_FILE", "Run", "main", "read_runs", "results_table", "write_report"]
+
+RESULTS_FILE = "results.md"
+COMPARISON_PLOT = "test_accuracy.png"
+NOT_RUN = "not run"
+
+
+@dataclass
+class Run:
+    """What one run folder says about its run.
+
+    Attributes:
+        name: the folder's name (``momentum``, ``full-fused-seed0``).
+        variant: the study variant, the name up to its first ``-``.
+        history: the ``metrics.jsonl`` records, one per completed epoch.
+        epochs: the epochs the run was meant to reach (from its checkpoint), or None where
+            unknown.
+        divergence: the ``diverged.json`` record (``epoch``, ``batch``, ``loss``), or None.
+    """
+
+    name: str
+    variant: str
+    history: list[dict] = field(default_factory=list)
+    epochs: int | None = None
+    divergence: dict | None = None
+
+    @property
+    def status(self) -> str | None:
+        """Why the run is not a complete one ("diverged ...", "partial: ..."), or None."""
+        if self.divergence is not None:
+            where = f", batch {self.divergence['batch']}" if self.divergence.get("batch") is not None else ""
+            return f"diverged ({self.divergence['loss']} loss in epoch {self.divergence['epoch']}{where})"
+        if self.epochs is not None and len(self.history) < self.epochs:
+            return f"partial: {len(self.history)} of {self.epochs} epochs"
+        return None
+
+
+def _variant_of(name: str) -> str | None:
+    variant = name.split("-", 1)[0]
+    return variant if variant in VARIANTS else None
+
+
+def read_run(folder: str | Path, epochs: int | None = None) -> Run | None:
+    """The run in ``folder``, or None where it holds none (no metrics and no divergence).
+
+    Args:
+        folder: a run folder, named ``<variant>`` or ``<variant>-<anything>``.
+        epochs: the epochs the run was meant to reach; None: as its checkpoint says, if any.
+
+    Raises:
+        ValueError: ``folder``'s name starts with no variant, or a file in it is unreadable.
+    """
+    folder = Path(folder)
+    variant = _variant_of(folder.name)
+    if variant is None:
+        raise ValueError(f"{folder}: a run folder's name starts with a variant ({', '.join(VARIANTS)})")
+    metrics, divergence = folder / METRICS_FILE, folder / DIVERGENCE_FILE
+    history = []
+    if metrics.is_file():
+        try:
+            history = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{metrics}: not one JSON object per line ({error})") from None
+    record = json.loads(divergence.read_text(encoding="utf-8")) if divergence.is_file() else None
+    if not history and record is None:
+        return None
+    if epochs is None and (folder / CHECKPOINT_FILE).is_file():
+        epochs = load_checkpoint(folder / CHECKPOINT_FILE)["config"]["epochs"]
+    return Run(folder.name, variant, history, epochs, record)
+
+
+def read_runs(folder: str | Path, epochs: int | None = None) -> list[Run]:
+    """The runs in the subfolders of ``folder`` named after a variant, in the study's order of
+    variants, then by name; see :func:`read_run`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder of runs")
+    runs = [
+        read_run(path, epochs)
+        for path in sorted(folder.iterdir())
+        if path.is_dir() and _variant_of(path.name) is not None
+    ]
+    return sorted((run for run in runs if run is not None), key=lambda run: (VARIANTS.index(run.variant), run.name))
+
+
+def results_table(runs: list[Run]) -> str:
+    """A Markdown table: per run, its best and final test figures and median epoch time;
+    a diverged or partial run says so, and a variant without any run is listed as not run.
+
+    Args:
+        runs: as :func:`read_runs` gives them.
+    """
+    lines = [
+        "| run | epochs | best test top-1 (%) | final test top-1 (%) | final test loss | median seconds / epoch | note |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for variant in VARIANTS:
+        of_variant = [run for run in runs if run.variant == variant]
+        if not of_variant:
+            lines.append(f"| {variant} | 0 | | | | | {NOT_RUN} |")
+        for run in of_variant:
+            note = run.status or ""
+            if not run.history:
+                lines.append(f"| {run.name} | 0 | | | | | {note} |")
+                continue
+            final = run.history[-1]
+            best = max(record["test_top1"] for record in run.history)
+            seconds = statistics.median(record["seconds"] for record in run.history)
+            lines.append(
+                f"| {run.name} | {len(run.history)} | {best:.2f} | {final['test_top1']:.2f} | "
+                f"{final['test_loss']:.4f} | {seconds:.1f} | {note} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, Path]:
+    """Writes ``results.md`` and ``test_accuracy.png`` into ``folder`` from the runs it holds.
+
+    Args:
+        folder: a folder of run folders (see :func:`read_runs`).
+        epochs: the epochs every run was meant to reach (None: as each checkpoint says).
+
+    Returns:
+        The paths of the table and the plot.
+    """
+    folder = Path(folder)
+    runs = read_runs(folder, epochs)
+    table, plot = folder / RESULTS_FILE, folder / COMPARISON_PLOT
+    atomic_write_text(table, results_table(runs))
+    notes = {run.name: run.status for run in runs if run.status}
+    notes.update({variant: NOT_RUN for variant in VARIANTS if not any(run.variant == variant for run in runs)})
+    plot_test_accuracy({run.name: run.history for run in runs if run.history}, plot, notes=notes)
+    return table, plot
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cifarnet.results DIR``: writes the table and plot of the runs in DIR."""
+    parser = argparse.ArgumentParser(
+        prog="python -m cifarnet.results",
+        description=f"Write {RESULTS_FILE} and {COMPARISON_PLOT} from the run folders in DIR "
+                    "(<variant> or <variant>-<anything>, each with its metrics.jsonl).",
+    )
+    parser.add_argument("folder", type=Path, metavar="DIR", help="e.g. docs/results, or the --out of --variant all")
+    args = parser.parse_args(argv)
+    try:
+        table, plot = write_report(args.folder)
+    except (ValueError, OSError) as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{table}, {plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,19 @@ def _devices() -> list[str]:
 DEVICES = _devices()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    NB: OpenMP threads spin-wait when the machine's two cores are busy with other work, which
+    slows small runs several-fold; one thread keeps them fast and their timing stable.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param

@@ -33,13 +33,7 @@ FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
 FLOAT32 = {"rtol": 1e-4, "atol": 1e-4}  # atol: of the tensor's largest magnitude (see assert_close)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: as in test_models.py: OpenMP threads spin-wait on a busy two-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fuse_quietly(model, **kwargs):

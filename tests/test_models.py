@@ -14,14 +14,7 @@ SEED_PARAMETERS = 1_191_170  # SEED.md: total with conv biases, as nn.Conv2d has
 SEED_PARAMETERS_WITHOUT_CONV_BIAS = 1_191_010  # the report's own count
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: OpenMP threads spin-wait when the machine's two cores are busy with other work, which
-    # slows these tiny runs several-fold; one thread keeps them fast and their timing stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def input_size(variant: str) -> int:

@@ -21,13 +21,7 @@ from cifarnet._onnx_registrations import ONNX_TRANSLATIONS  # noqa: E402
 from cifarnet.models import ConvNet  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: as in test_models.py: OpenMP threads spin-wait on a busy two-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def export(model: nn.Module, input: torch.Tensor, **options) -> onnx.ModelProto:

@@ -22,14 +22,7 @@ EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss",
 TRAIN_COUNT, TEST_COUNT, BATCH = 40, 20, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # NB: OpenMP threads spin-wait when the machine's two cores are busy with other work, which
-    # slows these tiny runs several-fold; one thread keeps them fast and their timing stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,11 @@ see tools/cuda_toolkit.py, and builds the CPU kernels only, saying why, when the
   CIFARNET_CUDA=0        build the CPU kernels only, even where a CUDA toolkit is installed.
   CIFARNET_CUDA=1        require the CUDA kernels: fail with the reason when they cannot be built.
   CUDA_HOME              the CUDA toolkit to try first.
-  TORCH_CUDA_ARCH_LIST   GPU targets; on a machine without a visible GPU it defaults to
-                         DEFAULT_CUDA_ARCH_LIST below.
+  TORCH_CUDA_ARCH_LIST   GPU targets. Default: the visible GPUs' own, and on a machine without
+                         one every target of torch's own CUDA build (torch.cuda.get_arch_list(),
+                         e.g. 7.5;8.0;8.6;9.0;10.0;12.0+PTX), so an extension built on a login
+                         node runs on whichever GPU torch itself runs on. One target is
+                         several times faster to compile (CI sets 9.0).
   MAX_JOBS               parallel compile jobs (ninja).
 
 Build against the torch you run: `pip install --no-build-isolation .` after installing torch
@@ -23,8 +26,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from cuda_toolkit import find_cuda_toolkit, torch_cuda_major  # noqa: E402
-DEFAULT_CUDA_ARCH_LIST = "9.0+PTX"
+from cuda_toolkit import arch_list_of, find_cuda_toolkit, torch_cuda_major  # noqa: E402
 
 
 def sources(pattern):
@@ -88,8 +90,11 @@ def extension():
     # compiles and links; both are set so that nvcc and libcudart come from the same toolkit.
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_root
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        print(f"cifarnet: no GPU visible, compiling CUDA kernels for TORCH_CUDA_ARCH_LIST={DEFAULT_CUDA_ARCH_LIST}")
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+        arch_list = arch_list_of(torch.cuda.get_arch_list())
+        if arch_list is None:
+            sys.exit(f"cifarnet: no GPU visible and torch {torch.__version__} names no CUDA targets; set TORCH_CUDA_ARCH_LIST")
+        print(f"cifarnet: no GPU visible, compiling the CUDA kernels for torch's targets, TORCH_CUDA_ARCH_LIST={arch_list}")
+        os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     cuda_version = torch.version.cuda or "unknown"
     defines = ["-DCIFARNET_WITH_CUDA", f'-DCIFARNET_CUDA_VERSION="{cuda_version}"']
     return cpp_extension.CUDAExtension(

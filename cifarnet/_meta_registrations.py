@@ -24,6 +24,10 @@ def suggest_memory_format(tensor: torch.Tensor) -> torch.memory_format:
 
 
 def conv_output_memory_format(input: torch.Tensor, weight: torch.Tensor) -> torch.memory_format:
+    """Native conv2d's output layout: channels_last when the input or the weight is, except for
+    float64 on CUDA (cuDNN has no channels-last float64 path; native returns contiguous)."""
+    if input.device.type == "cuda" and input.dtype == torch.float64:
+        return torch.contiguous_format
     if torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight)):
         return torch.channels_last
     return torch.contiguous_format

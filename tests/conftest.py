@@ -32,6 +32,18 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def float32_means_float32():
+    """Deliberately no TF32 in the tests: they bound float32 results against float64 by
+    float32's rounding, while cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) by
+    default, natively and in our ops alike. (No effect on the CPU; the benchmarks keep torch's
+    defaults, the same for both sides.)"""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
     return request.param

@@ -85,6 +85,19 @@ def run_setup(env_changes: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.parametrize(
+    "names, expected",
+    [
+        (["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"], "7.5;8.0;8.6;9.0;10.0;12.0+PTX"),
+        (["sm_90", "sm_80", "sm_90a"], "8.0;9.0+PTX;9.0a"),
+        (["compute_90"], None),
+        ([], None),
+    ],
+)
+def test_the_default_gpu_targets_are_torchs_own(names, expected):
+    assert cuda_toolkit.arch_list_of(names) == expected
+
+
 def test_setup_refuses_an_unknown_cifarnet_cuda_value():
     result = run_setup({"CIFARNET_CUDA": "yes"})
     assert result.returncode != 0

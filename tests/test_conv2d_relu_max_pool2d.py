@@ -236,3 +236,34 @@ def test_build_info_reports_the_build():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cuda"] in (True, False)
     assert info["cpu_isa"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_overlapping_windows_sum_their_gradients_in_float_and_in_order(device, dtype):
+    """All nine 3x3 windows at stride 1 over a 5x5 plane pick its single positive centre; its
+    gradient is their nine pooled gradients summed in float and rounded once (as native's CUDA
+    kernel sums them; native's CPU kernel adds in the storage dtype and is further off), not
+    added one by one in 16 bits, and the same on every run."""
+    input = torch.zeros(1, 1, 5, 5, dtype=dtype, device=device)
+    input[0, 0, 2, 2] = 5
+    weight = torch.ones(1, 1, 1, 1, dtype=dtype, device=device)
+    # 1024 + 8 * 0.4 = 1027.2: one rounding gives 1027 in float16 (1028 in bfloat16), while
+    # adding 0.4 to 1024 in 16 bits, term by term, leaves 1024.
+    grad = torch.full((1, 1, 3, 3), 0.4, dtype=dtype, device=device)
+    grad[0, 0, 0, 0] = 1024
+    results = []
+    for _ in range(2):
+        leaf = input.clone().requires_grad_()
+        (ours,) = torch.autograd.grad(conv2d_relu_max_pool2d(leaf, weight, pool_size=3, pool_stride=1), leaf, grad)
+        results.append(ours)
+    exact = grad.double().sum()  # of the terms as stored
+    expected = torch.zeros_like(input)
+    expected[0, 0, 2, 2] = exact.to(dtype)
+    torch.testing.assert_close(results[0], expected, rtol=1e-6, atol=0)  # float32: a few roundings
+    if dtype != torch.float32:
+        assert torch.equal(results[0], expected)
+    assert torch.equal(results[0], results[1])
+    if device == "cuda":
+        leaf = input.clone().requires_grad_()
+        (native,) = torch.autograd.grad(native_conv2d_relu_max_pool2d(leaf, weight, pool_size=3, pool_stride=1), leaf, grad)
+        torch.testing.assert_close(results[0], native, rtol=1e-6, atol=0)

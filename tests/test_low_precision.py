@@ -164,6 +164,37 @@ def test_ties_go_to_the_first_maximum_and_nan_to_the_last(dtype):
     torch.testing.assert_close(x.grad, expected)
 
 
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_batch_norm_output_ties_in_the_storage_dtype(device, dtype):
+    """Native rounds its batch norm output to the storage dtype before ReLU and max_pool2d
+    compare it, so values distinct in float32 but equal in bfloat16/float16 tie and the first
+    maximum takes the gradient. A shift where the dtype's spacing is 2 makes most of a window's
+    normalised values (about 0.1 apart) equal in 16 bits; a 1x1 identity convolution makes the input gradient the batch norm's
+    input gradient, where a hit at another position shows."""
+    generator = torch.Generator().manual_seed(0)
+    channels = 3
+    # Multiples of 1/8 in [-2, 2): exact in both dtypes, about 0.1 apart once normalised.
+    input = (torch.randint(-16, 16, (4, channels, 8, 8), generator=generator) / 8).to(device, dtype)
+    weight = torch.eye(channels, dtype=dtype, device=device).view(channels, channels, 1, 1)
+    bn_weight = torch.ones(channels, device=device)
+    bn_bias = torch.full((channels,), 2 / torch.finfo(dtype).eps, device=device)
+    grad = torch.randn(4, channels, 4, 4, generator=generator).to(device, dtype)
+
+    ours_input = input.clone().requires_grad_()
+    ours = conv2d_batch_norm_relu_max_pool2d(ours_input, weight, None, None, None, bn_weight, bn_bias, True)
+    native_input = input.clone().requires_grad_()
+    normalised = F.batch_norm(F.conv2d(native_input, weight), None, None, bn_weight, bn_bias, True)
+    native = F.max_pool2d(F.relu(normalised), 2)
+    window_max = F.max_pool2d(normalised.detach(), 2).repeat_interleave(2, 2).repeat_interleave(2, 3)
+    tied_windows = (normalised.detach() == window_max).view(4, channels, 4, 2, 4, 2).sum((3, 5)) > 1
+    assert tied_windows.sum() > tied_windows.numel() // 4, "too few tied windows to test"
+    torch.testing.assert_close(ours, native, rtol=0, atol=0)
+    (ours_grad,) = torch.autograd.grad(ours, ours_input, grad)
+    (native_grad,) = torch.autograd.grad(native, native_input, grad)
+    # The same hits give the same gradient up to rounding; one other hit moves ~|grad| ~ 1.
+    torch.testing.assert_close(ours_grad.float(), native_grad.float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("channels_last", [False, True])

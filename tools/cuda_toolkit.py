@@ -93,6 +93,25 @@ def _version_key(path: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", os.path.basename(path)))
 
 
+def arch_list_of(arch_names: list[str]) -> str | None:
+    """A ``TORCH_CUDA_ARCH_LIST`` for the GPUs a torch build runs on, from its
+    ``torch.cuda.get_arch_list()`` (``['sm_75', ..., 'sm_120']`` -> ``'7.5;...;12.0+PTX'``): machine
+    code for each, and PTX of the newest for GPUs newer than all of them. None if it names none."""
+    archs = []
+    for name in arch_names:
+        match = re.fullmatch(r"sm_(\d+)(\d)([a-z]?)", name)
+        if match:
+            archs.append((int(match[1]), int(match[2]), match[3]))
+    if not archs:
+        return None
+    archs.sort()
+    versions = [f"{major}.{minor}{suffix}" for major, minor, suffix in archs]
+    plain = [v for v, (_, _, suffix) in zip(versions, archs) if not suffix]
+    if plain:  # PTX only of a portable target ('9.0a' code runs on 9.0 alone)
+        versions[versions.index(plain[-1])] += "+PTX"
+    return ";".join(versions)
+
+
 def find_cuda_toolkit(required_major: str | None = None, candidates: list[str] | None = None) -> ToolkitSearch:
     """The first usable toolkit among ``candidates`` (default ``candidate_roots()``).
 

@@ -22,6 +22,13 @@ inline at::ScalarType batch_norm_stats_dtype(const at::Tensor& input) {
 
 inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+// The dtype a per-channel parameter's gradient takes: the parameter's own where it is given
+// (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's.
+inline at::ScalarType parameter_grad_dtype(const std::optional<at::Tensor>& parameter,
+                                           const at::Tensor& input) {
+  return defined(parameter) ? parameter->scalar_type() : input.scalar_type();
+}
+
 // These checks also run in the ops' composite (Python-free, traceable) entry points, where
 // torch.compile may give tensors symbolic sizes: they use sym_* sizes throughout.
 

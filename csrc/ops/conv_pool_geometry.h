@@ -137,9 +137,11 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
 }
 
 // The layout native conv2d gives its output (and so ReLU and max_pool2d after it): channels
-// last when either the input or the weight is channels last.
+// last when either the input or the weight is channels last, except for float64 on CUDA, which
+// cuDNN has no channels-last path for (native then returns contiguous outputs).
 inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input,
                                                   const at::Tensor& weight) {
+  if (input.is_cuda() && input.scalar_type() == at::kDouble) return at::MemoryFormat::Contiguous;
   const bool channels_last = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast ||
                              weight.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;

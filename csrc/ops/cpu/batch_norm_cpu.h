@@ -68,12 +68,4 @@ at::Tensor channel_tensor(const std::vector<T>& values, const at::TensorOptions&
   return t;
 }
 
-// The dtype a per-channel parameter's gradient takes: the parameter's own where it is given
-// (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's.
-inline at::ScalarType parameter_grad_dtype(const std::optional<at::Tensor>& parameter,
-                                           const at::Tensor& input) {
-  return parameter.has_value() && parameter->defined() ? parameter->scalar_type()
-                                                       : input.scalar_type();
-}
-
 }  // namespace cifarnet::ops

@@ -7,11 +7,21 @@
 // `#pragma GCC target` region it is written in, which scalarises its vector code.
 
 // x, or (x - mean) * scale + shift when `affine` (a batch norm in front of the ReLU; centred
-// first, as the batch norm kernels compute it).
-template <bool affine, typename T>
+// first, as the batch norm kernels compute it) rounded to scalar_t: native rounds its batch
+// norm output to the storage dtype before ReLU and max_pool2d compare it, so values equal in
+// bfloat16/float16 tie there (first maximum wins) and small positives round to zero.
+template <typename scalar_t, bool affine, typename T>
 inline __attribute__((always_inline)) T affine_value(T x, T mean, T scale, T shift) {
   if constexpr (affine) {
-    return (x - mean) * scale + shift;
+    const T y = (x - mean) * scale + shift;
+    if constexpr (sizeof(scalar_t) != 2) {
+      return y;
+    } else if constexpr (std::is_arithmetic_v<T>) {
+      return static_cast<T>(static_cast<scalar_t>(y));
+    } else {
+      return simd::widen(simd::narrow(y, static_cast<scalar_t*>(nullptr)),
+                         static_cast<scalar_t*>(nullptr));
+    }
   } else {
     return x;
   }
@@ -26,11 +36,11 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
     int64_t column_stride, int64_t pool_w, T mean, T scale, T shift, scalar_t* out,
     uint8_t* argmax) {
-  T best = affine_value<affine>(static_cast<T>(window[0]), mean, scale, shift);
+  T best = affine_value<scalar_t, affine>(static_cast<T>(window[0]), mean, scale, shift);
   int64_t best_offset = 0;
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
-      const T x = affine_value<affine>(static_cast<T>(window[h * row_stride + w * column_stride]),
+      const T x = affine_value<scalar_t, affine>(static_cast<T>(window[h * row_stride + w * column_stride]),
                                        mean, scale, shift);
       if (x > best || x != x) {
         best = x;
@@ -62,13 +72,13 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
   }
   vec best;
   simd::load(best, window);
-  best = affine_value<affine>(best, mean_v, scale_v, shift_v);
+  best = affine_value<scalar_t, affine>(best, mean_v, scale_v, shift_v);
   mask best_offset{};
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
       vec x;
       simd::load(x, window + h * row_stride + w * column_stride);
-      x = affine_value<affine>(x, mean_v, scale_v, shift_v);
+      x = affine_value<scalar_t, affine>(x, mean_v, scale_v, shift_v);
       const mask take = (x > best) | (x != x);
       best = take ? x : best;
       const auto offset = static_cast<typename V::lane_int>(h * pool_w + w);

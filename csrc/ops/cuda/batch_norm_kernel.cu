@@ -93,19 +93,19 @@ __device__ State column_reduce(State state) {
   return state;
 }
 
-// One (channel, split) of a channels-outer input per block: samples [split * per, ...).
+// One (channel, split) of a channels-outer input per block: elements [split * per, ...) of the
+// channel's batch * spatial, so a single sample of a large image still fills the GPU.
 // Policy::add(state, x, g, c) folds one element in.
 template <typename scalar_t, typename State, typename Add>
 __global__ void reduce_channels_outer(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                      DenseLayout layout, int64_t samples_per_split, Add add,
+                                      DenseLayout layout, int64_t elements_per_split, Add add,
                                       State* __restrict__ partial) {
   const int64_t c = blockIdx.x, split = blockIdx.y;
-  const int64_t n0 = split * samples_per_split;
-  const int64_t n1 = min(layout.batch, n0 + samples_per_split);
-  const int64_t elements = (n1 - n0) * layout.spatial;
+  const int64_t elements = layout.batch * layout.spatial;
+  const int64_t i0 = split * elements_per_split, i1 = min(elements, i0 + elements_per_split);
   State state{};
-  for (int64_t i = threadIdx.x; i < elements; i += blockDim.x) {
-    const int64_t n = n0 + i / layout.spatial, s = i % layout.spatial;
+  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
+    const int64_t n = i / layout.spatial, s = i - n * layout.spatial;
     const int64_t at = (n * layout.channels + c) * layout.spatial + s;
     add(state, x[at], g == nullptr ? scalar_t(0) : g[at], c);
   }
@@ -165,11 +165,12 @@ at::Tensor reduce_per_channel(const at::Tensor& x, const scalar_t* g, const Dens
             x.const_data_ptr<scalar_t>(), g, layout, per_split, add,
             reinterpret_cast<State*>(partial.mutable_data_ptr()));
   } else {
+    const int64_t elements = std::max<int64_t>(1, layout.batch * layout.spatial);
     splits = std::clamp<int64_t>(target_blocks / layout.channels, 1,
-                                 std::max<int64_t>(1, layout.batch));
+                                 (elements + kThreads - 1) / kThreads);
     splits = std::min<int64_t>(splits, 65535);
-    const int64_t per_split = (layout.batch + splits - 1) / splits;
-    splits = (layout.batch + per_split - 1) / per_split;
+    const int64_t per_split = (elements + splits - 1) / splits;
+    splits = (elements + per_split - 1) / per_split;
     partial = at::empty({layout.channels * splits * static_cast<int64_t>(sizeof(State))}, bytes);
     reduce_channels_outer<scalar_t, State, Add>
         <<<dim3(layout.channels, splits), kThreads, 0, stream>>>(
@@ -430,7 +431,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     }
   }
   std::tie(grad_weight, grad_bias) =
-      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps, input.scalar_type());
+      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps,
+                                     parameter_grad_dtype(weight, input));
   if (!output_mask[1]) grad_weight = at::Tensor();
   if (!output_mask[2]) grad_bias = at::Tensor();
   return {grad_input, grad_weight, grad_bias};

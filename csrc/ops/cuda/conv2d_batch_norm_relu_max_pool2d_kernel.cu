@@ -2,7 +2,7 @@
 //
 // Forward: cuDNN's convolution (channels last, kept for the backward), one Welford pass for
 // the batch statistics, and one kernel that normalises, applies ReLU, pools and writes the
-// one-byte argmax. Backward: the pooled gradient scattered to the argmax hits, batch norm's two
+// one-byte argmax. Backward: the pooled gradient gathered at the argmax hits, batch norm's two
 // reductions and its input gradient (in place), then cuDNN's convolution backward.
 // (Evaluation mode never comes here: it folds the batch norm into the convolution.)
 
@@ -86,14 +86,15 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
   // The gradient of the normalised activation: zero but at the argmax hits.
   at::Tensor grad_conv;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_batch_norm_scatter_cuda", [&] {
-        grad_conv = cuda::scatter_pool_gradient<scalar_t>(grad_output, argmax, g,
+      at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_batch_norm_pool_gradient_cuda", [&] {
+        grad_conv = cuda::pool_input_gradient<scalar_t>(grad_output, argmax, g,
                                                           at::MemoryFormat::ChannelsLast);
       });
   auto [sum_g, sum_gx] = cuda::batch_norm_grad_sums(grad_conv, conv, mean, layout);
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
   std::tie(grad_bn_weight, grad_bn_bias) =
-      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps, input.scalar_type());
+      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps,
+                                     parameter_grad_dtype(bn_weight, input));
   if (!output_mask[3]) grad_bn_weight = at::Tensor();
   if (!output_mask[4]) grad_bn_bias = at::Tensor();
   if (output_mask[0] || output_mask[1] || output_mask[2]) {

@@ -2,8 +2,9 @@
 //
 // Forward: the convolution is cuDNN's (at::convolution, channels last where the input or the
 // weight is), then one kernel applies ReLU, pools and writes the one-byte argmax, one thread
-// per output. Backward: one kernel scatters the pooled gradient to the argmax positions (the
-// ReLU mask comes with the argmax), and cuDNN's convolution backward does the rest. float32,
+// per output. Backward: one kernel gathers the pooled gradient at the argmax positions (the
+// ReLU mask comes with the argmax; deterministic), and cuDNN's convolution backward does the
+// rest. float32,
 // float16 and bfloat16 (compared and accumulated in float32) and float64.
 
 #include <torch/library.h>
@@ -64,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
     at::Tensor grad_conv;
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_relu_max_pool2d_backward_cuda",
-        [&] { grad_conv = cuda::scatter_pool_gradient<scalar_t>(grad_output, argmax, g, format); });
+        [&] { grad_conv = cuda::pool_input_gradient<scalar_t>(grad_output, argmax, g, format); });
     std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
         grad_conv, input, weight, at::IntArrayRef{g.out_channels}, stride, padding, {1, 1},
         /*transposed=*/false, {0, 0}, /*groups=*/1, output_mask);

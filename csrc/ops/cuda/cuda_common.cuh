@@ -3,7 +3,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -81,7 +80,9 @@ __global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ conv, Stride
     for (int64_t h = h0; h < h1; ++h) {
       for (int64_t w = w0; w < w1; ++w) {
         acc_t x = static_cast<acc_t>(window[h * cs.h + w * cs.w]);
-        if (affine) x = (x - m) * s + b;
+        // Rounded to scalar_t as native's batch norm output is before its ReLU and pool
+        // compare it: values equal in float16/bfloat16 tie (no-op for float32/float64).
+        if (affine) x = static_cast<acc_t>(static_cast<scalar_t>((x - m) * s + b));
         if (first || x > best || x != x) {
           best = x;
           offset = static_cast<int>((h - h0) * g.pool_w + (w - w0));
@@ -119,46 +120,56 @@ void launch_relu_max_pool2d(const at::Tensor& conv, at::Tensor& output, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Adds each pooled gradient at the convolution-output position its argmax names (skipping
-// windows whose maximum was not positive), one thread per pooled output. Windows that may
-// overlap add atomically.
-template <typename scalar_t>
-__global__ void scatter_pool_gradient_kernel(const scalar_t* __restrict__ grad, Strides4d gs,
-                                             const uint8_t* __restrict__ argmax, Strides4d as,
-                                             scalar_t* __restrict__ grad_conv, Strides4d cs,
-                                             ConvPoolGeometry g, bool channels_last,
-                                             bool overlapping, int64_t total) {
+// The gradient of the pre-pool activation, one thread per convolution-output element: the sum,
+// in acc_t and in window order (as native max_pool2d's backward gathers it), of the pooled
+// gradients of the windows whose argmax names this element; windows whose maximum was not
+// positive pass nothing (ReLU). A gather, not a scatter: every element is written once (no
+// zero fill), and overlapping windows (pool stride < pool size) need no atomics, so the result
+// never depends on thread order and float16/bfloat16 sums are not rounded term by term.
+template <typename scalar_t, typename acc_t>
+__global__ void gather_pool_gradient_kernel(const scalar_t* __restrict__ grad, Strides4d gs,
+                                            const uint8_t* __restrict__ argmax, Strides4d as,
+                                            scalar_t* __restrict__ grad_conv, Strides4d cs,
+                                            ConvPoolGeometry g, bool channels_last,
+                                            int64_t total) {
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
-    const Index4d i = unravel(index, g.out_channels, g.out_h, g.out_w, channels_last);
-    const uint8_t offset = argmax[i.n * as.n + i.c * as.c + i.h * as.h + i.w * as.w];
-    if (offset == kArgmaxReluZero) continue;
-    const int64_t h = i.h * g.pool_stride_h + offset / g.pool_w;
-    const int64_t w = i.w * g.pool_stride_w + offset % g.pool_w;
-    const scalar_t value = grad[i.n * gs.n + i.c * gs.c + i.h * gs.h + i.w * gs.w];
-    scalar_t* target = grad_conv + i.n * cs.n + i.c * cs.c + h * cs.h + w * cs.w;
-    if (overlapping) {
-      gpuAtomicAdd(target, value);
-    } else {
-      *target = value;
+    const Index4d i = unravel(index, g.out_channels, g.conv_h, g.conv_w, channels_last);
+    // Windows [ph_begin, ph_end) x [pw_begin, pw_end) contain (i.h, i.w).
+    const int64_t ph_begin =
+        i.h < g.pool_h ? 0 : (i.h - g.pool_h) / g.pool_stride_h + 1;
+    const int64_t ph_end = min(i.h / g.pool_stride_h + 1, g.out_h);
+    const int64_t pw_begin =
+        i.w < g.pool_w ? 0 : (i.w - g.pool_w) / g.pool_stride_w + 1;
+    const int64_t pw_end = min(i.w / g.pool_stride_w + 1, g.out_w);
+    acc_t sum = 0;
+    for (int64_t ph = ph_begin; ph < ph_end; ++ph) {
+      for (int64_t pw = pw_begin; pw < pw_end; ++pw) {
+        const uint8_t offset = argmax[i.n * as.n + i.c * as.c + ph * as.h + pw * as.w];
+        const int64_t hit = (i.h - ph * g.pool_stride_h) * g.pool_w + (i.w - pw * g.pool_stride_w);
+        if (offset != kArgmaxReluZero && offset == hit) {
+          sum += static_cast<acc_t>(grad[i.n * gs.n + i.c * gs.c + ph * gs.h + pw * gs.w]);
+        }
+      }
     }
+    grad_conv[i.n * cs.n + i.c * cs.c + i.h * cs.h + i.w * cs.w] = static_cast<scalar_t>(sum);
   }
 }
 
-// The gradient of the pre-pool activation: zeros but at the argmax hits.
+// The gradient of the pre-pool activation (in `format`): zeros but at the argmax hits.
 template <typename scalar_t>
-at::Tensor scatter_pool_gradient(const at::Tensor& grad_output, const at::Tensor& argmax,
+at::Tensor pool_input_gradient(const at::Tensor& grad_output, const at::Tensor& argmax,
                                  const ConvPoolGeometry& g, at::MemoryFormat format) {
-  at::Tensor grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
+  at::Tensor grad_conv = at::empty({g.batch, g.out_channels, g.conv_h, g.conv_w},
                                    grad_output.options().memory_format(format));
-  const int64_t total = argmax.numel();
+  const int64_t total = grad_conv.numel();
   if (total == 0) return grad_conv;
-  const bool overlapping = g.pool_stride_h < g.pool_h || g.pool_stride_w < g.pool_w;
-  scatter_pool_gradient_kernel<scalar_t>
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+  gather_pool_gradient_kernel<scalar_t, acc_t>
       <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
           grad_output.const_data_ptr<scalar_t>(), Strides4d(grad_output),
           argmax.const_data_ptr<uint8_t>(), Strides4d(argmax),
           grad_conv.mutable_data_ptr<scalar_t>(), Strides4d(grad_conv), g,
-          argmax.is_contiguous(at::MemoryFormat::ChannelsLast), overlapping, total);
+          format == at::MemoryFormat::ChannelsLast, total);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_conv;
 }

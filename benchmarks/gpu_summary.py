@@ -1,0 +1,94 @@
+"""One JSON summary of a benchmarks/gpu_check.sh run, readable at a glance.
+
+    python benchmarks/gpu_summary.py OUT_DIR > OUT_DIR/summary.json
+
+Reads the junit XML of the CUDA tests, the gpu_cases.py reports, the compute-sanitizer logs,
+the cifarnet-bench JSON and the training-step JSON found in OUT_DIR. Exit status 1 when no CUDA
+test ran (none found, or every one skipped), so a build without CUDA kernels cannot pass.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+
+def test_counts(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "device_cuda_passed": 0, "failures": []}
+    for suite in suites:
+        for case in suite.iter("testcase"):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                counts["failed"] += 1
+                counts["failures"].append(name)
+            elif case.find("skipped") is not None:
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+                # a test that ran on the GPU: parametrised with the cuda device, or test_cuda.py's
+                ran_on_cuda = "cuda" in name.partition("[")[2] or "test_cuda" in name
+                counts["device_cuda_passed"] += ran_on_cuda
+    return counts
+
+
+def case_failures(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    cases = json.loads(path.read_text())
+    failed = [f"{c['case']}: {c['detail']}" for c in cases if not c["ok"]]
+    return {"ok": len(cases) - len(failed), "failed": failed}
+
+
+def sanitizer_errors(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    text = path.read_text(errors="replace")
+    summary = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: (.*)", text)
+    errors = re.findall(r"ERROR SUMMARY: (\d+) error", text)
+    return {"summary": summary[-1] if summary else "no summary (did it finish?)",
+            "errors": int(errors[-1]) if errors else None}
+
+
+def bench_ratios(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    ratios = {}
+    for result in report["results"]:
+        for layer in result["layers"] + [dict(result["total"], layer="total")]:
+            ratios[f"{result['op']} {layer['layer']}"] = {
+                mode: round(speedups["fused"], 3) for mode, speedups in layer["speedup"].items()
+            } | {"saved_ratio": round(layer["saved_ratio"], 3)}
+    return ratios
+
+
+def main(out: Path) -> int:
+    tests = test_counts(out / "tests.xml")
+    summary = {
+        "tests": tests,
+        "tests_compile": test_counts(out / "tests_compile.xml"),
+        "cases_large": case_failures(out / "cases_large.json"),
+        "cases_small_memcheck": case_failures(out / "cases_memcheck.json"),
+        "cases_small_racecheck": case_failures(out / "cases_racecheck.json"),
+        "sanitizer_memcheck": sanitizer_errors(out / "sanitizer_memcheck.log"),
+        "sanitizer_racecheck": sanitizer_errors(out / "sanitizer_racecheck.log"),
+        "bench_float32_speedup_vs_native": bench_ratios(out / "bench_float32.json"),
+        "bench_bfloat16_speedup_vs_native": bench_ratios(out / "bench_bfloat16.json"),
+    }
+    steps = out / "train_steps.json"
+    if steps.exists():
+        summary["train_steps"] = json.loads(steps.read_text())["results"]
+    json.dump(summary, sys.stdout, indent=1)
+    print()
+    return 0 if tests and tests["device_cuda_passed"] > 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))

@@ -6,7 +6,8 @@
 #      over large counts, a pooling call over > 2**31 elements),
 #   3. compute-sanitizer memcheck and racecheck over gpu_cases.py --small (every op, dtype and
 #      layout over the geometries where index math breaks first), when the tool is there,
-#   4. cifarnet-bench on CUDA (float32 and bfloat16, batch 128) and 100 training steps.
+#   4. cifarnet-bench on CUDA (float32 and bfloat16, batch 128) and whole training steps,
+#      fused against native (benchmarks/train_steps.py).
 # Writes $OUT/gpu_check.log, the step outputs, and $OUT/summary.json (tests passed/failed/
 # skipped, case failures, sanitizer errors, benchmark ratios). Fails loudly (exit 1) when the
 # build has no CUDA kernels, when every CUDA test was skipped, or when any step failed.
@@ -24,6 +25,9 @@ step() { echo; echo "=== $* ($(date +%T), $((DEADLINE - SECONDS)) s left)"; }
 # The smaller of $1 seconds and what the budget has left (keeping 20 s for the summary).
 within() { local left=$((DEADLINE - SECONDS - 20)); echo $(($1 < left ? $1 : left)); }
 fail() { echo "gpu_check: FAILED: $*"; status=1; }
+# STEPS picks the steps after the build (a rerun after a fix need not repeat them all).
+STEPS=${STEPS:-tests large small sanitizer bench compile}
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
@@ -44,42 +48,59 @@ info = {k: v for k, v in cifarnet.build_info().items() if k != 'parallel'}
 print(json.dumps(info))
 sys.exit(0 if info['cuda'] else 1)" || { echo "gpu_check: FAILED: the build has no CUDA kernels"; exit 1; }
 
-step "CUDA tests"
-timeout "$(within 240)" python3 -m pytest -q -p no:cacheprovider tests -k "cuda and not compile" --timeout 120 \
-  --junitxml="$OUT/tests.xml" -o junit_family=xunit1 2>&1 | tail -60 || fail "CUDA tests"
+if want tests; then
+  step "CUDA tests"
+  timeout "$(within 240)" python3 -m pytest -q -p no:cacheprovider tests -k "cuda and not compile" --timeout 120 \
+    --junitxml="$OUT/tests.xml" -o junit_family=xunit1 2>&1 | tail -60 || fail "CUDA tests"
+fi
 
-step "large cases"
-timeout "$(within 90)" python3 benchmarks/gpu_cases.py --large --json "$OUT/cases_large.json" || fail "large cases"
+if want large; then
+  step "large cases"
+  timeout "$(within 90)" python3 benchmarks/gpu_cases.py --large --json "$OUT/cases_large.json" || fail "large cases"
+fi
 
-if command -v compute-sanitizer > /dev/null; then
+if want small; then
+  step "small cases"
+  timeout "$(within 90)" python3 -X faulthandler benchmarks/gpu_cases.py --small --json "$OUT/cases_small.json" \
+    > "$OUT/cases_small.log" 2>&1 || { grep -v "^ok" "$OUT/cases_small.log" | tail -40; fail "small cases"; }
+  tail -1 "$OUT/cases_small.log"
+fi
+
+if ! want sanitizer; then
+  :
+elif command -v compute-sanitizer > /dev/null; then
   # Only cifarnet's own kernels are instrumented (cuDNN's and torch's run at full speed).
   filter=$(compute-sanitizer --help 2>&1 | grep -q -- --kernel-name && echo "--kernel-name kns=cifarnet")
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool"
     timeout "$(within 120)" compute-sanitizer --tool "$tool" $filter --error-exitcode 3 \
-      python3 benchmarks/gpu_cases.py --small --json "$OUT/cases_$tool.json" > "$OUT/sanitizer_$tool.log" 2>&1
+      python3 -X faulthandler benchmarks/gpu_cases.py --small --json "$OUT/cases_$tool.json" > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     grep -E "ERROR SUMMARY|RACECHECK SUMMARY|gpu_cases:|^FAIL" "$OUT/sanitizer_$tool.log" | head -20
     [ $rc = 0 ] || { tail -30 "$OUT/sanitizer_$tool.log"; fail "compute-sanitizer $tool (exit $rc)"; }
   done
 else
-  echo "compute-sanitizer not found: running the small cases without it"
-  timeout "$(within 60)" python3 benchmarks/gpu_cases.py --small --json "$OUT/cases_memcheck.json" || fail "small cases"
+  echo "compute-sanitizer not found: the small cases ran without it"
 fi
 
 for dtype in float32 bfloat16; do
+  want bench || break
   step "benchmark $dtype"
   timeout "$(within 60)" python3 -m cifarnet.benchmark --device cuda --dtype "$dtype" --batch-size 128 --repeats 30 \
     --memory-format channels_last --no-compile --json "$OUT/bench_$dtype.json" || fail "benchmark $dtype"
 done
 
-step "training steps"
-timeout "$(within 60)" python3 benchmarks/train_steps.py --device cuda --steps 100 --channels-last \
-  --json "$OUT/train_steps.json" || fail "training steps"
+if want bench; then
+  step "training steps"
+  timeout "$(within 60)" python3 benchmarks/train_steps.py --device cuda --rounds 5 --steps 20 \
+    --configs native-fp32-cl,native-bf16-cl,fused-fp32-cl,fused-bf16-cl --json "$OUT/train_steps.json" || fail "training steps"
+fi
 
-step "torch.compile tests"
-timeout "$(within 150)" python3 -m pytest -q -p no:cacheprovider tests -k "cuda and compile" --timeout 120 \
-  --junitxml="$OUT/tests_compile.xml" -o junit_family=xunit1 2>&1 | tail -20 || fail "torch.compile CUDA tests"
+if want compile; then
+  step "torch.compile tests"
+  timeout "$(within 150)" python3 -m pytest -q -p no:cacheprovider tests -k "cuda and compile" --timeout 120 \
+    --junitxml="$OUT/tests_compile.xml" -o junit_family=xunit1 2>&1 | tail -20 || fail "torch.compile CUDA tests"
+fi
 
 step "summary"
 python3 benchmarks/gpu_summary.py "$OUT" > "$OUT/summary.json" || fail "summary: no CUDA test ran, or it could not be read"

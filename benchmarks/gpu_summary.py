@@ -75,6 +75,7 @@ def main(out: Path) -> int:
         "tests": tests,
         "tests_compile": test_counts(out / "tests_compile.xml"),
         "cases_large": case_failures(out / "cases_large.json"),
+        "cases_small": case_failures(out / "cases_small.json"),
         "cases_small_memcheck": case_failures(out / "cases_memcheck.json"),
         "cases_small_racecheck": case_failures(out / "cases_racecheck.json"),
         "sanitizer_memcheck": sanitizer_errors(out / "sanitizer_memcheck.log"),

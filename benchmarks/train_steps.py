@@ -1,11 +1,19 @@
-"""Time N training steps of the study's ConvNet with native and with fused ops.
+"""Time whole training steps of the study's ConvNet: fused ops against every native setup.
 
-    python benchmarks/train_steps.py --device cuda --steps 200 --json steps.json
+    python benchmarks/train_steps.py --device cpu --rounds 8 --steps 10 --json steps.json
 
-Synthetic CIFAR-sized batches (28x28 crops, batch 128) and the study's optimiser, so only the
-network's forward, backward and update are timed; the two models start from the same weights.
-Prints the median step time of each and their ratio. `--channels-last` and `--precision
-bfloat16` (autocast) give native its fastest configuration on CPUs with AMX.
+Synthetic CIFAR-sized batches (28x28 crops, batch 128) and the study's optimiser (SGD with
+momentum), so the network's forward, backward and update are timed, nothing else. Each
+configuration below is one model (all start from the same weights); the configurations take
+turns, `--steps` steps each per round, so drifts of a noisy machine fall on all of them alike.
+Prints each configuration's median step time and the fused ones' speedups over the fastest
+native one measured in the same run.
+
+Configurations (`--configs`, comma-separated; default: all but the compiled ones with
+--no-compile):
+  native-fp32, native-fp32-cl, native-fp32-compile     float32, contiguous / channels-last / torch.compile
+  native-bf16-cl, native-bf16-cl-compile               torch.autocast bfloat16, channels-last (eager / compiled)
+  fused-fp32, fused-fp32-cl, fused-bf16, fused-bf16-cl cifarnet's ops, float32 or bfloat16 autocast
 """
 
 from __future__ import annotations
@@ -14,67 +22,119 @@ import argparse
 import json
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from cifarnet.models import ConvNet
-from cifarnet.train import PRECISIONS
 
 
-def time_steps(model: nn.Module, batches, device: torch.device, warmup: int, autocast_dtype=None) -> list[float]:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    criterion = nn.CrossEntropyLoss()
-    times = []
-    for step, (images, labels) in enumerate(batches):
-        begin = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            loss = criterion(model(images), labels)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= warmup:
+@dataclass(frozen=True)
+class Config:
+    ops: str  # "native" or "fused"
+    bfloat16: bool
+    channels_last: bool
+    compiled: bool = False
+
+
+CONFIGS = {
+    "native-fp32": Config("native", False, False),
+    "native-fp32-cl": Config("native", False, True),
+    "native-fp32-compile": Config("native", False, True, compiled=True),
+    "native-bf16-cl": Config("native", True, True),
+    "native-bf16-cl-compile": Config("native", True, True, compiled=True),
+    "fused-fp32": Config("fused", False, False),
+    "fused-fp32-cl": Config("fused", False, True),
+    "fused-bf16": Config("fused", True, False),
+    "fused-bf16-cl": Config("fused", True, True),
+}
+
+
+class Trainer:
+    """One configuration's model, optimiser and batches; `run(n)` times n training steps."""
+
+    def __init__(self, config: Config, variant: str, batches, device: torch.device):
+        torch.manual_seed(0)
+        model = ConvNet(variant, config.ops).to(device).train()
+        memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=memory_format)
+        self.step_fn = torch.compile(self.model) if config.compiled else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.criterion = nn.CrossEntropyLoss()
+        self.batches = [(x.contiguous(memory_format=memory_format), y) for x, y in batches]
+        self.autocast_dtype = torch.bfloat16 if config.bfloat16 else None
+        self.device = device
+        self.next = 0
+
+    def run(self, steps: int) -> list[float]:
+        times = []
+        for _ in range(steps):
+            images, labels = self.batches[self.next % len(self.batches)]
+            self.next += 1
+            begin = time.perf_counter()
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                loss = self.criterion(self.step_fn(images), labels)
+            loss.backward()
+            self.optimizer.step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
             times.append((time.perf_counter() - begin) * 1e3)
-    return times
+        return times
+
+
+def parse_configs(text: str | None, no_compile: bool) -> list[str]:
+    names = [name for name in CONFIGS if not (no_compile and CONFIGS[name].compiled)] if text is None else text.split(",")
+    unknown = [name for name in names if name not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"train_steps: unknown --configs {unknown}; expected some of {list(CONFIGS)}")
+    return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--variant", default="full")
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--configs", default=None, help="comma-separated names (see the module docstring)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile configurations")
+    parser.add_argument("--rounds", type=int, default=8, help="turns each configuration takes")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration per round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
-                        help="bfloat16: forward under torch.autocast, as cifarnet-train --precision")
+    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", metavar="PATH")
     args = parser.parse_args()
+    names = parse_configs(args.configs, args.no_compile)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(args.batch_size, 3, 28, 28, generator=generator).to(device),
          torch.randint(0, 10, (args.batch_size,), generator=generator).to(device))
-        for _ in range(args.steps + args.warmup)
+        for _ in range(8)
     ]
-    if args.channels_last:
-        batches = [(x.contiguous(memory_format=torch.channels_last), y) for x, y in batches]
-    results = {}
-    for ops in ("native", "fused"):
-        torch.manual_seed(0)
-        model = ConvNet(args.variant, ops).to(device).train()
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        times = time_steps(model, batches, device, args.warmup, PRECISIONS[args.precision])
-        results[ops] = {"median_ms": statistics.median(times), "mean_ms": statistics.fmean(times)}
-        print(f"{ops:>6}: median {results[ops]['median_ms']:.2f} ms/step over {len(times)} steps")
-    results["speedup"] = results["native"]["median_ms"] / results["fused"]["median_ms"]
-    print(f"fused speedup: {results['speedup']:.2f}x")
+    trainers = {name: Trainer(CONFIGS[name], args.variant, batches, device) for name in names}
+    for name, trainer in trainers.items():
+        trainer.run(args.warmup)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, trainer in trainers.items():
+            times[name] += trainer.run(args.steps)
+    results = {name: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "steps": len(t)} for name, t in times.items()}
+    native = {name: r["median_ms"] for name, r in results.items() if name.startswith("native")}
+    best_native = min(native, key=native.get) if native else None
+    print(f"{args.variant} ConvNet, batch {args.batch_size}, {torch.get_num_threads()} threads, {device}; median ms per step over {args.rounds} rounds of {args.steps}")
+    for name, result in results.items():
+        line = f"  {name:<24} {result['median_ms']:8.2f} ms"
+        if best_native and name.startswith("fused"):
+            result["speedup_vs_best_native"] = native[best_native] / result["median_ms"]
+            line += f"   {result['speedup_vs_best_native']:.2f}x vs {best_native}"
+        print(line)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"config": vars(args), "results": results}, file, indent=2)
+            json.dump({"config": vars(args), "best_native": best_native, "results": results}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -38,10 +38,11 @@ def float32_means_float32():
     float32's rounding, while cuDNN runs float32 convolutions in TF32 (a 10-bit mantissa) by
     default, natively and in our ops alike. (No effect on the CPU; the benchmarks keep torch's
     defaults, the same for both sides.)"""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    # NB: the flags() context manager, not assignment: once torch.testing._internal is imported
+    # (the OpInfo samples), assigning cudnn flags raises ("disable_global_flags").
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False):
+        yield
 
 
 @pytest.fixture(params=DEVICES)

@@ -52,8 +52,8 @@ def test_conv_relu_pool_in_reduced_precision_matches_native(dtype, memory_format
 @pytest.mark.parametrize("memory_format", FORMATS)
 def test_batch_norm_in_reduced_precision_matches_native(dtype, memory_format):
     input = study_layer(dtype, memory_format)[0].requires_grad_()
-    weight = torch.rand(32, device="cuda") + 0.5
-    bias = torch.randn(32, device="cuda")
+    weight = (torch.rand(32, device="cuda") + 0.5).requires_grad_()
+    bias = torch.randn(32, device="cuda").requires_grad_()
     stats = [torch.zeros(32, device="cuda"), torch.ones(32, device="cuda")]
     native_stats = [t.clone() for t in stats]
     ours = batch_norm(input, *stats, weight, bias, training=True)
@@ -63,7 +63,7 @@ def test_batch_norm_in_reduced_precision_matches_native(dtype, memory_format):
     for mine, theirs in zip(stats, native_stats):
         torch.testing.assert_close(mine, theirs, rtol=1e-3, atol=1e-3)
     grad = torch.randn_like(native)
-    leaves = [input, weight.requires_grad_(), bias.requires_grad_()]
+    leaves = [input, weight, bias]
     for mine, theirs in zip(torch.autograd.grad(ours, leaves, grad), torch.autograd.grad(native, leaves, grad)):
         assert mine.dtype == theirs.dtype  # float32 parameters get float32 gradients
         scale = theirs.float().abs().max().clamp(min=1)

@@ -40,6 +40,7 @@ from cifarnet.fileio import output_file_problem
 IMPLEMENTATIONS = ("native", "compiled", "fused")
 MODES = ("forward", "forward_backward")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+MEMORY_FORMAT_NAMES = {format: name for name, format in MEMORY_FORMATS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,14 +381,15 @@ def model_forward_backward(model: nn.Module, input: Tensor, autocast_dtype: torc
     return forward_backward
 
 
-def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None) -> list[dict]:
+def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format) -> list[dict]:
     """Times forward+backward of a model (training mode) before and after ``cifarnet.fuse``,
     interleaved, and counts the bytes saved for its backward; for ``vgg11_bn`` also its
-    ``features`` alone (the classifier's linear layers would hide the convolutions)."""
+    ``features`` alone (the classifier's linear layers would hide the convolutions). Model and
+    input in ``memory_format`` (channels_last: the layout native is fastest in on CPUs with AMX)."""
     torch.manual_seed(0)
-    model = make_model(name).to(device=device, dtype=dtype).train()
+    model = make_model(name).to(device=device, dtype=dtype, memory_format=memory_format).train()
     size = MODEL_INPUT_SIZES[name]
-    input = torch.randn(batch_size, 3, size, size, dtype=dtype, device=device)
+    input = torch.randn(batch_size, 3, size, size, dtype=dtype, device=device).contiguous(memory_format=memory_format)
     parts = {"model": model}
     if name == "vgg11_bn":
         parts["features"] = model.features
@@ -404,6 +406,7 @@ def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repe
                 "model": name,
                 "part": part,
                 "shape": f"3x{size}x{size} (N={batch_size})",
+                "memory_format": MEMORY_FORMAT_NAMES[memory_format],
                 "fused_chains": len(report.fused),
                 "unfused_chains": len(report.unfused),
                 "forward_backward_ms": times,
@@ -476,7 +479,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model",
         choices=list(MODEL_INPUT_SIZES),
         help="time this whole model before and after cifarnet.fuse instead of the per-op tables "
-        "(--op, --memory-format, --no-compile and --plot do not apply)",
+        "(in --memory-format contiguous or channels_last; --op, --no-compile and --plot do not apply)",
     )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls per variant, median reported (default: 20; 5 with --model)"
@@ -499,6 +502,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.warmup = 1 if args.model else 3
     if args.model and args.plot:
         parser.error("--plot draws the per-op speedups; it does not apply with --model")
+    if args.model and args.memory_format == "both":
+        parser.error("--model times one layout per run: --memory-format contiguous or channels_last")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.repeats < 1:
@@ -600,12 +605,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_model(args: argparse.Namespace, device: torch.device, dtype, autocast_dtype: torch.dtype | None) -> int:
     """``cifarnet-bench --model``: one model before and after ``cifarnet.fuse``."""
     print(
-        f"cifarnet-bench --model {args.model}: {precision_note(args.dtype, autocast_dtype)}, batch {args.batch_size}, {torch.get_num_threads()} "
+        f"cifarnet-bench --model {args.model}: {precision_note(args.dtype, autocast_dtype)}, {args.memory_format}, batch {args.batch_size}, {torch.get_num_threads()} "
         f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
         f"{allocator_note(args)}"
     )
     print(machine_line(device))
-    rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats, autocast_dtype)
+    rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats, autocast_dtype,
+                           MEMORY_FORMATS[args.memory_format])
     print(format_model_table(rows))
     if args.json:
         report = {

@@ -103,6 +103,23 @@ def test_bench_model_creates_the_folder_of_its_report(tmp_path, monkeypatch):
     assert json.loads(report.read_text())["results"] == []
 
 
+def test_bench_model_in_channels_last(tmp_path):
+    report = tmp_path / "bench.json"
+    status = benchmark.main(
+        ["--model", "convnet", "--memory-format", "channels_last", "--batch-size", "2", "--repeats", "1",
+         "--warmup", "1", "--json", str(report)]
+    )
+    assert status == 0
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["memory_format"] == "channels_last" and row["fused_chains"] > 0
+
+
+def test_bench_model_refuses_both_layouts(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--model", "convnet", "--memory-format", "both"])
+    assert "--model times one layout per run" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="configures glibc's malloc")
 def test_keep_freed_memory_stops_page_faults_on_fresh_tensors():
     # Two 8 MiB tensors freed together leave more than glibc's default trim threshold free at

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -236,3 +239,37 @@ def test_build_info_reports_the_build():
     assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
     assert info["cuda"] in (True, False)
     assert info["cpu_isa"]
+
+
+SPARSE_BACKWARD_SCRIPT = r"""
+import torch, cifarnet
+from cifarnet.ops import conv2d_relu_max_pool2d
+from conftest import native_conv2d_relu_max_pool2d
+assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
+torch.set_num_threads(2)
+g = torch.Generator().manual_seed(0)
+# Kernel rows of kW * C_in = 9, 15 or 20 values: a partial vector ends every row.
+for dtype in (torch.float32, torch.float64):
+    for in_channels, kernel, padding in ((3, 3, 1), (3, 5, 2), (5, 4, 1)):
+        x = torch.randn(5, in_channels, 10, 10, generator=g, dtype=dtype)
+        w = torch.randn(7, in_channels, kernel, kernel, generator=g, dtype=dtype)
+        ours = [t.clone().requires_grad_() for t in (x, w)]
+        native = [t.clone().requires_grad_() for t in (x, w)]
+        out = conv2d_relu_max_pool2d(*ours, None, padding=padding)
+        ref = native_conv2d_relu_max_pool2d(*native, None, padding=padding)
+        grad = torch.randn(out.shape, generator=g, dtype=dtype)
+        out.backward(grad)
+        ref.backward(grad)
+        for a, b in zip(ours, native):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4 if dtype == torch.float32 else 1e-7, atol=1e-4 if dtype == torch.float32 else 1e-7)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ["avx2", "baseline"])
+def test_sparse_backward_without_avx512_matches_native(isa):
+    """The AVX2 and baseline variants of the sparse backward's loops (their partial-vector
+    loads included) on a CPU that also has AVX-512: CIFARNET_CPU_ISA caps the variant."""
+    env = dict(os.environ, CIFARNET_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", SPARSE_BACKWARD_SCRIPT % isa], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

@@ -153,9 +153,55 @@ constexpr int kGatherBlock =
                                      int(sizeof(typename simd::Vec64<scalar_t>::type)) -
                                  2));
 
+// v = p[0, n) and zeros after (0 < n < the vector's lanes), reading nothing at or past p + n:
+// masked loads with AVX-512 and AVX2, lane by lane otherwise.
+// NB: the memory after a partial row of an output may be another thread's (the next sample's
+// input gradient, the next output channels' weight gradient), written while this thread reads:
+// a whole-vector load of it would be a data race, results right or not.
+template <typename T>
+inline __attribute__((always_inline)) void load_first(typename simd::Vec64<T>::type& v,
+                                                      const T* p, int64_t n) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if constexpr (kVectorRegisterBytes == 64) {
+    if constexpr (sizeof(T) == 4) {
+      const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+      std::memcpy(&v, &x, sizeof(v));
+    } else {
+      const __m512d x = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+      std::memcpy(&v, &x, sizeof(v));
+    }
+    return;
+  } else if constexpr (kVectorRegisterBytes == 32) {
+    // Lane i of a 32-byte half is loaded where its mask lane has the sign bit: i < remaining.
+    using lane_int = typename simd::Vec64<T>::lane_int;
+    typedef lane_int half_lanes __attribute__((vector_size(32)));
+    constexpr int half = 32 / sizeof(T);
+    half_lanes index;
+    for (int i = 0; i < half; ++i) index[i] = i;
+    for (int part = 0; part < 2; ++part) {
+      const half_lanes take = index < static_cast<lane_int>(n - part * half);
+      __m256i mask;
+      std::memcpy(&mask, &take, sizeof(mask));
+      if constexpr (sizeof(T) == 4) {
+        const __m256 x = _mm256_maskload_ps(reinterpret_cast<const float*>(p) + part * half, mask);
+        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
+      } else {
+        const __m256d x =
+            _mm256_maskload_pd(reinterpret_cast<const double*>(p) + part * half, mask);
+        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
+      }
+    }
+    return;
+  }
+#endif
+  v = typename simd::Vec64<T>::type{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+}
+
 // dst[0, len) += sum over e < count of grads[e] * base[offsets[e] + (0, len)], for the `block`
-// 64-byte vectors starting at element `begin` (the last one may be partial: it is loaded whole
-// (callers leave 64 bytes of slack after every buffer) and stored only up to len).
+// 64-byte vectors starting at element `begin`. The last one may be partial: dst is then read
+// (load_first) and written only up to len; base is loaded whole (its buffers are read-only
+// here, with 64 bytes of slack at the end).
 template <typename scalar_t, int block>
 inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64_t begin,
                                                             int64_t len, const scalar_t* base,
@@ -164,7 +210,14 @@ inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   vec acc[block];
-  for (int k = 0; k < block; ++k) simd::load(acc[k], dst + begin + k * V::lanes);
+  for (int k = 0; k < block; ++k) {
+    const int64_t start = begin + k * V::lanes;
+    if (len - start >= V::lanes) {
+      simd::load(acc[k], dst + start);
+    } else {
+      load_first<scalar_t>(acc[k], dst + start, len - start);
+    }
+  }
   for (int64_t e = 0; e < count; ++e) {
     const vec grad = vec{} + grads[e];
     const scalar_t* source = base + offsets[e] + begin;

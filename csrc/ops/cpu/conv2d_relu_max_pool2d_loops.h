@@ -285,19 +285,19 @@ void sparse_weight_grad_sample(scalar_t* grad_weight, const ConvPoolGeometry& g,
 // position_begin/weight_offsets/grads) and each kernel row kh,
 // grad_input[h*sh + kh, w*sw : w*sw + kW, :] += sum over the hits of grad * weight[c, kh, :, :].
 // Loops run kernel row and register block outermost, with blocks narrow enough that the
-// weight slices they read for every output channel stay in L1 across all positions.
-// grad_input: this sample's padded channels-last gradient; weight: [C_out][kH][kW * C_in].
+// weight slices they read for every output channel stay in (half of) an L1 data cache of
+// l1d_bytes across all positions. grad_input: this sample's padded channels-last gradient;
+// weight: [C_out][kH][kW * C_in].
 template <typename scalar_t>
 void sparse_input_grad_sample(scalar_t* grad_input, const ConvPoolGeometry& g,
                               int64_t input_row_stride, const scalar_t* weight,
                               const int64_t* position_begin, const int64_t* weight_offsets,
-                              const scalar_t* grads) {
+                              const scalar_t* grads, int64_t l1d_bytes) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
-  constexpr int64_t l1_bytes = 32 * 1024;
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
   const int64_t block =
-      std::clamp<int64_t>(l1_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
+      std::clamp<int64_t>(l1d_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t v = 0; v < vectors; v += block) {
       for (int64_t position = 0; position < g.conv_h * g.conv_w; ++position) {

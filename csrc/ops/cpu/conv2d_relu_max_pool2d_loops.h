@@ -253,30 +253,24 @@ inline __attribute__((always_inline)) void gather_fma_vectors(
   }
 }
 
-// Weight gradient contribution of one sample: for each output channel c and kernel row kh,
-// grad_weight[c, kh, :, :] += sum over c's argmax hits of grad * input[h*sh + kh, w*sw :
-// w*sw + kW, :], the hits grouped by channel (lists channel_begin/input_offsets/grads) so
-// that each register block of grad_weight is loaded and stored once per sample. input: this
-// sample's padded channels-last input, each offset pointing at a hit's kernel-row-0 segment;
-// grad_weight: [C_out][kH][kW * C_in].
+// Weight gradient of one output channel over its argmax hits in a tile of samples: for each
+// kernel row kh, grad_weight[kh, :] += sum over the hits of grad * input[offset +
+// kh * input_row_stride + (0, kW * C_in)], each offset pointing at a hit's kernel-row-0 segment
+// of the tile's padded channels-last input. Register blocks of grad_weight are loaded and
+// stored once per tile. grad_weight: this channel's [kH][kW * C_in].
 template <typename scalar_t>
-void sparse_weight_grad_sample(scalar_t* grad_weight, const ConvPoolGeometry& g,
-                               int64_t input_row_stride, const scalar_t* input,
-                               const int64_t* channel_begin, const int64_t* input_offsets,
-                               const scalar_t* grads) {
+void sparse_weight_grad_channel(scalar_t* grad_weight, const ConvPoolGeometry& g,
+                                int64_t input_row_stride, const scalar_t* input,
+                                const int64_t* input_offsets, const scalar_t* grads,
+                                int64_t count) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
   constexpr int64_t block = kGatherBlock<scalar_t>;
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
-  for (int64_t c = 0; c < g.out_channels; ++c) {
-    const int64_t begin = channel_begin[c], count = channel_begin[c + 1] - begin;
-    if (count == 0) continue;
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      for (int64_t v = 0; v < vectors; v += block) {
-        gather_fma_vectors(grad_weight + (c * g.kernel_h + kh) * row_len, v * lanes,
-                           std::min(block, vectors - v), row_len, input + kh * input_row_stride,
-                           input_offsets + begin, grads + begin, count);
-      }
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t v = 0; v < vectors; v += block) {
+      gather_fma_vectors(grad_weight + kh * row_len, v * lanes, std::min(block, vectors - v),
+                         row_len, input + kh * input_row_stride, input_offsets, grads, count);
     }
   }
 }

@@ -4,11 +4,10 @@
 # first time). Run from anywhere, inside the environment torch is installed in. Exit status:
 # non-zero on a race report or a failed check.
 #
-# NB: torch's libgomp is not instrumented, so TSan cannot see its barriers. Kernel threads are
-# first started inside the backward under test (its forward inputs are made with one thread),
-# so the pthread_create edges order everything before it; a report is then a race within one
-# parallel region. The address space is unrandomised (setarch -R): TSan's shadow memory needs
-# the fixed layout that high-entropy ASLR on recent kernels breaks.
+# NB: torch's libgomp is not instrumented, so TSan cannot see its barriers:
+# tests/cpp/tsan_openmp.cpp, linked into this build only, tells TSan where OpenMP regions start
+# and end. The address space is unrandomised (setarch -R): TSan's shadow memory needs the fixed
+# layout that high-entropy ASLR on recent kernels breaks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 torch_prefix=$(python -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')

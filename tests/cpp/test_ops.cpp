@@ -164,10 +164,10 @@ void compare_conv_batch_norm_with_native() {
                   "conv2d_batch_norm_relu_max_pool2d");
 }
 
-// The sparse backward with two threads, the first time this process starts any: under
-// ThreadSanitizer (tools/tsan.sh) a data race between its threads is reported. The inputs are
-// made with one thread, so that thread creation orders them before the backward (TSan cannot
-// see the barriers of torch's uninstrumented OpenMP runtime).
+// The sparse backward with two threads against one: under ThreadSanitizer (tools/tsan.sh) a
+// data race between its threads is reported. (It runs first, before any thread pool exists:
+// that way thread creation alone orders its inputs before the backward, even in a TSan build
+// without tests/cpp/tsan_openmp.cpp.)
 void check_backward_with_two_threads() {
   at::set_num_threads(1);
   // Kernel rows of kW * C_in = 15 floats: each ends inside a 16-float vector, and the last row
@@ -193,7 +193,7 @@ void check_backward_with_two_threads() {
 
 int main() {
   at::manual_seed(0);
-  // First: the thread pool must not exist yet (see the function).
+  // First (see the function).
   check_backward_with_two_threads();
   const std::vector<Case> cases = {
       {"study layer 1", 16, 3, 32, 32, 32, 5, {1, 1}, {2, 2}, {2, 2}, {}, false, false, at::kFloat},

@@ -9,9 +9,23 @@
 
 #include "ops/conv_pool_geometry.h"
 #include "ops/cpu/batch_norm_cpu.h"
+#include "ops/cpu/cache_sizes.h"
 #include "ops/cpu/multiversion.h"
 
 namespace py = pybind11;
+
+namespace {
+
+py::dict cache_sizes_dict(const cifarnet::ops::CacheSizes& sizes) {
+  py::dict d;
+  d["l1d_bytes"] = sizes.l1d_bytes;
+  d["l2_bytes"] = sizes.l2_bytes;
+  d["llc_bytes"] = sizes.llc_bytes;
+  d["source"] = sizes.source;
+  return d;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cifarnet's compiled ops (registered under torch.ops.cifarnet) and build facts";
@@ -40,4 +54,33 @@ PYBIND11_MODULE(_C, m) {
   m.def("_set_streaming_store_threshold_bytes", &cifarnet::ops::set_streaming_store_threshold_bytes,
         py::arg("bytes"),
         "Overrides that threshold (None restores the last-level cache size); for tests.");
+  m.def(
+      "_cache_sizes", [] { return cache_sizes_dict(cifarnet::ops::cache_sizes()); },
+      "The cache sizes the CPU kernels size their tiles by: {'l1d_bytes', 'l2_bytes',\n"
+      "'llc_bytes' (0: unknown), 'source': 'sysfs', 'default' or 'override'}.");
+  m.def(
+      "_read_cache_sizes",
+      [](const std::string& directory) {
+        return cache_sizes_dict(cifarnet::ops::read_cache_sizes(directory));
+      },
+      py::arg("directory"),
+      "The cache sizes a sysfs-like directory (index*/level, type, size) gives, defaults for\n"
+      "the levels it lacks; for tests.");
+  m.def(
+      "_set_cache_sizes",
+      [](std::optional<int64_t> l1d_bytes, std::optional<int64_t> l2_bytes,
+         std::optional<int64_t> llc_bytes) {
+        if (!l1d_bytes && !l2_bytes && !llc_bytes) {
+          cifarnet::ops::set_cache_sizes(std::nullopt);
+          return;
+        }
+        TORCH_CHECK(l1d_bytes && l2_bytes && llc_bytes,
+                    "give all three cache sizes, or none to restore the machine's");
+        cifarnet::ops::set_cache_sizes(
+            cifarnet::ops::CacheSizes{*l1d_bytes, *l2_bytes, *llc_bytes, "override"});
+      },
+      py::arg("l1d_bytes") = py::none(), py::arg("l2_bytes") = py::none(),
+      py::arg("llc_bytes") = py::none(),
+      "Makes the CPU kernels size their tiles for these caches (no arguments: this machine's);\n"
+      "for tests and measurements.");
 }

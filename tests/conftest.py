@@ -53,3 +53,28 @@ def device(request) -> str:
 def native_conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False):
     """The composition of native ops that cifarnet.ops.conv2d_relu_max_pool2d replaces."""
     return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride, ceil_mode=ceil_mode)
+
+
+def peak_cpu_allocation(fn) -> int:
+    """Peak bytes that torch's CPU allocator holds while ``fn()`` runs, above what it held before.
+
+    NB: torch has no public CPU allocator statistics; the profiler's allocation events (their
+    sizes, in time order) are read through its private event tree.
+    tests/test_torch_internals.py checks this against a known allocation.
+    """
+    from torch._C._profiler import _ExtraFields_Allocation
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        fn()
+    allocations = []
+    nodes = list(profile.profiler.kineto_results.experimental_event_tree())
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node.extra_fields, _ExtraFields_Allocation):
+            allocations.append((node.start_time_ns, node.extra_fields.alloc_size))
+        nodes.extend(node.children)
+    live = peak = 0
+    for _, size in sorted(allocations):
+        live += size
+        peak = max(peak, live)
+    return peak

@@ -160,3 +160,16 @@ def test_suggest_memory_format_agrees_with_the_cpp_rule():
             f"{output.stride()}; cifarnet's fake kernels need c10's rule"
         )
     assert _meta_registrations.suggest_memory_format(torch.randn(2, 3)) == torch.contiguous_format
+
+
+def test_peak_cpu_allocation_sees_the_largest_live_set():
+    from conftest import peak_cpu_allocation
+
+    def allocate():
+        a = torch.ones(1_000_000)  # 4 MB
+        b = torch.ones(500_000)  # +2 MB live: the peak
+        del a, b
+        torch.ones(250_000)
+
+    peak = peak_cpu_allocation(allocate)
+    assert 6_000_000 <= peak < 6_100_000, f"{TORCH}: the profiler's allocation events gave a peak of {peak} bytes"

@@ -164,10 +164,37 @@ void compare_conv_batch_norm_with_native() {
                   "conv2d_batch_norm_relu_max_pool2d");
 }
 
+// The sparse backward with two threads against one: under ThreadSanitizer (tools/tsan.sh) a
+// data race between its threads is reported. (It runs first, before any thread pool exists:
+// that way thread creation alone orders its inputs before the backward, even in a TSan build
+// without tests/cpp/tsan_openmp.cpp.)
+void check_backward_with_two_threads() {
+  at::set_num_threads(1);
+  // Kernel rows of kW * C_in = 15 floats: each ends inside a 16-float vector, and the last row
+  // of a sample (input gradient) or of a block of output channels (weight gradient) ends next
+  // to memory that the other thread writes.
+  const at::Tensor input = at::randn({8, 3, 16, 16});
+  const at::Tensor weight = at::randn({32, 3, 5, 5});
+  const auto [output, argmax] = cifarnet::ops::conv2d_relu_max_pool2d_with_argmax(
+      input, weight, std::nullopt, {1, 1}, {2, 2}, {2, 2}, {}, false);
+  const at::Tensor grad_output = at::randn_like(output);
+  auto backward = [&] {
+    return cifarnet::ops::_conv2d_relu_max_pool2d_backward(
+        grad_output, input, weight, argmax, {1, 1}, {2, 2}, {2, 2}, {}, false, {true, true, false});
+  };
+  const auto [grad_input_1, grad_weight_1, unused_1] = backward();
+  at::set_num_threads(2);
+  const auto [grad_input_2, grad_weight_2, unused_2] = backward();
+  check(close(grad_input_2, grad_input_1, 1e-5) && close(grad_weight_2, grad_weight_1, 1e-4),
+        "sparse backward: two threads give one thread's gradients");
+}
+
 }  // namespace
 
 int main() {
   at::manual_seed(0);
+  // First (see the function).
+  check_backward_with_two_threads();
   const std::vector<Case> cases = {
       {"study layer 1", 16, 3, 32, 32, 32, 5, {1, 1}, {2, 2}, {2, 2}, {}, false, false, at::kFloat},
       {"study layer 2, channels_last",

@@ -19,13 +19,13 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../batch_norm_common.h"
 #include "batch_norm_cpu.h"
+#include "cache_sizes.h"
 #include "multiversion.h"
 #include "simd.h"
 
@@ -107,30 +107,6 @@ struct ChannelMap {
   explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
 };
 
-// The size of the largest data cache (the last level), from Linux's sysfs; 0 where unknown.
-// NB: C stdio, not iostreams: an <fstream> read here segfaulted inside libstdc++'s locale code
-// on a machine whose libstdc++ differed from the headers' (torch 2.11 wheel, GCC 13).
-int64_t last_level_cache_bytes() {
-  static const int64_t bytes = [] {
-    int64_t largest = 0;
-    for (int index = 0;; ++index) {
-      const std::string path =
-          "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) + "/size";
-      std::FILE* file = std::fopen(path.c_str(), "r");
-      if (file == nullptr) break;
-      long long size = 0;
-      char unit = 0;
-      const int read = std::fscanf(file, "%lld%c", &size, &unit);  // e.g. "32768K"
-      std::fclose(file);
-      if (read < 1) break;
-      const int64_t scale = unit == 'K' ? 1 << 10 : unit == 'M' ? 1 << 20 : 1;
-      largest = std::max<int64_t>(largest, size * scale);
-    }
-    return largest;
-  }();
-  return bytes;
-}
-
 // NB: an override, not a second cache reading, so a test can reach the streaming path with a
 // small tensor on any machine instead of sizing one from this machine's cache.
 std::atomic<int64_t> streaming_threshold_override{-1};
@@ -139,7 +115,7 @@ std::atomic<int64_t> streaming_threshold_override{-1};
 
 int64_t streaming_store_threshold_bytes() {
   const int64_t override_bytes = streaming_threshold_override.load(std::memory_order_relaxed);
-  return override_bytes >= 0 ? override_bytes : last_level_cache_bytes();
+  return override_bytes >= 0 ? override_bytes : cache_sizes().llc_bytes;
 }
 
 void set_streaming_store_threshold_bytes(std::optional<int64_t> bytes) {

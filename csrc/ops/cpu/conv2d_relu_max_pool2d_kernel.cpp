@@ -26,15 +26,12 @@
 #include <vector>
 
 #include "../conv_pool_geometry.h"
+#include "cache_sizes.h"
 #include "multiversion.h"
 #include "simd.h"
 
 namespace cifarnet::ops {
 namespace {
-
-// Convolution output bytes per forward tile: the two cores' L2 here; larger tiles measured no
-// faster, smaller ones slower (more, smaller oneDNN calls).
-constexpr int64_t kTileBytes = 2 * 1024 * 1024;
 
 #define CIFARNET_LOOPS_HEADER "conv2d_relu_max_pool2d_loops.h"
 #include "isa_variants.inc"
@@ -66,8 +63,12 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   // A channels-last weight makes the convolution produce the channels-last layout the
   // epilogue vectorises over.
   const at::Tensor weight_cl = weight.contiguous(at::MemoryFormat::ChannelsLast);
+  // Tiles of convolution output as large as half the L2 caches of the threads that write and
+  // then pool them: measured on a Xeon with 2 MiB L2 per core and two threads, larger tiles
+  // were no faster, smaller ones slower (more, smaller oneDNN calls).
+  const int64_t tile_bytes = cache_sizes().l2_bytes * at::get_num_threads() / 2;
   const int64_t sample_bytes = g.out_channels * g.conv_h * g.conv_w * input.element_size();
-  const int64_t tile = std::max<int64_t>(1, kTileBytes / std::max<int64_t>(1, sample_bytes));
+  const int64_t tile = std::max<int64_t>(1, tile_bytes / std::max<int64_t>(1, sample_bytes));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "conv2d_relu_max_pool2d_forward", [&] {
@@ -212,8 +213,8 @@ at::Tensor padded_interior(const at::Tensor& flat, at::IntArrayRef sizes, int64_
       .permute({0, 3, 1, 2});
 }
 
-// Argmax hits of one sample grouped by a key (a counting sort): begin[k]..begin[k + 1] index
-// the offsets and gradients of key k.
+// Argmax hits of one sample grouped by convolution position (a counting sort): begin[p] ..
+// begin[p + 1] index the weight offsets and gradients of position p.
 template <typename scalar_t>
 struct HitLists {
   std::vector<int64_t> begin, offsets;
@@ -221,49 +222,22 @@ struct HitLists {
   HitLists(int64_t keys, int64_t capacity) : begin(keys + 1), offsets(capacity), grads(capacity) {}
 };
 
-// The sparse backward (see conv2d_relu_max_pool2d_loops.h), parallel over samples. Per sample
-// the argmax hits are decoded once and sorted twice: by output channel, for the weight
-// gradient (summed per thread, reduced at the end), and by convolution position, for the
-// input gradient. Computes in scalar_t (float or double); 16-bit input and weight are widened
-// to float32 by the padded copies the loops read anyway, and grad_output must be scalar_t.
+// The input gradient of the sparse backward, threaded over samples: per sample the argmax hits
+// are decoded and sorted by convolution position, then accumulated into the sample's padded
+// channels-last gradient [H + 2 pH][W + 2 pW][C_in] (grad_input_padded, sample_stride apart).
 template <typename scalar_t>
-std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
-    const at::Tensor& argmax, const ConvPoolGeometry& g, std::array<bool, 3> output_mask) {
+void sparse_input_gradient(scalar_t* grad_input_padded, const at::Tensor& grad_output,
+                           const at::Tensor& argmax, const scalar_t* weight_rows,
+                           const ConvPoolGeometry& g, int64_t row_stride, int64_t sample_stride) {
   const WindowPositions window(g);
-  const int64_t row_stride = (g.in_w + 2 * g.pad_w) * g.in_channels;  // one padded input row
-  const int64_t sample_stride = (g.in_h + 2 * g.pad_h) * row_stride;
-  const int64_t row_len = g.kernel_w * g.in_channels;  // one kernel row of one output channel
-  const int64_t channel_len = g.kernel_h * row_len;
-  const int64_t weight_numel = g.out_channels * channel_len;
+  const int64_t channel_len = g.kernel_h * g.kernel_w * g.in_channels;
   const int64_t positions = g.conv_h * g.conv_w;
   const int64_t windows = g.out_channels * g.out_h * g.out_w;
-  const int64_t slack = 64 / sizeof(scalar_t);  // for whole-vector loads past the end
-  const int64_t threads = at::get_num_threads();
-  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
-  const at::TensorOptions options = input.options().dtype(dtype);
-
-  at::Tensor input_padded, grad_weight_partial, weight_rows, grad_input_padded;
-  if (output_mask[1]) {
-    input_padded = padded_channels_last(input, g.pad_h, g.pad_w, dtype);
-    grad_weight_partial = at::zeros({threads * weight_numel + slack}, options);
-  }
-  if (output_mask[0]) {
-    // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
-    weight_rows = at::empty({weight_numel + slack}, options);
-    weight_rows.narrow(0, 0, weight_numel)
-        .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
-        .copy_(weight.permute({0, 2, 3, 1}));
-    grad_input_padded = at::zeros({g.batch * sample_stride + slack}, options);
-  }
-
+  const int64_t l1d_bytes = cache_sizes().l1d_bytes;
   at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-    HitLists<scalar_t> by_channel(g.out_channels, windows), by_position(positions, windows);
+    HitLists<scalar_t> by_position(positions, windows);
     std::vector<int64_t> hit_channel(windows), hit_position(windows);
     std::vector<scalar_t> hit_grad(windows);
-    scalar_t* grad_weight = output_mask[1] ? grad_weight_partial.mutable_data_ptr<scalar_t>() +
-                                                 at::get_thread_num() * weight_numel
-                                           : nullptr;
     for (int64_t n = n_begin; n < n_end; ++n) {
       int64_t hits = 0;
       for_each_argmax_hit<scalar_t>(
@@ -274,52 +248,110 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
             hit_grad[hits] = grad;
             ++hits;
           });
-      // Counting sort of the hits by `key`, storing offset(hit) with each.
-      auto sort_hits = [&](HitLists<scalar_t>& lists, const std::vector<int64_t>& key,
-                           auto&& offset) {
-        std::fill(lists.begin.begin(), lists.begin.end(), 0);
-        for (int64_t i = 0; i < hits; ++i) ++lists.begin[key[i] + 1];
-        for (size_t k = 1; k < lists.begin.size(); ++k) lists.begin[k] += lists.begin[k - 1];
-        for (int64_t i = 0; i < hits; ++i) {
-          const int64_t slot = lists.begin[key[i]]++;
-          lists.offsets[slot] = offset(i);
-          lists.grads[slot] = hit_grad[i];
-        }
-        // The fill advanced each begin to the next key's: shift back.
-        for (size_t k = lists.begin.size() - 1; k > 0; --k) lists.begin[k] = lists.begin[k - 1];
-        lists.begin[0] = 0;
-      };
-      if (output_mask[1]) {
-        sort_hits(by_channel, hit_channel, [&](int64_t i) {
-          const int64_t h = hit_position[i] / g.conv_w, w = hit_position[i] % g.conv_w;
-          return h * g.stride_h * row_stride + w * g.stride_w * g.in_channels;
-        });
-        CIFARNET_ISA_DISPATCH(sparse_weight_grad_sample<scalar_t>, grad_weight, g, row_stride,
-                              input_padded.const_data_ptr<scalar_t>() + n * sample_stride,
-                              by_channel.begin.data(), by_channel.offsets.data(),
-                              by_channel.grads.data());
+      std::vector<int64_t>& begin = by_position.begin;
+      std::fill(begin.begin(), begin.end(), 0);
+      for (int64_t i = 0; i < hits; ++i) ++begin[hit_position[i] + 1];
+      for (size_t p = 1; p < begin.size(); ++p) begin[p] += begin[p - 1];
+      for (int64_t i = 0; i < hits; ++i) {
+        const int64_t slot = begin[hit_position[i]]++;
+        by_position.offsets[slot] = hit_channel[i] * channel_len;
+        by_position.grads[slot] = hit_grad[i];
       }
-      if (output_mask[0]) {
-        sort_hits(by_position, hit_position,
-                  [&](int64_t i) { return hit_channel[i] * channel_len; });
-        CIFARNET_ISA_DISPATCH(sparse_input_grad_sample<scalar_t>,
-                              grad_input_padded.mutable_data_ptr<scalar_t>() + n * sample_stride, g,
-                              row_stride, weight_rows.const_data_ptr<scalar_t>(),
-                              by_position.begin.data(), by_position.offsets.data(),
-                              by_position.grads.data());
+      // The fill advanced each begin to the next position's: shift back.
+      for (size_t p = begin.size() - 1; p > 0; --p) begin[p] = begin[p - 1];
+      begin[0] = 0;
+      CIFARNET_ISA_DISPATCH(sparse_input_grad_sample<scalar_t>,
+                            grad_input_padded + n * sample_stride, g, row_stride, weight_rows,
+                            by_position.begin.data(), by_position.offsets.data(),
+                            by_position.grads.data(), l1d_bytes);
+    }
+  });
+}
+
+// The weight gradient of the sparse backward, [C_out][kH][kW * C_in], threaded over output
+// channels: each thread owns its channels' rows of the one gradient (memory independent of
+// the thread count, no reduction) and walks the batch in tiles of samples whose padded input
+// fits half an L2 cache, so the tile stays there across the thread's channels. Per channel and
+// tile, the argmax hits are listed and accumulated in one pass over the weight rows.
+template <typename scalar_t>
+void sparse_weight_gradient(scalar_t* grad_weight, const at::Tensor& grad_output,
+                            const at::Tensor& argmax, const scalar_t* input_padded,
+                            const ConvPoolGeometry& g, int64_t row_stride,
+                            int64_t sample_stride) {
+  const Strides4d gs(grad_output), as(argmax);
+  const WindowPositions window(g);
+  const int64_t channel_len = g.kernel_h * g.kernel_w * g.in_channels;
+  const int64_t sample_bytes = sample_stride * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t tile =
+      std::clamp<int64_t>(cache_sizes().l2_bytes / 2 / std::max<int64_t>(1, sample_bytes), 1,
+                          g.batch);
+  const scalar_t* grad_data = grad_output.const_data_ptr<scalar_t>();
+  const uint8_t* argmax_data = argmax.const_data_ptr<uint8_t>();
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t c_begin, int64_t c_end) {
+    std::vector<int64_t> offsets(tile * g.out_h * g.out_w);
+    std::vector<scalar_t> grads(offsets.size());
+    for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
+      const int64_t n1 = std::min(n0 + tile, g.batch);
+      for (int64_t c = c_begin; c < c_end; ++c) {
+        int64_t hits = 0;
+        for (int64_t n = n0; n < n1; ++n) {
+          for (int64_t ph = 0; ph < g.out_h; ++ph) {
+            for (int64_t pw = 0; pw < g.out_w; ++pw) {
+              const uint8_t offset = argmax_data[n * as.n + c * as.c + ph * as.h + pw * as.w];
+              if (offset == kArgmaxReluZero) continue;
+              const int64_t h = ph * g.pool_stride_h + window.row[offset];
+              const int64_t w = pw * g.pool_stride_w + window.column[offset];
+              offsets[hits] = (n - n0) * sample_stride + h * g.stride_h * row_stride +
+                              w * g.stride_w * g.in_channels;
+              grads[hits] = grad_data[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w];
+              ++hits;
+            }
+          }
+        }
+        if (hits == 0) continue;
+        CIFARNET_ISA_DISPATCH(sparse_weight_grad_channel<scalar_t>, grad_weight + c * channel_len,
+                              g, row_stride, input_padded + n0 * sample_stride, offsets.data(),
+                              grads.data(), hits);
       }
     }
   });
+}
+
+// The sparse backward (see conv2d_relu_max_pool2d_loops.h): the input gradient threaded over
+// samples, the weight gradient over output channels. Computes in scalar_t (float or double);
+// 16-bit input and weight are widened to float32 by the padded copies the loops read anyway,
+// and grad_output must be scalar_t.
+template <typename scalar_t>
+std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& argmax, const ConvPoolGeometry& g, std::array<bool, 3> output_mask) {
+  const int64_t row_stride = (g.in_w + 2 * g.pad_w) * g.in_channels;  // one padded input row
+  const int64_t sample_stride = (g.in_h + 2 * g.pad_h) * row_stride;
+  const int64_t weight_numel = g.out_channels * g.kernel_h * g.kernel_w * g.in_channels;
+  const int64_t slack = 64 / sizeof(scalar_t);  // for whole-vector loads past the end
+  const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const at::TensorOptions options = input.options().dtype(dtype);
 
   at::Tensor grad_input, grad_weight;
-  if (output_mask[1]) {
-    grad_weight = grad_weight_partial.narrow(0, 0, threads * weight_numel)
-                      .view({threads, g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
-                      .sum(0)
-                      .permute({0, 3, 1, 2});
-  }
   if (output_mask[0]) {
+    // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
+    at::Tensor weight_rows = at::empty({weight_numel + slack}, options);
+    weight_rows.narrow(0, 0, weight_numel)
+        .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
+        .copy_(weight.permute({0, 2, 3, 1}));
+    at::Tensor grad_input_padded = at::zeros({g.batch * sample_stride}, options);
+    sparse_input_gradient<scalar_t>(grad_input_padded.mutable_data_ptr<scalar_t>(), grad_output,
+                                    argmax, weight_rows.const_data_ptr<scalar_t>(), g, row_stride,
+                                    sample_stride);
     grad_input = padded_interior(grad_input_padded, input.sizes(), g.pad_h, g.pad_w);
+  }
+  if (output_mask[1]) {
+    const at::Tensor input_padded = padded_channels_last(input, g.pad_h, g.pad_w, dtype);
+    at::Tensor grad_weight_rows = at::zeros({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels}, options);
+    sparse_weight_gradient<scalar_t>(grad_weight_rows.mutable_data_ptr<scalar_t>(), grad_output,
+                                     argmax, input_padded.const_data_ptr<scalar_t>(), g,
+                                     row_stride, sample_stride);
+    grad_weight = grad_weight_rows.permute({0, 3, 1, 2});
   }
   return {grad_input, grad_weight};
 }

@@ -163,9 +163,55 @@ constexpr int kGatherBlock =
                                      int(sizeof(typename simd::Vec64<scalar_t>::type)) -
                                  2));
 
+// v = p[0, n) and zeros after (0 < n < the vector's lanes), reading nothing at or past p + n:
+// masked loads with AVX-512 and AVX2, lane by lane otherwise.
+// NB: the memory after a partial row of an output may be another thread's (the next sample's
+// input gradient, the next output channels' weight gradient), written while this thread reads:
+// a whole-vector load of it would be a data race, results right or not.
+template <typename T>
+inline __attribute__((always_inline)) void load_first(typename simd::Vec64<T>::type& v,
+                                                      const T* p, int64_t n) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if constexpr (kVectorRegisterBytes == 64) {
+    if constexpr (sizeof(T) == 4) {
+      const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+      std::memcpy(&v, &x, sizeof(v));
+    } else {
+      const __m512d x = _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), p);
+      std::memcpy(&v, &x, sizeof(v));
+    }
+    return;
+  } else if constexpr (kVectorRegisterBytes == 32) {
+    // Lane i of a 32-byte half is loaded where its mask lane has the sign bit: i < remaining.
+    using lane_int = typename simd::Vec64<T>::lane_int;
+    typedef lane_int half_lanes __attribute__((vector_size(32)));
+    constexpr int half = 32 / sizeof(T);
+    half_lanes index;
+    for (int i = 0; i < half; ++i) index[i] = i;
+    for (int part = 0; part < 2; ++part) {
+      const half_lanes take = index < static_cast<lane_int>(n - part * half);
+      __m256i mask;
+      std::memcpy(&mask, &take, sizeof(mask));
+      if constexpr (sizeof(T) == 4) {
+        const __m256 x = _mm256_maskload_ps(reinterpret_cast<const float*>(p) + part * half, mask);
+        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
+      } else {
+        const __m256d x =
+            _mm256_maskload_pd(reinterpret_cast<const double*>(p) + part * half, mask);
+        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
+      }
+    }
+    return;
+  }
+#endif
+  v = typename simd::Vec64<T>::type{};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+}
+
 // dst[0, len) += sum over e < count of grads[e] * base[offsets[e] + (0, len)], for the `block`
-// 64-byte vectors starting at element `begin` (the last one may be partial: it is loaded whole
-// (callers leave 64 bytes of slack after every buffer) and stored only up to len).
+// 64-byte vectors starting at element `begin`. The last one may be partial: dst is then read
+// (load_first) and written only up to len; base is loaded whole (its buffers are read-only
+// here, with 64 bytes of slack at the end).
 template <typename scalar_t, int block>
 inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64_t begin,
                                                             int64_t len, const scalar_t* base,
@@ -174,7 +220,14 @@ inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64
   using V = simd::Vec64<scalar_t>;
   using vec = typename V::type;
   vec acc[block];
-  for (int k = 0; k < block; ++k) simd::load(acc[k], dst + begin + k * V::lanes);
+  for (int k = 0; k < block; ++k) {
+    const int64_t start = begin + k * V::lanes;
+    if (len - start >= V::lanes) {
+      simd::load(acc[k], dst + start);
+    } else {
+      load_first<scalar_t>(acc[k], dst + start, len - start);
+    }
+  }
   for (int64_t e = 0; e < count; ++e) {
     const vec grad = vec{} + grads[e];
     const scalar_t* source = base + offsets[e] + begin;
@@ -210,30 +263,24 @@ inline __attribute__((always_inline)) void gather_fma_vectors(
   }
 }
 
-// Weight gradient contribution of one sample: for each output channel c and kernel row kh,
-// grad_weight[c, kh, :, :] += sum over c's argmax hits of grad * input[h*sh + kh, w*sw :
-// w*sw + kW, :], the hits grouped by channel (lists channel_begin/input_offsets/grads) so
-// that each register block of grad_weight is loaded and stored once per sample. input: this
-// sample's padded channels-last input, each offset pointing at a hit's kernel-row-0 segment;
-// grad_weight: [C_out][kH][kW * C_in].
+// Weight gradient of one output channel over its argmax hits in a tile of samples: for each
+// kernel row kh, grad_weight[kh, :] += sum over the hits of grad * input[offset +
+// kh * input_row_stride + (0, kW * C_in)], each offset pointing at a hit's kernel-row-0 segment
+// of the tile's padded channels-last input. Register blocks of grad_weight are loaded and
+// stored once per tile. grad_weight: this channel's [kH][kW * C_in].
 template <typename scalar_t>
-void sparse_weight_grad_sample(scalar_t* grad_weight, const ConvPoolGeometry& g,
-                               int64_t input_row_stride, const scalar_t* input,
-                               const int64_t* channel_begin, const int64_t* input_offsets,
-                               const scalar_t* grads) {
+void sparse_weight_grad_channel(scalar_t* grad_weight, const ConvPoolGeometry& g,
+                                int64_t input_row_stride, const scalar_t* input,
+                                const int64_t* input_offsets, const scalar_t* grads,
+                                int64_t count) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
   constexpr int64_t block = kGatherBlock<scalar_t>;
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
-  for (int64_t c = 0; c < g.out_channels; ++c) {
-    const int64_t begin = channel_begin[c], count = channel_begin[c + 1] - begin;
-    if (count == 0) continue;
-    for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
-      for (int64_t v = 0; v < vectors; v += block) {
-        gather_fma_vectors(grad_weight + (c * g.kernel_h + kh) * row_len, v * lanes,
-                           std::min(block, vectors - v), row_len, input + kh * input_row_stride,
-                           input_offsets + begin, grads + begin, count);
-      }
+  for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
+    for (int64_t v = 0; v < vectors; v += block) {
+      gather_fma_vectors(grad_weight + kh * row_len, v * lanes, std::min(block, vectors - v),
+                         row_len, input + kh * input_row_stride, input_offsets, grads, count);
     }
   }
 }
@@ -242,19 +289,19 @@ void sparse_weight_grad_sample(scalar_t* grad_weight, const ConvPoolGeometry& g,
 // position_begin/weight_offsets/grads) and each kernel row kh,
 // grad_input[h*sh + kh, w*sw : w*sw + kW, :] += sum over the hits of grad * weight[c, kh, :, :].
 // Loops run kernel row and register block outermost, with blocks narrow enough that the
-// weight slices they read for every output channel stay in L1 across all positions.
-// grad_input: this sample's padded channels-last gradient; weight: [C_out][kH][kW * C_in].
+// weight slices they read for every output channel stay in (half of) an L1 data cache of
+// l1d_bytes across all positions. grad_input: this sample's padded channels-last gradient;
+// weight: [C_out][kH][kW * C_in].
 template <typename scalar_t>
 void sparse_input_grad_sample(scalar_t* grad_input, const ConvPoolGeometry& g,
                               int64_t input_row_stride, const scalar_t* weight,
                               const int64_t* position_begin, const int64_t* weight_offsets,
-                              const scalar_t* grads) {
+                              const scalar_t* grads, int64_t l1d_bytes) {
   constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
-  constexpr int64_t l1_bytes = 32 * 1024;
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
   const int64_t block =
-      std::clamp<int64_t>(l1_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
+      std::clamp<int64_t>(l1d_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t v = 0; v < vectors; v += block) {
       for (int64_t position = 0; position < g.conv_h * g.conv_w; ++position) {

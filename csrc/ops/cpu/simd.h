@@ -11,8 +11,8 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // all ISAs' intrinsics: each variant of a loop header uses its own
 #endif
 
 namespace cifarnet::simd {

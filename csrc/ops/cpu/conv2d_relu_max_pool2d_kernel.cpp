@@ -25,11 +25,8 @@
 #include <type_traits>
 #include <vector>
 
-#if __has_include(<unistd.h>)
-#include <unistd.h>  // sysconf: the last-level cache's size
-#endif
-
 #include "../conv_pool_geometry.h"
+#include "cache_size.h"
 #include "multiversion.h"
 #include "simd.h"
 
@@ -40,23 +37,12 @@ namespace {
 // faster, smaller ones slower (more, smaller oneDNN calls).
 constexpr int64_t kTileBytes = 2 * 1024 * 1024;
 
-// The last-level cache's bytes (sysconf), 0 where unknown.
-int64_t last_level_cache_bytes() {
-#if defined(_SC_LEVEL3_CACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
-  static const int64_t bytes = std::max<int64_t>(
-      {0, sysconf(_SC_LEVEL3_CACHE_SIZE), sysconf(_SC_LEVEL2_CACHE_SIZE)});
-  return bytes;
-#else
-  return 0;
-#endif
-}
-
 // Convolution output bytes per forward tile. bfloat16 on AMX: the whole batch in one oneDNN
-// call, up to half the last-level cache (the epilogue then reads the output from there, not
-// from L2). Each call has a fixed cost (primitive lookup, weight reorder, thread start) that
-// AMX, ~3x faster than float32 on the study's convolutions, no longer hides: one call rather
-// than four 2 MiB tiles took conv1's forward from 3.2 to 2.9 ms (Xeon with AMX-BF16, one
-// thread). Elsewhere kTileBytes.
+// call, up to half the last-level cache (read at run time; the epilogue then reads the
+// output from there, not from L2). Each call has a fixed cost (primitive lookup, weight
+// reorder, thread start) that AMX, ~3x faster than float32 on the study's convolutions, no
+// longer hides: one call rather than four 2 MiB tiles took conv1's forward from 3.2 to 2.9 ms
+// (Xeon with AMX-BF16, one thread). Elsewhere kTileBytes.
 int64_t forward_tile_bytes(at::ScalarType dtype) {
   static const bool amx_bf16 = cpu_has_amx_bf16();
   if (dtype == at::kBFloat16 && amx_bf16) {

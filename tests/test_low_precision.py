@@ -249,6 +249,41 @@ def low_precision_batch_norm_cases(draw):
     )
 
 
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize(
+    "pool",
+    [
+        dict(pool_size=2, pool_stride=2, ceil_mode=True),  # partial windows at the edge
+        dict(pool_size=2, pool_stride=3, ceil_mode=False),  # rows and columns in no window
+        dict(pool_size=(1, 3), pool_stride=(2, 3), ceil_mode=True),
+    ],
+)
+def test_dense_backward_channels_last_windows_that_do_not_overlap(dtype, pool, monkeypatch):
+    """The dense backward writes the channels-last pre-pool gradient whole (no zero fill) and
+    sums the bias gradient on the way: positions in no window or in a partial window, and
+    channels past the last whole vector (19 = 16 + 3), must come out right."""
+    monkeypatch.setenv("CIFARNET_LOW_PRECISION_BACKWARD", "dense")
+    generator = torch.Generator().manual_seed(5)
+    input = torch.randn(3, 6, 11, 11, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = 0.3 * torch.randn(19, 6, 3, 3, generator=generator)
+    bias = torch.randn(19, generator=generator)
+    tensors = [t.to(dtype) for t in (input, weight, bias)]
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    geometry = dict(stride=(1, 1), padding=(1, 1), pool_size=pair(pool["pool_size"]), pool_stride=pair(pool["pool_stride"]), ceil_mode=pool["ceil_mode"])
+    output, argmax = WITH_ARGMAX_OP(*tensors, *conv_args(geometry))
+    ours_out = conv2d_relu_max_pool2d(*leaves, **geometry)
+    assert ours_out.is_contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(output.shape, generator=generator).to(dtype)
+    ours = torch.autograd.grad(ours_out, leaves, grad_output)
+    exact_leaves = [t.detach().double().requires_grad_() for t in tensors]
+    conv = F.conv2d(exact_leaves[0], exact_leaves[1], exact_leaves[2], 1, 1)
+    reference = torch.autograd.grad(pool_at_argmax(conv, argmax, geometry), exact_leaves + [conv], grad_output.double())
+    terms = term_scales(tensors[0], tensors[1], reference[3], geometry)
+    for name, mine, exact_grad, scale in zip(("input", "weight", "bias"), ours, reference[:3], terms):
+        assert mine.dtype == dtype and mine.shape == exact_grad.shape
+        assert_within_roundings(f"grad {name}", mine, exact_grad, scale, dtype)
+
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(case=low_precision_batch_norm_cases())
 def test_batch_norm_low_precision(case):

@@ -33,6 +33,23 @@
 namespace cifarnet::ops {
 namespace {
 
+// Convolution output bytes per forward tile, from this CPU's caches: half the L2 of the
+// threads that write and then pool it, or a sixteenth of the last level where that is more.
+// Each tile is one oneDNN call with a fixed cost (primitive lookup, weight reorder, thread
+// start): on a Xeon (2 MiB L2 per core, 480 MiB L3, two threads) larger tiles measured no
+// faster and smaller ones slower, and the same kernels run with Zen 3's sizes (512 KiB L2,
+// 32 MiB L3) were slower with 512 KiB tiles than with 2 MiB ones, which the last-level term
+// gives there. bfloat16 on AMX: the whole batch in one call, up to half the last level (the
+// epilogue then reads the output from there); AMX, ~3x faster than float32 on the study's
+// convolutions, no longer hides the per-call cost: one call rather than four 2 MiB tiles took
+// conv1's forward from 3.2 to 2.9 ms (one thread).
+int64_t forward_tile_bytes(at::ScalarType dtype) {
+  static const bool amx_bf16 = cpu_has_amx_bf16();
+  const CacheSizes caches = cache_sizes();
+  const int64_t tile = std::max(caches.l2_bytes * at::get_num_threads() / 2, caches.llc_bytes / 16);
+  return dtype == at::kBFloat16 && amx_bf16 ? std::max(tile, caches.llc_bytes / 2) : tile;
+}
+
 #define CIFARNET_LOOPS_HEADER "conv2d_relu_max_pool2d_loops.h"
 #include "isa_variants.inc"
 #include "pool_argmax.h"
@@ -63,12 +80,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   // A channels-last weight makes the convolution produce the channels-last layout the
   // epilogue vectorises over.
   const at::Tensor weight_cl = weight.contiguous(at::MemoryFormat::ChannelsLast);
-  // Tiles of convolution output as large as half the L2 caches of the threads that write and
-  // then pool them: measured on a Xeon with 2 MiB L2 per core and two threads, larger tiles
-  // were no faster, smaller ones slower (more, smaller oneDNN calls).
-  const int64_t tile_bytes = cache_sizes().l2_bytes * at::get_num_threads() / 2;
   const int64_t sample_bytes = g.out_channels * g.conv_h * g.conv_w * input.element_size();
-  const int64_t tile = std::max<int64_t>(1, tile_bytes / std::max<int64_t>(1, sample_bytes));
+  const int64_t tile = std::max<int64_t>(
+      1, forward_tile_bytes(input.scalar_type()) / std::max<int64_t>(1, sample_bytes));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "conv2d_relu_max_pool2d_forward", [&] {
@@ -102,10 +116,64 @@ at::Tensor bias_gradient(const at::Tensor& grad_output, const at::Tensor& argmax
   return partial.sum(0).to(grad_output.scalar_type());
 }
 
-// The dense backward: the full gradient of the convolution output, scattered from the argmax,
-// through at::convolution_backward (oneDNN: AVX-512 FMA for float32, AMX or AVX512-BF16 for
-// bfloat16 where the CPU has them). Overlapping windows may add several gradients into one
-// element: for 16-bit data they are added in float32 and rounded once.
+// t in the given dtype and memory format (t itself when it already is).
+at::Tensor in_dtype_and_format(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
+  if (t.scalar_type() == dtype) return t.contiguous(format);
+  at::Tensor converted = at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format));
+  converted.copy_(t);
+  return converted;
+}
+
+// The gradient of the convolution output, written whole by pool_gradient_rows (channels
+// last, pool windows that do not overlap), threaded over the batch's convolution rows; with
+// `bias`, the bias gradient too (its sum rides along the same pass).
+template <typename scalar_t>
+at::Tensor pool_gradient_channels_last(const at::Tensor& grad_output, const at::Tensor& argmax,
+                                       const ConvPoolGeometry& g, at::Tensor* bias) {
+  using acc_t = at::acc_type<scalar_t, /*is_cuda=*/false>;
+  using opmath_t = simd::opmath_t<scalar_t>;
+  const auto channels_last = at::MemoryFormat::ChannelsLast;
+  at::Tensor grad_conv =
+      at::empty({g.batch, g.out_channels, g.conv_h, g.conv_w},
+                grad_output.options().memory_format(channels_last));
+  const at::Tensor grad_pooled = grad_output.contiguous(channels_last);
+  const at::Tensor argmax_pooled = argmax.contiguous(channels_last);
+  const int64_t threads = at::get_num_threads();
+  at::Tensor partial;
+  if (bias != nullptr) {
+    partial = at::zeros({threads, g.out_channels},
+                        grad_output.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  }
+  const int64_t pooled_sample = g.out_h * g.out_w * g.out_channels;
+  const int64_t conv_sample = g.conv_h * g.conv_w * g.out_channels;
+  const scalar_t* grad_data = grad_pooled.const_data_ptr<scalar_t>();
+  const uint8_t* argmax_data = argmax_pooled.const_data_ptr<uint8_t>();
+  scalar_t* conv_data = grad_conv.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, g.batch * g.conv_h, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath_t> row_sum(g.out_channels + simd::Vec64<opmath_t>::lanes);
+    acc_t* bias_total = bias != nullptr ? partial.mutable_data_ptr<acc_t>() +
+                                              at::get_thread_num() * g.out_channels
+                                        : nullptr;
+    for (int64_t row = begin; row < end;) {
+      const int64_t n = row / g.conv_h;
+      const int64_t row_end = std::min(end, (n + 1) * g.conv_h);
+      CIFARNET_ISA_DISPATCH(pool_gradient_rows<scalar_t>, grad_data + n * pooled_sample,
+                            argmax_data + n * pooled_sample, conv_data + n * conv_sample, g,
+                            row - n * g.conv_h, row_end - n * g.conv_h, row_sum.data(),
+                            bias_total);
+      row = row_end;
+    }
+  });
+  if (bias != nullptr) *bias = partial.sum(0).to(grad_output.scalar_type());
+  return grad_conv;
+}
+
+// The dense backward: the full gradient of the convolution output, from the argmax, through
+// at::convolution_backward (oneDNN: AVX-512 FMA for float32, AMX or AVX512-BF16 for
+// bfloat16 where the CPU has them). Channels-last data with pool windows that do not overlap
+// takes pool_gradient_channels_last (and `bias`, where given, is filled on the way);
+// otherwise the gradient is scattered into zeros, overlapping windows adding several
+// gradients into one element: for 16-bit data in float32, rounded once.
 // NB: that runs once over the whole batch, outside any parallel region of ours: oneDNN's
 // weight-gradient kernel plans its threads when its primitive is created and deadlocks when
 // run inside a region with fewer threads than it planned for.
@@ -113,45 +181,46 @@ template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> dense_conv_gradients(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& argmax, const ConvPoolGeometry& g, at::MemoryFormat format,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, at::Tensor* bias) {
   const bool overlapping = g.pool_stride_h < g.pool_h || g.pool_stride_w < g.pool_w;
-  const bool add_in_float = overlapping && sizeof(scalar_t) == 2;
-  at::Tensor grad_conv = at::zeros({g.batch, g.out_channels, g.conv_h, g.conv_w},
-                                   grad_output.options()
-                                       .dtype(add_in_float ? at::kFloat : grad_output.scalar_type())
-                                       .memory_format(format));
-  const WindowPositions window(g);
-  const Strides4d cs(grad_conv);
-  auto scatter = [&](auto* conv_data) {
-    // Windows overlap only within a sample: no two threads add to the same element.
-    at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-      for (int64_t n = n_begin; n < n_end; ++n) {
-        for_each_argmax_hit<scalar_t>(
-            grad_output, argmax, g, window, n,
-            [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
-              conv_data[n * cs.n + c * cs.c + h * cs.h + w * cs.w] += grad;
-            });
-      }
-    });
-  };
-  if (add_in_float) {
-    scatter(grad_conv.mutable_data_ptr<float>());
-    grad_conv = grad_conv.to(grad_output.scalar_type());
+  at::Tensor grad_conv;
+  if (!overlapping && format == at::MemoryFormat::ChannelsLast) {
+    grad_conv = pool_gradient_channels_last<scalar_t>(grad_output, argmax, g, bias);
   } else {
-    scatter(grad_conv.mutable_data_ptr<scalar_t>());
+    if (bias != nullptr) *bias = bias_gradient<scalar_t>(grad_output, argmax, g);
+    const bool add_in_float = overlapping && sizeof(scalar_t) == 2;
+    // NB: at::empty, not at::zeros: at::zeros drops the memory format of its options, and a
+    // gradient not in `format` costs convolution_backward a transposing copy.
+    grad_conv = at::empty({g.batch, g.out_channels, g.conv_h, g.conv_w},
+                          grad_output.options()
+                              .dtype(add_in_float ? at::kFloat : grad_output.scalar_type())
+                              .memory_format(format))
+                    .zero_();
+    const WindowPositions window(g);
+    const Strides4d cs(grad_conv);
+    auto scatter = [&](auto* conv_data) {
+      // Windows overlap only within a sample: no two threads add to the same element.
+      at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
+        for (int64_t n = n_begin; n < n_end; ++n) {
+          for_each_argmax_hit<scalar_t>(
+              grad_output, argmax, g, window, n,
+              [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
+                conv_data[n * cs.n + c * cs.c + h * cs.h + w * cs.w] += grad;
+              });
+        }
+      });
+    };
+    if (add_in_float) {
+      scatter(grad_conv.mutable_data_ptr<float>());
+      grad_conv = in_dtype_and_format(grad_conv, grad_output.scalar_type(), format);
+    } else {
+      scatter(grad_conv.mutable_data_ptr<scalar_t>());
+    }
   }
   auto [grad_input, grad_weight, unused] = at::convolution_backward(
       grad_conv, input, weight, std::nullopt, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
       /*transposed=*/false, {0, 0}, /*groups=*/1, {output_mask[0], output_mask[1], false});
   return {grad_input, grad_weight};
-}
-
-// t in the given dtype and memory format (t itself when it already is).
-at::Tensor in_dtype_and_format(const at::Tensor& t, at::ScalarType dtype, at::MemoryFormat format) {
-  if (t.scalar_type() == dtype) return t.contiguous(format);
-  at::Tensor converted = at::empty(t.sizes(), t.options().dtype(dtype).memory_format(format));
-  converted.copy_(t);
-  return converted;
 }
 
 // Whether to take the sparse backward: with at most one argmax per two convolution outputs
@@ -171,6 +240,8 @@ bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
 // 128, 2 threads, 2x2 pools, time of the dense backward over the sparse one) on a Xeon with
 // AMX-BF16 and AVX512-FP16 but no AMX-FP16:
 //   bfloat16 with AMX:                          0.92, 0.74, 0.77  -> dense
+//     (0.21, 0.22, 0.44 at 1 thread once the dense gradient was channels last, written in
+//     one pass; the rows below predate that and may now favour dense more often)
 //   bfloat16, oneDNN capped at AVX512-BF16:     12.7, 1.23, 0.99  -> sparse
 //   bfloat16, oneDNN capped at AVX2:            3.7, 10.8, 6.9    -> sparse
 //   float16 (no AMX-FP16):                      42 (conv1)        -> sparse
@@ -372,18 +443,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
   at::Tensor grad_input, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "conv2d_relu_max_pool2d_backward", [&] {
+        const bool conv_gradients = g.batch > 0 && (output_mask[0] || output_mask[1]);
+        // The cheap test first: where 16-bit data goes dense anyway, the finiteness sums
+        // over input and weight are not worth reading them for.
+        const bool sparse =
+            conv_gradients &&
+            (sizeof(scalar_t) != 2 || low_precision_sparse_backward_wins<scalar_t>()) &&
+            sparse_backward_applies(input, weight, g);
+        if (conv_gradients && !sparse) {
+          std::tie(grad_input, grad_weight) = dense_conv_gradients<scalar_t>(
+              grad_output, input, weight, argmax, g, format, output_mask,
+              output_mask[2] ? &grad_bias : nullptr);
+          return;
+        }
         if (output_mask[2]) {
           grad_bias = bias_gradient<scalar_t>(grad_output, argmax, g);
         }
-        if (g.batch == 0 || !(output_mask[0] || output_mask[1])) {
+        if (!conv_gradients) {
           return;
         }
-        const bool sparse = sparse_backward_applies(input, weight, g) &&
-                            (sizeof(scalar_t) != 2 || low_precision_sparse_backward_wins<scalar_t>());
-        if (!sparse) {
-          std::tie(grad_input, grad_weight) = dense_conv_gradients<scalar_t>(
-              grad_output, input, weight, argmax, g, format, output_mask);
-        } else if constexpr (sizeof(scalar_t) == 2) {
+        if constexpr (sizeof(scalar_t) == 2) {
           // 16-bit data: the sparse loops run in float32 on widened copies.
           std::tie(grad_input, grad_weight) = sparse_conv_gradients<float>(
               grad_output.to(at::kFloat), input, weight, argmax, g, output_mask);

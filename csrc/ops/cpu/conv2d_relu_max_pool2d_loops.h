@@ -1,7 +1,7 @@
 // Hot loops of the CPU conv2d -> ReLU -> max_pool2d kernels: the forward's ReLU, max pooling
-// and one-byte argmax over a channels-last convolution tile, and the backward's sparse
-// gradient accumulation. Included once per ISA through isa_variants.inc (so: no include guard,
-// no includes; see multiversion.h).
+// and one-byte argmax over a channels-last convolution tile, the dense backward's pre-pool
+// gradient, and the sparse backward's gradient accumulation. Included once per ISA through
+// isa_variants.inc (so: no include guard, no includes; see multiversion.h).
 
 // NB: no lambdas in this file: GCC compiles a lambda's body without the ISA of the
 // `#pragma GCC target` region it is written in, which scalarises its vector code.
@@ -145,6 +145,80 @@ void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, 
   } else {
     relu_max_pool2d_rows_impl<scalar_t, false>(conv, out, argmax, os, g, row_begin, row_end,
                                                mean, scale, shift);
+  }
+}
+
+// The dense backward's gradient of convolution rows [row_begin, row_end) of one sample, for
+// pool windows that do not overlap: each position gets its window's gradient where it holds
+// the window's argmax and zero elsewhere (positions in no window too), so the gradient is
+// written whole in one pass, with no zero fill first. grad_output/argmax: the sample's pooled
+// [out_h][out_w][C]; grad_conv: the sample's [conv_h][conv_w][C] (all channels last).
+// Where bias_total is given, the gradients of windows that passed ReLU are also summed per
+// channel: per pooled row into row_sum (T, C values, zero on entry and on return), then into
+// bias_total (acc_t: double for float32 data), so a float sum never runs longer than a row.
+// Vectorised over channels.
+template <typename scalar_t, typename acc_t, typename T = simd::opmath_t<scalar_t>>
+void pool_gradient_rows(const scalar_t* grad_output, const uint8_t* argmax, scalar_t* grad_conv,
+                        const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end, T* row_sum,
+                        acc_t* bias_total) {
+  using V = simd::Vec64<T>;
+  using vec = typename V::type;
+  using mask = typename V::mask;
+  using bytes = typename V::bytes;
+  constexpr int64_t lanes = V::lanes;
+  const int64_t channels = g.out_channels;
+  const bytes relu_zero = bytes{} + kArgmaxReluZero;
+  for (int64_t h = row_begin; h < row_end; ++h) {
+    const int64_t ph = h / g.pool_stride_h, kh = h - ph * g.pool_stride_h;
+    scalar_t* out_row = grad_conv + h * g.conv_w * channels;
+    if (ph >= g.out_h || kh >= g.pool_h) {  // in no window
+      std::memset(static_cast<void*>(out_row), 0, g.conv_w * channels * sizeof(scalar_t));
+      continue;
+    }
+    const bool sum_bias = bias_total != nullptr && kh == 0;
+    for (int64_t w = 0; w < g.conv_w; ++w) {
+      const int64_t pw = w / g.pool_stride_w, kw = w - pw * g.pool_stride_w;
+      scalar_t* out = out_row + w * channels;
+      if (pw >= g.out_w || kw >= g.pool_w) {
+        std::memset(static_cast<void*>(out), 0, channels * sizeof(scalar_t));
+        continue;
+      }
+      const int64_t offset = kh * g.pool_w + kw;
+      const bytes here = bytes{} + static_cast<uint8_t>(offset);
+      // Each window is summed once, at its first position.
+      const bool window_start = sum_bias && kw == 0;
+      const scalar_t* grad = grad_output + (ph * g.out_w + pw) * channels;
+      const uint8_t* window_argmax = argmax + (ph * g.out_w + pw) * channels;
+      int64_t c = 0;
+      for (; c + lanes <= channels; c += lanes) {
+        vec x;
+        simd::load(x, grad + c);
+        bytes argmax_bytes;
+        std::memcpy(&argmax_bytes, window_argmax + c, sizeof(argmax_bytes));
+        // NB: compared as bytes, then sign-extended: GCC 12 widens unsigned bytes to lanes one
+        // lane at a time, but signed ones in one instruction (vpmovsxbd).
+        const mask at_here = __builtin_convertvector(argmax_bytes == here, mask);
+        simd::store(out + c, at_here ? x : vec{});
+        if (window_start) {
+          const mask passed_relu = __builtin_convertvector(argmax_bytes != relu_zero, mask);
+          vec sum;
+          simd::load(sum, row_sum + c);
+          sum += passed_relu ? x : vec{};
+          simd::store(row_sum + c, sum);
+        }
+      }
+      for (; c < channels; ++c) {
+        const T x = static_cast<T>(grad[c]);
+        out[c] = static_cast<scalar_t>(window_argmax[c] == offset ? x : T(0));
+        if (window_start && window_argmax[c] != kArgmaxReluZero) row_sum[c] += x;
+      }
+    }
+    if (sum_bias) {
+      for (int64_t c = 0; c < channels; ++c) {
+        bias_total[c] += static_cast<acc_t>(row_sum[c]);
+        row_sum[c] = T(0);
+      }
+    }
   }
 }
 

@@ -9,6 +9,10 @@ turns, `--steps` steps each per round, so drifts of a noisy machine fall on all 
 Prints each configuration's median step time and the fused ones' speedups over the fastest
 native one measured in the same run.
 
+`--profile NAME` instead runs NAME's steps under torch.profiler and prints where one step's
+time goes: every top-level call of the forward, the backward (one autograd node each) and the
+optimiser, in milliseconds per step, grouped by phase.
+
 Configurations (`--configs`, comma-separated; default: all but the compiled ones with
 --no-compile):
   native-fp32, native-fp32-cl, native-fp32-compile     float32, contiguous / channels-last / torch.compile
@@ -67,21 +71,69 @@ class Trainer:
         self.device = device
         self.next = 0
 
+    def step(self) -> None:
+        images, labels = self.batches[self.next % len(self.batches)]
+        self.next += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            loss = self.criterion(self.step_fn(images), labels)
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
     def run(self, steps: int) -> list[float]:
         times = []
         for _ in range(steps):
-            images, labels = self.batches[self.next % len(self.batches)]
-            self.next += 1
             begin = time.perf_counter()
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                loss = self.criterion(self.step_fn(images), labels)
-            loss.backward()
-            self.optimizer.step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self.step()
             times.append((time.perf_counter() - begin) * 1e3)
         return times
+
+
+def _phase(name: str) -> str:
+    if name.startswith("autograd::engine::evaluate_function") or name == "backward":
+        return "backward"
+    if name.startswith("Optimizer."):
+        return "optimizer"
+    return "forward"
+
+
+def profile(trainer: Trainer, steps: int) -> None:
+    """Prints the top-level calls of `steps` training steps, in ms per step, by phase.
+
+    Each autograd node and each optimiser call is its own top-level event; the forward's are
+    the ops the model and the loss call (their own children, e.g. a cast inside a convolution,
+    count towards them).
+    """
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.step()
+    totals: dict[tuple[str, str], float] = {}
+
+    def visit(event) -> None:
+        if event.name == "backward":  # our marker: its children are the autograd nodes
+            for child in event.cpu_children:
+                visit(child)
+            return
+        key = (_phase(event.name), event.name)
+        totals[key] = totals.get(key, 0.0) + event.cpu_time_total / 1e3 / steps
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            visit(event)
+    by_phase: dict[str, float] = {}
+    for (phase, _), ms in totals.items():
+        by_phase[phase] = by_phase.get(phase, 0.0) + ms
+    step_ms = sum(by_phase.values())
+    print(f"profile: {steps} steps; {step_ms:.2f} ms per step in top-level calls")
+    for phase in ("forward", "backward", "optimizer"):
+        print(f"{phase:<10} {by_phase.get(phase, 0.0):8.2f} ms  {100 * by_phase.get(phase, 0.0) / step_ms:5.1f}%")
+        rows = sorted(((ms, name) for (p, name), ms in totals.items() if p == phase), reverse=True)
+        for ms, name in rows:
+            if ms >= 0.005 * step_ms:
+                print(f"    {ms:8.2f} ms  {100 * ms / step_ms:5.1f}%  {name}")
 
 
 def parse_configs(text: str | None, no_compile: bool) -> list[str]:
@@ -104,7 +156,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--profile", metavar="NAME", help="profile this configuration's steps instead of timing")
     args = parser.parse_args()
+    if args.profile:
+        args.configs = args.profile
     names = parse_configs(args.configs, args.no_compile)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,6 +173,9 @@ def main() -> None:
     trainers = {name: Trainer(CONFIGS[name], args.variant, batches, device) for name in names}
     for name, trainer in trainers.items():
         trainer.run(args.warmup)
+    if args.profile:
+        profile(trainers[args.profile], args.steps)
+        return
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(args.rounds):
         for name, trainer in trainers.items():

@@ -5,7 +5,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
+#include <deque>
 #include <mutex>
 
 namespace cifarnet::ops {
@@ -35,8 +37,12 @@ int64_t read_size(const std::string& path) {
                  : unit == 'G' ? int64_t{1} << 30 : 1);
 }
 
+// The override, published through an atomic pointer. Every override set stays alive (a deque
+// never moves its elements), since a kernel may still be reading the one it got; overrides
+// come from tests and measurements, a handful per process.
+std::atomic<const CacheSizes*> current_override{nullptr};
 std::mutex override_mutex;
-std::optional<CacheSizes> override_sizes;
+std::deque<CacheSizes> override_history;
 
 }  // namespace
 
@@ -58,10 +64,10 @@ CacheSizes read_cache_sizes(const std::string& directory) {
           known ? "sysfs" : "default"};
 }
 
-CacheSizes cache_sizes() {
+const CacheSizes& cache_sizes() {
   static const CacheSizes machine = read_cache_sizes("/sys/devices/system/cpu/cpu0/cache");
-  std::lock_guard<std::mutex> lock(override_mutex);
-  return override_sizes.value_or(machine);
+  const CacheSizes* sizes = current_override.load(std::memory_order_acquire);
+  return sizes != nullptr ? *sizes : machine;
 }
 
 void set_cache_sizes(std::optional<CacheSizes> sizes) {
@@ -72,7 +78,12 @@ void set_cache_sizes(std::optional<CacheSizes> sizes) {
     sizes->source = "override";
   }
   std::lock_guard<std::mutex> lock(override_mutex);
-  override_sizes = std::move(sizes);
+  if (!sizes.has_value()) {
+    current_override.store(nullptr, std::memory_order_release);
+    return;
+  }
+  override_history.push_back(std::move(*sizes));
+  current_override.store(&override_history.back(), std::memory_order_release);
 }
 
 }  // namespace cifarnet::ops

@@ -25,8 +25,9 @@ inline constexpr int64_t kDefaultL2Bytes = 512 * 1024;
 // /sys/devices/system/cpu/cpu0/cache has them); levels it lacks take the defaults.
 CacheSizes read_cache_sizes(const std::string& directory);
 
-// This machine's sizes (cpu0's, read once), or the override.
-CacheSizes cache_sizes();
+// This machine's sizes (cpu0's, read once), or the override. Lock-free: the kernels call it on
+// every forward.
+const CacheSizes& cache_sizes();
 // Replaces what cache_sizes() returns (nullopt restores the machine's), so that tests and
 // measurements can run the kernels as on a CPU with other caches.
 void set_cache_sizes(std::optional<CacheSizes> sizes);

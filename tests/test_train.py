@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -134,6 +135,7 @@ def test_optimiser_and_schedule_per_variant(variant, momentum, decays):
     model = nn.Linear(2, 2)
     optimizer, scheduler = make_optimizer(model, TrainConfig(variant=variant, lr=0.1))
     assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["fused"], "the CPU has torch's fused SGD kernel"
     assert optimizer.param_groups[0]["momentum"] == momentum
     assert optimizer.param_groups[0]["lr"] == 0.1
     assert (scheduler is not None) == decays
@@ -143,6 +145,23 @@ def test_optimiser_and_schedule_per_variant(variant, momentum, decays):
             optimizer.step()
             scheduler.step()
         assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.95**3)
+
+
+def test_fused_update_follows_the_per_tensor_sgd():
+    # make_optimizer's fused kernel against torch's reference loop, momentum buffers included
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32, dtype=torch.float64)
+    reference = copy.deepcopy(model)
+    optimizer, _ = make_optimizer(model, TrainConfig(variant="full", lr=0.1))
+    loop = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    for _ in range(5):
+        input = torch.randn(16, 64, dtype=torch.float64)
+        for module, step in ((model, optimizer), (reference, loop)):
+            step.zero_grad()
+            module(input).square().mean().backward()
+            step.step()
+    for ours, theirs in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
 def test_config_rejects_bad_settings():

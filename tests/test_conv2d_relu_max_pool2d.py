@@ -59,22 +59,38 @@ def test_larger_shapes_match_native(device, threads, dtype, batch, in_channels, 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        generator = torch.Generator().manual_seed(batch)
-        input = torch.randn(batch, in_channels, size, size, generator=generator, dtype=dtype).to(device).requires_grad_()
-        weight = (0.1 * torch.randn(out_channels, in_channels, 5, 5, generator=generator, dtype=dtype)).to(device)
-        bias = torch.randn(out_channels, generator=generator, dtype=dtype).to(device).requires_grad_()
-        weight.requires_grad_()
-        fused = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
-        native = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2)
-        torch.testing.assert_close(fused, native, **tolerances(dtype))
-        grad_output = torch.randn(native.shape, generator=generator, dtype=dtype).to(device)
-        for ours, theirs in zip(
-            torch.autograd.grad(fused, (input, weight, bias), grad_output),
-            torch.autograd.grad(native, (input, weight, bias), grad_output),
-        ):
-            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-3 if dtype == torch.float32 else 1e-9)
+        assert_layer_matches_native(device, dtype, batch, in_channels, out_channels, size, torch.contiguous_format)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch, in_channels, out_channels, size", [(64, 3, 32, 32), (40, 16, 32, 16)])
+def test_either_cpu_backward_matches_native(backward, memory_format, dtype, batch, in_channels, out_channels, size, monkeypatch):
+    """The CPU picks the sparse or the dense backward per layer (channels-last layers with
+    kernel rows under one vector go dense); both must be right in either layout."""
+    monkeypatch.setenv("CIFARNET_CONV_BACKWARD", backward)
+    assert_layer_matches_native("cpu", dtype, batch, in_channels, out_channels, size, memory_format)
+
+
+def assert_layer_matches_native(device, dtype, batch, in_channels, out_channels, size, memory_format):
+    generator = torch.Generator().manual_seed(batch)
+    input = torch.randn(batch, in_channels, size, size, generator=generator, dtype=dtype)
+    input = input.to(device).contiguous(memory_format=memory_format).requires_grad_()
+    weight = (0.1 * torch.randn(out_channels, in_channels, 5, 5, generator=generator, dtype=dtype)).to(device)
+    bias = torch.randn(out_channels, generator=generator, dtype=dtype).to(device).requires_grad_()
+    weight = weight.contiguous(memory_format=memory_format).requires_grad_()
+    fused = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+    native = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+    torch.testing.assert_close(fused, native, **tolerances(dtype))
+    grad_output = torch.randn(native.shape, generator=generator, dtype=dtype).to(device)
+    for ours, theirs in zip(
+        torch.autograd.grad(fused, (input, weight, bias), grad_output),
+        torch.autograd.grad(native, (input, weight, bias), grad_output),
+    ):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=2e-3 if dtype == torch.float32 else 1e-9)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -202,7 +202,7 @@ def test_batch_norm_output_ties_in_the_storage_dtype(device, dtype):
 def test_study_shapes_low_precision(dtype, channels_last, pool, backward, monkeypatch):
     """Batches of several tiles; windows that tile and overlap; either backward (the CPU picks
     one per dtype, see conv2d_relu_max_pool2d_kernel.cpp; both must be right)."""
-    monkeypatch.setenv("CIFARNET_LOW_PRECISION_BACKWARD", backward)
+    monkeypatch.setenv("CIFARNET_CONV_BACKWARD", backward)
     generator = torch.Generator().manual_seed(3)
     input = torch.randn(40, 16, 16, 16, generator=generator)
     if channels_last:
@@ -263,7 +263,7 @@ def test_dense_backward_channels_last_windows_that_do_not_overlap(dtype, pool, m
     """The dense backward writes the channels-last pre-pool gradient whole (no zero fill) and
     sums the bias gradient on the way: positions in no window or in a partial window, and
     channels past the last whole vector (19 = 16 + 3), must come out right."""
-    monkeypatch.setenv("CIFARNET_LOW_PRECISION_BACKWARD", "dense")
+    monkeypatch.setenv("CIFARNET_CONV_BACKWARD", "dense")
     generator = torch.Generator().manual_seed(5)
     input = torch.randn(3, 6, 11, 11, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = 0.3 * torch.randn(19, 6, 3, 3, generator=generator)

@@ -235,6 +235,16 @@ bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
   return std::isfinite(input.sum().item<double>()) && std::isfinite(weight.sum().item<double>());
 }
 
+// CIFARNET_CONV_BACKWARD=sparse or =dense forces one backward (for tests and measurements);
+// nullopt leaves the choice to the rules below.
+std::optional<bool> forced_sparse_backward() {
+  const char* forced = std::getenv("CIFARNET_CONV_BACKWARD");
+  if (forced == nullptr) return std::nullopt;
+  if (std::strcmp(forced, "sparse") == 0) return true;
+  if (std::strcmp(forced, "dense") == 0) return false;
+  return std::nullopt;
+}
+
 // Whether the sparse backward (in float32) beats the dense one for 16-bit data, where the dense
 // one hands a bfloat16/float16 gradient to oneDNN. Measured on the study's three layers (batch
 // 128, 2 threads, 2x2 pools, time of the dense backward over the sparse one) on a Xeon with
@@ -246,15 +256,23 @@ bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
 //   bfloat16, oneDNN capped at AVX2:            3.7, 10.8, 6.9    -> sparse
 //   float16 (no AMX-FP16):                      42 (conv1)        -> sparse
 // So: dense where the CPU has AMX for the dtype, sparse elsewhere.
-// CIFARNET_LOW_PRECISION_BACKWARD=sparse or =dense forces one (for tests and measurements).
 template <typename scalar_t>
 bool low_precision_sparse_backward_wins() {
-  if (const char* forced = std::getenv("CIFARNET_LOW_PRECISION_BACKWARD")) {
-    if (std::strcmp(forced, "sparse") == 0) return true;
-    if (std::strcmp(forced, "dense") == 0) return false;
-  }
   static const bool amx_bf16 = cpu_has_amx_bf16();
   return !(std::is_same_v<scalar_t, c10::BFloat16> && amx_bf16);
+}
+
+// The sparse loops vectorise along a kernel row of C_in x kW input values. Where a row is
+// shorter than one 64-byte vector they run mostly masked lanes, while oneDNN's channels-last
+// backward handles such layers well: the study's conv1 (3 channels, 5 wide) in float32,
+// channels-last, batch 128, 2 threads on a Xeon with AVX-512, forward+backward 7.2-7.5 ms dense
+// against 14-16 ms sparse; contiguous inputs a tie (13.0-13.9 against 13.4-13.6), so they stay
+// sparse; conv2 and conv3 (rows of 160 and 320 values) sparse or a tie either way. (16-bit
+// data has its own rule, low_precision_sparse_backward_wins: its sparse loops run in float32.)
+template <typename scalar_t>
+bool narrow_rows_go_dense(const ConvPoolGeometry& g, at::MemoryFormat format) {
+  return format == at::MemoryFormat::ChannelsLast &&
+         g.in_channels * g.kernel_w * static_cast<int64_t>(sizeof(scalar_t)) < 64;
 }
 
 // Zero-padded channels-last copy [N][H + 2 pH][W + 2 pW][C] of an (N, C, H, W) tensor, flat,
@@ -448,7 +466,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
         // over input and weight are not worth reading them for.
         const bool sparse =
             conv_gradients &&
-            (sizeof(scalar_t) != 2 || low_precision_sparse_backward_wins<scalar_t>()) &&
+            forced_sparse_backward().value_or(
+                sizeof(scalar_t) == 2 ? low_precision_sparse_backward_wins<scalar_t>()
+                                      : !narrow_rows_go_dense<scalar_t>(g, format)) &&
             sparse_backward_applies(input, weight, g);
         if (conv_gradients && !sparse) {
           std::tie(grad_input, grad_weight) = dense_conv_gradients<scalar_t>(

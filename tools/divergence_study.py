@@ -74,22 +74,33 @@ def train_one(args, variant: str, ops: str, seed: int, remedy: str) -> dict:
     return outcome
 
 
+CHANCE_TOP1 = 10.5  # ten classes: a run whose last test top-1 is at most this learnt nothing
+
+
 def summarise(outcomes: list[dict]) -> str:
-    """One row per variant x ops x remedy: diverged seeds, and the survivors' last test top-1."""
+    """One row per variant x ops x remedy: seeds whose loss became non-finite, seeds that
+    finished at chance (no NaN, but nothing learnt: dead units or saturated logits), and the
+    last test top-1 of the others."""
     groups: dict[tuple, list[dict]] = {}
     for outcome in outcomes:
         groups.setdefault((outcome["variant"], outcome["ops"], outcome["remedy"], outcome["epochs"]), []).append(outcome)
     lines = [
-        "| variant | ops | remedy | epochs | seeds run | diverged | diverged seeds (epoch, batch) | survivors' final test top-1: median (range) |",
+        "| variant | ops | remedy | epochs | seeds run | non-finite loss: seeds (epoch, batch) | at chance: seeds | the others' last test top-1: median (range) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for (variant, ops, remedy, epochs), group in sorted(groups.items()):
         group.sort(key=lambda outcome: outcome["seed"])
         diverged = [o for o in group if o["status"] == "diverged"]
-        finals = sorted(o["test_top1"][-1] for o in group if o["status"] == "completed" and o["test_top1"])
-        where = ", ".join(f"{o['seed']} ({o['epoch']}, {o['batch']})" for o in diverged) or "-"
+        completed = [o for o in group if o["status"] == "completed" and o["test_top1"]]
+        at_chance = [o for o in completed if o["test_top1"][-1] <= CHANCE_TOP1]
+        finals = sorted(o["test_top1"][-1] for o in completed if o["test_top1"][-1] > CHANCE_TOP1)
+        where = ", ".join(f"{o['seed']} ({o['epoch']}, {o['batch']})" for o in diverged)
+        chance = ", ".join(str(o["seed"]) for o in at_chance)
         spread = f"{finals[len(finals) // 2]:.1f}% ({finals[0]:.1f}-{finals[-1]:.1f}%)" if finals else "-"
-        lines.append(f"| {variant} | {ops} | {remedy} | {epochs} | {len(group)} | {len(diverged)} | {where} | {spread} |")
+        lines.append(
+            f"| {variant} | {ops} | {remedy} | {epochs} | {len(group)} | {len(diverged)}{': ' + where if where else ''} "
+            f"| {len(at_chance)}{': ' + chance if chance else ''} | {spread} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -160,7 +160,7 @@ def main() -> None:
     for step, key, value, median in first_departures(trace.records, args.reference, args.factor)[:15]:
         print(f"  step {step:5d}  {key:<28} {value:12.4g}  (early median {median:.4g}, x{value / median:.3g})")
     if args.plot:
-        ending = f"non-finite loss at epoch {diverged[0]} batch {diverged[1]}" if diverged else "no divergence"
+        ending = f"non-finite loss at epoch {diverged[0]} batch {diverged[1]}" if diverged else "loss finite throughout"
         plot(trace.records, args.plot, f"{args.variant}, {args.ops} ops, seed {args.seed}: {ending}")
 
 

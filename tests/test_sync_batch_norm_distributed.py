@@ -6,7 +6,8 @@ its part of the same global batch (even, uneven, or one process with no samples)
 process checks its own part of the output and of the input gradient; the parameter gradients
 summed over the processes (DistributedDataParallel averages them: the gradient of the average
 of the processes' losses) must equal the whole batch's gradient of the summed loss; the
-running statistics must equal native's on every process.
+running statistics must equal native's on every process. A last test compiles the layers
+in a world of one process.
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ TOLERANCE = dict(rtol=1e-10, atol=1e-10)
 SPLITS = [(4, 4), (3, 5), (0, 6)]
 
 
-def run_on_two_processes(tmp_path, scenario: str) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), scenario), nprocs=WORLD_SIZE, join=True)
+def run_on_processes(tmp_path, scenario: str, processes: int = WORLD_SIZE) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), scenario, processes), nprocs=processes, join=True)
 
 
-def _worker(rank: int, store: str, scenario: str) -> None:
+def _worker(rank: int, store: str, scenario: str, processes: int) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
     try:
         globals()[scenario](rank)
     finally:
@@ -118,7 +119,7 @@ def fused_stack_matches_native(rank):
 
 
 def test_fused_stack_matches_native_whole_batch(tmp_path):
-    run_on_two_processes(tmp_path, "fused_stack_matches_native")
+    run_on_processes(tmp_path, "fused_stack_matches_native")
 
 
 def batch_norm_matches_native(rank):
@@ -142,7 +143,7 @@ class OffsetBy(nn.Module):
 
 
 def test_batch_norm_matches_native_whole_batch(tmp_path):
-    run_on_two_processes(tmp_path, "batch_norm_matches_native")
+    run_on_processes(tmp_path, "batch_norm_matches_native")
 
 
 def converted_and_fused_models_match_native(rank):
@@ -165,7 +166,7 @@ def converted_and_fused_models_match_native(rank):
 
 
 def test_converted_and_fused_models_match_native_whole_batch(tmp_path):
-    run_on_two_processes(tmp_path, "converted_and_fused_models_match_native")
+    run_on_processes(tmp_path, "converted_and_fused_models_match_native")
 
 
 def groups_of_one_and_evaluation_do_not_communicate(rank):
@@ -194,4 +195,25 @@ def groups_of_one_and_evaluation_do_not_communicate(rank):
 
 
 def test_groups_of_one_and_evaluation_do_not_communicate(tmp_path):
-    run_on_two_processes(tmp_path, "groups_of_one_and_evaluation_do_not_communicate")
+    run_on_processes(tmp_path, "groups_of_one_and_evaluation_do_not_communicate")
+
+
+def compiled_in_a_world_of_one(rank):
+    """torch.distributed initialised with one process: torch.compile (fullgraph) of the
+    synchronized layers computes what the unsynchronized ones compute."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = nn.Sequential(Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    compiled = torch.compile(synced, fullgraph=True)
+    for batch in (4, 6):
+        input = torch.randn(batch, 3, 8, 8, requires_grad=True)
+        expected, actual = plain(input), compiled(input)
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(torch.autograd.grad(actual.sum(), input)[0], torch.autograd.grad(expected.sum(), input)[0])
+    for expected, actual in zip(plain.buffers(), synced.buffers(), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_torch_compile_in_a_world_of_one_process(tmp_path):
+    run_on_processes(tmp_path, "compiled_in_a_world_of_one", processes=1)

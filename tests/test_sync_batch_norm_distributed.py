@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import cifarnet
 from cifarnet.fuse import FusedConv2dBatchNormReLUMaxPool2d
 from cifarnet.nn import (
     Conv2dBatchNormReLUMaxPool2d,
@@ -196,6 +197,39 @@ def groups_of_one_and_evaluation_do_not_communicate(rank):
 
 def test_groups_of_one_and_evaluation_do_not_communicate(tmp_path):
     run_on_processes(tmp_path, "groups_of_one_and_evaluation_do_not_communicate")
+
+
+def low_precision_is_synchronized(rank):
+    """float32 against the float64 whole batch; bfloat16 under autocast (the convolutions in
+    bfloat16, the batch-norm tensors in float32): the running statistics are the same on both
+    processes and close to the whole batch's."""
+    sizes = (3, 5)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    native = _native_stack()
+    synced = convert_sync_batchnorm(cifarnet.fuse(copy.deepcopy(native))).float()
+    generator = torch.Generator().manual_seed(7)
+    whole = torch.randn(sum(sizes), 3, 9, 9, dtype=torch.float64, generator=generator)
+    expected = native(whole)
+    torch.testing.assert_close(synced(whole[mine].float()), expected[mine].float(), rtol=1e-4, atol=1e-4)
+    for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
+        torch.testing.assert_close(buffer.to(expected_buffer.dtype), expected_buffer, rtol=1e-5, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = synced(whole[mine].float().requires_grad_())
+    assert output.dtype == torch.bfloat16
+    output.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in synced.parameters())
+    for buffer in synced.buffers():
+        gathered = [torch.empty_like(buffer) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, buffer)
+        assert torch.equal(gathered[0], gathered[1])
+    for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
+        if buffer.is_floating_point():  # one more step than native: within bfloat16's reach
+            torch.testing.assert_close(buffer.double(), expected_buffer, rtol=0.1, atol=0.1)
+
+
+def test_low_precision_is_synchronized(tmp_path):
+    run_on_processes(tmp_path, "low_precision_is_synchronized")
 
 
 def compiled_in_a_world_of_one(rank):

@@ -183,3 +183,76 @@ def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
         input.new_empty(channels, dtype=grad_dtype) if output_mask[3] else None,
         input.new_empty(channels, dtype=grad_dtype) if output_mask[4] else None,
     )
+
+
+# The phase ops of synchronized batch norm (cifarnet/_sync_batch_norm.py).
+
+
+def _channel_stats(input: torch.Tensor, channels) -> tuple[torch.Tensor, torch.Tensor]:
+    stats_dtype = _batch_norm_stats_dtype(input)
+    return input.new_empty(channels, dtype=stats_dtype), input.new_empty(channels, dtype=stats_dtype)
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_stats")
+def _batch_norm_stats_fake(input):
+    torch._check(input.dim() >= 2, lambda: f"input must have at least 2 dimensions (N, C, ...), got {input.dim()}-D")
+    return _channel_stats(input, input.shape[1])
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_backward_reduce")
+def _batch_norm_backward_reduce_fake(grad_output, input, mean):
+    return _channel_stats(input, input.shape[1])
+
+
+@torch.library.register_fake("cifarnet::_batch_norm_backward_elementwise")
+def _batch_norm_backward_elementwise_fake(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, count, eps):
+    return _empty_like_layout(input, _batch_norm_memory_format(input))
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_stats")
+def _conv2d_batch_norm_relu_max_pool2d_stats_fake(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode):
+    # The geometry checks of the fused op (its pooled output is the epilogue's).
+    _conv2d_relu_max_pool2d_with_argmax_fake(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode)
+    conv = F.conv2d(input, weight, bias, stride, padding)
+    conv_output = torch.empty(conv.shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+    return (conv_output, *_channel_stats(input, weight.shape[0]))
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_epilogue")
+def _conv2d_batch_norm_relu_max_pool2d_epilogue_fake(
+    input, weight, conv_output, mean, var, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode
+):
+    return _conv2d_relu_max_pool2d_with_argmax_fake(input, weight, None, stride, padding, pool_size, pool_stride, ceil_mode)
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_backward_reduce")
+def _conv2d_batch_norm_relu_max_pool2d_backward_reduce_fake(
+    grad_output, input, weight, conv_output, save_mean, argmax, stride, padding, pool_size, pool_stride, ceil_mode
+):
+    return _channel_stats(input, weight.shape[0])
+
+
+@torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_backward_elementwise")
+def _conv2d_batch_norm_relu_max_pool2d_backward_elementwise_fake(
+    grad_output,
+    input,
+    weight,
+    conv_output,
+    save_mean,
+    save_var,
+    bn_weight,
+    argmax,
+    sum_dy,
+    sum_dy_xmu,
+    count,
+    eps,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    ceil_mode,
+    output_mask,
+):
+    return _conv2d_relu_max_pool2d_backward_fake(
+        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
+    )

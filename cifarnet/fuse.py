@@ -76,10 +76,12 @@ from torch.fx.node import has_side_effect
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet.nn import (
+    BATCH_NORMS_2D,
     BatchNorm1d,
     BatchNorm2d,
     Conv2dBatchNormReLUMaxPool2d,
     Conv2dReLUMaxPool2d,
+    SyncBatchNorm2d,
     conv_bn_relu_pool_unfusable_reason,
     conv_relu_pool_unfusable_reason,
     share_batch_norm_state,
@@ -109,8 +111,9 @@ _FUNCTIONS_BY_NAME = {name: function for table in (_RELU_FUNCTIONS, _MAX_POOL_FU
 # F.max_pool2d's and torch.max_pool2d's parameters after the input, in order.
 _MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
 
-# Batch norms whose forward is torch's batch norm; a subclass may compute something else.
-_FUSABLE_BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d)
+# Batch norms whose forward is torch's batch norm (synchronized or not: the fused layer
+# synchronizes as its batch norm does); a subclass may compute something else.
+_FUSABLE_BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
 
 # Ways through forward's branches tried per mode before giving up on tracing a module.
 _MAX_TRACES = 16
@@ -296,8 +299,10 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     Stands at a batch norm's position in an ``nn.Sequential`` after :func:`fuse`: holds the
     same ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_batches_tracked`` (the
     same keys), which the fused layer at ``computed_by`` reads and updates, and returns its
-    input unchanged. Convert batch norms (``nn.SyncBatchNorm.convert_sync_batchnorm``) before
-    fusing, not after: a converted position would normalise a second time.
+    input unchanged. Made from a synchronized batch norm, it keeps its ``process_group`` and the
+    fused layer synchronizes. Convert batch norms with ``nn.SyncBatchNorm.convert_sync_batchnorm``
+    before fusing, not after (a converted position would normalise a second time);
+    :func:`cifarnet.nn.convert_sync_batchnorm` works before and after.
 
     Shape:
         input: any -> output: the input itself.
@@ -312,10 +317,17 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
         layer that normalises."""
         fused = share_batch_norm_state(cls, bn)
         fused.computed_by = computed_by
+        if hasattr(bn, "process_group"):
+            fused.process_group = bn.process_group
         return fused
 
-    def to_batch_norm2d(self) -> nn.BatchNorm2d:
-        """A plain ``nn.BatchNorm2d`` holding this module's tensors."""
+    def to_batch_norm2d(self) -> nn.BatchNorm2d | nn.SyncBatchNorm:
+        """A plain ``nn.BatchNorm2d`` holding this module's tensors (an ``nn.SyncBatchNorm``
+        over the same group where it is synchronized)."""
+        if hasattr(self, "process_group"):
+            native = share_batch_norm_state(nn.SyncBatchNorm, self)
+            native.process_group = self.process_group
+            return native
         return share_batch_norm_state(nn.BatchNorm2d, self)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -412,7 +424,9 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
     batch-norm modules with ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` (in place
     or not) and ``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``. The result computes the
     same function with the same parameters, buffers, train/eval modes, device and dtype, and has
-    the same ``state_dict`` keys; see the module docstring for how.
+    the same ``state_dict`` keys; see the module docstring for how. Synchronized batch norms
+    (``nn.SyncBatchNorm``, :class:`cifarnet.nn.SyncBatchNorm2d`: models converted by either
+    ``convert_sync_batchnorm``) give fused layers that synchronize over the same group.
 
     Args:
         model: the model; modules are rewritten in place on a deep copy unless ``inplace``.
@@ -454,7 +468,8 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Undoes :func:`fuse`: plain torch modules and calls again, holding the same tensors.
 
     Fused layers become ``nn.Conv2d``; by position, :class:`FusedBatchNorm2d` becomes
-    ``nn.BatchNorm2d`` (also where the original was a :class:`cifarnet.nn.BatchNorm2d`) and
+    ``nn.BatchNorm2d`` (also where the original was a :class:`cifarnet.nn.BatchNorm2d`;
+    ``nn.SyncBatchNorm`` where it was synchronized) and
     :class:`FusedIdentity` the ``nn.ReLU`` or ``nn.MaxPool2d`` it replaced; in graphs, the
     batch-norm, ReLU and pooling calls are put back after the convolution. Modules that
     ``fuse`` turned into GraphModules become instances of their own classes again, running
@@ -577,7 +592,7 @@ def _max_pool_call(node: Node, root: nn.Module) -> bool:
 
 
 def _batch_norm_call(node: Node, root: nn.Module) -> bool:
-    return node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.BatchNorm2d)
+    return node.op == "call_module" and isinstance(root.get_submodule(node.target), BATCH_NORMS_2D)
 
 
 def _called_module(node: Node | None, root: nn.Module) -> nn.Module | None:
@@ -653,7 +668,7 @@ def _sequential_chains(sequential: nn.Sequential, prefix: str) -> list[tuple[lis
     while index < len(children):
         names = [name for name, _ in children[index : index + 4]]
         modules = [module for _, module in children[index : index + 4]]
-        has_bn = len(modules) > 1 and isinstance(modules[1], nn.BatchNorm2d)
+        has_bn = len(modules) > 1 and isinstance(modules[1], BATCH_NORMS_2D)
         length = 4 if has_bn else 3
         names, modules = names[:length], modules[:length]
         matches = (

@@ -11,8 +11,17 @@ from torch import Tensor, nn
 
 from cifarnet import _C, ops
 from cifarnet._arguments import pair
+from cifarnet._sync_batch_norm import sync_batch_norm, sync_conv2d_batch_norm_relu_max_pool2d, synchronizing_group
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "Conv2dBatchNormReLUMaxPool2d", "Conv2dReLUMaxPool2d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "Conv2dBatchNormReLUMaxPool2d",
+    "Conv2dReLUMaxPool2d",
+    "SyncBatchNorm2d",
+    "SyncConv2dBatchNormReLUMaxPool2d",
+    "convert_sync_batchnorm",
+]
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -246,6 +255,92 @@ class BatchNorm2d(nn.BatchNorm2d):
         return share_batch_norm_state(nn.BatchNorm2d, self)
 
 
+def batch_norm_sync_group(bn: nn.Module):
+    """The process group a batch norm module synchronizes its batch statistics over now, or
+    None when it normalises its own process's batch alone.
+
+    A batch norm is synchronized when it has a ``process_group`` attribute
+    (:class:`SyncBatchNorm2d`, ``torch.nn.SyncBatchNorm``, and what :func:`cifarnet.fuse` makes
+    of them); it communicates only in training, under an initialised ``torch.distributed``
+    with more than one process in the group (``process_group=None``: the default group).
+    """
+    if not bn.training or not hasattr(bn, "process_group"):
+        return None
+    return synchronizing_group(bn.process_group)
+
+
+class SyncBatchNorm2d(BatchNorm2d):
+    """:class:`BatchNorm2d` whose training statistics are those of the whole batch spread over
+    the processes of ``process_group``, as ``torch.nn.SyncBatchNorm`` (which refuses CPU
+    tensors) computes them; on any device the ops run on.
+
+    Each process passes its own part of the batch (the parts may differ in size, one may be
+    empty); every process of the group must call the module the same number of times. The
+    running statistics take the whole batch's mean and unbiased variance. In evaluation, and
+    where there is nothing to synchronize (``torch.distributed`` not initialised, or a group
+    of one process), it is exactly :class:`BatchNorm2d`, or ``nn.BatchNorm2d`` where it was made
+    from one (``fallback_class``: the same op calls as before the conversion). Same parameters
+    and buffers as ``nn.BatchNorm2d``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
+            ``nn.BatchNorm2d``.
+        process_group: the ``torch.distributed`` group; None means the default group.
+
+    Shape:
+        input ``[N, C, H, W]`` (this process's part of the batch) -> output of the same shape.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group=None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.process_group = process_group
+        self.fallback_class = BatchNorm2d
+
+    @classmethod
+    def from_batch_norm(cls, bn: nn.BatchNorm2d, process_group=None) -> SyncBatchNorm2d:
+        """The synchronized counterpart of ``bn`` (an ``nn.BatchNorm2d``, this module's
+        ``fallback_class``, or a :class:`BatchNorm2d`), holding its very parameters and buffers
+        and its mode."""
+        sync = share_batch_norm_state(cls, bn)
+        sync.process_group = process_group
+        sync.fallback_class = getattr(bn, "fallback_class", nn.BatchNorm2d if type(bn) is nn.BatchNorm2d else BatchNorm2d)
+        return sync
+
+    def forward(self, input: Tensor) -> Tensor:
+        group = batch_norm_sync_group(self)
+        if group is None:
+            return self.fallback_class.forward(self, input)
+        self._check_input_dim(input)
+        arguments = batch_norm_arguments(self)
+        return sync_batch_norm(
+            input,
+            arguments["running_mean"],
+            arguments["running_var"],
+            self.weight,
+            self.bias,
+            arguments["momentum"],
+            arguments["eps"],
+            group,
+        )
+
+    def to_native(self) -> nn.SyncBatchNorm:
+        """A ``torch.nn.SyncBatchNorm`` over the same group, holding this module's very
+        parameters and buffers, and its mode."""
+        native = share_batch_norm_state(nn.SyncBatchNorm, self)
+        native.process_group = self.process_group
+        return native
+
+
 @torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
 def _check_batch_norm2d_input(input: Tensor) -> None:
     """``nn.BatchNorm2d``'s rank check, with its message: the native conv -> batch norm chain
@@ -254,13 +349,19 @@ def _check_batch_norm2d_input(input: Tensor) -> None:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
+# The batch-norm modules a conv -> batch norm -> ReLU -> max-pool chain may hold: torch's
+# nn.SyncBatchNorm (what nn.SyncBatchNorm.convert_sync_batchnorm makes of an nn.BatchNorm2d) is
+# not an nn.BatchNorm2d.
+BATCH_NORMS_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
 def conv_bn_relu_pool_unfusable_reason(conv: nn.Module, bn: nn.Module, pool: nn.Module) -> str | None:
     """Why ``(conv, bn, ReLU, pool)`` cannot become a fused layer, or None if it can."""
     reason = conv_relu_pool_unfusable_reason(conv, pool)
     if reason is not None:
         return reason
-    if not isinstance(bn, nn.BatchNorm2d):
-        return f"{type(bn).__name__} is not an nn.BatchNorm2d"
+    if not isinstance(bn, BATCH_NORMS_2D):
+        return f"{type(bn).__name__} is not an nn.BatchNorm2d or nn.SyncBatchNorm"
     if bn.num_features != conv.out_channels:
         return f"bn.num_features={bn.num_features} does not match conv.out_channels={conv.out_channels}"
     return None
@@ -273,7 +374,9 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
     ``nn.Conv2d``'s); the batch norm's live in the child ``bn`` (a :class:`BatchNorm2d`), so the
     state_dict keys of an ``(nn.Conv2d, nn.BatchNorm2d)`` pair map as ``conv.* -> *`` and
     ``bn.* -> bn.*``. Training uses batch statistics and updates the running ones; evaluation
-    folds the batch norm into the convolution.
+    folds the batch norm into the convolution. Where ``bn`` is synchronized (see
+    :class:`SyncConv2dBatchNormReLUMaxPool2d`), training uses the statistics of the whole batch
+    over its process group.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``.
@@ -342,6 +445,26 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_batch_norm2d_input(input)
+        group = batch_norm_sync_group(self.bn)
+        if group is not None:
+            arguments = batch_norm_arguments(self.bn)
+            return sync_conv2d_batch_norm_relu_max_pool2d(
+                input,
+                self.weight,
+                self.bias,
+                arguments["running_mean"],
+                arguments["running_var"],
+                self.bn.weight,
+                self.bn.bias,
+                arguments["momentum"],
+                arguments["eps"],
+                self.stride,
+                self.padding,
+                self.pool_size,
+                self.pool_stride,
+                self.ceil_mode,
+                group,
+            )
         return ops.conv2d_batch_norm_relu_max_pool2d(
             input,
             self.weight,
@@ -372,6 +495,109 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
             f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
             f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
         )
+
+
+class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
+    """:class:`Conv2dBatchNormReLUMaxPool2d` whose batch norm is synchronized: in training, the
+    statistics are those of the whole batch spread over the processes of ``process_group``.
+
+    Its ``bn`` is a :class:`SyncBatchNorm2d` (same state_dict keys as the unsynchronized
+    layer). Per training step: the convolution and this process's statistics, one
+    ``all_gather`` of them, the normalise -> ReLU -> pool epilogue; in the backward, one
+    ``all_reduce`` of two per-channel sums. It saves what the fused op saves (the input, the
+    pre-normalisation convolution output, the statistics and the one-byte argmax). In evaluation,
+    and where there is nothing to synchronize (``torch.distributed`` not initialised, or a group
+    of one process), it calls exactly the ops :class:`Conv2dBatchNormReLUMaxPool2d` calls.
+
+    Args:
+        as :class:`Conv2dBatchNormReLUMaxPool2d`, and ``process_group`` (None: the default
+        group).
+
+    Shape:
+        input ``[N, C_in, H, W]`` (this process's part of the batch; N may differ per process,
+        and be 0) -> output ``[N, C_out, H_out, W_out]``.
+    """
+
+    def __init__(self, *args, process_group=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bn = SyncBatchNorm2d.from_batch_norm(self.bn, process_group)
+
+    @classmethod
+    def from_layer(cls, layer: Conv2dBatchNormReLUMaxPool2d, process_group=None) -> SyncConv2dBatchNormReLUMaxPool2d:
+        """The synchronized counterpart of ``layer``: its very parameters and buffers (its
+        ``bn`` becomes a :class:`SyncBatchNorm2d` over them), its geometry and mode."""
+        sync = cls.__new__(cls)
+        nn.Module.__init__(sync)
+        bn = layer.bn if isinstance(layer.bn, SyncBatchNorm2d) else SyncBatchNorm2d.from_batch_norm(layer.bn, process_group)
+        sync._adopt(layer, bn)
+        sync.train(layer.training)
+        return sync
+
+    @property
+    def process_group(self):
+        return self.bn.process_group
+
+    def to_native(self) -> nn.Module:
+        """As :meth:`Conv2dBatchNormReLUMaxPool2d.to_native`, with a ``torch.nn.SyncBatchNorm``
+        over the same group as ``bn``."""
+        return _native_chain(self, self.bn.to_native())
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
+    """``module`` with its batch norms synchronized over ``process_group``: the counterpart of
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` for models of :mod:`cifarnet.nn` layers
+    and on the CPU.
+
+    ``nn.BatchNorm2d`` and :class:`BatchNorm2d` become :class:`SyncBatchNorm2d`,
+    :class:`Conv2dBatchNormReLUMaxPool2d` becomes :class:`SyncConv2dBatchNormReLUMaxPool2d`;
+    the new modules hold the very ``Parameter`` and buffer objects of the old (optimisers keep
+    working, nothing is re-initialised) under the same state_dict keys, in the same mode.
+    Containers are changed in place, as torch's converter does; the returned module is
+    ``module`` itself unless ``module`` is converted. Models fused by :func:`cifarnet.fuse`
+    convert too (their fused layers then read the converted batch norms). Modules that are
+    already synchronized (:class:`SyncBatchNorm2d`, ``nn.SyncBatchNorm``) and subclasses of
+    ``nn.BatchNorm2d`` (whose forward may differ) are left as they are.
+
+    Args:
+        module: the model.
+        process_group: the ``torch.distributed`` group to synchronize over; None means the
+            default group (the group is looked up at each forward, so ``module`` may be
+            converted before ``torch.distributed.init_process_group``).
+
+    Returns:
+        the converted module. Without an initialised ``torch.distributed``, or in a group of
+        one process, it computes exactly what ``module`` computed.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    replaced: dict[int, nn.Module] = {}
+    converted = _convert_sync_batchnorm(module, process_group, replaced)
+    # Layers fused by cifarnet.fuse read a batch norm registered elsewhere in the model (not a
+    # child): point them at its converted module.
+    for layer in converted.modules():
+        if isinstance(layer, Conv2dBatchNormReLUMaxPool2d) and "bn" not in layer._modules and id(layer.bn) in replaced:
+            layer._set_batch_norm(replaced[id(layer.bn)])
+    return converted
+
+
+def _convert_sync_batchnorm(module: nn.Module, process_group, replaced: dict[int, nn.Module]) -> nn.Module:
+    from cifarnet.fuse import FusedBatchNorm2d  # NB: fuse imports this module
+
+    if type(module) in (nn.BatchNorm2d, BatchNorm2d):
+        converted = SyncBatchNorm2d.from_batch_norm(module, process_group)
+    elif type(module) is FusedBatchNorm2d:
+        converted = FusedBatchNorm2d.from_batch_norm(module, module.computed_by)
+        converted.process_group = process_group  # the fused layer computing it synchronizes
+    elif type(module) is Conv2dBatchNormReLUMaxPool2d:
+        converted = SyncConv2dBatchNormReLUMaxPool2d.from_layer(module, process_group)
+    else:
+        converted = module
+    if converted is not module:
+        replaced[id(module)] = converted
+    for name, child in list(module._modules.items()):
+        if child is not None:
+            converted.add_module(name, _convert_sync_batchnorm(child, process_group, replaced))
+    return converted
 
 
 def _native_chain(layer: Conv2dReLUMaxPool2d | Conv2dBatchNormReLUMaxPool2d, bn: nn.BatchNorm2d | None) -> nn.Module:

@@ -78,3 +78,24 @@ def peak_cpu_allocation(fn) -> int:
         live += size
         peak = max(peak, live)
     return peak
+
+
+def recorded_op_calls():
+    """A context manager whose ``.calls`` lists the ops that reach the backend kernels while it
+    is active, in order (``"cifarnet._batch_norm_forward.default"``), autograd's included.
+
+    NB: torch has no public hook below autograd for this; TorchDispatchMode is private.
+    tests/test_torch_internals.py checks it against a known op.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpCalls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return OpCalls()

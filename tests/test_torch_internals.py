@@ -173,3 +173,13 @@ def test_peak_cpu_allocation_sees_the_largest_live_set():
 
     peak = peak_cpu_allocation(allocate)
     assert 6_000_000 <= peak < 6_100_000, f"{TORCH}: the profiler's allocation events gave a peak of {peak} bytes"
+
+
+def test_recorded_op_calls_sees_the_ops_below_autograd():
+    from conftest import recorded_op_calls
+
+    input = torch.randn(4, 3, requires_grad=True)
+    with recorded_op_calls() as recorder:
+        batch_norm(input, None, None, training=True).sum().backward()
+    assert "cifarnet._batch_norm_forward.default" in recorder.calls, f"{TORCH}: {recorder.calls}"
+    assert "cifarnet._batch_norm_backward.default" in recorder.calls, f"{TORCH}: {recorder.calls}"

@@ -97,24 +97,85 @@ inline void check_batch_norm_forward_args(const at::Tensor& input,
   TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
 }
 
-// The fused conv2d -> batch norm -> ReLU -> max_pool2d training backward's argument checks,
-// shared by the CPU and CUDA kernels; returns the geometry.
+// The saved convolution output of the fused conv -> batch norm -> ReLU -> max-pool op against
+// the forward geometry.
+inline void check_conv_output(const at::Tensor& conv_output, const at::Tensor& input,
+                              const ConvPoolGeometry& g) {
+  const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
+  TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
+              at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
+  TORCH_CHECK(conv_output.scalar_type() == input.scalar_type(), "conv_output dtype ",
+              conv_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(conv_output.device() == input.device(), "conv_output is on ", conv_output.device(),
+              " but input is on ", input.device());
+}
+
+// The argument checks of every backward op of the fused conv2d -> batch norm -> ReLU ->
+// max_pool2d (the fused one and the phases), shared by the CPU and CUDA kernels; returns the
+// geometry.
+inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    const at::Tensor& conv_output, const at::Tensor& argmax, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+    bool ceil_mode) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+  check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
+  check_conv_output(conv_output, input, g);
+  return g;
+}
+
+// The fused training backward's (and the elementwise phase's) argument checks.
 inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_backward_args(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
     bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
-  check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
-  const std::array<int64_t, 4> conv_sizes{g.batch, g.out_channels, g.conv_h, g.conv_w};
-  TORCH_CHECK(conv_output.sizes() == at::IntArrayRef(conv_sizes), "conv_output must have shape ",
-              at::IntArrayRef(conv_sizes), ", got ", shape_string(conv_output));
+  const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
+      grad_output, input, weight, conv_output, argmax, stride, padding, pool_size, pool_stride,
+      ceil_mode);
   check_per_output_channel(save_mean, "save_mean", weight);
   check_per_output_channel(save_var, "save_var", weight);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   return g;
+}
+
+// The epilogue phase's argument checks: the geometry, the convolution output it normalises and
+// the statistics (any floating dtype; read in the statistics dtype) it normalises with.
+inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
+    const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_output,
+    const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+    bool ceil_mode) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+  check_conv_output(conv_output, input, g);
+  check_per_output_channel(mean, "mean", weight);
+  check_per_output_channel(var, "var", weight);
+  check_per_output_channel(bn_weight, "bn_weight", weight);
+  check_per_output_channel(bn_bias, "bn_bias", weight);
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  return g;
+}
+
+// The elementwise backward phases' reduced sums and the count they were reduced over: `count`
+// values per channel in the whole (synchronized) batch, of which this process holds
+// `local_count`.
+inline void check_backward_sums(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                int64_t count, int64_t channels, int64_t local_count) {
+  auto check_sum = [channels](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape [", channels,
+                "] (one sum per channel), got ", shape_string(t));
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+                " must be a floating-point tensor, got ", t.scalar_type());
+  };
+  check_sum(sum_dy, "sum_dy");
+  check_sum(sum_dy_xmu, "sum_dy_xmu");
+  TORCH_CHECK(count > 0 && count >= local_count,
+              "count must be the number of values per channel in the whole batch, at least this "
+              "process's ", local_count, " and positive, got ", count);
 }
 
 }  // namespace cifarnet

@@ -265,6 +265,41 @@ TORCH_LIBRARY(cifarnet, m) {
       "Tensor argmax, float eps, int[2] stride, int[2] padding, int[2] pool_size, "
       "int[2] pool_stride, bool ceil_mode, bool[5] output_mask) -> (Tensor grad_input, "
       "Tensor grad_weight, Tensor grad_bias, Tensor grad_bn_weight, Tensor grad_bn_bias)");
+
+  // The phases of both batch norms, for synchronized batch norm (cifarnet/_sync_batch_norm.py
+  // combines their per-process results over the process group between the calls): statistics
+  // (mean and biased variance, in the statistics dtype) of this process's part of the batch;
+  // the normalisation with the whole batch's statistics (for the batch norm op, that phase is
+  // _batch_norm_forward in evaluation mode); the backward's two per-channel sums over this
+  // process's part; and the gradients from the whole batch's sums and count.
+  m.def("_batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def(
+      "_batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "_batch_norm_backward_elementwise(Tensor grad_output, Tensor input, Tensor mean, "
+      "Tensor var, Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, int count, float eps) "
+      "-> Tensor grad_input");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_stats(Tensor input, Tensor weight, Tensor? bias, "
+      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, bool ceil_mode) "
+      "-> (Tensor conv_output, Tensor mean, Tensor var)");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_epilogue(Tensor input, Tensor weight, "
+      "Tensor conv_output, Tensor mean, Tensor var, Tensor? bn_weight, Tensor? bn_bias, "
+      "float eps, int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, "
+      "bool ceil_mode) -> (Tensor output, Tensor argmax)");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_backward_reduce(Tensor grad_output, Tensor input, "
+      "Tensor weight, Tensor conv_output, Tensor save_mean, Tensor argmax, int[2] stride, "
+      "int[2] padding, int[2] pool_size, int[2] pool_stride, bool ceil_mode) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def(
+      "_conv2d_batch_norm_relu_max_pool2d_backward_elementwise(Tensor grad_output, "
+      "Tensor input, Tensor weight, Tensor conv_output, Tensor save_mean, Tensor save_var, "
+      "Tensor? bn_weight, Tensor argmax, Tensor sum_dy, Tensor sum_dy_xmu, int count, float eps, "
+      "int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, bool ceil_mode, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
 }
 
 TORCH_LIBRARY_IMPL(cifarnet, CompositeImplicitAutograd, m) {

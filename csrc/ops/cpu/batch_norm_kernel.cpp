@@ -247,13 +247,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
   return {output, save_mean, save_var};
 }
 
+// The backward's reduction phase: sum_g = sum(g), sum_gx = sum(g * (x - mean)) per channel,
+// as sum(g * (x - hi)) - lo * sum_g.
+template <typename scalar_t>
+std::pair<std::vector<stats_t<scalar_t>>, std::vector<stats_t<scalar_t>>> grad_sums(
+    const BatchNormLayout& layout, const scalar_t* g,
+    const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre) {
+  using acc_t = stats_t<scalar_t>;
+  const int64_t channels = layout.channels;
+  if (layout.data.numel() == 0) {
+    return {std::vector<acc_t>(channels), std::vector<acc_t>(channels)};
+  }
+  const scalar_t* x = layout.data.const_data_ptr<scalar_t>();
+  auto [sum_g, sum_gx] = channel_sums<acc_t>(
+      layout,
+      [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
+        CIFARNET_ISA_DISPATCH(grad_sums_channels_outer, g, x, channels, layout.row_len, begin, end,
+                              centre.hi.data(), sg, sgx);
+      },
+      [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
+        CIFARNET_ISA_DISPATCH(grad_sums_channels_inner, g, x, channels, begin, end,
+                              centre.hi.data(), sg, sgx);
+      });
+  for (int64_t c = 0; c < channels; ++c) sum_gx[c] -= centre.lo[c] * sum_g[c];
+  return {std::move(sum_g), std::move(sum_gx)};
+}
+
+// The backward's elementwise phase in training: dx = k (g - sum_g / M - (x - mean) invstd^2
+// sum_gx / M), k = w invstd, M = count (the values per channel of the whole, possibly
+// synchronized, batch): input_grad with slope -invstd^2 sum_gx / M around hi.
+template <typename scalar_t>
+void training_input_grad(const BatchNormLayout& layout, scalar_t* out, const scalar_t* g,
+                         const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre,
+                         const std::vector<stats_t<scalar_t>>& invstd,
+                         const std::vector<stats_t<scalar_t>>& w,
+                         const std::vector<stats_t<scalar_t>>& sum_g,
+                         const std::vector<stats_t<scalar_t>>& sum_gx, int64_t count) {
+  using acc_t = stats_t<scalar_t>;
+  using opmath_t = simd::opmath_t<scalar_t>;
+  if (layout.data.numel() == 0) return;
+  const acc_t m = static_cast<acc_t>(count);
+  ChannelMap<opmath_t> f(layout.channels);
+  for (int64_t c = 0; c < layout.channels; ++c) {
+    const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / m;
+    f.mean[c] = centre.hi[c];
+    f.a[c] = static_cast<opmath_t>(slope);
+    f.b[c] = static_cast<opmath_t>(-sum_g[c] / m - centre.lo[c] * slope);
+    f.k[c] = static_cast<opmath_t>(w[c] * invstd[c]);
+  }
+  apply_channel_map<scalar_t>(layout, out, layout.data.const_data_ptr<scalar_t>(), g, f, true);
+}
+
+template <typename acc_t>
+std::vector<acc_t> inverse_std(const std::vector<acc_t>& var, double eps) {
+  std::vector<acc_t> invstd(var.size());
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
+  return invstd;
+}
+
+void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(grad_output));
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ",
+              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
     const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
     std::array<bool, 3> output_mask) {
   check_batch_norm_input(input, /*training=*/false);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
-              shape_string(input), ", got ", shape_string(grad_output));
+  check_batch_norm_grad_output(grad_output, input);
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
@@ -267,50 +331,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
                                   "batch_norm_backward", [&] {
     using acc_t = stats_t<scalar_t>;
     using opmath_t = simd::opmath_t<scalar_t>;
-    const auto var = channel_values<acc_t>(save_var, channels, 1);
     const auto w = channel_values<acc_t>(weight, channels, 1);
     const SplitMean<opmath_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
+    const auto invstd = inverse_std(channel_values<acc_t>(save_var, channels, 1), eps);
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
-    const scalar_t* x = layout.data.const_data_ptr<scalar_t>();
-    // sum_g = sum(g), sum_gx = sum(g * (x - mean)) = sum(g * (x - hi)) - lo * sum_g.
     std::vector<acc_t> sum_g(channels), sum_gx(channels);
-    if ((training || output_mask[1] || output_mask[2]) && grad.numel() > 0) {
-      std::tie(sum_g, sum_gx) = channel_sums<acc_t>(
-          layout,
-          [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
-            CIFARNET_ISA_DISPATCH(grad_sums_channels_outer, g, x, channels, layout.row_len, begin,
-                                  end, centre.hi.data(), sg, sgx);
-          },
-          [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
-            CIFARNET_ISA_DISPATCH(grad_sums_channels_inner, g, x, channels, begin, end,
-                                  centre.hi.data(), sg, sgx);
-          });
-      for (int64_t c = 0; c < channels; ++c) sum_gx[c] -= centre.lo[c] * sum_g[c];
+    if (training || output_mask[1] || output_mask[2]) {
+      std::tie(sum_g, sum_gx) = grad_sums<scalar_t>(layout, g, centre);
     }
-    std::vector<acc_t> invstd(channels);
-    for (int64_t c = 0; c < channels; ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
     if (output_mask[0]) {
       grad_input = at::empty(input.sizes(), input.options().memory_format(layout.format));
-      // Training: dx = k (g - sum_g / M - (x - mean) invstd^2 sum_gx / M), k = w invstd:
-      // input_grad with slope -invstd^2 sum_gx / M around hi. Evaluation: dx = k g, i.e.
-      // normalize of g with mean 0 and scale k.
-      const acc_t count = static_cast<acc_t>(batch_norm_count(input).expect_int());
-      ChannelMap<opmath_t> f(channels);
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc_t k = w[c] * invstd[c];
-        const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / count;
-        f.mean[c] = training ? centre.hi[c] : opmath_t(0);
-        f.a[c] = static_cast<opmath_t>(training ? slope : k);
-        f.b[c] = static_cast<opmath_t>(training ? -sum_g[c] / count - centre.lo[c] * slope : 0);
-        f.k[c] = static_cast<opmath_t>(k);
-      }
-      if (grad_input.numel() > 0) {
-        scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-        if (training) {
-          apply_channel_map<scalar_t>(layout, out, x, g, f, true);
-        } else {
-          apply_channel_map<scalar_t>(layout, out, g, nullptr, f, false);
+      scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+      if (training) {
+        training_input_grad<scalar_t>(layout, out, g, centre, invstd, w, sum_g, sum_gx,
+                                      batch_norm_count(input).expect_int());
+      } else if (grad_input.numel() > 0) {
+        // Evaluation: dx = k g, i.e. normalize of g with mean 0 and scale k = w invstd.
+        ChannelMap<opmath_t> f(channels);
+        for (int64_t c = 0; c < channels; ++c) {
+          f.a[c] = static_cast<opmath_t>(w[c] * invstd[c]);
         }
+        apply_channel_map<scalar_t>(layout, out, g, nullptr, f, false);
       }
     }
     std::vector<acc_t> grad_w(channels);
@@ -320,6 +361,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     if (output_mask[2]) grad_bias = channel_tensor(sum_g, input.options()).to(grad_dtype);
   });
   return {grad_input, grad_weight, grad_bias};
+}
+
+// The phase ops of synchronized batch norm: statistics, and the backward's reduction and
+// elementwise phases, each on this process's part of the batch; the forward normalises with
+// the combined statistics through _batch_norm_forward in evaluation mode.
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_kernel(const at::Tensor& input) {
+  check_batch_norm_input(input, /*training=*/false);
+  const BatchNormLayout layout = dense_layout(input);
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "batch_norm_stats", [&] {
+    using acc_t = stats_t<scalar_t>;
+    const BatchNormStats<acc_t> stats =
+        input.numel() == 0
+            ? BatchNormStats<acc_t>{std::vector<acc_t>(layout.channels),
+                                    std::vector<acc_t>(layout.channels)}
+            : batch_statistics<scalar_t>(layout.data, layout.channels_inner, layout.channels,
+                                         layout.rows, layout.row_len);
+    mean = channel_tensor(stats.mean, input.options());
+    var = channel_tensor(stats.var, input.options());
+  });
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_kernel(const at::Tensor& grad_output,
+                                                                     const at::Tensor& input,
+                                                                     const at::Tensor& mean) {
+  check_batch_norm_input(input, /*training=*/false);
+  check_batch_norm_grad_output(grad_output, input);
+  check_per_channel(mean, "mean", input);
+  const BatchNormLayout layout = dense_layout(input);
+  const at::Tensor grad = grad_output.contiguous(layout.format);
+  at::Tensor sum_dy, sum_dy_xmu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "batch_norm_backward_reduce", [&] {
+    using acc_t = stats_t<scalar_t>;
+    const SplitMean<simd::opmath_t<scalar_t>, acc_t> centre(
+        channel_values<acc_t>(mean, layout.channels, 0));
+    const auto [sum_g, sum_gx] = grad_sums<scalar_t>(layout, grad.const_data_ptr<scalar_t>(), centre);
+    sum_dy = channel_tensor(sum_g, input.options());
+    sum_dy_xmu = channel_tensor(sum_gx, input.options());
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor batch_norm_backward_elementwise_kernel(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu, int64_t count, double eps) {
+  check_batch_norm_input(input, /*training=*/false);
+  check_batch_norm_grad_output(grad_output, input);
+  check_per_channel(mean, "mean", input);
+  check_per_channel(var, "var", input);
+  check_per_channel(weight, "weight", input);
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  const BatchNormLayout layout = dense_layout(input);
+  check_backward_sums(sum_dy, sum_dy_xmu, count, layout.channels,
+                      batch_norm_count(input).expect_int());
+  const at::Tensor grad = grad_output.contiguous(layout.format);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(layout.format));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
+                                  "batch_norm_backward_elementwise", [&] {
+    using acc_t = stats_t<scalar_t>;
+    const int64_t channels = layout.channels;
+    const SplitMean<simd::opmath_t<scalar_t>, acc_t> centre(
+        channel_values<acc_t>(mean, channels, 0));
+    training_input_grad<scalar_t>(
+        layout, grad_input.mutable_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(), centre,
+        inverse_std(channel_values<acc_t>(var, channels, 1), eps),
+        channel_values<acc_t>(weight, channels, 1), channel_values<acc_t>(sum_dy, channels, 0),
+        channel_values<acc_t>(sum_dy_xmu, channels, 0), count);
+  });
+  return grad_input;
 }
 
 // running = (1 - momentum) * running + momentum * factor * batch, in place, in one loop: the
@@ -360,6 +475,9 @@ TORCH_LIBRARY_IMPL(cifarnet, CPU, m) {
   m.impl("_batch_norm_forward", &batch_norm_forward_kernel);
   m.impl("_batch_norm_backward", &batch_norm_backward_kernel);
   m.impl("_batch_norm_update_running_stats", &batch_norm_update_running_stats_kernel);
+  m.impl("_batch_norm_stats", &batch_norm_stats_kernel);
+  m.impl("_batch_norm_backward_reduce", &batch_norm_backward_reduce_kernel);
+  m.impl("_batch_norm_backward_elementwise", &batch_norm_backward_elementwise_kernel);
 }
 
 }  // namespace cifarnet::ops

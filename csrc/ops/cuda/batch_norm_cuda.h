@@ -37,11 +37,13 @@ void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const at::Tensor
                           const DenseLayout& layout);
 
 // The training input gradient, k ((x - mean) slope + offset + g) with k = weight * invstd,
-// slope = -invstd^2 sum_gx / M, offset = -sum_g / M; out may be g itself.
+// slope = -invstd^2 sum_gx / M, offset = -sum_g / M, M = count (the values per channel of the
+// whole batch: more than x holds under synchronized batch norm); out may be g itself.
 void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& mean, const at::Tensor& var,
                            const std::optional<at::Tensor>& weight, const at::Tensor& sum_g,
-                           const at::Tensor& sum_gx, double eps, const DenseLayout& layout);
+                           const at::Tensor& sum_gx, double eps, int64_t count,
+                           const DenseLayout& layout);
 
 // Per-channel (grad_weight, grad_bias) = (sum_gx * invstd, sum_g), in `dtype`.
 std::tuple<at::Tensor, at::Tensor> batch_norm_affine_grads(const at::Tensor& sum_g,

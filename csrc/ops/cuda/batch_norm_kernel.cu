@@ -341,12 +341,13 @@ void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const at::Tensor
 void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& mean, const at::Tensor& var,
                            const std::optional<at::Tensor>& weight, const at::Tensor& sum_g,
-                           const at::Tensor& sum_gx, double eps, const DenseLayout& layout) {
-  const double count = static_cast<double>(layout.batch * layout.spatial);
+                           const at::Tensor& sum_gx, double eps, int64_t count,
+                           const DenseLayout& layout) {
+  const double m = static_cast<double>(count);
   const at::Tensor invstd = at::rsqrt(var + eps);
   const at::Tensor k = channel_tensor(weight, x, layout.channels, 1.0) * invstd;
-  const at::Tensor slope = -(invstd * invstd * sum_gx) / count;
-  const at::Tensor offset = -sum_g / count;
+  const at::Tensor slope = -(invstd * invstd * sum_gx) / m;
+  const at::Tensor offset = -sum_g / m;
   const int64_t total = x.numel();
   if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -423,7 +424,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   if (output_mask[0]) {
     grad_input = at::empty(input.sizes(), input.options().memory_format(format));
     if (training) {
-      cuda::batch_norm_input_grad(grad_input, g, x, mean, var, weight, sum_g, sum_gx, eps, layout);
+      cuda::batch_norm_input_grad(grad_input, g, x, mean, var, weight, sum_g, sum_gx, eps,
+                                  layout.batch * layout.spatial, layout);
     } else {
       // dx = k g: the normalisation of g with mean 0, scale k = weight * invstd, shift 0.
       cuda::batch_norm_normalize(grad_input, g, at::zeros_like(mean), var, weight, std::nullopt,
@@ -438,11 +440,82 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
+// The phase ops of synchronized batch norm (see library.cpp).
+
+// An input and a gradient in one dense layout, with their statistics in the accumulation
+// dtype.
+struct DenseBatchNormInputs {
+  at::Tensor x, g;
+  at::MemoryFormat format;
+  cuda::DenseLayout layout;
+  DenseBatchNormInputs(const at::Tensor& input, const at::Tensor& grad_output) {
+    format = input.dim() == 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+    x = input.contiguous(format);
+    if (grad_output.defined()) g = grad_output.contiguous(format);
+    layout = cuda::dense_layout_of(x);
+  }
+};
+
+at::Tensor stats_dtype_tensor(const at::Tensor& t, const at::Tensor& input) {
+  return t.to(input.options().dtype(batch_norm_stats_dtype(input))).contiguous();
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
+  check_batch_norm_input(input, /*training=*/false);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DenseBatchNormInputs in(input, at::Tensor());
+  if (in.x.numel() == 0) {
+    const auto options = input.options().dtype(batch_norm_stats_dtype(input));
+    return {at::zeros({input.size(1)}, options), at::zeros({input.size(1)}, options)};
+  }
+  return cuda::batch_norm_statistics(in.x, in.layout);
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_output,
+                                                                   const at::Tensor& input,
+                                                                   const at::Tensor& mean) {
+  check_batch_norm_input(input, /*training=*/false);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(grad_output));
+  check_per_channel(mean, "mean", input);
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DenseBatchNormInputs in(input, grad_output);
+  const at::Tensor mean_acc = stats_dtype_tensor(mean, input);
+  if (in.x.numel() == 0) return {at::zeros_like(mean_acc), at::zeros_like(mean_acc)};
+  return cuda::batch_norm_grad_sums(in.g, in.x, mean_acc, in.layout);
+}
+
+at::Tensor batch_norm_backward_elementwise_cuda(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& var, const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu, int64_t count, double eps) {
+  check_batch_norm_input(input, /*training=*/false);
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(grad_output));
+  check_per_channel(mean, "mean", input);
+  check_per_channel(var, "var", input);
+  check_per_channel(weight, "weight", input);
+  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  check_backward_sums(sum_dy, sum_dy_xmu, count, input.size(1),
+                      batch_norm_count(input).expect_int());
+  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DenseBatchNormInputs in(input, grad_output);
+  at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(in.format));
+  cuda::batch_norm_input_grad(grad_input, in.g, in.x, stats_dtype_tensor(mean, input),
+                              stats_dtype_tensor(var, input), weight,
+                              stats_dtype_tensor(sum_dy, input),
+                              stats_dtype_tensor(sum_dy_xmu, input), eps, count, in.layout);
+  return grad_input;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cifarnet, CUDA, m) {
   m.impl("_batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("_batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("_batch_norm_stats", &batch_norm_stats_cuda);
+  m.impl("_batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
+  m.impl("_batch_norm_backward_elementwise", &batch_norm_backward_elementwise_cuda);
 }
 
 }  // namespace cifarnet::ops

@@ -1,0 +1,253 @@
+"""Synchronized batch norm over two processes (gloo, CPU, float64) against one process that
+holds the whole batch and computes it with native torch layers.
+
+Each test spawns two processes once and runs all its cases in them; a case gives each process
+its part of the same global batch (even, uneven, or one process with no samples). Each
+process checks its own part of the output and of the input gradient; the parameter gradients
+summed over the processes (DistributedDataParallel averages them: the gradient of the average
+of the processes' losses) must equal the whole batch's gradient of the summed loss; the
+running statistics must equal native's on every process. A last test compiles the layers
+in a world of one process.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import cifarnet
+from cifarnet.fuse import FusedConv2dBatchNormReLUMaxPool2d
+from cifarnet.nn import (
+    Conv2dBatchNormReLUMaxPool2d,
+    SyncBatchNorm2d,
+    SyncConv2dBatchNormReLUMaxPool2d,
+    convert_sync_batchnorm,
+)
+
+WORLD_SIZE = 2
+TOLERANCE = dict(rtol=1e-10, atol=1e-10)
+# Per-process batch sizes: even, uneven, and a process with an empty batch.
+SPLITS = [(4, 4), (3, 5), (0, 6)]
+
+
+def run_on_processes(tmp_path, scenario: str, processes: int = WORLD_SIZE) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), scenario, processes), nprocs=processes, join=True)
+
+
+def _worker(rank: int, store: str, scenario: str, processes: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
+    try:
+        globals()[scenario](rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _randomise_batch_norms(model: nn.Module, seed: int) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator, dtype=torch.float64) * 2 - 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator, dtype=torch.float64))
+    return model
+
+
+def _native_stack() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(3, 2, ceil_mode=True),
+        nn.BatchNorm2d(6, momentum=None),
+    ).double()  # fmt: skip
+    return _randomise_batch_norms(model, 1)
+
+
+def _check_against_whole_batch(rank, sizes, native, synced, pairs, input_shape, channels_last=False, steps=2):
+    """Trains ``native`` on the whole batch and ``synced`` on this process's part, ``steps``
+    times, comparing outputs, gradients and buffers; ``pairs`` lists (native, synced)
+    parameters and buffers that correspond."""
+    start = sum(sizes[:rank])
+    mine = slice(start, start + sizes[rank])
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(100 * step + sum(sizes))
+        whole = torch.randn(sum(sizes), *input_shape, dtype=torch.float64, generator=generator)
+        native_input = whole.clone().requires_grad_()
+        part = whole[mine].clone()
+        if channels_last:
+            part = part.contiguous(memory_format=torch.channels_last)
+        part.requires_grad_()
+        native.zero_grad(), synced.zero_grad()
+        native_output = native(native_input)
+        grad = torch.randn(native_output.shape, dtype=torch.float64, generator=generator)
+        native_output.backward(grad)
+        output = synced(part)
+        output.backward(grad[mine])
+        where = f"rank {rank}, batches {sizes}, step {step}"
+        torch.testing.assert_close(output, native_output[mine], **TOLERANCE, msg=lambda m: f"{where}, output: {m}")
+        torch.testing.assert_close(part.grad, native_input.grad[mine], **TOLERANCE, msg=lambda m: f"{where}, input grad: {m}")
+        for index, (expected, parameter) in enumerate(pairs["parameters"]):
+            summed = parameter.grad.clone()
+            dist.all_reduce(summed)
+            torch.testing.assert_close(summed, expected.grad, **TOLERANCE, msg=lambda m: f"{where}, parameter {index}: {m}")
+        for index, (expected, buffer) in enumerate(pairs["buffers"]):
+            torch.testing.assert_close(buffer, expected, **TOLERANCE, msg=lambda m: f"{where}, buffer {index}: {m}")
+
+
+def _pairs(native: nn.Module, synced: nn.Module) -> dict:
+    """Corresponding tensors of a model and its synchronized copy (the same order)."""
+    return {
+        "parameters": list(zip(native.parameters(), synced.parameters(), strict=True)),
+        "buffers": list(zip(native.buffers(), synced.buffers(), strict=True)),
+    }
+
+
+def fused_stack_matches_native(rank):
+    for sizes in SPLITS:
+        for channels_last in (False, True):
+            native = _native_stack()
+            copied = copy.deepcopy(native)
+            synced = nn.Sequential(
+                SyncConv2dBatchNormReLUMaxPool2d.from_layer(Conv2dBatchNormReLUMaxPool2d.from_modules(copied[0], copied[1], copied[3])),
+                SyncConv2dBatchNormReLUMaxPool2d.from_layer(Conv2dBatchNormReLUMaxPool2d.from_modules(copied[4], copied[5], copied[7])),
+                SyncBatchNorm2d.from_batch_norm(copied[8]),
+            )  # the copy's very tensors, in the same order
+            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, copied), (3, 9, 9), channels_last)
+
+
+def test_fused_stack_matches_native_whole_batch(tmp_path):
+    run_on_processes(tmp_path, "fused_stack_matches_native")
+
+
+def batch_norm_matches_native(rank):
+    for sizes in SPLITS:
+        for channels_last in (False, True):
+            native = _randomise_batch_norms(nn.BatchNorm2d(5, dtype=torch.float64), 2)
+            synced = SyncBatchNorm2d.from_batch_norm(copy.deepcopy(native))
+            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), (5, 3, 4), channels_last)
+            # A large offset: the merged variance keeps its digits.
+            native, synced = (nn.Sequential(OffsetBy(1e4), module) for module in (native, synced))
+            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), (5, 3, 4), steps=1)
+
+
+class OffsetBy(nn.Module):
+    def __init__(self, offset):
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x):
+        return x + self.offset
+
+
+def test_batch_norm_matches_native_whole_batch(tmp_path):
+    run_on_processes(tmp_path, "batch_norm_matches_native")
+
+
+def converted_and_fused_models_match_native(rank):
+    from test_sync_batch_norm import CONVERTER_PATHS, FunctionalNet, convert_then_fuse
+
+    for path in CONVERTER_PATHS:
+        for net in (lambda: _native_stack()[:8], lambda: FunctionalNet().double()):
+            torch.manual_seed(0)
+            native = _randomise_batch_norms(net(), 3)
+            synced = convert_then_fuse(copy.deepcopy(native), path)
+            fused = [m for m in synced.modules() if isinstance(m, FusedConv2dBatchNormReLUMaxPool2d)]
+            assert len(fused) == 2, f"{path}: {synced}"
+            # The state_dict keys stay: its tensors pair with native's by key.
+            native_state, synced_state = native.state_dict(keep_vars=True), synced.state_dict(keep_vars=True)
+            pairs = {
+                "parameters": [(native_state[k], synced_state[k]) for k, _ in native.named_parameters()],
+                "buffers": [(native_state[k], synced_state[k]) for k, _ in native.named_buffers()],
+            }
+            _check_against_whole_batch(rank, (3, 5), native, synced, pairs, (3, 8, 8))
+
+
+def test_converted_and_fused_models_match_native_whole_batch(tmp_path):
+    run_on_processes(tmp_path, "converted_and_fused_models_match_native")
+
+
+def groups_of_one_and_evaluation_do_not_communicate(rank):
+    """A group of one process is the unsynchronized layer (the same ops, bit for bit); so is
+    evaluation, in the two-process group; too few values in the whole batch is an error on
+    every process."""
+    from test_sync_batch_norm import model_with_every_batch_norm, training_step
+
+    own_group = [dist.new_group([r]) for r in range(WORLD_SIZE)][rank]
+    model = model_with_every_batch_norm()
+    for group, mode in ((own_group, "train"), (None, "eval")):
+        plain = copy.deepcopy(model).train(mode == "train")
+        synced = convert_sync_batchnorm(copy.deepcopy(model), group).train(mode == "train")
+        for seed in range(2):
+            (expected, expected_calls), (actual, actual_calls) = training_step(plain, seed), training_step(synced, seed)
+            assert actual_calls == expected_calls, f"{mode}, group {group}"
+            assert all(torch.equal(a, b) for a, b in zip(actual, expected, strict=True))
+
+    bn = SyncBatchNorm2d(3, dtype=torch.float64)
+    try:
+        bn(torch.randn(1 - rank, 3, 1, 1, dtype=torch.float64))
+    except ValueError as error:
+        assert "Expected more than 1 value per channel when training, got 1 over the 2 processes" in str(error)
+    else:
+        raise AssertionError("a whole batch of one value per channel did not raise")
+
+
+def test_groups_of_one_and_evaluation_do_not_communicate(tmp_path):
+    run_on_processes(tmp_path, "groups_of_one_and_evaluation_do_not_communicate")
+
+
+def low_precision_is_synchronized(rank):
+    """float32 against the float64 whole batch; bfloat16 under autocast (the convolutions in
+    bfloat16, the batch-norm tensors in float32): the running statistics are the same on both
+    processes and close to the whole batch's."""
+    sizes = (3, 5)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    native = _native_stack()
+    synced = convert_sync_batchnorm(cifarnet.fuse(copy.deepcopy(native))).float()
+    generator = torch.Generator().manual_seed(7)
+    whole = torch.randn(sum(sizes), 3, 9, 9, dtype=torch.float64, generator=generator)
+    expected = native(whole)
+    torch.testing.assert_close(synced(whole[mine].float()), expected[mine].float(), rtol=1e-4, atol=1e-4)
+    for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
+        torch.testing.assert_close(buffer.to(expected_buffer.dtype), expected_buffer, rtol=1e-5, atol=1e-5)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = synced(whole[mine].float().requires_grad_())
+    assert output.dtype == torch.bfloat16
+    output.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in synced.parameters())
+    for buffer in synced.buffers():
+        gathered = [torch.empty_like(buffer) for _ in range(WORLD_SIZE)]
+        dist.all_gather(gathered, buffer)
+        assert torch.equal(gathered[0], gathered[1])
+    for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
+        if buffer.is_floating_point():  # one more step than native: within bfloat16's reach
+            torch.testing.assert_close(buffer.double(), expected_buffer, rtol=0.1, atol=0.1)
+
+
+def test_low_precision_is_synchronized(tmp_path):
+    run_on_processes(tmp_path, "low_precision_is_synchronized")
+
+
+def compiled_in_a_world_of_one(rank):
+    """torch.distributed initialised with one process: torch.compile (fullgraph) of the
+    synchronized layers computes what the unsynchronized ones compute."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    plain = nn.Sequential(Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1), nn.BatchNorm2d(8))
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    compiled = torch.compile(synced, fullgraph=True)
+    for batch in (4, 6):
+        input = torch.randn(batch, 3, 8, 8, requires_grad=True)
+        expected, actual = plain(input), compiled(input)
+        torch.testing.assert_close(actual, expected)
+        torch.testing.assert_close(torch.autograd.grad(actual.sum(), input)[0], torch.autograd.grad(expected.sum(), input)[0])
+    for expected, actual in zip(plain.buffers(), synced.buffers(), strict=True):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_torch_compile_in_a_world_of_one_process(tmp_path):
+    run_on_processes(tmp_path, "compiled_in_a_world_of_one", processes=1)

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cifarnet.nn import Conv2dReLUMaxPool2d, batch_norm_arguments
-from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
+from cifarnet.nn import Conv2dReLUMaxPool2d, conv2d_batch_norm_module_relu_max_pool2d
 from cifarnet.variants import VARIANTS, recipe
 
 __all__ = ["CONV_CHANNELS", "ConvNet", "OPS", "VARIANTS", "count_parameters"]
@@ -98,18 +97,9 @@ class ConvNet(nn.Module):
         if pool is None:  # a fused layer: ReLU and pooling are inside conv
             return conv(input)
         if bn is not None and self.ops == "fused":
-            return conv2d_batch_norm_relu_max_pool2d(
-                input,
-                conv.weight,
-                conv.bias,
-                bn_weight=bn.weight,
-                bn_bias=bn.bias,
-                stride=conv.stride,
-                padding=conv.padding,
-                pool_size=pool.kernel_size,
-                pool_stride=pool.stride,
-                ceil_mode=pool.ceil_mode,
-                **batch_norm_arguments(bn),
+            # synchronized over the processes when bn is (cifarnet.nn.convert_sync_batchnorm)
+            return conv2d_batch_norm_module_relu_max_pool2d(
+                input, conv.weight, conv.bias, bn, conv.stride, conv.padding, pool.kernel_size, pool.stride, pool.ceil_mode
             )
         output = conv(input)
         if bn is not None:

@@ -269,6 +269,26 @@ def batch_norm_sync_group(bn: nn.Module):
     return synchronizing_group(bn.process_group)
 
 
+def conv2d_batch_norm_module_relu_max_pool2d(
+    input: Tensor, weight: Tensor, bias: Tensor | None, bn: nn.Module, stride, padding, pool_size, pool_stride, ceil_mode
+) -> Tensor:
+    """conv2d -> ``bn`` -> ReLU -> max_pool2d in one fused op, ``bn`` being a batch-norm module
+    whose tensors, mode and momentum are used (and its running statistics updated): with the
+    statistics of the whole batch over its process group where ``bn`` is synchronized (see
+    :func:`batch_norm_sync_group`), else :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d`."""
+    group = batch_norm_sync_group(bn)
+    arguments = batch_norm_arguments(bn)
+    if group is not None:
+        return sync_conv2d_batch_norm_relu_max_pool2d(
+            input, weight, bias, arguments["running_mean"], arguments["running_var"], bn.weight, bn.bias,
+            arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode, group,
+        )  # fmt: skip
+    return ops.conv2d_batch_norm_relu_max_pool2d(
+        input, weight, bias, bn_weight=bn.weight, bn_bias=bn.bias, stride=stride, padding=padding,
+        pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, **arguments,
+    )  # fmt: skip
+
+
 class SyncBatchNorm2d(BatchNorm2d):
     """:class:`BatchNorm2d` whose training statistics are those of the whole batch spread over
     the processes of ``process_group``, as ``torch.nn.SyncBatchNorm`` (which refuses CPU
@@ -445,38 +465,8 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         _check_batch_norm2d_input(input)
-        group = batch_norm_sync_group(self.bn)
-        if group is not None:
-            arguments = batch_norm_arguments(self.bn)
-            return sync_conv2d_batch_norm_relu_max_pool2d(
-                input,
-                self.weight,
-                self.bias,
-                arguments["running_mean"],
-                arguments["running_var"],
-                self.bn.weight,
-                self.bn.bias,
-                arguments["momentum"],
-                arguments["eps"],
-                self.stride,
-                self.padding,
-                self.pool_size,
-                self.pool_stride,
-                self.ceil_mode,
-                group,
-            )
-        return ops.conv2d_batch_norm_relu_max_pool2d(
-            input,
-            self.weight,
-            self.bias,
-            bn_weight=self.bn.weight,
-            bn_bias=self.bn.bias,
-            stride=self.stride,
-            padding=self.padding,
-            pool_size=self.pool_size,
-            pool_stride=self.pool_stride,
-            ceil_mode=self.ceil_mode,
-            **batch_norm_arguments(self.bn),
+        return conv2d_batch_norm_module_relu_max_pool2d(
+            input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
         )
 
     def to_native(self) -> nn.Module:

@@ -50,10 +50,8 @@ PYBIND11_MODULE(_C, m) {
       "How the extension was built: CUDA kernels compiled in, torch version, the ISA of the\n"
       "CPU kernels' vector loops on this machine, threading.");
   m.def("_streaming_store_threshold_bytes", &cifarnet::ops::streaming_store_threshold_bytes,
-        "Bytes above which the CPU batch-norm passes write with non-temporal stores (0: never).");
-  m.def("_set_streaming_store_threshold_bytes", &cifarnet::ops::set_streaming_store_threshold_bytes,
-        py::arg("bytes"),
-        "Overrides that threshold (None restores the last-level cache size); for tests.");
+        "Bytes above which the CPU batch-norm passes write with non-temporal stores (0: never):\n"
+        "the last-level cache size, which _set_cache_sizes overrides.");
   m.def(
       "_cache_sizes", [] { return cache_sizes_dict(cifarnet::ops::cache_sizes()); },
       "The cache sizes the CPU kernels size their tiles by: {'l1d_bytes', 'l2_bytes',\n"

@@ -118,19 +118,16 @@ def test_large_offset_keeps_the_variance(device, dtype, channels_last):
 
 @pytest.fixture
 def streaming_threshold():
-    """Sets the bytes above which the CPU passes stream their stores; restores the default."""
-    yield cifarnet._C._set_streaming_store_threshold_bytes
-    cifarnet._C._set_streaming_store_threshold_bytes(None)
+    """Sets the bytes above which the CPU passes stream their stores (the last-level cache
+    size, overridden); restores the machine's caches."""
+    machine = cifarnet._C._cache_sizes()
 
+    def set_threshold(bytes):
+        cifarnet._C._set_cache_sizes(l1d_bytes=machine["l1d_bytes"], l2_bytes=machine["l2_bytes"], llc_bytes=bytes)
+        assert cifarnet._C._streaming_store_threshold_bytes() == bytes
 
-def test_streaming_threshold_defaults_to_the_cache_and_is_restored(streaming_threshold):
-    default = cifarnet._C._streaming_store_threshold_bytes()
-    streaming_threshold(12345)
-    assert cifarnet._C._streaming_store_threshold_bytes() == 12345
-    with pytest.raises(RuntimeError, match="non-negative byte count.*-1"):
-        streaming_threshold(-1)
-    streaming_threshold(None)
-    assert cifarnet._C._streaming_store_threshold_bytes() == default
+    yield set_threshold
+    cifarnet._C._set_cache_sizes()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

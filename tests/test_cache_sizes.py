@@ -57,6 +57,8 @@ def test_override_is_used_and_restored(cache_sizes):
     cache_sizes(l1d_bytes=16 * KiB, l2_bytes=256 * KiB, llc_bytes=0)
     assert cifarnet._C._cache_sizes() == {"l1d_bytes": 16 * KiB, "l2_bytes": 256 * KiB, "llc_bytes": 0, "source": "override"}
     assert cifarnet._C._streaming_store_threshold_bytes() == 0  # unknown last level: never stream
+    cache_sizes(l1d_bytes=16 * KiB, l2_bytes=256 * KiB, llc_bytes=12345)
+    assert cifarnet._C._streaming_store_threshold_bytes() == 12345  # batch norm streams above it
     with pytest.raises(RuntimeError, match="cache sizes must be positive.*L1d -1"):
         cache_sizes(l1d_bytes=-1, l2_bytes=256 * KiB, llc_bytes=0)
     with pytest.raises(RuntimeError, match="give all three"):

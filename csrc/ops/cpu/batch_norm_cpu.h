@@ -30,10 +30,9 @@ BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool
                                                    int64_t channels, int64_t rows, int64_t row_len);
 
 // Normalising and input-gradient passes over more bytes than this write with non-temporal
-// stores (0: never). Default: the last-level cache size from Linux's sysfs, 0 where unknown.
+// stores: the last-level cache size (cache_sizes(), which tests override), 0 (never) where
+// unknown.
 int64_t streaming_store_threshold_bytes();
-// Replaces the default (nullopt restores it); for tests, which must not depend on the machine.
-void set_streaming_store_threshold_bytes(std::optional<int64_t> bytes);
 
 // The values of an optional per-channel tensor as T (fallback where it is absent).
 template <typename T>

@@ -16,7 +16,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -107,22 +106,9 @@ struct ChannelMap {
   explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
 };
 
-// NB: an override, not a second cache reading, so a test can reach the streaming path with a
-// small tensor on any machine instead of sizing one from this machine's cache.
-std::atomic<int64_t> streaming_threshold_override{-1};
-
 }  // namespace
 
-int64_t streaming_store_threshold_bytes() {
-  const int64_t override_bytes = streaming_threshold_override.load(std::memory_order_relaxed);
-  return override_bytes >= 0 ? override_bytes : cache_sizes().llc_bytes;
-}
-
-void set_streaming_store_threshold_bytes(std::optional<int64_t> bytes) {
-  TORCH_CHECK(!bytes.has_value() || *bytes >= 0,
-              "streaming store threshold must be a non-negative byte count or None, got ", *bytes);
-  streaming_threshold_override.store(bytes.value_or(-1), std::memory_order_relaxed);
-}
+int64_t streaming_store_threshold_bytes() { return cache_sizes().llc_bytes; }
 
 namespace {
 

@@ -24,14 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-import cifarnet  # noqa: F401  (registers the ops)
+from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP, CONV_BACKWARD_OP, TRAINING_BACKWARD_OP, TRAINING_OP, WITH_ARGMAX_OP
 
-WITH_ARGMAX = torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax.default
-CONV_BACKWARD = torch.ops.cifarnet._conv2d_relu_max_pool2d_backward.default
-BN_FORWARD = torch.ops.cifarnet._batch_norm_forward.default
-BN_BACKWARD = torch.ops.cifarnet._batch_norm_backward.default
-TRAINING = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training.default
-TRAINING_BACKWARD = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
@@ -108,9 +102,9 @@ def small_cases(report: Report) -> None:
             results = {}
             for device in ("cpu", "cuda"):
                 x, w, b = tensors(device)
-                out, argmax = WITH_ARGMAX(x, w, b, *geometry)
+                out, argmax = WITH_ARGMAX_OP(x, w, b, *geometry)
                 grad = torch.ones_like(out)
-                grads = CONV_BACKWARD(grad, x, w, argmax, *geometry, [True, True, True])
+                grads = CONV_BACKWARD_OP(grad, x, w, argmax, *geometry, [True, True, True])
                 results[device] = (out, argmax, *grads)
             torch.cuda.synchronize()
             cpu, gpu = results["cpu"], results["cuda"]
@@ -128,8 +122,8 @@ def small_cases(report: Report) -> None:
                 x = tensors(device)[0]
                 weight = torch.linspace(0.5, 1.5, in_shape[1], device=device)
                 bias = torch.linspace(-1, 1, in_shape[1], device=device)
-                out, mean, var = BN_FORWARD(x, None, None, weight, bias, True, 1e-5)
-                grads = BN_BACKWARD(torch.ones_like(out) * 0.5 + out, x, mean, var, weight, True, 1e-5, [True, True, True])
+                out, mean, var = BN_FORWARD_OP(x, None, None, weight, bias, True, 1e-5)
+                grads = BN_BACKWARD_OP(torch.ones_like(out) * 0.5 + out, x, mean, var, weight, True, 1e-5, [True, True, True])
                 results[device] = (out, mean, var, *grads)
             torch.cuda.synchronize()
             oks = [close(g, c, dtype) for g, c in zip(results["cuda"], results["cpu"])]
@@ -145,8 +139,8 @@ def small_cases(report: Report) -> None:
                 x, w, b = tensors(device)
                 bn_weight = torch.linspace(0.5, 1.5, w_shape[0], device=device)
                 bn_bias = torch.linspace(-1, 1, w_shape[0], device=device)
-                out, argmax, conv, mean, var = TRAINING(x, w, b, bn_weight, bn_bias, 1e-5, *geometry)
-                grads = TRAINING_BACKWARD(torch.ones_like(out), x, w, conv, mean, var, bn_weight, argmax, 1e-5,
+                out, argmax, conv, mean, var = TRAINING_OP(x, w, b, bn_weight, bn_bias, 1e-5, *geometry)
+                grads = TRAINING_BACKWARD_OP(torch.ones_like(out), x, w, conv, mean, var, bn_weight, argmax, 1e-5,
                                           *geometry, [True, True, True, True, True])
                 results[device] = (out, *grads)
             torch.cuda.synchronize()
@@ -167,8 +161,8 @@ def argmax_bit_for_bit(report: Report) -> None:
         for memory_format in FORMATS:
             for pool, pool_stride in (([2, 2], []), ([3, 3], [1, 1]), ([3, 2], [2, 1])):
                 args = ([1, 1], [1, 1], pool, pool_stride, True)
-                cpu = WITH_ARGMAX(x.to(dtype).contiguous(memory_format=memory_format), w.to(dtype), None, *args)
-                gpu = WITH_ARGMAX(x.to("cuda", dtype).contiguous(memory_format=memory_format), w.to("cuda", dtype), None, *args)
+                cpu = WITH_ARGMAX_OP(x.to(dtype).contiguous(memory_format=memory_format), w.to(dtype), None, *args)
+                gpu = WITH_ARGMAX_OP(x.to("cuda", dtype).contiguous(memory_format=memory_format), w.to("cuda", dtype), None, *args)
                 same = torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu(), cpu[0]) if not nan else (
                     torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].isnan().cpu(), cpu[0].isnan())
                 )
@@ -184,7 +178,7 @@ def large_statistics(report: Report) -> None:
         generator = torch.Generator(device="cuda").manual_seed(2)
         x = (torch.randn(shape, device="cuda", generator=generator) * 3 + 5).contiguous(memory_format=memory_format)
         start = time.perf_counter()
-        _, mean, var = BN_FORWARD(x, None, None, None, None, True, 1e-5)
+        _, mean, var = BN_FORWARD_OP(x, None, None, None, None, True, 1e-5)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         dims = [d for d in range(x.dim()) if d != 1]
@@ -203,12 +197,12 @@ def large_pool(report: Report) -> None:
     w = torch.randn(64, 64, 1, 1, device="cuda", dtype=torch.float16, generator=generator) / 8
     assert x.numel() > 2**31
     args = ([1, 1], [0, 0], [2, 2], [], False)
-    out, argmax = WITH_ARGMAX(x, w, None, *args)
+    out, argmax = WITH_ARGMAX_OP(x, w, None, *args)
     native = F.max_pool2d(F.relu(F.conv2d(x, w)), 2)
     same = torch.equal(out, native)
     last = (out[-1, -1] - native[-1, -1]).abs().max().item()
     grad = torch.ones_like(out)
-    grad_input, _, _ = CONV_BACKWARD(grad, x, w, argmax, *args, [True, False, False])
+    grad_input, _, _ = CONV_BACKWARD_OP(grad, x, w, argmax, *args, [True, False, False])
     del grad, argmax
     x.requires_grad_()
     (native_grad,) = torch.autograd.grad(F.max_pool2d(F.relu(F.conv2d(x, w)), 2), x, torch.ones_like(native))

@@ -14,12 +14,11 @@ from torch import nn
 
 import cifarnet
 from cifarnet.ops import batch_norm
+from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP
 from conftest import DEVICES
 from op_cases import assert_no_worse_than_native
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
-FORWARD_OP = torch.ops.cifarnet._batch_norm_forward.default
-BACKWARD_OP = torch.ops.cifarnet._batch_norm_backward.default
 
 
 @st.composite
@@ -208,10 +207,10 @@ def test_opcheck(device):
             var = torch.rand(channels, dtype=dtype, generator=generator).to(device) + 0.5
             for training in (True, False):
                 args = (input.requires_grad_(), None if training else mean, None if training else var, weight.requires_grad_(), bias, training, 1e-5)
-                torch.library.opcheck(FORWARD_OP, args)
-                output, save_mean, save_var = FORWARD_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+                torch.library.opcheck(BN_FORWARD_OP, args)
+                output, save_mean, save_var = BN_FORWARD_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
                 torch.library.opcheck(
-                    BACKWARD_OP,
+                    BN_BACKWARD_OP,
                     (torch.randn_like(output), input.detach(), save_mean, save_var, weight.detach(), training, 1e-5, [True, True, False]),
                 )
             torch.library.opcheck(

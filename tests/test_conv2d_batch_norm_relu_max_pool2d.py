@@ -15,6 +15,7 @@ from torch import nn
 import cifarnet
 from cifarnet.nn import Conv2dBatchNormReLUMaxPool2d
 from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
+from cifarnet._op_handles import TRAINING_BACKWARD_OP, TRAINING_OP
 from conftest import DEVICES
 from op_cases import (
     assert_no_worse_than_native,
@@ -27,8 +28,6 @@ from op_cases import (
 )
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
-TRAINING_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training.default
-BACKWARD_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default
 
 
 def native_block(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, **pool):
@@ -269,8 +268,8 @@ def test_opcheck(device):
                 torch.library.opcheck(TRAINING_OP, args)
                 output, argmax, conv_output, save_mean, save_var = TRAINING_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
                 backward_args = (torch.randn_like(output), input.detach(), weight.detach(), conv_output, save_mean, save_var, bn_weight.detach(), argmax, 1e-5, *geometry)
-                torch.library.opcheck(BACKWARD_OP, (*backward_args, [True, True, True, True, True]))
-                torch.library.opcheck(BACKWARD_OP, (*backward_args, [False, True, False, True, False]))
+                torch.library.opcheck(TRAINING_BACKWARD_OP, (*backward_args, [True, True, True, True, True]))
+                torch.library.opcheck(TRAINING_BACKWARD_OP, (*backward_args, [False, True, False, True, False]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

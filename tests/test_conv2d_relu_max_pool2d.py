@@ -16,8 +16,6 @@ from cifarnet.ops import conv2d_relu_max_pool2d
 from conftest import DEVICES, native_conv2d_relu_max_pool2d, peak_cpu_allocation
 from op_cases import assert_same_layout, layer_cases, make_tensors, op_args, tolerances
 
-BACKWARD_OP = torch.ops.cifarnet._conv2d_relu_max_pool2d_backward.default
-WITH_ARGMAX_OP = torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax.default
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,9 +173,9 @@ def test_opcheck(device):
         grad_output = torch.randn_like(output)
         input, weight = args[0].detach(), args[1].detach()
         torch.library.opcheck(
-            BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [True, True, args[2] is not None])
+            CONV_BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [True, True, args[2] is not None])
         )
-        torch.library.opcheck(BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [False, True, False]))
+        torch.library.opcheck(CONV_BACKWARD_OP, (grad_output, input, weight, argmax, *args[3:], [False, True, False]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -245,9 +243,9 @@ def test_backward_op_rejects_inconsistent_saved_tensors():
     input, weight = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
     output, argmax = WITH_ARGMAX_OP(input, weight, None, [1, 1], [1, 1], [2, 2], [], False)
     with pytest.raises(RuntimeError, match=r"argmax must have shape \[2, 4, 4, 4\]"):
-        BACKWARD_OP(torch.ones_like(output), input, weight, argmax[:1], [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax[:1], [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
     with pytest.raises(RuntimeError, match="argmax must be uint8"):
-        BACKWARD_OP(torch.ones_like(output), input, weight, argmax.long(), [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax.long(), [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
 
 
 def test_build_info_reports_the_build():
@@ -313,6 +311,7 @@ def test_sparse_backward_memory_does_not_grow_with_threads():
 SPARSE_BACKWARD_SCRIPT = r"""
 import torch, cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d
+from cifarnet._op_handles import CONV_BACKWARD_OP, WITH_ARGMAX_OP
 from conftest import native_conv2d_relu_max_pool2d
 assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
 torch.set_num_threads(2)

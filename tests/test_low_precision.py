@@ -30,12 +30,6 @@ from op_cases import assert_no_worse_than_native, assert_same_layout, conv_out, 
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
 LOW_PRECISION = [torch.bfloat16, torch.float16]
-WITH_ARGMAX_OP = torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax.default
-CONV_BACKWARD_OP = torch.ops.cifarnet._conv2d_relu_max_pool2d_backward.default
-BN_FORWARD_OP = torch.ops.cifarnet._batch_norm_forward.default
-BN_BACKWARD_OP = torch.ops.cifarnet._batch_norm_backward.default
-TRAINING_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training.default
-TRAINING_BACKWARD_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default
 RELU_ZERO = 255
 
 
@@ -558,6 +552,7 @@ def test_autocast_under_torch_compile(dynamic):
 AVX2_SCRIPT = r"""
 import torch, torch.nn.functional as F, cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d, batch_norm, conv2d_batch_norm_relu_max_pool2d
+from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP, CONV_BACKWARD_OP, TRAINING_BACKWARD_OP, TRAINING_OP, WITH_ARGMAX_OP
 assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 
 import cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d
+from cifarnet._op_handles import CONV_BACKWARD_OP, WITH_ARGMAX_OP
 from conftest import DEVICES, native_conv2d_relu_max_pool2d, peak_cpu_allocation
 from op_cases import assert_same_layout, layer_cases, make_tensors, op_args, tolerances
 
@@ -311,7 +312,6 @@ def test_sparse_backward_memory_does_not_grow_with_threads():
 SPARSE_BACKWARD_SCRIPT = r"""
 import torch, cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d
-from cifarnet._op_handles import CONV_BACKWARD_OP, WITH_ARGMAX_OP
 from conftest import native_conv2d_relu_max_pool2d
 assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
 torch.set_num_threads(2)

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import cifarnet
 from cifarnet.ops import batch_norm, conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
+from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP, CONV_BACKWARD_OP, TRAINING_BACKWARD_OP, TRAINING_OP, WITH_ARGMAX_OP
 from conftest import native_conv2d_relu_max_pool2d
 from op_cases import assert_no_worse_than_native, assert_same_layout, conv_out, layer_cases, make_tensors, op_args
 
@@ -552,7 +553,6 @@ def test_autocast_under_torch_compile(dynamic):
 AVX2_SCRIPT = r"""
 import torch, torch.nn.functional as F, cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d, batch_norm, conv2d_batch_norm_relu_max_pool2d
-from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP, CONV_BACKWARD_OP, TRAINING_BACKWARD_OP, TRAINING_OP, WITH_ARGMAX_OP
 assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
 g = torch.Generator().manual_seed(0)
 for dtype in (torch.bfloat16, torch.float16):

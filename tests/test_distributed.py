@@ -296,6 +296,19 @@ def wait_for_epochs(out: Path, epochs: int, processes: list[subprocess.Popen]) -
         time.sleep(0.1)
 
 
+@pytest.mark.skipif(hasattr(cifarnet.nn, "convert_sync_batchnorm"), reason="sync batch norm is available")
+def test_without_sync_batchnorm_full_asks_for_no_sync_bn(pickles, tmp_path):
+    args = ["--variant", "full", "--limit-train", "32", "--data-dir", str(pickles), "--out", str(tmp_path / "run"),
+            *COMMON]
+    (status0, _, stderr0), (status1, _, stderr1) = run_ranks(tmp_path, 2, args)
+    assert (status0, status1) == (2, 2) and stderr1 == ""
+    assert stderr0.splitlines() == [
+        "cifarnet-train: error: sync_batch_norm (the default with several processes for a variant with batch norm) "
+        "needs cifarnet.nn.convert_sync_batchnorm, which this cifarnet lacks; pass --no-sync-bn (sync_batch_norm=False) "
+        "to normalise each process's slice with its own statistics"
+    ]
+
+
 @pytest.mark.parametrize("killed", [0, 1])
 def test_a_killed_process_stops_the_others(pickles, tmp_path, killed):
     out = tmp_path / "run"

@@ -2,7 +2,8 @@
 
 The multi-process tests start real processes: ``torchrun`` itself, or ``python -m
 cifarnet.train`` with the environment torchrun would give it. Each trains a few steps on tiny
-generated data, so a test takes seconds (most of them spent importing torch).
+generated data, so a test takes seconds: 10 to 50 on two busy cores, most of them spent starting
+processes and importing torch (marked slow).
 """
 
 from __future__ import annotations
@@ -204,6 +205,7 @@ def test_batch_size_must_split_among_the_processes(pickles, tmp_path, monkeypatc
 # --- several processes ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_last_batch_smaller_than_the_processes_is_refused_once(pickles, tmp_path):
     out = tmp_path / "run"
     args = ["--variant", "baseline", "--limit-train", str(BATCH + 1), "--data-dir", str(pickles), "--out", str(out), *COMMON]
@@ -218,6 +220,7 @@ def test_a_last_batch_smaller_than_the_processes_is_refused_once(pickles, tmp_pa
     assert not out.exists()
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_torchrun_trains_one_run_that_one_process_resumes(pickles, tmp_path, capsys):
     out = tmp_path / "run"
@@ -246,6 +249,7 @@ def test_torchrun_trains_one_run_that_one_process_resumes(pickles, tmp_path, cap
     assert load_checkpoint(out / "checkpoint.pt")["config"]["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_two_processes_take_the_steps_of_one(pickles, tmp_path):
     """Augmentation and momentum, no dropout or batch norm (per-process draws and statistics):
     the same samples and crops per step, the gradient of the global batch's mean loss."""
@@ -268,6 +272,7 @@ def test_two_processes_take_the_steps_of_one(pickles, tmp_path):
             assert record_two[key] == pytest.approx(record_one[key], abs=100 / TRAIN_COUNT)
 
 
+@pytest.mark.slow
 @needs_sync_batchnorm
 @pytest.mark.parametrize("ops", ["fused", "native"])
 def test_sync_batch_norm_statistics_are_those_of_one_process(pickles, tmp_path, ops):
@@ -296,6 +301,7 @@ def wait_for_epochs(out: Path, epochs: int, processes: list[subprocess.Popen]) -
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(hasattr(cifarnet.nn, "convert_sync_batchnorm"), reason="sync batch norm is available")
 def test_without_sync_batchnorm_full_asks_for_no_sync_bn(pickles, tmp_path):
     args = ["--variant", "full", "--limit-train", "32", "--data-dir", str(pickles), "--out", str(tmp_path / "run"),
@@ -309,6 +315,7 @@ def test_without_sync_batchnorm_full_asks_for_no_sync_bn(pickles, tmp_path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("killed", [0, 1])
 def test_a_killed_process_stops_the_others(pickles, tmp_path, killed):
     out = tmp_path / "run"
@@ -340,6 +347,7 @@ def test_a_killed_process_stops_the_others(pickles, tmp_path, killed):
     assert checkpoint["epoch"] in (len(metrics), len(metrics) + 1)
 
 
+@pytest.mark.slow
 def test_a_stalled_process_stops_the_others_after_the_timeout(pickles, tmp_path):
     out = tmp_path / "run"
     timeout = 5
@@ -362,6 +370,7 @@ def test_a_stalled_process_stops_the_others_after_the_timeout(pickles, tmp_path)
     assert f"within {timeout} s" in lines[0]
 
 
+@pytest.mark.slow
 @needs_torchrun
 def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
     """Two torchrun invocations, one per "machine", meeting at 127.0.0.1 (see the README)."""
@@ -383,6 +392,7 @@ def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
     assert sum(stdout.count("baseline: results in") for _, stdout, _ in results) == 1
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_as_many_processes_equals_the_uninterrupted_one(pickles, tmp_path):
     """Batch norm with per-process statistics and dropout with per-process draws: the buffers
     are rank 0's at the end of each epoch, and dropout is seeded from (seed, rank, epoch)."""

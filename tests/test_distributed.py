@@ -30,6 +30,7 @@ from cifar10_fakes import make_split, write_pickles
 
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
+CONSOLE_SCRIPT = Path(sys.executable).with_name("cifarnet-train")  # imports cifarnet from PYTHONPATH first
 TRAIN_COUNT, TEST_COUNT, BATCH = 64, 20, 16
 # 43 = 2 batches of 16 and one of 11, which two processes share 6 + 5: uneven shares.
 UNEVEN_LIMIT = 43
@@ -373,15 +374,18 @@ def test_a_stalled_process_stops_the_others_after_the_timeout(pickles, tmp_path)
 @pytest.mark.slow
 @needs_torchrun
 def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
-    """Two torchrun invocations, one per "machine", meeting at 127.0.0.1 (see the README)."""
+    """Two torchrun invocations, one per "machine", meeting at 127.0.0.1 (see the README); the
+    second starts the console script (``--no-python cifarnet-train``) where it is installed."""
     out = tmp_path / "run"
     port = free_port()
     args = ["--variant", "baseline", "--epochs", "1", "--limit-train", "32", "--data-dir", str(pickles),
             "--out", str(out), *COMMON]
+    commands = [["-m", "cifarnet.train"], ["--no-python", str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else
+                ["-m", "cifarnet.train"]]
     nodes = [
         subprocess.Popen(
             [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d",
-             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cifarnet-test", "-m", "cifarnet.train", *args],
+             "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "cifarnet-test", *commands[node], *args],
             env=child_environment(tmp_path), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for node in (0, 1)

@@ -4,11 +4,19 @@ Both print problems with the data, the settings, a checkpoint or an output path 
 on stderr and exit with status 2, without a traceback. Output paths are checked before any
 work starts, and neither command replaces what it did not write unless told to
 (``--overwrite``).
+
+``cifarnet-train`` (and ``python -m cifarnet.train``, the same command) trains data parallel
+when ``torchrun`` starts it (see :mod:`cifarnet.distributed`): every process runs the command
+with the same options, rank 0 writes the run's files and prints, and an error that every
+process meets alike is printed once, by rank 0; a process that fails on its own says so with
+its rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +25,16 @@ import torch
 from torch import nn
 
 from cifarnet.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
+from cifarnet.distributed import (
+    DEFAULT_TIMEOUT_SECONDS,
+    EveryProcessError,
+    Launch,
+    PeerFailure,
+    Peers,
+    default_threads,
+    launch_from_environment,
+    process_group,
+)
 from cifarnet.fileio import describe_file, output_file_problem, output_folder_problem
 from cifarnet.models import OPS, ConvNet
 from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix
@@ -47,6 +65,7 @@ REMEDY_OPTIONS = {
     "clip_grad_norm": f"--clip-grad-norm {REMEDIES['clip_grad_norm']:g}",
 }
 INTERRUPTED_STATUS = 130
+TERMINATED_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
 
 
 def _positive_int(text: str) -> int:
@@ -88,7 +107,8 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant", choices=(*VARIANTS, ALL), default=defaults.variant,
                         help="study step to train; 'all' trains the six in turn (default: %(default)s)")
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs, help="default: %(default)s")
-    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size, help="default: %(default)s")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                        help="images per step, over all processes under torchrun (default: %(default)s)")
     parser.add_argument("--lr", type=_positive_float, default=defaults.lr, help="initial learning rate (default: %(default)s)")
     parser.add_argument("--data-dir", type=Path, default=None,
                         help=f"cifar-10-batches-py/ or train/ and test/ image folders; downloaded when empty "
@@ -109,9 +129,20 @@ def _train_parser() -> argparse.ArgumentParser:
     remedies.add_argument("--clip-grad-norm", type=_positive_float, default=defaults.clip_grad_norm, metavar="MAX",
                           help="clip each batch's gradients to total 2-norm MAX before the step "
                                f"(suggested: {REMEDIES['clip_grad_norm']:g}; default: none)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="CPU threads (default: torch's choice; under torchrun, the machine's cores shared "
+                             "among its processes)")
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                         help="train on the first N training images only")
+    distributed = parser.add_argument_group(
+        "several processes", "under torchrun (e.g. torchrun --nproc-per-node 2 -m cifarnet.train ...); "
+        "--batch-size is the global batch, which the processes share")
+    distributed.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
+                             help="stop when another process has not answered for this long (it died or stalled) "
+                                  "(default: %(default)g)")
+    distributed.add_argument("--no-sync-bn", action="store_true",
+                             help="batch norm with each process's own statistics (default: statistics of the whole "
+                                  "global batch, cifarnet.nn.convert_sync_batchnorm)")
     earlier_run = parser.add_mutually_exclusive_group()
     earlier_run.add_argument("--resume", action="store_true",
                              help="continue from OUT/checkpoint.pt where it exists (same data and settings; "
@@ -136,47 +167,83 @@ def train_main(argv: list[str] | None = None) -> int:
     run is kept (whatever remedies it was trained with), an interrupted one continues and a
     missing one starts. The table and plot are written from whatever runs exist, also when the
     command stops early (an interruption, a divergence), with the missing ones marked.
+
+    Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the processes train each run
+    together (see :func:`cifarnet.train.train`), in a process group that waits at most
+    ``--dist-timeout`` seconds for a process that stopped answering.
     """
     args = _train_parser().parse_args(argv)
+    try:
+        launch = launch_from_environment()
+    except ValueError as error:
+        return _fail("cifarnet-train", error)
+    world_size = launch.world_size if launch is not None else 1
+    is_main = launch is None or launch.is_main
     every_variant = args.variant == ALL
     variants = VARIANTS if every_variant else (args.variant,)
     out = args.out if args.out is not None else Path("runs") / args.variant
     run_folders = {variant: out / variant if every_variant else out for variant in variants}
     progress = not args.no_progress
-    problem = _train_output_problem(out, run_folders.values(), args.resume, args.overwrite, every_variant)
-    if problem:
-        return _fail("cifarnet-train", problem)
-    status, started = 0, False
+    # Problems every process finds alike are reported once, by rank 0.
+    problem = None
+    if is_main:
+        problem = _train_output_problem(out, run_folders.values(), args.resume, args.overwrite, every_variant)
+    if problem is None and args.batch_size % world_size:
+        problem = (
+            f"--batch-size {args.batch_size} does not split evenly among the {world_size} processes (WORLD_SIZE="
+            f"{world_size}): it is the global batch, of which each process takes --batch-size / {world_size} samples "
+            f"per step; expected a multiple of {world_size}"
+        )
     try:
-        data = load_cifar10(args.data_dir, progress=progress)
-        for variant in variants:
-            config = TrainConfig(
-                variant=variant,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                seed=args.seed,
-                ops=args.ops,
-                limit_train=args.limit_train,
-                precision=args.precision,
-                warmup_epochs=args.warmup_epochs,
-                clip_grad_norm=args.clip_grad_norm,
-            )
-            run_out = run_folders[variant]
-            started = True
-            train(
-                config, run_out, data=data, device=args.device, threads=args.threads, resume=args.resume,
-                overwrite=args.overwrite, progress=progress,
-            )
-            print(f"{variant}: results in {run_out}")
-    except TrainingDiverged as diverged:
-        status = _fail("cifarnet-train", diverged.describe(REMEDY_OPTIONS))
-    except (DataError, ValueError, OSError) as error:
-        status = _fail("cifarnet-train", error)
+        configs = {variant: _train_config(args, variant, world_size) for variant in variants}
+    except ValueError as error:
+        problem = problem or str(error)
+    if problem:
+        return _fail("cifarnet-train", problem) if is_main else ERROR_STATUS
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        return _fail("cifarnet-train", _on_rank(launch, error))
+    threads = args.threads
+    distributed = world_size > 1
+    if distributed:
+        if device.type == "cuda":
+            device = torch.device("cuda", launch.local_rank)
+        threads = threads or default_threads(launch)
+    status, started = 0, False
+    # torchrun stops the other processes with SIGTERM when one fails: say so, as for Ctrl-C.
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if distributed else None
+    try:
+        with process_group(launch, device, args.dist_timeout) if distributed else contextlib.nullcontext():
+            peers = Peers(device, args.dist_timeout) if distributed else None
+            data = _load_data(args.data_dir, progress and is_main, launch, peers)
+            for variant in variants:
+                run_out = run_folders[variant]
+                started = True
+                train(
+                    configs[variant], run_out, data=data, device=device, threads=threads, resume=args.resume,
+                    overwrite=args.overwrite, progress=progress, peers=peers,
+                )
+                if is_main:
+                    print(f"{variant}: results in {run_out}")
+    except (TrainingDiverged, EveryProcessError) as error:
+        # Met alike by every process: rank 0 reports it.
+        message = error.describe(REMEDY_OPTIONS) if isinstance(error, TrainingDiverged) else error
+        status = _fail("cifarnet-train", message) if is_main else ERROR_STATUS
+    except (DataError, ValueError, OSError, PeerFailure) as error:
+        status = _fail("cifarnet-train", _on_rank(launch, error))
     except KeyboardInterrupt:
-        print(f"cifarnet-train: interrupted; completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
+        print(f"cifarnet-train: {_on_rank(launch, 'interrupted')}; completed epochs are saved in {out}, continue with "
+              "--resume", file=sys.stderr)
         status = INTERRUPTED_STATUS
-    if every_variant and started:
+    except _Terminated:
+        print(f"cifarnet-train: {_on_rank(launch, 'stopped by SIGTERM')} (torchrun stops every process when one "
+              f"fails); completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
+        status = TERMINATED_STATUS
+    finally:
+        if distributed:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+    if every_variant and started and is_main:
         try:
             table, plot = write_report(out, epochs=args.epochs)
             print(f"summary: {table}, {plot}")
@@ -185,6 +252,52 @@ def train_main(argv: list[str] | None = None) -> int:
             if status == 0:
                 status = _fail("cifarnet-train", f"cannot write the summary: {error}")
     return status
+
+
+def _train_config(args: argparse.Namespace, variant: str, world_size: int) -> TrainConfig:
+    return TrainConfig(
+        variant=variant,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        ops=args.ops,
+        limit_train=args.limit_train,
+        precision=args.precision,
+        warmup_epochs=args.warmup_epochs,
+        clip_grad_norm=args.clip_grad_norm,
+        world_size=world_size,
+        sync_batch_norm=not args.no_sync_bn,
+    )
+
+
+def _load_data(data_dir: Path | None, progress: bool, launch: Launch | None, peers: Peers | None):
+    """The data set; with several processes, each machine's first process reads it first (it may
+    download or decode it into the cache), then the others read what it left."""
+    if peers is None:
+        return load_cifar10(data_dir, progress=progress)
+    first_on_machine = launch.local_rank == 0
+    if not first_on_machine:
+        peers.barrier()
+    data = load_cifar10(data_dir, progress=progress and first_on_machine)
+    if first_on_machine:
+        peers.barrier()
+    return data
+
+
+def _on_rank(launch: Launch | None, message: object) -> str:
+    """``message``, naming this process where several run (a PeerFailure names it already)."""
+    if launch is None or launch.world_size == 1 or isinstance(message, PeerFailure):
+        return str(message)
+    return f"rank {launch.rank}: {message}"
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived (torchrun stopping the processes)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
 
 
 def _train_output_problem(

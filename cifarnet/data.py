@@ -38,6 +38,7 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
+from cifarnet.distributed import shard_bounds
 from cifarnet.fileio import atomic_save
 from cifarnet.variants import Recipe
 
@@ -493,11 +494,18 @@ def random_crop_flip(images: Tensor, size: int, generator: torch.Generator | Non
         ``Tensor[N, C, size, size]``, same dtype and device as ``images``.
     """
     count, _, height, width = images.shape
+    return crop_flip(images, *_draw_crop_flip(count, height, width, size, generator), size)
+
+
+def _draw_crop_flip(
+    count: int, height: int, width: int, size: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``top``, ``left`` and ``flip`` of :func:`random_crop_flip` for ``count`` images."""
     gen_device = generator.device if generator is not None else torch.device("cpu")
     top = torch.randint(0, height - size + 1, (count,), generator=generator, device=gen_device)
     left = torch.randint(0, width - size + 1, (count,), generator=generator, device=gen_device)
     flip = torch.rand(count, generator=generator, device=gen_device) < 0.5
-    return crop_flip(images, top, left, flip, size)
+    return top, left, flip
 
 
 def center_crop(images: Tensor, size: int) -> Tensor:
@@ -530,6 +538,14 @@ class BatchLoader:
     normalised. The last batch may be smaller (nothing is dropped). Batches are prepared a few
     thousand images at a time and yielded as views of that chunk.
 
+    With ``world_size`` > 1 the loader yields process ``rank``'s slice of each batch of
+    ``batch_size`` (the global batch; see :func:`cifarnet.distributed.shard_bounds`). Every
+    process draws the whole order and the whole batch's crops and flips from ``generator``, as a
+    single process does, and prepares only its own slice: so a step of ``world_size`` processes
+    sees exactly the samples, and crops, of a step of one process, and the generator's state
+    does not depend on the number of processes. A slice may be empty in a last batch smaller
+    than ``world_size``; it is skipped.
+
     Args:
         split: the images and labels.
         batch_size: examples per batch.
@@ -538,6 +554,8 @@ class BatchLoader:
         generator: CPU generator for shuffling and augmentation; required when ``train``.
             Its state after an epoch decides the next epoch, so saving it makes runs resumable.
         device: where the batches go; pixels travel as uint8 and are converted there.
+        rank: the process whose slice of each batch to yield, from 0.
+        world_size: the processes that share each batch.
 
     Yields:
         ``float32`` ``Tensor[B, 3, S, S]`` (S = 28 where the recipe augments, else 32) and
@@ -553,9 +571,15 @@ class BatchLoader:
         train: bool,
         generator: torch.Generator | None = None,
         device: str | torch.device = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"rank must be in 0..world_size-1 and world_size at least 1; got rank {rank}, world_size {world_size}"
+            )
         if train and generator is None:
             raise ValueError("generator is required for a training loader (it shuffles and augments)")
         self.split = split
@@ -564,8 +588,11 @@ class BatchLoader:
         self.train = train
         self.generator = generator
         self.device = torch.device(device)
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
+        """The number of (global) batches."""
         return math.ceil(len(self.split) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -574,20 +601,42 @@ class BatchLoader:
         # Whole batches per chunk, so the batches do not depend on the chunk size.
         chunk = self.batch_size * max(1, PREPARE_CHUNK // self.batch_size)
         for chunk_start in range(0, count, chunk):
-            inputs, labels = self._prepare(order, chunk_start, min(chunk_start + chunk, count))
-            for start in range(0, labels.shape[0], self.batch_size):
-                yield inputs[start : start + self.batch_size], labels[start : start + self.batch_size]
+            chunk_stop = min(chunk_start + chunk, count)
+            # This process's slice of each batch of the chunk, as positions in the chunk.
+            slices = []
+            for batch_start in range(0, chunk_stop - chunk_start, self.batch_size):
+                batch_count = min(self.batch_size, chunk_stop - chunk_start - batch_start)
+                first, last = shard_bounds(batch_count, self.world_size, self.rank)
+                slices.append((batch_start + first, batch_start + last))
+            keep = None if self.world_size == 1 else torch.cat([torch.arange(a, b) for a, b in slices])
+            inputs, labels = self._prepare(order, chunk_start, chunk_stop, keep)
+            offset = 0
+            for first, last in slices:
+                if last > first:
+                    yield inputs[offset : offset + last - first], labels[offset : offset + last - first]
+                offset += last - first
 
-    def _prepare(self, order: Tensor | None, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """Inputs and labels of examples ``start:stop`` (of ``order`` where shuffled)."""
-        if order is None:
+    def _prepare(self, order: Tensor | None, start: int, stop: int, keep: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Inputs and labels of examples ``start:stop`` (of ``order`` where shuffled), only
+        those at the positions ``keep`` (of ``start:stop``) where given."""
+        if order is not None:
+            indices = order[start:stop]
+        else:
+            indices = None if keep is None else torch.arange(start, stop)
+        if keep is not None:
+            indices = indices[keep]
+        if indices is None:
             images, labels = self.split.images[start:stop], self.split.labels[start:stop]
         else:
-            indices = order[start:stop]
             images, labels = self.split.images[indices], self.split.labels[indices]
         if self.recipe.augment:
             if self.train:
-                images = random_crop_flip(images, CROP_SIZE, self.generator)
+                # Drawn for the whole chunk, as one process draws them, whatever this process keeps.
+                _, _, height, width = self.split.images.shape
+                top, left, flip = _draw_crop_flip(stop - start, height, width, CROP_SIZE, self.generator)
+                if keep is not None:
+                    top, left, flip = top[keep], left[keep], flip[keep]
+                images = crop_flip(images, top, left, flip, CROP_SIZE)
             else:
                 images = center_crop(images, CROP_SIZE)
         non_blocking = self.device.type == "cuda"
@@ -605,6 +654,8 @@ def make_loaders(
     *,
     device: str | torch.device = "cpu",
     limit_train: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[BatchLoader, BatchLoader]:
     """The training and test :class:`BatchLoader` of a variant.
 
@@ -615,6 +666,7 @@ def make_loaders(
         generator: CPU generator for shuffling and augmenting the training set.
         device: where the batches go.
         limit_train: use only the first ``limit_train`` training images (None: all).
+        rank, world_size: yield process ``rank``'s slice of each batch (see :class:`BatchLoader`).
 
     Returns:
         ``(train_loader, test_loader)``.
@@ -623,6 +675,8 @@ def make_loaders(
         raise ValueError(f"limit_train must be at least 1; got {limit_train}")
     train = data.train.head(limit_train) if limit_train is not None else data.train
     return (
-        BatchLoader(train, batch_size, recipe, train=True, generator=generator, device=device),
-        BatchLoader(data.test, batch_size, recipe, train=False, device=device),
+        BatchLoader(
+            train, batch_size, recipe, train=True, generator=generator, device=device, rank=rank, world_size=world_size
+        ),
+        BatchLoader(data.test, batch_size, recipe, train=False, device=device, rank=rank, world_size=world_size),
     )

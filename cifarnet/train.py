@@ -17,6 +17,7 @@ A folder that already holds a run is neither resumed nor replaced unless asked (
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -34,7 +35,9 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+import cifarnet.nn
 from cifarnet.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
+from cifarnet.distributed import EveryProcessError, Peers, epoch_seed
 from cifarnet.fileio import atomic_save, atomic_write_text, describe_file, output_folder_problem
 from cifarnet.models import OPS, ConvNet
 from cifarnet.plots import plot_batch_losses, plot_curves
@@ -59,8 +62,11 @@ __all__ = [
     "warmup_factor",
 ]
 
-METRIC_KEYS = ("epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds")
-"""The keys of each ``metrics.jsonl`` line, in order."""
+METRIC_KEYS = (
+    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds", "world_size"
+)
+"""The keys of each ``metrics.jsonl`` line, in order (``world_size``: the processes that trained
+the epoch, as a run resumed with another number of processes changes it)."""
 
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -80,9 +86,10 @@ RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATC
 """The files a run writes into its folder (and ``overwrite`` removes)."""
 
 # Settings that may change when a run is resumed: how long it runs, and how the same
-# computation is carried out (fused and native models share their state_dict; a switch is
-# noted, since float32 rounding then differs from the uninterrupted run).
-RESUMABLE_CHANGES = ("epochs", "ops")
+# computation is carried out (fused and native models share their state_dict, and the
+# checkpoint of any number of processes is that of one model; a switch is noted, since
+# rounding and random draws then differ from the uninterrupted run).
+RESUMABLE_CHANGES = ("epochs", "ops", "world_size", "sync_batch_norm")
 
 # Settings that stabilise the study's schedule, off by default so the study runs as published
 # (without batch norm, SGD at lr 0.1 with momentum 0.9 is at the edge of stability): setting ->
@@ -98,7 +105,8 @@ class TrainConfig:
     Attributes:
         variant: one of :data:`cifarnet.variants.VARIANTS`.
         epochs: epochs to reach (a resumed run continues up to this many).
-        batch_size: training and test mini-batch size.
+        batch_size: training and test mini-batch size: the global batch, which the
+            ``world_size`` processes share, ``batch_size / world_size`` samples each.
         lr: initial SGD learning rate.
         seed: seeds initialisation, dropout, shuffling and augmentation.
         ops: ``"fused"`` or ``"native"`` conv→ReLU→pool stages (see :class:`ConvNet`).
@@ -112,6 +120,12 @@ class TrainConfig:
         clip_grad_norm: rescale the gradients of each batch to at most this total 2-norm
             (``torch.nn.utils.clip_grad_norm_``) before the step; None (the study) for no
             clipping.
+        world_size: the processes training together (data parallel, under ``torchrun``); 1
+            for one process. Recorded so a reader knows how the run was made; :func:`train`
+            checks it against the process group it runs in.
+        sync_batch_norm: with several processes, normalise with the statistics of the whole
+            global batch (``cifarnet.nn.convert_sync_batchnorm``) rather than of each process's
+            slice. The same with one process, or without batch norm (only ``full`` has it).
     """
 
     variant: str = "full"
@@ -124,6 +138,8 @@ class TrainConfig:
     precision: str = "float32"
     warmup_epochs: int = 0
     clip_grad_norm: float | None = None
+    world_size: int = 1
+    sync_batch_norm: bool = True
 
     def __post_init__(self) -> None:
         check_variant(self.variant)
@@ -143,6 +159,13 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must be 0 (none) or more; got {self.warmup_epochs}")
         if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
             raise ValueError(f"clip_grad_norm must be a positive number (or None for no clipping); got {self.clip_grad_norm}")
+        if self.world_size < 1:
+            raise ValueError(f"world_size must be at least 1; got {self.world_size}")
+        if self.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly among world_size {self.world_size} processes "
+                f"(each takes batch_size / world_size samples per step); expected a multiple of {self.world_size}"
+            )
 
 
 class TrainingDiverged(ValueError):
@@ -227,6 +250,7 @@ def epoch(
     autocast_dtype: torch.dtype | None = None,
     lr_scale: Callable[[int], float] | None = None,
     clip_grad_norm: float | None = None,
+    peers: Peers | None = None,
 ) -> EpochResult:
     """One pass over ``data``: training with ``optimizer``, evaluation without.
 
@@ -251,14 +275,22 @@ def epoch(
             parameter group's learning rate for that batch's step (a warm-up); the rates are
             restored when the epoch ends, however it ends.
         clip_grad_norm: training only: clip the gradients to this total 2-norm before each step.
+        peers: data parallel: ``data`` yields this process's slice of each global batch and
+            ``model`` is wrapped in ``DistributedDataParallel``. Each training step sums the
+            batch's loss over all processes before the backward pass (so every process sees the
+            global batch's loss, and a non-finite one, at the same step) and weights this
+            process's loss by its share of the batch, so the averaged gradient is that of the
+            global batch's mean loss. The returned figures are those of all processes' samples.
 
     Returns:
-        :class:`EpochResult` with example-weighted averages.
+        :class:`EpochResult` with example-weighted averages; ``batch_losses`` are those of the
+        global batches.
 
     Raises:
         ArithmeticError: training only, at the first batch whose loss is not finite, before
             its step (so the weights are those that produced it); ``batch`` (from 1) and
             ``loss`` are attributes.
+        cifarnet.distributed.PeerFailure: with ``peers``, another process stopped.
     """
     training = optimizer is not None
     model.train(training)
@@ -268,18 +300,28 @@ def epoch(
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
     scheduled_lrs = [group["lr"] for group in optimizer.param_groups] if training else []
+    # DDP's forward (buffers) and backward (gradients) communicate too.
+    communication = peers.guard("training" if training else "testing") if peers is not None else contextlib.nullcontext()
     try:
-        with torch.set_grad_enabled(training):
+        with torch.set_grad_enabled(training), communication:
             for index, (inputs, labels) in enumerate(bar):
                 with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = model(inputs)
                     loss = criterion(logits, labels)
-                batch_loss = loss.item()
+                local_loss = batch_loss = loss.item()
+                count = labels.shape[0]
                 if training:
+                    share = 1.0
+                    if peers is not None:
+                        # NB: one collective per step: the global loss, and agreement on divergence.
+                        global_loss_sum, global_count = peers.sum([local_loss * count, count], "summing the batch's loss")
+                        batch_loss = global_loss_sum / global_count
+                        # DDP averages over processes; the weight makes that the global batch's mean.
+                        share = count * peers.world_size / global_count
                     if not math.isfinite(batch_loss):
                         raise _NonFiniteLoss(index + 1, batch_loss)
                     optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
+                    (loss * share if share != 1.0 else loss).backward()
                     if clip_grad_norm is not None:
                         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                     if lr_scale is not None:
@@ -287,9 +329,8 @@ def epoch(
                         for group, scheduled_lr in zip(optimizer.param_groups, scheduled_lrs):
                             group["lr"] = scheduled_lr * scale
                     optimizer.step()
-                count = labels.shape[0]
                 batch_losses.append(batch_loss)
-                loss_sum += batch_loss * count
+                loss_sum += local_loss * count
                 # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
                 top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
                 predicted = top[:, 0]
@@ -306,6 +347,8 @@ def epoch(
         for group, scheduled_lr in zip(optimizer.param_groups if training else [], scheduled_lrs):
             group["lr"] = scheduled_lr
         bar.close()
+    if peers is not None:
+        loss_sum, correct1, correct5, seen = peers.sum([loss_sum, correct1, correct5, seen], "summing the epoch's metrics")
     if seen == 0:
         raise ValueError("data yielded no batches")
     return EpochResult(loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses)
@@ -485,6 +528,17 @@ def _resumable_config(saved: dict, config: TrainConfig, path: Path, *, complete:
             "the same function on the same weights, but round differently in float32, so the result will not "
             "match an uninterrupted run bit for bit"
         )
+    saved_world_size = saved.get("world_size", 1)
+    if saved_world_size != config.world_size:
+        _note(
+            f"{path} was trained by {_processes(saved_world_size)} and continues with {_processes(config.world_size)}: "
+            "the same samples and crops make each step, but gradients are summed in another order and dropout "
+            "draws other masks, so the result will not match an uninterrupted run bit for bit"
+        )
+
+
+def _processes(count: int) -> str:
+    return f"{count} process{'es' if count != 1 else ''}"
 
 
 def data_record(data: CIFAR10, limit_train: int | None = None) -> dict:
@@ -560,13 +614,81 @@ def _batch_loss_rows(batch_losses: list[list[float]], first_epoch: int = 1) -> I
             yield f"{epoch_number},{batch},{loss!r}\n"
 
 
-def _diverged(config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float):
-    """Records the divergence in ``out`` (beside the last good epoch's files) and raises."""
+def _diverged(config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True):
+    """Records the divergence in ``out`` (beside the last good epoch's files) and raises; only
+    ``record``-ing processes (rank 0) write."""
     remedies = {name: value for name, value in REMEDIES.items() if getattr(config, name) in (0, None)}
     error = TrainingDiverged(config.variant, epoch_number, batch, loss, remedies)
-    record = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
-    atomic_write_text(out / DIVERGENCE_FILE, json.dumps(record) + "\n")
+    if record:
+        entry = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
+        atomic_write_text(out / DIVERGENCE_FILE, json.dumps(entry) + "\n")
     raise error
+
+
+def _on_main(peers: Peers | None, work: Callable[[], object]):
+    """Runs ``work()`` on rank 0 (the one process that owns the output folder) and gives every
+    process its result; a ``ValueError`` it raises is raised on every process, so that all of
+    them stop with the same message instead of waiting for rank 0."""
+    result, problem = None, None
+    if peers is None or peers.is_main:
+        try:
+            result = work()
+        except ValueError as error:
+            problem = error
+    if peers is not None:
+        result, message = peers.broadcast((result, None if problem is None else str(problem)))
+        if message is not None and problem is None:
+            problem = EveryProcessError(message)
+    if problem is not None:
+        raise problem
+    return result
+
+
+def _check_processes_agree(peers: Peers, config: TrainConfig, trained_on: dict) -> None:
+    """Refuses to start where a process was given other settings, or reads other images, than
+    rank 0 (e.g. a machine with another copy of the data). Raises the same error everywhere."""
+    everyone = peers.gather((asdict(config), trained_on["sha256"]))
+    main_config, main_data = everyone[0]
+    for rank, (rank_config, rank_data) in enumerate(everyone):
+        changed = [
+            f"{name}: {main_config.get(name)!r} on rank 0, {value!r}"
+            for name, value in rank_config.items()
+            if main_config.get(name) != value
+        ]
+        if changed:
+            raise EveryProcessError(
+                f"rank {rank} was started with other settings than rank 0 ({'; '.join(changed)}); "
+                "start every process with the same options"
+            )
+        if rank_data != main_data:
+            raise EveryProcessError(
+                f"rank {rank} reads other images than rank 0 (another sha256 of their pixels and labels); "
+                "every process must read the same data"
+            )
+
+
+def _check_last_batch(train_count: int, batch_size: int, world_size: int) -> None:
+    """With several processes, each must get at least one sample of every training batch."""
+    last = train_count % batch_size
+    if world_size > 1 and 0 < last < world_size:
+        raise EveryProcessError(
+            f"the last training batch holds {last} image{'s' if last > 1 else ''} ({train_count} training images in "
+            f"batches of {batch_size}), fewer than the {world_size} processes, so a process would have none; "
+            f"choose a limit_train (--limit-train) that leaves 0 or at least {world_size} images for the last batch"
+        )
+
+
+def _convert_sync_batchnorm(model: ConvNet) -> nn.Module:
+    # NB: looked up at call time: the conversion lives in the library (cifarnet.nn), which may
+    # lack it; the error then names the way on.
+    convert = getattr(cifarnet.nn, "convert_sync_batchnorm", None)
+    if convert is None:
+        raise EveryProcessError(
+            "sync_batch_norm (the default with several processes for a variant with batch norm) needs "
+            "cifarnet.nn.convert_sync_batchnorm, which this cifarnet lacks; pass --no-sync-bn "
+            "(sync_batch_norm=False) to normalise each process's slice with its own statistics"
+        )
+    return convert(model)
 
 
 def train(
@@ -580,6 +702,7 @@ def train(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    peers: Peers | None = None,
 ) -> list[dict]:
     """Trains and tests one variant, epoch by epoch, writing results and checkpoints to ``out``.
 
@@ -590,24 +713,42 @@ def train(
     run killed at any moment loses at most the epoch in progress, and on the CPU a resumed run
     gives the same metrics, bit for bit, as one that was never interrupted.
 
+    With ``peers`` (several processes under ``torchrun``), the processes train one model data
+    parallel: each takes its slice of every global batch of ``config.batch_size`` (the same
+    samples and crops a single process would see; see :class:`cifarnet.data.BatchLoader`), the
+    model is wrapped in ``DistributedDataParallel`` (and, for batch norm with
+    ``config.sync_batch_norm``, converted with ``cifarnet.nn.convert_sync_batchnorm``), and the
+    figures are summed over all processes (the test set is split among them too, evaluated with
+    rank 0's batch-norm statistics, so the figures are those of the saved model). Only rank 0
+    checks and writes ``out``, shows progress and prints; it reads the checkpoint and sends it
+    to the others. Every process seeds its own dropout draws each epoch from (seed, rank,
+    epoch). A checkpoint resumes with any number of processes: it holds one model's state, and
+    the data generator's state, which does not depend on the number of processes. Bit for bit,
+    a run resumed with the number of processes it was interrupted with reproduces the
+    uninterrupted run; one resumed with another number continues on the same samples and
+    crops, but gradients are then summed in another order and dropout draws other masks.
+
     Args:
-        config: the run's settings.
+        config: the run's settings; ``config.world_size`` must be the number of processes.
         out: output folder (created).
         data: the data set, already loaded (e.g. shared by several runs); else read from
             ``data_dir`` with :func:`cifarnet.data.load_cifar10`.
         data_dir: see :func:`cifarnet.data.load_cifar10`.
-        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` for one GPU of several).
         threads: ``torch.set_num_threads(threads)`` for CPU ops (None: leave it).
-        resume: continue from ``out/checkpoint.pt`` up to ``config.epochs`` if it exists; else
-            start afresh. Its settings must equal ``config`` except ``epochs`` and ``ops``
-            (fused and native models share their weights; a switch prints a note) and, for a
-            run already complete (nothing is trained), the remedies of :data:`REMEDIES`; it must
-            have been trained on the same images (the same ``limit_train`` and, per
-            :func:`data_record`, the same pixels and labels; moved data prints a note, a
-            checkpoint that predates the record resumes unchecked, with a note).
+        resume: continue from ``out/checkpoint.pt`` if it exists; else start afresh. Its
+            settings must equal ``config`` except ``epochs``, ``ops`` (fused and native models
+            share their weights; a switch prints a note), ``world_size`` and
+            ``sync_batch_norm`` (a change prints a note) and, for a run already complete
+            (nothing is trained), the remedies of :data:`REMEDIES`; it must have been trained
+            on the same images (the same ``limit_train`` and, per :func:`data_record`, the same
+            pixels and labels; moved data prints a note, a checkpoint that predates the record
+            resumes unchecked, with a note).
         overwrite: where ``out`` already holds a run, remove its files (:data:`RUN_FILES`) and
             start afresh. Without ``resume`` or ``overwrite`` such a folder is refused.
-        progress: show progress bars and print one summary line per epoch.
+        progress: show progress bars and print one summary line per epoch (rank 0 only).
+        peers: the processes training together (:class:`cifarnet.distributed.Peers`), or None
+            for one process.
 
     Returns:
         The ``metrics.jsonl`` records of all epochs so far (dicts with :data:`METRIC_KEYS`).
@@ -617,19 +758,22 @@ def train(
             finite. The run stops at that batch; its folder keeps the files of the last
             complete epoch, and ``diverged.json`` records where it diverged.
         ValueError: bad settings, an unusable device, an output folder that cannot be written or
-            holds a run (without ``resume`` or ``overwrite``), or a checkpoint that does not fit.
+            holds a run (without ``resume`` or ``overwrite``), a checkpoint that does not fit,
+            or processes given other settings or data than rank 0. With ``peers``, every
+            process raises the same error.
         cifarnet.data.DataError: the data set cannot be read.
+        cifarnet.distributed.PeerFailure: another process stopped, or stalled for longer than
+            the process group's timeout.
     """
     out = Path(out)
+    world_size = 1 if peers is None else peers.world_size
+    is_main = peers is None or peers.is_main
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other: continue the run in out, or replace it")
-    problem = output_folder_problem(out)
-    if problem:
-        raise ValueError(f"output folder {out}: {problem}")
-    earlier = earlier_run_files(out)
-    if earlier and not (resume or overwrite):
+    if config.world_size != world_size:
         raise ValueError(
-            f"{out} already holds a run ({', '.join(earlier)}); resume it (resume=True) or replace it (overwrite=True)"
+            f"config.world_size is {config.world_size}, but {world_size} process{'es' if world_size > 1 else ''} "
+            "train; expected the number of processes"
         )
     device = resolve_device(device)
     if threads is not None:
@@ -637,52 +781,83 @@ def train(
             raise ValueError(f"threads must be at least 1; got {threads}")
         torch.set_num_threads(threads)
     checkpoint_path = out / CHECKPOINT_FILE
-    checkpoint = None
-    if resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        _resumable_config(checkpoint["config"], config, checkpoint_path, complete=checkpoint["epoch"] >= config.epochs)
+
+    def open_run() -> dict | None:
+        problem = output_folder_problem(out)
+        if problem:
+            raise ValueError(f"output folder {out}: {problem}")
+        earlier = earlier_run_files(out)
+        if earlier and not (resume or overwrite):
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(earlier)}); resume it (resume=True) or replace it (overwrite=True)"
+            )
+        if not (resume and checkpoint_path.exists()):
+            return None
+        found = load_checkpoint(checkpoint_path)
+        _resumable_config(found["config"], config, checkpoint_path, complete=found["epoch"] >= config.epochs)
+        return found
+
+    checkpoint = _on_main(peers, open_run)
     if data is None:
-        data = load_cifar10(data_dir, progress=progress)
+        data = load_cifar10(data_dir, progress=progress and is_main)
     trained_on = data_record(data, config.limit_train)
     if checkpoint is not None:
-        _check_same_data(checkpoint.get(CHECKPOINT_DATA_KEY), trained_on, checkpoint_path)
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        # Only now, once settings and data are known to be good: a failed start keeps the old run.
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    # A divergence recorded earlier is history once training starts again.
-    (out / DIVERGENCE_FILE).unlink(missing_ok=True)
+        _on_main(peers, lambda: _check_same_data(checkpoint.get(CHECKPOINT_DATA_KEY), trained_on, checkpoint_path))
+    if peers is not None:
+        _check_processes_agree(peers, config, trained_on)
+    _check_last_batch(trained_on["train_images"], config.batch_size, world_size)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            # Only now, once settings and data are known to be good: a failed start keeps the old run.
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
+        # A divergence recorded earlier is history once training starts again.
+        (out / DIVERGENCE_FILE).unlink(missing_ok=True)
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
+    # The same on every process: one shuffled order and one set of crops, each process taking its slice.
     generator = torch.Generator().manual_seed(config.seed)
     model = ConvNet(config.variant, config.ops).to(device)
-    optimizer, scheduler = make_optimizer(model, config)
     history: list[dict] = []
     batch_losses: list[list[float]] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(checkpoint["scheduler"])
         _set_rng_state(checkpoint["rng"], generator, device)
         history, batch_losses = list(checkpoint["history"]), [list(b) for b in checkpoint["batch_losses"]]
     _check_model_runs_on(model, device)
-    # Rewritten from the checkpoint, so lines of an epoch lost to a crash disappear.
-    _write_records(out, history, batch_losses)
+    if peers is not None and config.sync_batch_norm and model.recipe.batch_norm:
+        model = _convert_sync_batchnorm(model)
+    # After the conversion, which may replace modules (the parameters are the same, in the same order).
+    optimizer, scheduler = make_optimizer(model, config)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(checkpoint["scheduler"])
+    # The checkpoint keeps `model`'s state_dict: one model's, without DDP's "module." prefix.
+    trained_model = model if peers is None else peers.data_parallel(model)
+    if is_main:
+        # Rewritten from the checkpoint, so lines of an epoch lost to a crash disappear.
+        _write_records(out, history, batch_losses)
 
+    rank = 0 if peers is None else peers.rank
     train_loader, test_loader = make_loaders(
-        data, recipe(config.variant), config.batch_size, generator, device=device, limit_train=config.limit_train
+        data, recipe(config.variant), config.batch_size, generator, device=device, limit_train=config.limit_train,
+        rank=rank, world_size=world_size,
     )
     criterion = nn.CrossEntropyLoss()
     batches_per_epoch = len(train_loader)
-    if checkpoint is not None and len(history) >= config.epochs:
+    progress = progress and is_main
+    if checkpoint is not None and len(history) >= config.epochs and is_main:
         _note(f"{out} is complete ({len(history)} of {config.epochs} epochs); nothing to train")
     for epoch_number in range(len(history) + 1, config.epochs + 1):
         label = f"{config.variant} {epoch_number}/{config.epochs}"
         started = time.perf_counter()
+        if peers is not None:
+            # Dropout: each process its own masks, reproducible whatever epoch the run resumed at.
+            torch.manual_seed(epoch_seed(config.seed, rank, epoch_number))
         lr = optimizer.param_groups[0]["lr"]
         autocast_dtype = PRECISIONS[config.precision]
         lr_scale = None
@@ -691,15 +866,20 @@ def train(
             warmup_steps = config.warmup_epochs * batches_per_epoch
             lr_scale = lambda index, first_step=first_step: warmup_factor(first_step + index, warmup_steps)  # noqa: E731
         try:
-            trained = epoch(train_loader, model, criterion, optimizer, progress=progress, description=f"{label} train",
-                            autocast_dtype=autocast_dtype, lr_scale=lr_scale, clip_grad_norm=config.clip_grad_norm)
+            trained = epoch(train_loader, trained_model, criterion, optimizer, progress=progress,
+                            description=f"{label} train", autocast_dtype=autocast_dtype, lr_scale=lr_scale,
+                            clip_grad_norm=config.clip_grad_norm, peers=peers)
         except _NonFiniteLoss as non_finite:
-            _diverged(config, out, epoch_number, non_finite.batch, non_finite.loss)
+            _diverged(config, out, epoch_number, non_finite.batch, non_finite.loss, record=is_main)
+        train_seconds = time.perf_counter() - started
+        if peers is not None:
+            # Per-process batch norm: test, and save, rank 0's statistics on every process.
+            peers.broadcast_buffers(model)
         tested = epoch(test_loader, model, criterion, progress=progress, description=f"{label} test",
-                       autocast_dtype=autocast_dtype)
+                       autocast_dtype=autocast_dtype, peers=peers)
         if not math.isfinite(tested.loss):
             # The last step of the epoch broke the weights: keep the previous epoch's checkpoint.
-            _diverged(config, out, epoch_number, None, tested.loss)
+            _diverged(config, out, epoch_number, None, tested.loss, record=is_main)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started
@@ -713,9 +893,12 @@ def train(
             "test_top5": tested.top5,
             "lr": lr,
             "seconds": seconds,
+            "world_size": world_size,
         }
         history.append(record)
         batch_losses.append(trained.batch_losses)
+        if not is_main:
+            continue
         atomic_save(
             {
                 "format": CHECKPOINT_FORMAT,
@@ -741,7 +924,17 @@ def train(
             tqdm.write(
                 f"{label}: train loss {trained.loss:.4f} top-1 {trained.top1:.2f}% | "
                 f"test loss {tested.loss:.4f} top-1 {tested.top1:.2f}% top-5 {tested.top5:.2f}% | "
-                f"lr {lr:.4g} | {seconds:.1f} s",
+                f"lr {lr:.4g} | {seconds:.1f} s ({trained_on['train_images'] / train_seconds:.0f} training images/s)",
                 file=sys.stdout,
             )
+    if peers is not None:
+        # When train returns on any process, rank 0 has written the whole run.
+        peers.barrier()
     return history
+
+
+if __name__ == "__main__":
+    # `python -m cifarnet.train` is `cifarnet-train` (so `torchrun -m cifarnet.train` works too).
+    from cifarnet.cli import train_main
+
+    sys.exit(train_main())

@@ -19,7 +19,7 @@ from cifarnet.models import ConvNet
 from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
 from cifar10_fakes import make_split, write_pickles
 
-EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds"]
+EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds", "world_size"]
 TRAIN_COUNT, TEST_COUNT, BATCH = 40, 20, 16
 
 

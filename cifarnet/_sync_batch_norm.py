@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from cifarnet._arguments import pair
+
 _ops = torch.ops.cifarnet
 
 
@@ -172,7 +174,14 @@ def sync_conv2d_batch_norm_relu_max_pool2d(
     statistics of the whole batch over ``group`` (``input``: this process's ``Tensor[N, C_in,
     H, W]``, N may be 0). Every process of the group must call it."""
     input, weight, bias = _autocast_conv_arguments(input, weight, bias)
-    geometry = (list(stride), list(padding), list(pool_size), list(pool_stride or ()), bool(ceil_mode))
+    # ints or pairs, as cifarnet.ops.conv2d_batch_norm_relu_max_pool2d takes them
+    geometry = (
+        pair(stride, "stride"),
+        pair(padding, "padding"),
+        pair(pool_size, "pool_size"),
+        [] if pool_stride is None else pair(pool_stride, "pool_stride"),
+        bool(ceil_mode),
+    )
     return _SyncConv2dBatchNormReLUMaxPool2d.apply(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, geometry, group
     )

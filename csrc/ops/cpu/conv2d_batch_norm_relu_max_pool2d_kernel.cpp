@@ -33,6 +33,7 @@
 
 #include "../batch_norm_common.h"
 #include "../conv_pool_geometry.h"
+#include "../convolution_grads.h"
 #include "batch_norm_cpu.h"
 #include "multiversion.h"
 #include "simd.h"
@@ -259,27 +260,6 @@ at::Tensor conv_output_grad(const BackwardInputs& in, const ConvPoolGeometry& g,
     }
   });
   return grad_conv;
-}
-
-// The convolution's gradients from its output's, in fixed layouts (so the fake kernels can
-// promise the same strides); zeros for an empty batch.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_grads(
-    const at::Tensor& grad_conv, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, std::array<bool, 3> output_mask) {
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (input.size(0) == 0) {
-    if (output_mask[0]) grad_input = at::empty_like(input);
-    if (output_mask[1]) grad_weight = at::zeros_like(weight);
-    if (output_mask[2]) grad_bias = at::zeros({weight.size(0)}, weight.options());
-  } else {
-    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
-        grad_conv, input, weight.contiguous(at::MemoryFormat::ChannelsLast),
-        at::IntArrayRef{weight.size(0)}, stride, padding, {1, 1}, /*transposed=*/false, {0, 0},
-        /*groups=*/1, output_mask);
-  }
-  if (grad_input.defined()) grad_input = grad_input.contiguous(conv_output_memory_format(input, weight));
-  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
-  return {grad_input, grad_weight, grad_bias};
 }
 
 void check_cpu(const at::Tensor& input) {

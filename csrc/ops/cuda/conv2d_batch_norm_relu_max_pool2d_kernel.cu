@@ -12,6 +12,7 @@
 
 #include "../batch_norm_common.h"
 #include "../conv_pool_geometry.h"
+#include "../convolution_grads.h"
 #include "batch_norm_cuda.h"
 #include "cuda_common.cuh"
 
@@ -89,29 +90,6 @@ at::Tensor pooled_gradient(const at::Tensor& grad_output, const at::Tensor& argm
                                                           at::MemoryFormat::ChannelsLast);
       });
   return grad_conv;
-}
-
-// The convolution's gradients from its output's, in fixed layouts (so the fake kernel can
-// promise the same strides); zeros for an empty batch.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_grads(
-    const at::Tensor& grad_conv, const at::Tensor& input, const at::Tensor& weight,
-    at::IntArrayRef stride, at::IntArrayRef padding, std::array<bool, 3> output_mask) {
-  at::Tensor grad_input, grad_weight, grad_bias;
-  if (input.size(0) == 0) {
-    if (output_mask[0]) grad_input = at::empty_like(input);
-    if (output_mask[1]) grad_weight = at::zeros_like(weight);
-    if (output_mask[2]) grad_bias = at::zeros({weight.size(0)}, weight.options());
-  } else {
-    std::tie(grad_input, grad_weight, grad_bias) = at::convolution_backward(
-        grad_conv, input, weight.contiguous(at::MemoryFormat::ChannelsLast),
-        at::IntArrayRef{weight.size(0)}, stride, padding, {1, 1}, /*transposed=*/false, {0, 0},
-        /*groups=*/1, output_mask);
-  }
-  if (grad_input.defined()) {
-    grad_input = grad_input.contiguous(conv_output_memory_format(input, weight));
-  }
-  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
-  return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>

@@ -240,21 +240,21 @@ def test_torch_compile_fullgraph_updates_running_stats(device):
 def _bad_batch_norm_cases():
     x = torch.randn(4, 3, 5, 5)
     return [
-        ("1-D input", dict(input=torch.randn(3)), "input must have at least 2 dimensions"),
-        ("running_mean size", dict(running_mean=torch.zeros(4)), "running_mean should contain 3 elements"),
-        ("weight size", dict(weight=torch.ones(2)), "weight should contain 3 elements"),
-        ("one value per channel", dict(input=torch.randn(1, 3, 1, 1)), "Expected more than 1 value per channel when training"),
-        ("integer input", dict(input=x.long()), "input must be float32, float64, float16 or bfloat16, got Long"),
-        ("eval without running stats", dict(running_mean=None, running_var=None, training=False), "must be defined in evaluation mode"),
-        ("only running_mean", dict(running_var=None), "both be given or both be None"),
+        ("1-D input", dict(input=torch.randn(3)), "input must have at least 2 dimensions", RuntimeError),
+        ("running_mean size", dict(running_mean=torch.zeros(4)), "running_mean should contain 3 elements", RuntimeError),
+        ("weight size", dict(weight=torch.ones(2)), "weight should contain 3 elements", RuntimeError),
+        ("one value per channel", dict(input=torch.randn(1, 3, 1, 1)), "Expected more than 1 value per channel when training", ValueError),
+        ("integer input", dict(input=x.long()), "input must be float32, float64, float16 or bfloat16, got Long", RuntimeError),
+        ("eval without running stats", dict(running_mean=None, running_var=None, training=False), "must be defined in evaluation mode", RuntimeError),
+        ("only running_mean", dict(running_var=None), "both be given or both be None", RuntimeError),
     ]
 
 
-@pytest.mark.parametrize("name, overrides, message", _bad_batch_norm_cases(), ids=[c[0] for c in _bad_batch_norm_cases()])
-def test_bad_input_raises_a_clear_error(name, overrides, message):
+@pytest.mark.parametrize("name, overrides, message, error", _bad_batch_norm_cases(), ids=[c[0] for c in _bad_batch_norm_cases()])
+def test_bad_input_raises_a_clear_error(name, overrides, message, error):
     args = dict(input=torch.randn(4, 3, 5, 5), running_mean=torch.zeros(3), running_var=torch.ones(3), training=True)
     args.update(overrides)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(error) as info:
         batch_norm(**args)
     assert message in str(info.value), str(info.value)
 

@@ -306,22 +306,22 @@ def test_backward_keeps_input_conv_output_statistics_and_one_byte_argmax(device)
 
 def _bad_cases():
     return [
-        ("bn_weight size", dict(bn_weight=torch.ones(5)), "bn_weight should contain 4 elements"),
-        ("running_var size", dict(running_var=torch.ones(3)), "running_var should contain 4 elements"),
-        ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode"),
-        ("one value per channel", dict(input=torch.randn(1, 3, 3, 3), pool_size=1), "Expected more than 1 value per channel when training"),
-        ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), "input has 5 channels"),
+        ("bn_weight size", dict(bn_weight=torch.ones(5)), "bn_weight should contain 4 elements", RuntimeError),
+        ("running_var size", dict(running_var=torch.ones(3)), "running_var should contain 4 elements", RuntimeError),
+        ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode", RuntimeError),
+        ("one value per channel", dict(input=torch.randn(1, 3, 3, 3), pool_size=1), "Expected more than 1 value per channel when training", ValueError),
+        ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), "input has 5 channels", RuntimeError),
     ]
 
 
-@pytest.mark.parametrize("name, overrides, message", _bad_cases(), ids=[c[0] for c in _bad_cases()])
-def test_bad_input_raises_a_clear_error(name, overrides, message):
+@pytest.mark.parametrize("name, overrides, message, error", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises_a_clear_error(name, overrides, message, error):
     args = dict(
         input=torch.randn(2, 3, 8, 8), weight=torch.randn(4, 3, 3, 3), bias=None, running_mean=torch.zeros(4),
         running_var=torch.ones(4), bn_weight=None, bn_bias=None, training=True,
     )
     args.update(overrides)
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(error) as info:
         conv2d_batch_norm_relu_max_pool2d(**args)
     assert message in str(info.value), str(info.value)
 

@@ -75,9 +75,16 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
               input.dim(), "-D tensor of shape ", shape_string(input));
   check_floating_dtype(input, "input");
-  TORCH_SYM_CHECK(c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1)),
-                  "Expected more than 1 value per channel when training, got input size ",
-                  shape_string(input));
+  // A ValueError, as torch.nn.functional.batch_norm raises it; symbolic sizes (torch.compile)
+  // defer the check to run time, where it raises a RuntimeError.
+  const c10::SymBool enough = c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1));
+  if (const std::optional<bool> known = enough.maybe_as_bool()) {
+    TORCH_CHECK_VALUE(*known, "Expected more than 1 value per channel when training, got input size ",
+                      shape_string(input));
+  } else {
+    TORCH_SYM_CHECK(enough, "Expected more than 1 value per channel when training, got input size ",
+                    shape_string(input));
+  }
 }
 
 // The batch norm forward's argument checks, shared by the CPU and CUDA kernels.

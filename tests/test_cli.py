@@ -411,7 +411,7 @@ def test_divergence_stops_with_one_line_naming_the_remedies(pickles, tmp_path, c
     line = assert_one_line_error(capsys, status)
     assert re.fullmatch(
         r"cifarnet-train: error: momentum epoch 1 batch \d: the loss is (nan|inf) \(training diverged\); the study's "
-        r"schedule is at the edge of stability without batch norm: try --warmup-epochs 1 or --clip-grad-norm 5 "
+        r"schedule is at the edge of stability without batch norm: try --clip-grad-norm 5 or --warmup-epochs 1 "
         r"\(off by default\)",
         line,
     ), line

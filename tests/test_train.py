@@ -553,7 +553,7 @@ def test_a_nonfinite_loss_stops_the_run_at_that_batch_and_keeps_the_last_good_ep
     assert (error.variant, error.epoch, error.batch) == ("momentum", 2, 2) and math.isnan(error.loss)
     assert str(error) == (
         "momentum epoch 2 batch 2: the loss is nan (training diverged); the study's schedule is at the edge of "
-        "stability without batch norm: try warmup_epochs=1 or clip_grad_norm=5.0 (off by default)"
+        "stability without batch norm: try clip_grad_norm=5.0 or warmup_epochs=1 (off by default)"
     )
     assert {name: (out / name).read_bytes() for name in kept} == kept
     assert json.loads((out / "diverged.json").read_text())["epoch"] == 2

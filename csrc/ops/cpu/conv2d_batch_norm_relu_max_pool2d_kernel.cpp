@@ -33,7 +33,7 @@
 
 #include "../batch_norm_common.h"
 #include "../conv_pool_geometry.h"
-#include "../convolution_grads.h"
+#include "../convolution.h"
 #include "batch_norm_cpu.h"
 #include "multiversion.h"
 #include "simd.h"
@@ -47,21 +47,6 @@ namespace {
 
 // ---------------------------------------------------------------------------------------------
 // The phases.
-
-// The convolution of the whole batch, channels last (kept for the backward). An empty batch
-// (a process of a synchronized batch that got no samples) skips the convolution.
-at::Tensor channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias,
-                                     const ConvPoolGeometry& g, at::IntArrayRef stride,
-                                     at::IntArrayRef padding) {
-  if (g.batch == 0) {
-    return at::empty({0, g.out_channels, g.conv_h, g.conv_w},
-                     input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  }
-  return at::convolution(input, weight.contiguous(at::MemoryFormat::ChannelsLast), bias, stride,
-                         padding, {1, 1}, /*transposed=*/false, {0, 0}, /*groups=*/1)
-      .contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 // The pooled output and its one-byte argmax, uninitialised, in native conv2d's layout.
 std::pair<at::Tensor, at::Tensor> empty_pooled_output(const at::Tensor& input,

@@ -12,7 +12,7 @@
 
 #include "../batch_norm_common.h"
 #include "../conv_pool_geometry.h"
-#include "../convolution_grads.h"
+#include "../convolution.h"
 #include "batch_norm_cuda.h"
 #include "cuda_common.cuh"
 
@@ -22,22 +22,6 @@ namespace {
 void check_cuda(const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor for the CUDA kernel, got ",
               input.device());
-}
-
-// The convolution, channels last as on the CPU (the fake kernel promises it): the layout
-// tensor cores take. An empty batch (a process of a synchronized batch that got no samples)
-// skips it.
-at::Tensor channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
-                                     const std::optional<at::Tensor>& bias,
-                                     const ConvPoolGeometry& g, at::IntArrayRef stride,
-                                     at::IntArrayRef padding) {
-  if (g.batch == 0) {
-    return at::empty({0, g.out_channels, g.conv_h, g.conv_w},
-                     input.options().memory_format(at::MemoryFormat::ChannelsLast));
-  }
-  return at::convolution(input, weight.contiguous(at::MemoryFormat::ChannelsLast), bias, stride,
-                         padding, {1, 1}, /*transposed=*/false, {0, 0}, /*groups=*/1)
-      .contiguous(at::MemoryFormat::ChannelsLast);
 }
 
 // Statistics phase: per-channel mean and biased variance in the accumulation dtype; zeros for

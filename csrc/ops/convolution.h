@@ -1,15 +1,32 @@
 #pragma once
-// The convolution's gradients from the gradient of its output, shared by the CPU and CUDA
-// kernels of the batch-norm chain (at::convolution_backward picks the device's library).
+// The batch-norm chain's convolution and its gradients through ATen, shared by the CPU and CUDA
+// kernels (at::convolution and at::convolution_backward pick the device's library).
 
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "conv_pool_geometry.h"
 
 namespace cifarnet {
+
+// The convolution of the whole batch, channels last (kept for the backward; on CUDA the layout
+// tensor cores take). An empty batch (a process of a synchronized batch that got no samples)
+// skips the convolution.
+inline at::Tensor channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const ConvPoolGeometry& g, at::IntArrayRef stride,
+                                            at::IntArrayRef padding) {
+  if (g.batch == 0) {
+    return at::empty({0, g.out_channels, g.conv_h, g.conv_w},
+                     input.options().memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  return at::convolution(input, weight.contiguous(at::MemoryFormat::ChannelsLast), bias, stride,
+                         padding, {1, 1}, /*transposed=*/false, {0, 0}, /*groups=*/1)
+      .contiguous(at::MemoryFormat::ChannelsLast);
+}
 
 // In fixed layouts (so the fake kernels can promise the same strides); zeros for an empty
 // batch.

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 
+#include <cmath>
 #include <optional>
 #include <vector>
 
@@ -57,6 +58,43 @@ struct SplitMean {
     }
   }
 };
+
+// Per-channel coefficients: out = (x - mean) * a + b (normalize), or
+// out = ((x - mean) * a + b + g) * k (input_grad; see batch_norm_loops.h).
+template <typename scalar_t>
+struct ChannelMap {
+  std::vector<scalar_t> mean, a, b, k;
+  explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
+};
+
+template <typename acc_t>
+std::vector<acc_t> inverse_std(const std::vector<acc_t>& var, double eps) {
+  std::vector<acc_t> invstd(var.size());
+  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
+  return invstd;
+}
+
+// The training backward's input-gradient map: dx = k (g - sum_g / M - (x - mean) invstd^2
+// sum_gx / M), k = w invstd, M = count (the values per channel of the whole, possibly
+// synchronized, batch), as input_grad with slope -invstd^2 sum_gx / M around centre.hi.
+template <typename opmath_t, typename acc_t>
+ChannelMap<opmath_t> training_grad_map(const SplitMean<opmath_t, acc_t>& centre,
+                                       const std::vector<acc_t>& invstd,
+                                       const std::vector<acc_t>& w,
+                                       const std::vector<acc_t>& sum_g,
+                                       const std::vector<acc_t>& sum_gx, int64_t count) {
+  const int64_t channels = static_cast<int64_t>(invstd.size());
+  const acc_t m = static_cast<acc_t>(count);
+  ChannelMap<opmath_t> f(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / m;
+    f.mean[c] = centre.hi[c];
+    f.a[c] = static_cast<opmath_t>(slope);
+    f.b[c] = static_cast<opmath_t>(-sum_g[c] / m - centre.lo[c] * slope);
+    f.k[c] = static_cast<opmath_t>(w[c] * invstd[c]);
+  }
+  return f;
+}
 
 // A per-channel tensor of the given values (in T's dtype).
 template <typename T>

@@ -98,14 +98,6 @@ std::pair<std::vector<acc_t>, std::vector<acc_t>> channel_sums(const BatchNormLa
   return {std::move(a), std::move(b)};
 }
 
-// Per-channel coefficients: out = (x - mean) * a + b (normalize), or
-// out = ((x - mean) * a + b + g) * k (input_grad; see batch_norm_loops.h).
-template <typename scalar_t>
-struct ChannelMap {
-  std::vector<scalar_t> mean, a, b, k;
-  explicit ChannelMap(int64_t channels) : mean(channels), a(channels), b(channels), k(channels) {}
-};
-
 }  // namespace
 
 int64_t streaming_store_threshold_bytes() { return cache_sizes().llc_bytes; }
@@ -259,9 +251,7 @@ std::pair<std::vector<stats_t<scalar_t>>, std::vector<stats_t<scalar_t>>> grad_s
   return {std::move(sum_g), std::move(sum_gx)};
 }
 
-// The backward's elementwise phase in training: dx = k (g - sum_g / M - (x - mean) invstd^2
-// sum_gx / M), k = w invstd, M = count (the values per channel of the whole, possibly
-// synchronized, batch): input_grad with slope -invstd^2 sum_gx / M around hi.
+// The backward's elementwise phase in training (training_grad_map's map over the input).
 template <typename scalar_t>
 void training_input_grad(const BatchNormLayout& layout, scalar_t* out, const scalar_t* g,
                          const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre,
@@ -269,26 +259,9 @@ void training_input_grad(const BatchNormLayout& layout, scalar_t* out, const sca
                          const std::vector<stats_t<scalar_t>>& w,
                          const std::vector<stats_t<scalar_t>>& sum_g,
                          const std::vector<stats_t<scalar_t>>& sum_gx, int64_t count) {
-  using acc_t = stats_t<scalar_t>;
-  using opmath_t = simd::opmath_t<scalar_t>;
   if (layout.data.numel() == 0) return;
-  const acc_t m = static_cast<acc_t>(count);
-  ChannelMap<opmath_t> f(layout.channels);
-  for (int64_t c = 0; c < layout.channels; ++c) {
-    const acc_t slope = -invstd[c] * invstd[c] * sum_gx[c] / m;
-    f.mean[c] = centre.hi[c];
-    f.a[c] = static_cast<opmath_t>(slope);
-    f.b[c] = static_cast<opmath_t>(-sum_g[c] / m - centre.lo[c] * slope);
-    f.k[c] = static_cast<opmath_t>(w[c] * invstd[c]);
-  }
+  const auto f = training_grad_map(centre, invstd, w, sum_g, sum_gx, count);
   apply_channel_map<scalar_t>(layout, out, layout.data.const_data_ptr<scalar_t>(), g, f, true);
-}
-
-template <typename acc_t>
-std::vector<acc_t> inverse_std(const std::vector<acc_t>& var, double eps) {
-  std::vector<acc_t> invstd(var.size());
-  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
-  return invstd;
 }
 
 void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {

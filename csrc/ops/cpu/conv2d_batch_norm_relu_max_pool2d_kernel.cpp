@@ -169,13 +169,6 @@ std::pair<std::vector<stats_t<scalar_t>>, std::vector<stats_t<scalar_t>>> hit_su
   return {std::move(sum_g), std::move(sum_gx)};
 }
 
-template <typename acc_t>
-std::vector<acc_t> inverse_std(const std::vector<acc_t>& var, double eps) {
-  std::vector<acc_t> invstd(var.size());
-  for (size_t c = 0; c < var.size(); ++c) invstd[c] = 1 / std::sqrt(var[c] + eps);
-  return invstd;
-}
-
 // Elementwise phase: the convolution output's gradient
 // dx = k (dy - sum_g / M - (x - mean) invstd^2 sum_gx / M), k = bn_weight * invstd, M = count
 // (the values per channel of the whole, possibly synchronized, batch): computed as
@@ -187,18 +180,10 @@ at::Tensor conv_output_grad(const BackwardInputs& in, const ConvPoolGeometry& g,
                             const std::vector<stats_t<scalar_t>>& w,
                             const std::vector<stats_t<scalar_t>>& sum_g,
                             const std::vector<stats_t<scalar_t>>& sum_gx, int64_t count) {
-  using acc_t = stats_t<scalar_t>;
-  using opmath_t = simd::opmath_t<scalar_t>;
   const int64_t channels = g.out_channels;
-  const std::vector<opmath_t>& mean = centre.hi;
-  const acc_t m = static_cast<acc_t>(count);
-  std::vector<opmath_t> k(channels), slope(channels), offset(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    const acc_t s = -invstd[c] * invstd[c] * sum_gx[c] / m;
-    k[c] = static_cast<opmath_t>(w[c] * invstd[c]);
-    slope[c] = static_cast<opmath_t>(s);
-    offset[c] = static_cast<opmath_t>(-sum_g[c] / m - centre.lo[c] * s);
-  }
+  // (x - hi) * slope + offset as f's (x - mean) * a + b
+  const auto f = training_grad_map(centre, invstd, w, sum_g, sum_gx, count);
+  const auto &mean = f.mean, &slope = f.a, &offset = f.b, &k = f.k;
   const bool tiled = windows_tile<scalar_t>(g);
   const WindowPositions window(g);
   const int64_t pooled_sample = g.out_h * g.out_w * channels;

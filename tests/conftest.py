@@ -32,6 +32,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def isolated_cache(tmp_path, monkeypatch):
+    """Decode caches and default data folders go to the test's own folder (for modules that
+    run the commands: ``pytestmark = pytest.mark.usefixtures("isolated_cache", ...)``)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
+@pytest.fixture(scope="module")
+def restore_threads():
+    """The module's torch thread count back afterwards: in-process runs with ``--threads``
+    set torch's global one."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def float32_means_float32():
     """Deliberately no TF32 in the tests: they bound float32 results against float64 by

@@ -27,18 +27,7 @@ VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "
 TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Decode caches and default data folders go to the test's own folder."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    # --threads 1 (see TINY) sets torch's global thread count; give the next module its own.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "restore_threads")
 
 
 @pytest.fixture(autouse=True)

@@ -46,17 +46,7 @@ needs_sync_batchnorm = pytest.mark.skipif(
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"no torchrun beside {sys.executable}")
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    # In-process runs pass --threads 1, which sets torch's global thread count.
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("isolated_cache", "restore_threads")
 
 
 @pytest.fixture

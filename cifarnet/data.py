@@ -595,6 +595,13 @@ class BatchLoader:
         """The number of (global) batches."""
         return math.ceil(len(self.split) / self.batch_size)
 
+    def global_batch_size(self, index: int) -> int:
+        """The examples in batch ``index`` (from 0) over all processes: ``batch_size``, or
+        fewer in the last batch."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"batch index {index} out of range for {len(self)} batches")
+        return min(self.batch_size, len(self.split) - index * self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         count = len(self.split)
         order = torch.randperm(count, generator=self.generator) if self.train else None

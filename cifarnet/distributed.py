@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -266,6 +267,20 @@ class Peers:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def sum_later(self, values: Sequence[float], what: str = "summing metrics") -> Callable[[], list[float]]:
+        """Starts :meth:`sum` of ``values`` and returns at once; call what it returns for the
+        sums (it waits for them), so the collective overlaps the work in between."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        with self._collective(what):
+            work = dist.all_reduce(tensor, async_op=True)
+
+        def result() -> list[float]:
+            with self._collective(what):
+                work.wait()
+            return tensor.tolist()
+
+        return result
+
     def broadcast(self, obj):
         """Rank 0's ``obj``, on every process (any picklable object; others pass anything)."""
         holder = [obj]
@@ -289,10 +304,22 @@ class Peers:
 
     def data_parallel(self, module: nn.Module) -> nn.parallel.DistributedDataParallel:
         """``module`` wrapped in ``DistributedDataParallel`` (which starts from rank 0's
-        parameters and buffers, and averages the gradients of every backward pass)."""
+        parameters and buffers, and averages the gradients of every backward pass).
+
+        DDP does not copy rank 0's buffers to the others before every forward pass: in this
+        model they are the batch norm's running statistics, read only in evaluation, and the
+        trainer gives every process rank 0's before that (:meth:`broadcast_buffers`). That
+        saves a collective per step.
+        """
         device_ids = [self.device.index] if self.device.type == "cuda" else None
+        # torch 2.14 renamed the option (the old name warns there); 2.11 knows only the old one.
+        ddp_options = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+        no_buffer_sync = "forward_sync_buffers" if "forward_sync_buffers" in ddp_options else "broadcast_buffers"
         with self._collective("starting DistributedDataParallel"):
-            return nn.parallel.DistributedDataParallel(module, device_ids=device_ids)
+            # Gradients as views of the communication buckets: no copy into and out of them.
+            return nn.parallel.DistributedDataParallel(
+                module, device_ids=device_ids, gradient_as_bucket_view=True, **{no_buffer_sync: False}
+            )
 
     def barrier(self) -> None:
         """Waits until every process gets here."""

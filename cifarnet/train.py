@@ -278,10 +278,11 @@ def epoch(
             parameter group's learning rate for that batch's step (a warm-up); the rates are
             restored when the epoch ends, however it ends.
         clip_grad_norm: training only: clip the gradients to this total 2-norm before each step.
-        peers: data parallel: ``data`` yields this process's slice of each global batch and
-            ``model`` is wrapped in ``DistributedDataParallel``. Each training step sums the
-            batch's loss over all processes before the backward pass (so every process sees the
-            global batch's loss, and a non-finite one, at the same step) and weights this
+        peers: data parallel: ``data`` is a :class:`cifarnet.data.BatchLoader` that yields this
+            process's slice of each global batch, and ``model`` is wrapped in
+            ``DistributedDataParallel``. Each training step sums the batch's loss over all
+            processes during the backward pass (so every process sees the global batch's loss,
+            and a non-finite one, at the same step, before its update) and weights this
             process's loss by its share of the batch, so the averaged gradient is that of the
             global batch's mean loss. The returned figures are those of all processes' samples.
 
@@ -314,17 +315,20 @@ def epoch(
                 local_loss = batch_loss = loss.item()
                 count = labels.shape[0]
                 if training:
-                    share = 1.0
+                    share, global_loss_sum = 1.0, None
                     if peers is not None:
-                        # NB: one collective per step: the global loss, and agreement on divergence.
-                        global_loss_sum, global_count = peers.sum([local_loss * count, count], "summing the batch's loss")
-                        batch_loss = global_loss_sum / global_count
+                        global_count = data.global_batch_size(index)
                         # DDP averages over processes; the weight makes that the global batch's mean.
                         share = count * peers.world_size / global_count
-                    if not math.isfinite(batch_loss):
-                        raise _NonFiniteLoss(index + 1, batch_loss)
+                        # NB: the global loss (and agreement on divergence) is summed while the
+                        # backward pass runs, and checked before the step.
+                        global_loss_sum = peers.sum_later([local_loss * count], "summing the batch's loss")
                     optimizer.zero_grad(set_to_none=True)
                     (loss * share if share != 1.0 else loss).backward()
+                    if global_loss_sum is not None:
+                        batch_loss = global_loss_sum()[0] / global_count
+                    if not math.isfinite(batch_loss):
+                        raise _NonFiniteLoss(index + 1, batch_loss)
                     if clip_grad_norm is not None:
                         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                     if lr_scale is not None:

@@ -142,9 +142,14 @@ def test_the_slices_of_every_process_make_the_batches_of_one(variant, world_size
             for rank in range(world_size)
         ]
         assert all(len(batches) == len(one) for batches in shares)
+        loader = BatchLoader(split, BATCH, recipe(variant), train=False, rank=world_size - 1, world_size=world_size)
         for index, (inputs, batch_labels) in enumerate(one):
             assert torch.equal(torch.cat([batches[index][0] for batches in shares]), inputs)
             assert torch.equal(torch.cat([batches[index][1] for batches in shares]), batch_labels)
+            # what each process weights its loss by, without asking the others
+            assert loader.global_batch_size(index) == batch_labels.shape[0]
+        with pytest.raises(IndexError, match="out of range"):
+            loader.global_batch_size(len(one))
         for generator in generators[1:]:
             assert torch.equal(generator.get_state(), generators[0].get_state())
 

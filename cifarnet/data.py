@@ -556,6 +556,8 @@ class BatchLoader:
         device: where the batches go; pixels travel as uint8 and are converted there.
         rank: the process whose slice of each batch to yield, from 0.
         world_size: the processes that share each batch.
+        memory_format: the inputs' layout (``torch.channels_last`` for a model that runs in
+            it; the pixels are rearranged while still uint8).
 
     Yields:
         ``float32`` ``Tensor[B, 3, S, S]`` (S = 28 where the recipe augments, else 32) and
@@ -573,6 +575,7 @@ class BatchLoader:
         device: str | torch.device = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1; got {batch_size}")
@@ -590,6 +593,7 @@ class BatchLoader:
         self.device = torch.device(device)
         self.rank = rank
         self.world_size = world_size
+        self.memory_format = memory_format
 
     def __len__(self) -> int:
         """The number of (global) batches."""
@@ -647,7 +651,8 @@ class BatchLoader:
             else:
                 images = center_crop(images, CROP_SIZE)
         non_blocking = self.device.type == "cuda"
-        inputs = to_float(images.to(self.device, non_blocking=non_blocking))
+        images = images.to(self.device, non_blocking=non_blocking).contiguous(memory_format=self.memory_format)
+        inputs = to_float(images)  # keeps the layout, as normalize does
         if self.recipe.normalize:
             inputs = normalize(inputs)
         return inputs, labels.to(self.device, non_blocking=non_blocking)
@@ -663,6 +668,7 @@ def make_loaders(
     limit_train: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> tuple[BatchLoader, BatchLoader]:
     """The training and test :class:`BatchLoader` of a variant.
 
@@ -674,6 +680,7 @@ def make_loaders(
         device: where the batches go.
         limit_train: use only the first ``limit_train`` training images (None: all).
         rank, world_size: yield process ``rank``'s slice of each batch (see :class:`BatchLoader`).
+        memory_format: the inputs' layout.
 
     Returns:
         ``(train_loader, test_loader)``.
@@ -681,9 +688,8 @@ def make_loaders(
     if limit_train is not None and limit_train < 1:
         raise ValueError(f"limit_train must be at least 1; got {limit_train}")
     train = data.train.head(limit_train) if limit_train is not None else data.train
+    common = {"device": device, "rank": rank, "world_size": world_size, "memory_format": memory_format}
     return (
-        BatchLoader(
-            train, batch_size, recipe, train=True, generator=generator, device=device, rank=rank, world_size=world_size
-        ),
-        BatchLoader(data.test, batch_size, recipe, train=False, device=device, rank=rank, world_size=world_size),
+        BatchLoader(train, batch_size, recipe, train=True, generator=generator, **common),
+        BatchLoader(data.test, batch_size, recipe, train=False, **common),
     )

@@ -1,7 +1,8 @@
 """The study's table and test-accuracy plot, from whatever runs a folder holds.
 
 ``python -m cifarnet.results DIR`` reads every run folder in ``DIR`` and writes
-``DIR/results.md`` (one row per run, and one per variant with no run, marked so) and
+``DIR/results.md`` (one row per run, and one per variant with no run, marked so; then one
+row per configuration, over its seeds, beside the study's figures) and
 ``DIR/test_accuracy.png`` (the runs' test top-1 per epoch). A run folder is named after its
 variant, ``<variant>`` as ``cifarnet-train --variant all`` writes them, or
 ``<variant>-<anything>`` (``full-fused-seed0``, as in ``docs/results``), and holds the run's
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -25,11 +27,22 @@ from cifarnet.plots import plot_test_accuracy
 from cifarnet.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
 from cifarnet.variants import VARIANTS
 
-__all__ = ["COMPARISON_PLOT", "RESULTS_FILE", "Run", "main", "read_runs", "results_table", "write_report"]
+__all__ = [
+    "COMPARISON_PLOT", "RESULTS_FILE", "Run", "configuration_of", "main", "read_runs", "results_table",
+    "seeds_table", "write_report",
+]  # fmt: skip
 
 RESULTS_FILE = "results.md"
 COMPARISON_PLOT = "test_accuracy.png"
 NOT_RUN = "not run"
+
+# What the runs are measured against (SEED.md): the study's test top-1 (%) and test loss per
+# variant, read off its plots, and the best test top-1 (%) of an independent reproduction.
+STUDY = {
+    "baseline": (70, 2.5), "normalized": (75, 2.5), "augmented": (80, 1.1),
+    "momentum": (80, 0.85), "dropout": (80, 0.65), "full": (85, 0.55),
+}  # fmt: skip
+REPRODUCTION = {"baseline": 72.7, "normalized": 75.2, "augmented": 81.4, "momentum": 78.8, "dropout": 83.0, "full": 85.0}
 
 
 @dataclass
@@ -140,6 +153,53 @@ def results_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def configuration_of(name: str) -> str:
+    """A run's name without its seed: ``momentum-fused-clip5-seed2`` -> ``momentum-fused-clip5``."""
+    return re.sub(r"-seed\d+$", "", name)
+
+
+def _mean_and_range(values: list[float], digits: int) -> str:
+    if not values:
+        return ""
+    mean = f"{statistics.fmean(values):.{digits}f}"
+    return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def seeds_table(runs: list[Run]) -> str:
+    """A Markdown table with one row per configuration (runs named alike but for their seed):
+    how many runs completed and diverged, the mean and range over the complete runs of the best
+    and final test top-1 and the final test loss, and the study's and the independent
+    reproduction's figures beside; a variant without any run has a row of its own.
+
+    Args:
+        runs: as :func:`read_runs` gives them.
+    """
+    lines = [
+        "| configuration | runs | complete | diverged | best test top-1 (%) | final test top-1 (%) | final test loss "
+        "| study: top-1 (%) / loss | reproduction: best top-1 (%) |",
+        "|---|---:|---:|---:|---|---|---|---|---|",
+    ]
+    for variant in VARIANTS:
+        study = f"≈{STUDY[variant][0]} / ≈{STUDY[variant][1]}"
+        configurations: dict[str, list[Run]] = {}
+        for run in runs:
+            if run.variant == variant:
+                configurations.setdefault(configuration_of(run.name), []).append(run)
+        if not configurations:
+            lines.append(f"| {variant} | 0 | | | | | | {study} | {REPRODUCTION[variant]} |")
+        for configuration, members in configurations.items():
+            complete = [run for run in members if run.status is None and run.history]
+            diverged = sum(run.divergence is not None for run in members)
+            best = [max(record["test_top1"] for record in run.history) for run in complete]
+            final = [run.history[-1]["test_top1"] for run in complete]
+            loss = [run.history[-1]["test_loss"] for run in complete]
+            lines.append(
+                f"| {configuration} | {len(members)} | {len(complete)} | {diverged} | {_mean_and_range(best, 2)} | "
+                f"{_mean_and_range(final, 2)} | {_mean_and_range(loss, 3)} | {study} | {REPRODUCTION[variant]} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, Path]:
     """Writes ``results.md`` and ``test_accuracy.png`` into ``folder`` from the runs it holds.
 
@@ -153,7 +213,14 @@ def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, P
     folder = Path(folder)
     runs = read_runs(folder, epochs)
     table, plot = folder / RESULTS_FILE, folder / COMPARISON_PLOT
-    atomic_write_text(table, results_table(runs))
+    atomic_write_text(
+        table,
+        results_table(runs)
+        + "\n## Over seeds\n\nRuns named alike but for their `-seed<N>`, as one configuration; the figures "
+        "are the mean (and range) over its complete runs. Beside them, the study's test top-1 and loss "
+        "(read off its plots) and an independent reproduction's best test top-1.\n\n"
+        + seeds_table(runs),
+    )
     notes = {run.name: run.status for run in runs if run.status}
     notes.update({variant: NOT_RUN for variant in VARIANTS if not any(run.variant == variant for run in runs)})
     plot_test_accuracy({run.name: run.history for run in runs if run.history}, plot, notes=notes)

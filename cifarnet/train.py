@@ -697,19 +697,6 @@ def _check_last_batch(train_count: int, batch_size: int, world_size: int) -> Non
         )
 
 
-def _convert_sync_batchnorm(model: ConvNet) -> nn.Module:
-    # NB: looked up at call time: the conversion lives in the library (cifarnet.nn), which may
-    # lack it; the error then names the way on.
-    convert = getattr(cifarnet.nn, "convert_sync_batchnorm", None)
-    if convert is None:
-        raise EveryProcessError(
-            "sync_batch_norm (the default with several processes for a variant with batch norm) needs "
-            "cifarnet.nn.convert_sync_batchnorm, which this cifarnet lacks; pass --no-sync-bn "
-            "(sync_batch_norm=False) to normalise each process's slice with its own statistics"
-        )
-    return convert(model)
-
-
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -848,7 +835,7 @@ def train(
         history, batch_losses = list(checkpoint["history"]), [list(b) for b in checkpoint["batch_losses"]]
     _check_model_runs_on(model, device)
     if peers is not None and config.sync_batch_norm and model.recipe.batch_norm:
-        model = _convert_sync_batchnorm(model)
+        model = cifarnet.nn.convert_sync_batchnorm(model)
     # After the conversion, which may replace modules (the parameters are the same, in the same order).
     optimizer, scheduler = make_optimizer(model, config)
     if checkpoint is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -105,9 +106,14 @@ def test_resume_from_the_command_line_equals_one_run(pickles, tmp_path):
     assert without_seconds(read_metrics(tmp_path / "parts")) == without_seconds(read_metrics(tmp_path / "whole"))
 
 
-def table_rows(path: Path) -> dict[str, list[str]]:
-    """The rows of a results.md table: run name -> its cells after the name."""
-    rows = [line for line in path.read_text().splitlines() if line.startswith("| ")][1:]
+def table_rows(path: Path, section: str | None = None) -> dict[str, list[str]]:
+    """The rows of a results.md table (the first, or the one after the heading ``section``):
+    first cell -> the cells after it."""
+    text = path.read_text()
+    if section is not None:
+        text = text.split(f"## {section}\n", 1)[1]
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), itertools.dropwhile(
+        lambda line: not line.startswith("|"), text.splitlines())))[2:]
     cells = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
     return {row[0]: row[1:] for row in cells}
 
@@ -449,6 +455,23 @@ def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_p
     assert rows["full-fused-seed0"][:3] == ["2", f"{max(m['test_top1'] for m in metrics):.2f}", f"{metrics[-1]['test_top1']:.2f}"]
     assert rows["momentum-fused-seed0"] == ["0", "", "", "", "", "diverged (nan loss in epoch 1, batch 37)"]
     assert rows["dropout"][5] == "not run"
+    # A second seed of the same configuration, one point better at its last epoch.
+    (runs / "full-fused-seed1").mkdir()
+    better = [{**m, "test_top1": m["test_top1"] + (i == len(metrics) - 1)} for i, m in enumerate(metrics)]
+    (runs / "full-fused-seed1" / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in better))
+    assert results_main([str(runs)]) == 0
+    seeds = table_rows(runs / "results.md", section="Over seeds")
+    assert list(seeds) == ["baseline", "normalized", "augmented", "momentum-fused", "dropout", "full-fused"]
+    finals = [metrics[-1]["test_top1"], better[-1]["test_top1"]]
+    bests = [max(m["test_top1"] for m in metrics), max(m["test_top1"] for m in better)]
+    assert seeds["full-fused"][:5] == [
+        "2", "2", "0", f"{sum(bests) / 2:.2f} ({min(bests):.2f}–{max(bests):.2f})",
+        f"{sum(finals) / 2:.2f} ({min(finals):.2f}–{max(finals):.2f})",
+    ]
+    loss = f"{metrics[-1]['test_loss']:.3f}"
+    assert seeds["full-fused"][5] == f"{loss} ({loss}–{loss})"
+    assert seeds["momentum-fused"][:6] == ["1", "0", "1", "", "", ""]
+    assert seeds["baseline"][:2] == ["0", ""] and seeds["baseline"][6:] == ["≈70 / ≈2.5", "72.7"]
     with Image.open(runs / "test_accuracy.png") as image:
         assert image.format == "PNG"
     assert f"{runs / 'results.md'}" in capsys.readouterr().out

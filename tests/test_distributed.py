@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import cifarnet.nn
 from cifarnet.cli import train_main
 from cifarnet.data import BatchLoader, Split
 from cifarnet.distributed import Launch, epoch_seed, launch_from_environment, shard_bounds
@@ -39,10 +38,6 @@ COMMON = ["--batch-size", str(BATCH), "--no-progress", "--device", "cpu", "--thr
 # should take more than this.
 RUN_TIMEOUT = 120
 
-needs_sync_batchnorm = pytest.mark.skipif(
-    not hasattr(cifarnet.nn, "convert_sync_batchnorm"),
-    reason="cifarnet.nn.convert_sync_batchnorm is not on this branch yet (branch sync-bn)",
-)
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.exists(), reason=f"no torchrun beside {sys.executable}")
 
 
@@ -269,7 +264,6 @@ def test_two_processes_take_the_steps_of_one(pickles, tmp_path):
 
 
 @pytest.mark.slow
-@needs_sync_batchnorm
 @pytest.mark.parametrize("ops", ["fused", "native"])
 def test_sync_batch_norm_statistics_are_those_of_one_process(pickles, tmp_path, ops):
     """One step of ``full``: the running statistics are those of the whole global batch (later
@@ -295,20 +289,6 @@ def wait_for_epochs(out: Path, epochs: int, processes: list[subprocess.Popen]) -
         assert not stopped, stopped[0].communicate()[1]
         assert time.monotonic() < deadline, f"fewer than {epochs} epochs after {RUN_TIMEOUT} s"
         time.sleep(0.1)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(hasattr(cifarnet.nn, "convert_sync_batchnorm"), reason="sync batch norm is available")
-def test_without_sync_batchnorm_full_asks_for_no_sync_bn(pickles, tmp_path):
-    args = ["--variant", "full", "--limit-train", "32", "--data-dir", str(pickles), "--out", str(tmp_path / "run"),
-            *COMMON]
-    (status0, _, stderr0), (status1, _, stderr1) = run_ranks(tmp_path, 2, args)
-    assert (status0, status1) == (2, 2) and stderr1 == ""
-    assert stderr0.splitlines() == [
-        "cifarnet-train: error: sync_batch_norm (the default with several processes for a variant with batch norm) "
-        "needs cifarnet.nn.convert_sync_batchnorm, which this cifarnet lacks; pass --no-sync-bn (sync_batch_norm=False) "
-        "to normalise each process's slice with its own statistics"
-    ]
 
 
 @pytest.mark.slow

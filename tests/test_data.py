@@ -531,6 +531,18 @@ def test_test_batches_do_not_depend_on_the_chunk_size(dataset, monkeypatch):
     assert [len(labels) for _, labels in whole] == [8, 8, 8, 6]  # 30 test images
 
 
+@pytest.mark.parametrize("variant", ["baseline", "full"])
+def test_channels_last_batches_hold_the_same_values(dataset, variant):
+    batches = {
+        memory_format: list(BatchLoader(dataset.train, 16, recipe(variant), train=True, memory_format=memory_format,
+                                        generator=torch.Generator().manual_seed(3)))
+        for memory_format in (torch.contiguous_format, torch.channels_last)
+    }  # fmt: skip
+    for (a, la), (b, lb) in zip(*batches.values(), strict=True):
+        assert b.is_contiguous(memory_format=torch.channels_last) and not b.is_contiguous()
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
 def test_same_generator_state_gives_same_batches(dataset):
     generator = torch.Generator().manual_seed(5)
     loader = BatchLoader(dataset.train, 16, recipe("full"), train=True, generator=generator)

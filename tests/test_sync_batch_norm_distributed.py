@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -27,6 +28,7 @@ from cifarnet.nn import (
     SyncConv2dBatchNormReLUMaxPool2d,
     convert_sync_batchnorm,
 )
+from conftest import DEVICES
 
 WORLD_SIZE = 2
 TOLERANCE = dict(rtol=1e-10, atol=1e-10)
@@ -34,15 +36,17 @@ TOLERANCE = dict(rtol=1e-10, atol=1e-10)
 SPLITS = [(4, 4), (3, 5), (0, 6)]
 
 
-def run_on_processes(tmp_path, scenario: str, processes: int = WORLD_SIZE) -> None:
-    mp.spawn(_worker, args=(str(tmp_path / "store"), scenario, processes), nprocs=processes, join=True)
+def run_on_processes(tmp_path, scenario: str, *args, processes: int = WORLD_SIZE) -> None:
+    mp.spawn(_worker, args=(str(tmp_path / "store"), scenario, processes, args), nprocs=processes, join=True)
 
 
-def _worker(rank: int, store: str, scenario: str, processes: int) -> None:
+def _worker(rank: int, store: str, scenario: str, processes: int, args: tuple) -> None:
     torch.set_num_threads(1)
+    # gloo takes CUDA tensors too: the CUDA phase ops run synchronized with one GPU for both
+    # processes, where NCCL would want one GPU each.
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=processes)
     try:
-        globals()[scenario](rank)
+        globals()[scenario](rank, *args)
     finally:
         dist.destroy_process_group()
 
@@ -67,15 +71,15 @@ def _native_stack() -> nn.Sequential:
     return _randomise_batch_norms(model, 1)
 
 
-def _check_against_whole_batch(rank, sizes, native, synced, pairs, input_shape, channels_last=False, steps=2):
+def _check_against_whole_batch(rank, sizes, native, synced, pairs, input_shape, channels_last=False, steps=2, device="cpu"):
     """Trains ``native`` on the whole batch and ``synced`` on this process's part, ``steps``
     times, comparing outputs, gradients and buffers; ``pairs`` lists (native, synced)
-    parameters and buffers that correspond."""
+    parameters and buffers that correspond (all on ``device``)."""
     start = sum(sizes[:rank])
     mine = slice(start, start + sizes[rank])
     for step in range(steps):
         generator = torch.Generator().manual_seed(100 * step + sum(sizes))
-        whole = torch.randn(sum(sizes), *input_shape, dtype=torch.float64, generator=generator)
+        whole = torch.randn(sum(sizes), *input_shape, dtype=torch.float64, generator=generator).to(device)
         native_input = whole.clone().requires_grad_()
         part = whole[mine].clone()
         if channels_last:
@@ -83,7 +87,7 @@ def _check_against_whole_batch(rank, sizes, native, synced, pairs, input_shape, 
         part.requires_grad_()
         native.zero_grad(), synced.zero_grad()
         native_output = native(native_input)
-        grad = torch.randn(native_output.shape, dtype=torch.float64, generator=generator)
+        grad = torch.randn(native_output.shape, dtype=torch.float64, generator=generator).to(device)
         native_output.backward(grad)
         output = synced(part)
         output.backward(grad[mine])
@@ -106,32 +110,35 @@ def _pairs(native: nn.Module, synced: nn.Module) -> dict:
     }
 
 
-def fused_stack_matches_native(rank):
+def fused_stack_matches_native(rank, device):
     for sizes in SPLITS:
         for channels_last in (False, True):
-            native = _native_stack()
+            native = _native_stack().to(device)
             copied = copy.deepcopy(native)
             synced = nn.Sequential(
                 SyncConv2dBatchNormReLUMaxPool2d.from_layer(Conv2dBatchNormReLUMaxPool2d.from_modules(copied[0], copied[1], copied[3])),
                 SyncConv2dBatchNormReLUMaxPool2d.from_layer(Conv2dBatchNormReLUMaxPool2d.from_modules(copied[4], copied[5], copied[7])),
                 SyncBatchNorm2d.from_batch_norm(copied[8]),
             )  # the copy's very tensors, in the same order
-            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, copied), (3, 9, 9), channels_last)
+            pairs = _pairs(native, copied)
+            _check_against_whole_batch(rank, sizes, native, synced, pairs, (3, 9, 9), channels_last, device=device)
 
 
-def test_fused_stack_matches_native_whole_batch(tmp_path):
-    run_on_processes(tmp_path, "fused_stack_matches_native")
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_stack_matches_native_whole_batch(tmp_path, device):
+    run_on_processes(tmp_path, "fused_stack_matches_native", device)
 
 
-def batch_norm_matches_native(rank):
+def batch_norm_matches_native(rank, device):
     for sizes in SPLITS:
         for channels_last in (False, True):
-            native = _randomise_batch_norms(nn.BatchNorm2d(5, dtype=torch.float64), 2)
+            native = _randomise_batch_norms(nn.BatchNorm2d(5, dtype=torch.float64), 2).to(device)
             synced = SyncBatchNorm2d.from_batch_norm(copy.deepcopy(native))
-            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), (5, 3, 4), channels_last)
+            pairs = _pairs(native, synced)
+            _check_against_whole_batch(rank, sizes, native, synced, pairs, (5, 3, 4), channels_last, device=device)
             # A large offset: the merged variance keeps its digits.
             native, synced = (nn.Sequential(OffsetBy(1e4), module) for module in (native, synced))
-            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), (5, 3, 4), steps=1)
+            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), (5, 3, 4), steps=1, device=device)
 
 
 class OffsetBy(nn.Module):
@@ -143,8 +150,9 @@ class OffsetBy(nn.Module):
         return x + self.offset
 
 
-def test_batch_norm_matches_native_whole_batch(tmp_path):
-    run_on_processes(tmp_path, "batch_norm_matches_native")
+@pytest.mark.parametrize("device", DEVICES)
+def test_batch_norm_matches_native_whole_batch(tmp_path, device):
+    run_on_processes(tmp_path, "batch_norm_matches_native", device)
 
 
 def converted_and_fused_models_match_native(rank):

@@ -12,9 +12,10 @@ The ops stay collective-free: each phase op works on this process's part of the 
   normalisation (and ReLU and pooling) with the merged statistics. The running statistics take
   the merged mean and the unbiased variance of the whole batch, as ``torch.nn.SyncBatchNorm``.
 - Backward: this process's ``sum(dy)`` and ``sum(dy * (x - mean))``, one ``all_gather`` of both
-  in float64, summed in rank order, then the gradient with the whole batch's sums and count. The batch norm's
-  parameter gradients are this process's share (its own sums), like every other parameter's:
-  DistributedDataParallel's average of them over processes is the gradient of the average loss.
+  in float64, summed in rank order, then the gradient with the whole batch's sums and count.
+  The batch norm's parameter gradients are this process's share (its own sums), like every
+  other parameter's: DistributedDataParallel's average of them over processes is the gradient
+  of the average loss.
 """
 
 from __future__ import annotations

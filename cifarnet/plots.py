@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 DPI = 100
+# The configurations of one variant share a colour and take these styles in turn.
+LINE_STYLES = ("-", "--", ":", "-.")
 PNG_SOFTWARE = "cifarnet"
 """The ``Software`` entry of the PNGs written here."""
 
@@ -98,31 +100,46 @@ def plot_batch_losses(batch_losses: Sequence[Sequence[float]], path: str | os.Pa
 
 
 def plot_test_accuracy(
-    histories: Mapping[str, Sequence[Mapping[str, float]]],
+    curves: Mapping[str, Sequence[Sequence[Mapping[str, float]]]],
     path: str | os.PathLike,
     notes: Mapping[str, str] | None = None,
 ) -> None:
-    """The test top-1 accuracy per epoch of several runs in one axes.
+    """The test top-1 accuracy per epoch of several configurations in one axes.
 
     Args:
-        histories: run name (e.g. the variant) -> its ``metrics.jsonl`` records.
+        curves: configuration name (e.g. ``momentum-fused``, or a variant) -> the
+            ``metrics.jsonl`` records of each of its runs (seeds). One run is drawn as it is;
+            several as their mean per epoch (over the epochs all of them reached) with their
+            range shaded. Names that share their first ``-``-separated word (the variant)
+            share a colour and differ in line style.
         path: the PNG to write.
-        notes: run name -> a remark shown in the legend beside the name ("diverged ...",
-            "not run"); a name without a history gets a legend entry and no curve.
+        notes: name -> a remark shown in the legend beside the name ("diverged ...",
+            "not run"); a name without curves gets a legend entry and no curve.
     """
     notes = notes or {}
-    figure = Figure(figsize=(8, 5))
+    figure = Figure(figsize=(9, 5.5))
     axes = figure.subplots()
-    for name, history in histories.items():
-        label = f"{name}: {notes[name]}" if name in notes else name
-        axes.plot([r["epoch"] for r in history], [r["test_top1"] for r in history], label=label)
+    colours, styles = {}, {}
+    for name, histories in curves.items():
+        variant = name.split("-", 1)[0]
+        colour = colours.setdefault(variant, f"C{len(colours) % 10}")
+        style = LINE_STYLES[sum(other.split("-", 1)[0] == variant for other in styles) % len(LINE_STYLES)]
+        styles[name] = style
+        epochs = min(len(history) for history in histories)
+        x = [record["epoch"] for record in histories[0][:epochs]]
+        runs = np.array([[record["test_top1"] for record in history[:epochs]] for history in histories])
+        label = name if len(histories) == 1 else f"{name} ({len(histories)} runs: mean, range shaded)"
+        label = f"{label}: {notes[name]}" if name in notes else label
+        axes.plot(x, runs.mean(0), color=colour, linestyle=style, label=label)
+        if len(histories) > 1:
+            axes.fill_between(x, runs.min(0), runs.max(0), color=colour, alpha=0.15, linewidth=0)
     for name, note in notes.items():
-        if name not in histories:
+        if name not in curves:
             axes.plot([], [], linestyle="none", marker="x", color="grey", label=f"{name}: {note}")
     axes.set(title="Test accuracy / epoch", xlabel="epoch", ylabel="test top-1 accuracy (%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend()
+    axes.legend(fontsize="small", loc="lower right")
     _save(figure, path)
 
 

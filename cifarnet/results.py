@@ -3,7 +3,8 @@
 ``python -m cifarnet.results DIR`` reads every run folder in ``DIR`` and writes
 ``DIR/results.md`` (one row per run, and one per variant with no run, marked so; then one
 row per configuration, over its seeds, beside the study's figures) and
-``DIR/test_accuracy.png`` (the runs' test top-1 per epoch). A run folder is named after its
+``DIR/test_accuracy.png`` (test top-1 per epoch, one curve per configuration: its seeds'
+mean, their range shaded). A run folder is named after its
 variant, ``<variant>`` as ``cifarnet-train --variant all`` writes them, or
 ``<variant>-<anything>`` (``full-fused-seed0``, as in ``docs/results``), and holds the run's
 ``metrics.jsonl``; where the run diverged, its ``diverged.json``; where the run is in the folder
@@ -158,6 +159,19 @@ def configuration_of(name: str) -> str:
     return re.sub(r"-seed\d+$", "", name)
 
 
+def _configurations(runs: list[Run], variant: str) -> dict[str, list[Run]]:
+    """The runs of ``variant`` by configuration (see :func:`configuration_of`), in order."""
+    configurations: dict[str, list[Run]] = {}
+    for run in runs:
+        if run.variant == variant:
+            configurations.setdefault(configuration_of(run.name), []).append(run)
+    return configurations
+
+
+def _complete(runs: list[Run]) -> list[Run]:
+    return [run for run in runs if run.status is None and run.history]
+
+
 def _mean_and_range(values: list[float], digits: int) -> str:
     if not values:
         return ""
@@ -181,14 +195,11 @@ def seeds_table(runs: list[Run]) -> str:
     ]
     for variant in VARIANTS:
         study = f"≈{STUDY[variant][0]} / ≈{STUDY[variant][1]}"
-        configurations: dict[str, list[Run]] = {}
-        for run in runs:
-            if run.variant == variant:
-                configurations.setdefault(configuration_of(run.name), []).append(run)
+        configurations = _configurations(runs, variant)
         if not configurations:
             lines.append(f"| {variant} | 0 | | | | | | {study} | {REPRODUCTION[variant]} |")
         for configuration, members in configurations.items():
-            complete = [run for run in members if run.status is None and run.history]
+            complete = _complete(members)
             diverged = sum(run.divergence is not None for run in members)
             best = [max(record["test_top1"] for record in run.history) for run in complete]
             final = [run.history[-1]["test_top1"] for run in complete]
@@ -221,9 +232,24 @@ def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, P
         "(read off its plots) and an independent reproduction's best test top-1.\n\n"
         + seeds_table(runs),
     )
-    notes = {run.name: run.status for run in runs if run.status}
-    notes.update({variant: NOT_RUN for variant in VARIANTS if not any(run.variant == variant for run in runs)})
-    plot_test_accuracy({run.name: run.history for run in runs if run.history}, plot, notes=notes)
+    # One curve per configuration: a run alone, or the seeds' mean and range (complete runs
+    # only, where there are any); the others' states in the legend.
+    curves, notes = {}, {}
+    for variant in VARIANTS:
+        configurations = _configurations(runs, variant)
+        if not configurations:
+            notes[variant] = NOT_RUN
+        for configuration, members in configurations.items():
+            shown = _complete(members) or [run for run in members if run.history]
+            if shown:
+                curves[configuration] = [run.history for run in shown]
+            remarks = [
+                run.status if run.name == configuration else f"{run.name.removeprefix(configuration + '-')} {run.status}"
+                for run in members if run.status
+            ]  # fmt: skip
+            if remarks:
+                notes[configuration] = "; ".join(remarks)
+    plot_test_accuracy(curves, plot, notes=notes)
     return table, plot
 
 

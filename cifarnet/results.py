@@ -29,8 +29,8 @@ from cifarnet.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_
 from cifarnet.variants import VARIANTS
 
 __all__ = [
-    "COMPARISON_PLOT", "RESULTS_FILE", "Run", "configuration_of", "main", "read_runs", "results_table",
-    "seeds_table", "write_report",
+    "COMPARISON_PLOT", "README_MARKER", "RESULTS_FILE", "Run", "configuration_of", "main", "read_runs",
+    "results_table", "seeds_table", "update_readme", "write_report",
 ]  # fmt: skip
 
 RESULTS_FILE = "results.md"
@@ -253,6 +253,26 @@ def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, P
     return table, plot
 
 
+README_MARKER = '<!-- generated: the "Over seeds" table of docs/results/results.md -->'
+
+
+def update_readme(readme: str | Path, runs: list[Run]) -> None:
+    """Replaces the table that follows :data:`README_MARKER` in ``readme`` with
+    :func:`seeds_table` of ``runs``.
+
+    Raises:
+        ValueError: ``readme`` has no such marker.
+    """
+    readme = Path(readme)
+    text = readme.read_text(encoding="utf-8")
+    if README_MARKER not in text:
+        raise ValueError(f"{readme} has no line {README_MARKER} to put the table after")
+    before, after = text.split(README_MARKER, 1)
+    lines = after.lstrip("\n").splitlines(keepends=True)
+    rest = "".join(lines[next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines)):])
+    atomic_write_text(readme, f"{before}{README_MARKER}\n{seeds_table(runs)}{rest}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m cifarnet.results DIR``: writes the table and plot of the runs in DIR."""
     parser = argparse.ArgumentParser(
@@ -261,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     "(<variant> or <variant>-<anything>, each with its metrics.jsonl).",
     )
     parser.add_argument("folder", type=Path, metavar="DIR", help="e.g. docs/results, or the --out of --variant all")
+    parser.add_argument("--readme", type=Path, metavar="PATH",
+                        help="also put the table over seeds into PATH, after its line " + README_MARKER)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         table, plot = write_report(args.folder)
+        if args.readme is not None:
+            update_readme(args.readme, read_runs(args.folder))
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ from PIL import Image
 
 import cifarnet.cli as cli
 from cifarnet.cli import eval_main, train_main
+from cifarnet.results import README_MARKER
 from cifarnet.results import main as results_main
 from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
@@ -485,6 +486,30 @@ def test_docs_results_table_is_the_one_its_metrics_give(tmp_path):
     shutil.copytree(REPO / "docs" / "results", copy)
     assert results_main([str(copy)]) == 0
     assert (copy / "results.md").read_text() == (REPO / "docs" / "results" / "results.md").read_text()
+
+
+def test_results_command_puts_the_table_into_a_readme(tmp_path, capsys):
+    runs = tmp_path / "results"
+    shutil.copytree(REPO / "docs" / "results", runs)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_MARKER}\n| old | table |\n|---|---|\n| x | y |\n\nText after.\n")
+    assert results_main([str(runs), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    generated = (runs / "results.md").read_text().split("## Over seeds\n", 1)[1]
+    table = "".join(line + "\n" for line in generated.splitlines() if line.startswith("|"))
+    assert text == f"# Title\n\n{README_MARKER}\n{table}\nText after.\n"
+    readme.write_text("no marker\n")
+    assert results_main([str(runs), "--readme", str(readme)]) == 2
+    assert "has no line" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REPO / "docs" / "results" / "results.md").is_file(), reason="no docs/results/results.md")
+def test_readme_shows_the_generated_table_over_seeds():
+    readme = (REPO / "README.md").read_text().split(README_MARKER, 1)[1].lstrip("\n")
+    shown = list(itertools.takewhile(lambda line: line.startswith("|"), readme.splitlines()))
+    generated = (REPO / "docs" / "results" / "results.md").read_text().split("## Over seeds\n", 1)[1]
+    expected = [line for line in generated.splitlines() if line.startswith("|")]
+    assert shown == expected, "README.md's table over seeds is not docs/results/results.md's: copy it over"
 
 
 # --- evaluation -------------------------------------------------------------------------------

@@ -85,16 +85,16 @@ CHECKPOINT_DATA_KEY = "data"
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT, DIVERGENCE_FILE)
 """The files a run writes into its folder (and ``overwrite`` removes)."""
 
-# Settings that may change when a run is resumed: how long it runs, and how the same
-# computation is carried out (fused and native models share their state_dict, and the
-# checkpoint of any number of processes is that of one model; a switch is noted, since
-# rounding and random draws then differ from the uninterrupted run).
 # The batches' layout. The fused ops work channels last inside, so channels-last batches (and
 # hence activations) spare each layer two layout copies a step (6-8% of a `full` training step
 # on the CPU); native layers are faster in it too. The layout changes no value. The parameters
 # stay contiguous: fused SGD would copy channels-last ones to contiguous and back every step.
 TRAINING_MEMORY_FORMAT = torch.channels_last
 
+# Settings that may change when a run is resumed: how long it runs, and how the same
+# computation is carried out (fused and native models share their state_dict, and the
+# checkpoint of any number of processes is that of one model; a switch is noted, since
+# rounding and random draws then differ from the uninterrupted run).
 RESUMABLE_CHANGES = ("epochs", "ops", "world_size", "sync_batch_norm")
 
 # Settings that stabilise the study's schedule, off by default so the study runs as published

@@ -897,14 +897,18 @@ class _FusedGraphModule(GraphModule):
     Where one of the graph's branch checks fails (an input ``forward`` rejects, or a branch
     that could not be traced), the module's class's own ``forward`` runs on
     :func:`_original_view`, from the start: the caller gets the original's own exception
-    (``ValueError``, not an ``AssertionError``), or its result. Anything the graph did before
-    the failed check (a batch norm's running statistics, in training) is done again then.
+    (``ValueError``, not an ``AssertionError``), or its result. The buffers the graph may have
+    changed before the failed check (a batch norm's running statistics, in training) are put
+    back first, so that the original's forward changes them once, as it would unfused.
     """
 
     def recompile(self):
         python_code = super().recompile()
         cls = _graph_module_class(self)  # where recompile puts the graph's code
         cls.forward = _or_original_forward(cls.__dict__["forward"])
+        # NB: in the instance's __dict__, as GraphModule keeps its graph: recompile runs again
+        # whenever the graph changes (set, deep-copied, unpickled).
+        self.__dict__["_buffers_before_checks"] = _buffers_before_last_check(self.graph)
         return python_code
 
     def __reduce__(self):
@@ -919,15 +923,46 @@ def _or_original_forward(graph_forward):
     # NB: wraps keeps the graph's signature where torch.fx and torch.export read it.
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
+        saved = [(buffer, buffer.clone()) for buffer in _named_buffers(self, self._buffers_before_checks)]
         try:
             return graph_forward(self, *args, **kwargs)
         except _UntracedBranch:
             pass
         # Outside the except clause, so that the original's own exception is not shown as
         # raised while handling the check's.
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
         return self._traced_from.cls.forward(_original_view(self), *args, **kwargs)
 
     return forward
+
+
+def _buffers_before_last_check(graph: torch.fx.Graph) -> tuple[str, ...]:
+    """The qualified names of the modules and attributes that ``graph`` calls or reads before
+    its last branch check: the buffers among them are all it can change before a check fails.
+    Empty for the usual graph, whose checks (on the input) come first."""
+    nodes = list(graph.nodes)
+    checks = [index for index, node in enumerate(nodes) if node.op == "call_function" and node.target is _check_branch]
+    if not checks:
+        return ()
+    return tuple(dict.fromkeys(node.target for node in nodes[: checks[-1]] if node.op in ("call_module", "get_attr")))
+
+
+def _named_buffers(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
+    """The buffers of (or named by) each of ``names`` in ``module``, each once."""
+    found = {}
+    for name in names:
+        *path, last = name.split(".")
+        owner = module.get_submodule(".".join(path))
+        called = getattr(owner, last, None)
+        if isinstance(called, nn.Module):
+            found.update((id(buffer), buffer) for buffer in called.buffers())
+            if isinstance(called, FusedConv2dBatchNormReLUMaxPool2d):  # its batch norm is not a child
+                found.update((id(buffer), buffer) for buffer in called.bn.buffers())
+        elif last in owner._buffers and owner._buffers[last] is not None:
+            found[id(owner._buffers[last])] = owner._buffers[last]
+    return list(found.values())
 
 
 def _unpickle_fused_graph_module(unpickle, arguments) -> _FusedGraphModule:

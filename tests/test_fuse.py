@@ -571,6 +571,38 @@ def test_inputs_the_graph_does_not_hold_get_the_original_forward():
     assert_unfuses_to(model, fused, unbatched, FLOAT64)
 
 
+class LateBranchNet(nn.Module):
+    """Branches after its batch norm: a 1×1 map takes a way through forward that torch.fx
+    cannot trace (it iterates over the tensor), so the graph holds only the other way."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        if x.shape[-1] == 1:
+            return torch.stack([row.sum() for row in x])
+        return x.sum((1, 2, 3))
+
+
+def test_a_branch_the_graph_does_not_hold_changes_running_statistics_once():
+    torch.manual_seed(0)
+    model = LateBranchNet().double()
+    fused = fuse_quietly(model)
+    assert isinstance(fused.conv, FusedConv2dBatchNormReLUMaxPool2d)
+    assert fused._buffers_before_checks  # the check comes after the batch norm
+    late = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    # The graph's batch norm runs, its check fails, the original forward runs from the start:
+    # its running statistics must be updated once (num_batches_tracked 1, not 2).
+    assert_same_function(fused, model, late, FLOAT64, modes=(True,))
+    assert int(fused.bn.num_batches_tracked) == 1
+    assert_same_function(fused, model, late.repeat(1, 1, 2, 2), FLOAT64, modes=(True,))  # the graph's way
+    assert int(fused.bn.num_batches_tracked) == 2
+    assert_same_function(copy.deepcopy(fused), copy.deepcopy(model), late, FLOAT64, modes=(True,))
+
+
 def test_report_reads_as_a_summary():
     _, report = fuse_quietly(ReusedOutputNet(), report=True)
     assert isinstance(report, FusionReport)

@@ -953,15 +953,18 @@ def _named_buffers(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
     """The buffers of (or named by) each of ``names`` in ``module``, each once."""
     found = {}
     for name in names:
-        *path, last = name.split(".")
-        owner = module.get_submodule(".".join(path))
-        called = getattr(owner, last, None)
-        if isinstance(called, nn.Module):
-            found.update((id(buffer), buffer) for buffer in called.buffers())
-            if isinstance(called, FusedConv2dBatchNormReLUMaxPool2d):  # its batch norm is not a child
-                found.update((id(buffer), buffer) for buffer in called.bn.buffers())
-        elif last in owner._buffers and owner._buffers[last] is not None:
-            found[id(owner._buffers[last])] = owner._buffers[last]
+        try:
+            called = module.get_submodule(name)
+        except AttributeError:  # a get_attr: a buffer, a parameter or a constant
+            try:
+                buffer = module.get_buffer(name)
+            except AttributeError:
+                continue
+            found[id(buffer)] = buffer
+            continue
+        found.update((id(buffer), buffer) for buffer in called.buffers())
+        if isinstance(called, FusedConv2dBatchNormReLUMaxPool2d):  # its batch norm is not a child
+            found.update((id(buffer), buffer) for buffer in called.bn.buffers())
     return list(found.values())
 
 

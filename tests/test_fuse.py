@@ -572,16 +572,20 @@ def test_inputs_the_graph_does_not_hold_get_the_original_forward():
 
 
 class LateBranchNet(nn.Module):
-    """Branches after its batch norm: a 1×1 map takes a way through forward that torch.fx
-    cannot trace (it iterates over the tensor), so the graph holds only the other way."""
+    """Branches after its batch norms (a module and a functional one on buffers of its own):
+    a 1×1 map takes a way through forward that torch.fx cannot trace (it iterates over the
+    tensor), so the graph holds only the other way."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2d(8)
+        self.register_buffer("mean", torch.zeros(8))
+        self.register_buffer("var", torch.ones(8))
 
     def forward(self, x):
         x = F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+        x = F.batch_norm(x, self.mean, self.var, training=True)
         if x.shape[-1] == 1:
             return torch.stack([row.sum() for row in x])
         return x.sum((1, 2, 3))

@@ -65,6 +65,7 @@ import inspect
 import linecache
 import operator
 import os
+import typing
 import warnings
 
 import torch
@@ -1162,4 +1163,21 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
     (train_graph, checks), (eval_graph, _) = traced
     if train_graph.python_code("self").src != eval_graph.python_code("self").src:
         raise _Untraceable("forward takes different branches in training and in evaluation mode")
+    _resolve_string_annotations(train_graph, type(module).forward)
     return train_graph, checks
+
+
+def _resolve_string_annotations(graph: torch.fx.Graph, forward) -> None:
+    """Gives the graph's input and output the types ``forward``'s annotations name, where they
+    are strings (``from __future__ import annotations``), or none where they do not resolve.
+
+    torch.fx keeps such annotations as strings, and torch 2.11 cannot pickle the GraphModule
+    then (``AttributeError: 'str' object has no attribute '__name__'``; 2.14 can).
+    """
+    try:
+        hints = typing.get_type_hints(forward)
+    except Exception:  # a name the annotation's module does not define, or not a function
+        hints = {}
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = hints.get("return" if node.op == "output" else node.target)

@@ -232,6 +232,26 @@ def test_fused_convnet_keeps_its_input_check():
     assert_raises_as(model, torch.load(buffer, weights_only=False), torch.randn(2, 1, 32, 32))
 
 
+class UnresolvableAnnotationNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: NotDefinedAnywhere) -> Tensor:  # noqa: F821
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+def test_string_annotations_become_the_types_they_name():
+    # models.py annotates with `from __future__ import annotations`: torch.fx keeps those as
+    # strings, and torch 2.11 cannot pickle a GraphModule holding one.
+    fused = fuse_quietly(ConvNet("baseline", "native"))
+    assert isinstance(fused, torch.fx.GraphModule)
+    assert [node.type for node in fused.graph.nodes if node.op in ("placeholder", "output")] == [torch.Tensor, torch.Tensor]
+    fused = fuse_quietly(UnresolvableAnnotationNet())
+    assert [node.type for node in fused.graph.nodes if node.op in ("placeholder", "output")] == [None, None]
+    torch.save(fused, io.BytesIO())
+
+
 def test_fused_ops_convnet_is_left_alone_without_baking_its_tensors():
     # ops="fused" full calls the functional op, which counts num_batches_tracked in Python:
     # tracing would bake that away, so fuse must refuse to trace it (and say so).

@@ -19,7 +19,12 @@ root=$PWD/build/torch-$release
 minor=$(cut -d. -f2 <<<"$release")
 torchvision="0.$((minor + 15)).*"
 site_packages=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
-nvidia_libraries=$(ls -d "$site_packages"/nvidia/*/lib 2>/dev/null | tr '\n' ':')
+nvidia_libraries=$(find "$site_packages/nvidia" -mindepth 2 -maxdepth 2 -name lib -printf '%p:' 2>/dev/null || true)
+if [ -z "$nvidia_libraries" ]; then
+  echo "check_torch_release.sh: no nvidia-* wheels in $site_packages; run it from the environment" \
+    "cifarnet is developed in, whose CUDA build of torch brought them" >&2
+  exit 1
+fi
 
 if [ ! -x "$root/venv/bin/python" ]; then
   python -m venv "$root/venv"

@@ -42,5 +42,7 @@ cd "$root/src"
 export PATH=$root/venv/bin:$PATH LD_LIBRARY_PATH=${nvidia_libraries}${LD_LIBRARY_PATH:-}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # one GPU target: a check, not a build to ship
 pip install -q --no-build-isolation --no-deps -e .
-python -c 'import cifarnet, torch; print(f"cifarnet built against torch {torch.__version__}:", cifarnet.build_info()["torch_version"])'
+python -c 'import cifarnet, torch
+info = cifarnet.build_info()
+print("cifarnet built against torch", info["torch_version"], "(running", torch.__version__ + "), CUDA kernels:", info["cuda"])'
 bash tools/run_tests.sh "$@"

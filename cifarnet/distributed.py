@@ -288,10 +288,11 @@ class Peers:
             dist.broadcast_object_list(holder, src=0, device=self.device if self.device.type == "cuda" else None)
         return holder[0]
 
-    def gather(self, obj) -> list:
-        """Every process's ``obj``, in rank order, on every process."""
+    def gather(self, obj, what: str = "comparing settings") -> list:
+        """Every process's ``obj``, in rank order, on every process; ``what`` it is, for the
+        message if it fails."""
         gathered = [None] * self.world_size
-        with self._collective("comparing settings"):
+        with self._collective(what):
             dist.all_gather_object(gathered, obj)
         return gathered
 

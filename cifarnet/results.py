@@ -69,6 +69,8 @@ class Run:
     def status(self) -> str | None:
         """Why the run is not a complete one ("diverged ...", "partial: ..."), or None."""
         if self.divergence is not None:
+            if self.divergence.get("collapsed"):
+                return f"collapsed (one class for every test image, stopped after epoch {self.divergence['epoch']})"
             where = f", batch {self.divergence['batch']}" if self.divergence.get("batch") is not None else ""
             return f"diverged ({self.divergence['loss']} loss in epoch {self.divergence['epoch']}{where})"
         if self.epochs is not None and len(self.history) < self.epochs:
@@ -181,7 +183,7 @@ def _mean_and_range(values: list[float], digits: int) -> str:
 
 def seeds_table(runs: list[Run]) -> str:
     """A Markdown table with one row per configuration (runs named alike but for their seed):
-    how many runs completed and diverged, the mean and range over the complete runs of the best
+    how many runs completed and failed (diverged or collapsed), the mean and range over the complete runs of the best
     and final test top-1 and the final test loss, and the study's and the independent
     reproduction's figures beside; a variant without any run has a row of its own.
 
@@ -189,7 +191,7 @@ def seeds_table(runs: list[Run]) -> str:
         runs: as :func:`read_runs` gives them.
     """
     lines = [
-        "| configuration | runs | complete | diverged | best test top-1 (%) | final test top-1 (%) | final test loss "
+        "| configuration | runs | complete | failed | best test top-1 (%) | final test top-1 (%) | final test loss "
         "| study: top-1 (%) / loss | reproduction: best top-1 (%) |",
         "|---|---:|---:|---:|---|---|---|---|---|",
     ]
@@ -200,12 +202,12 @@ def seeds_table(runs: list[Run]) -> str:
             lines.append(f"| {variant} | 0 | | | | | | {study} | {REPRODUCTION[variant]} |")
         for configuration, members in configurations.items():
             complete = _complete(members)
-            diverged = sum(run.divergence is not None for run in members)
+            failed = sum(run.divergence is not None for run in members)
             best = [max(record["test_top1"] for record in run.history) for run in complete]
             final = [run.history[-1]["test_top1"] for run in complete]
             loss = [run.history[-1]["test_loss"] for run in complete]
             lines.append(
-                f"| {configuration} | {len(members)} | {len(complete)} | {diverged} | {_mean_and_range(best, 2)} | "
+                f"| {configuration} | {len(members)} | {len(complete)} | {failed} | {_mean_and_range(best, 2)} | "
                 f"{_mean_and_range(final, 2)} | {_mean_and_range(loss, 3)} | {study} | {REPRODUCTION[variant]} |"
             )
     return "\n".join(lines) + "\n"
@@ -228,7 +230,8 @@ def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, P
         table,
         results_table(runs)
         + "\n## Over seeds\n\nRuns named alike but for their `-seed<N>`, as one configuration; the figures "
-        "are the mean (and range) over its complete runs. Beside them, the study's test top-1 and loss "
+        "are the mean (and range) over its complete runs; a failed run diverged (a non-finite loss) or "
+        "collapsed (one class for every test image, no gradient reaching the first layer). Beside them, the study's test top-1 and loss "
         "(read off its plots) and an independent reproduction's best test top-1.\n\n"
         + seeds_table(runs),
     )

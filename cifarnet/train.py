@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import random
@@ -51,6 +52,7 @@ __all__ = [
     "REMEDIES",
     "EpochResult",
     "TrainConfig",
+    "TrainingCollapsed",
     "TrainingDiverged",
     "data_record",
     "epoch",
@@ -63,10 +65,13 @@ __all__ = [
 ]
 
 METRIC_KEYS = (
-    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds", "world_size"
+    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
+    "lr", "seconds", "world_size",
 )
-"""The keys of each ``metrics.jsonl`` line, in order (``world_size``: the processes that trained
-the epoch, as a run resumed with another number of processes changes it)."""
+"""The keys of each ``metrics.jsonl`` line, in order (``test_classes_predicted``: how many
+classes the model gave as its first prediction over the test set, 1 for a collapsed network;
+``world_size``: the processes that trained the epoch, as a run resumed with another number of
+processes changes it). Runs written before ``test_classes_predicted`` existed lack it."""
 
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -193,17 +198,31 @@ class TrainingDiverged(ValueError):
         self.variant, self.epoch, self.batch, self.loss, self.remedies = variant, epoch, batch, loss, remedies
         super().__init__(self.describe({name: f"{name}={value}" for name, value in remedies.items()}))
 
-    def describe(self, remedy_names: dict[str, str]) -> str:
-        """The one-line message, naming each remedy as ``remedy_names[setting]`` (e.g. an option)."""
+    def _what_happened(self) -> str:
         where = f"batch {self.batch}" if self.batch is not None else "test pass"
         what = "loss" if self.batch is not None else "test loss"
-        message = (
-            f"{self.variant} epoch {self.epoch} {where}: the {what} is {self.loss} (training diverged); "
-            "the study's schedule is at the edge of stability without batch norm"
-        )
+        return f"{self.variant} epoch {self.epoch} {where}: the {what} is {self.loss} (training diverged)"
+
+    def describe(self, remedy_names: dict[str, str]) -> str:
+        """The one-line message, naming each remedy as ``remedy_names[setting]`` (e.g. an option)."""
+        message = f"{self._what_happened()}; the study's schedule is at the edge of stability without batch norm"
         if not self.remedies:
             return f"{message}: try a lower learning rate"
         return f"{message}: try {' or '.join(remedy_names[name] for name in self.remedies)} (off by default)"
+
+
+class TrainingCollapsed(TrainingDiverged):
+    """Training left a network that gives every test image the same class, with a finite loss,
+    after an epoch in which no gradient reached its first layer: its ReLUs died (no input makes
+    them positive, so nothing flows back through them), and nothing is left to train. The run
+    stopped after that epoch's test pass. ``batch`` is None and ``loss`` is the test loss.
+    """
+
+    def _what_happened(self) -> str:
+        return (
+            f"{self.variant} epoch {self.epoch} test pass: the model gives every test image the same class and "
+            f"no gradient reached its first layer in the whole epoch, test loss {self.loss:.4f} (training collapsed)"
+        )
 
 
 class _NonFiniteLoss(ArithmeticError):
@@ -239,12 +258,17 @@ class EpochResult:
         top1, top5: percentage of examples whose label is the first, or among the first
             five, predictions.
         batch_losses: the mean loss of each batch, in order.
+        classes_predicted: how many classes were some example's first prediction.
+        first_layer_learned: training only: whether some step's gradient of the model's first
+            parameter was not all zeros (False: no gradient got through to it all epoch).
     """
 
     loss: float
     top1: float
     top5: float
     batch_losses: list[float] = field(default_factory=list)
+    classes_predicted: int | None = None
+    first_layer_learned: bool | None = None
 
 
 def epoch(
@@ -307,6 +331,9 @@ def epoch(
     seen = correct1 = correct5 = 0
     loss_sum = 0.0
     batch_losses = []
+    predicted_counts = None  # examples per first-predicted class
+    first_parameter = next((p for p in model.parameters() if p.requires_grad), None) if training else None
+    first_layer_learned = False if training else None
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
     scheduled_lrs = [group["lr"] for group in optimizer.param_groups] if training else []
@@ -342,6 +369,9 @@ def epoch(
                         batch_loss = global_loss_sum()[0] / global_count
                     if not math.isfinite(batch_loss):
                         raise _NonFiniteLoss(index + 1, batch_loss)
+                    if not first_layer_learned and first_parameter is not None and first_parameter.grad is not None:
+                        # NB: read until the first step that has one: once an epoch, for a network that learns.
+                        first_layer_learned = bool(first_parameter.grad.any())
                     if clip_grad_norm is not None:
                         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                     if lr_scale is not None:
@@ -354,6 +384,8 @@ def epoch(
                 # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
                 top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
                 predicted = top[:, 0]
+                counts = torch.bincount(predicted, minlength=logits.shape[1])
+                predicted_counts = counts if predicted_counts is None else predicted_counts + counts
                 correct1 += int((predicted == labels).sum())
                 correct5 += int((top == labels[:, None]).any(dim=1).sum())
                 if confusion is not None:
@@ -367,11 +399,18 @@ def epoch(
         for group, scheduled_lr in zip(optimizer.param_groups if training else [], scheduled_lrs):
             group["lr"] = scheduled_lr
         bar.close()
+    predicted_counts = [] if predicted_counts is None else predicted_counts.tolist()
     if peers is not None:
         loss_sum, correct1, correct5, seen = peers.sum([loss_sum, correct1, correct5, seen], "summing the epoch's metrics")
+        # NB: gathered, not summed: a process that saw no batch has no counts (and no class count).
+        gathered = peers.gather(predicted_counts, "gathering the predicted classes")
+        predicted_counts = [sum(column) for column in itertools.zip_longest(*gathered, fillvalue=0)]
     if seen == 0:
         raise ValueError("data yielded no batches")
-    return EpochResult(loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses)
+    classes_predicted = sum(count > 0 for count in predicted_counts)
+    return EpochResult(
+        loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses, classes_predicted, first_layer_learned
+    )
 
 
 def make_optimizer(
@@ -634,13 +673,18 @@ def _batch_loss_rows(batch_losses: list[list[float]], first_epoch: int = 1) -> I
             yield f"{epoch_number},{batch},{loss!r}\n"
 
 
-def _diverged(config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True):
-    """Records the divergence in ``out`` (beside the last good epoch's files) and raises; only
-    ``record``-ing processes (rank 0) write."""
+def _diverged(
+    config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True,
+    collapsed: bool = False,
+):
+    """Records the divergence (or collapse) in ``out`` (beside the last good epoch's files) and
+    raises; only ``record``-ing processes (rank 0) write."""
     remedies = {name: value for name, value in REMEDIES.items() if getattr(config, name) in (0, None)}
-    error = TrainingDiverged(config.variant, epoch_number, batch, loss, remedies)
+    error = (TrainingCollapsed if collapsed else TrainingDiverged)(config.variant, epoch_number, batch, loss, remedies)
     if record:
         entry = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
+        if collapsed:
+            entry["collapsed"] = True
         atomic_write_text(out / DIVERGENCE_FILE, json.dumps(entry) + "\n")
     raise error
 
@@ -887,6 +931,8 @@ def train(
         if not math.isfinite(tested.loss):
             # The last step of the epoch broke the weights: keep the previous epoch's checkpoint.
             _diverged(config, out, epoch_number, None, tested.loss, record=is_main)
+        if tested.classes_predicted == 1 and trained.first_layer_learned is False:
+            _diverged(config, out, epoch_number, None, tested.loss, record=is_main, collapsed=True)
         if scheduler is not None:
             scheduler.step()
         seconds = time.perf_counter() - started
@@ -898,6 +944,7 @@ def train(
             "test_loss": tested.loss,
             "test_top1": tested.top1,
             "test_top5": tested.top5,
+            "test_classes_predicted": tested.classes_predicted,
             "lr": lr,
             "seconds": seconds,
             "world_size": world_size,

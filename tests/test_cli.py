@@ -24,7 +24,10 @@ from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "cifar10-jpeg"
-EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds", "world_size"]
+EXPECTED_KEYS = [
+    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
+    "lr", "seconds", "world_size",
+]
 VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "full"]
 TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
 

@@ -14,12 +14,16 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import cifarnet.train as train_module
+from cifarnet.results import read_run
 from cifarnet.data import CIFAR10, DataError, Split, load_cifar10
 from cifarnet.models import ConvNet
 from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
 from cifar10_fakes import make_split, write_pickles
 
-EXPECTED_KEYS = ["epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "lr", "seconds", "world_size"]
+EXPECTED_KEYS = [
+    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
+    "lr", "seconds", "world_size",
+]
 TRAIN_COUNT, TEST_COUNT, BATCH = 40, 20, 16
 
 
@@ -578,6 +582,52 @@ def test_a_nonfinite_test_loss_keeps_the_previous_checkpoint(dataset, tmp_path, 
     with pytest.raises(train_module.TrainingDiverged, match=r"^momentum epoch 2 test pass: the test loss is nan"):
         run(dataset, out, variant="momentum", epochs=2, resume=True)
     assert (out / "checkpoint.pt").read_bytes() == kept and len(read_metrics(out)) == 1
+
+
+def test_a_collapsed_network_stops_the_run(dataset, tmp_path, monkeypatch):
+    # Conv biases far below zero: no input turns a ReLU on, no gradient reaches the convolutions
+    # again, and the classifier sees zeros: one class for every image, the quiet failure of
+    # `momentum` and `dropout` seeds (README), with a finite loss.
+    real_epoch = train_module.epoch
+    killed = []
+
+    def dead_relus(data, model, criterion, optimizer=None, **kwargs):
+        if optimizer is not None and not killed:
+            killed.append(True)
+            with torch.no_grad():
+                for name, parameter in model.named_parameters():
+                    if name.startswith("conv") and name.endswith("bias"):
+                        parameter.fill_(-1e4)
+        return real_epoch(data, model, criterion, optimizer, **kwargs)
+
+    out = tmp_path / "momentum-collapsed"
+    run(dataset, out, variant="momentum", epochs=1)
+    monkeypatch.setattr(train_module, "epoch", dead_relus)
+    with pytest.raises(train_module.TrainingCollapsed) as info:
+        run(dataset, out, variant="momentum", epochs=5, resume=True)
+    error = info.value
+    assert isinstance(error, train_module.TrainingDiverged) and (error.epoch, error.batch) == (2, None)
+    assert str(error).startswith(
+        "momentum epoch 2 test pass: the model gives every test image the same class and no gradient reached its "
+        f"first layer in the whole epoch, test loss {error.loss:.4f} (training collapsed); the study's schedule"
+    )
+    assert len(read_metrics(out)) == 1  # the collapsed epoch is not kept, as a diverged one
+    recorded = json.loads((out / "diverged.json").read_text())
+    assert recorded["collapsed"] is True and recorded["epoch"] == 2
+    assert read_run(out).status == "collapsed (one class for every test image, stopped after epoch 2)"
+
+
+def test_training_reports_whether_the_first_layer_learned_and_how_many_classes_it_predicts():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 3))
+    inputs, labels = torch.randn(16, 3, 2, 2), torch.arange(16) % 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trained = epoch([(inputs, labels)], model, nn.CrossEntropyLoss(), optimizer)
+    assert trained.first_layer_learned is True and epoch([(inputs, labels)], model, nn.CrossEntropyLoss()).classes_predicted > 1
+    with torch.no_grad():
+        model[1].bias.fill_(-1e4)  # dead ReLUs: the output is the last layer's bias for every input
+    assert epoch([(inputs, labels)], model, nn.CrossEntropyLoss(), optimizer).first_layer_learned is False
+    assert epoch([(inputs, labels)], model, nn.CrossEntropyLoss()).classes_predicted == 1
 
 
 def test_a_diverged_run_with_a_remedy_suggests_the_other(dataset, tmp_path, monkeypatch):

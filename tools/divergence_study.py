@@ -28,7 +28,10 @@ REMEDIES = {
     "clip5": ["--clip-grad-norm", "5"],
 }
 OUTCOME_FILE = "outcome.json"
-DIVERGED_LINE = re.compile(r"epoch (\d+) batch (\d+): the loss is (\S+)")
+# The trainer's one-line errors: a non-finite loss (at a batch, or in the test pass: batch None),
+# and a collapse (one class for every test image, no gradient reaching the first layer).
+DIVERGED_LINE = re.compile(r"epoch (\d+) (?:batch (\d+)|test pass): the (?:test )?loss is (\S+)")
+COLLAPSED_LINE = re.compile(r"epoch (\d+) test pass: the model gives every test image the same class")
 
 
 def seed_range(text: str) -> list[int]:
@@ -63,9 +66,12 @@ def train_one(args, variant: str, ops: str, seed: int, remedy: str) -> dict:
         "test_top1": [row["test_top1"] for row in epochs],
         "train_loss": [row["train_loss"] for row in epochs],
     }
-    diverged = DIVERGED_LINE.search(finished.stderr)
+    diverged, collapsed = DIVERGED_LINE.search(finished.stderr), COLLAPSED_LINE.search(finished.stderr)
     if diverged:
-        outcome.update(status="diverged", epoch=int(diverged[1]), batch=int(diverged[2]), loss=diverged[3])
+        batch = int(diverged[2]) if diverged[2] else None
+        outcome.update(status="diverged", epoch=int(diverged[1]), batch=batch, loss=diverged[3])
+    elif collapsed:
+        outcome.update(status="collapsed", epoch=int(collapsed[1]))
     elif finished.returncode == 0:
         outcome["status"] = "completed"
     else:
@@ -92,9 +98,13 @@ def summarise(outcomes: list[dict]) -> str:
         group.sort(key=lambda outcome: outcome["seed"])
         diverged = [o for o in group if o["status"] == "diverged"]
         completed = [o for o in group if o["status"] == "completed" and o["test_top1"]]
-        at_chance = [o for o in completed if o["test_top1"][-1] <= CHANCE_TOP1]
+        # A collapsed run stopped at chance; a completed one may have ended there too (dead units
+        # that still let some gradient through, or saturated logits).
+        at_chance = [o for o in group if o["status"] == "collapsed"]
+        at_chance += [o for o in completed if o["test_top1"][-1] <= CHANCE_TOP1]
+        at_chance.sort(key=lambda outcome: outcome["seed"])
         finals = sorted(o["test_top1"][-1] for o in completed if o["test_top1"][-1] > CHANCE_TOP1)
-        where = ", ".join(f"{o['seed']} ({o['epoch']}, {o['batch']})" for o in diverged)
+        where = ", ".join(f"{o['seed']} ({o['epoch']}, {'test pass' if o['batch'] is None else o['batch']})" for o in diverged)
         chance = ", ".join(str(o["seed"]) for o in at_chance)
         spread = f"{finals[len(finals) // 2]:.1f}% ({finals[0]:.1f}-{finals[-1]:.1f}%)" if finals else "-"
         lines.append(
@@ -134,6 +144,7 @@ def main() -> None:
                 outcome = train_one(args, variant, ops, seed, args.remedy)
                 print(f"{out.name}: {outcome['status']}"
                       + (f" at epoch {outcome['epoch']} batch {outcome['batch']}" if outcome["status"] == "diverged"
+                         else f" at epoch {outcome['epoch']}" if outcome["status"] == "collapsed"
                          else f", test top-1 {outcome['test_top1']}"), flush=True)
                 write_summary(args)
     write_summary(args)

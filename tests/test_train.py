@@ -14,9 +14,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import cifarnet.train as train_module
-from cifarnet.results import read_run
 from cifarnet.data import CIFAR10, DataError, Split, load_cifar10
 from cifarnet.models import ConvNet
+from cifarnet.results import read_run
 from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
 from cifar10_fakes import make_split, write_pickles
 

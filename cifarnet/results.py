@@ -183,9 +183,9 @@ def _mean_and_range(values: list[float], digits: int) -> str:
 
 def seeds_table(runs: list[Run]) -> str:
     """A Markdown table with one row per configuration (runs named alike but for their seed):
-    how many runs completed and failed (diverged or collapsed), the mean and range over the complete runs of the best
-    and final test top-1 and the final test loss, and the study's and the independent
-    reproduction's figures beside; a variant without any run has a row of its own.
+    how many runs completed and failed (diverged or collapsed), the mean and range over the
+    complete runs of the best and final test top-1 and the final test loss, and the study's and
+    the independent reproduction's figures beside; a variant without any run has a row of its own.
 
     Args:
         runs: as :func:`read_runs` gives them.
@@ -231,8 +231,9 @@ def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, P
         results_table(runs)
         + "\n## Over seeds\n\nRuns named alike but for their `-seed<N>`, as one configuration; the figures "
         "are the mean (and range) over its complete runs; a failed run diverged (a non-finite loss) or "
-        "collapsed (one class for every test image, no gradient reaching the first layer). Beside them, the study's test top-1 and loss "
-        "(read off its plots) and an independent reproduction's best test top-1.\n\n"
+        "collapsed (one class for every test image, no gradient reaching the first layer). Beside them, "
+        "the study's test top-1 and loss (read off its plots) and an independent reproduction's best test "
+        "top-1.\n\n"
         + seeds_table(runs),
     )
     # One curve per configuration: a run alone, or the seeds' mean and range (complete runs

@@ -258,7 +258,7 @@ class EpochResult:
         top1, top5: percentage of examples whose label is the first, or among the first
             five, predictions.
         batch_losses: the mean loss of each batch, in order.
-        classes_predicted: how many classes were some example's first prediction.
+        classes_predicted: evaluation only: how many classes were some example's first prediction.
         first_layer_learned: training only: whether some step's gradient of the model's first
             parameter was not all zeros (False: no gradient got through to it all epoch).
     """
@@ -331,7 +331,7 @@ def epoch(
     seen = correct1 = correct5 = 0
     loss_sum = 0.0
     batch_losses = []
-    predicted_counts = None  # examples per first-predicted class
+    predicted_counts = None  # evaluation: examples per first-predicted class
     first_parameter = next((p for p in model.parameters() if p.requires_grad), None) if training else None
     first_layer_learned = False if training else None
     total = len(data) if hasattr(data, "__len__") else None
@@ -384,8 +384,9 @@ def epoch(
                 # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
                 top = logits.detach().topk(min(5, logits.shape[1]), dim=1).indices
                 predicted = top[:, 0]
-                counts = torch.bincount(predicted, minlength=logits.shape[1])
-                predicted_counts = counts if predicted_counts is None else predicted_counts + counts
+                if not training:
+                    counts = torch.bincount(predicted, minlength=logits.shape[1])
+                    predicted_counts = counts if predicted_counts is None else predicted_counts + counts
                 correct1 += int((predicted == labels).sum())
                 correct5 += int((top == labels[:, None]).any(dim=1).sum())
                 if confusion is not None:
@@ -402,12 +403,13 @@ def epoch(
     predicted_counts = [] if predicted_counts is None else predicted_counts.tolist()
     if peers is not None:
         loss_sum, correct1, correct5, seen = peers.sum([loss_sum, correct1, correct5, seen], "summing the epoch's metrics")
-        # NB: gathered, not summed: a process that saw no batch has no counts (and no class count).
-        gathered = peers.gather(predicted_counts, "gathering the predicted classes")
-        predicted_counts = [sum(column) for column in itertools.zip_longest(*gathered, fillvalue=0)]
+        if not training:
+            # NB: gathered, not summed: a process that saw no batch has no counts (and no class count).
+            gathered = peers.gather(predicted_counts, "gathering the predicted classes")
+            predicted_counts = [sum(column) for column in itertools.zip_longest(*gathered, fillvalue=0)]
     if seen == 0:
         raise ValueError("data yielded no batches")
-    classes_predicted = sum(count > 0 for count in predicted_counts)
+    classes_predicted = None if training else sum(count > 0 for count in predicted_counts)
     return EpochResult(
         loss_sum / seen, 100 * correct1 / seen, 100 * correct5 / seen, batch_losses, classes_predicted, first_layer_learned
     )

@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+import cifarnet
 from cifarnet import benchmark as bench
 
 BATCH_SIZE = int(os.environ.get("CIFARNET_BENCH_BATCH", "128"))
@@ -47,3 +48,30 @@ def test_op(benchmark, op, implementation, layer, mode):
             lambda: block(bench.leaves(tensors, True, bench.input_requires_grad(op, layer)))
         )
     benchmark.pedantic(call, rounds=15, iterations=1)
+
+
+DROPOUT_IMPLEMENTATIONS = {
+    "native": lambda x: torch.nn.functional.dropout(x, 0.5, True),
+    "compiled": torch.compile(lambda x: torch.nn.functional.dropout(x, 0.5, True)),
+    "fused": lambda x: cifarnet.ops.dropout(x, 0.5),
+}
+
+
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("implementation", DROPOUT_IMPLEMENTATIONS)
+def test_dropout(benchmark, implementation, mode):
+    """Dropout(0.5) on the study's fc4 output (batch x 1000), in CIFARNET_BENCH_DTYPE (under
+    autocast that tensor is already 16-bit: fc4 is a linear layer)."""
+    dtype = AUTOCAST_DTYPE or torch.float32
+    x = torch.randn(BATCH_SIZE, 1000, dtype=dtype, requires_grad=mode != "forward")
+    dropout = DROPOUT_IMPLEMENTATIONS[implementation]
+
+    def call():
+        output = dropout(x)
+        if mode != "forward":
+            output.backward(torch.ones_like(output))
+
+    for _ in range(3):
+        call()
+    benchmark.group = f"dropout {BATCH_SIZE}x1000 {DTYPE_NAME} {mode}"
+    benchmark.pedantic(call, rounds=30, iterations=1)

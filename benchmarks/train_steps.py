@@ -18,6 +18,8 @@ Configurations (`--configs`, comma-separated; default: all but the compiled ones
   native-fp32, native-fp32-cl, native-fp32-compile     float32, contiguous / channels-last / torch.compile
   native-bf16-cl, native-bf16-cl-compile               torch.autocast bfloat16, channels-last (eager / compiled)
   fused-fp32, fused-fp32-cl, fused-bf16, fused-bf16-cl cifarnet's ops, float32 or bfloat16 autocast
+Only with --configs (what cifarnet's dropout changes, against the same steps with torch's):
+  fused-fp32-cl-torch-dropout, fused-bf16-cl-torch-dropout   the fused model with nn.Dropout
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ class Config:
     bfloat16: bool
     channels_last: bool
     compiled: bool = False
+    torch_dropout: bool = False  # the fused model with nn.Dropout instead of cifarnet.nn.Dropout
+    default: bool = True  # in the default set of --configs
 
 
 CONFIGS = {
@@ -53,6 +57,8 @@ CONFIGS = {
     "fused-fp32-cl": Config("fused", False, True),
     "fused-bf16": Config("fused", True, False),
     "fused-bf16-cl": Config("fused", True, True),
+    "fused-fp32-cl-torch-dropout": Config("fused", False, True, torch_dropout=True, default=False),
+    "fused-bf16-cl-torch-dropout": Config("fused", True, True, torch_dropout=True, default=False),
 }
 
 
@@ -62,6 +68,8 @@ class Trainer:
     def __init__(self, config: Config, variant: str, batches, device: torch.device):
         torch.manual_seed(0)
         model = ConvNet(variant, config.ops).to(device).train()
+        if config.torch_dropout and isinstance(model.dropout, nn.Dropout):
+            model.dropout = nn.Dropout(model.dropout.p)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=memory_format)
         self.step_fn = torch.compile(self.model) if config.compiled else self.model
@@ -139,7 +147,9 @@ def profile(trainer: Trainer, steps: int) -> None:
 
 
 def parse_configs(text: str | None, no_compile: bool) -> list[str]:
-    names = [name for name in CONFIGS if not (no_compile and CONFIGS[name].compiled)] if text is None else text.split(",")
+    if text is None:
+        return [name for name, config in CONFIGS.items() if config.default and not (no_compile and config.compiled)]
+    names = text.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         raise SystemExit(f"train_steps: unknown --configs {unknown}; expected some of {list(CONFIGS)}")

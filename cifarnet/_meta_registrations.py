@@ -256,3 +256,9 @@ def _conv2d_batch_norm_relu_max_pool2d_backward_elementwise_fake(
     return _conv2d_relu_max_pool2d_backward_fake(
         grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
     )
+
+
+@torch.library.register_fake("cifarnet::dropout")
+def _dropout_fake(input, seed, p=0.5):
+    # The kernels compute in row-major order and give a channels-last input its own layout back.
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))

@@ -82,6 +82,7 @@ from cifarnet.nn import (
     BatchNorm2d,
     Conv2dBatchNormReLUMaxPool2d,
     Conv2dReLUMaxPool2d,
+    Dropout,
     SyncBatchNorm2d,
     conv_bn_relu_pool_unfusable_reason,
     conv_relu_pool_unfusable_reason,
@@ -501,7 +502,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 # The layers of cifarnet.nn, each with a to_native() that computes it with torch alone.
-_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNorm1d, BatchNorm2d)
+_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNorm1d, BatchNorm2d, Dropout)
 
 
 def _unfuse_children(module: nn.Module) -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cifarnet.nn import Conv2dReLUMaxPool2d, conv2d_batch_norm_module_relu_max_pool2d
+from cifarnet.nn import Conv2dReLUMaxPool2d, Dropout, conv2d_batch_norm_module_relu_max_pool2d
 from cifarnet.variants import VARIANTS, recipe
 
 __all__ = ["CONV_CHANNELS", "ConvNet", "OPS", "VARIANTS", "count_parameters"]
@@ -42,7 +42,8 @@ class ConvNet(nn.Module):
             :class:`cifarnet.nn.Conv2dReLUMaxPool2d`, and each conv→BN→ReLU→pool stage of
             ``full`` with :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` on the tensors
             of its ``nn.Conv2d`` and ``nn.BatchNorm2d``; ``"native"`` with ``nn.Conv2d``,
-            ``nn.BatchNorm2d``, ``F.relu`` and ``nn.MaxPool2d``.
+            ``nn.BatchNorm2d``, ``F.relu`` and ``nn.MaxPool2d``. Dropout is
+            :class:`cifarnet.nn.Dropout` with ``"fused"``, ``nn.Dropout`` with ``"native"``.
         num_classes: outputs of fc5.
 
     Shape:
@@ -70,7 +71,8 @@ class ConvNet(nn.Module):
             stages
         )
         self.fc4 = nn.Linear(CONV_CHANNELS[-1] * POOLED_SIZE * POOLED_SIZE, HIDDEN_FEATURES)
-        self.dropout = nn.Dropout(self.recipe.dropout) if self.recipe.dropout else nn.Identity()
+        dropout = Dropout if ops == "fused" else nn.Dropout
+        self.dropout = dropout(self.recipe.dropout) if self.recipe.dropout else nn.Identity()
         self.fc5 = nn.Linear(HIDDEN_FEATURES, num_classes)
 
     def _make_stage(self, in_channels: int, out_channels: int, ceil_mode: bool):

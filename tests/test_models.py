@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+import cifarnet
 from cifarnet.models import ConvNet, count_parameters
 from cifarnet.variants import VARIANTS, recipe
 
@@ -209,6 +210,10 @@ def test_full_fused_matches_native_over_training_steps_then_eval():
     native = ConvNet("full", "native").double()
     fused = ConvNet("full", "fused").double()
     fused.load_state_dict(native.state_dict(), strict=True)
+    # cifarnet's dropout draws other masks than native's for a seed (tests/test_dropout.py
+    # checks it on its own): both models use it here, so that the same seed gives the same
+    # masks and the comparison covers everything else.
+    native.dropout = cifarnet.nn.Dropout.from_dropout(native.dropout)
     for step in range(3):
         x = torch.randn(6, 3, 28, 28, dtype=torch.float64)
         native.zero_grad(), fused.zero_grad()

@@ -187,6 +187,33 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
   }
 };
 
+// Dropout is linear with a diagonal mask: its backward is the same op, same seed, on the
+// gradient. Nothing but the seed is kept.
+class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& seed,
+                            double p) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["seed"] = seed;
+    ctx->saved_data["p"] = p;
+    return dropout(input, seed, p);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
+    variable_list grads(3);
+    if (grad_outputs[0].defined()) {
+      grads[0] = dropout(grad_outputs[0], ctx->saved_data["seed"].toTensor(),
+                         ctx->saved_data["p"].toDouble());
+    }
+    return grads;
+  }
+};
+
+at::Tensor dropout_autograd(const at::Tensor& input, const at::Tensor& seed, double p) {
+  return DropoutFunction::apply(input, seed, p);
+}
+
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax_autograd(
     const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
@@ -220,6 +247,7 @@ Tensor5 conv2d_batch_norm_relu_max_pool2d_training_autograd(
 TORCH_LIBRARY_IMPL(cifarnet, Autograd, m) {
   m.impl("conv2d_relu_max_pool2d_with_argmax", &conv2d_relu_max_pool2d_with_argmax_autograd);
   m.impl("_batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("dropout", &dropout_autograd);
   m.impl("_conv2d_batch_norm_relu_max_pool2d_training",
          &conv2d_batch_norm_relu_max_pool2d_training_autograd);
 }

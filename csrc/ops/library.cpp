@@ -217,6 +217,13 @@ conv2d_batch_norm_relu_max_pool2d_training_autocast(
 
 }  // namespace
 
+at::Tensor dropout(const at::Tensor& input, const at::Tensor& seed, double p) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("cifarnet::dropout", "")
+                       .typed<decltype(dropout)>();
+  return op.call(input, seed, p);
+}
+
 TORCH_LIBRARY(cifarnet, m) {
   m.def(
       "conv2d_relu_max_pool2d(Tensor input, Tensor weight, Tensor? bias=None, int[2] stride=1, "
@@ -231,6 +238,10 @@ TORCH_LIBRARY(cifarnet, m) {
       "Tensor argmax, int[2] stride, int[2] padding, int[2] pool_size, int[2] pool_stride, "
       "bool ceil_mode, bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor "
       "grad_bias)");
+
+  // Training dropout with a counter-based mask (philox.h): the mask is a function of the seed
+  // and each element's index, so the backward is the same op on the gradient.
+  m.def("dropout(Tensor input, Tensor seed, float p=0.5) -> Tensor");
 
   m.def(
       "batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "

@@ -53,4 +53,11 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d(
     bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode);
 
+// Training dropout: each element of input zeroed with probability p, the others scaled by
+// 1 / (1 - p) (as native dropout computes it, in input's dtype). The mask is Philox4x32-10
+// keyed by seed (a one-element int64 CPU tensor) over the elements' row-major indices: the
+// same seed gives the same mask on every device, thread count and layout. float32, float64,
+// bfloat16 or float16; the output has the input's layout (contiguous or channels-last).
+at::Tensor dropout(const at::Tensor& input, const at::Tensor& seed, double p);
+
 }  // namespace cifarnet::ops

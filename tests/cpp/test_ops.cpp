@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -189,6 +190,27 @@ void check_backward_with_two_threads() {
         "sparse backward: two threads give one thread's gradients");
 }
 
+// Dropout through the C++ API: kept elements are native's x * (1 / (1 - p)), the gradient
+// autograd takes applies the same mask, and two threads draw one thread's mask.
+void check_dropout() {
+  const double p = 0.3;
+  const at::Tensor seed = at::tensor({int64_t{42}}, at::kLong);
+  const at::Tensor input = (at::rand({64, 1000}) + 1).set_requires_grad(true);  // no zeros
+  at::set_num_threads(1);
+  const at::Tensor one_thread = cifarnet::ops::dropout(input.detach(), seed, p);
+  at::set_num_threads(2);
+  const at::Tensor output = cifarnet::ops::dropout(input, seed, p);
+  check(at::equal(output, one_thread), "dropout: two threads draw one thread's mask");
+  const at::Tensor kept = output != 0;
+  const double fraction = kept.to(at::kDouble).mean().item<double>();
+  check(std::abs(fraction - (1 - p)) < 0.01, "dropout: keeps 1 - p of the elements");
+  const at::Tensor noise = kept.to(at::kFloat).div_(1 - p);
+  check(at::equal(output, input.detach() * noise), "dropout: kept elements are native's x / (1 - p)");
+  const at::Tensor grad_output = at::randn_like(output);
+  const auto grads = torch::autograd::grad({output}, {input}, {grad_output});
+  check(at::equal(grads[0], grad_output * noise), "dropout: autograd applies the forward's mask");
+}
+
 }  // namespace
 
 int main() {
@@ -234,6 +256,7 @@ int main() {
   compare_batch_norm_with_native(false);
   compare_batch_norm_with_native(true);
   compare_conv_batch_norm_with_native();
+  check_dropout();
 
   bool threw = false;
   try {

@@ -1,0 +1,46 @@
+#pragma once
+// Argument checks and arithmetic the CPU and CUDA dropout kernels share.
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+#include "philox.h"
+
+namespace cifarnet::ops {
+
+struct DropoutArguments {
+  uint64_t key;        // the Philox key: the seed's bits
+  uint64_t threshold;  // keep an element whose word is at least this
+  bool drop_all;       // p == 1 (or so close that no word reaches the threshold)
+};
+
+inline DropoutArguments check_dropout_arguments(const at::Tensor& input, const at::Tensor& seed,
+                                                double p) {
+  TORCH_CHECK(p >= 0 && p <= 1, "dropout probability p must be between 0 and 1, got ", p);
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "dropout input must be float32, float64, bfloat16 or float16, got ",
+              input.scalar_type());
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
+              "dropout seed must be a one-element int64 tensor on the CPU, got a ",
+              seed.scalar_type(), " tensor of ", seed.numel(), " elements on ", seed.device());
+  const uint64_t threshold = philox::keep_threshold(p);
+  return {static_cast<uint64_t>(seed.item<int64_t>()), threshold, threshold > 0xffffffffu};
+}
+
+// Native dropout's factor for the kept elements: 1 / (1 - p) computed in opmath_t and rounded
+// to scalar_t (it scales a mask of scalar_t ones), so kept elements match native's bit for bit.
+template <typename scalar_t, typename opmath_t>
+opmath_t native_dropout_scale(double p) {
+  return static_cast<opmath_t>(
+      static_cast<scalar_t>(opmath_t(1) / static_cast<opmath_t>(1 - p)));
+}
+
+// The kernels compute on the row-major order (the mask is keyed by the logical index); a
+// channels-last input gets its output back in its own layout, as native dropout's.
+inline at::Tensor restore_layout(const at::Tensor& out, const at::Tensor& input) {
+  const at::MemoryFormat format = input.suggest_memory_format();
+  return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
+}
+
+}  // namespace cifarnet::ops

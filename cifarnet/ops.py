@@ -245,7 +245,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
     where native CPU dropout draws a Bernoulli number per element: one pass instead of three,
     the same mask for a seed on the CPU and on CUDA, for any thread count and layout, and a
     backward that recomputes the mask rather than keeping it. The masks differ from native
-    dropout's for the same ``torch.manual_seed``. Outside training, or with ``p == 0``, returns
+    dropout's for the same ``torch.manual_seed``, and the seed is drawn on the host at each call
+    (a CUDA graph captured in eager mode would replay one mask: use ``F.dropout`` inside
+    captured graphs). Outside training, or with ``p == 0``, returns
     ``input`` itself, as ``F.dropout`` does. On devices without a cifarnet kernel (neither CPU
     nor CUDA) it calls ``F.dropout``.
 

@@ -247,9 +247,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
     backward that recomputes the mask rather than keeping it. The masks differ from native
     dropout's for the same ``torch.manual_seed``, and the seed is drawn on the host at each call
     (a CUDA graph captured in eager mode would replay one mask: use ``F.dropout`` inside
-    captured graphs). Outside training, or with ``p == 0``, returns
-    ``input`` itself, as ``F.dropout`` does. On devices without a cifarnet kernel (neither CPU
-    nor CUDA) it calls ``F.dropout``.
+    captured graphs). Outside training, or with ``p == 0``, returns ``input`` itself, as
+    ``F.dropout`` does. On devices without a cifarnet kernel (neither CPU nor CUDA) it calls
+    ``F.dropout``.
 
     Args:
         input (Tensor): float32, float64, bfloat16 or float16, any shape; contiguous or

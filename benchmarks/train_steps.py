@@ -189,9 +189,12 @@ def main() -> None:
         profile(trainers[args.profile], args.steps)
         return
     times: dict[str, list[float]] = {name: [] for name in names}
-    for _ in range(args.rounds):
-        for name, trainer in trainers.items():
-            times[name] += trainer.run(args.steps)
+    for round_index in range(args.rounds):
+        # Each round starts one configuration later, so none always runs first (after the
+        # previous round's last) or always runs last.
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            times[name] += trainers[name].run(args.steps)
     results = {name: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "steps": len(t)} for name, t in times.items()}
     native = {name: r["median_ms"] for name, r in results.items() if name.startswith("native")}
     best_native = min(native, key=native.get) if native else None

@@ -213,18 +213,21 @@ def seeds_table(runs: list[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(folder: str | Path, epochs: int | None = None) -> tuple[Path, Path]:
+def write_report(
+    folder: str | Path, epochs: int | None = None, runs: list[Run] | None = None
+) -> tuple[Path, Path]:
     """Writes ``results.md`` and ``test_accuracy.png`` into ``folder`` from the runs it holds.
 
     Args:
         folder: a folder of run folders (see :func:`read_runs`).
         epochs: the epochs every run was meant to reach (None: as each checkpoint says).
+        runs: ``read_runs(folder, epochs)``, when the caller has read them already.
 
     Returns:
         The paths of the table and the plot.
     """
     folder = Path(folder)
-    runs = read_runs(folder, epochs)
+    runs = read_runs(folder, epochs) if runs is None else runs
     table, plot = folder / RESULTS_FILE, folder / COMPARISON_PLOT
     atomic_write_text(
         table,
@@ -289,9 +292,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also put the table over seeds into PATH, after its line " + README_MARKER)  # fmt: skip
     args = parser.parse_args(argv)
     try:
-        table, plot = write_report(args.folder)
+        runs = read_runs(args.folder)
+        table, plot = write_report(args.folder, runs=runs)
         if args.readme is not None:
-            update_readme(args.readme, read_runs(args.folder))
+            update_readme(args.readme, runs)
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

@@ -117,7 +117,9 @@ def plot_test_accuracy(
             "not run"); a name without curves gets a legend entry and no curve.
     """
     notes = notes or {}
-    figure = Figure(figsize=(9, 5.5))
+    # The legend goes under the axes, where it hides no curve; the figure grows with it.
+    entries = len(curves) + sum(name not in curves for name in notes)
+    figure = Figure(figsize=(9, 5 + 0.2 * entries))
     axes = figure.subplots()
     colours, styles = {}, {}
     for name, histories in curves.items():
@@ -139,7 +141,7 @@ def plot_test_accuracy(
     axes.set(title="Test accuracy / epoch", xlabel="epoch", ylabel="test top-1 accuracy (%)")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.grid(alpha=0.3)
-    axes.legend(fontsize="small", loc="lower right")
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0, -0.1), frameon=False)
     _save(figure, path)
 
 

@@ -13,7 +13,7 @@ see tools/cuda_toolkit.py, and builds the CPU kernels only, saying why, when the
   MAX_JOBS               parallel compile jobs (ninja).
 
 Build against the torch you run: `pip install --no-build-isolation .` after installing torch
-(see the README); a second torch inside an isolated build environment is the classic cause of
+(see docs/build.md); a second torch inside an isolated build environment is the classic cause of
 undefined-symbol errors at import.
 """
 

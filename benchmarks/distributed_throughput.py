@@ -5,8 +5,8 @@
 Runs `cifarnet-train` for one epoch on `--limit-train` images in three setups, in turn, for
 `--rounds` rounds (so a noisy machine's drifts fall on all three alike):
 
-  one        python -m cifarnet.train --threads CORES            (one process, every core)
-  sync       torchrun --nproc-per-node P -m cifarnet.train       (P processes, synchronized batch norm)
+  one        python -m cifarnet.study train --threads CORES            (one process, every core)
+  sync       torchrun --nproc-per-node P -m cifarnet.study train       (P processes, synchronized batch norm)
   no-sync    the same with --no-sync-bn                          (each process's own batch statistics)
 
 and reads each epoch's training images/s from the trainer's epoch line (the training pass
@@ -35,9 +35,9 @@ RATE = re.compile(r"\((\d+) training images/s\)")
 def setups(processes: int, cores: int) -> dict[str, list[str]]:
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", f"--nproc-per-node={processes}"]
     return {
-        "one": [sys.executable, "-m", "cifarnet.train", "--threads", str(cores)],
-        "sync": [*torchrun, "-m", "cifarnet.train"],
-        "no-sync": [*torchrun, "-m", "cifarnet.train", "--no-sync-bn"],
+        "one": [sys.executable, "-m", "cifarnet.study", "train", "--threads", str(cores)],
+        "sync": [*torchrun, "-m", "cifarnet.study", "train"],
+        "no-sync": [*torchrun, "-m", "cifarnet.study", "train", "--no-sync-bn"],
     }
 
 

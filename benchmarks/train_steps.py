@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cifarnet.models import ConvNet
-from cifarnet.train import TrainConfig, make_optimizer
+from cifarnet.study.models import ConvNet
+from cifarnet.study.train import TrainConfig, make_optimizer
 
 
 @dataclass(frozen=True)

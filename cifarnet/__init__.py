@@ -1,12 +1,16 @@
 """cifarnet: fused conv2d / batch norm / ReLU / max-pool ops for PyTorch (C++ and CUDA), their
-drop-in modules, and the CIFAR-10 ConvNet study they speed up."""
+drop-in modules, and the CIFAR-10 ConvNet study they speed up.
+
+The library is what this package imports: :mod:`cifarnet.ops` (the functional ops),
+:mod:`cifarnet.nn` (the modules) and :func:`fuse` / :func:`unfuse` (the model rewriter). The
+study's application (its ConvNet, data, training and commands) is :mod:`cifarnet.study`,
+which imports the library and is never imported by it.
+"""
 
 import torch  # noqa: F401  (loads libtorch before the extension that links against it)
 
 from cifarnet import _C  # noqa: F401  (registers the ops with the dispatcher)
 from cifarnet import _cpu
-from cifarnet import _meta_registrations  # noqa: F401
-from cifarnet import _onnx_registrations  # noqa: F401  (ONNX translations, registered when torch.onnx loads)
 from cifarnet import nn, ops
 from cifarnet.fuse import fuse, unfuse  # NB: the functions shadow the module: import names from cifarnet.fuse
 

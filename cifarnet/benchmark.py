@@ -35,7 +35,7 @@ from tqdm import tqdm
 import cifarnet
 from cifarnet import ops
 from cifarnet._cpu import describe_cpu
-from cifarnet.fileio import output_file_problem
+from cifarnet.study.fileio import output_file_problem
 
 IMPLEMENTATIONS = ("native", "compiled", "fused")
 MODES = ("forward", "forward_backward")
@@ -357,7 +357,7 @@ def make_model(name: str) -> nn.Module:
     """A ``--model`` with random weights: the study's ``full`` ConvNet built from native torch
     layers, or a torchvision model (1000 classes)."""
     if name == "convnet":
-        from cifarnet.models import ConvNet
+        from cifarnet.study.models import ConvNet
 
         return ConvNet("full", "native")
     if name not in MODEL_INPUT_SIZES:

@@ -16,10 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-import cifarnet.cli as cli
-from cifarnet.cli import eval_main, train_main
-from cifarnet.results import README_MARKER
-from cifarnet.results import main as results_main
+import cifarnet.study.cli as cli
+from cifarnet.study.cli import eval_main, train_main
+from cifarnet.study.results import SEEDS_TABLE_MARKER
+from cifarnet.study.results import main as results_main
 from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,7 +167,7 @@ def test_out_that_is_a_file_is_one_line(pickles, tmp_path, capsys):
 
 
 def test_out_is_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch):
-    import cifarnet.cli as cli
+    import cifarnet.study.cli as cli
 
     monkeypatch.setattr(cli, "load_cifar10", lambda *args, **kwargs: pytest.fail("read the data first"))
     (tmp_path / "file").write_text("")
@@ -332,7 +332,7 @@ def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
     truncate_pickle(pickles)
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
     result = subprocess.run(
-        [sys.executable, "-m", "cifarnet.cli", "train", "--data-dir", str(pickles), "--out", str(tmp_path / "run")],
+        [sys.executable, "-m", "cifarnet.study.cli", "train", "--data-dir", str(pickles), "--out", str(tmp_path / "run")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
     )
     assert result.returncode == 2
@@ -491,28 +491,31 @@ def test_docs_results_table_is_the_one_its_metrics_give(tmp_path):
     assert (copy / "results.md").read_text() == (REPO / "docs" / "results" / "results.md").read_text()
 
 
-def test_results_command_puts_the_table_into_a_readme(tmp_path, capsys):
+def test_results_command_puts_the_table_into_a_page(tmp_path, capsys):
     runs = tmp_path / "results"
     shutil.copytree(REPO / "docs" / "results", runs)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\n{README_MARKER}\n| old | table |\n|---|---|\n| x | y |\n\nText after.\n")
-    assert results_main([str(runs), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+    page = tmp_path / "study.md"
+    page.write_text(f"# Title\n\n{SEEDS_TABLE_MARKER}\n| old | table |\n|---|---|\n| x | y |\n\nText after.\n")
+    assert results_main([str(runs), "--page", str(page)]) == 0
+    text = page.read_text()
     generated = (runs / "results.md").read_text().split("## Over seeds\n", 1)[1]
     table = "".join(line + "\n" for line in generated.splitlines() if line.startswith("|"))
-    assert text == f"# Title\n\n{README_MARKER}\n{table}\nText after.\n"
-    readme.write_text("no marker\n")
-    assert results_main([str(runs), "--readme", str(readme)]) == 2
+    assert text == f"# Title\n\n{SEEDS_TABLE_MARKER}\n{table}\nText after.\n"
+    page.write_text("no marker\n")
+    assert results_main([str(runs), "--page", str(page)]) == 2
     assert "has no line" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (REPO / "docs" / "results" / "results.md").is_file(), reason="no docs/results/results.md")
-def test_readme_shows_the_generated_table_over_seeds():
-    readme = (REPO / "README.md").read_text().split(README_MARKER, 1)[1].lstrip("\n")
-    shown = list(itertools.takewhile(lambda line: line.startswith("|"), readme.splitlines()))
+def test_study_page_shows_the_generated_table_over_seeds():
+    page = (REPO / "docs" / "study.md").read_text().split(SEEDS_TABLE_MARKER, 1)[1].lstrip("\n")
+    shown = list(itertools.takewhile(lambda line: line.startswith("|"), page.splitlines()))
     generated = (REPO / "docs" / "results" / "results.md").read_text().split("## Over seeds\n", 1)[1]
     expected = [line for line in generated.splitlines() if line.startswith("|")]
-    assert shown == expected, "README.md's table over seeds is not docs/results/results.md's: copy it over"
+    assert shown == expected, (
+        "docs/study.md's table over seeds is not docs/results/results.md's: "
+        "python -m cifarnet.study.results docs/results --page docs/study.md"
+    )
 
 
 # --- evaluation -------------------------------------------------------------------------------
@@ -614,7 +617,7 @@ def test_eval_replaces_a_png_at_its_default_path_but_not_other_files(trained, fo
 
 
 def test_eval_out_that_is_a_folder_is_checked_before_evaluating(trained, tmp_path, capsys, monkeypatch):
-    import cifarnet.cli as cli
+    import cifarnet.study.cli as cli
 
     monkeypatch.setattr(cli, "load_cifar10", lambda *args, **kwargs: pytest.fail("read the data first"))
     capsys.readouterr()
@@ -629,7 +632,7 @@ def test_eval_with_bad_data_is_one_line(trained, tmp_path, capsys):
 
 
 def test_module_entry_point_needs_a_command(capsys):
-    from cifarnet.cli import main
+    from cifarnet.study.cli import main
 
     assert main([]) == 2
     assert "usage:" in capsys.readouterr().err

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import cifarnet.data as data_module
-from cifarnet.data import (
+import cifarnet.study.data as data_module
+from cifarnet.study.data import (
     CLASSES,
     MEAN,
     STD,
@@ -30,7 +30,7 @@ from cifarnet.data import (
     random_crop_flip,
     to_float,
 )
-from cifarnet.variants import recipe
+from cifarnet.study.variants import recipe
 from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
 TRAIN_COUNT, TEST_COUNT = 60, 30

@@ -1,7 +1,7 @@
 """cifarnet-train under torchrun: data-parallel processes (gloo, CPU) against one process.
 
 The multi-process tests start real processes: ``torchrun`` itself, or ``python -m
-cifarnet.train`` with the environment torchrun would give it. Each trains a few steps on tiny
+cifarnet.study train`` with the environment torchrun would give it. Each trains a few steps on tiny
 generated data, so a test takes seconds: 10 to 50 on two busy cores, most of them spent starting
 processes and importing torch (marked slow).
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarnet.cli import train_main
-from cifarnet.data import BatchLoader, Split
-from cifarnet.distributed import Launch, epoch_seed, launch_from_environment, shard_bounds
-from cifarnet.train import TrainConfig, load_checkpoint
-from cifarnet.variants import recipe
+from cifarnet.study.cli import train_main
+from cifarnet.study.data import BatchLoader, Split
+from cifarnet.study.distributed import Launch, epoch_seed, launch_from_environment, shard_bounds
+from cifarnet.study.train import TrainConfig, load_checkpoint
+from cifarnet.study.variants import recipe
 from cifar10_fakes import make_split, write_pickles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,13 +68,13 @@ def child_environment(tmp_path: Path, **variables) -> dict:
 
 
 def start_ranks(tmp_path: Path, world_size: int, args: list[str]) -> list[subprocess.Popen]:
-    """``python -m cifarnet.train ARGS`` as the ``world_size`` processes torchrun would start."""
+    """``python -m cifarnet.study train ARGS`` as the ``world_size`` processes torchrun would start."""
     port = free_port()
     processes = []
     for rank in range(world_size):
         env = child_environment(tmp_path, RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank,
                                 LOCAL_WORLD_SIZE=world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(subprocess.Popen([sys.executable, "-m", "cifarnet.train", *args], env=env, cwd=tmp_path,
+        processes.append(subprocess.Popen([sys.executable, "-m", "cifarnet.study", "train", *args], env=env, cwd=tmp_path,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return processes
 
@@ -217,7 +217,7 @@ def test_torchrun_trains_one_run_that_one_process_resumes(pickles, tmp_path, cap
     out = tmp_path / "run"
     args = ["--variant", "full", "--no-sync-bn", "--epochs", "2", "--limit-train", "32", "--data-dir", str(pickles),
             "--out", str(out), *COMMON]
-    torchrun = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "cifarnet.train", *args]
+    torchrun = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "cifarnet.study", "train", *args]
     process = subprocess.run(torchrun, env=child_environment(tmp_path), cwd=tmp_path, capture_output=True, text=True,
                              timeout=RUN_TIMEOUT)
     assert process.returncode == 0, process.stderr
@@ -349,14 +349,14 @@ def test_a_stalled_process_stops_the_others_after_the_timeout(pickles, tmp_path)
 @pytest.mark.slow
 @needs_torchrun
 def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
-    """Two torchrun invocations, one per "machine", meeting at 127.0.0.1 (see the README); the
+    """Two torchrun invocations, one per "machine", meeting at 127.0.0.1 (see docs/distributed.md); the
     second starts the console script (``--no-python cifarnet-train``) where it is installed."""
     out = tmp_path / "run"
     port = free_port()
     args = ["--variant", "baseline", "--epochs", "1", "--limit-train", "32", "--data-dir", str(pickles),
             "--out", str(out), *COMMON]
-    commands = [["-m", "cifarnet.train"], ["--no-python", str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else
-                ["-m", "cifarnet.train"]]
+    commands = [["-m", "cifarnet.study", "train"], ["--no-python", str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.exists() else
+                ["-m", "cifarnet.study", "train"]]
     nodes = [
         subprocess.Popen(
             [str(TORCHRUN), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--rdzv-backend", "c10d",

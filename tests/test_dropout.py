@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cifarnet
-from cifarnet.models import ConvNet
+from cifarnet.study.models import ConvNet
 from conftest import DEVICES
 
 DROPOUT = torch.ops.cifarnet.dropout.default

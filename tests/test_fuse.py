@@ -24,9 +24,9 @@ from cifarnet.fuse import (
     FusedIdentity,
     FusionReport,
 )
-from cifarnet.models import ConvNet
+from cifarnet.study.models import ConvNet
 from cifarnet.nn import conv_relu_pool_unfusable_reason
-from cifarnet.variants import VARIANTS, recipe
+from cifarnet.study.variants import VARIANTS, recipe
 from op_cases import assert_no_worse_than_native
 
 FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import cifarnet
-from cifarnet.models import ConvNet, count_parameters
-from cifarnet.variants import VARIANTS, recipe
+from cifarnet.study.models import ConvNet, count_parameters
+from cifarnet.study.variants import VARIANTS, recipe
 
 NON_BN_VARIANTS = [v for v in VARIANTS if v != "full"]
 SEED_PARAMETERS = 1_191_170  # SEED.md: total with conv biases, as nn.Conv2d has them

@@ -17,8 +17,8 @@ onnxruntime = pytest.importorskip("onnxruntime")
 
 import cifarnet  # noqa: E402
 from cifarnet import nn as cnn  # noqa: E402
-from cifarnet._onnx_registrations import ONNX_TRANSLATIONS  # noqa: E402
-from cifarnet.models import ConvNet  # noqa: E402
+from cifarnet.ops._onnx import ONNX_TRANSLATIONS  # noqa: E402
+from cifarnet.study.models import ConvNet  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -76,7 +76,7 @@ def image(*shape: int, channels_last: bool = False) -> torch.Tensor:
 
 
 def test_every_translation_is_in_the_registry_the_exporter_builds():
-    # Fails when torch.onnx changes the private registry cifarnet._onnx_registrations adds to.
+    # Fails when torch.onnx changes the private registry cifarnet.ops._onnx adds to.
     from torch.onnx._internal.exporter import _registration
 
     registry = _registration.ONNXRegistry.from_torchlib()

@@ -1,7 +1,7 @@
 """The private torch behaviour cifarnet relies on, one test per helper that wraps it.
 
-Each helper (cifarnet/fuse.py's section "Private torch behaviour fuse relies on", and
-cifarnet/_meta_registrations.suggest_memory_format) says why no public API does the same. A
+Each helper (cifarnet/fuse/_torch_internals.py, and
+cifarnet/ops/_layout.py's suggest_memory_format) says why no public API does the same. A
 torch release that changes one of them fails here, with a message naming it, rather than as a
 wrong answer or an obscure error deep inside fuse or torch.compile.
 """
@@ -16,15 +16,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from cifarnet import _meta_registrations
-from cifarnet.fuse import (
+from cifarnet.fuse._torch_internals import (
     _graph_module_class,
     _keep_through_copies,
     _rename_graph_module,
     _set_module_state,
     _tensor_version,
 )
-from cifarnet.ops import batch_norm
+from cifarnet.ops import _layout, batch_norm
 
 TORCH = f"torch {torch.__version__}"
 
@@ -143,7 +142,7 @@ def strided_cases():
 
 
 def test_suggest_memory_format_agrees_with_the_cpp_rule():
-    """_meta_registrations.suggest_memory_format (torch._prims_common's) against c10's
+    """_layout.suggest_memory_format (torch._prims_common's) against c10's
     TensorBase::suggest_memory_format, as the C++ kernels apply it: the CPU batch norm lays its
     output out channels_last exactly where c10 suggests channels_last for its input."""
     assert hasattr(torch._prims_common, "suggest_memory_format"), (
@@ -151,7 +150,7 @@ def test_suggest_memory_format_agrees_with_the_cpp_rule():
         "copy of c10's suggest_memory_format"
     )
     for input in strided_cases():
-        ours = _meta_registrations.suggest_memory_format(input)
+        ours = _layout.suggest_memory_format(input)
         output = batch_norm(input, None, None, None, None, training=True)
         expected = torch.empty(input.shape, memory_format=ours).stride()
         assert output.stride() == expected, (
@@ -159,7 +158,7 @@ def test_suggest_memory_format_agrees_with_the_cpp_rule():
             f"{tuple(input.shape)} and strides {input.stride()}, where the C++ kernel (c10's rule) gives strides "
             f"{output.stride()}; cifarnet's fake kernels need c10's rule"
         )
-    assert _meta_registrations.suggest_memory_format(torch.randn(2, 3)) == torch.contiguous_format
+    assert _layout.suggest_memory_format(torch.randn(2, 3)) == torch.contiguous_format
 
 
 def test_peak_cpu_allocation_sees_the_largest_live_set():

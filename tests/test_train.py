@@ -13,11 +13,21 @@ from PIL import Image
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-import cifarnet.train as train_module
-from cifarnet.data import CIFAR10, DataError, Split, load_cifar10
-from cifarnet.models import ConvNet
-from cifarnet.results import read_run
-from cifarnet.train import EpochResult, TrainConfig, epoch, load_checkpoint, make_optimizer, resolve_device, train
+import cifarnet.study.train.loop as train_module  # where train() looks up epoch()
+from cifarnet.study.data import CIFAR10, DataError, Split, load_cifar10
+from cifarnet.study.models import ConvNet
+from cifarnet.study.results import read_run
+from cifarnet.study.train import (
+    EpochResult,
+    TrainConfig,
+    TrainingCollapsed,
+    TrainingDiverged,
+    epoch,
+    load_checkpoint,
+    make_optimizer,
+    resolve_device,
+    train,
+)
 from cifar10_fakes import make_split, write_pickles
 
 EXPECTED_KEYS = [
@@ -229,8 +239,8 @@ def test_checkpoint_holds_the_trained_model(dataset, tmp_path):
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
     model = ConvNet("augmented", "native")
     model.load_state_dict(checkpoint["model"])  # across ops, strictly
-    from cifarnet.data import make_loaders
-    from cifarnet.variants import recipe
+    from cifarnet.study.data import make_loaders
+    from cifarnet.study.variants import recipe
 
     _, test = make_loaders(dataset, recipe("augmented"), BATCH, torch.Generator())
     result = epoch(test, model, nn.CrossEntropyLoss())
@@ -550,7 +560,7 @@ def test_a_nonfinite_loss_stops_the_run_at_that_batch_and_keeps_the_last_good_ep
     kept = {name: (out / name).read_bytes() for name in ("checkpoint.pt", "metrics.jsonl", "batch_losses.csv")}
     calls = []
     monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(train_module.epoch, calls, 1, 1))
-    with pytest.raises(train_module.TrainingDiverged) as info:
+    with pytest.raises(TrainingDiverged) as info:
         run(dataset, out, variant="momentum", epochs=3, resume=True)
     assert calls == [True]  # stopped in the training pass: no test pass, no third epoch
     error = info.value
@@ -579,7 +589,7 @@ def test_a_nonfinite_test_loss_keeps_the_previous_checkpoint(dataset, tmp_path, 
         return real_epoch([(torch.full_like(x, float("nan")), y) for x, y in data], model, criterion, **kwargs)
 
     monkeypatch.setattr(train_module, "epoch", nan_test_pass)
-    with pytest.raises(train_module.TrainingDiverged, match=r"^momentum epoch 2 test pass: the test loss is nan"):
+    with pytest.raises(TrainingDiverged, match=r"^momentum epoch 2 test pass: the test loss is nan"):
         run(dataset, out, variant="momentum", epochs=2, resume=True)
     assert (out / "checkpoint.pt").read_bytes() == kept and len(read_metrics(out)) == 1
 
@@ -603,10 +613,10 @@ def test_a_collapsed_network_stops_the_run(dataset, tmp_path, monkeypatch):
     out = tmp_path / "momentum-collapsed"
     run(dataset, out, variant="momentum", epochs=1)
     monkeypatch.setattr(train_module, "epoch", dead_relus)
-    with pytest.raises(train_module.TrainingCollapsed) as info:
+    with pytest.raises(TrainingCollapsed) as info:
         run(dataset, out, variant="momentum", epochs=5, resume=True)
     error = info.value
-    assert isinstance(error, train_module.TrainingDiverged) and (error.epoch, error.batch) == (2, None)
+    assert isinstance(error, TrainingDiverged) and (error.epoch, error.batch) == (2, None)
     assert str(error).startswith(
         "momentum epoch 2 test pass: the model gives every test image the same class and no gradient reached its "
         f"first layer in the whole epoch, test loss {error.loss:.4f} (training collapsed); the study's schedule"
@@ -633,15 +643,15 @@ def test_training_reports_whether_the_first_layer_learned_and_how_many_classes_i
 def test_a_diverged_run_with_a_remedy_suggests_the_other(dataset, tmp_path, monkeypatch):
     real_epoch = train_module.epoch
     monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(real_epoch, [], 1, 0))
-    with pytest.raises(train_module.TrainingDiverged, match=r"epoch 1 batch 1: .*: try clip_grad_norm=5.0 \(off by default\)$"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 1 batch 1: .*: try clip_grad_norm=5.0 \(off by default\)$"):
         run(dataset, tmp_path / "a", variant="dropout", epochs=1, warmup_epochs=1)
     monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(real_epoch, [], 1, 0))
-    with pytest.raises(train_module.TrainingDiverged, match=r": try a lower learning rate$"):
+    with pytest.raises(TrainingDiverged, match=r": try a lower learning rate$"):
         run(dataset, tmp_path / "b", variant="dropout", epochs=1, warmup_epochs=1, clip_grad_norm=1.0)
 
 
 def test_a_huge_learning_rate_diverges_and_stops(dataset, tmp_path):
-    with pytest.raises(train_module.TrainingDiverged, match=r"^momentum epoch 1 batch \d: the loss is (nan|inf)"):
+    with pytest.raises(TrainingDiverged, match=r"^momentum epoch 1 batch \d: the loss is (nan|inf)"):
         run(dataset, tmp_path, variant="momentum", epochs=3, lr=1e6)
     assert not (tmp_path / "checkpoint.pt").exists() and read_metrics(tmp_path) == []
 

@@ -51,7 +51,7 @@ def train_one(args, variant: str, ops: str, seed: int, remedy: str) -> dict:
     """Trains one short run with cifarnet-train and returns its outcome."""
     out = args.out / run_name(variant, ops, seed, remedy)
     command = [
-        sys.executable, "-m", "cifarnet.cli", "train",
+        sys.executable, "-m", "cifarnet.study.cli", "train",
         "--variant", variant, "--ops", ops, "--seed", str(seed), "--epochs", str(args.epochs),
         "--threads", str(args.threads), "--out", str(out), "--overwrite", "--no-progress",
         *(["--data-dir", str(args.data_dir)] if args.data_dir else []),

@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cifarnet.data import load_cifar10, make_loaders
-from cifarnet.models import ConvNet
-from cifarnet.train import PRECISIONS, TrainConfig, epoch, make_optimizer
-from cifarnet.variants import recipe
+from cifarnet.study.data import load_cifar10, make_loaders
+from cifarnet.study.models import ConvNet
+from cifarnet.study.train import PRECISIONS, TrainConfig, epoch, make_optimizer
+from cifarnet.study.variants import recipe
 
 
 class StepTrace:
@@ -132,7 +132,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
-    # As cifarnet.train.train sets a run up, so the trace follows the same run.
+    # As cifarnet.study.train.train sets a run up, so the trace follows the same run.
     config = TrainConfig(variant=args.variant, ops=args.ops, seed=args.seed, epochs=args.epochs)
     data = load_cifar10(args.data_dir, progress=False)
     torch.manual_seed(config.seed)

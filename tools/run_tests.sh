@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's test command: the Python suite (pytest), then the C++ suite (CMake build and
-# CTest) against the same torch. Both always run. The exit status is non-zero if either failed,
+# The project's test command: the import contract (lint-imports: imports only point down, no
+# cycles; see pyproject.toml), the Python suite (pytest), then the C++ suite (CMake build and
+# CTest) against the same torch. All always run. The exit status is non-zero if either failed,
 # and the last line says which. Extra arguments go to pytest. Run from anywhere, inside the
 # environment cifarnet is installed in.
 set -uo pipefail
@@ -25,6 +26,7 @@ cpp_suite() {
 }
 
 failed=()
+lint-imports --no-cache || failed+=("lint-imports: the import contract (exit status $?)")
 python -m pytest "$@" || failed+=("pytest (exit status $?)")
 cpp_suite || failed+=("C++ suite, at step: $cpp_step")
 
@@ -32,4 +34,4 @@ if ((${#failed[@]})); then
   printf 'run_tests.sh: FAILED: %s\n' "${failed[@]}" >&2
   exit 1
 fi
-echo "run_tests.sh: pytest and the C++ suite passed"
+echo "run_tests.sh: the import contract, pytest and the C++ suite passed"

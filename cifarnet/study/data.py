@@ -38,9 +38,9 @@ from PIL import Image
 from torch import Tensor
 from tqdm import tqdm
 
-from cifarnet.distributed import shard_bounds
-from cifarnet.fileio import atomic_save
-from cifarnet.variants import Recipe
+from cifarnet.study.distributed import shard_bounds
+from cifarnet.study.fileio import atomic_save
+from cifarnet.study.variants import Recipe
 
 __all__ = [
     "CLASSES",
@@ -539,7 +539,7 @@ class BatchLoader:
     thousand images at a time and yielded as views of that chunk.
 
     With ``world_size`` > 1 the loader yields process ``rank``'s slice of each batch of
-    ``batch_size`` (the global batch; see :func:`cifarnet.distributed.shard_bounds`). Every
+    ``batch_size`` (the global batch; see :func:`cifarnet.study.distributed.shard_bounds`). Every
     process draws the whole order and the whole batch's crops and flips from ``generator``, as a
     single process does, and prepares only its own slice: so a step of ``world_size`` processes
     sees exactly the samples, and crops, of a step of one process, and the generator's state
@@ -549,7 +549,7 @@ class BatchLoader:
     Args:
         split: the images and labels.
         batch_size: examples per batch.
-        recipe: the variant's :class:`cifarnet.variants.Recipe`.
+        recipe: the variant's :class:`cifarnet.study.variants.Recipe`.
         train: training (shuffled, randomly augmented) or test (fixed) batches.
         generator: CPU generator for shuffling and augmentation; required when ``train``.
             Its state after an epoch decides the next epoch, so saving it makes runs resumable.

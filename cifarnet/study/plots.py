@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from cifarnet.fileio import atomic_write
+from cifarnet.study.fileio import atomic_write
 
 __all__ = [
     "PNG_SOFTWARE",

@@ -5,8 +5,8 @@ on stderr and exit with status 2, without a traceback. Output paths are checked 
 work starts, and neither command replaces what it did not write unless told to
 (``--overwrite``).
 
-``cifarnet-train`` (and ``python -m cifarnet.train``, the same command) trains data parallel
-when ``torchrun`` starts it (see :mod:`cifarnet.distributed`): every process runs the command
+``cifarnet-train`` (and ``python -m cifarnet.study train``, the same command) trains data parallel
+when ``torchrun`` starts it (see :mod:`cifarnet.study.distributed`): every process runs the command
 with the same options, rank 0 writes the run's files and prints, and an error that every
 process meets alike is printed once, by rank 0; a process that fails on its own says so with
 its rank.
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifarnet.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
-from cifarnet.distributed import (
+from cifarnet.study.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
+from cifarnet.study.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     EveryProcessError,
     Launch,
@@ -35,11 +35,11 @@ from cifarnet.distributed import (
     launch_from_environment,
     process_group,
 )
-from cifarnet.fileio import describe_file, output_file_problem, output_folder_problem
-from cifarnet.models import OPS, ConvNet
-from cifarnet.plots import is_cifarnet_plot, plot_confusion_matrix
-from cifarnet.results import write_report
-from cifarnet.train import (
+from cifarnet.study.fileio import describe_file, output_file_problem, output_folder_problem
+from cifarnet.study.models import OPS, ConvNet
+from cifarnet.study.plots import is_cifarnet_plot, plot_confusion_matrix
+from cifarnet.study.results import write_report
+from cifarnet.study.train import (
     CHECKPOINT_FILE,
     DEVICES,
     PRECISIONS,
@@ -52,7 +52,7 @@ from cifarnet.train import (
     resolve_device,
     train,
 )
-from cifarnet.variants import VARIANTS, recipe
+from cifarnet.study.variants import VARIANTS, recipe
 
 __all__ = ["eval_main", "train_main"]
 
@@ -135,7 +135,7 @@ def _train_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
                         help="train on the first N training images only")
     distributed = parser.add_argument_group(
-        "several processes", "under torchrun (e.g. torchrun --nproc-per-node 2 -m cifarnet.train ...); "
+        "several processes", "under torchrun (e.g. torchrun --nproc-per-node 2 -m cifarnet.study train ...); "
         "--batch-size is the global batch, which the processes share")
     distributed.add_argument("--dist-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_SECONDS, metavar="SECONDS",
                              help="stop when another process has not answered for this long (it died or stalled) "
@@ -169,7 +169,7 @@ def train_main(argv: list[str] | None = None) -> int:
     command stops early (an interruption, a divergence), with the missing ones marked.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the processes train each run
-    together (see :func:`cifarnet.train.train`), in a process group that waits at most
+    together (see :func:`cifarnet.study.train.train`), in a process group that waits at most
     ``--dist-timeout`` seconds for a process that stopped answering.
     """
     args = _train_parser().parse_args(argv)
@@ -394,7 +394,7 @@ def _plot_output_problem(path: Path, *, explicit: bool, overwrite: bool) -> str 
     """Why cifarnet-eval must not write its PNG to ``path``, or None.
 
     An existing file is replaced only where it is a plot cifarnet drew (tagged, see
-    :func:`cifarnet.plots.is_cifarnet_plot`), or, at the default path, any PNG (earlier
+    :func:`cifarnet.study.plots.is_cifarnet_plot`), or, at the default path, any PNG (earlier
     versions drew untagged ones there), or with ``--overwrite``.
     """
     option = "--out " if explicit else "the confusion-matrix plot "
@@ -424,11 +424,12 @@ def _per_class_table(confusion: torch.Tensor) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cifarnet.cli {train,eval} ...``: the two commands under one entry point."""
+    """``python -m cifarnet.study {train,eval} ...`` (and ``python -m cifarnet.study.cli ...``): the two
+    commands under one entry point."""
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"train": train_main, "eval": eval_main}
     if not argv or argv[0] not in commands:
-        print("usage: python -m cifarnet.cli {train,eval} [options]  (or cifarnet-train / cifarnet-eval)", file=sys.stderr)
+        print("usage: python -m cifarnet.study {train,eval} [options]  (or cifarnet-train / cifarnet-eval)", file=sys.stderr)
         return ERROR_STATUS
     return commands[argv[0]](argv[1:])
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cifarnet.nn import Conv2dReLUMaxPool2d, Dropout, conv2d_batch_norm_module_relu_max_pool2d
-from cifarnet.variants import VARIANTS, recipe
+from cifarnet.study.variants import VARIANTS, recipe
 
 __all__ = ["CONV_CHANNELS", "ConvNet", "OPS", "VARIANTS", "count_parameters"]
 
@@ -37,7 +37,7 @@ class ConvNet(nn.Module):
     from ``dropout`` on, and ``BatchNorm2d`` after each convolution in ``full``.
 
     Args:
-        variant: one of :data:`cifarnet.variants.VARIANTS`.
+        variant: one of :data:`cifarnet.study.variants.VARIANTS`.
         ops: ``"fused"`` computes each conv→ReLU→pool stage with
             :class:`cifarnet.nn.Conv2dReLUMaxPool2d`, and each conv→BN→ReLU→pool stage of
             ``full`` with :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` on the tensors

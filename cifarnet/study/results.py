@@ -1,6 +1,6 @@
 """The study's table and test-accuracy plot, from whatever runs a folder holds.
 
-``python -m cifarnet.results DIR`` reads every run folder in ``DIR`` and writes
+``python -m cifarnet.study.results DIR`` reads every run folder in ``DIR`` and writes
 ``DIR/results.md`` (one row per run, and one per variant with no run, marked so; then one
 row per configuration, over its seeds, beside the study's figures) and
 ``DIR/test_accuracy.png`` (test top-1 per epoch, one curve per configuration: its seeds'
@@ -9,8 +9,9 @@ variant, ``<variant>`` as ``cifarnet-train --variant all`` writes them, or
 ``<variant>-<anything>`` (``full-fused-seed0``, as in ``docs/results``), and holds the run's
 ``metrics.jsonl``; where the run diverged, its ``diverged.json``; where the run is in the folder
 it was trained in, its ``checkpoint.pt`` (which says how many epochs the run was meant to have,
-so a run stopped early is marked partial). So the table and plot of the README can be
-regenerated from the small files kept in ``docs/results``.
+so a run stopped early is marked partial). So the table and plot of the study's page
+(``docs/study.md``) can be regenerated from the small files kept in ``docs/results``:
+``python -m cifarnet.study.results docs/results --page docs/study.md``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cifarnet.fileio import atomic_write_text
-from cifarnet.plots import plot_test_accuracy
-from cifarnet.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
-from cifarnet.variants import VARIANTS
+from cifarnet.study.fileio import atomic_write_text
+from cifarnet.study.plots import plot_test_accuracy
+from cifarnet.study.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
+from cifarnet.study.variants import VARIANTS
 
 __all__ = [
-    "COMPARISON_PLOT", "README_MARKER", "RESULTS_FILE", "Run", "configuration_of", "main", "read_runs",
-    "results_table", "seeds_table", "update_readme", "write_report",
+    "COMPARISON_PLOT", "RESULTS_FILE", "Run", "SEEDS_TABLE_MARKER", "configuration_of", "main", "read_runs",
+    "results_table", "seeds_table", "update_page", "write_report",
 ]  # fmt: skip
 
 RESULTS_FILE = "results.md"
@@ -260,42 +261,44 @@ def write_report(
     return table, plot
 
 
-README_MARKER = '<!-- generated: the "Over seeds" table of docs/results/results.md -->'
+SEEDS_TABLE_MARKER = '<!-- generated: the "Over seeds" table of docs/results/results.md -->'
+"""The line of a markdown page (``docs/study.md``) after which :func:`update_page` puts the table."""
 
 
-def update_readme(readme: str | Path, runs: list[Run]) -> None:
-    """Replaces the table that follows :data:`README_MARKER` in ``readme`` with
-    :func:`seeds_table` of ``runs``.
+def update_page(page: str | Path, runs: list[Run]) -> None:
+    """Replaces the table that follows :data:`SEEDS_TABLE_MARKER` in the markdown file ``page``
+    (e.g. ``docs/study.md``) with :func:`seeds_table` of ``runs``; the rest of the page is kept.
 
     Raises:
-        ValueError: ``readme`` has no such marker.
+        ValueError: ``page`` has no such marker.
     """
-    readme = Path(readme)
-    text = readme.read_text(encoding="utf-8")
-    if README_MARKER not in text:
-        raise ValueError(f"{readme} has no line {README_MARKER} to put the table after")
-    before, after = text.split(README_MARKER, 1)
+    page = Path(page)
+    text = page.read_text(encoding="utf-8")
+    if SEEDS_TABLE_MARKER not in text:
+        raise ValueError(f"{page} has no line {SEEDS_TABLE_MARKER} to put the table after")
+    before, after = text.split(SEEDS_TABLE_MARKER, 1)
     lines = after.lstrip("\n").splitlines(keepends=True)
     rest = "".join(lines[next((i for i, line in enumerate(lines) if not line.startswith("|")), len(lines)):])
-    atomic_write_text(readme, f"{before}{README_MARKER}\n{seeds_table(runs)}{rest}")
+    atomic_write_text(page, f"{before}{SEEDS_TABLE_MARKER}\n{seeds_table(runs)}{rest}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cifarnet.results DIR``: writes the table and plot of the runs in DIR."""
+    """``python -m cifarnet.study.results DIR``: writes the table and plot of the runs in DIR."""
     parser = argparse.ArgumentParser(
-        prog="python -m cifarnet.results",
+        prog="python -m cifarnet.study.results",
         description=f"Write {RESULTS_FILE} and {COMPARISON_PLOT} from the run folders in DIR "
                     "(<variant> or <variant>-<anything>, each with its metrics.jsonl).",
     )
     parser.add_argument("folder", type=Path, metavar="DIR", help="e.g. docs/results, or the --out of --variant all")
-    parser.add_argument("--readme", type=Path, metavar="PATH",
-                        help="also put the table over seeds into PATH, after its line " + README_MARKER)  # fmt: skip
+    parser.add_argument("--page", type=Path, metavar="PATH",
+                        help="also put the table over seeds into the markdown page PATH (e.g. docs/study.md), "
+                             "after its line " + SEEDS_TABLE_MARKER)  # fmt: skip
     args = parser.parse_args(argv)
     try:
         runs = read_runs(args.folder)
         table, plot = write_report(args.folder, runs=runs)
-        if args.readme is not None:
-            update_readme(args.readme, runs)
+        if args.page is not None:
+            update_page(args.page, runs)
     except (ValueError, OSError) as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         return 2

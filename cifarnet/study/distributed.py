@@ -8,7 +8,7 @@ as one process, as before. :func:`process_group` joins the default process group
 CPU, NCCL on CUDA) with a timeout, so that a process whose peer died or stalled stops with
 :class:`PeerFailure` instead of waiting forever.
 
-How the training loop splits the work (see :func:`cifarnet.train.train`): every process draws
+How the training loop splits the work (see :func:`cifarnet.study.train.train`): every process draws
 the same shuffled order and augmentation and takes its own slice (:func:`shard_bounds`) of each
 global batch; gradients are averaged by ``DistributedDataParallel``; metrics are summed over all
 processes with :meth:`Peers.sum`.

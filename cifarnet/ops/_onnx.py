@@ -42,12 +42,12 @@ import torch
 _MIN_OPSET = 18  # the opset the translations' ops are written against (onnxscript opset18)
 
 
-def _pads(padding) -> list[int]:
+def pads(padding) -> list[int]:
     """``[top, left, bottom, right]`` ONNX pads of a symmetric torch ``(pad_h, pad_w)``."""
     return [padding[0], padding[1], padding[0], padding[1]]
 
 
-def _per_channel_or(value, fill: float, input):
+def per_channel_or(value, fill: float, input):
     """``value``, or a ``Tensor[C]`` of ``fill`` in ``input``'s dtype when ``value`` is None."""
     from onnxscript import opset18 as op
 
@@ -57,53 +57,20 @@ def _per_channel_or(value, fill: float, input):
     return op.Expand(op.CastLike(op.Constant(value_float=fill), input), channels)
 
 
-def conv2d_relu_max_pool2d(
-    input, weight, bias=None, stride=(1, 1), padding=(0, 0), pool_size=(2, 2), pool_stride=(), ceil_mode=False
-):
-    """``cifarnet::conv2d_relu_max_pool2d`` as ``Conv -> Relu -> MaxPool`` (defaults mirror the schema)."""
-    from onnxscript import opset18 as op
-
-    conv = op.Conv(input, weight, bias, strides=list(stride), pads=_pads(padding), dilations=[1, 1], group=1)
-    pooled, _ = op.MaxPool(
-        op.Relu(conv),
-        kernel_shape=list(pool_size),
-        strides=list(pool_stride or pool_size),
-        pads=[0, 0, 0, 0],
-        dilations=[1, 1],
-        ceil_mode=int(ceil_mode),
-    )
-    return pooled
-
-
-def batch_norm_forward(input, mean, var, weight, bias, training, eps):
-    """``cifarnet::_batch_norm_forward`` in evaluation as ``BatchNormalization``.
-
-    Returns ``(output, save_mean, save_var)`` like the op; in evaluation the saved statistics
-    are the running ones (only the backward reads them, so the exported graph drops them).
-    """
-    from onnxscript import opset18 as op
-
-    if training:
-        raise NotImplementedError(
-            "cifarnet batch norm with batch statistics (a model in training mode, or a batch norm "
-            "without running statistics) has no ONNX translation; export the model in "
-            "evaluation mode (model.eval()) with running statistics"
-        )
-    mean = _per_channel_or(mean, 0.0, input)
-    var = _per_channel_or(var, 1.0, input)
-    output = op.BatchNormalization(
-        input, _per_channel_or(weight, 1.0, input), _per_channel_or(bias, 0.0, input), mean, var, epsilon=eps
-    )
-    # NB: new values (Identity), not the inputs themselves: the exporter names each output.
-    return output, op.Identity(mean), op.Identity(var)
-
-
-ONNX_TRANSLATIONS = {
-    torch.ops.cifarnet.conv2d_relu_max_pool2d.default: conv2d_relu_max_pool2d,
-    torch.ops.cifarnet._batch_norm_forward.default: batch_norm_forward,
-}
-"""What :func:`_register_with_exporter` registers; also usable as ``torch.onnx.export``'s
+ONNX_TRANSLATIONS = {}
+"""op overload -> its ONNX Script translation, filled by :func:`onnx_translation` in each op's
+module; what :func:`_register_with_exporter` registers, and usable as ``torch.onnx.export``'s
 ``custom_translation_table``."""
+
+
+def onnx_translation(target):
+    """Decorator: the function translates the op overload ``target`` to ONNX."""
+
+    def register(function):
+        ONNX_TRANSLATIONS[target] = function
+        return function
+
+    return register
 
 
 _EXPORTER_REGISTRY_MODULE = "torch.onnx._internal.exporter._registration"
@@ -155,11 +122,10 @@ class _RegisterAfterExporterImport(importlib.abc.MetaPathFinder):
         return spec
 
 
-def _register_when_exporting() -> None:
+def register_when_exporting() -> None:
+    """Registers :data:`ONNX_TRANSLATIONS` with the exporter now if it is loaded, else as soon as
+    it loads (called once, after every op module has added its translations)."""
     if _EXPORTER_REGISTRY_MODULE in sys.modules:
         _register_with_exporter()
     elif importlib.util.find_spec("onnxscript") is not None:  # without it the exporter cannot run
         sys.meta_path.insert(0, _RegisterAfterExporterImport())
-
-
-_register_when_exporting()

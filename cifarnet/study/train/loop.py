@@ -18,17 +18,14 @@ A folder that already holds a run is neither resumed nor replaced unless asked (
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import json
 import math
 import random
-import re
 import sys
 import time
-import zipfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,200 +34,41 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import cifarnet.nn
-from cifarnet.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
-from cifarnet.distributed import EveryProcessError, Peers, epoch_seed
-from cifarnet.fileio import atomic_save, atomic_write_text, describe_file, output_folder_problem
-from cifarnet.models import OPS, ConvNet
-from cifarnet.plots import plot_batch_losses, plot_curves
-from cifarnet.variants import check_variant, recipe
-
-__all__ = [
-    "CHECKPOINT_FILE",
-    "DEVICES",
-    "METRIC_KEYS",
-    "PRECISIONS",
-    "REMEDIES",
-    "EpochResult",
-    "TrainConfig",
-    "TrainingCollapsed",
-    "TrainingDiverged",
-    "data_record",
-    "epoch",
-    "earlier_run_files",
-    "load_checkpoint",
-    "make_optimizer",
-    "resolve_device",
-    "train",
-    "warmup_factor",
-]
-
-METRIC_KEYS = (
-    "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
-    "lr", "seconds", "world_size",
+from cifarnet.study.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
+from cifarnet.study.distributed import Peers, epoch_seed
+from cifarnet.study.fileio import atomic_save, output_folder_problem
+from cifarnet.study.models import ConvNet
+from cifarnet.study.plots import plot_batch_losses, plot_curves
+from cifarnet.study.train.checkpoints import (
+    _batch_loss_rows,
+    _check_same_data,
+    _note,
+    _resumable_config,
+    _rng_state,
+    _set_rng_state,
+    _write_records,
+    data_record,
+    earlier_run_files,
+    load_checkpoint,
 )
-"""The keys of each ``metrics.jsonl`` line, in order (``test_classes_predicted``: how many
-classes the model gave as its first prediction over the test set, 1 for a collapsed network;
-``world_size``: the processes that trained the epoch, as a run resumed with another number of
-processes changes it). Runs written before ``test_classes_predicted`` existed lack it."""
-
-DEVICES = ("auto", "cpu", "cuda")
-CHECKPOINT_FILE = "checkpoint.pt"
-METRICS_FILE = "metrics.jsonl"
-BATCH_LOSSES_FILE = "batch_losses.csv"
-CURVES_FILE = "curves.png"
-BATCH_LOSSES_PLOT = "batch_losses.png"
-DIVERGENCE_FILE = "diverged.json"
-CHECKPOINT_FORMAT = 1
-# precision -> the autocast dtype of the forward passes (None: no autocast).
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
-CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", "history", "batch_losses")
-# Optional: what the run was trained on (see data_record); checkpoints written before it was
-# recorded lack it and still resume, unchecked.
-CHECKPOINT_DATA_KEY = "data"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT, DIVERGENCE_FILE)
-"""The files a run writes into its folder (and ``overwrite`` removes)."""
-
-# The batches' layout. The fused ops work channels last inside, so channels-last batches (and
-# hence activations) spare each layer two layout copies a step (6-8% of a `full` training step
-# on the CPU); native layers are faster in it too. The layout changes no value. The parameters
-# stay contiguous: fused SGD would copy channels-last ones to contiguous and back every step.
-TRAINING_MEMORY_FORMAT = torch.channels_last
-
-# Settings that may change when a run is resumed: how long it runs, and how the same
-# computation is carried out (fused and native models share their state_dict, and the
-# checkpoint of any number of processes is that of one model; a switch is noted, since
-# rounding and random draws then differ from the uninterrupted run).
-RESUMABLE_CHANGES = ("epochs", "ops", "world_size", "sync_batch_norm")
-
-# Settings that stabilise the study's schedule, off by default so the study runs as published
-# (without batch norm, SGD at lr 0.1 with momentum 0.9 is at the edge of stability): setting ->
-# the value a divergence message suggests, the better first: over seeds 0-7 of momentum and
-# dropout (tools/divergence_study.py), clipping at 5 kept every run that diverges without it
-# and failed none, while a one-epoch warm-up delayed failures into the second epoch. A
-# complete run is kept whatever its remedies were (nothing of it is trained again); a partial
-# one resumes only with its own.
-REMEDIES = {"clip_grad_norm": 5.0, "warmup_epochs": 1}
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """What defines a run of the study (SEED.md's defaults).
-
-    Attributes:
-        variant: one of :data:`cifarnet.variants.VARIANTS`.
-        epochs: epochs to reach (a resumed run continues up to this many).
-        batch_size: training and test mini-batch size: the global batch, which the
-            ``world_size`` processes share, ``batch_size / world_size`` samples each.
-        lr: initial SGD learning rate.
-        seed: seeds initialisation, dropout, shuffling and augmentation.
-        ops: ``"fused"`` or ``"native"`` conv→ReLU→pool stages (see :class:`ConvNet`).
-        limit_train: train on the first ``limit_train`` training images only (None: all).
-        precision: ``"float32"`` (the study as published) or ``"bfloat16"``: forward passes
-            under ``torch.autocast`` in that dtype (see :data:`PRECISIONS`); parameters,
-            optimizer state and batch-norm statistics stay float32.
-        warmup_epochs: raise the learning rate linearly, batch by batch, from ``lr / W`` to the
-            scheduled rate over the first ``warmup_epochs`` epochs (W batches in all); see
-            :func:`warmup_factor`. 0 (the study) for none.
-        clip_grad_norm: rescale the gradients of each batch to at most this total 2-norm
-            (``torch.nn.utils.clip_grad_norm_``) before the step; None (the study) for no
-            clipping.
-        world_size: the processes training together (data parallel, under ``torchrun``); 1
-            for one process. Recorded so a reader knows how the run was made; :func:`train`
-            checks it against the process group it runs in.
-        sync_batch_norm: with several processes, normalise with the statistics of the whole
-            global batch (``cifarnet.nn.convert_sync_batchnorm``) rather than of each process's
-            slice. The same with one process, or without batch norm (only ``full`` has it).
-    """
-
-    variant: str = "full"
-    epochs: int = 50
-    batch_size: int = 128
-    lr: float = 0.1
-    seed: int = 0
-    ops: str = "fused"
-    limit_train: int | None = None
-    precision: str = "float32"
-    warmup_epochs: int = 0
-    clip_grad_norm: float | None = None
-    world_size: int = 1
-    sync_batch_norm: bool = True
-
-    def __post_init__(self) -> None:
-        check_variant(self.variant)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
-        if self.ops not in OPS:
-            raise ValueError(f"ops must be one of {', '.join(OPS)}; got {self.ops!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be at least 1; got {self.epochs}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {self.batch_size}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr}")
-        if self.limit_train is not None and self.limit_train < 1:
-            raise ValueError(f"limit_train must be at least 1 (or None for all images); got {self.limit_train}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be 0 (none) or more; got {self.warmup_epochs}")
-        if self.clip_grad_norm is not None and not (math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
-            raise ValueError(f"clip_grad_norm must be a positive number (or None for no clipping); got {self.clip_grad_norm}")
-        if self.world_size < 1:
-            raise ValueError(f"world_size must be at least 1; got {self.world_size}")
-        if self.batch_size % self.world_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} does not split evenly among world_size {self.world_size} processes "
-                f"(each takes batch_size / world_size samples per step); expected a multiple of {self.world_size}"
-            )
-
-
-class TrainingDiverged(ValueError):
-    """Training produced a non-finite loss: the run stopped at that batch.
-
-    Attributes:
-        variant: the run's variant.
-        epoch: the epoch (from 1) in which the loss was not finite.
-        batch: the training batch (from 1) whose loss was not finite, or None where the
-            training losses were finite but the test loss of the epoch's model was not.
-        loss: the non-finite value (nan, inf or -inf).
-        remedies: the remedies to suggest (setting -> value), those the run lacks.
-    """
-
-    def __init__(self, variant: str, epoch: int, batch: int | None, loss: float, remedies: dict):
-        self.variant, self.epoch, self.batch, self.loss, self.remedies = variant, epoch, batch, loss, remedies
-        super().__init__(self.describe({name: f"{name}={value}" for name, value in remedies.items()}))
-
-    def _what_happened(self) -> str:
-        where = f"batch {self.batch}" if self.batch is not None else "test pass"
-        what = "loss" if self.batch is not None else "test loss"
-        return f"{self.variant} epoch {self.epoch} {where}: the {what} is {self.loss} (training diverged)"
-
-    def describe(self, remedy_names: dict[str, str]) -> str:
-        """The one-line message, naming each remedy as ``remedy_names[setting]`` (e.g. an option)."""
-        message = f"{self._what_happened()}; the study's schedule is at the edge of stability without batch norm"
-        if not self.remedies:
-            return f"{message}: try a lower learning rate"
-        return f"{message}: try {' or '.join(remedy_names[name] for name in self.remedies)} (off by default)"
-
-
-class TrainingCollapsed(TrainingDiverged):
-    """Training left a network that gives every test image the same class, with a finite loss,
-    after an epoch in which no gradient reached its first layer: its ReLUs died (no input makes
-    them positive, so nothing flows back through them), and nothing is left to train. The run
-    stopped after that epoch's test pass. ``batch`` is None and ``loss`` is the test loss.
-    """
-
-    def _what_happened(self) -> str:
-        return (
-            f"{self.variant} epoch {self.epoch} test pass: the model gives every test image the same class and "
-            f"no gradient reached its first layer in the whole epoch, test loss {self.loss:.4f} (training collapsed)"
-        )
-
-
-class _NonFiniteLoss(ArithmeticError):
-    """Raised by :func:`epoch` at the first training batch whose loss is not finite."""
-
-    def __init__(self, batch: int, loss: float):
-        super().__init__(f"batch {batch}: loss {loss}")
-        self.batch, self.loss = batch, loss
+from cifarnet.study.train.config import (
+    BATCH_LOSSES_FILE,
+    BATCH_LOSSES_PLOT,
+    CHECKPOINT_DATA_KEY,
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    CURVES_FILE,
+    DEVICES,
+    DIVERGENCE_FILE,
+    METRICS_FILE,
+    PRECISIONS,
+    RUN_FILES,
+    TRAINING_MEMORY_FORMAT,
+    TrainConfig,
+)
+from cifarnet.study.train.divergence import _diverged, _NonFiniteLoss
+from cifarnet.study.train.processes import _check_last_batch, _check_processes_agree, _on_main
+from cifarnet.study.variants import recipe
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -308,7 +146,7 @@ def epoch(
             parameter group's learning rate for that batch's step (a warm-up); the rates are
             restored when the epoch ends, however it ends.
         clip_grad_norm: training only: clip the gradients to this total 2-norm before each step.
-        peers: data parallel: ``data`` is a :class:`cifarnet.data.BatchLoader` that yields this
+        peers: data parallel: ``data`` is a :class:`cifarnet.study.data.BatchLoader` that yields this
             process's slice of each global batch, and ``model`` is wrapped in
             ``DistributedDataParallel``. Each training step sums the batch's loss over all
             processes during the backward pass (so every process sees the global batch's loss,
@@ -324,7 +162,7 @@ def epoch(
         ArithmeticError: training only, at the first batch whose loss is not finite, before
             its step (so the weights are those that produced it); ``batch`` (from 1) and
             ``loss`` are attributes.
-        cifarnet.distributed.PeerFailure: with ``peers``, another process stopped.
+        cifarnet.study.distributed.PeerFailure: with ``peers``, another process stopped.
     """
     training = optimizer is not None
     model.train(training)
@@ -464,285 +302,6 @@ def _check_model_runs_on(model: ConvNet, device: torch.device) -> None:
         model.train(was_training)
 
 
-def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": _numpy_state_to_python(np.random.get_state()),
-        "data": generator.get_state(),
-    }
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _numpy_state_to_python(state) -> tuple:
-    # Plain Python types, so checkpoints load with weights_only=True.
-    name, keys, position, has_gauss, cached_gaussian = state
-    return (name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian))
-
-
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuples(state["python"]))
-    name, keys, position, has_gauss, cached_gaussian = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
-    generator.set_state(state["data"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _as_tuples(value):
-    """``random.setstate`` needs tuples where a round trip may have given lists."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_as_tuples(v) for v in value)
-    return value
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Reads a checkpoint written by :func:`train`.
-
-    Returns:
-        dict with ``format``, ``epoch`` (epochs completed), ``config`` (a
-        :class:`TrainConfig` as dict), ``model``, ``optimizer``, ``scheduler`` (None for a
-        constant learning rate), ``rng``, ``history`` (the ``metrics.jsonl`` records),
-        ``batch_losses`` (per epoch, the loss of each training batch) and, in checkpoints that
-        record it, ``data`` (see :func:`data_record`).
-
-    Raises:
-        ValueError: ``path`` is not a readable cifarnet checkpoint; the message says what it is
-            instead.
-    """
-    path = Path(path)
-    expected = f"expected a {CHECKPOINT_FILE} written by cifarnet-train"
-    if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist; {expected}")
-    if path.is_dir() and (path / CHECKPOINT_FILE).is_file():
-        raise ValueError(f"checkpoint {path} is a folder; did you mean {path / CHECKPOINT_FILE}?")
-    if not zipfile.is_zipfile(path):
-        # torch.save writes a ZIP archive; anything else (an image, a text file) is not ours.
-        raise ValueError(f"{path} is not a checkpoint: it is {describe_file(path)}; {expected} (a torch.save ZIP archive)")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ValueError(f"{path} is not a checkpoint: {_torch_load_failure(error)}; {expected}") from None
-    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
-        raise ValueError(
-            f"{path} is a torch file but not a cifarnet checkpoint: it holds {_describe_object(checkpoint)}; {expected} "
-            f"(a dict with format {CHECKPOINT_FORMAT} and {', '.join(CHECKPOINT_KEYS)})"
-        )
-    if checkpoint["format"] != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint {path} has format {checkpoint['format']!r}; this cifarnet reads format {CHECKPOINT_FORMAT}"
-        )
-    missing = [key for key in CHECKPOINT_KEYS if key not in checkpoint]
-    if missing:
-        raise ValueError(f"checkpoint {path} lacks {', '.join(missing)}")
-    try:
-        TrainConfig(**checkpoint["config"])
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"checkpoint {path} holds an unusable config ({error})") from None
-    return checkpoint
-
-
-def _torch_load_failure(error: Exception) -> str:
-    """One clause saying why ``torch.load(weights_only=True)`` refused a ZIP archive."""
-    message = " ".join(str(error).split())
-    unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-    if unsupported:
-        # weights_only refuses pickled Python objects; a cifarnet checkpoint holds none.
-        return f"it is a torch file holding a Python object of type {unsupported.group(1)}"
-    return f"it is a ZIP archive torch cannot load ({message[:200] or type(error).__name__})"
-
-
-def _describe_object(value) -> str:
-    if isinstance(value, dict):
-        keys = [str(key) for key in list(value)[:6]]
-        return f"a dict with keys {', '.join(keys)}{', ...' if len(value) > 6 else ''}" if keys else "an empty dict"
-    if isinstance(value, Tensor):
-        return f"a tensor of shape {tuple(value.shape)}"
-    return f"a {type(value).__name__}"
-
-
-def _resumable_config(saved: dict, config: TrainConfig, path: Path, *, complete: bool = False) -> None:
-    # A setting a checkpoint predates (precision, the remedies) had its default then.
-    def differs(name: str, default) -> bool:
-        return saved.get(name, default) != getattr(config, name)
-
-    allowed = RESUMABLE_CHANGES + (tuple(REMEDIES) if complete else ())
-    changed = [
-        f"{f.name}: {saved.get(f.name, f.default)!r} -> {getattr(config, f.name)!r}"
-        for f in fields(TrainConfig)
-        if f.name not in allowed and differs(f.name, f.default)
-    ]
-    kept = [f"{f.name}={saved.get(f.name, f.default)!r}" for f in fields(TrainConfig) if f.name in REMEDIES]
-    if complete and any(differs(f.name, f.default) for f in fields(TrainConfig) if f.name in REMEDIES):
-        _note(f"{path} is a complete run trained with {', '.join(kept)}; it is kept as it is")
-    if changed:
-        raise ValueError(
-            f"cannot resume {path} with different settings ({'; '.join(changed)}); "
-            "resume with the run's settings, or train into another folder"
-        )
-    if saved.get("ops") != config.ops:
-        _note(
-            f"{path} was trained with {saved.get('ops')} ops and continues with {config.ops} ops: the two compute "
-            "the same function on the same weights, but round differently in float32, so the result will not "
-            "match an uninterrupted run bit for bit"
-        )
-    saved_world_size = saved.get("world_size", 1)
-    if saved_world_size != config.world_size:
-        _note(
-            f"{path} was trained by {_processes(saved_world_size)} and continues with {_processes(config.world_size)}: "
-            "the same samples and crops make each step, but gradients are summed in another order and dropout "
-            "draws other masks, so the result will not match an uninterrupted run bit for bit"
-        )
-
-
-def _processes(count: int) -> str:
-    return f"{count} process{'es' if count != 1 else ''}"
-
-
-def data_record(data: CIFAR10, limit_train: int | None = None) -> dict:
-    """What a run trains and tests on, as stored in its checkpoint under ``"data"``.
-
-    Args:
-        data: the loaded data set.
-        limit_train: the run's ``TrainConfig.limit_train``.
-
-    Returns:
-        dict with ``root`` (the folder read, resolved), ``layout``, ``train_images`` (those
-        used), ``test_images`` and ``sha256``, a hash of the pixels and labels of both (so the
-        same images read from another place are recognised as the same data).
-    """
-    train_split = data.train.head(limit_train) if limit_train is not None else data.train
-    digest = hashlib.sha256()
-    for tensor in (train_split.images, train_split.labels, data.test.images, data.test.labels):
-        digest.update(tensor.contiguous().numpy())
-    return {
-        "root": str(Path(data.root).resolve()),
-        "layout": data.layout,
-        "train_images": len(train_split),
-        "test_images": len(data.test),
-        "sha256": digest.hexdigest(),
-    }
-
-
-def _describe_data(record: dict) -> str:
-    return f"{record['root']} ({record['train_images']:,} training and {record['test_images']:,} test images)"
-
-
-def _check_same_data(saved, current: dict, path: Path) -> None:
-    """Refuses to resume on other data; says so where it cannot tell, or where only the path moved."""
-    if not (isinstance(saved, dict) and saved.keys() >= current.keys()):
-        _note(f"{path} does not record the data it was trained on (written by an older cifarnet); continuing on "
-              f"{_describe_data(current)} unchecked")
-        return
-    if saved.get("sha256") != current["sha256"]:
-        raise ValueError(
-            f"cannot resume {path} on other data: it was trained on {_describe_data(saved)}, not on "
-            f"{_describe_data(current)}; point the data folder at the run's data, or train into another folder"
-        )
-    if saved.get("root") != current["root"]:
-        _note(f"{path} was trained on {saved.get('root')}; {current['root']} holds the same images, so the run continues")
-
-
-def _note(message: str) -> None:
-    print(f"note: {message}", file=sys.stdout, flush=True)
-
-
-def earlier_run_files(out: str | Path) -> list[str]:
-    """The names of the files in ``out`` that show an earlier run: its checkpoint, or metrics of
-    at least one epoch. Empty where ``out`` holds no run (a run stopped in its first epoch
-    leaves nothing worth keeping)."""
-    out = Path(out)
-    if not out.is_dir():
-        return []
-    metrics = out / METRICS_FILE
-    found = [CHECKPOINT_FILE] if (out / CHECKPOINT_FILE).exists() else []
-    if metrics.is_file() and metrics.stat().st_size > 0:
-        found.append(METRICS_FILE)
-    return found
-
-
-def _write_records(out: Path, history: list[dict], batch_losses: list[list[float]]) -> None:
-    atomic_write_text(out / METRICS_FILE, "".join(json.dumps(record) + "\n" for record in history))
-    atomic_write_text(out / BATCH_LOSSES_FILE, "epoch,batch,loss\n" + "".join(_batch_loss_rows(batch_losses)))
-
-
-def _batch_loss_rows(batch_losses: list[list[float]], first_epoch: int = 1) -> Iterable[str]:
-    for epoch_number, losses in enumerate(batch_losses, start=first_epoch):
-        for batch, loss in enumerate(losses, start=1):
-            yield f"{epoch_number},{batch},{loss!r}\n"
-
-
-def _diverged(
-    config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True,
-    collapsed: bool = False,
-):
-    """Records the divergence (or collapse) in ``out`` (beside the last good epoch's files) and
-    raises; only ``record``-ing processes (rank 0) write."""
-    remedies = {name: value for name, value in REMEDIES.items() if getattr(config, name) in (0, None)}
-    error = (TrainingCollapsed if collapsed else TrainingDiverged)(config.variant, epoch_number, batch, loss, remedies)
-    if record:
-        entry = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
-        if collapsed:
-            entry["collapsed"] = True
-        atomic_write_text(out / DIVERGENCE_FILE, json.dumps(entry) + "\n")
-    raise error
-
-
-def _on_main(peers: Peers | None, work: Callable[[], object]):
-    """Runs ``work()`` on rank 0 (the one process that owns the output folder) and gives every
-    process its result; a ``ValueError`` it raises is raised on every process, so that all of
-    them stop with the same message instead of waiting for rank 0."""
-    result, problem = None, None
-    if peers is None or peers.is_main:
-        try:
-            result = work()
-        except ValueError as error:
-            problem = error
-    if peers is not None:
-        result, message = peers.broadcast((result, None if problem is None else str(problem)))
-        if message is not None and problem is None:
-            problem = EveryProcessError(message)
-    if problem is not None:
-        raise problem
-    return result
-
-
-def _check_processes_agree(peers: Peers, config: TrainConfig, trained_on: dict) -> None:
-    """Refuses to start where a process was given other settings, or reads other images, than
-    rank 0 (e.g. a machine with another copy of the data). Raises the same error everywhere."""
-    everyone = peers.gather((asdict(config), trained_on["sha256"]))
-    main_config, main_data = everyone[0]
-    for rank, (rank_config, rank_data) in enumerate(everyone):
-        changed = [
-            f"{name}: {main_config.get(name)!r} on rank 0, {value!r}"
-            for name, value in rank_config.items()
-            if main_config.get(name) != value
-        ]
-        if changed:
-            raise EveryProcessError(
-                f"rank {rank} was started with other settings than rank 0 ({'; '.join(changed)}); "
-                "start every process with the same options"
-            )
-        if rank_data != main_data:
-            raise EveryProcessError(
-                f"rank {rank} reads other images than rank 0 (another sha256 of their pixels and labels); "
-                "every process must read the same data"
-            )
-
-
-def _check_last_batch(train_count: int, batch_size: int, world_size: int) -> None:
-    """With several processes, each must get at least one sample of every training batch."""
-    last = train_count % batch_size
-    if world_size > 1 and 0 < last < world_size:
-        raise EveryProcessError(
-            f"the last training batch holds {last} image{'s' if last > 1 else ''} ({train_count} training images in "
-            f"batches of {batch_size}), fewer than the {world_size} processes, so a process would have none; "
-            f"choose a limit_train (--limit-train) that leaves 0 or at least {world_size} images for the last batch"
-        )
-
 
 def train(
     config: TrainConfig,
@@ -768,7 +327,7 @@ def train(
 
     With ``peers`` (several processes under ``torchrun``), the processes train one model data
     parallel: each takes its slice of every global batch of ``config.batch_size`` (the same
-    samples and crops a single process would see; see :class:`cifarnet.data.BatchLoader`), the
+    samples and crops a single process would see; see :class:`cifarnet.study.data.BatchLoader`), the
     model is wrapped in ``DistributedDataParallel`` (and, for batch norm with
     ``config.sync_batch_norm``, converted with ``cifarnet.nn.convert_sync_batchnorm``), and the
     figures are summed over all processes (the test set is split among them too, evaluated with
@@ -785,8 +344,8 @@ def train(
         config: the run's settings; ``config.world_size`` must be the number of processes.
         out: output folder (created).
         data: the data set, already loaded (e.g. shared by several runs); else read from
-            ``data_dir`` with :func:`cifarnet.data.load_cifar10`.
-        data_dir: see :func:`cifarnet.data.load_cifar10`.
+            ``data_dir`` with :func:`cifarnet.study.data.load_cifar10`.
+        data_dir: see :func:`cifarnet.study.data.load_cifar10`.
         device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (``"cuda:N"`` for one GPU of several).
         threads: ``torch.set_num_threads(threads)`` for CPU ops (None: leave it).
         resume: continue from ``out/checkpoint.pt`` if it exists; else start afresh. Its
@@ -800,7 +359,7 @@ def train(
         overwrite: where ``out`` already holds a run, remove its files (:data:`RUN_FILES`) and
             start afresh. Without ``resume`` or ``overwrite`` such a folder is refused.
         progress: show progress bars and print one summary line per epoch (rank 0 only).
-        peers: the processes training together (:class:`cifarnet.distributed.Peers`), or None
+        peers: the processes training together (:class:`cifarnet.study.distributed.Peers`), or None
             for one process.
 
     Returns:
@@ -814,8 +373,8 @@ def train(
             holds a run (without ``resume`` or ``overwrite``), a checkpoint that does not fit,
             or processes given other settings or data than rank 0. With ``peers``, every
             process raises the same error.
-        cifarnet.data.DataError: the data set cannot be read.
-        cifarnet.distributed.PeerFailure: another process stopped, or stalled for longer than
+        cifarnet.study.data.DataError: the data set cannot be read.
+        cifarnet.study.distributed.PeerFailure: another process stopped, or stalled for longer than
             the process group's timeout.
     """
     out = Path(out)
@@ -987,10 +546,3 @@ def train(
         # When train returns on any process, rank 0 has written the whole run.
         peers.barrier()
     return history
-
-
-if __name__ == "__main__":
-    # `python -m cifarnet.train` is `cifarnet-train` (so `torchrun -m cifarnet.train` works too).
-    from cifarnet.cli import train_main
-
-    sys.exit(train_main())

@@ -1,0 +1,223 @@
+"""Finding chains: the conv -> [batch norm ->] ReLU -> max-pool chains of a traced graph or of
+an ``nn.Sequential``'s children, and whether the fused ops can compute each."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+import cifarnet.nn as cnn
+from cifarnet.fuse import layers as fused_layers
+from cifarnet.nn import (
+    BATCH_NORMS_2D,
+    BatchNorm2d,
+    SyncBatchNorm2d,
+    conv_bn_relu_pool_unfusable_reason,
+    conv_relu_pool_unfusable_reason,
+)
+
+
+# The functions a chain's ReLU and pool may be written with in forward, by the name unfuse
+# calls them again with (F.max_pool2d itself cannot be pickled inside a fused layer).
+_RELU_FUNCTIONS = {F.relu: "torch.nn.functional.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
+_RELU_METHODS = ("relu", "relu_")
+_MAX_POOL_FUNCTIONS = {
+    F.max_pool2d: "torch.nn.functional.max_pool2d",
+    F.max_pool2d_with_indices: "torch.nn.functional.max_pool2d_with_indices",  # return_indices=True
+    torch.max_pool2d: "torch.max_pool2d",
+}
+_FUNCTIONS_BY_NAME = {name: function for table in (_RELU_FUNCTIONS, _MAX_POOL_FUNCTIONS) for function, name in table.items()}
+# F.max_pool2d's and torch.max_pool2d's parameters after the input, in order.
+_MAX_POOL_PARAMETERS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+
+# Batch norms whose forward is torch's batch norm (synchronized or not: the fused layer
+# synchronizes as its batch norm does); a subclass may compute something else.
+_FUSABLE_BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d, nn.SyncBatchNorm, SyncBatchNorm2d)
+
+
+@dataclasses.dataclass
+class _Candidate:
+    """A chain found in a graph or an nn.Sequential, before it is fused."""
+
+    names: tuple[str, ...]
+    conv: nn.Module
+    bn: nn.Module | None
+    relu: nn.Module | None  # None where forward calls a function
+    pool: nn.Module  # built from the call's arguments where forward calls a function
+    nodes: tuple[Node, ...] = ()  # graph chains only
+    reason: str | None = None
+
+
+def _qualified(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """Modules fuse neither traces into nor looks inside: torch.nn's layers and cifarnet's."""
+    defined_in = type(module).__module__
+    if defined_in == fused_layers.__name__ or defined_in.startswith(f"{cnn.__name__}."):
+        return True
+    torch_layer = type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
+    return torch_layer and not isinstance(module, nn.Sequential)
+
+
+def _is_plain_sequential(module: nn.Module) -> bool:
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _fusability_reason(candidate: _Candidate) -> str | None:
+    """Why the fused ops cannot compute ``candidate``'s modules, or None."""
+    conv, bn, pool = candidate.conv, candidate.bn, candidate.pool
+    if bn is None:
+        reason = conv_relu_pool_unfusable_reason(conv, pool)
+    else:
+        reason = conv_bn_relu_pool_unfusable_reason(conv, bn, pool)
+        if reason is None and type(bn) not in _FUSABLE_BATCH_NORMS:
+            reason = f"{type(bn).__name__} is a subclass of nn.BatchNorm2d, whose forward may differ"
+    if reason is not None:
+        return reason
+    # One module per name; None where forward calls a function (it has no hooks).
+    modules = (conv, *([] if bn is None else [bn]), candidate.relu, pool)
+    for name, module in zip(candidate.names, modules, strict=True):
+        hooked = module is not None and (
+            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        )
+        if hooked:
+            return f"{name} has hooks, which the fused layer would not call"
+    return None
+
+
+def _relu_call(node: Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return type(root.get_submodule(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in _RELU_FUNCTIONS
+    return node.op == "call_method" and node.target in _RELU_METHODS
+
+
+def _max_pool_call(node: Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(root.get_submodule(node.target), nn.MaxPool2d)
+    return node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS
+
+
+def _batch_norm_call(node: Node, root: nn.Module) -> bool:
+    return node.op == "call_module" and isinstance(root.get_submodule(node.target), BATCH_NORMS_2D)
+
+
+def _called_module(node: Node | None, root: nn.Module) -> nn.Module | None:
+    return root.get_submodule(node.target) if node is not None and node.op == "call_module" else None
+
+
+def _next_call(node: Node, matches, root: nn.Module) -> Node | None:
+    """The first user of ``node`` that matches and takes ``node`` as its input tensor."""
+    for user in node.users:
+        if user.args and user.args[0] is node and matches(user, root):
+            return user
+    return None
+
+
+def _max_pool_module(node: Node) -> nn.MaxPool2d:
+    """The ``nn.MaxPool2d`` equivalent to a ``F.max_pool2d``/``torch.max_pool2d`` call."""
+    values = dict(zip(_MAX_POOL_PARAMETERS, node.args[1:]))
+    values.update(node.kwargs)
+    stride = values.get("stride")
+    return nn.MaxPool2d(
+        values.get("kernel_size"),
+        None if stride in (None, [], ()) else stride,  # torch.max_pool2d's stride=[] is the window
+        values.get("padding", 0),
+        values.get("dilation", 1),
+        bool(values.get("return_indices", False)),
+        bool(values.get("ceil_mode", False)),
+    )
+
+
+def _graph_chains(graph: torch.fx.Graph, root: nn.Module, prefix: str) -> list[_Candidate]:
+    """Every conv -> [bn ->] relu -> max-pool chain of ``graph`` (traced from ``root``), in
+    order, with the reason why it cannot be fused where it cannot."""
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    chains = []
+    for conv_node in graph.nodes:
+        if conv_node.op != "call_module" or not isinstance(root.get_submodule(conv_node.target), nn.Conv2d):
+            continue
+        bn_node = _next_call(conv_node, _batch_norm_call, root)
+        relu_node = _next_call(bn_node or conv_node, _relu_call, root)
+        pool_node = relu_node and _next_call(relu_node, _max_pool_call, root)
+        if pool_node is None:
+            continue
+        nodes = tuple(node for node in (conv_node, bn_node, relu_node, pool_node) if node is not None)
+        names = tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
+        modules = [_called_module(node, root) for node in (conv_node, bn_node, relu_node, pool_node)]
+        candidate = _Candidate(names, *modules, nodes)
+        dynamic = [node for node in nodes[1:] if len(node.all_input_nodes) > 1]
+        reused = [(node, name) for node, name in zip(nodes[:-1], names) if len(node.users) > 1]
+        # Modules with state must be called once; a shared nn.ReLU or nn.MaxPool2d may be reused.
+        stateful = [(node, name) for node, name in zip(nodes, names) if node in (conv_node, bn_node)]
+        repeated = [(node, name) for node, name in stateful if calls[node.target] > 1]
+        if reused:
+            node, name = reused[0]
+            others = ", ".join(_qualified(prefix, user.name) for user in node.users if user not in nodes)
+            candidate.reason = f"the output of {name} is also used by {others}"
+        elif repeated:
+            node, name = repeated[0]
+            candidate.reason = f"{name} is called {calls[node.target]} times in forward"
+        elif dynamic:
+            candidate.reason = f"the arguments of {_qualified(prefix, dynamic[0].name)} are computed in forward"
+        if candidate.pool is None and candidate.reason is None:
+            candidate.pool = _max_pool_module(pool_node)
+        if candidate.reason is None:
+            candidate.reason = _fusability_reason(candidate)
+        chains.append(candidate)
+    return chains
+
+
+def _sequential_chains(sequential: nn.Sequential, prefix: str) -> list[tuple[list[str], _Candidate]]:
+    """The chains among consecutive children of ``sequential`` (child names, candidate)."""
+    children = list(sequential._modules.items())
+    chains, index = [], 0
+    while index < len(children):
+        names = [name for name, _ in children[index : index + 4]]
+        modules = [module for _, module in children[index : index + 4]]
+        has_bn = len(modules) > 1 and isinstance(modules[1], BATCH_NORMS_2D)
+        length = 4 if has_bn else 3
+        names, modules = names[:length], modules[:length]
+        matches = (
+            len(modules) == length
+            and isinstance(modules[0], nn.Conv2d)
+            and type(modules[-2]) is nn.ReLU
+            and isinstance(modules[-1], nn.MaxPool2d)
+        )
+        if not matches:
+            index += 1
+            continue
+        candidate = _Candidate(
+            tuple(_qualified(prefix, name) for name in names),
+            modules[0],
+            modules[1] if has_bn else None,
+            modules[-2],
+            modules[-1],
+        )
+        candidate.reason = _fusability_reason(candidate)
+        chains.append((names, candidate))
+        index += length
+    return chains
+
+
+def _sequential_positions(root: nn.Module, candidate: _Candidate, calls: collections.Counter) -> tuple[str, list[str]] | None:
+    """``(parent path, child names)`` when a graph chain is a run of consecutive children of a
+    plain ``nn.Sequential``, each called once, so that it can be rewritten by position."""
+    if any(node.op != "call_module" or calls[node.target] != 1 for node in candidate.nodes):
+        return None
+    parents, names = zip(*(node.target.rpartition(".")[::2] for node in candidate.nodes))
+    if len(set(parents)) != 1 or not _is_plain_sequential(root.get_submodule(parents[0])):
+        return None
+    children = list(root.get_submodule(parents[0])._modules)
+    start = children.index(names[0])
+    if children[start : start + len(names)] != list(names):
+        return None
+    return parents[0], list(names)

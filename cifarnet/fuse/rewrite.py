@@ -1,0 +1,170 @@
+"""Fusing: :func:`fuse` rewrites each module's chains by position (in an ``nn.Sequential``) or
+in its traced graph."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import warnings
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from cifarnet.fuse.graph_module import _graph_module
+from cifarnet.fuse.layers import (
+    FusedBatchNorm2d,
+    FusedConv2dBatchNormReLUMaxPool2d,
+    FusedConv2dReLUMaxPool2d,
+    FusedIdentity,
+    _Step,
+)
+from cifarnet.fuse.patterns import (
+    _MAX_POOL_FUNCTIONS,
+    _RELU_FUNCTIONS,
+    _Candidate,
+    _graph_chains,
+    _is_leaf,
+    _is_plain_sequential,
+    _qualified,
+    _sequential_chains,
+    _sequential_positions,
+)
+from cifarnet.fuse.report import Chain, FusionReport
+from cifarnet.fuse.tracing import _trace, _Untraceable
+
+
+def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
+    """Computes every conv -> [batch norm ->] ReLU -> max-pool chain of ``model`` with one fused op.
+
+    The chains may be ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU`` and ``nn.MaxPool2d``
+    children of ``nn.Sequential`` containers at any depth, or calls in ``forward``: conv and
+    batch-norm modules with ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` (in place
+    or not) and ``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``. The result computes the
+    same function with the same parameters, buffers, train/eval modes, device and dtype, and has
+    the same ``state_dict`` keys; see the module docstring for how. Synchronized batch norms
+    (``nn.SyncBatchNorm``, :class:`cifarnet.nn.SyncBatchNorm2d`: models converted by either
+    ``convert_sync_batchnorm``) give fused layers that synchronize over the same group.
+
+    Args:
+        model: the model; modules are rewritten in place on a deep copy unless ``inplace``.
+        inplace: rewrite ``model``'s modules themselves instead of a deep copy's. Use the
+            returned module: where ``model`` itself is traced, a new GraphModule runs its
+            (rewritten) modules, and ``model`` no longer computes what it did.
+        report: also return a :class:`FusionReport`.
+
+    Returns:
+        The fused model: ``model`` (or its copy) with its positions rewritten, or a
+        ``torch.fx.GraphModule`` named after ``model``'s class where chains had to be
+        rewritten in the graph of ``forward``; with ``report=True``, ``(model, report)``.
+
+    Warns:
+        UserWarning naming each module ``torch.fx`` could not trace (inside which only
+        ``nn.Sequential`` children are rewritten), with the reason.
+
+    The fused ops take float32 and float64 tensors on the CPU (CUDA kernels are to come).
+    A GraphModule's forward is its graph: call it, not the custom submodules whose code was
+    traced into it (their convolutions now also normalise, rectify and pool).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    fusion = FusionReport()
+    fused = _fuse_module(model, "", fusion)
+    for name, why in fusion.untraced.items():
+        where = "the model" if not name else repr(name)
+        warnings.warn(
+            f"cifarnet.fuse: cannot trace {where} with torch.fx ({why}); fused only the chains of the "
+            "nn.Sequential containers and traceable submodules inside it",
+            stacklevel=2,
+        )
+    return (fused, fusion) if report else fused
+
+
+
+def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Module:
+    """``module`` with its chains fused: the same object, or a GraphModule replacing it."""
+    if type(module).forward is nn.Module.forward:  # a container that is not called: ModuleList, ...
+        _fuse_children(module, name, report)
+        return module
+    if _is_leaf(module):
+        return module
+    try:
+        graph, checks = _trace(module)
+    except _Untraceable as error:
+        report.untraced[name] = str(error)
+        if _is_plain_sequential(module):
+            _fuse_sequential(module, name, report)
+        _fuse_children(module, name, report)
+        return module
+    chains = _graph_chains(graph, module, name)
+    report.unfused += [Chain(chain.names, chain.reason) for chain in chains if chain.reason is not None]
+    fusable = [chain for chain in chains if chain.reason is None]
+    report.fused += [Chain(chain.names) for chain in fusable]
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    positions = [_sequential_positions(module, chain, calls) for chain in fusable]
+    if all(position is not None for position in positions):
+        for (parent, children), chain in zip(positions, fusable):
+            _fuse_positions(module.get_submodule(parent), children, chain)
+        return module
+    graph_module = _graph_module(module, graph)
+    for chain in fusable:
+        _fuse_in_graph(graph_module, chain)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    report.checks += [f"{name or type(module).__name__}: {check}" for check in checks]
+    return graph_module
+
+
+def _fuse_children(module: nn.Module, name: str, report: FusionReport) -> None:
+    for child_name, child in list(module._modules.items()):
+        if child is None:
+            continue
+        fused = _fuse_module(child, _qualified(name, child_name), report)
+        if fused is not child:
+            setattr(module, child_name, fused)
+
+
+def _fuse_sequential(sequential: nn.Sequential, name: str, report: FusionReport) -> None:
+    """Fuses the chains of consecutive children of an untraced ``nn.Sequential`` by position,
+    taking ``nn.Sequential.forward``'s word that each output only feeds the next child."""
+    for children, chain in _sequential_chains(sequential, name):
+        if chain.reason is None:
+            _fuse_positions(sequential, children, chain)
+            report.fused.append(Chain(chain.names))
+        else:
+            report.unfused.append(Chain(chain.names, chain.reason))
+
+
+def _fuse_positions(parent: nn.Module, children: list[str], chain: _Candidate) -> None:
+    """Rewrites a chain of consecutive children of a plain nn.Sequential by position."""
+    conv_name = chain.names[0]
+    replacements = [FusedIdentity(chain.relu, conv_name), FusedIdentity(chain.pool, conv_name)]
+    if chain.bn is None:
+        fused = FusedConv2dReLUMaxPool2d.from_chain(chain.conv, chain.pool, chain.names)
+    else:
+        fused_bn = FusedBatchNorm2d.from_batch_norm(chain.bn, conv_name)
+        fused = FusedConv2dBatchNormReLUMaxPool2d.from_chain(chain.conv, fused_bn, chain.pool, chain.names)
+        replacements.insert(0, fused_bn)
+    for child, module in zip(children, [fused, *replacements]):
+        setattr(parent, child, module)
+
+
+def _step(node: Node) -> _Step:
+    if node.op == "call_function":
+        return _Step(node.op, {**_RELU_FUNCTIONS, **_MAX_POOL_FUNCTIONS}[node.target], node.args[1:], dict(node.kwargs))
+    return _Step(node.op, node.target, node.args[1:], dict(node.kwargs))
+
+
+def _fuse_in_graph(graph_module: GraphModule, chain: _Candidate) -> None:
+    """Makes the chain's convolution node call the fused layer and removes its other nodes."""
+    conv_node, *rest = chain.nodes
+    steps = tuple(_step(node) for node in rest)
+    if chain.bn is None:
+        fused = FusedConv2dReLUMaxPool2d.from_chain(chain.conv, chain.pool, chain.names, steps)
+    else:
+        fused = FusedConv2dBatchNormReLUMaxPool2d.from_chain(chain.conv, chain.bn, chain.pool, chain.names, steps)
+    graph_module.set_submodule(conv_node.target, fused)
+    rest[-1].replace_all_uses_with(conv_node)
+    for node in reversed(rest):
+        graph_module.graph.erase_node(node)

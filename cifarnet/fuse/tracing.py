@@ -1,0 +1,170 @@
+"""Tracing a module's ``forward`` with ``torch.fx`` for :func:`cifarnet.fuse`: one graph for
+training and evaluation, every way through its branches on traced values tried, buffers left
+as they were."""
+
+from __future__ import annotations
+
+import inspect
+import linecache
+import operator
+import os
+import typing
+import warnings
+
+import torch
+import torch.fx
+from torch import nn
+
+from cifarnet.fuse._torch_internals import _tensor_version
+from cifarnet.fuse.graph_module import _check_branch
+from cifarnet.fuse.patterns import _is_leaf, _qualified
+
+
+# Ways through forward's branches tried per mode before giving up on tracing a module.
+_MAX_TRACES = 16
+
+
+class _Untraceable(Exception):
+    """torch.fx cannot give one graph for a module's forward; the message says why."""
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with cifarnet's layers as leaves, which follows a plan at branches.
+
+    At the i-th branch on a traced value (``if input.dim() != 4:``) it takes ``plan[i]``
+    (False past the plan's end), records where the branch is and what it took, and puts a
+    :func:`_check_branch` of the condition's value in the graph.
+    """
+
+    # NB: plan has a default because torch.fx unpickles a GraphModule by tracing its code again
+    # with (a subclass of) the graph's tracer class, made without arguments.
+    def __init__(self, plan: tuple[bool, ...] = ()) -> None:
+        super().__init__()
+        self.plan = plan
+        self.taken: list[bool] = []
+        self.branches: list[str] = []
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return _is_leaf(module)
+
+    def to_bool(self, condition: torch.fx.Proxy) -> bool:
+        value = self.plan[len(self.taken)] if len(self.taken) < len(self.plan) else False
+        where = _caller_source()
+        earlier = sum(branch.startswith(where) for branch in self.branches)
+        if earlier:  # `if a or b:` branches twice on one line
+            where = f"{where} (condition {earlier + 1})"
+        self.taken.append(value)
+        self.branches.append(f"{where} is {value}")
+        holds = self.create_proxy("call_function", operator.eq, (condition, value), {})
+        message = (
+            f"{type(self.root).__name__}.forward as fused by cifarnet.fuse needs {where} to be {value}; "
+            "the original forward raises (or could not be traced) otherwise"
+        )
+        self.create_proxy("call_function", _check_branch, (holds, message), {})
+        return value
+
+
+def _caller_source() -> str:
+    """``file:line (source)`` of the innermost frame outside torch.fx and this file."""
+    fx_directory = os.path.dirname(torch.fx.__file__)
+    frame = inspect.currentframe()
+    while frame is not None and (frame.f_code.co_filename.startswith(fx_directory) or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "a branch"
+    line = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} `{line}`"
+
+
+def _describe(error: Exception) -> str:
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line[:200]}"
+
+
+def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
+    """The one graph of ``module.forward`` in its current mode, and the branches it assumes.
+
+    Tries every way through forward's branches on traced values, depth first; exactly one
+    must trace to the end.
+    """
+    plans: list[tuple[bool, ...]] = [()]
+    complete, failures = [], []
+    for _ in range(_MAX_TRACES):
+        if not plans:
+            break
+        plan = plans.pop()
+        tracer = _Tracer(plan)
+        try:
+            graph = tracer.trace(module)
+        except Exception as error:  # this way raises, or cannot be traced: either rules it out
+            failures.append(error)
+        else:
+            complete.append((tracer.taken, graph, tracer.branches))
+        # The branches past the plan took False: their True side is still to be tried.
+        plans += [tuple(tracer.taken[:index]) + (True,) for index in range(len(plan), len(tracer.taken))]
+    else:
+        if plans:
+            raise _Untraceable(f"forward branches on traced values more than {_MAX_TRACES} ways")
+    if not complete:
+        raise _Untraceable(_describe(failures[0]))
+    if len(complete) > 1:
+        (first, _, branches), (second, _, _) = complete[:2]
+        index = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+        where = branches[index].rsplit(" is ", 1)[0]
+        raise _Untraceable(f"forward takes either branch at {where} depending on the input")
+    _, graph, branches = complete[0]
+    return graph, branches
+
+
+def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
+    """The graph of ``module.forward``, which must not depend on train/eval mode nor change a
+    buffer outside the graph (a fused model would silently differ), and its kept checks."""
+    modes = {submodule: submodule.training for submodule in module.modules()}
+    # (owner's name, owner, name, tensor, version, copy) of every buffer: tracing runs forward's Python code,
+    # and what it does to a buffer is undone and makes the module untraceable.
+    buffers = [
+        (owner_name, owner, name, buffer, _tensor_version(buffer), buffer.clone())
+        for owner_name, owner in module.named_modules()
+        for name, buffer in owner._buffers.items()
+        if buffer is not None
+    ]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing's own warnings say nothing to the user
+            traced = []
+            for training in (True, False):
+                module.train(training)
+                traced.append(_trace_branches(module))
+    finally:
+        for submodule, training in modes.items():
+            submodule.training = training
+        changed = []
+        for owner_name, owner, name, buffer, version, saved in buffers:
+            if owner._buffers.get(name) is not buffer or _tensor_version(buffer) != version:
+                changed.append(_qualified(owner_name, name))
+                owner._buffers[name] = buffer
+                with torch.no_grad():
+                    buffer.copy_(saved)
+    if changed:
+        raise _Untraceable(f"forward changes the buffer {changed[0]} outside the traced graph")
+    (train_graph, checks), (eval_graph, _) = traced
+    if train_graph.python_code("self").src != eval_graph.python_code("self").src:
+        raise _Untraceable("forward takes different branches in training and in evaluation mode")
+    _resolve_string_annotations(train_graph, type(module).forward)
+    return train_graph, checks
+
+
+def _resolve_string_annotations(graph: torch.fx.Graph, forward) -> None:
+    """Gives the graph's input and output the types ``forward``'s annotations name, where they
+    are strings (``from __future__ import annotations``), or none where they do not resolve.
+
+    torch.fx keeps such annotations as strings, and torch 2.11 cannot pickle the GraphModule
+    then (``AttributeError: 'str' object has no attribute '__name__'``; 2.14 can).
+    """
+    try:
+        hints = typing.get_type_hints(forward)
+    except Exception:  # a name the annotation's module does not define, or not a function
+        hints = {}
+    for node in graph.nodes:
+        if isinstance(node.type, str):
+            node.type = hints.get("return" if node.op == "output" else node.target)

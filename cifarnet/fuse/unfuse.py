@@ -1,0 +1,106 @@
+"""``unfuse``: plain torch modules and calls again, holding the same tensors."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from torch.fx import GraphModule
+
+from cifarnet.fuse.graph_module import _as_traced_class
+from cifarnet.fuse.layers import FusedBatchNorm2d, FusedIdentity, _FusedChainLayer
+from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME
+from cifarnet.nn import BatchNorm1d, BatchNorm2d, Conv2dBatchNormReLUMaxPool2d, Conv2dReLUMaxPool2d, Dropout
+
+
+def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Undoes :func:`fuse`: plain torch modules and calls again, holding the same tensors.
+
+    Fused layers become ``nn.Conv2d``; by position, :class:`FusedBatchNorm2d` becomes
+    ``nn.BatchNorm2d`` (also where the original was a :class:`cifarnet.nn.BatchNorm2d`;
+    ``nn.SyncBatchNorm`` where it was synchronized) and
+    :class:`FusedIdentity` the ``nn.ReLU`` or ``nn.MaxPool2d`` it replaced; in graphs, the
+    batch-norm, ReLU and pooling calls are put back after the convolution. Modules that
+    ``fuse`` turned into GraphModules become instances of their own classes again, running
+    their own ``forward`` (a GraphModule given to ``fuse`` stays one, its graph unfused).
+    Layers of :mod:`cifarnet.nn` that ``fuse`` did not make (a model written with them, or
+    one such layer given as ``model``) become their ``to_native()``: ``nn.BatchNorm1d`` and
+    ``nn.BatchNorm2d``, and GraphModules of torch calls for the conv layers, holding the same
+    tensors under the same names. A forward that calls :mod:`cifarnet.ops` itself is code,
+    not a layer, and stays as it is.
+
+    Args:
+        model: any model: one returned by :func:`fuse`, or one built with :mod:`cifarnet.nn`.
+        inplace: rewrite ``model`` itself rather than a deep copy.
+
+    Returns:
+        The unfused model, with the same ``state_dict`` keys.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        if isinstance(module, GraphModule):
+            _unfuse_graph(module)
+    _unfuse_children(model)
+    model = _untraced(model)
+    return model.to_native() if isinstance(model, _LAYERS) else model
+
+
+# The layers of cifarnet.nn, each with a to_native() that computes it with torch alone.
+_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNorm1d, BatchNorm2d, Dropout)
+
+
+def _unfuse_children(module: nn.Module) -> None:
+    """Replaces, at every depth below ``module``, what fuse put in by what it replaced, and the
+    layers of cifarnet.nn by their ``to_native()``."""
+    for name, child in list(module._modules.items()):
+        if isinstance(child, _FusedChainLayer):  # before _LAYERS: the chain's other positions come back too
+            native = child.to_conv2d()
+        elif isinstance(child, FusedBatchNorm2d):
+            native = child.to_batch_norm2d()
+        elif isinstance(child, FusedIdentity):
+            native = child.original.train(child.training)
+        elif isinstance(child, _LAYERS):
+            native = child.to_native()
+        else:
+            if child is not None:
+                _unfuse_children(child)
+            continue
+        setattr(module, name, native)
+
+
+
+def _untraced(module: nn.Module) -> nn.Module:
+    """``module`` with the GraphModules fuse made in it (or as it) back in their classes."""
+    for name, child in list(module._modules.items()):
+        restored = child if child is None else _untraced(child)
+        if restored is not child:
+            setattr(module, name, restored)
+    original = _as_traced_class(module) if isinstance(module, GraphModule) else None
+    return module if original is None else original
+
+
+def _unfuse_graph(graph_module: GraphModule) -> None:
+    """Puts back the calls that fused layers in ``graph_module``'s graph replaced."""
+    graph = graph_module.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op != "call_module":
+            continue
+        fused = graph_module.get_submodule(node.target)
+        if not isinstance(fused, _FusedChainLayer) or not fused.steps:
+            continue
+        users = list(node.users)
+        previous = node
+        for step in fused.steps:
+            target = _FUNCTIONS_BY_NAME[step.target] if step.op == "call_function" else step.target
+            with graph.inserting_after(previous):
+                previous = graph.create_node(step.op, target, (previous, *step.args), step.kwargs)
+        for user in users:
+            user.replace_input_with(node, previous)
+        changed = True
+    if changed:
+        graph.lint()
+        graph_module.recompile()

@@ -1,0 +1,162 @@
+"""``Conv2dBatchNormReLUMaxPool2d``: ``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU -> nn.MaxPool2d`` as
+one layer, the rule for which such chains it can replace, and the fused call with a batch-norm
+module (synchronized or not)."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from cifarnet import ops
+from cifarnet._sync_batch_norm import sync_conv2d_batch_norm_relu_max_pool2d
+from cifarnet.nn._native import _native_chain
+from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
+from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
+
+
+def conv2d_batch_norm_module_relu_max_pool2d(
+    input: Tensor, weight: Tensor, bias: Tensor | None, bn: nn.Module, stride, padding, pool_size, pool_stride, ceil_mode
+) -> Tensor:
+    """conv2d -> ``bn`` -> ReLU -> max_pool2d in one fused op, ``bn`` being a batch-norm module
+    whose tensors, mode and momentum are used (and its running statistics updated): with the
+    statistics of the whole batch over its process group where ``bn`` is synchronized (see
+    :func:`batch_norm_sync_group`), else :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d`."""
+    group = batch_norm_sync_group(bn)
+    arguments = batch_norm_arguments(bn)
+    if group is not None:
+        return sync_conv2d_batch_norm_relu_max_pool2d(
+            input, weight, bias, arguments["running_mean"], arguments["running_var"], bn.weight, bn.bias,
+            arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode, group,
+        )  # fmt: skip
+    return ops.conv2d_batch_norm_relu_max_pool2d(
+        input, weight, bias, bn_weight=bn.weight, bn_bias=bn.bias, stride=stride, padding=padding,
+        pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, **arguments,
+    )  # fmt: skip
+
+
+
+@torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
+def _check_batch_norm2d_input(input: Tensor) -> None:
+    """``nn.BatchNorm2d``'s rank check, with its message: the native conv -> batch norm chain
+    takes no unbatched input."""
+    if input.dim() != 4:
+        raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+# The batch-norm modules a conv -> batch norm -> ReLU -> max-pool chain may hold: torch's
+# nn.SyncBatchNorm (what nn.SyncBatchNorm.convert_sync_batchnorm makes of an nn.BatchNorm2d) is
+# not an nn.BatchNorm2d.
+BATCH_NORMS_2D = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def conv_bn_relu_pool_unfusable_reason(conv: nn.Module, bn: nn.Module, pool: nn.Module) -> str | None:
+    """Why ``(conv, bn, ReLU, pool)`` cannot become a fused layer, or None if it can."""
+    reason = conv_relu_pool_unfusable_reason(conv, pool)
+    if reason is not None:
+        return reason
+    if not isinstance(bn, BATCH_NORMS_2D):
+        return f"{type(bn).__name__} is not an nn.BatchNorm2d or nn.SyncBatchNorm"
+    if bn.num_features != conv.out_channels:
+        return f"bn.num_features={bn.num_features} does not match conv.out_channels={conv.out_channels}"
+    return None
+
+
+class Conv2dBatchNormReLUMaxPool2d(nn.Module):
+    """``nn.Conv2d`` -> ``nn.BatchNorm2d`` -> ``nn.ReLU`` -> ``nn.MaxPool2d`` as one layer.
+
+    The convolution's parameters are this module's ``weight`` and ``bias`` (initialised as
+    ``nn.Conv2d``'s); the batch norm's live in the child ``bn`` (a :class:`BatchNorm2d`), so the
+    state_dict keys of an ``(nn.Conv2d, nn.BatchNorm2d)`` pair map as ``conv.* -> *`` and
+    ``bn.* -> bn.*``. Training uses batch statistics and updates the running ones; evaluation
+    folds the batch norm into the convolution. Where ``bn`` is synchronized (see
+    :class:`SyncConv2dBatchNormReLUMaxPool2d`), training uses the statistics of the whole batch
+    over its process group.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``.
+        eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``.
+        pool_size, pool_stride, ceil_mode: as in :class:`Conv2dReLUMaxPool2d`.
+
+    Shape:
+        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``. An unbatched input
+        raises ``ValueError``, as ``nn.BatchNorm2d`` does in the native chain
+        (:func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` takes it as a batch of one).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        pool_size=2,
+        pool_stride=None,
+        ceil_mode: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        conv = Conv2dReLUMaxPool2d(
+            in_channels, out_channels, kernel_size, stride, padding, bias, pool_size, pool_stride, ceil_mode, device, dtype
+        )
+        self._adopt(conv, BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
+
+    def _adopt(self, conv: Conv2dReLUMaxPool2d, bn: nn.BatchNorm2d) -> None:
+        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode"):
+            setattr(self, name, getattr(conv, name))
+        self.weight = conv.weight
+        if conv.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = conv.bias
+        self._set_batch_norm(bn)
+
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        self.bn = bn
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d) -> Conv2dBatchNormReLUMaxPool2d:
+        """The fused layer of an existing ``(conv, bn, pool)`` chain (a ReLU between bn and pool).
+
+        Shares ``conv``'s parameters and uses ``bn`` itself as the child ``bn`` (its
+        parameters, running statistics and ``num_batches_tracked`` keep counting), in
+        ``conv``'s train/eval mode. Raises ``ValueError`` when the chain cannot be fused.
+        """
+        reason = conv_bn_relu_pool_unfusable_reason(conv, bn, pool)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {conv}, {bn} and {pool}: {reason}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused._adopt(Conv2dReLUMaxPool2d.from_modules(conv, pool), bn)
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        _check_batch_norm2d_input(input)
+        return conv2d_batch_norm_module_relu_max_pool2d(
+            input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
+        )
+
+    def to_native(self) -> nn.Module:
+        """This layer computed by torch alone: ``F.conv2d -> nn.BatchNorm2d -> F.relu ->
+        F.max_pool2d``.
+
+        A ``torch.fx.GraphModule`` holding this layer's ``weight`` and ``bias`` and, as ``bn``,
+        an ``nn.BatchNorm2d`` over the batch norm's very tensors (its mode too): the same
+        state_dict keys, and nothing of cifarnet needed to run, pickle or export it.
+        """
+        return _native_chain(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+        )

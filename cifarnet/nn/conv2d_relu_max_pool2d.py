@@ -1,0 +1,164 @@
+"""``Conv2dReLUMaxPool2d``: ``nn.Conv2d -> nn.ReLU -> nn.MaxPool2d`` as one layer, and the rule
+for which such chains it can replace."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from cifarnet import _C, ops
+from cifarnet._arguments import pair
+from cifarnet.nn._native import _native_chain
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
+    """``conv.padding`` as two ints; 'same' only where it is symmetric (odd kernels)."""
+    if conv.padding == "valid":
+        return (0, 0)
+    if conv.padding == "same":
+        if any(k % 2 == 0 for k in conv.kernel_size):
+            raise ValueError(
+                f"conv.padding='same' with the even kernel_size {conv.kernel_size} pads asymmetrically, "
+                "which the fused op does not support"
+            )
+        return (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
+    return tuple(conv.padding)
+
+
+def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | None:
+    """Why ``(conv, ReLU, pool)`` cannot become a ``Conv2dReLUMaxPool2d``, or None if it can."""
+    if type(conv) is not nn.Conv2d:
+        return f"{type(conv).__name__} is not an nn.Conv2d"
+    if type(pool) is not nn.MaxPool2d:
+        return f"{type(pool).__name__} is not an nn.MaxPool2d"
+    if tuple(conv.dilation) != (1, 1):
+        return f"conv.dilation={tuple(conv.dilation)}; the fused op needs dilation 1"
+    if conv.groups != 1:
+        return f"conv.groups={conv.groups}; the fused op needs groups=1"
+    if conv.padding_mode != "zeros":
+        return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
+    if conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):
+        return f"conv.padding='same' with even kernel_size {conv.kernel_size} is asymmetric"
+    if pair(pool.padding, "pool.padding") != [0, 0]:
+        return f"pool.padding={pool.padding}; the fused op pools without padding"
+    if pair(pool.dilation, "pool.dilation") != [1, 1]:
+        return f"pool.dilation={pool.dilation}; the fused op pools without dilation"
+    if pool.return_indices:
+        return "pool.return_indices=True; the fused op returns only the pooled values"
+    window = pair(pool.kernel_size, "pool.kernel_size")
+    if window[0] * window[1] > _C.MAX_POOL_WINDOW_ELEMENTS:
+        return (
+            f"pool.kernel_size={pool.kernel_size} has {window[0] * window[1]} elements; "
+            f"at most {_C.MAX_POOL_WINDOW_ELEMENTS} are supported"
+        )
+    return None
+
+
+class Conv2dReLUMaxPool2d(nn.Module):
+    """``nn.Conv2d`` -> ``nn.ReLU`` -> ``nn.MaxPool2d`` as one layer.
+
+    Parameters are named and initialised as in ``nn.Conv2d`` (``weight``, ``bias``), so an
+    ``nn.Conv2d`` state_dict loads into it and the same seed gives the same weights.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``
+            (dilation 1, groups 1, zero padding).
+        pool_size, pool_stride, ceil_mode: as ``kernel_size``, ``stride`` and ``ceil_mode`` of
+            ``nn.MaxPool2d``; ``pool_stride=None`` means ``pool_size``.
+
+    Shape:
+        input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``; an unbatched input
+        ``[C_in, H, W]`` -> ``[C_out, H_out, W_out]``, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take it.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size,
+        stride=1,
+        padding=0,
+        bias: bool = True,
+        pool_size=2,
+        pool_stride=None,
+        ceil_mode: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = tuple(pair(kernel_size, "kernel_size"))
+        self.stride = tuple(pair(stride, "stride"))
+        self.padding = tuple(pair(padding, "padding"))
+        self.pool_size = tuple(pair(pool_size, "pool_size"))
+        self.pool_stride = self.pool_size if pool_stride is None else tuple(pair(pool_stride, "pool_stride"))
+        self.ceil_mode = bool(ceil_mode)
+        self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Conv2d's initialisation, in the same order, so one seed gives both the same weights.
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
+            if fan_in != 0:
+                bound = 1 / math.sqrt(fan_in)
+                nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> Conv2dReLUMaxPool2d:
+        """The fused layer of an existing ``(conv, pool)`` pair (a ReLU between them implied).
+
+        The new module shares ``conv``'s parameters (same ``Parameter`` objects, so optimisers
+        keep working) and takes its device, dtype and train/eval mode. Raises ``ValueError``
+        when the pair cannot be fused (dilation, groups, padding modes, pool padding, ...).
+        """
+        reason = conv_relu_pool_unfusable_reason(conv, pool)
+        if reason is not None:
+            raise ValueError(f"cannot fuse {conv} and {pool}: {reason}")
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.in_channels = conv.in_channels
+        fused.out_channels = conv.out_channels
+        fused.kernel_size = tuple(conv.kernel_size)
+        fused.stride = tuple(conv.stride)
+        fused.padding = _conv_padding(conv)
+        fused.pool_size = tuple(pair(pool.kernel_size, "pool.kernel_size"))
+        fused.pool_stride = fused.pool_size if pool.stride is None else tuple(pair(pool.stride, "pool.stride"))
+        fused.ceil_mode = bool(pool.ceil_mode)
+        fused.weight = conv.weight
+        if conv.bias is None:
+            fused.register_parameter("bias", None)
+        else:
+            fused.bias = conv.bias
+        fused.train(conv.training)
+        return fused
+
+    def forward(self, input: Tensor) -> Tensor:
+        return ops.conv2d_relu_max_pool2d(
+            input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
+        )
+
+    def to_native(self) -> nn.Module:
+        """This layer computed by torch alone: ``F.conv2d -> F.relu -> F.max_pool2d``.
+
+        A ``torch.fx.GraphModule`` holding this layer's own ``weight`` and ``bias``
+        ``Parameter`` objects under the same names, so the state_dict keys stay and a
+        checkpoint loads both ways; it needs nothing of cifarnet to run, pickle or export.
+        """
+        return _native_chain(self, None)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+        )

@@ -1,0 +1,87 @@
+"""Shape, layout and dtype rules the ops' Python side shares: the unbatched-input rule of the
+functional wrappers, and the output layouts and dtypes the C++ kernels give, which the fake
+kernels reproduce.
+
+Shapes and the errors for impossible geometry come from native conv2d and max_pool2d's own
+meta functions, so they agree with the composition the ops replace; layouts follow the rule
+the C++ kernels use (channels_last when the input or the weight is channels_last).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch._prims_common import suggest_memory_format as _prims_suggest_memory_format
+
+from cifarnet import _C
+
+
+def is_unbatched(input: Tensor) -> bool:
+    """Whether ``input`` is an unbatched ``(C, H, W)`` image rather than an ``(N, C, H, W)``
+    batch, the two ranks ``F.conv2d`` and ``F.max_pool2d`` take; raises on any other."""
+    if input.dim() not in (3, 4):
+        raise RuntimeError(
+            f"input must be a 3-D (unbatched) or 4-D (batched) tensor, got {input.dim()}-D tensor of shape "
+            f"{list(input.shape)}"
+        )
+    return input.dim() == 3
+
+
+def suggest_memory_format(tensor: Tensor) -> torch.memory_format:
+    """The layout c10's ``TensorBase::suggest_memory_format`` gives ``tensor``, by which the C++
+    kernels lay out their outputs: channels_last where the strides are *like* channels_last."""
+    # NB: torch._prims_common is private, but it holds the only Python copy of c10's rule (no
+    # public tensor method exposes it; is_contiguous(memory_format=...) is a different test).
+    # tests/test_torch_internals.py checks it against the C++ kernels.
+    return _prims_suggest_memory_format(tensor)
+
+
+def conv_output_memory_format(input: Tensor, weight: Tensor) -> torch.memory_format:
+    """Native conv2d's output layout: channels_last when the input or the weight is, except for
+    float64 on CUDA (cuDNN has no channels-last float64 path; native returns contiguous)."""
+    if input.device.type == "cuda" and input.dtype == torch.float64:
+        return torch.contiguous_format
+    if torch.channels_last in (suggest_memory_format(input), suggest_memory_format(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_pool_window(pool_size) -> None:
+    elements = pool_size[0] * pool_size[1]
+    torch._check(
+        elements <= _C.MAX_POOL_WINDOW_ELEMENTS,
+        lambda: f"pool_size {list(pool_size)} has {elements} elements; at most "
+        f"{_C.MAX_POOL_WINDOW_ELEMENTS} are supported (the argmax is stored in one byte)",
+    )
+
+
+def batch_norm_memory_format(input: Tensor) -> torch.memory_format:
+    """The layout the batch norm kernels give their outputs: channels_last for channels-last
+    4-D inputs, else contiguous."""
+    if input.dim() == 4 and suggest_memory_format(input) == torch.channels_last:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def batch_norm_stats_dtype(input: Tensor) -> torch.dtype:
+    """The dtype statistics are saved in: float64 on the CPU for every input dtype, float32
+    for float16/bfloat16/float32 on CUDA (at::toAccumulateType)."""
+    if input.dtype == torch.float64:
+        return torch.float64
+    return torch.float64 if input.device.type == "cpu" else torch.float32
+
+
+def channel_stats(input: Tensor, channels) -> tuple[Tensor, Tensor]:
+    """Empty per-channel mean and variance in the dtype the kernels save statistics in."""
+    stats_dtype = batch_norm_stats_dtype(input)
+    return input.new_empty(channels, dtype=stats_dtype), input.new_empty(channels, dtype=stats_dtype)
+
+
+def parameter_grad_dtype(parameter, input: Tensor) -> torch.dtype:
+    """The dtype of a per-channel parameter's gradient: the parameter's own where it is given
+    (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's."""
+    return input.dtype if parameter is None else parameter.dtype
+
+
+def empty_like_layout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)

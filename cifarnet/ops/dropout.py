@@ -1,0 +1,60 @@
+"""``dropout``: training dropout with a counter-based (Philox) mask in one pass; its functional
+wrapper and fake kernel."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import handle_torch_function, has_torch_function
+
+from cifarnet import _C  # noqa: F401  (defines the op)
+from cifarnet.ops._layout import suggest_memory_format
+
+_SEED_BOUND = 2**63 - 1
+
+
+def dropout_seed(generator: torch.Generator | None = None) -> Tensor:
+    """A seed for :func:`dropout`'s mask, drawn from ``generator`` (default: torch's default CPU
+    generator, which ``torch.manual_seed`` seeds): a one-element int64 CPU tensor."""
+    return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64, generator=generator)
+
+
+def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None) -> Tensor:
+    """``F.dropout(input, p, training)`` with a counter-based mask, in one pass.
+
+    In training each element is zeroed with probability ``p`` and the others are multiplied by
+    ``1 / (1 - p)``, with native dropout's arithmetic (the factor rounded to the input's dtype;
+    a dropped NaN stays NaN, as ``x * 0``). The mask comes from Philox4x32-10 keyed by a seed
+    drawn from ``generator`` (see :func:`dropout_seed`) over each element's row-major index,
+    where native CPU dropout draws a Bernoulli number per element: one pass instead of three,
+    the same mask for a seed on the CPU and on CUDA, for any thread count and layout, and a
+    backward that recomputes the mask rather than keeping it. The masks differ from native
+    dropout's for the same ``torch.manual_seed``, and the seed is drawn on the host at each call
+    (a CUDA graph captured in eager mode would replay one mask: use ``F.dropout`` inside
+    captured graphs). Outside training, or with ``p == 0``, returns ``input`` itself, as
+    ``F.dropout`` does. On devices without a cifarnet kernel (neither CPU nor CUDA) it calls
+    ``F.dropout``.
+
+    Args:
+        input (Tensor): float32, float64, bfloat16 or float16, any shape; contiguous or
+            channels_last (the output has the input's layout).
+        p (float): probability of an element to be zeroed, in [0, 1].
+        training (bool): apply dropout (``False``: return ``input``).
+        generator (torch.Generator, optional): a CPU generator to draw the seed from.
+    """
+    if has_torch_function((input,)):
+        return handle_torch_function(dropout, (input,), input, p, training, generator)
+    if not 0.0 <= p <= 1.0:  # also refuses NaN
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return input
+    if input.device.type not in ("cpu", "cuda"):
+        return F.dropout(input, p, True)
+    return torch.ops.cifarnet.dropout.default(input, dropout_seed(generator), float(p))
+
+
+@torch.library.register_fake("cifarnet::dropout")
+def _dropout_fake(input, seed, p=0.5):
+    # The kernels compute in row-major order and give a channels-last input its own layout back.
+    return torch.empty_like(input, memory_format=suggest_memory_format(input))

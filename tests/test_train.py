@@ -427,6 +427,69 @@ def test_checkpoint_records_the_images_trained_on(dataset, tmp_path):
     assert everything["sha256"] != some["sha256"]
 
 
+
+# --- CUDA random states across machines (faked: the tests need no GPU) ------------------------
+
+
+class FakeGPUs:
+    """``torch.cuda``'s random-state functions on a machine with ``count`` GPUs: each GPU's
+    state is its own tensor, and a GPU the machine lacks raises IndexError, as torch's own
+    functions do (``torch.cuda.default_generators[index]``)."""
+
+    def __init__(self, monkeypatch, count: int):
+        self.states = [torch.full((8,), 100 + index, dtype=torch.uint8) for index in range(count)]
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", self.get_rng_state)
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set_rng_state)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [self.get_rng_state(i) for i in range(count)])
+        monkeypatch.setattr(torch.cuda, "set_rng_state_all",
+                            lambda states: [self.set_rng_state(state, i) for i, state in enumerate(states)])
+
+    def _index(self, device) -> int:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        index = 0 if device.index is None else device.index
+        if index >= len(self.states):
+            raise IndexError("tuple index out of range")
+        return index
+
+    def get_rng_state(self, device="cuda"):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, state, device="cuda"):
+        self.states[self._index(device)] = state.clone()
+
+
+def test_cuda_random_state_resumes_on_a_machine_with_fewer_gpus(monkeypatch, capsys):
+    from cifarnet.study.train.checkpoints import _rng_state, _set_rng_state
+
+    trained_on = FakeGPUs(monkeypatch, 4)
+    trained_on.states[2] = torch.arange(8, dtype=torch.uint8)
+    state = _rng_state(torch.Generator(), torch.device("cuda", 2))  # the run trained on GPU 2 of 4
+    resumed_on = FakeGPUs(monkeypatch, 1)
+    _set_rng_state(state, torch.Generator(), torch.device("cuda", 0))
+    assert torch.equal(resumed_on.states[0], torch.arange(8, dtype=torch.uint8))  # GPU 2's state, now GPU 0's
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize("gpus_then, gpus_now", [(4, 2), (2, 2), (1, 4)])
+def test_checkpoint_with_every_gpus_random_state_resumes_on_any_number_of_gpus(monkeypatch, capsys, gpus_then, gpus_now):
+    from cifarnet.study.train.checkpoints import _rng_state, _set_rng_state
+
+    state = _rng_state(torch.Generator(), torch.device("cpu"))
+    saved = [torch.full((8,), index, dtype=torch.uint8) for index in range(gpus_then)]
+    state["cuda"] = saved  # as checkpoints written before this fix hold them: one per GPU of the machine
+    resumed_on = FakeGPUs(monkeypatch, gpus_now)
+    _set_rng_state(state, torch.Generator(), torch.device("cuda", 0))
+    restored = min(gpus_then, gpus_now)
+    assert all(torch.equal(resumed_on.states[i], saved[i]) for i in range(restored))
+    assert all(resumed_on.states[i][0] == 100 + i for i in range(restored, gpus_now))  # left as they were
+    note = capsys.readouterr().out
+    if gpus_then > gpus_now:
+        assert f"the CUDA random states of {gpus_then} GPUs" in note and f"this machine has {gpus_now}" in note
+    else:
+        assert note == ""
+
 # --- the output folder ------------------------------------------------------------------------
 
 

@@ -31,7 +31,14 @@ from cifarnet.study.train.config import (
 )
 
 
+# The CUDA random state of the GPU the run trains on. Checkpoints written before it hold "cuda"
+# instead, a list of the states of every GPU of rank 0's machine; both load.
+CUDA_RNG_KEY = "cuda_device"
+
+
 def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
+    """The random states a resumed run needs to continue as the uninterrupted one would: torch's
+    CPU, Python's and numpy's, the data generator's and, on CUDA, the state of ``device``."""
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
@@ -39,7 +46,9 @@ def _rng_state(generator: torch.Generator, device: torch.device) -> dict:
         "data": generator.get_state(),
     }
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # NB: the run's GPU only, not every GPU of the machine, so that the checkpoint resumes
+        # on a machine with fewer GPUs (the state moves to whichever GPU the resumed run uses).
+        state[CUDA_RNG_KEY] = torch.cuda.get_rng_state(device)
     return state
 
 
@@ -49,14 +58,28 @@ def _numpy_state_to_python(state) -> tuple:
     return (name, keys.tolist(), int(position), int(has_gauss), float(cached_gaussian))
 
 
-def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device) -> None:
+def _set_rng_state(state: dict, generator: torch.Generator, device: torch.device, *, quiet: bool = False) -> None:
+    """Restores what :func:`_rng_state` saved; ``quiet``: no note (processes other than rank 0)."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuples(state["python"]))
     name, keys, position, has_gauss, cached_gaussian = state["numpy"]
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), position, has_gauss, cached_gaussian))
     generator.set_state(state["data"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type != "cuda":
+        return
+    if CUDA_RNG_KEY in state:
+        torch.cuda.set_rng_state(state[CUDA_RNG_KEY], device)
+    elif "cuda" in state:
+        # Written by an older cifarnet: one state per GPU of the machine that saved it.
+        every_gpu, count = state["cuda"], torch.cuda.device_count()
+        torch.cuda.set_rng_state_all(every_gpu[:count])
+        if len(every_gpu) > count and not quiet:
+            restored = "GPU 0's is" if count == 1 else f"those of GPUs 0-{count - 1} are"
+            _note(
+                f"the checkpoint holds the CUDA random states of {len(every_gpu)} GPUs and this machine has {count}: "
+                f"{restored} restored; a run that trained on another GPU continues with other CUDA random draws "
+                "(dropout masks), so it will not match an uninterrupted run bit for bit"
+            )
 
 
 def _as_tuples(value):

@@ -320,8 +320,9 @@ def train(
 
     Each epoch trains on the (shuffled, augmented) training set, tests the end-of-epoch model,
     steps the learning-rate schedule, then saves ``checkpoint.pt`` atomically (model, optimiser,
-    scheduler, the torch/CUDA/python/numpy random states and the data generator, epoch, config,
-    history), appends to ``metrics.jsonl`` and ``batch_losses.csv`` and redraws the plots. So a
+    scheduler, the torch/python/numpy random states and the CUDA one of the run's GPU alone, so
+    that it resumes on a machine with fewer GPUs, the data generator, epoch, config, history),
+    appends to ``metrics.jsonl`` and ``batch_losses.csv`` and redraws the plots. So a
     run killed at any moment loses at most the epoch in progress, and on the CPU a resumed run
     gives the same metrics, bit for bit, as one that was never interrupted.
 
@@ -437,7 +438,7 @@ def train(
     batch_losses: list[list[float]] = []
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
-        _set_rng_state(checkpoint["rng"], generator, device)
+        _set_rng_state(checkpoint["rng"], generator, device, quiet=not is_main)
         history, batch_losses = list(checkpoint["history"]), [list(b) for b in checkpoint["batch_losses"]]
     _check_model_runs_on(model, device)
     if peers is not None and config.sync_batch_norm and model.recipe.batch_norm:

@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -31,6 +33,13 @@ EXPECTED_KEYS = [
 VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "full"]
 TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
 
+
+
+def command_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a test's command process: this checkout's cifarnet (not whichever one
+    is installed, e.g. another worktree's), and the test's own cache folder."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
 
 pytestmark = pytest.mark.usefixtures("isolated_cache", "restore_threads")
 
@@ -330,7 +339,7 @@ def test_cuda_without_a_gpu_is_one_line(pickles, tmp_path, capsys):
 
 def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
     truncate_pickle(pickles)
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg-cache")}
+    env = command_env(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "cifarnet.study.cli", "train", "--data-dir", str(pickles), "--out", str(tmp_path / "run")],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
@@ -339,6 +348,34 @@ def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("cifarnet-train: error: ")
     assert "data_batch_2" in result.stderr and "Traceback" not in result.stderr
 
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does(pickles, tmp_path):
+    """A plain ``kill`` (what schedulers and ``timeout`` send) of one process: the Ctrl-C line,
+    status 143 (128 + SIGTERM, as a shell reports it), and a run that ``--resume`` continues."""
+    out = tmp_path / "run"
+    env = command_env(tmp_path)
+    command = [sys.executable, "-m", "cifarnet.study", "train", "--variant", "baseline", "--epochs", "1000",
+               "--data-dir", str(pickles), "--out", str(out), *TINY]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (out / "checkpoint.pt").exists(), "no epoch was saved"
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 143, (process.returncode, stderr)
+    assert stderr == f"cifarnet-train: stopped by SIGTERM; completed epochs are saved in {out}, continue with --resume\n"
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= saved < 1000
+    assert train_main(["--variant", "baseline", "--epochs", str(saved + 1), "--data-dir", str(pickles), "--out", str(out),
+                       "--resume", *TINY]) == 0
+    assert [m["epoch"] for m in read_metrics(out)] == list(range(1, saved + 2))
 
 # --- --variant all over several sessions, and the report of whatever runs exist --------------
 

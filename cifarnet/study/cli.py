@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,8 +65,10 @@ REMEDY_OPTIONS = {
     "warmup_epochs": f"--warmup-epochs {REMEDIES['warmup_epochs']}",
     "clip_grad_norm": f"--clip-grad-norm {REMEDIES['clip_grad_norm']:g}",
 }
-INTERRUPTED_STATUS = 130
-TERMINATED_STATUS = 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
+# A stopped run exits as a shell reports a process that the signal ended (128 + its number), so
+# a script or scheduler tells Ctrl-C and SIGTERM from an error (2) and from a finished run (0).
+INTERRUPTED_STATUS = 128 + signal.SIGINT  # 130
+TERMINATED_STATUS = 128 + signal.SIGTERM  # 143
 
 
 def _positive_int(text: str) -> int:
@@ -211,8 +214,11 @@ def train_main(argv: list[str] | None = None) -> int:
             device = torch.device("cuda", launch.local_rank)
         threads = threads or default_threads(launch)
     status, started = 0, False
-    # torchrun stops the other processes with SIGTERM when one fails: say so, as for Ctrl-C.
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if distributed else None
+    # SIGTERM (a plain kill, a scheduler, timeout; torchrun stopping the other processes when one
+    # fails) stops the run as Ctrl-C does, saying where the completed epochs are. Python can
+    # only install handlers in the main thread; elsewhere SIGTERM keeps its default.
+    handle_sigterm = threading.current_thread() is threading.main_thread()
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated) if handle_sigterm else None
     try:
         with process_group(launch, device, args.dist_timeout) if distributed else contextlib.nullcontext():
             peers = Peers(device, args.dist_timeout) if distributed else None
@@ -237,12 +243,14 @@ def train_main(argv: list[str] | None = None) -> int:
               "--resume", file=sys.stderr)
         status = INTERRUPTED_STATUS
     except _Terminated:
-        print(f"cifarnet-train: {_on_rank(launch, 'stopped by SIGTERM')} (torchrun stops every process when one "
-              f"fails); completed epochs are saved in {out}, continue with --resume", file=sys.stderr)
+        why = " (torchrun sends it to every process when one fails, or when it is stopped itself)" if distributed else ""
+        print(f"cifarnet-train: {_on_rank(launch, 'stopped by SIGTERM')}{why}; completed epochs are saved in {out}, "
+              "continue with --resume", file=sys.stderr)
         status = TERMINATED_STATUS
     finally:
-        if distributed:
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        if handle_sigterm:
+            # None: the handler was not installed from Python (an embedding program's); the default then.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_sigterm is None else previous_sigterm)
     if every_variant and started and is_main:
         try:
             table, plot = write_report(out, epochs=args.epochs)
@@ -292,8 +300,10 @@ def _on_rank(launch: Launch | None, message: object) -> str:
     return f"rank {launch.rank}: {message}"
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived (torchrun stopping the processes)."""
+class _Terminated(BaseException):
+    """SIGTERM arrived. A BaseException, as KeyboardInterrupt is, so that no ``except Exception``
+    on the way (a download cleaned up and reported as failed, a cache deemed damaged) takes it
+    for an error."""
 
 
 def _raise_terminated(signum, frame) -> None:

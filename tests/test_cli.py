@@ -350,6 +350,7 @@ def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
 
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_run_as_ctrl_c_does(pickles, tmp_path):
     """A plain ``kill`` (what schedulers and ``timeout`` send) of one process: the Ctrl-C line,
     status 143 (128 + SIGTERM, as a shell reports it), and a run that ``--resume`` continues."""

@@ -669,6 +669,58 @@ def test_eval_with_bad_data_is_one_line(trained, tmp_path, capsys):
     assert "downloading" in assert_one_line_error(capsys, status, "cifarnet-eval")
 
 
+
+def test_eval_without_data_dir_tests_on_the_data_the_run_trained_on(trained, folders, capsys):
+    capsys.readouterr()
+    assert eval_main([str(trained / "checkpoint.pt"), "--no-progress", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: {folders.resolve()}, the folder {trained / 'checkpoint.pt'} was trained on (the same images)" in out
+    final = read_metrics(trained)[-1]
+    assert f"test loss {final['test_loss']:.4f}  top-1 {final['test_top1']:.2f}%" in out
+
+
+def test_eval_without_data_dir_refuses_the_run_folder_when_it_holds_other_images(trained, folders, capsys):
+    replaced = next((folders / "test" / "cat").iterdir())
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(replaced)
+    capsys.readouterr()
+    status = eval_main([str(trained / "checkpoint.pt"), "--no-progress", "--device", "cpu"])
+    line = assert_one_line_error(capsys, status, "cifarnet-eval")
+    assert f"{folders.resolve()}, the folder {trained / 'checkpoint.pt'} was trained on, no longer holds its images" in line
+    assert "--data-dir" in line
+
+
+def test_eval_without_data_dir_uses_the_default_folder_when_the_run_folder_is_gone(pickles, tmp_path, capsys):
+    from cifarnet.study.data import default_data_dir
+
+    copy = shutil.copytree(pickles, tmp_path / "copy")
+    out = tmp_path / "run"
+    assert train_main(["--variant", "baseline", "--epochs", "1", "--data-dir", str(copy), "--out", str(out), *TINY]) == 0
+    shutil.rmtree(copy)
+    checkpoint = out / "checkpoint.pt"
+    capsys.readouterr()
+    # Nothing at the default path either: the download is tried (and fails, offline), and the reason is given.
+    status = eval_main([str(checkpoint), "--no-progress", "--device", "cpu"])
+    why = (f"data: {default_data_dir()}, since {copy.resolve() / 'cifar-10-batches-py'}, the folder {checkpoint} "
+           "was trained on, no longer exists (downloaded there when empty; --data-dir names another folder)")
+    assert why in capsys.readouterr().out
+    assert status == 2
+    write_pickles(default_data_dir(), make_split(40, seed=21), make_split(20, seed=22))  # the pickles fixture's images
+    assert eval_main([str(checkpoint), "--no-progress", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert why in printed and "note:" not in printed  # the same images, so nothing more to say
+    final = read_metrics(out)[-1]
+    assert f"test loss {final['test_loss']:.4f}  top-1 {final['test_top1']:.2f}%" in printed
+
+
+def test_eval_on_other_images_than_the_run_trained_on_says_so(trained, pickles, folders, capsys):
+    args = [str(trained / "checkpoint.pt"), "--no-progress", "--device", "cpu", "--data-dir"]
+    capsys.readouterr()
+    assert eval_main([*args, str(folders)]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert eval_main([*args, str(pickles)]) == 0
+    note = f"note: {pickles / 'cifar-10-batches-py'} holds other images than {trained / 'checkpoint.pt'} was trained on"
+    assert note in capsys.readouterr().out
+
 def test_module_entry_point_needs_a_command(capsys):
     from cifarnet.study.cli import main
 

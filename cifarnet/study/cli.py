@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cifarnet.study.data import CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
+from cifarnet.study.data import CIFAR10, CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
 from cifarnet.study.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     EveryProcessError,
@@ -41,12 +41,14 @@ from cifarnet.study.models import OPS, ConvNet
 from cifarnet.study.plots import is_cifarnet_plot, plot_confusion_matrix
 from cifarnet.study.results import write_report
 from cifarnet.study.train import (
+    CHECKPOINT_DATA_KEY,
     CHECKPOINT_FILE,
     DEVICES,
     PRECISIONS,
     REMEDIES,
     TrainConfig,
     TrainingDiverged,
+    data_record,
     earlier_run_files,
     epoch,
     load_checkpoint,
@@ -338,7 +340,9 @@ def _eval_parser() -> argparse.ArgumentParser:
         description="Test a checkpoint written by cifarnet-train: loss, top-1/top-5, per-class accuracy, confusion matrix.",
     )
     parser.add_argument("checkpoint", type=Path, help=f"a {CHECKPOINT_FILE} written by cifarnet-train")
-    parser.add_argument("--data-dir", type=Path, default=None, help=f"as for cifarnet-train (default: {default_data_dir()})")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help=f"as for cifarnet-train (default: the folder the checkpoint was trained on, where it still "
+                             f"exists and holds the same images; else {default_data_dir()})")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     parser.add_argument("--ops", choices=OPS, default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
@@ -376,7 +380,7 @@ def eval_main(argv: list[str] | None = None) -> int:
             first_line = str(error).strip().splitlines()[0]
             raise ValueError(f"{args.checkpoint} does not fit a {config.variant} ConvNet ({first_line})") from None
         model.to(device)
-        data = load_cifar10(args.data_dir, progress=progress)
+        data = _eval_data(args.data_dir, checkpoint, args.checkpoint, progress)
         loader = BatchLoader(data.test, args.batch_size or config.batch_size, recipe(config.variant), train=False, device=device)
         confusion = torch.zeros(len(CLASSES), len(CLASSES), dtype=torch.int64)
         result = epoch(loader, model, nn.CrossEntropyLoss(), progress=progress, description="test", confusion=confusion,
@@ -398,6 +402,53 @@ def eval_main(argv: list[str] | None = None) -> int:
     print()
     print(f"confusion matrix: {plot_path}")
     return 0
+
+
+def _eval_data(data_dir: Path | None, checkpoint: dict, path: Path, progress: bool) -> CIFAR10:
+    """The data cifarnet-eval tests on: ``data_dir``; without it, the folder the checkpoint
+    records it was trained on, where that still exists, else :func:`default_data_dir`
+    (downloaded when empty). Without ``data_dir`` it says in one line which folder it reads and
+    why; where the images are not those the run trained on (the record's hash), it says so,
+    and refuses the recorded folder (what it holds now is not what it recorded).
+
+    Raises:
+        ValueError: the recorded folder holds other images now.
+        DataError: as :func:`load_cifar10`.
+    """
+    record = checkpoint.get(CHECKPOINT_DATA_KEY)
+    record = record if isinstance(record, dict) else {}
+    recorded_root = record.get("root")
+    reads_recorded = False
+    if data_dir is None:
+        default = f"data: {default_data_dir()}, since"
+        fallback = "(downloaded there when empty; --data-dir names another folder)"
+        if recorded_root is None:
+            print(f"{default} {path} does not record the folder it was trained on (written by an older cifarnet) "
+                  f"{fallback}", flush=True)
+        elif not Path(recorded_root).is_dir():
+            print(f"{default} {recorded_root}, the folder {path} was trained on, no longer exists {fallback}", flush=True)
+        else:
+            data_dir, reads_recorded = Path(recorded_root), True
+    data = load_cifar10(data_dir, progress=progress)
+    if "sha256" not in record:
+        if reads_recorded:
+            print(f"data: {recorded_root}, the folder {path} was trained on (its images unchecked: the checkpoint "
+                  "records no hash of them)", flush=True)
+        return data
+    limit_train = TrainConfig(**checkpoint["config"]).limit_train
+    same_images = data_record(data, limit_train)["sha256"] == record["sha256"]
+    if reads_recorded and not same_images:
+        raise ValueError(
+            f"{recorded_root}, the folder {path} was trained on, no longer holds its images (another sha256 of their "
+            f"pixels and labels); pass --data-dir {recorded_root} to test on what it holds now, or --data-dir with "
+            "a copy of the run's data"
+        )
+    if reads_recorded:
+        print(f"data: {recorded_root}, the folder {path} was trained on (the same images)", flush=True)
+    elif not same_images:
+        print(f"note: {data.root} holds other images than {path} was trained on (another sha256 of their pixels "
+              "and labels); the figures are those of these images", flush=True)
+    return data
 
 
 def _plot_output_problem(path: Path, *, explicit: bool, overwrite: bool) -> str | None:

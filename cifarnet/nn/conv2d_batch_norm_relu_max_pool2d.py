@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from cifarnet import ops
 from cifarnet._sync_batch_norm import sync_conv2d_batch_norm_relu_max_pool2d
+from cifarnet.nn._fx import leaf_call
 from cifarnet.nn._native import _native_chain
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
@@ -82,7 +83,13 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``. An unbatched input
         raises ``ValueError``, as ``nn.BatchNorm2d`` does in the native chain
         (:func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` takes it as a batch of one).
+
+    Under ``torch.fx.symbolic_trace`` it is a leaf, as ``nn.BatchNorm2d`` is: the traced model
+    calls it and follows ``.train()`` / ``.eval()``.
     """
+
+    # Whether torch.fx records a call of this layer (leaf_call) rather than tracing into it.
+    _traced_as_leaf = True
 
     def __init__(
         self,
@@ -139,6 +146,9 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         return fused
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input) if self._traced_as_leaf else None
+        if call is not None:
+            return call
         _check_batch_norm2d_input(input)
         return conv2d_batch_norm_module_relu_max_pool2d(
             input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode

@@ -6,6 +6,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cifarnet._sync_batch_norm import sync_batch_norm
+from cifarnet.nn._fx import leaf_call
 from cifarnet.nn._native import _native_chain
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import Conv2dBatchNormReLUMaxPool2d
@@ -59,6 +60,9 @@ class SyncBatchNorm2d(BatchNorm2d):
         return sync
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.SyncBatchNorm is
+        if call is not None:
+            return call
         group = batch_norm_sync_group(self)
         if group is None:
             return self.fallback_class.forward(self, input)

@@ -210,7 +210,7 @@ def test_a_decomposed_program_fails_naming_the_decomposed_op_and_the_way_out():
 def all_cifarnet_ops() -> list:
     """Every op overload of the cifarnet namespace, from the dispatcher."""
     # NB: torch has no public listing of a namespace's ops; this private one fails clearly.
-    assert hasattr(torch._C, "_dispatch_get_all_op_names"), f"torch {torch.__version__} removed _dispatch_get_all_op_names"
+    assert hasattr(torch._C, "_dispatch_get_all_op_names"), f"torch {torch.__version__} removed it"
     names = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("cifarnet::"))
     assert "cifarnet::conv2d_relu_max_pool2d" in names
     overloads = []
@@ -230,7 +230,8 @@ def test_every_op_the_exporter_can_meet_has_a_translation_or_a_reason():
         assert op.has_kernel_for_dispatch_key(implicit), f"{op} has neither an ONNX translation nor a composite kernel"
     for op in ONNX_TRANSLATIONS:
         whole = op is torch.ops.cifarnet.conv2d_relu_max_pool2d.default  # kept whole on purpose
-        assert whole or not op.has_kernel_for_dispatch_key(implicit), f"{op} is composite: an entry stops its decomposition"
+        composite = op.has_kernel_for_dispatch_key(implicit)
+        assert whole or not composite, f"{op} is composite: an entry would stop its decomposition"
 
 
 def test_untranslatable_ops_fail_naming_themselves():

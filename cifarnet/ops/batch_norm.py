@@ -136,8 +136,11 @@ def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
 # The ops a model reaches in training only, or for gradients: no ONNX translation, a message.
 no_onnx_translation(torch.ops.cifarnet._batch_norm_backward.default, *BACKWARD)
 no_onnx_translation(
-    torch.ops.cifarnet._batch_norm_update_running_stats.default, "the update of batch norm's running statistics in training"
+    torch.ops.cifarnet._batch_norm_update_running_stats.default,
+    "the update of batch norm's running statistics in training",
 )
-no_onnx_translation(torch.ops.cifarnet._batch_norm_stats.default, "the statistics of synchronized batch norm in training")
+no_onnx_translation(
+    torch.ops.cifarnet._batch_norm_stats.default, "the statistics of synchronized batch norm in training"
+)
 no_onnx_translation(torch.ops.cifarnet._batch_norm_backward_reduce.default, *BACKWARD)
 no_onnx_translation(torch.ops.cifarnet._batch_norm_backward_elementwise.default, *BACKWARD)

@@ -6,9 +6,18 @@ import copy
 
 import pytest
 import torch
+import torch.fx
+import torch.nn.functional as F
 from torch import nn
 
-from cifarnet.nn import BatchNorm1d, BatchNorm2d, Conv2dBatchNormReLUMaxPool2d, Conv2dReLUMaxPool2d
+import cifarnet
+from cifarnet.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2dBatchNormReLUMaxPool2d,
+    Conv2dReLUMaxPool2d,
+    SyncConv2dBatchNormReLUMaxPool2d,
+)
 from conftest import DEVICES
 
 
@@ -151,3 +160,98 @@ def test_to_native_computes_the_layer_with_torch_alone_on_its_own_tensors(layer,
         )
         for (name, ours), theirs in zip(native.state_dict().items(), twin.state_dict().values()):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def conv_layers():
+    """The conv layers, each with an input shape: every way their geometry and batch norm vary."""
+    torch.manual_seed(4)
+    frozen_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, (3, 1), stride=(1, 2), bias=False, affine=False)
+    frozen_bn.bn.eval()  # the batch norm's own mode decides, as in the native chain
+    return [
+        (Conv2dReLUMaxPool2d(3, 5, 3, padding=1), (2, 3, 9, 8)),
+        (
+            Conv2dReLUMaxPool2d(3, 5, (2, 3), stride=2, bias=False, pool_size=(1, 2), pool_stride=(1, 1), ceil_mode=True),
+            (3, 11, 9),
+        ),
+        (
+            Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True),
+            (2, 3, 9, 8),
+        ),
+        (frozen_bn, (2, 3, 9, 8)),
+        (SyncConv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=2), (2, 3, 7, 7)),
+    ]
+
+
+# The batch norm class of each conv layer's torch counterpart (none for Conv2dReLUMaxPool2d).
+NATIVE_BATCH_NORM = {SyncConv2dBatchNormReLUMaxPool2d: nn.SyncBatchNorm, Conv2dBatchNormReLUMaxPool2d: nn.BatchNorm2d}
+
+
+def assert_computes_as(native: nn.Module, layer: nn.Module, shape) -> None:
+    """``native`` (holding ``layer``'s tensors) computes what a copy of ``layer`` computes, in
+    float64: outputs, gradients of the input and of every parameter, and the buffers after,
+    with the modes as built and in evaluation."""
+    twin = copy.deepcopy(layer)
+    for step in ("modes as built", "eval"):
+        if step == "eval":
+            native.eval()
+            twin.eval()
+        input = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        out, expected = native(input), twin(input)
+        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+        grad = torch.randn(expected.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        ours = torch.autograd.grad(out, [input, *native.parameters()], grad)
+        theirs = torch.autograd.grad(expected, [input, *twin.parameters()], grad)
+        assert len(ours) == len(theirs)
+        for name, a, b in zip(["input", *dict(native.named_parameters())], ours, theirs):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{step}, grad of {name}: {m}")
+        for (name, a), b in zip(native.state_dict().items(), twin.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m: f"{step}, {name}: {m}")
+
+
+def assert_same_tensors_under(module: nn.Module, layer: nn.Module, keys: list[str]) -> None:
+    assert list(module.state_dict()) == keys
+    for key, tensor, theirs in zip(keys, module.state_dict().values(), layer.state_dict().values()):
+        assert tensor.data_ptr() == theirs.data_ptr(), key  # the layer's own tensors, not copies
+
+
+@pytest.mark.parametrize("layer, shape", conv_layers(), ids=layer_id)
+def test_to_native_is_a_graph_module_of_conv2d_and_torch_layers_with_the_layers_keys(layer, shape):
+    layer = layer.double()
+    native = layer.to_native()
+    assert isinstance(native, torch.fx.GraphModule)
+    batch_norm = NATIVE_BATCH_NORM.get(type(layer))
+    children = {"relu": nn.ReLU, "pool": nn.MaxPool2d} | ({} if batch_norm is None else {"bn": batch_norm})
+    assert {name: type(child) for name, child in native.named_children()} == children
+    pool = native.pool
+    assert (pool.kernel_size, pool.stride, pool.ceil_mode) == (layer.pool_size, layer.pool_stride, layer.ceil_mode)
+    assert [(node.op, node.target) for node in native.graph.nodes if node.op.startswith("call")] == [
+        ("call_function", F.conv2d), *([] if batch_norm is None else [("call_module", "bn")]),
+        ("call_module", "relu"), ("call_module", "pool"),
+    ]  # fmt: skip
+    assert native.weight is layer.weight and native.bias is layer.bias
+    assert_same_tensors_under(native, layer, list(layer.state_dict()))
+    assert list(cifarnet.unfuse(nn.Sequential(layer)).state_dict()) == [f"0.{key}" for key in layer.state_dict()]
+    if batch_norm is nn.SyncBatchNorm:
+        return  # nn.SyncBatchNorm refuses CPU tensors in training
+    assert_computes_as(native, layer, shape)
+
+
+@pytest.mark.parametrize("layer, shape", conv_layers(), ids=layer_id)
+def test_to_sequential_is_torch_nn_layers_holding_the_layers_tensors(layer, shape):
+    layer = layer.double()
+    sequential = layer.to_sequential()
+    batch_norm = NATIVE_BATCH_NORM.get(type(layer))
+    assert type(sequential) is nn.Sequential
+    bn = [] if batch_norm is None else [batch_norm]
+    assert [type(module) for module in sequential] == [nn.Conv2d, *bn, nn.ReLU, nn.MaxPool2d]
+    conv, pool = sequential[0], sequential[-1]
+    assert (conv.kernel_size, conv.stride, conv.padding) == (layer.kernel_size, layer.stride, layer.padding)
+    assert (pool.kernel_size, pool.stride, pool.ceil_mode) == (layer.pool_size, layer.pool_stride, layer.ceil_mode)
+    assert conv.weight is layer.weight and conv.bias is layer.bias
+    keys = [f"1.{key[3:]}" if key.startswith("bn.") else f"0.{key}" for key in layer.state_dict()]  # conv 0, bn 1
+    assert_same_tensors_under(sequential, layer, keys)
+    if batch_norm is not None:
+        assert sequential[1].training == layer.bn.training  # its own mode, as in the layer
+    if batch_norm is nn.SyncBatchNorm:
+        return  # nn.SyncBatchNorm refuses CPU tensors in training
+    assert_computes_as(sequential, layer, shape)

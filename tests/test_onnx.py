@@ -165,3 +165,90 @@ def test_fused_torchvision_vgg11_bn_exports_and_computes_the_same():
     assert nodes.count("Conv") == 8 and nodes.count("MaxPool") == 5 and nodes.count("Relu") == 8
     with torch.no_grad():
         torch.testing.assert_close(fused(input), model.eval()(input), rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------
+# What has no ONNX translation fails saying which op, and the way out
+
+
+def export_error(model, input: torch.Tensor) -> str:
+    """The messages of the exception ``torch.onnx.export`` raises and of its causes, joined."""
+    with pytest.raises(Exception) as caught:
+        export(model, input)
+    messages, error = [], caught.value
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__
+    return "\n".join(messages)
+
+
+def test_fused_conv_batch_norm_layer_in_training_fails_naming_the_op_and_eval_mode():
+    layer = cnn.Conv2dBatchNormReLUMaxPool2d(3, 4, 3, padding=1).train()
+    message = export_error(layer, image(2, 3, 8, 8))
+    assert "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training" in message
+    assert "batch statistics" in message and "model.eval()" in message
+    assert "No ONNX function found" not in message
+
+
+def test_batch_norm_in_training_fails_naming_the_op_and_eval_mode():
+    message = export_error(cnn.BatchNorm2d(4).train(), image(2, 4, 5, 5))
+    assert "cifarnet::_batch_norm_forward" in message and "model.eval()" in message
+
+
+def test_a_decomposed_program_fails_naming_the_decomposed_op_and_the_way_out():
+    layer = cnn.Conv2dReLUMaxPool2d(3, 4, 3).eval()
+    input = image(2, 3, 8, 8)
+    program = torch.export.export(layer, (input,))
+    message = export_error(program.run_decompositions(), input)
+    assert "cifarnet::conv2d_relu_max_pool2d_with_argmax" in message and "run_decompositions" in message
+    assert "No ONNX function found" not in message
+    # The way out the message gives: the program as torch.export.export returns it.
+    with torch.no_grad():
+        assert_close_float32(run_onnx(export(program, input), input), layer(input))
+
+
+def all_cifarnet_ops() -> list:
+    """Every op overload of the cifarnet namespace, from the dispatcher."""
+    # NB: torch has no public listing of a namespace's ops; this private one fails clearly.
+    assert hasattr(torch._C, "_dispatch_get_all_op_names"), f"torch {torch.__version__} removed it"
+    names = sorted(name for name in torch._C._dispatch_get_all_op_names() if name.startswith("cifarnet::"))
+    assert "cifarnet::conv2d_relu_max_pool2d" in names
+    overloads = []
+    for name in names:
+        packet = getattr(torch.ops.cifarnet, name.split("::")[1].split(".")[0])
+        overloads += [getattr(packet, overload) for overload in packet.overloads()]
+    return overloads
+
+
+def test_every_op_the_exporter_can_meet_has_a_translation_or_a_reason():
+    """Composite ops decompose before translation (an entry would keep them whole); every
+    other op either translates or fails export with a message that names it."""
+    implicit = torch._C.DispatchKey.CompositeImplicitAutograd
+    for op in all_cifarnet_ops():
+        if op in ONNX_TRANSLATIONS:
+            continue
+        assert op.has_kernel_for_dispatch_key(implicit), f"{op} has neither an ONNX translation nor a composite kernel"
+    for op in ONNX_TRANSLATIONS:
+        whole = op is torch.ops.cifarnet.conv2d_relu_max_pool2d.default  # kept whole on purpose
+        composite = op.has_kernel_for_dispatch_key(implicit)
+        assert whole or not composite, f"{op} is composite: an entry would stop its decomposition"
+
+
+def test_untranslatable_ops_fail_naming_themselves():
+    for op, translation in ONNX_TRANSLATIONS.items():
+        if translation.__name__.endswith("_has_no_onnx_translation"):
+            with pytest.raises(NotImplementedError, match=f"{op.name()} .*has no ONNX translation; "):
+                translation()
+
+
+def test_dropout_in_training_exports_as_nn_dropout_does():
+    input = image(8, 64).abs() + 1  # no zeros: a zero output is a dropped element
+    native = export(nn.Sequential(nn.Dropout(0.3)).train(), input)
+    ours = export(nn.Sequential(cnn.Dropout(0.3)).train(), input)
+    assert node_types(ours) == node_types(native) == ["Dropout"]
+    output = run_onnx(ours, input)
+    kept = output != 0
+    torch.testing.assert_close(output[kept], input[kept] / 0.7, rtol=1e-6, atol=0)
+    assert 0.5 < kept.float().mean().item() < 0.9
+    evaluated = export(nn.Sequential(cnn.Dropout(0.3)).eval(), input)
+    assert torch.equal(run_onnx(evaluated, input), input)

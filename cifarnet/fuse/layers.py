@@ -99,6 +99,10 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
         input ``[N, C_in, H, W]`` -> the pooled output ``[N, C_out, H_out, W_out]``.
     """
 
+    # NB: torch.fx traces into it (reading bn's tensors where bn is registered): a GraphModule
+    # that called this layer as a leaf would hold neither bn's tensors nor bn's mode.
+    _traced_as_leaf = False
+
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError(
             "FusedConv2dBatchNormReLUMaxPool2d is made by cifarnet.fuse; "

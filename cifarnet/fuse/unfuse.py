@@ -24,10 +24,14 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``fuse`` turned into GraphModules become instances of their own classes again, running
     their own ``forward`` (a GraphModule given to ``fuse`` stays one, its graph unfused).
     Layers of :mod:`cifarnet.nn` that ``fuse`` did not make (a model written with them, or
-    one such layer given as ``model``) become their ``to_native()``: ``nn.BatchNorm1d`` and
-    ``nn.BatchNorm2d``, and GraphModules of torch calls for the conv layers, holding the same
-    tensors under the same names. A forward that calls :mod:`cifarnet.ops` itself is code,
-    not a layer, and stays as it is.
+    one such layer given as ``model``) become their ``to_native()``, holding the same tensors
+    under the same names: ``nn.Dropout``, ``nn.BatchNorm1d``, ``nn.BatchNorm2d`` and
+    ``nn.SyncBatchNorm``, and for each conv layer a ``torch.fx.GraphModule`` (not an
+    ``nn.Conv2d``: the layer's ``weight`` and ``bias`` stay its own keys, where a child
+    ``nn.Conv2d`` would add a prefix) that calls ``F.conv2d`` on them, then its children ``bn``
+    (``nn.BatchNorm2d``), ``relu`` (``nn.ReLU``) and ``pool`` (``nn.MaxPool2d``); see
+    :meth:`cifarnet.nn.Conv2dReLUMaxPool2d.to_native`. A forward that calls
+    :mod:`cifarnet.ops` itself is code, not a layer, and stays as it is.
 
     Args:
         model: any model: one returned by :func:`fuse`, or one built with :mod:`cifarnet.nn`.

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from cifarnet import ops
 from cifarnet._sync_batch_norm import synchronizing_group
+from cifarnet.nn._fx import leaf_call
 
 
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
@@ -63,6 +64,9 @@ class BatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.BatchNorm is
+        if call is not None:
+            return call
         self._check_input_dim(input)
         return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
 
@@ -82,6 +86,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.BatchNorm is
+        if call is not None:
+            return call
         self._check_input_dim(input)
         return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
 

@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from cifarnet import ops
 from cifarnet._sync_batch_norm import sync_conv2d_batch_norm_relu_max_pool2d
-from cifarnet.nn._native import _native_chain
+from cifarnet.nn._fx import leaf_call
+from cifarnet.nn._native import _native_chain, _native_sequential
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
 
@@ -82,7 +83,13 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``. An unbatched input
         raises ``ValueError``, as ``nn.BatchNorm2d`` does in the native chain
         (:func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` takes it as a batch of one).
+
+    Under ``torch.fx.symbolic_trace`` it is a leaf, as ``nn.BatchNorm2d`` is: the traced model
+    calls it and follows ``.train()`` / ``.eval()``.
     """
+
+    # Whether torch.fx records a call of this layer (leaf_call) rather than tracing into it.
+    _traced_as_leaf = True
 
     def __init__(
         self,
@@ -139,20 +146,38 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         return fused
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input) if self._traced_as_leaf else None
+        if call is not None:
+            return call
         _check_batch_norm2d_input(input)
         return conv2d_batch_norm_module_relu_max_pool2d(
             input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
         )
 
-    def to_native(self) -> nn.Module:
-        """This layer computed by torch alone: ``F.conv2d -> nn.BatchNorm2d -> F.relu ->
-        F.max_pool2d``.
+    def to_native(self) -> torch.fx.GraphModule:
+        """This layer computed by torch alone, with the same state_dict keys.
 
-        A ``torch.fx.GraphModule`` holding this layer's ``weight`` and ``bias`` and, as ``bn``,
-        an ``nn.BatchNorm2d`` over the batch norm's very tensors (its mode too): the same
-        state_dict keys, and nothing of cifarnet needed to run, pickle or export it.
+        A ``torch.fx.GraphModule`` (a torch class, not an ``nn.Sequential``) whose forward is
+        ``self.pool(self.relu(self.bn(F.conv2d(input, self.weight, self.bias, stride,
+        padding))))``: it holds this layer's own ``weight`` and ``bias`` ``Parameter`` objects
+        and, as children, ``bn``, an ``nn.BatchNorm2d`` over the batch norm's very tensors (its
+        mode too), an ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool``. The keys stay
+        ``weight``, ``bias`` and ``bn.*``, so checkpoints load both ways; it needs nothing of
+        cifarnet to run, pickle or export. The convolution is a call, not an ``nn.Conv2d``
+        child, which would rename its parameters ``conv.weight``: for torch.nn modules only,
+        see :meth:`to_sequential`.
         """
         return _native_chain(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
+
+    def to_sequential(self) -> nn.Sequential:
+        """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)`` computing this
+        layer: the conv holds this layer's own ``weight`` and ``bias``, the batch norm the very
+        tensors of ``bn`` (and its mode).
+
+        Plain torch.nn layers, for tools that look for them; its state_dict keys are ``0.*``
+        (the conv) and ``1.*`` (the batch norm), not this layer's (see :meth:`to_native`).
+        """
+        return _native_sequential(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
 
     def extra_repr(self) -> str:
         return (

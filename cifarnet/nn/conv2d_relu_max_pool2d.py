@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from cifarnet import _C, ops
 from cifarnet._arguments import pair
-from cifarnet.nn._native import _native_chain
+from cifarnet.nn._native import _native_chain, _native_sequential
 
 
 def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
@@ -147,14 +148,29 @@ class Conv2dReLUMaxPool2d(nn.Module):
             input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
         )
 
-    def to_native(self) -> nn.Module:
-        """This layer computed by torch alone: ``F.conv2d -> F.relu -> F.max_pool2d``.
+    def to_native(self) -> torch.fx.GraphModule:
+        """This layer computed by torch alone, with the same state_dict keys.
 
-        A ``torch.fx.GraphModule`` holding this layer's own ``weight`` and ``bias``
-        ``Parameter`` objects under the same names, so the state_dict keys stay and a
-        checkpoint loads both ways; it needs nothing of cifarnet to run, pickle or export.
+        A ``torch.fx.GraphModule`` (a torch class, not an ``nn.Sequential``) whose forward is
+        ``self.pool(self.relu(F.conv2d(input, self.weight, self.bias, stride, padding)))``: it
+        holds this layer's own ``weight`` and ``bias`` ``Parameter`` objects under the same names
+        and, as children, an ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool`` (no state).
+        The keys stay ``weight`` and ``bias``, so checkpoints load both ways (and a model's keys
+        stay those of its native twin with an ``nn.Conv2d`` at this position); it needs nothing
+        of cifarnet to run, pickle or export. The convolution is a call, not an ``nn.Conv2d``
+        child, which would rename its parameters ``conv.weight``: for ``nn.Conv2d``,
+        ``nn.ReLU`` and ``nn.MaxPool2d`` modules, see :meth:`to_sequential`.
         """
         return _native_chain(self, None)
+
+    def to_sequential(self) -> nn.Sequential:
+        """``nn.Sequential(nn.Conv2d, nn.ReLU, nn.MaxPool2d)`` computing this layer, the conv
+        holding this layer's own ``weight`` and ``bias`` ``Parameter`` objects.
+
+        Plain torch.nn layers, for tools that look for them; its state_dict keys are
+        ``0.weight`` and ``0.bias``, not this layer's (see :meth:`to_native` for those).
+        """
+        return _native_sequential(self, None)
 
     def extra_repr(self) -> str:
         return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from cifarnet import ops
+from cifarnet.nn._fx import leaf_call
 
 
 class Dropout(nn.Dropout):
@@ -12,9 +13,14 @@ class Dropout(nn.Dropout):
     mask, where native CPU dropout takes three (draw, scale, multiply). Same arguments, same
     behaviour in evaluation mode (the input itself), no state; its masks differ from native's
     for the same ``torch.manual_seed``. With ``inplace=True`` the result is written back into
-    the input, as ``nn.Dropout(inplace=True)`` leaves it."""
+    the input, as ``nn.Dropout(inplace=True)`` leaves it. Under ``torch.fx.symbolic_trace`` it
+    is a leaf, as ``nn.Dropout`` is: the traced model calls it and follows ``.train()`` /
+    ``.eval()``."""
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input)
+        if call is not None:
+            return call
         output = ops.dropout(input, self.p, self.training)
         if self.inplace and output is not input:
             return input.copy_(output)

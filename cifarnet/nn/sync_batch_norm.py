@@ -3,10 +3,12 @@ and ``convert_sync_batchnorm`` for models of cifarnet layers (and on the CPU).""
 
 from __future__ import annotations
 
+import torch.fx
 from torch import Tensor, nn
 
 from cifarnet._sync_batch_norm import sync_batch_norm
-from cifarnet.nn._native import _native_chain
+from cifarnet.nn._fx import leaf_call
+from cifarnet.nn._native import _native_chain, _native_sequential
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import Conv2dBatchNormReLUMaxPool2d
 
@@ -59,6 +61,9 @@ class SyncBatchNorm2d(BatchNorm2d):
         return sync
 
     def forward(self, input: Tensor) -> Tensor:
+        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.SyncBatchNorm is
+        if call is not None:
+            return call
         group = batch_norm_sync_group(self)
         if group is None:
             return self.fallback_class.forward(self, input)
@@ -124,10 +129,15 @@ class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
     def process_group(self):
         return self.bn.process_group
 
-    def to_native(self) -> nn.Module:
+    def to_native(self) -> torch.fx.GraphModule:
         """As :meth:`Conv2dBatchNormReLUMaxPool2d.to_native`, with a ``torch.nn.SyncBatchNorm``
         over the same group as ``bn``."""
         return _native_chain(self, self.bn.to_native())
+
+    def to_sequential(self) -> nn.Sequential:
+        """As :meth:`Conv2dBatchNormReLUMaxPool2d.to_sequential`, with a
+        ``torch.nn.SyncBatchNorm`` over the same group as ``bn``."""
+        return _native_sequential(self, self.bn.to_native())
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

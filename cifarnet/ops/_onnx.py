@@ -15,11 +15,17 @@ in evaluation mode:
   ``Conv -> Relu -> MaxPool``, the graph ONNX runtimes make of ``Conv -> BatchNormalization``
   anyway.
 
-Batch norm with batch statistics (training mode, or no running statistics) has no translation
-and fails export with that reason; the training op of ``conv2d_batch_norm_relu_max_pool2d`` and
-``conv2d_relu_max_pool2d_with_argmax`` (what an already decomposed ``ExportedProgram`` holds)
-fail naming the op, as any op the exporter does not know. Export the model, or its
-``torch.export.export`` program, in ``model.eval()``.
+- ``dropout`` (in training; in evaluation it is the input itself) becomes ONNX ``Dropout`` in
+  training mode, as ``nn.Dropout`` in training exports: a mask drawn by the runtime.
+
+Every other op of the namespace that the exporter does not decompose has an entry that fails
+the export with a message naming the op, what brought it there and the way out (see
+:func:`no_onnx_translation`), where the exporter alone would say "No ONNX function found": batch
+norm with batch statistics (a model in training mode, or no running statistics), the training
+op of ``conv2d_batch_norm_relu_max_pool2d``, the ops of synchronized batch norm, the backward
+ops, and ``conv2d_relu_max_pool2d_with_argmax`` (what an ``ExportedProgram`` holds after
+``run_decompositions()``). Export the model, or its ``torch.export.export`` program as it
+comes, in ``model.eval()``.
 
 NB: ``torch.onnx.export`` has no public hook that makes a translation apply to every export (its
 ``custom_translation_table`` argument applies to one call), so :func:`_register_with_exporter`
@@ -58,9 +64,9 @@ def per_channel_or(value, fill: float, input):
 
 
 ONNX_TRANSLATIONS = {}
-"""op overload -> its ONNX Script translation, filled by :func:`onnx_translation` in each op's
-module; what :func:`_register_with_exporter` registers, and usable as ``torch.onnx.export``'s
-``custom_translation_table``."""
+"""op overload -> its ONNX Script translation, filled by :func:`onnx_translation` and
+:func:`no_onnx_translation` in each op's module; what :func:`_register_with_exporter`
+registers, and usable as ``torch.onnx.export``'s ``custom_translation_table``."""
 
 
 def onnx_translation(target):
@@ -71,6 +77,31 @@ def onnx_translation(target):
         return function
 
     return register
+
+
+EXPORT_IN_EVAL_MODE = "export the model in evaluation mode (model.eval())"
+"""The way out for the ops a model runs in training only."""
+
+BACKWARD = "a backward op, for the gradients", "ONNX export is of the forward: " + EXPORT_IN_EVAL_MODE
+"""``what`` and ``way_out`` of :func:`no_onnx_translation` for a backward op."""
+
+
+def no_onnx_translation(target, what: str, way_out: str = EXPORT_IN_EVAL_MODE) -> None:
+    """Registers for the op overload ``target``, which has no ONNX translation, an entry that
+    fails the export with ``NotImplementedError("<op> (<what>) has no ONNX translation;
+    <way_out>")``, where the exporter alone would say "No ONNX function found for <op>".
+
+    NB: only for ops the exporter does not decompose: an entry for a composite op (one with a
+    CompositeImplicitAutograd kernel) would keep it whole, where it decomposes into ops that
+    translate.
+    """
+    message = f"{target.name()} ({what}) has no ONNX translation; {way_out}"
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(message)
+
+    refuse.__name__ = refuse.__qualname__ = f"{target.name().split('::')[1]}_has_no_onnx_translation"
+    ONNX_TRANSLATIONS[target] = refuse
 
 
 _EXPORTER_REGISTRY_MODULE = "torch.onnx._internal.exporter._registration"

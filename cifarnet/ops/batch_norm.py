@@ -16,7 +16,7 @@ from cifarnet.ops._layout import (
     empty_like_layout,
     parameter_grad_dtype,
 )
-from cifarnet.ops._onnx import onnx_translation, per_channel_or
+from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation, onnx_translation, per_channel_or
 
 
 def batch_norm(
@@ -120,9 +120,8 @@ def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
 
     if training:
         raise NotImplementedError(
-            "cifarnet batch norm with batch statistics (a model in training mode, or a batch norm "
-            "without running statistics) has no ONNX translation; export the model in "
-            "evaluation mode (model.eval()) with running statistics"
+            "cifarnet::_batch_norm_forward with batch statistics (a model in training mode, or a batch "
+            f"norm without running statistics) has no ONNX translation; {EXPORT_IN_EVAL_MODE} with running statistics"
         )
     mean = per_channel_or(mean, 0.0, input)
     var = per_channel_or(var, 1.0, input)
@@ -131,3 +130,17 @@ def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
     )
     # NB: new values (Identity), not the inputs themselves: the exporter names each output.
     return output, op.Identity(mean), op.Identity(var)
+
+
+
+# The ops a model reaches in training only, or for gradients: no ONNX translation, a message.
+no_onnx_translation(torch.ops.cifarnet._batch_norm_backward.default, *BACKWARD)
+no_onnx_translation(
+    torch.ops.cifarnet._batch_norm_update_running_stats.default,
+    "the update of batch norm's running statistics in training",
+)
+no_onnx_translation(
+    torch.ops.cifarnet._batch_norm_stats.default, "the statistics of synchronized batch norm in training"
+)
+no_onnx_translation(torch.ops.cifarnet._batch_norm_backward_reduce.default, *BACKWARD)
+no_onnx_translation(torch.ops.cifarnet._batch_norm_backward_elementwise.default, *BACKWARD)

@@ -1,7 +1,8 @@
 """``conv2d_batch_norm_relu_max_pool2d``: convolution, batch norm, ReLU and max pooling in one
 op; its functional wrapper and the fake kernels of its private ops (training forward and
 backward, and the phase ops synchronized batch norm runs between its collectives). In
-evaluation it decomposes into ``conv2d_relu_max_pool2d``, whose ONNX translation exports it."""
+evaluation it decomposes into ``conv2d_relu_max_pool2d``, whose ONNX translation exports it;
+its private ops fail the export with a message that names them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import pair
 from cifarnet.ops._layout import channel_stats, is_unbatched, parameter_grad_dtype
+from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
 from cifarnet.ops.conv2d_relu_max_pool2d import (
     _conv2d_relu_max_pool2d_backward_fake,
     _conv2d_relu_max_pool2d_with_argmax_fake,
@@ -200,3 +202,23 @@ def _conv2d_batch_norm_relu_max_pool2d_backward_elementwise_fake(
     return _conv2d_relu_max_pool2d_backward_fake(
         grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
     )
+
+
+# The ops of training and of gradients: no ONNX translation, a message (evaluation exports).
+no_onnx_translation(
+    torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training.default,
+    "the fused conv -> batch norm -> ReLU -> max-pool layer with batch statistics: a model in training mode, "
+    "or a batch norm without running statistics",
+    f"{EXPORT_IN_EVAL_MODE} with running statistics, where the layer exports as Conv -> Relu -> MaxPool",
+)
+no_onnx_translation(torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default, *BACKWARD)
+no_onnx_translation(
+    torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_stats.default,
+    "the statistics of the fused layer with synchronized batch norm in training",
+)
+no_onnx_translation(
+    torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_epilogue.default,
+    "the normalisation of the fused layer with synchronized batch norm in training",
+)
+no_onnx_translation(torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_backward_reduce.default, *BACKWARD)
+no_onnx_translation(torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_backward_elementwise.default, *BACKWARD)

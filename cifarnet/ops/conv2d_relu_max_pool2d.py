@@ -11,7 +11,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import pair
 from cifarnet.ops._layout import check_pool_window, conv_output_memory_format, is_unbatched, suggest_memory_format
-from cifarnet.ops._onnx import onnx_translation, pads
+from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation, pads
 
 
 def conv2d_relu_max_pool2d(
@@ -131,3 +131,12 @@ def _conv2d_relu_max_pool2d_onnx(
         ceil_mode=int(ceil_mode),
     )
     return pooled
+
+
+no_onnx_translation(
+    torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax.default,
+    "what conv2d_relu_max_pool2d decomposes into, in an ExportedProgram after run_decompositions()",
+    "export the model, or its torch.export.export program as it comes (not decomposed), where "
+    "conv2d_relu_max_pool2d reaches the exporter whole and becomes Conv -> Relu -> MaxPool",
+)
+no_onnx_translation(torch.ops.cifarnet._conv2d_relu_max_pool2d_backward.default, *BACKWARD)

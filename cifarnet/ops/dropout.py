@@ -1,5 +1,5 @@
 """``dropout``: training dropout with a counter-based (Philox) mask in one pass; its functional
-wrapper and fake kernel."""
+wrapper, fake kernel and ONNX translation."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet.ops._layout import suggest_memory_format
+from cifarnet.ops._onnx import onnx_translation
 
 _SEED_BOUND = 2**63 - 1
 
@@ -17,6 +18,10 @@ _SEED_BOUND = 2**63 - 1
 def dropout_seed(generator: torch.Generator | None = None) -> Tensor:
     """A seed for :func:`dropout`'s mask, drawn from ``generator`` (default: torch's default CPU
     generator, which ``torch.manual_seed`` seeds): a one-element int64 CPU tensor."""
+    if generator is None:
+        # NB: no generator argument at all: torch.export then records aten.randint.low, which the
+        # ONNX exporter translates (it has no translation of randint.low_generator).
+        return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64)
     return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64, generator=generator)
 
 
@@ -58,3 +63,17 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
 def _dropout_fake(input, seed, p=0.5):
     # The kernels compute in row-major order and give a channels-last input its own layout back.
     return torch.empty_like(input, memory_format=suggest_memory_format(input))
+
+
+@onnx_translation(torch.ops.cifarnet.dropout.default)
+def _dropout_onnx(input, seed, p=0.5):
+    """``cifarnet::dropout`` (dropout in training) as ONNX ``Dropout`` in training mode, what
+    ``nn.Dropout`` in training exports as: the runtime draws the mask (not the Philox mask of
+    ``seed``, which the exported graph drops)."""
+    from onnxscript import opset18 as op
+
+    if len(input.shape) == 0:  # as torch's own translation of aten::dropout does
+        output, _ = op.Dropout(op.Reshape(input, op.Constant(value_ints=[-1])), p, True)
+        return op.Squeeze(output)
+    output, _ = op.Dropout(input, p, True)
+    return output

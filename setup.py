@@ -26,7 +26,7 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from cuda_toolkit import arch_list_of, find_cuda_toolkit, torch_cuda_major  # noqa: E402
+from cuda_toolkit import all_targets_notice, arch_list_of, find_cuda_toolkit, tell_user, torch_cuda_major  # noqa: E402
 
 
 def sources(pattern):
@@ -93,7 +93,7 @@ def extension():
         arch_list = arch_list_of(torch.cuda.get_arch_list())
         if arch_list is None:
             sys.exit(f"cifarnet: no GPU visible and torch {torch.__version__} names no CUDA targets; set TORCH_CUDA_ARCH_LIST")
-        print(f"cifarnet: no GPU visible, compiling the CUDA kernels for torch's targets, TORCH_CUDA_ARCH_LIST={arch_list}")
+        tell_user(all_targets_notice(len(cuda_sources), arch_list))
         os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
     cuda_version = torch.version.cuda or "unknown"
     defines = ["-DCIFARNET_WITH_CUDA", f'-DCIFARNET_CUDA_VERSION="{cuda_version}"']

@@ -85,6 +85,25 @@ def run_setup(env_changes: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+def test_a_build_for_every_gpu_target_says_so_first_and_how_to_shorten_it():
+    search = cuda_toolkit.find_cuda_toolkit(cuda_toolkit.torch_cuda_major())
+    if search.root is None:
+        pytest.skip(f"no usable CUDA toolkit here ({search.explain()})")
+    env = {key: value for key, value in os.environ.items() if key not in ("TORCH_CUDA_ARCH_LIST", "CIFARNET_CUDA")}
+    result = subprocess.run([sys.executable, "setup.py", "--version"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: the build compiles for its targets only")
+    arch_list = cuda_toolkit.arch_list_of(torch.cuda.get_arch_list())
+    cuda_files = len(list((ROOT / "csrc").rglob("*.cu")))
+    notice = cuda_toolkit.all_targets_notice(cuda_files, arch_list)
+    assert notice in result.stdout.splitlines()
+    assert f"all {len(arch_list.split(';'))} GPU targets" in notice and f"the {cuda_files} CUDA files" in notice
+    assert "TORCH_CUDA_ARCH_LIST=" in notice and "CIFARNET_CUDA=0" in notice
+
+
 @pytest.mark.parametrize(
     "names, expected",
     [

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 _CUDART_PATTERNS = ("lib64/libcudart.so*", "lib/libcudart.so*", "targets/*/lib/libcudart.so*")
@@ -110,6 +111,35 @@ def arch_list_of(arch_names: list[str]) -> str | None:
     if plain:  # PTX only of a portable target ('9.0a' code runs on 9.0 alone)
         versions[versions.index(plain[-1])] += "+PTX"
     return ";".join(versions)
+
+
+def all_targets_notice(cuda_files: int, arch_list: str) -> str:
+    """The one line a build compiling for every target of torch's CUDA build starts with: what
+    it compiles, and the two ways to a shorter build."""
+    targets = len(arch_list.split(";"))
+    return (
+        f"cifarnet: no GPU visible, so the {cuda_files} CUDA files are compiled for all {targets} GPU targets of "
+        f"torch's build ({arch_list}), which takes many times as long as the CPU kernels; to shorten it, set "
+        "TORCH_CUDA_ARCH_LIST to your GPUs' targets (e.g. TORCH_CUDA_ARCH_LIST=9.0 for an H100) or CIFARNET_CUDA=0 "
+        "(CPU kernels only)"
+    )
+
+
+def tell_user(line: str) -> None:
+    """Prints ``line`` to the build's output and to the terminal of the person installing.
+
+    pip shows a build's output only with ``-v`` or when it fails; a line about how long the
+    build takes is needed before it ends, so it also goes to the controlling terminal, where
+    there is one (none in CI or a service: then the build log alone has it).
+    """
+    print(line, flush=True)
+    if sys.stdout.isatty():  # a direct `python setup.py ...`: already on the terminal
+        return
+    try:
+        with open("/dev/tty", "w") as terminal:
+            terminal.write(line + "\n")
+    except OSError:
+        pass
 
 
 def find_cuda_toolkit(required_major: str | None = None, candidates: list[str] | None = None) -> ToolkitSearch:

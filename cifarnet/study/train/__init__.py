@@ -7,6 +7,7 @@ collapse, :mod:`.processes` what several processes agree on. The command is
 
 from cifarnet.study.train.checkpoints import data_record, earlier_run_files, load_checkpoint
 from cifarnet.study.train.config import (
+    CHECKPOINT_DATA_KEY,
     CHECKPOINT_FILE,
     DEVICES,
     DIVERGENCE_FILE,
@@ -20,6 +21,7 @@ from cifarnet.study.train.divergence import TrainingCollapsed, TrainingDiverged
 from cifarnet.study.train.loop import EpochResult, epoch, make_optimizer, resolve_device, train, warmup_factor
 
 __all__ = [
+    "CHECKPOINT_DATA_KEY",
     "CHECKPOINT_FILE",
     "DEVICES",
     "DIVERGENCE_FILE",

@@ -4,6 +4,7 @@ names the machine."""
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -148,3 +149,30 @@ def test_ci_runs_the_readmes_test_command_word_for_word():
     assert "CUDA_HOME" not in command
     ci = (ROOT / ".ci" / "run").read_text()
     assert command in ci and "CUDA_HOME" not in ci
+
+
+def torch_cmake_prefix() -> Path | None:
+    import torch.utils
+
+    prefix = Path(torch.utils.cmake_prefix_path)
+    return prefix if (prefix / "Torch" / "TorchConfig.cmake").is_file() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="no cmake on PATH")
+@pytest.mark.skipif(torch_cmake_prefix() is None, reason="this torch has no CMake package (torch/share/cmake)")
+def test_cmake_configures_without_an_unsafe_runtime_search_path(tmp_path):
+    """The configure step of the C++ suite (tools/run_tests.sh), into a folder of its own. The
+    warning "Cannot generate a safe runtime search path" means two folders of the runtime search
+    path hold a library of the same name (e.g. libgomp.so.1 in torch's lib folder and the
+    compiler's), so the library linked may not be the one loaded."""
+    cuda_root = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_toolkit.py")], capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    result = subprocess.run(
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"), *generator,
+         f"-DCMAKE_PREFIX_PATH={torch_cmake_prefix()}", f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_root}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Cannot generate a safe runtime search path" not in result.stderr, result.stderr

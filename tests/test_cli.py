@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 REAL_DATA = REPO.parent / "shared" / "cifar10-jpeg"
 EXPECTED_KEYS = [
     "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
-    "lr", "seconds", "world_size",
+    "lr", "seconds", "world_size", "train_images",
 ]
 VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "full"]
 TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
@@ -131,19 +131,32 @@ def table_rows(path: Path, section: str | None = None) -> dict[str, list[str]]:
     return {row[0]: row[1:] for row in cells}
 
 
+def table_columns(path: Path, section: str | None = None) -> dict[str, dict[str, str]]:
+    """The rows of a results.md table as in :func:`table_rows`, each cell under its column's name."""
+    text = path.read_text()
+    header = next(line for line in (text.split(f"## {section}\n", 1)[1] if section else text).splitlines()
+                  if line.startswith("|"))  # fmt: skip
+    names = [cell.strip() for cell in header.strip().strip("|").split("|")]
+    return {first: dict(zip(names[1:], cells, strict=True)) for first, cells in table_rows(path, section).items()}
+
+
 def test_all_variants_and_their_summary(pickles, tmp_path, capsys):
     out = tmp_path / "study"
     assert train_main(["--variant", "all", "--epochs", "2", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+    # Short runs on part of the data say so, beside the study's figures too.
+    for section in (None, "Over seeds"):
+        for name, row in table_columns(out / "results.md", section).items():
+            assert (row["epochs"], row["training images"]) == ("2", "24"), (section, name)
     rows = table_rows(out / "results.md")
     assert list(rows) == VARIANT_NAMES
     for variant, cells in rows.items():
         metrics = read_metrics(out / variant)
         assert int(cells[0]) == 2
-        assert float(cells[1]) == pytest.approx(max(m["test_top1"] for m in metrics), abs=0.005)
-        assert float(cells[2]) == pytest.approx(metrics[-1]["test_top1"], abs=0.005)
-        assert float(cells[3]) == pytest.approx(metrics[-1]["test_loss"], abs=5e-5)
-        assert float(cells[4]) == pytest.approx((metrics[0]["seconds"] + metrics[1]["seconds"]) / 2, abs=0.05)  # median
-        assert cells[5] == ""
+        assert float(cells[2]) == pytest.approx(max(m["test_top1"] for m in metrics), abs=0.005)
+        assert float(cells[3]) == pytest.approx(metrics[-1]["test_top1"], abs=0.005)
+        assert float(cells[4]) == pytest.approx(metrics[-1]["test_loss"], abs=5e-5)
+        assert float(cells[5]) == pytest.approx((metrics[0]["seconds"] + metrics[1]["seconds"]) / 2, abs=0.05)  # median
+        assert cells[6] == ""
         assert (out / variant / "checkpoint.pt").is_file()
     with Image.open(out / "test_accuracy.png") as image:
         assert image.format == "PNG"
@@ -397,7 +410,7 @@ def test_all_variants_with_resume_keep_complete_runs_and_continue_the_partial_on
     for variant in VARIANT_NAMES:
         assert [m["epoch"] for m in read_metrics(out / variant)] == [1, 2], variant
     rows = table_rows(out / "results.md")
-    assert list(rows) == VARIANT_NAMES and all(cells[0] == "2" and cells[5] == "" for cells in rows.values())
+    assert list(rows) == VARIANT_NAMES and all(cells[0] == "2" and cells[6] == "" for cells in rows.values())
 
 
 def test_interrupted_all_variants_report_what_exists_and_resume(pickles, tmp_path, capsys, monkeypatch):
@@ -417,8 +430,8 @@ def test_interrupted_all_variants_report_what_exists_and_resume(pickles, tmp_pat
     rows = table_rows(out / "results.md")
     assert list(rows) == VARIANT_NAMES
     assert [rows[v][0] for v in VARIANT_NAMES] == ["1", "1", "1", "0", "0", "0"]
-    assert [rows[v][5] for v in VARIANT_NAMES] == ["", "", "", "not run", "not run", "not run"]
-    assert float(rows["augmented"][2]) == pytest.approx(read_metrics(out / "augmented")[-1]["test_top1"], abs=0.005)
+    assert [rows[v][6] for v in VARIANT_NAMES] == ["", "", "", "not run", "not run", "not run"]
+    assert float(rows["augmented"][3]) == pytest.approx(read_metrics(out / "augmented")[-1]["test_top1"], abs=0.005)
     with Image.open(out / "test_accuracy.png") as image:
         assert image.format == "PNG"
     monkeypatch.undo()
@@ -426,7 +439,7 @@ def test_interrupted_all_variants_report_what_exists_and_resume(pickles, tmp_pat
     assert "--resume" in capsys.readouterr().err
     assert train_main([*common, "--resume"]) == 0
     rows = table_rows(out / "results.md")
-    assert [rows[v][0] for v in VARIANT_NAMES] == ["1"] * 6 and all(cells[5] == "" for cells in rows.values())
+    assert [rows[v][0] for v in VARIANT_NAMES] == ["1"] * 6 and all(cells[6] == "" for cells in rows.values())
 
 
 def test_report_marks_a_partial_run(pickles, tmp_path, capsys):
@@ -438,8 +451,8 @@ def test_report_marks_a_partial_run(pickles, tmp_path, capsys):
     torch.save(checkpoint, out / "momentum" / "checkpoint.pt")
     assert results_main([str(out)]) == 0
     rows = table_rows(out / "results.md")
-    assert rows["momentum"][0] == "1" and rows["momentum"][5] == "partial: 1 of 3 epochs"
-    assert rows["baseline"][5] == "not run"
+    assert rows["momentum"][0] == "1" and rows["momentum"][6] == "partial: 1 of 3 epochs"
+    assert rows["baseline"][6] == "not run"
 
 
 def test_divergence_stops_with_one_line_naming_the_remedies(pickles, tmp_path, capsys):
@@ -477,8 +490,8 @@ def test_diverged_all_variants_report_the_divergence(pickles, tmp_path, capsys):
     status = train_main(["--variant", "all", "--epochs", "1", "--lr", "1e6", "--data-dir", str(pickles), "--out", str(out), *TINY])
     assert "baseline epoch 1 batch" in assert_one_line_error(capsys, status)
     rows = table_rows(out / "results.md")
-    assert re.fullmatch(r"diverged \((nan|inf) loss in epoch 1, batch \d\)", rows["baseline"][5])
-    assert [rows[v][5] for v in VARIANT_NAMES[1:]] == ["not run"] * 5
+    assert re.fullmatch(r"diverged \((nan|inf) loss in epoch 1, batch \d\)", rows["baseline"][6])
+    assert [rows[v][6] for v in VARIANT_NAMES[1:]] == ["not run"] * 5
 
 
 def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_path, capsys):
@@ -494,9 +507,10 @@ def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_p
     rows = table_rows(runs / "results.md")
     assert list(rows) == ["baseline", "normalized", "augmented", "momentum-fused-seed0", "dropout", "full-fused-seed0"]
     metrics = read_metrics(tmp_path / "full")
-    assert rows["full-fused-seed0"][:3] == ["2", f"{max(m['test_top1'] for m in metrics):.2f}", f"{metrics[-1]['test_top1']:.2f}"]
-    assert rows["momentum-fused-seed0"] == ["0", "", "", "", "", "diverged (nan loss in epoch 1, batch 37)"]
-    assert rows["dropout"][5] == "not run"
+    assert rows["full-fused-seed0"][:4] == ["2", "24", f"{max(m['test_top1'] for m in metrics):.2f}",
+                                            f"{metrics[-1]['test_top1']:.2f}"]
+    assert rows["momentum-fused-seed0"] == ["0", "", "", "", "", "", "diverged (nan loss in epoch 1, batch 37)"]
+    assert rows["dropout"][6] == "not run"
     # A second seed of the same configuration, one point better at its last epoch.
     (runs / "full-fused-seed1").mkdir()
     better = [{**m, "test_top1": m["test_top1"] + (i == len(metrics) - 1)} for i, m in enumerate(metrics)]
@@ -506,14 +520,14 @@ def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_p
     assert list(seeds) == ["baseline", "normalized", "augmented", "momentum-fused", "dropout", "full-fused"]
     finals = [metrics[-1]["test_top1"], better[-1]["test_top1"]]
     bests = [max(m["test_top1"] for m in metrics), max(m["test_top1"] for m in better)]
-    assert seeds["full-fused"][:5] == [
-        "2", "2", "0", f"{sum(bests) / 2:.2f} ({min(bests):.2f}–{max(bests):.2f})",
+    assert seeds["full-fused"][:7] == [
+        "2", "24", "2", "2", "0", f"{sum(bests) / 2:.2f} ({min(bests):.2f}–{max(bests):.2f})",
         f"{sum(finals) / 2:.2f} ({min(finals):.2f}–{max(finals):.2f})",
     ]
     loss = f"{metrics[-1]['test_loss']:.3f}"
-    assert seeds["full-fused"][5] == f"{loss} ({loss}–{loss})"
-    assert seeds["momentum-fused"][:6] == ["1", "0", "1", "", "", ""]
-    assert seeds["baseline"][:2] == ["0", ""] and seeds["baseline"][6:] == ["≈70 / ≈2.5", "72.7"]
+    assert seeds["full-fused"][7] == f"{loss} ({loss}–{loss})"
+    assert seeds["momentum-fused"][:8] == ["", "", "1", "0", "1", "", "", ""]
+    assert seeds["baseline"][:4] == ["", "", "0", ""] and seeds["baseline"][8:] == ["≈70 / ≈2.5", "72.7"]
     with Image.open(runs / "test_accuracy.png") as image:
         assert image.format == "PNG"
     assert f"{runs / 'results.md'}" in capsys.readouterr().out

@@ -24,6 +24,7 @@ from cifarnet.study.cli import train_main
 from cifarnet.study.data import BatchLoader, Split
 from cifarnet.study.distributed import Launch, epoch_seed, launch_from_environment, shard_bounds
 from cifarnet.study.train import TrainConfig, load_checkpoint
+from cifarnet.study.models import HIDDEN_FEATURES
 from cifarnet.study.variants import recipe
 from cifar10_fakes import make_split, write_pickles
 
@@ -67,14 +68,16 @@ def child_environment(tmp_path: Path, **variables) -> dict:
     return env
 
 
-def start_ranks(tmp_path: Path, world_size: int, args: list[str]) -> list[subprocess.Popen]:
-    """``python -m cifarnet.study train ARGS`` as the ``world_size`` processes torchrun would start."""
+def start_ranks(tmp_path: Path, world_size: int, args: list[str], *,
+                command: tuple[str, ...] = ("-m", "cifarnet.study", "train")) -> list[subprocess.Popen]:
+    """``python -m cifarnet.study train ARGS`` (or ``python COMMAND ARGS``) as the
+    ``world_size`` processes torchrun would start."""
     port = free_port()
     processes = []
     for rank in range(world_size):
         env = child_environment(tmp_path, RANK=rank, WORLD_SIZE=world_size, LOCAL_RANK=rank,
                                 LOCAL_WORLD_SIZE=world_size, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        processes.append(subprocess.Popen([sys.executable, "-m", "cifarnet.study", "train", *args], env=env, cwd=tmp_path,
+        processes.append(subprocess.Popen([sys.executable, *command, *args], env=env, cwd=tmp_path,
                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     return processes
 
@@ -371,19 +374,61 @@ def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
     assert sum(stdout.count("baseline: results in") for _, stdout, _ in results) == 1
 
 
+def recording(record: Path) -> tuple[str, ...]:
+    """The command that runs cifarnet-train and saves each process's draws to ``record.rank<R>.pt``
+    (see tests/record_draws.py)."""
+    return (str(Path(__file__).with_name("record_draws.py")), str(record))
+
+
+def read_draws(record: Path, rank: int) -> list[dict[str, list[torch.Tensor]]]:
+    return torch.load(f"{record}.rank{rank}.pt")
+
+
+def assert_equal_draws(first: dict, second: dict, what: str) -> None:
+    for kind in ("crops", "masks"):
+        assert len(first[kind]) == len(second[kind]) > 0, (what, kind)
+        assert all(torch.equal(a, b) for a, b in zip(first[kind], second[kind])), f"{what}: other {kind}"
+
+
 @pytest.mark.slow
 def test_a_run_resumed_with_as_many_processes_equals_the_uninterrupted_one(pickles, tmp_path):
     """Batch norm with per-process statistics and dropout with per-process draws: the buffers
-    are rank 0's at the end of each epoch, and dropout is seeded from (seed, rank, epoch)."""
+    are rank 0's at the end of each epoch, and dropout is seeded from (seed, rank, epoch).
+
+    The draws themselves are recorded (tests/record_draws.py): the two processes apply their
+    own slices of each batch's crops and draw their own dropout masks (equal metrics and
+    weights alone would not show it: with every process drawing rank 0's masks, the resumed
+    run still equals the uninterrupted one), and every process's draws in the resumed epoch
+    are those of the uninterrupted run's second epoch."""
     args = ["--variant", "full", "--no-sync-bn", "--limit-train", "32", "--data-dir", str(pickles), *COMMON]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    started = [*start_ranks(tmp_path, 2, [*args, "--epochs", "2", "--out", str(whole)]),
-               *start_ranks(tmp_path, 2, [*args, "--epochs", "1", "--out", str(parts)])]
-    assert [status for status, _, _ in finish(started)] == [0] * 4
-    resumed = run_ranks(tmp_path, 2, [*args, "--epochs", "2", "--out", str(parts), "--resume"])
-    assert [status for status, _, _ in resumed] == [0, 0]
+    started = [*start_ranks(tmp_path, 2, [*args, "--epochs", "2", "--out", str(whole)], command=recording(whole)),
+               *start_ranks(tmp_path, 2, [*args, "--epochs", "1", "--out", str(parts)], command=recording(parts))]
+    results = finish(started)
+    assert [status for status, _, _ in results] == [0] * 4, "".join(stderr for _, _, stderr in results)
+    resume = [*args, "--epochs", "2", "--out", str(parts), "--resume"]
+    results = finish(start_ranks(tmp_path, 2, resume, command=recording(tmp_path / "resumed")))
+    assert [status for status, _, _ in results] == [0, 0], "".join(stderr for _, _, stderr in results)
     metrics = [[{k: v for k, v in m.items() if k != "seconds"} for m in read_metrics(out)] for out in (whole, parts)]
     assert metrics[0] == metrics[1]
     models = [load_checkpoint(out / "checkpoint.pt")["model"] for out in (whole, parts)]
     for name, value in models[0].items():
         assert torch.equal(models[1][name], value), name
+
+    draws = {name: [read_draws(tmp_path / name, rank) for rank in (0, 1)] for name in ("whole", "parts", "resumed")}
+    assert [len(draws[name][rank]) for name in draws for rank in (0, 1)] == [2, 2, 1, 1, 1, 1]  # training epochs
+    for epoch_draws in draws["whole"][0]:
+        # 2 batches of 16, 8 images per process: one chunk of crops, one mask per batch
+        assert [tuple(c.shape) for c in epoch_draws["crops"]] == [(3, 16)]
+        assert [tuple(m.shape) for m in epoch_draws["masks"]] == [(8, HIDDEN_FEATURES)] * 2
+    for index in (0, 1):
+        rank0, rank1 = draws["whole"][0][index], draws["whole"][1][index]
+        # Own slices of the batch's crops: the pairs (top, left, flip) of the two ranks differ.
+        assert not torch.equal(rank0["crops"][0], rank1["crops"][0]), f"epoch {index + 1}: both ranks applied the same crops"
+        for batch, (mask0, mask1) in enumerate(zip(rank0["masks"], rank1["masks"])):
+            assert not torch.equal(mask0, mask1), f"epoch {index + 1} batch {batch + 1}: both ranks drew the same mask"
+    assert not torch.equal(draws["whole"][0][0]["masks"][0], draws["whole"][0][1]["masks"][0])  # nor both epochs
+    for rank in (0, 1):
+        assert_equal_draws(draws["parts"][rank][0], draws["whole"][rank][0], f"rank {rank}, epoch 1")
+        assert_equal_draws(draws["resumed"][rank][0], draws["whole"][rank][1], f"rank {rank}, resumed epoch 2")
+

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -79,11 +80,73 @@ def test_readme_results_are_rows_of_the_generated_table_over_seeds():
     generated = {row["configuration"]: row for row in table_after(RESULTS.read_text(encoding="utf-8"), "## Over seeds")}
     assert [row["configuration"] for row in shown] == [f"{variant}-fused" for variant in (
         "baseline", "normalized", "augmented", "momentum", "dropout", "full")]  # fmt: skip
+    # What was run, beside the study's 50 epochs on 50,000 images: a short run can't pass for one.
+    assert all({"epochs", "training images"} <= row.keys() for row in shown)
     for row in shown:
         source = generated[row["configuration"]]
         assert row == {column: source[column] for column in row}, (
             f"README.md's {row['configuration']} row is not docs/results/results.md's: copy it over"
         )
+
+
+# A pytest pass count ("724 passed", "87 of the 95 CUDA tests passed") goes stale with the
+# next test added. A page may state one only as a dated record of a past run: the block it
+# is in (a fenced block, else the lines up to a blank line, a fence or a comment) comes right
+# after a line <!-- dated record: YYYY-MM-DD ... -->.
+PASS_COUNT = re.compile(r"\b\d[\d,]* passed\b|\b\d[\d,]* (?:of (?:the )?\d[\d,]* )?(?:[\w+-]+ )?tests? passed\b")
+DATED_RECORD = re.compile(r"<!-- dated record: (\d{4}-\d{2}-\d{2})\b.*-->$")
+
+
+def undated_pass_counts(text: str) -> list[str]:
+    """The lines of markdown ``text`` that state a pass count outside a dated record, as
+    ``"line N: ..."``."""
+    lines = text.splitlines()
+    found, index = [], 0
+    while index < len(lines):
+        if not lines[index].strip():
+            index += 1
+            continue
+        start = index
+        if lines[index].startswith("```"):  # a fenced block, to its closing fence
+            index += 1
+            while index < len(lines) and not lines[index].startswith("```"):
+                index += 1
+            index += 1
+        elif lines[index].startswith("<!--"):  # a comment is a block of its own, as in CommonMark
+            index += 1
+            continue
+        else:
+            while index < len(lines) and lines[index].strip() and not lines[index].startswith(("```", "<!--")):
+                index += 1
+        marker = DATED_RECORD.match(lines[start - 1].strip()) if start > 0 else None
+        if marker is not None:
+            date.fromisoformat(marker[1])  # a real date
+            continue
+        found += [f"line {n + 1}: {lines[n].strip()}" for n in range(start, min(index, len(lines))) if PASS_COUNT.search(lines[n])]
+    return found
+
+
+def test_the_pass_count_check_finds_undated_counts():
+    record = "<!-- dated record: 2026-11-30, CI -->"
+    assert undated_pass_counts("Text.\n\n724 passed, 14 skipped\n") == ["line 3: 724 passed, 14 skipped"]
+    assert undated_pass_counts(f"{record}\n```\n$ pytest\n= 724 passed in 2s =\n```\nThen 9 tests passed.\n") == [
+        "line 6: Then 9 tests passed."
+    ]
+    assert undated_pass_counts(f"{record}\n- 87 of the 95 CUDA tests passed\n- all 52 passed\n") == []
+    assert undated_pass_counts(f"{record}\n\n87 of the 95 CUDA tests passed\n") == ["line 3: 87 of the 95 CUDA tests passed"]
+    assert undated_pass_counts("every test passed; 3 processes passed the barrier\n") == []
+    assert undated_pass_counts("Text\n<!-- dated record: 2026-11-30 -->\n728 passed\n") == []
+    with pytest.raises(ValueError):
+        undated_pass_counts("<!-- dated record: 2026-13-01 -->\n728 passed\n")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
+def test_pages_state_pass_counts_only_as_dated_records(page):
+    found = undated_pass_counts(page.read_text(encoding="utf-8"))
+    assert not found, (
+        f"{page.relative_to(REPO)} states a test count, stale with the next test added: leave it out, or mark its "
+        "block as a past run's by a line <!-- dated record: YYYY-MM-DD ... --> right above it; " + "; ".join(found)
+    )
 
 
 def test_readme_speed_ratios_are_those_of_the_benchmark_files():

@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from torch import nn
 
 import cifarnet
@@ -207,10 +208,75 @@ def test_groups_of_one_and_evaluation_do_not_communicate(tmp_path):
     run_on_processes(tmp_path, "groups_of_one_and_evaluation_do_not_communicate")
 
 
+# Unit roundoffs (round to nearest): bfloat16 keeps 8 significant bits, float32 24.
+BFLOAT16_ROUNDOFF, FLOAT32_ROUNDOFF = 2.0**-8, 2.0**-24
+
+
+def _check_bfloat16_running_statistics(rank, conv, bn, part, old_mean, old_var):
+    """The running statistics ``bn`` holds after one step under bfloat16 autocast, against the
+    float64 update from ``old_mean``/``old_var`` (its float32 buffers before the step) with the
+    float64 statistics of its whole-batch input: ``conv(x)`` for a fused layer, else ``x``,
+    where ``x`` gathers every process's ``part`` (what the layer received).
+
+    The bound, from bfloat16's rounding (u = 2^-8; float32's is 2^-24):
+
+    - A fused layer rounds its input, weight and bias to bfloat16 (each a relative error <= u);
+      a product of two bfloat16 numbers is exact in float32; the K = C_in*kh*kw products and
+      the bias are summed in float32 (an error <= gamma_K = K*2^-24/(1 - K*2^-24) relative to
+      the sum of their magnitudes); the output may be rounded to bfloat16 once more (<= u).
+      Relative perturbations multiply, so each convolution output y has an error
+      e <= c * A, c = (1+u)^3 * (1+gamma_K) - 1 (about 3u), with A = |w| * |x| + |b| (the
+      convolution of the magnitudes), computed here in float64.
+    - Over the n values of a channel, the mean moves by at most mean(e), and the biased
+      variance by var(y+e) - var(y) = 2 cov(y, e) + var(e) <= 2 sd(y) rms(e) + mean(e^2)
+      (Cauchy-Schwarz); times n/(n-1) for the unbiased one. A plain batch norm's input is
+      already bfloat16, exact in float64: e = 0.
+    - The statistics are accumulated in float32: allowed 8*n*2^-24 of mean(|y|) for the mean
+      and of mean(y^2) for the variance (a generous multiple of the summation error gamma_n).
+    - The update r' = (1-f) r + f s with factor f (momentum, or 1/num_batches_tracked where
+      momentum is None) moves the error of s by f, and rounds r' to float32 (a few 2^-24).
+
+    A wrong factor f + df is off by df * |s - r|: with these data a factor 10% too large
+    exceeds the bound (the running variances), where a tolerance of rtol = atol = 0.1, about
+    the size of the whole change, let it pass."""
+    pieces = [None] * WORLD_SIZE
+    dist.all_gather_object(pieces, part.double())
+    x = torch.cat(pieces)
+    dims = (0, 2, 3)
+    if conv is None:
+        y, error = x, torch.zeros_like(x)
+    else:
+        weight, bias = conv.weight.double(), conv.bias.double()
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding)
+        terms = weight[0].numel() + 1
+        gamma = terms * FLOAT32_ROUNDOFF / (1 - terms * FLOAT32_ROUNDOFF)
+        relative = (1 + BFLOAT16_ROUNDOFF) ** 3 * (1 + gamma) - 1
+        error = relative * F.conv2d(x.abs(), weight.abs(), bias.abs(), conv.stride, conv.padding)
+    count = y.numel() // y.shape[1]
+    float32_sums = 8 * count * FLOAT32_ROUNDOFF
+    mean, var = y.mean(dims), y.var(dims, correction=1)
+    mean_bound = error.mean(dims) + float32_sums * y.abs().mean(dims)
+    deviation_sd = (y - mean[:, None, None]).pow(2).mean(dims).sqrt()
+    error_ms = error.pow(2).mean(dims)
+    var_bound = count / (count - 1) * (2 * deviation_sd * error_ms.sqrt() + error_ms) + float32_sums * y.pow(2).mean(dims)
+    factor = bn.momentum if bn.momentum is not None else 1 / int(bn.num_batches_tracked)
+    checks = (("running_mean", bn.running_mean, old_mean, mean, mean_bound),
+              ("running_var", bn.running_var, old_var, var, var_bound))  # fmt: skip
+    for name, actual, old, statistic, bound in checks:
+        expected = (1 - factor) * old + factor * statistic
+        allowed = factor * bound + 4 * FLOAT32_ROUNDOFF * ((1 - factor) * old.abs() + factor * statistic.abs())
+        off = (actual.double() - expected).abs()
+        assert (off <= allowed).all(), (
+            f"rank {rank}, {name} after a bfloat16 step: {actual.tolist()}, expected {expected.tolist()} "
+            f"within {allowed.tolist()} (off by {off.tolist()}; the whole change {(expected - old).tolist()})"
+        )
+
+
 def low_precision_is_synchronized(rank):
     """float32 against the float64 whole batch; bfloat16 under autocast (the convolutions in
     bfloat16, the batch-norm tensors in float32): the running statistics are the same on both
-    processes and close to the whole batch's."""
+    processes and within bfloat16's rounding of the float64 statistics of each batch norm's
+    whole-batch input (see :func:`_check_bfloat16_running_statistics`)."""
     sizes = (3, 5)
     mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
     native = _native_stack()
@@ -222,8 +288,18 @@ def low_precision_is_synchronized(rank):
     for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
         torch.testing.assert_close(buffer.to(expected_buffer.dtype), expected_buffer, rtol=1e-5, atol=1e-5)
 
+    # (fused layer, its batch norm) of the stack, and the plain batch norm after them
+    layers = [(synced[0], synced[1]), (synced[4], synced[5]), (None, synced[8])]
+    parts = {}
+    hooks = [
+        (conv or bn).register_forward_pre_hook(lambda module, args: parts.__setitem__(module, args[0].detach()))
+        for conv, bn in layers
+    ]
+    before = [(bn.running_mean.double(), bn.running_var.double()) for _, bn in layers]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = synced(whole[mine].float().requires_grad_())
+    for hook in hooks:
+        hook.remove()
     assert output.dtype == torch.bfloat16
     output.float().sum().backward()
     assert all(p.grad.dtype == torch.float32 for p in synced.parameters())
@@ -231,9 +307,8 @@ def low_precision_is_synchronized(rank):
         gathered = [torch.empty_like(buffer) for _ in range(WORLD_SIZE)]
         dist.all_gather(gathered, buffer)
         assert torch.equal(gathered[0], gathered[1])
-    for expected_buffer, buffer in zip(native.buffers(), synced.buffers(), strict=True):
-        if buffer.is_floating_point():  # one more step than native: within bfloat16's reach
-            torch.testing.assert_close(buffer.double(), expected_buffer, rtol=0.1, atol=0.1)
+    for (conv, bn), (old_mean, old_var) in zip(layers, before):
+        _check_bfloat16_running_statistics(rank, conv, bn, parts[conv or bn], old_mean, old_var)
 
 
 def test_low_precision_is_synchronized(tmp_path):

@@ -32,7 +32,7 @@ from cifar10_fakes import make_split, write_pickles
 
 EXPECTED_KEYS = [
     "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
-    "lr", "seconds", "world_size",
+    "lr", "seconds", "world_size", "train_images",
 ]
 TRAIN_COUNT, TEST_COUNT, BATCH = 40, 20, 16
 

@@ -9,7 +9,9 @@ variant, ``<variant>`` as ``cifarnet-train --variant all`` writes them, or
 ``<variant>-<anything>`` (``full-fused-seed0``, as in ``docs/results``), and holds the run's
 ``metrics.jsonl``; where the run diverged, its ``diverged.json``; where the run is in the folder
 it was trained in, its ``checkpoint.pt`` (which says how many epochs the run was meant to have,
-so a run stopped early is marked partial). So the table and plot of the study's page
+so a run stopped early is marked partial). Both tables state each run's epochs and training
+images (``metrics.jsonl``'s ``train_images``, else the checkpoint's record of its data), so that
+a short run on part of the data is not taken for one of the study's. So the table and plot of the study's page
 (``docs/study.md``) can be regenerated from the small files kept in ``docs/results``:
 ``python -m cifarnet.study.results docs/results --page docs/study.md``.
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 
 from cifarnet.study.fileio import atomic_write_text
 from cifarnet.study.plots import plot_test_accuracy
-from cifarnet.study.train import CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
+from cifarnet.study.train import CHECKPOINT_DATA_KEY, CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
 from cifarnet.study.variants import VARIANTS
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
 RESULTS_FILE = "results.md"
 COMPARISON_PLOT = "test_accuracy.png"
 NOT_RUN = "not run"
+UNKNOWN = "?"  # a figure the run's files do not give
 
 # What the runs are measured against (SEED.md): the study's test top-1 (%) and test loss per
 # variant, read off its plots, and the best test top-1 (%) of an independent reproduction.
@@ -58,6 +61,8 @@ class Run:
         epochs: the epochs the run was meant to reach (from its checkpoint), or None where
             unknown.
         divergence: the ``diverged.json`` record (``epoch``, ``batch``, ``loss``), or None.
+        train_images: the training images the run was trained on (``metrics.jsonl``'s
+            ``train_images``, else its checkpoint's data record), or None where unknown.
     """
 
     name: str
@@ -65,6 +70,7 @@ class Run:
     history: list[dict] = field(default_factory=list)
     epochs: int | None = None
     divergence: dict | None = None
+    train_images: int | None = None
 
     @property
     def status(self) -> str | None:
@@ -108,9 +114,13 @@ def read_run(folder: str | Path, epochs: int | None = None) -> Run | None:
     record = json.loads(divergence.read_text(encoding="utf-8")) if divergence.is_file() else None
     if not history and record is None:
         return None
-    if epochs is None and (folder / CHECKPOINT_FILE).is_file():
-        epochs = load_checkpoint(folder / CHECKPOINT_FILE)["config"]["epochs"]
-    return Run(folder.name, variant, history, epochs, record)
+    train_images = next((line["train_images"] for line in reversed(history) if "train_images" in line), None)
+    if (epochs is None or train_images is None) and (folder / CHECKPOINT_FILE).is_file():
+        checkpoint = load_checkpoint(folder / CHECKPOINT_FILE)
+        epochs = checkpoint["config"]["epochs"] if epochs is None else epochs
+        if train_images is None:
+            train_images = (checkpoint.get(CHECKPOINT_DATA_KEY) or {}).get("train_images")
+    return Run(folder.name, variant, history, epochs, record, train_images)
 
 
 def read_runs(folder: str | Path, epochs: int | None = None) -> list[Run]:
@@ -127,31 +137,38 @@ def read_runs(folder: str | Path, epochs: int | None = None) -> list[Run]:
     return sorted((run for run in runs if run is not None), key=lambda run: (VARIANTS.index(run.variant), run.name))
 
 
+def _images(count: int | None) -> str:
+    return UNKNOWN if count is None else f"{count:,}"
+
+
 def results_table(runs: list[Run]) -> str:
-    """A Markdown table: per run, its best and final test figures and median epoch time;
-    a diverged or partial run says so, and a variant without any run is listed as not run.
+    """A Markdown table: per run, the epochs it completed and the training images it used,
+    its best and final test figures and median epoch time; a diverged or partial run says so,
+    and a variant without any run is listed as not run.
 
     Args:
         runs: as :func:`read_runs` gives them.
     """
     lines = [
-        "| run | epochs | best test top-1 (%) | final test top-1 (%) | final test loss | median seconds / epoch | note |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| run | epochs | training images | best test top-1 (%) | final test top-1 (%) | final test loss "
+        "| median seconds / epoch | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for variant in VARIANTS:
         of_variant = [run for run in runs if run.variant == variant]
         if not of_variant:
-            lines.append(f"| {variant} | 0 | | | | | {NOT_RUN} |")
+            lines.append(f"| {variant} | 0 | | | | | | {NOT_RUN} |")
         for run in of_variant:
             note = run.status or ""
+            images = "" if run.train_images is None and not run.history else _images(run.train_images)
             if not run.history:
-                lines.append(f"| {run.name} | 0 | | | | | {note} |")
+                lines.append(f"| {run.name} | 0 |{f' {images} ' if images else ' '}| | | | | {note} |")
                 continue
             final = run.history[-1]
             best = max(record["test_top1"] for record in run.history)
             seconds = statistics.median(record["seconds"] for record in run.history)
             lines.append(
-                f"| {run.name} | {len(run.history)} | {best:.2f} | {final['test_top1']:.2f} | "
+                f"| {run.name} | {len(run.history)} | {images} | {best:.2f} | {final['test_top1']:.2f} | "
                 f"{final['test_loss']:.4f} | {seconds:.1f} | {note} |"
             )
     return "\n".join(lines) + "\n"
@@ -182,34 +199,44 @@ def _mean_and_range(values: list[float], digits: int) -> str:
     return mean if len(values) == 1 else f"{mean} ({min(values):.{digits}f}–{max(values):.{digits}f})"
 
 
+def _distinct(values: list[str]) -> str:
+    """The values, each once, in order: ``50``, or ``2, 50`` where runs differ."""
+    return ", ".join(dict.fromkeys(values))
+
+
 def seeds_table(runs: list[Run]) -> str:
     """A Markdown table with one row per configuration (runs named alike but for their seed):
-    how many runs completed and failed (diverged or collapsed), the mean and range over the
-    complete runs of the best and final test top-1 and the final test loss, and the study's and
-    the independent reproduction's figures beside; a variant without any run has a row of its own.
+    the epochs and training images of its complete runs, how many runs completed and failed
+    (diverged or collapsed), the mean and range over the complete runs of the best and final
+    test top-1 and the final test loss, and the study's and the independent reproduction's
+    figures beside; a variant without any run has a row of its own.
 
     Args:
         runs: as :func:`read_runs` gives them.
     """
     lines = [
-        "| configuration | runs | complete | failed | best test top-1 (%) | final test top-1 (%) | final test loss "
-        "| study: top-1 (%) / loss | reproduction: best top-1 (%) |",
-        "|---|---:|---:|---:|---|---|---|---|---|",
+        "| configuration | epochs | training images | runs | complete | failed | best test top-1 (%) "
+        "| final test top-1 (%) | final test loss | study: top-1 (%) / loss | reproduction: best top-1 (%) |",
+        "|---|---:|---:|---:|---:|---:|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         study = f"≈{STUDY[variant][0]} / ≈{STUDY[variant][1]}"
         configurations = _configurations(runs, variant)
         if not configurations:
-            lines.append(f"| {variant} | 0 | | | | | | {study} | {REPRODUCTION[variant]} |")
+            lines.append(f"| {variant} | | | 0 | | | | | | {study} | {REPRODUCTION[variant]} |")
         for configuration, members in configurations.items():
             complete = _complete(members)
             failed = sum(run.divergence is not None for run in members)
+            epochs = _distinct([str(len(run.history)) for run in sorted(complete, key=lambda run: len(run.history))])
+            images = _distinct([_images(run.train_images) for run in
+                                sorted(complete, key=lambda run: (run.train_images is None, run.train_images or 0))])  # fmt: skip
             best = [max(record["test_top1"] for record in run.history) for run in complete]
             final = [run.history[-1]["test_top1"] for run in complete]
             loss = [run.history[-1]["test_loss"] for run in complete]
             lines.append(
-                f"| {configuration} | {len(members)} | {len(complete)} | {failed} | {_mean_and_range(best, 2)} | "
-                f"{_mean_and_range(final, 2)} | {_mean_and_range(loss, 3)} | {study} | {REPRODUCTION[variant]} |"
+                f"| {configuration} | {epochs} | {images} | {len(members)} | {len(complete)} | {failed} | "
+                f"{_mean_and_range(best, 2)} | {_mean_and_range(final, 2)} | {_mean_and_range(loss, 3)} | {study} | "
+                f"{REPRODUCTION[variant]} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -234,7 +261,10 @@ def write_report(
         table,
         results_table(runs)
         + "\n## Over seeds\n\nRuns named alike but for their `-seed<N>`, as one configuration; the figures "
-        "are the mean (and range) over its complete runs; a failed run diverged (a non-finite loss) or "
+        "are the mean (and range) over its complete runs, trained for the epochs and on the training images "
+        f"stated (`{UNKNOWN}` where a run's files do not say; the study's figures beside are of 50 epochs on all "
+        "50,000 images); "
+        "a failed run diverged (a non-finite loss) or "
         "collapsed (one class for every test image, no gradient reaching the first layer). Beside them, "
         "the study's test top-1 and loss (read off its plots) and an independent reproduction's best test "
         "top-1.\n\n"

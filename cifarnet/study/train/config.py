@@ -14,12 +14,14 @@ from cifarnet.study.variants import check_variant
 
 METRIC_KEYS = (
     "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",
-    "lr", "seconds", "world_size",
+    "lr", "seconds", "world_size", "train_images",
 )
 """The keys of each ``metrics.jsonl`` line, in order (``test_classes_predicted``: how many
 classes the model gave as its first prediction over the test set, 1 for a collapsed network;
 ``world_size``: the processes that trained the epoch, as a run resumed with another number of
-processes changes it). Runs written before ``test_classes_predicted`` existed lack it."""
+processes changes it; ``train_images``: the training images the run trains on, all of them or
+``limit_train``, so that a run's files say what it was trained on). Runs written before
+``test_classes_predicted`` or ``train_images`` existed lack them."""
 
 DEVICES = ("auto", "cpu", "cuda")
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -510,6 +510,7 @@ def train(
             "lr": lr,
             "seconds": seconds,
             "world_size": world_size,
+            "train_images": trained_on["train_images"],
         }
         history.append(record)
         batch_losses.append(trained.batch_losses)

@@ -67,8 +67,7 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   // float32 batch-norm parameters of bfloat16 or float16 convolutions (as native allows them,
   // and as autocast leaves them) fold in their precision; the folded weight and bias then
   // take the convolution's dtype.
-  const at::Tensor folded_weight =
-      (weight * scale.reshape({-1, 1, 1, 1})).to(weight.scalar_type());
+  const at::Tensor folded_weight = (weight * scale.reshape({-1, 1, 1, 1})).to(weight.scalar_type());
   at::Tensor folded_bias = defined(bias) ? (*bias - *running_mean) * scale : -*running_mean * scale;
   if (defined(bn_bias)) folded_bias = folded_bias + *bn_bias;
   return conv2d_relu_max_pool2d(input, folded_weight, folded_bias.to(weight.scalar_type()), stride,
@@ -82,11 +81,12 @@ conv2d_batch_norm_relu_max_pool2d_training_autocast(
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
-  static auto op = internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double, at::IntArrayRef,
-      at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>(
-      "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
+  static auto op =
+      internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, double,
+          at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>(
+          "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
   return call_autocast<device, autocast_key>(op, input, weight, bias, bn_weight, bn_bias, eps,
                                              stride, padding, pool_size, pool_stride, ceil_mode);
 }

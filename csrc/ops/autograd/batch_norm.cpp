@@ -25,10 +25,10 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                const OptionalTensor& weight, const OptionalTensor& bias,
                                bool training, double eps) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = internal_op<Tensor3(const at::Tensor&, const OptionalTensor&,
-                                     const OptionalTensor&, const OptionalTensor&,
-                                     const OptionalTensor&, bool, double)>(
-        "cifarnet::_batch_norm_forward");
+    static auto op =
+        internal_op<Tensor3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                            const OptionalTensor&, const OptionalTensor&, bool, double)>(
+            "cifarnet::_batch_norm_forward");
     auto [output, save_mean, save_var] = op.call(input, mean, var, weight, bias, training, eps);
     ctx->mark_non_differentiable({save_mean, save_var});
     ctx->set_materialize_grads(false);
@@ -36,8 +36,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     // The running statistics are buffers: no gradient flows to them, even when given.
-    ctx->saved_data["given"] = std::vector<bool>{defined(mean), defined(var), defined(weight),
-                                                 defined(bias)};
+    ctx->saved_data["given"] =
+        std::vector<bool>{defined(mean), defined(var), defined(weight), defined(bias)};
     return {output, save_mean, save_var};
   }
 
@@ -47,15 +47,13 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     const std::array<bool, 3> output_mask{needs[0], needs[3], needs[4]};
     variable_list grads(7);
     if (!grad_outputs[0].defined() || !any(output_mask)) return grads;
-    static auto op =
-        internal_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const OptionalTensor&, bool, double,
-                        std::array<bool, 3>)>("cifarnet::_batch_norm_backward");
+    static auto op = internal_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, const OptionalTensor&, bool, double,
+                                         std::array<bool, 3>)>("cifarnet::_batch_norm_backward");
     const variable_list saved = ctx->get_saved_variables();
-    std::tie(grads[0], grads[3], grads[4]) =
-        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
-                ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(),
-                output_mask);
+    std::tie(grads[0], grads[3], grads[4]) = op.call(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), output_mask);
     return grads;
   }
 };

@@ -29,18 +29,18 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
                                at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
                                bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op = internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
-                                     const OptionalTensor&, const OptionalTensor&, double,
-                                     at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
-                                     at::IntArrayRef, bool)>(
-        "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
+    static auto op =
+        internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
+                            const OptionalTensor&, const OptionalTensor&, double, at::IntArrayRef,
+                            at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool)>(
+            "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training");
     auto [output, argmax, conv_output, save_mean, save_var] =
         op.call(input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size,
                 pool_stride, ceil_mode);
     ctx->mark_non_differentiable({argmax, conv_output, save_mean, save_var});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight, conv_output, save_mean, save_var,
-                            value_or_undefined(bn_weight), argmax});
+    ctx->save_for_backward(
+        {input, weight, conv_output, save_mean, save_var, value_or_undefined(bn_weight), argmax});
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
@@ -57,21 +57,17 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
     const auto needs = needs_grad<5>(ctx, {true, true, given[0], given[1], given[2]});
     variable_list grads(11);
     if (!grad_outputs[0].defined() || !any(needs)) return grads;
-    static auto op =
-        internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                        const OptionalTensor&, const at::Tensor&, double, at::IntArrayRef,
-                        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool,
-                        std::array<bool, 5>)>(
-            "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training_backward");
+    static auto op = internal_op<Tensor5(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const OptionalTensor&, const at::Tensor&, double,
+        at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef, bool,
+        std::array<bool, 5>)>("cifarnet::_conv2d_batch_norm_relu_max_pool2d_training_backward");
     const variable_list saved = ctx->get_saved_variables();
-    std::tie(grads[0], grads[1], grads[2], grads[3], grads[4]) =
-        op.call(grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-                saved[6], ctx->saved_data["eps"].toDouble(),
-                ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                ctx->saved_data["pool_size"].toIntVector(),
-                ctx->saved_data["pool_stride"].toIntVector(),
-                ctx->saved_data["ceil_mode"].toBool(), needs);
+    std::tie(grads[0], grads[1], grads[2], grads[3], grads[4]) = op.call(
+        grad_outputs[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], saved[6],
+        ctx->saved_data["eps"].toDouble(), ctx->saved_data["stride"].toIntVector(),
+        ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool_size"].toIntVector(),
+        ctx->saved_data["pool_stride"].toIntVector(), ctx->saved_data["ceil_mode"].toBool(), needs);
     return grads;
   }
 };

@@ -22,9 +22,8 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
                                at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
                                bool ceil_mode) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [output, argmax] = conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride,
-                                                               padding, pool_size, pool_stride,
-                                                               ceil_mode);
+    auto [output, argmax] = conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride, padding,
+                                                               pool_size, pool_stride, ceil_mode);
     ctx->mark_non_differentiable({argmax});
     ctx->set_materialize_grads(false);
     ctx->save_for_backward({input, weight, argmax});
@@ -45,8 +44,7 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
     std::tie(grads[0], grads[1], grads[2]) = _conv2d_relu_max_pool2d_backward(
         grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool_size"].toIntVector(),
-        ctx->saved_data["pool_stride"].toIntVector(), ctx->saved_data["ceil_mode"].toBool(),
-        needs);
+        ctx->saved_data["pool_stride"].toIntVector(), ctx->saved_data["ceil_mode"].toBool(), needs);
     return grads;
   }
 };

@@ -1,6 +1,6 @@
 #pragma once
 // C++ API of the cifarnet ops. Each function calls the op through the PyTorch dispatcher, so it
-// gets the device kernel, autograd (csrc/ops/autograd.cpp) and any active mode, exactly as
+// gets the device kernel, autograd (csrc/ops/autograd/) and any active mode, exactly as
 // torch.ops.cifarnet.<op> does from Python.
 
 #include <ATen/core/Tensor.h>

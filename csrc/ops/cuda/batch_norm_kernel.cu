@@ -440,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   return {grad_input, grad_weight, grad_bias};
 }
 
-// The phase ops of synchronized batch norm (see library.cpp).
+// The phase ops of synchronized batch norm (see ../batch_norm.cpp).
 
 // An input and a gradient in one dense layout, with their statistics in the accumulation
 // dtype.

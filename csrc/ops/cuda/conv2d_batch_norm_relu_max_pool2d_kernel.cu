@@ -136,7 +136,7 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
   return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
 }
 
-// The phase ops (see library.cpp).
+// The phase ops (see ../conv2d_batch_norm_relu_max_pool2d.cpp).
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_stats_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

@@ -1,4 +1,4 @@
-"""The ops' autograd formulas (csrc/ops/autograd.cpp): gradients for exactly the tensors that
+"""The ops' autograd formulas (csrc/ops/autograd/<op>.cpp): gradients for exactly the tensors that
 ask for one, whichever optional tensors are given, equal to the native composition's."""
 
 from __future__ import annotations

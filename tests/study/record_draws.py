@@ -1,6 +1,6 @@
-"""``python tests/record_draws.py RECORD cifarnet-train-arguments...``: runs ``cifarnet-train``
+"""``python tests/study/record_draws.py RECORD cifarnet-train-arguments...``: runs ``cifarnet-train``
 as ``python -m cifarnet.study train`` would, and saves this process's random draws to
-``RECORD.rank<RANK>.pt`` (tests/test_distributed.py starts it as each process of a run).
+``RECORD.rank<RANK>.pt`` (tests/study/test_distributed.py starts it as each process of a run).
 
 What it saves: for each training epoch, in order, a dict with
 

@@ -428,7 +428,7 @@ def test_scaling_and_normalisation_equal_torchvision():
     torch.testing.assert_close(to_float(images), expected_raw, rtol=0, atol=0)
 
 
-REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "cifar10-jpeg"
+REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "cifar10-jpeg"
 
 
 @pytest.mark.real_data

@@ -28,7 +28,7 @@ from cifarnet.study.models import HIDDEN_FEATURES
 from cifarnet.study.variants import recipe
 from cifar10_fakes import make_split, write_pickles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 CONSOLE_SCRIPT = Path(sys.executable).with_name("cifarnet-train")  # imports cifarnet from PYTHONPATH first
 TRAIN_COUNT, TEST_COUNT, BATCH = 64, 20, 16
@@ -376,7 +376,7 @@ def test_two_machines_with_c10d_rendezvous(pickles, tmp_path):
 
 def recording(record: Path) -> tuple[str, ...]:
     """The command that runs cifarnet-train and saves each process's draws to ``record.rank<R>.pt``
-    (see tests/record_draws.py)."""
+    (see tests/study/record_draws.py)."""
     return (str(Path(__file__).with_name("record_draws.py")), str(record))
 
 
@@ -395,7 +395,7 @@ def test_a_run_resumed_with_as_many_processes_equals_the_uninterrupted_one(pickl
     """Batch norm with per-process statistics and dropout with per-process draws: the buffers
     are rank 0's at the end of each epoch, and dropout is seeded from (seed, rank, epoch).
 
-    The draws themselves are recorded (tests/record_draws.py): the two processes apply their
+    The draws themselves are recorded (tests/study/record_draws.py): the two processes apply their
     own slices of each batch's crops and draw their own dropout masks (equal metrics and
     weights alone would not show it: with every process drawing rank 0's masks, the resumed
     run still equals the uninterrupted one), and every process's draws in the resumed epoch

@@ -1,4 +1,4 @@
-"""Files saved by cifarnet before its modules moved (tests/fixtures/before_redesign, written by
+"""Files saved by cifarnet before its modules moved (tests/study/fixtures/before_redesign, written by
 commit b9fb46d, when the study was cifarnet.train, cifarnet.models, ... and cifarnet.fuse one
 module) load and work now: a training checkpoint, and whole fused models pickled by class path."""
 

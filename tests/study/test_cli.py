@@ -24,7 +24,7 @@ from cifarnet.study.results import SEEDS_TABLE_MARKER
 from cifarnet.study.results import main as results_main
 from cifar10_fakes import CLASS_NAMES, make_split, write_folders, write_pickles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 REAL_DATA = REPO.parent / "shared" / "cifar10-jpeg"
 EXPECTED_KEYS = [
     "epoch", "train_loss", "train_top1", "train_top5", "test_loss", "test_top1", "test_top5", "test_classes_predicted",

@@ -146,20 +146,7 @@ def test_to_native_computes_the_layer_with_torch_alone_on_its_own_tensors(layer,
     assert list(native.state_dict()) == list(layer.state_dict())
     for name, tensor in native.state_dict().items():
         assert tensor.data_ptr() == layer.state_dict()[name].data_ptr(), name  # the same tensors, not copies
-    twin = copy.deepcopy(layer)  # computes as the layer did, on tensors of its own
-    for step in ("modes as built", "eval"):
-        if step == "eval":
-            native.eval()
-            twin.eval()
-        input = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5), requires_grad=True)
-        out, expected = native(input), twin(input)
-        torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
-        grad = torch.randn(expected.shape, dtype=torch.float64)
-        torch.testing.assert_close(
-            torch.autograd.grad(out, input, grad)[0], torch.autograd.grad(expected, input, grad)[0], rtol=1e-10, atol=1e-10
-        )
-        for (name, ours), theirs in zip(native.state_dict().items(), twin.state_dict().values()):
-            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert_computes_as(native, layer, shape)
 
 
 def conv_layers():

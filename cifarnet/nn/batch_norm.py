@@ -53,6 +53,16 @@ def share_batch_norm_state(cls: type, bn: nn.modules.batchnorm._BatchNorm) -> nn
     return shared
 
 
+def _batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
+    """The forward of :class:`BatchNorm1d` and :class:`BatchNorm2d`: torch's input check, then
+    :func:`cifarnet.ops.batch_norm` with the module's tensors and mode."""
+    call = leaf_call(bn, input)  # a leaf of torch.fx traces, as nn.BatchNorm is
+    if call is not None:
+        return call
+    bn._check_input_dim(input)
+    return ops.batch_norm(input, weight=bn.weight, bias=bn.bias, **batch_norm_arguments(bn))
+
+
 class BatchNorm1d(nn.BatchNorm1d):
     """``torch.nn.BatchNorm1d`` computed by :func:`cifarnet.ops.batch_norm`.
 
@@ -64,11 +74,7 @@ class BatchNorm1d(nn.BatchNorm1d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.BatchNorm is
-        if call is not None:
-            return call
-        self._check_input_dim(input)
-        return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+        return _batch_norm_forward(self, input)
 
     def to_native(self) -> nn.BatchNorm1d:
         """A ``torch.nn.BatchNorm1d`` holding this module's very parameters and buffers, and its mode."""
@@ -86,11 +92,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, input: Tensor) -> Tensor:
-        call = leaf_call(self, input)  # a leaf of torch.fx traces, as nn.BatchNorm is
-        if call is not None:
-            return call
-        self._check_input_dim(input)
-        return ops.batch_norm(input, weight=self.weight, bias=self.bias, **batch_norm_arguments(self))
+        return _batch_norm_forward(self, input)
 
     def to_native(self) -> nn.BatchNorm2d:
         """A ``torch.nn.BatchNorm2d`` holding this module's very parameters and buffers, and its mode."""

@@ -53,6 +53,11 @@ listed, with the reason, in the :class:`FusionReport`.
 modules' own classes (and so their own ``forward``), sharing the same tensors, for people
 without cifarnet; it also turns the :mod:`cifarnet.nn` layers of any model into torch modules
 (their ``to_native()``).
+
+The modules of this package, each readable on its own: :mod:`.rewrite` (``fuse``),
+:mod:`.unfuse`, :mod:`.patterns` (finding chains), :mod:`.tracing` (``torch.fx`` tracing),
+:mod:`.graph_module` (the GraphModule of a traced module), :mod:`.layers` (the fused modules),
+:mod:`.report` and :mod:`._torch_internals` (the private torch behaviour fuse relies on).
 """
 
 from cifarnet.fuse.layers import (

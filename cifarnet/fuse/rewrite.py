@@ -41,7 +41,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
     batch-norm modules with ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` (in place
     or not) and ``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``. The result computes the
     same function with the same parameters, buffers, train/eval modes, device and dtype, and has
-    the same ``state_dict`` keys; see the module docstring for how. Synchronized batch norms
+    the same ``state_dict`` keys; see :mod:`cifarnet.fuse` for how. Synchronized batch norms
     (``nn.SyncBatchNorm``, :class:`cifarnet.nn.SyncBatchNorm2d`: models converted by either
     ``convert_sync_batchnorm``) give fused layers that synchronize over the same group.
 

@@ -182,6 +182,7 @@ def export_error(model, input: torch.Tensor) -> str:
     return "\n".join(messages)
 
 
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")  # torch's own advice; training mode is the point
 def test_fused_conv_batch_norm_layer_in_training_fails_naming_the_op_and_eval_mode():
     layer = cnn.Conv2dBatchNormReLUMaxPool2d(3, 4, 3, padding=1).train()
     message = export_error(layer, image(2, 3, 8, 8))
@@ -190,6 +191,7 @@ def test_fused_conv_batch_norm_layer_in_training_fails_naming_the_op_and_eval_mo
     assert "No ONNX function found" not in message
 
 
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")  # torch's own advice; training mode is the point
 def test_batch_norm_in_training_fails_naming_the_op_and_eval_mode():
     message = export_error(cnn.BatchNorm2d(4).train(), image(2, 4, 5, 5))
     assert "cifarnet::_batch_norm_forward" in message and "model.eval()" in message
@@ -241,6 +243,7 @@ def test_untranslatable_ops_fail_naming_themselves():
                 translation()
 
 
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")  # torch's own advice; training mode is the point
 def test_dropout_in_training_exports_as_nn_dropout_does():
     input = image(8, 64).abs() + 1  # no zeros: a zero output is a dropped element
     native = export(nn.Sequential(nn.Dropout(0.3)).train(), input)

@@ -81,11 +81,18 @@ def _update_running_stats(running_mean, running_var, mean: Tensor, var: Tensor, 
     _ops._batch_norm_update_running_stats(running_mean, running_var, mean, var, momentum, count)
 
 
-def _local_parameter_grads(sum_dy, sum_dy_xmu, var, eps, weight, input, needs):
-    """(grad_weight, grad_bias) of a batch norm's affine parameters from this process's sums."""
-    dtype = input.dtype if weight is None else weight.dtype
-    grad_weight = (sum_dy_xmu * torch.rsqrt(var + eps)).to(dtype) if needs[0] else None
-    grad_bias = sum_dy.to(dtype) if needs[1] else None
+def _parameter_dtypes(weight, bias) -> tuple:
+    """The dtypes of a batch norm's affine parameters (None for one left out)."""
+    return tuple(None if parameter is None else parameter.dtype for parameter in (weight, bias))
+
+
+def _local_parameter_grads(sum_dy, sum_dy_xmu, var, eps, dtypes, needs):
+    """(grad_weight, grad_bias) of a batch norm's affine parameters from this process's sums,
+    each in its own parameter's dtype (``dtypes``, from :func:`_parameter_dtypes`), as native's:
+    a float32 bias of 16-bit data gets a float32 gradient, with or without a weight."""
+    weight_dtype, bias_dtype = dtypes
+    grad_weight = (sum_dy_xmu * torch.rsqrt(var + eps)).to(weight_dtype) if needs[0] else None
+    grad_bias = sum_dy.to(bias_dtype) if needs[1] else None
     return grad_weight, grad_bias
 
 
@@ -99,6 +106,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         output, _, _ = _ops._batch_norm_forward(input, mean, var, weight, bias, False, eps)
         ctx.save_for_backward(input, weight, mean, var)
         ctx.eps, ctx.group, ctx.count = eps, group, total
+        ctx.parameter_dtypes = _parameter_dtypes(weight, bias)
         return output
 
     @staticmethod
@@ -107,7 +115,7 @@ class _SyncBatchNorm(torch.autograd.Function):
         input, weight, mean, var = ctx.saved_tensors
         sum_dy, sum_dy_xmu = _ops._batch_norm_backward_reduce(grad_output, input, mean)
         grad_weight, grad_bias = _local_parameter_grads(
-            sum_dy, sum_dy_xmu, var, ctx.eps, weight, input, ctx.needs_input_grad[1:3]
+            sum_dy, sum_dy_xmu, var, ctx.eps, ctx.parameter_dtypes, ctx.needs_input_grad[1:3]
         )
         grad_input = None
         if ctx.needs_input_grad[0]:
@@ -132,6 +140,7 @@ class _SyncConv2dBatchNormReLUMaxPool2d(torch.autograd.Function):
         # one-byte argmax; never the normalised or the ReLU output.
         ctx.save_for_backward(input, weight, conv_output, mean, var, bn_weight, argmax)
         ctx.eps, ctx.geometry, ctx.group, ctx.count = eps, geometry, group, total
+        ctx.parameter_dtypes = _parameter_dtypes(bn_weight, bn_bias)
         return output
 
     @staticmethod
@@ -144,7 +153,7 @@ class _SyncConv2dBatchNormReLUMaxPool2d(torch.autograd.Function):
             grad_output, input, weight, conv_output, mean, argmax, *ctx.geometry
         )
         grad_bn_weight, grad_bn_bias = _local_parameter_grads(
-            sum_dy, sum_dy_xmu, var, ctx.eps, bn_weight, input, ctx.needs_input_grad[3:5]
+            sum_dy, sum_dy_xmu, var, ctx.eps, ctx.parameter_dtypes, ctx.needs_input_grad[3:5]
         )
         conv_mask = list(ctx.needs_input_grad[:3])
         grad_input = grad_weight = grad_bias = None

@@ -178,6 +178,24 @@ def test_backward_applies_the_forward_mask(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_backward_keeps_the_forward_mask_when_the_seed_tensor_is_advanced_in_place(device):
+    """One seed tensor advanced in place between two layers (issue 25): each backward applies
+    the mask its own forward drew, not the one the seed holds at backward time."""
+    p = 0.5
+    x = torch.randn(8, 64, dtype=torch.float64, device=device, requires_grad=True)
+    seed = seed_tensor(31)
+    hidden = DROPOUT(x, seed, p)
+    seed.add_(1)
+    output = DROPOUT(hidden, seed, p)
+    seed.add_(1)
+    first, second = (reference_keep(x.numel(), s, p).reshape(x.shape).to(device) for s in (31, 32))
+    assert not torch.equal(first, second)
+    grad = torch.randn_like(output)
+    output.backward(grad)
+    assert torch.equal(x.grad, native_arithmetic(native_arithmetic(grad, second, p), first, p))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device):
     x = torch.randn(6, 9, dtype=torch.float64, device=device, requires_grad=True)
     seed = seed_tensor(8)

@@ -430,6 +430,136 @@ def test_conv2d_batch_norm_relu_max_pool2d_evaluation_low_precision(dtype):
     assert_no_worse_than_native(ours, native, exact, "output", rtol=4 * unit_roundoff(dtype), atol=1e-6)
 
 
+# A float32 batch-norm weight or bias alone on 16-bit data (issue 25: the bias's gradient took
+# the dtype of the weight, or of the input where there was none, and lost float32's precision).
+# Each parameter's gradient takes its own dtype, as native's does, with native's precision.
+ALONE = ["weight", "bias"]
+
+
+def one_affine_parameter(channels, given, generator):
+    """(weight, bias) of float32 with only ``given`` of them."""
+    weight = torch.rand(channels, generator=generator) + 0.5
+    bias = torch.randn(channels, generator=generator)
+    return (weight, None) if given == "weight" else (None, bias)
+
+
+def run_with_gradients(function, tensors, grad_output, as_float64):
+    """``function`` of fresh leaves copied from ``tensors`` (None stays None; float64 copies
+    where ``as_float64``), its output and the gradients of the given leaves."""
+    leaves = [None if t is None else (t.detach().double() if as_float64 else t.detach().clone()).requires_grad_() for t in tensors]
+    output = function(*leaves)
+    grad_output = grad_output.double() if as_float64 else grad_output
+    return output, torch.autograd.grad(output, [leaf for leaf in leaves if leaf is not None], grad_output)
+
+
+def module_step(module, input, grad_output, as_float64):
+    """A training step of a copy of ``module`` (in float64 where ``as_float64``): its output
+    and the gradients of its input and of its parameters."""
+    module = copy.deepcopy(module)
+    if as_float64:
+        module = module.double()
+    leaf = (input.double() if as_float64 else input.clone()).requires_grad_()
+    output = module(leaf)
+    output.backward(grad_output.double() if as_float64 else grad_output)
+    return output, [leaf.grad, *(p.grad for p in module.parameters())]
+
+
+def assert_gradients_like_natives(ours, native, exact, names):
+    """Each gradient in native's dtype, its error against the float64 reference no worse than
+    native's (within a rounding of its own dtype: float32's for the parameters)."""
+    assert len(ours) == len(native) == len(exact) == len(names)
+    for name, mine, theirs, reference in zip(names, ours, native, exact):
+        assert mine.dtype == theirs.dtype, f"{name}: dtype {mine.dtype}, native {theirs.dtype}"
+        assert_no_worse_than_native(mine, theirs, reference, name, **value_tolerance(mine.dtype))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("given", ALONE)
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_one_float32_parameter(dtype, given, training):
+    generator = torch.Generator().manual_seed(3)
+    input = (torch.randn(16, 6, 12, 12, generator=generator) * 2 + 1).to(dtype)
+    weight, bias = one_affine_parameter(6, given, generator)
+    running = [torch.randn(6, generator=generator), torch.rand(6, generator=generator) + 0.5]
+    grad_output = torch.randn(input.shape, generator=generator).to(dtype)
+
+    def call(function, as_float64):
+        def batch_norm_of(x, w, b):
+            stats = [r.double() if as_float64 else r.clone() for r in running]
+            return function(x, stats[0], stats[1], w, b, training=training, momentum=0.1, eps=1e-5)
+
+        return run_with_gradients(batch_norm_of, [input, weight, bias], grad_output, as_float64)
+
+    (ours, ours_grads), (native, native_grads), (_, exact_grads) = (
+        call(batch_norm, False), call(F.batch_norm, False), call(F.batch_norm, True)
+    )
+    assert ours.dtype == native.dtype == dtype
+    assert_gradients_like_natives(ours_grads, native_grads, exact_grads, ["grad input", f"grad {given}"])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("given", ALONE)
+def test_batch_norm_module_one_float32_parameter(dtype, given):
+    """cifarnet.nn.BatchNorm2d of float32, its other parameter set to None, on 16-bit data."""
+    torch.manual_seed(4)
+    module = cifarnet.nn.BatchNorm2d(6)
+    with torch.no_grad():
+        module.weight.uniform_(0.5, 1.5), module.bias.normal_()
+    setattr(module, "bias" if given == "weight" else "weight", None)
+    generator = torch.Generator().manual_seed(5)
+    input = (torch.randn(16, 6, 12, 12, generator=generator) * 2 + 1).to(dtype)
+    grad_output = torch.randn(input.shape, generator=generator).to(dtype)
+    (_, ours), (_, native), (_, exact) = (
+        module_step(module, input, grad_output, False),
+        module_step(module.to_native(), input, grad_output, False),
+        module_step(module.to_native(), input, grad_output, True),
+    )
+    assert_gradients_like_natives(ours, native, exact, ["grad input", f"grad {given}"])
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("given", ALONE)
+def test_conv2d_batch_norm_relu_max_pool2d_one_float32_parameter(dtype, given):
+    """The fused op in training, a 16-bit convolution with a float32 batch-norm weight or bias
+    alone; as a function and as a layer."""
+    generator = torch.Generator().manual_seed(6)
+    input = torch.randn(8, 3, 12, 12, generator=generator).to(dtype)
+    weight = (torch.randn(6, 3, 3, 3, generator=generator) * 0.3).to(dtype)
+    bias = (torch.randn(6, generator=generator) * 0.1).to(dtype)
+    bn_weight, bn_bias = one_affine_parameter(6, given, generator)
+    geometry = dict(stride=(1, 1), padding=(1, 1), pool_size=(2, 2), pool_stride=None, ceil_mode=False)
+    grad_output = torch.randn(8, 6, 6, 6, generator=generator).to(dtype)
+
+    def call(fused, as_float64):
+        def chain(x, w, b, bn_w, bn_b):
+            running = [torch.zeros(6, dtype=torch.float64 if as_float64 else torch.float32), torch.ones(6, dtype=torch.float64 if as_float64 else torch.float32)]
+            if fused:
+                return conv2d_batch_norm_relu_max_pool2d(x, w, b, running[0], running[1], bn_w, bn_b, training=True, padding=1)
+            return native_bn_block(x, w, b, running, [bn_w, bn_b], geometry)
+
+        return run_with_gradients(chain, [input, weight, bias, bn_weight, bn_bias], grad_output, as_float64)
+
+    names = ["grad input", "grad weight", "grad bias", f"grad bn_{given}"]
+    (ours, ours_grads), (native, native_grads), (_, exact_grads) = call(True, False), call(False, False), call(False, True)
+    assert ours.dtype == native.dtype == dtype
+    # the convolution's gradients are covered above (through the op's own argmax); here the
+    # batch norm's parameter
+    assert_gradients_like_natives(ours_grads[3:], native_grads[3:], exact_grads[3:], names[3:])
+
+    torch.manual_seed(7)
+    layer = cifarnet.nn.Conv2dBatchNormReLUMaxPool2d(3, 6, 3, padding=1).to(dtype)
+    with torch.no_grad():
+        layer.bn.float().weight.uniform_(0.5, 1.5), layer.bn.bias.normal_()
+    setattr(layer.bn, "bias" if given == "weight" else "weight", None)
+    (_, ours), (_, native), (_, exact) = (
+        module_step(layer, input, grad_output, False),
+        module_step(layer.to_native(), input, grad_output, False),
+        module_step(layer.to_native(), input, grad_output, True),
+    )
+    assert [g.dtype for g in ours] == [g.dtype for g in native] == [dtype, dtype, dtype, torch.float32]
+    assert_gradients_like_natives(ours[3:], native[3:], exact[3:], names[3:])
+
+
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_opcheck_low_precision(dtype):
     generator = torch.Generator().manual_seed(1)

@@ -315,6 +315,51 @@ def test_low_precision_is_synchronized(tmp_path):
     run_on_processes(tmp_path, "low_precision_is_synchronized")
 
 
+def one_float32_parameter_on_16_bit_data(rank):
+    """A synchronized batch norm (plain, and in the fused layer with a 16-bit convolution) of
+    float32 with its weight or its bias alone, on 16-bit data (issue 25: the bias's gradient
+    took the data's dtype): each parameter's gradient, summed over the processes, in native's
+    dtype (its own) and no further from the float64 whole batch's than native's."""
+    from op_cases import assert_no_worse_than_native
+
+    sizes = (3, 5)
+    mine = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+    for dtype in (torch.bfloat16, torch.float16):
+        for given in ("weight", "bias"):
+            torch.manual_seed(2)
+            bn = nn.BatchNorm2d(6)
+            layer = Conv2dBatchNormReLUMaxPool2d(3, 6, 3, padding=1).to(dtype)
+            for norm in (bn, layer.bn.float()):
+                with torch.no_grad():
+                    norm.weight.uniform_(0.5, 1.5), norm.bias.normal_()
+                setattr(norm, "bias" if given == "weight" else "weight", None)
+            cases = (
+                ("SyncBatchNorm2d", bn, SyncBatchNorm2d.from_batch_norm(copy.deepcopy(bn)), 6),
+                ("SyncConv2dBatchNormReLUMaxPool2d", layer.to_native(), SyncConv2dBatchNormReLUMaxPool2d.from_layer(copy.deepcopy(layer)), 3),
+            )
+            for name, native, synced, channels in cases:
+                generator = torch.Generator().manual_seed(11)
+                whole = (torch.randn(sum(sizes), channels, 8, 8, generator=generator) * 2 + 1).to(dtype)
+                exact = copy.deepcopy(native).double()
+                native_output = native(whole)
+                grad_output = torch.randn(native_output.shape, generator=generator).to(dtype)
+                native_output.backward(grad_output)
+                exact(whole.double()).backward(grad_output.double())
+                synced(whole[mine]).backward(grad_output[mine])
+                where = f"rank {rank}, {name} {dtype} with its {given} alone"
+                parameters = zip(synced.parameters(), native.parameters(), exact.parameters(), strict=True)
+                for index, (ours, theirs, reference) in enumerate(parameters):
+                    assert ours.grad.dtype == theirs.grad.dtype, f"{where}, parameter {index}: dtype {ours.grad.dtype}, native {theirs.grad.dtype}"
+                    if theirs.dtype == torch.float32:  # the batch norm's (the 16-bit convolution's: elsewhere)
+                        summed = ours.grad.clone()
+                        dist.all_reduce(summed)
+                        assert_no_worse_than_native(summed, theirs.grad, reference.grad, f"{where}, parameter {index}", rtol=4 * 2.0**-24, atol=1e-6)
+
+
+def test_one_float32_parameter_on_16_bit_data(tmp_path):
+    run_on_processes(tmp_path, "one_float32_parameter_on_16_bit_data")
+
+
 def compiled_in_a_world_of_one(rank):
     """torch.distributed initialised with one process: torch.compile (fullgraph) of the
     synchronized layers computes what the unsynchronized ones compute."""

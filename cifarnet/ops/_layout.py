@@ -77,11 +77,5 @@ def channel_stats(input: Tensor, channels) -> tuple[Tensor, Tensor]:
     return input.new_empty(channels, dtype=stats_dtype), input.new_empty(channels, dtype=stats_dtype)
 
 
-def parameter_grad_dtype(parameter, input: Tensor) -> torch.dtype:
-    """The dtype of a per-channel parameter's gradient: the parameter's own where it is given
-    (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's."""
-    return input.dtype if parameter is None else parameter.dtype
-
-
 def empty_like_layout(t: Tensor, memory_format: torch.memory_format) -> Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)

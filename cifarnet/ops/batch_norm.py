@@ -12,9 +12,9 @@ from torch.overrides import handle_torch_function, has_torch_function
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet.ops._layout import (
     batch_norm_memory_format,
+    batch_norm_stats_dtype,
     channel_stats,
     empty_like_layout,
-    parameter_grad_dtype,
 )
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation, onnx_translation, per_channel_or
 
@@ -76,8 +76,10 @@ def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps):
 
 @torch.library.register_fake("cifarnet::_batch_norm_backward")
 def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, training, eps, output_mask):
+    # The parameters' gradients in the statistics dtype (the autograd formula casts each to
+    # its parameter's dtype).
     channels = input.shape[1]
-    grad_dtype = parameter_grad_dtype(weight, input)
+    grad_dtype = batch_norm_stats_dtype(input)
     return (
         empty_like_layout(input, batch_norm_memory_format(input)) if output_mask[0] else None,
         input.new_empty(channels, dtype=grad_dtype) if output_mask[1] else None,

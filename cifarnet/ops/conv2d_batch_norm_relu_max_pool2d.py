@@ -13,7 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import pair
-from cifarnet.ops._layout import channel_stats, is_unbatched, parameter_grad_dtype
+from cifarnet.ops._layout import batch_norm_stats_dtype, channel_stats, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
 from cifarnet.ops.conv2d_relu_max_pool2d import (
     _conv2d_relu_max_pool2d_backward_fake,
@@ -143,8 +143,10 @@ def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
     grad_input, grad_weight, grad_bias = _conv2d_relu_max_pool2d_backward_fake(
         grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask[:3]
     )
+    # The batch norm's parameters' gradients in the statistics dtype (the autograd formula
+    # casts each to its parameter's dtype).
     channels = weight.shape[0]
-    grad_dtype = parameter_grad_dtype(bn_weight, input)
+    grad_dtype = batch_norm_stats_dtype(input)
     return (
         grad_input,
         grad_weight,

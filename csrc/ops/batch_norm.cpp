@@ -92,6 +92,8 @@ TORCH_LIBRARY_FRAGMENT(cifarnet, m) {
       "_batch_norm_forward(Tensor input, Tensor? mean, Tensor? var, Tensor? weight, "
       "Tensor? bias, bool training, float eps) -> (Tensor output, Tensor save_mean, "
       "Tensor save_var)");
+  // grad_weight and grad_bias come back in the statistics dtype (save_mean's): the autograd
+  // formula gives each its parameter's dtype, and the bias is no argument here.
   m.def(
       "_batch_norm_backward(Tensor grad_output, Tensor input, Tensor save_mean, "
       "Tensor save_var, Tensor? weight, bool training, float eps, bool[3] output_mask) "

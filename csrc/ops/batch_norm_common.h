@@ -22,8 +22,9 @@ inline at::ScalarType batch_norm_stats_dtype(const at::Tensor& input) {
 
 inline bool defined(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
-// The dtype a per-channel parameter's gradient takes: the parameter's own where it is given
-// (a float32 batch-norm weight of bfloat16 data, as native allows), else the input's.
+// The dtype a per-channel parameter's gradient takes (the autograd formulas give it; the
+// backward ops return the statistics dtype): the parameter's own where it is given (a float32
+// batch-norm weight or bias of bfloat16 data, as native allows), else the input's.
 inline at::ScalarType parameter_grad_dtype(const std::optional<at::Tensor>& parameter,
                                            const at::Tensor& input) {
   return defined(parameter) ? parameter->scalar_type() : input.scalar_type();

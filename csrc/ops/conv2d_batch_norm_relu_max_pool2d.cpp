@@ -105,6 +105,8 @@ TORCH_LIBRARY_FRAGMENT(cifarnet, m) {
       "Tensor? bn_weight, Tensor? bn_bias, float eps, int[2] stride, int[2] padding, "
       "int[2] pool_size, int[2] pool_stride, bool ceil_mode) -> (Tensor output, "
       "Tensor argmax, Tensor conv_output, Tensor save_mean, Tensor save_var)");
+  // grad_bn_weight and grad_bn_bias come back in the statistics dtype (save_mean's): the
+  // autograd formula gives each its parameter's dtype, and bn_bias is no argument here.
   m.def(
       "_conv2d_batch_norm_relu_max_pool2d_training_backward(Tensor grad_output, Tensor input, "
       "Tensor weight, Tensor conv_output, Tensor save_mean, Tensor save_var, Tensor? bn_weight, "

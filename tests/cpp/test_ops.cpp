@@ -191,7 +191,8 @@ void check_backward_with_two_threads() {
 }
 
 // Dropout through the C++ API: kept elements are native's x * (1 / (1 - p)), the gradient
-// autograd takes applies the same mask, and two threads draw one thread's mask.
+// autograd takes applies the same mask (even after the seed tensor changed in place), and two
+// threads draw one thread's mask.
 void check_dropout() {
   const double p = 0.3;
   const at::Tensor seed = at::tensor({int64_t{42}}, at::kLong);
@@ -209,6 +210,17 @@ void check_dropout() {
   const at::Tensor grad_output = at::randn_like(output);
   const auto grads = torch::autograd::grad({output}, {input}, {grad_output});
   check(at::equal(grads[0], grad_output * noise), "dropout: autograd applies the forward's mask");
+
+  // A caller that advances one seed tensor in place (for its next layer or step) before the
+  // backward: the gradient still applies the forward's mask.
+  const at::Tensor advancing = seed.clone();
+  const at::Tensor advanced_output = cifarnet::ops::dropout(input, advancing, p);
+  advancing.add_(1);
+  check(!at::equal(cifarnet::ops::dropout(input.detach(), advancing, p), output.detach()),
+        "dropout: the advanced seed draws another mask");
+  const auto advanced_grads = torch::autograd::grad({advanced_output}, {input}, {grad_output});
+  check(at::equal(advanced_grads[0], grad_output * noise),
+        "dropout: autograd applies the forward's mask after the seed tensor was advanced");
 }
 
 }  // namespace

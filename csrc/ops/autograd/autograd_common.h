@@ -11,6 +11,7 @@
 #include <array>
 #include <cstddef>
 #include <optional>
+#include <tuple>
 
 namespace cifarnet::ops {
 
@@ -40,5 +41,26 @@ bool any(const std::array<bool, N>& flags) {
 }
 
 inline at::Tensor value_or_undefined(const OptionalTensor& t) { return t.value_or(at::Tensor()); }
+
+// The batch-norm formulas (batch norm, and the fused conv -> batch norm chain) save the dtypes
+// the affine parameters' gradients take, and give them those: their backward ops return the
+// gradients in the statistics dtype, for they see the weight but not the bias.
+// NB: each parameter's own dtype, as native's: a float32 bias of bfloat16 data gets float32's
+// dtype and precision whether or not there is a weight, and whatever the weight's dtype.
+inline void save_parameter_grad_dtypes(AutogradContext* ctx, at::ScalarType weight_dtype,
+                                       at::ScalarType bias_dtype) {
+  ctx->saved_data["weight_grad_dtype"] = weight_dtype;
+  ctx->saved_data["bias_grad_dtype"] = bias_dtype;
+}
+
+inline std::tuple<at::Tensor, at::Tensor> in_parameter_grad_dtypes(AutogradContext* ctx,
+                                                                   const at::Tensor& grad_weight,
+                                                                   const at::Tensor& grad_bias) {
+  auto in_dtype = [](const at::Tensor& grad, const at::IValue& dtype) {
+    return grad.defined() ? grad.to(dtype.toScalarType()) : grad;
+  };
+  return {in_dtype(grad_weight, ctx->saved_data["weight_grad_dtype"]),
+          in_dtype(grad_bias, ctx->saved_data["bias_grad_dtype"])};
+}
 
 }  // namespace cifarnet::ops

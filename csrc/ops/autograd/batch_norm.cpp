@@ -1,6 +1,6 @@
 // The autograd formula of batch norm (on _batch_norm_forward, of which the public op is a
 // composite). The forward saves the input, the batch statistics and the weight, never the
-// normalised output.
+// normalised output, and the dtypes the affine parameters' gradients take.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -35,6 +35,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->save_for_backward({input, save_mean, save_var, value_or_undefined(weight)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
+    save_parameter_grad_dtypes(ctx, parameter_grad_dtype(weight, input),
+                               parameter_grad_dtype(bias, input));
     // The running statistics are buffers: no gradient flows to them, even when given.
     ctx->saved_data["given"] =
         std::vector<bool>{defined(mean), defined(var), defined(weight), defined(bias)};
@@ -54,6 +56,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     std::tie(grads[0], grads[3], grads[4]) = op.call(
         grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
         ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), output_mask);
+    std::tie(grads[3], grads[4]) = in_parameter_grad_dtypes(ctx, grads[3], grads[4]);
     return grads;
   }
 };

@@ -1,7 +1,8 @@
 // The autograd formula of conv2d -> batch norm -> ReLU -> max_pool2d (on its fused training op;
 // evaluation folds the batch norm into the convolution, through which autograd flows). The
 // forward saves the input, the weight, the one-byte window argmax, the pre-normalisation
-// convolution output and the batch statistics, never the normalised or the ReLU output.
+// convolution output and the batch statistics, never the normalised or the ReLU output, and the
+// dtypes the batch norm's parameters' gradients take.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -42,6 +43,8 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
     ctx->save_for_backward(
         {input, weight, conv_output, save_mean, save_var, value_or_undefined(bn_weight), argmax});
     ctx->saved_data["eps"] = eps;
+    save_parameter_grad_dtypes(ctx, parameter_grad_dtype(bn_weight, input),
+                               parameter_grad_dtype(bn_bias, input));
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["pool_size"] = pool_size;
@@ -68,6 +71,7 @@ class Conv2dBatchNormReLUMaxPool2dTrainingFunction
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool_size"].toIntVector(),
         ctx->saved_data["pool_stride"].toIntVector(), ctx->saved_data["ceil_mode"].toBool(), needs);
+    std::tie(grads[3], grads[4]) = in_parameter_grad_dtypes(ctx, grads[3], grads[4]);
     return grads;
   }
 };

@@ -10,14 +10,19 @@ namespace cifarnet::ops {
 namespace {
 
 // Dropout is linear with a diagonal mask: its backward is the same op, same seed, on the
-// gradient. Nothing but the seed is kept.
+// gradient. Nothing but a copy of the seed is kept.
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& seed,
                             double p) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     ctx->set_materialize_grads(false);
-    ctx->saved_data["seed"] = seed;
+    // NB: a copy of the seed, rather than the caller's tensor (an in-place change of which
+    // would give the backward another mask) or save_for_backward's version check (which would
+    // make that change an error): advancing one seed tensor in place for the next layer or step
+    // is a natural way to draw masks, and the gradient of the forward that ran is well defined,
+    // as native dropout's is with its saved mask. A one-element copy costs nothing.
+    ctx->saved_data["seed"] = seed.clone();
     ctx->saved_data["p"] = p;
     return dropout(input, seed, p);
   }

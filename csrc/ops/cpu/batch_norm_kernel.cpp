@@ -6,7 +6,8 @@
 // per-thread partial sums. Training statistics take one pass (shifted sums, accumulated in
 // double), where native takes two. bfloat16 and float16 data are computed in float32 (see
 // batch_norm_loops.h); weight, bias and running statistics may be float32 with them, as native
-// allows, and the parameter gradients take the parameters' dtype.
+// allows. The parameter gradients come back in double, the statistics dtype (the autograd
+// formula gives each its parameter's dtype).
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -315,9 +316,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     }
     std::vector<acc_t> grad_w(channels);
     for (int64_t c = 0; c < channels; ++c) grad_w[c] = sum_gx[c] * invstd[c];
-    const at::ScalarType grad_dtype = parameter_grad_dtype(weight, input);
-    if (output_mask[1]) grad_weight = channel_tensor(grad_w, input.options()).to(grad_dtype);
-    if (output_mask[2]) grad_bias = channel_tensor(sum_g, input.options()).to(grad_dtype);
+    // In the statistics dtype: the autograd formula gives each its parameter's dtype.
+    if (output_mask[1]) grad_weight = channel_tensor(grad_w, input.options());
+    if (output_mask[2]) grad_bias = channel_tensor(sum_g, input.options());
   });
   return {grad_input, grad_weight, grad_bias};
 }

@@ -298,9 +298,9 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
         const auto [sum_g, sum_gx] = hit_sums<scalar_t>(in, g, centre);
         std::vector<acc_t> grad_w(channels);
         for (int64_t c = 0; c < channels; ++c) grad_w[c] = sum_gx[c] * invstd[c];
-        const at::ScalarType grad_dtype = parameter_grad_dtype(bn_weight, input);
-        if (output_mask[3]) grad_bn_weight = channel_tensor(grad_w, input.options()).to(grad_dtype);
-        if (output_mask[4]) grad_bn_bias = channel_tensor(sum_g, input.options()).to(grad_dtype);
+        // In the statistics dtype: the autograd formula gives each its parameter's dtype.
+        if (output_mask[3]) grad_bn_weight = channel_tensor(grad_w, input.options());
+        if (output_mask[4]) grad_bn_bias = channel_tensor(sum_g, input.options());
         if (!(output_mask[0] || output_mask[1] || output_mask[2])) return;
         grad_conv = conv_output_grad<scalar_t>(in, g, centre, invstd,
                                                channel_values<acc_t>(bn_weight, channels, 1),

@@ -45,10 +45,10 @@ void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tenso
                            const at::Tensor& sum_gx, double eps, int64_t count,
                            const DenseLayout& layout);
 
-// Per-channel (grad_weight, grad_bias) = (sum_gx * invstd, sum_g), in `dtype`.
+// Per-channel (grad_weight, grad_bias) = (sum_gx * invstd, sum_g), in the statistics dtype
+// (the autograd formula gives each its parameter's dtype).
 std::tuple<at::Tensor, at::Tensor> batch_norm_affine_grads(const at::Tensor& sum_g,
                                                            const at::Tensor& sum_gx,
-                                                           const at::Tensor& var, double eps,
-                                                           at::ScalarType dtype);
+                                                           const at::Tensor& var, double eps);
 
 }  // namespace cifarnet::cuda

@@ -365,9 +365,8 @@ void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tenso
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_affine_grads(const at::Tensor& sum_g,
                                                            const at::Tensor& sum_gx,
-                                                           const at::Tensor& var, double eps,
-                                                           at::ScalarType dtype) {
-  return {(sum_gx * at::rsqrt(var + eps)).to(dtype), sum_g.to(dtype)};
+                                                           const at::Tensor& var, double eps) {
+  return {sum_gx * at::rsqrt(var + eps), sum_g};
 }
 
 }  // namespace cifarnet::cuda
@@ -432,9 +431,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
                                  eps, layout);
     }
   }
-  std::tie(grad_weight, grad_bias) =
-      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps,
-                                     parameter_grad_dtype(weight, input));
+  std::tie(grad_weight, grad_bias) = cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps);
   if (!output_mask[1]) grad_weight = at::Tensor();
   if (!output_mask[2]) grad_bias = at::Tensor();
   return {grad_input, grad_weight, grad_bias};

@@ -122,9 +122,7 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
   at::Tensor grad_conv = pooled_gradient(grad_output, argmax, g);
   auto [sum_g, sum_gx] = cuda::batch_norm_grad_sums(grad_conv, conv, mean, layout);
   at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-  std::tie(grad_bn_weight, grad_bn_bias) =
-      cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps,
-                                     parameter_grad_dtype(bn_weight, input));
+  std::tie(grad_bn_weight, grad_bn_bias) = cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps);
   if (!output_mask[3]) grad_bn_weight = at::Tensor();
   if (!output_mask[4]) grad_bn_bias = at::Tensor();
   if (output_mask[0] || output_mask[1] || output_mask[2]) {

@@ -244,7 +244,6 @@ def low_precision_batch_norm_cases(draw):
     )
 
 
-
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize(
     "pool",

@@ -61,7 +61,6 @@ class _TracedFrom:
     attributes: tuple[str, ...]
 
 
-
 class _UntracedBranch(AssertionError):
     """An input takes a branch of forward that the fused graph does not hold (the message says
     which); :class:`_FusedGraphModule` answers it with the module's own forward."""

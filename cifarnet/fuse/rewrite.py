@@ -81,7 +81,6 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
     return (fused, fusion) if report else fused
 
 
-
 def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Module:
     """``module`` with its chains fused: the same object, or a GraphModule replacing it."""
     if type(module).forward is nn.Module.forward:  # a container that is not called: ModuleList, ...

@@ -75,7 +75,6 @@ def _unfuse_children(module: nn.Module) -> None:
         setattr(module, name, native)
 
 
-
 def _untraced(module: nn.Module) -> nn.Module:
     """``module`` with the GraphModules fuse made in it (or as it) back in their classes."""
     for name, child in list(module._modules.items()):

@@ -36,7 +36,6 @@ def conv2d_batch_norm_module_relu_max_pool2d(
     )  # fmt: skip
 
 
-
 @torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
 def _check_batch_norm2d_input(input: Tensor) -> None:
     """``nn.BatchNorm2d``'s rank check, with its message: the native conv -> batch norm chain

@@ -88,7 +88,6 @@ class SyncBatchNorm2d(BatchNorm2d):
         return native
 
 
-
 class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
     """:class:`Conv2dBatchNormReLUMaxPool2d` whose batch norm is synchronized: in training, the
     statistics are those of the whole batch spread over the processes of ``process_group``.

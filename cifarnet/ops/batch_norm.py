@@ -134,7 +134,6 @@ def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
     return output, op.Identity(mean), op.Identity(var)
 
 
-
 # The ops a model reaches in training only, or for gradients: no ONNX translation, a message.
 no_onnx_translation(torch.ops.cifarnet._batch_norm_backward.default, *BACKWARD)
 no_onnx_translation(

@@ -18,11 +18,10 @@ _SEED_BOUND = 2**63 - 1
 def dropout_seed(generator: torch.Generator | None = None) -> Tensor:
     """A seed for :func:`dropout`'s mask, drawn from ``generator`` (default: torch's default CPU
     generator, which ``torch.manual_seed`` seeds): a one-element int64 CPU tensor."""
-    if generator is None:
-        # NB: no generator argument at all: torch.export then records aten.randint.low, which the
-        # ONNX exporter translates (it has no translation of randint.low_generator).
-        return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64)
-    return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64, generator=generator)
+    # NB: no generator argument at all where there is none: torch.export then records
+    # aten.randint.low, which the ONNX exporter translates (it has no randint.low_generator).
+    options = {} if generator is None else {"generator": generator}
+    return torch.randint(-_SEED_BOUND, _SEED_BOUND, (1,), dtype=torch.int64, **options)
 
 
 def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: torch.Generator | None = None) -> Tensor:

@@ -34,7 +34,6 @@ VARIANT_NAMES = ["baseline", "normalized", "augmented", "momentum", "dropout", "
 TINY = ["--batch-size", "8", "--limit-train", "24", "--no-progress", "--device", "cpu", "--threads", "1"]
 
 
-
 def command_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a test's command process: this checkout's cifarnet (not whichever one
     is installed, e.g. another worktree's), and the test's own cache folder."""
@@ -362,7 +361,6 @@ def test_command_process_reports_bad_data_without_traceback(pickles, tmp_path):
     assert "data_batch_2" in result.stderr and "Traceback" not in result.stderr
 
 
-
 @pytest.mark.slow
 def test_sigterm_stops_a_run_as_ctrl_c_does(pickles, tmp_path):
     """A plain ``kill`` (what schedulers and ``timeout`` send) of one process: the Ctrl-C line,
@@ -681,7 +679,6 @@ def test_eval_with_bad_data_is_one_line(trained, tmp_path, capsys):
     capsys.readouterr()
     status = eval_main([str(trained / "checkpoint.pt"), "--data-dir", str(tmp_path / "void"), "--no-progress"])
     assert "downloading" in assert_one_line_error(capsys, status, "cifarnet-eval")
-
 
 
 def test_eval_without_data_dir_tests_on_the_data_the_run_trained_on(trained, folders, capsys):

@@ -427,7 +427,6 @@ def test_checkpoint_records_the_images_trained_on(dataset, tmp_path):
     assert everything["sha256"] != some["sha256"]
 
 
-
 # --- CUDA random states across machines (faked: the tests need no GPU) ------------------------
 
 

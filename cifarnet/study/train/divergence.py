@@ -61,7 +61,6 @@ class _NonFiniteLoss(ArithmeticError):
         self.batch, self.loss = batch, loss
 
 
-
 def _diverged(
     config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True,
     collapsed: bool = False,

@@ -302,7 +302,6 @@ def _check_model_runs_on(model: ConvNet, device: torch.device) -> None:
         model.train(was_training)
 
 
-
 def train(
     config: TrainConfig,
     out: str | Path,

@@ -88,6 +88,16 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   }
 }
 
+// F.batch_norm's check of eps, with its exception type and conditions: positive in training (a
+// constant channel would divide by zero), non-negative in evaluation. NaN passes, as natively.
+inline void check_batch_norm_eps(double eps, bool training) {
+  if (training) {
+    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ", eps);
+  } else {
+    TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", eps);
+  }
+}
+
 // The batch norm forward's argument checks, shared by the CPU and CUDA kernels.
 inline void check_batch_norm_forward_args(const at::Tensor& input,
                                           const std::optional<at::Tensor>& mean,
@@ -102,7 +112,7 @@ inline void check_batch_norm_forward_args(const at::Tensor& input,
   check_per_channel(var, "running_var", input);
   check_per_channel(weight, "weight", input);
   check_per_channel(bias, "bias", input);
-  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  check_batch_norm_eps(eps, training);
 }
 
 // The saved convolution output of the fused conv -> batch norm -> ReLU -> max-pool op against
@@ -164,7 +174,7 @@ inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
   check_per_output_channel(var, "var", weight);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
-  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
+  check_batch_norm_eps(eps, /*training=*/false);  // normalises with given statistics
   return g;
 }
 

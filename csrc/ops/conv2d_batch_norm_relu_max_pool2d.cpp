@@ -12,6 +12,7 @@
 #include "batch_norm_common.h"
 #include "batch_norm_running_stats.h"
 #include "internal_op.h"
+#include "native_composition.h"
 #include "ops.h"
 
 namespace cifarnet::ops {
@@ -31,9 +32,11 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d(
 
 namespace {
 
-// Training: one op for convolution, batch statistics, normalisation, ReLU and pooling.
-// Evaluation: the batch norm folded into the convolution's weight and bias, then the
-// conv -> ReLU -> max-pool op (the algebra is exact; autograd flows through the folding).
+// Training: one op for convolution, batch statistics, normalisation, ReLU and pooling; an
+// empty batch, which has no statistics, as native computes it (an empty output, the running
+// statistics untouched). Evaluation: the batch norm folded into the convolution's weight and
+// bias, then the conv -> ReLU -> max-pool op (the algebra is exact; autograd flows through the
+// folding).
 at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -46,6 +49,13 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   check_per_output_channel(running_var, "running_var", weight);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
+  check_batch_norm_eps(eps, training);
+  if (training && input.sym_numel() == 0) {
+    return composed_conv2d_batch_norm_relu_max_pool2d(input, weight, bias, running_mean, running_var,
+                                                    bn_weight, bn_bias, training, momentum, eps,
+                                                    stride, padding, pool_size, pool_stride,
+                                                    ceil_mode);
+  }
   if (training) {
     static auto fused =
         internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(

@@ -1,6 +1,6 @@
 // The autograd formula of batch norm (on _batch_norm_forward, of which the public op is a
-// composite). The forward saves the input, the batch statistics and the weight, never the
-// normalised output, and the dtypes the affine parameters' gradients take.
+// composite). The forward saves the input, the batch statistics, the weight and the bias, never
+// the normalised output, and the dtypes the affine parameters' gradients take.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -11,6 +11,7 @@
 
 #include "../batch_norm_common.h"
 #include "../internal_op.h"
+#include "../native_composition.h"
 #include "autograd_common.h"
 
 namespace cifarnet::ops {
@@ -18,21 +19,31 @@ namespace {
 
 using Tensor3 = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
+// cifarnet::_batch_norm_forward's device kernels (below autograd).
+Tensor3 batch_norm_forward_kernel(const at::Tensor& input, const OptionalTensor& mean,
+                                  const OptionalTensor& var, const OptionalTensor& weight,
+                                  const OptionalTensor& bias, bool training, double eps) {
+  static auto op =
+      internal_op<Tensor3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
+                          const OptionalTensor&, const OptionalTensor&, bool, double)>(
+          "cifarnet::_batch_norm_forward");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return op.call(input, mean, var, weight, bias, training, eps);
+}
+
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input,
                                const OptionalTensor& mean, const OptionalTensor& var,
                                const OptionalTensor& weight, const OptionalTensor& bias,
                                bool training, double eps) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static auto op =
-        internal_op<Tensor3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                            const OptionalTensor&, const OptionalTensor&, bool, double)>(
-            "cifarnet::_batch_norm_forward");
-    auto [output, save_mean, save_var] = op.call(input, mean, var, weight, bias, training, eps);
+    auto [output, save_mean, save_var] =
+        batch_norm_forward_kernel(input, mean, var, weight, bias, training, eps);
     ctx->mark_non_differentiable({save_mean, save_var});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, save_mean, save_var, value_or_undefined(weight)});
+    // NB: the bias only for a differentiable backward, which recomputes the normalisation.
+    ctx->save_for_backward({input, save_mean, save_var, value_or_undefined(weight),
+                            value_or_undefined(bias)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     save_parameter_grad_dtypes(ctx, parameter_grad_dtype(weight, input),
@@ -53,6 +64,19 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                                          const at::Tensor&, const OptionalTensor&, bool, double,
                                          std::array<bool, 3>)>("cifarnet::_batch_norm_backward");
     const variable_list saved = ctx->get_saved_variables();
+    if (backward_needs_graph(saved, grad_outputs)) {
+      at::AutoGradMode grad_mode(true);
+      const bool training = ctx->saved_data["training"].toBool();
+      // Evaluation's saved statistics are the running ones it normalised with.
+      const at::Tensor output =
+          composed_batch_norm(saved[0], training ? at::Tensor() : saved[1],
+                            training ? at::Tensor() : saved[2], saved[3], saved[4], training,
+                            /*momentum=*/0.0, ctx->saved_data["eps"].toDouble());
+      const variable_list found = native_composition_grads(
+          output, grad_outputs[0], {saved[0], saved[3], saved[4]}, output_mask);
+      std::tie(grads[0], grads[3], grads[4]) = std::tuple(found[0], found[1], found[2]);
+      return grads;
+    }
     std::tie(grads[0], grads[3], grads[4]) = op.call(
         grad_outputs[0], saved[0], saved[1], saved[2], saved[3],
         ctx->saved_data["training"].toBool(), ctx->saved_data["eps"].toDouble(), output_mask);
@@ -64,6 +88,14 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 Tensor3 batch_norm_forward_autograd(const at::Tensor& input, const OptionalTensor& mean,
                                     const OptionalTensor& var, const OptionalTensor& weight,
                                     const OptionalTensor& bias, bool training, double eps) {
+  if (forward_needs_native_composition({input, value_or_undefined(weight), value_or_undefined(bias)})) {
+    // The statistics from the kernels; the output, with its tangent or transform, from native.
+    Tensor3 outputs = batch_norm_forward_kernel(input, mean, var, weight, bias, training, eps);
+    std::get<0>(outputs) = composed_batch_norm(input, training ? std::nullopt : mean,
+                                             training ? std::nullopt : var, weight, bias, training,
+                                             /*momentum=*/0.0, eps);
+    return outputs;
+  }
   const variable_list outputs =
       BatchNormFunction::apply(input, mean, var, weight, bias, training, eps);
   return {outputs[0], outputs[1], outputs[2]};

@@ -1,6 +1,6 @@
 // The autograd formula of conv2d -> ReLU -> max_pool2d (on conv2d_relu_max_pool2d_with_argmax,
-// of which the public op is a composite). The forward saves the input, the weight and the
-// one-byte window argmax, never the pre-pool activation.
+// of which the public op is a composite). The forward saves the input, the weight, the bias and
+// the one-byte window argmax, never the pre-pool activation.
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -8,6 +8,7 @@
 #include <tuple>
 
 #include "../batch_norm_common.h"
+#include "../native_composition.h"
 #include "../ops.h"
 #include "autograd_common.h"
 
@@ -26,7 +27,8 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
                                                                pool_size, pool_stride, ceil_mode);
     ctx->mark_non_differentiable({argmax});
     ctx->set_materialize_grads(false);
-    ctx->save_for_backward({input, weight, argmax});
+    // NB: the bias only for a differentiable backward, which recomputes the convolution.
+    ctx->save_for_backward({input, weight, argmax, value_or_undefined(bias)});
     ctx->saved_data["stride"] = stride;
     ctx->saved_data["padding"] = padding;
     ctx->saved_data["pool_size"] = pool_size;
@@ -41,6 +43,17 @@ class Conv2dReLUMaxPool2dFunction : public torch::autograd::Function<Conv2dReLUM
     variable_list grads(8);
     if (!grad_outputs[0].defined() || !any(needs)) return grads;
     const variable_list saved = ctx->get_saved_variables();
+    if (backward_needs_graph(saved, grad_outputs)) {
+      at::AutoGradMode grad_mode(true);
+      const at::Tensor output = composed_conv2d_relu_max_pool2d(
+          saved[0], saved[1], saved[3], ctx->saved_data["stride"].toIntVector(),
+          ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool_size"].toIntVector(),
+          ctx->saved_data["pool_stride"].toIntVector(), ctx->saved_data["ceil_mode"].toBool());
+      const variable_list found =
+          native_composition_grads(output, grad_outputs[0], {saved[0], saved[1], saved[3]}, needs);
+      std::copy(found.begin(), found.end(), grads.begin());
+      return grads;
+    }
     std::tie(grads[0], grads[1], grads[2]) = _conv2d_relu_max_pool2d_backward(
         grad_outputs[0], saved[0], saved[1], saved[2], ctx->saved_data["stride"].toIntVector(),
         ctx->saved_data["padding"].toIntVector(), ctx->saved_data["pool_size"].toIntVector(),
@@ -53,6 +66,17 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax_autograd(
     const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
+  if (forward_needs_native_composition({input, weight, value_or_undefined(bias)})) {
+    at::Tensor argmax;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      argmax = std::get<1>(conv2d_relu_max_pool2d_with_argmax(input, weight, bias, stride, padding,
+                                                              pool_size, pool_stride, ceil_mode));
+    }
+    return {composed_conv2d_relu_max_pool2d(input, weight, bias, stride, padding, pool_size,
+                                          pool_stride, ceil_mode),
+            argmax};
+  }
   const variable_list outputs = Conv2dReLUMaxPool2dFunction::apply(
       input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode);
   return {outputs[0], outputs[1]};

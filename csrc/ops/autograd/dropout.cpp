@@ -1,6 +1,7 @@
 // The autograd formula of dropout.
 
 #include <torch/autograd.h>
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "../ops.h"
@@ -10,7 +11,8 @@ namespace cifarnet::ops {
 namespace {
 
 // Dropout is linear with a diagonal mask: its backward is the same op, same seed, on the
-// gradient. Nothing but a copy of the seed is kept.
+// gradient (through the dispatcher, so with create_graph=True it is differentiable again).
+// Nothing but a copy of the seed is kept.
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& seed,
@@ -38,6 +40,16 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
 };
 
 at::Tensor dropout_autograd(const at::Tensor& input, const at::Tensor& seed, double p) {
+  if (forward_needs_native_composition({input})) {
+    // The input times the scaled mask (dropout of ones: scale or zero, in the input's dtype),
+    // the product native dropout computes, so native's multiplication carries the tangent.
+    at::Tensor scaled_mask;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      scaled_mask = dropout(at::ones_like(input), seed, p);
+    }
+    return at::mul(input, scaled_mask);
+  }
   return DropoutFunction::apply(input, seed, p);
 }
 

@@ -251,11 +251,11 @@ conv2d_batch_norm_relu_max_pool2d_training_kernel(
   check_cpu(input);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
-  TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
   const int64_t pixels = g.batch * g.conv_h * g.conv_w;
   TORCH_CHECK_VALUE(pixels > 1,
               "Expected more than 1 value per channel when training, got convolution output size ",
               c10::IntArrayRef{g.batch, g.out_channels, g.conv_h, g.conv_w});
+  check_batch_norm_eps(eps, /*training=*/true);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);

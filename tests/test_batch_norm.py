@@ -247,6 +247,11 @@ def _bad_batch_norm_cases():
         ("integer input", dict(input=x.long()), "input must be float32, float64, float16 or bfloat16, got Long", RuntimeError),
         ("eval without running stats", dict(running_mean=None, running_var=None, training=False), "must be defined in evaluation mode", RuntimeError),
         ("only running_mean", dict(running_var=None), "both be given or both be None", RuntimeError),
+        # F.batch_norm's checks, with its exception type: a zero eps would divide by zero on a
+        # constant channel in training.
+        ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
+        ("eps negative in training", dict(eps=-1.0), "eps must be positive during training", ValueError),
+        ("eps negative in evaluation", dict(eps=-1.0, training=False), "eps must be non-negative", ValueError),
     ]
 
 

@@ -312,6 +312,9 @@ def _bad_cases():
         ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode", RuntimeError),
         ("one value per channel", dict(input=torch.randn(1, 3, 3, 3), pool_size=1), "Expected more than 1 value per channel when training", ValueError),
         ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), "input has 5 channels", RuntimeError),
+        ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
+        ("eps negative in evaluation", dict(eps=-1.0, training=False), "eps must be non-negative", ValueError),
+        ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),
     ]
 
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cifarnet._arguments import pair
+from cifarnet._arguments import conv_padding, pair
 
 _ops = torch.ops.cifarnet
 
@@ -190,10 +190,11 @@ def sync_conv2d_batch_norm_relu_max_pool2d(
     statistics of the whole batch over ``group`` (``input``: this process's ``Tensor[N, C_in,
     H, W]``, N may be 0). Every process of the group must call it."""
     input, weight, bias = _autocast_conv_arguments(input, weight, bias)
-    # ints or pairs, as cifarnet.ops.conv2d_batch_norm_relu_max_pool2d takes them
+    input, padding = conv_padding(input, weight, stride, padding)
+    # ints, pairs or padding strings, as cifarnet.ops.conv2d_batch_norm_relu_max_pool2d takes them
     geometry = (
         pair(stride, "stride"),
-        pair(padding, "padding"),
+        padding,
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),

@@ -94,7 +94,6 @@ def test_from_modules_shares_parameters_and_mode():
         (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2), "dilation"),
         (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2), "groups"),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2), "padding_mode"),
-        (nn.Conv2d(3, 4, 2, padding="same"), nn.MaxPool2d(2), "asymmetric"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1), "pool.padding"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2), "pool.dilation"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True), "return_indices"),

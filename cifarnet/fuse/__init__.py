@@ -45,9 +45,9 @@ is left as it is, except that its plain ``nn.Sequential`` children are rewritten
 and its other children are tried in turn; :func:`fuse` warns, naming it.
 
 Chains the fused ops cannot compute (dilation, groups, padding modes, padded, dilated or
-index-returning pools, windows over 255 elements, asymmetric ``'same'`` padding, batch-norm
-subclasses, hooked modules, reused outputs, modules called more than once) stay unfused and are
-listed, with the reason, in the :class:`FusionReport`.
+index-returning pools, windows over 255 elements, batch-norm subclasses, hooked modules,
+reused outputs, modules called more than once) stay unfused and are listed, with the reason,
+in the :class:`FusionReport`.
 
 :func:`unfuse` puts back ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU``, ``nn.MaxPool2d`` and the
 modules' own classes (and so their own ``forward``), sharing the same tensors, for people

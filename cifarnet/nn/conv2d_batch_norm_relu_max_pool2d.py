@@ -14,6 +14,7 @@ from cifarnet.nn._fx import leaf_call
 from cifarnet.nn._native import _native_chain, _native_sequential
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
+from cifarnet.ops._layout import is_unbatched
 
 
 def conv2d_batch_norm_module_relu_max_pool2d(
@@ -38,8 +39,10 @@ def conv2d_batch_norm_module_relu_max_pool2d(
 
 @torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
 def _check_batch_norm2d_input(input: Tensor) -> None:
-    """``nn.BatchNorm2d``'s rank check, with its message: the native conv -> batch norm chain
-    takes no unbatched input."""
+    """The native conv -> batch norm chain's rank checks, in its order: conv2d's (a
+    ``RuntimeError`` for other than 3-D or 4-D), then ``nn.BatchNorm2d``'s (a ``ValueError``
+    for the 3-D output of an unbatched input)."""
+    is_unbatched(input)
     if input.dim() != 4:
         raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 

@@ -10,22 +10,8 @@ import torch.fx
 from torch import Tensor, nn
 
 from cifarnet import _C, ops
-from cifarnet._arguments import pair
+from cifarnet._arguments import check_padding_string, pair, stored_pair
 from cifarnet.nn._native import _native_chain, _native_sequential
-
-
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
-    """``conv.padding`` as two ints; 'same' only where it is symmetric (odd kernels)."""
-    if conv.padding == "valid":
-        return (0, 0)
-    if conv.padding == "same":
-        if any(k % 2 == 0 for k in conv.kernel_size):
-            raise ValueError(
-                f"conv.padding='same' with the even kernel_size {conv.kernel_size} pads asymmetrically, "
-                "which the fused op does not support"
-            )
-        return (conv.kernel_size[0] // 2, conv.kernel_size[1] // 2)
-    return tuple(conv.padding)
 
 
 def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | None:
@@ -40,8 +26,6 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
     if conv.padding_mode != "zeros":
         return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
-    if conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):
-        return f"conv.padding='same' with even kernel_size {conv.kernel_size} is asymmetric"
     if pair(pool.padding, "pool.padding") != [0, 0]:
         return f"pool.padding={pool.padding}; the fused op pools without padding"
     if pair(pool.dilation, "pool.dilation") != [1, 1]:
@@ -65,7 +49,8 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``
-            (dilation 1, groups 1, zero padding).
+            (dilation 1, groups 1, zero padding; ``padding`` may be ``'valid'`` or ``'same'``).
+            Stored as ``nn.Conv2d`` stores them, and checked when the layer runs, as there.
         pool_size, pool_stride, ceil_mode: as ``kernel_size``, ``stride`` and ``ceil_mode`` of
             ``nn.MaxPool2d``; ``pool_stride=None`` means ``pool_size``.
 
@@ -92,11 +77,12 @@ class Conv2dReLUMaxPool2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.in_channels = in_channels
         self.out_channels = out_channels
-        self.kernel_size = tuple(pair(kernel_size, "kernel_size"))
-        self.stride = tuple(pair(stride, "stride"))
-        self.padding = tuple(pair(padding, "padding"))
-        self.pool_size = tuple(pair(pool_size, "pool_size"))
-        self.pool_stride = self.pool_size if pool_stride is None else tuple(pair(pool_stride, "pool_stride"))
+        check_padding_string(padding, stride)
+        self.kernel_size = stored_pair(kernel_size)
+        self.stride = stored_pair(stride)
+        self.padding = padding if isinstance(padding, str) else stored_pair(padding)
+        self.pool_size = stored_pair(pool_size)
+        self.pool_stride = self.pool_size if pool_stride is None else stored_pair(pool_stride)
         self.ceil_mode = bool(ceil_mode)
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
         if bias:
@@ -131,9 +117,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
         fused.out_channels = conv.out_channels
         fused.kernel_size = tuple(conv.kernel_size)
         fused.stride = tuple(conv.stride)
-        fused.padding = _conv_padding(conv)
-        fused.pool_size = tuple(pair(pool.kernel_size, "pool.kernel_size"))
-        fused.pool_stride = fused.pool_size if pool.stride is None else tuple(pair(pool.stride, "pool.stride"))
+        fused.padding = conv.padding  # 'valid' and 'same' too, as the functional op takes them
+        fused.pool_size = stored_pair(pool.kernel_size)
+        fused.pool_stride = fused.pool_size if pool.stride is None else stored_pair(pool.stride)
         fused.ceil_mode = bool(pool.ceil_mode)
         fused.weight = conv.weight
         if conv.bias is None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet._arguments import pair
+from cifarnet._arguments import conv_padding, pair
 from cifarnet.ops._layout import batch_norm_stats_dtype, channel_stats, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
 from cifarnet.ops.conv2d_relu_max_pool2d import (
@@ -85,8 +85,9 @@ def conv2d_batch_norm_relu_max_pool2d(
             ceil_mode,
         )
     unbatched = is_unbatched(input)
+    input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
     output = torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
-        input.unsqueeze(0) if unbatched else input,
+        input,
         weight,
         bias,
         running_mean,
@@ -97,7 +98,7 @@ def conv2d_batch_norm_relu_max_pool2d(
         float(momentum),
         float(eps),
         pair(stride, "stride"),
-        pair(padding, "padding"),
+        padding,
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet._arguments import pair
+from cifarnet._arguments import conv_padding, pair
 from cifarnet.ops._layout import check_pool_window, conv_output_memory_format, is_unbatched, suggest_memory_format
 from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation, pads
 
@@ -40,7 +40,8 @@ def conv2d_relu_max_pool2d(
         weight (Tensor[C_out, C_in, kH, kW]): same dtype and device as ``input``.
         bias (Tensor[C_out], optional): convolution bias.
         stride (int or (int, int)): convolution stride.
-        padding (int or (int, int)): implicit zero padding of the convolution.
+        padding (int, (int, int), 'valid' or 'same'): implicit zero padding of the
+            convolution, as in ``F.conv2d``.
         pool_size (int or (int, int)): pooling window; at most 255 elements.
         pool_stride (int or (int, int), optional): pooling stride; ``None`` means ``pool_size``.
         ceil_mode (bool): round the pooled size up, as in ``F.max_pool2d``.
@@ -64,12 +65,13 @@ def conv2d_relu_max_pool2d(
             ceil_mode,
         )
     unbatched = is_unbatched(input)
+    input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
     output = torch.ops.cifarnet.conv2d_relu_max_pool2d.default(
-        input.unsqueeze(0) if unbatched else input,
+        input,
         weight,
         bias,
         pair(stride, "stride"),
-        pair(padding, "padding"),
+        padding,
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),

@@ -3,6 +3,8 @@ wrapper, fake kernel and ONNX translation."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -49,8 +51,11 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
     """
     if has_torch_function((input,)):
         return handle_torch_function(dropout, (input,), input, p, training, generator)
-    if not 0.0 <= p <= 1.0:  # also refuses NaN
+    # F.dropout's checks and exception types: a ValueError out of range, a RuntimeError for NaN.
+    if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if math.isnan(p):
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
     if input.device.type not in ("cpu", "cuda"):

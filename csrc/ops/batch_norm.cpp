@@ -68,10 +68,16 @@ at::Tensor batch_norm_composite(const at::Tensor& input,
       const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double)>(
       "cifarnet::_batch_norm_forward");
+  // F.batch_norm's checks in its order: the batch, eps, then the dtypes.
+  check_batch_norm_input(input, training);
+  check_batch_norm_eps(eps, training);
+  check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
+                                            {"running_var", running_var},
+                                            {"weight", weight},
+                                            {"bias", bias}});
   if (!training) {
     return std::get<0>(forward.call(input, running_mean, running_var, weight, bias, false, eps));
   }
-  check_batch_norm_input(input, training);
   check_per_channel(running_mean, "running_mean", input);
   check_per_channel(running_var, "running_var", input);
   auto [output, save_mean, save_var] =

@@ -6,7 +6,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <array>
+#include <initializer_list>
 #include <optional>
 
 #include "conv_pool_geometry.h"
@@ -75,7 +77,11 @@ inline double unbiased_variance_factor(int64_t count) {
 inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
               input.dim(), "-D tensor of shape ", shape_string(input));
-  check_floating_dtype(input, "input");
+  // A NotImplementedError, as native batch norm's dtype dispatch raises it.
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+      "batch_norm: input must be float32, float64, float16 or bfloat16, got ", dtype);
   // A ValueError, as torch.nn.functional.batch_norm raises it; symbolic sizes (torch.compile)
   // defer the check to run time, where it raises a RuntimeError.
   const c10::SymBool enough = c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1));
@@ -95,6 +101,32 @@ inline void check_batch_norm_eps(double eps, bool training) {
     TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ", eps);
   } else {
     TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", eps);
+  }
+}
+
+// A per-channel tensor of batch norm, named for messages.
+struct NamedChannelTensor {
+  const char* name;
+  const std::optional<at::Tensor>& tensor;
+};
+
+// Native batch norm's dtype rule: the running statistics, weight and bias have the input's
+// dtype or, with bfloat16 or float16 input, are all float32 (as autocast leaves them).
+// NB: the public ops check it, not the private forward, whose callers (synchronized batch norm)
+// pass statistics in the statistics dtype.
+inline void check_batch_norm_parameter_dtypes(const at::Tensor& input,
+                                              std::initializer_list<NamedChannelTensor> tensors) {
+  const bool reduced = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
+  const bool mixed = reduced && std::any_of(tensors.begin(), tensors.end(), [](const auto& t) {
+                       return defined(t.tensor) && t.tensor->scalar_type() == at::kFloat;
+                     });
+  const at::ScalarType expected = mixed ? at::kFloat : input.scalar_type();
+  for (const NamedChannelTensor& t : tensors) {
+    if (!defined(t.tensor)) continue;
+    TORCH_CHECK(t.tensor->scalar_type() == expected, t.name, " is ", t.tensor->scalar_type(),
+                " where it must be ", expected, " for ", input.scalar_type(),
+                " input: batch norm's running statistics, weight and bias take the input's dtype",
+                reduced ? ", or are all float32" : "");
   }
 }
 

@@ -50,6 +50,10 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
   check_batch_norm_eps(eps, training);
+  check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
+                                            {"running_var", running_var},
+                                            {"bn_weight", bn_weight},
+                                            {"bn_bias", bn_bias}});
   if (training && input.sym_numel() == 0) {
     return composed_conv2d_batch_norm_relu_max_pool2d(input, weight, bias, running_mean, running_var,
                                                     bn_weight, bn_bias, training, momentum, eps,

@@ -1,5 +1,7 @@
 """The ops' autograd formulas (csrc/ops/autograd/<op>.cpp): gradients for exactly the tensors that
-ask for one, whichever optional tensors are given, equal to the native composition's."""
+ask for one, whichever optional tensors are given, equal to the native composition's; second
+derivatives, forward-mode AD and torch.func transforms as native's; and first derivatives
+still from the fused backward ops."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import itertools
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from cifarnet import ops
 from conftest import DEVICES, native_conv2d_relu_max_pool2d
@@ -53,6 +57,25 @@ OPS = {
         [(2, 3, 6, 6), (4, 3, 3, 3), (4,), (4,), (4,)],
         [False, False, True, True, True],
     ),
+    "conv2d_batch_norm_relu_max_pool2d, evaluation": (
+        lambda x, w, b, bw, bb: ops.conv2d_batch_norm_relu_max_pool2d(
+            x, w, b, torch.full_like(w[:, 0, 0, 0], 0.5), torch.full_like(w[:, 0, 0, 0], 2.0), bw, bb, **GEOMETRY
+        ),
+        lambda x, w, b, bw, bb: F.max_pool2d(
+            F.relu(
+                F.batch_norm(
+                    F.conv2d(x, w, b, padding=1),
+                    torch.full_like(w[:, 0, 0, 0], 0.5),
+                    torch.full_like(w[:, 0, 0, 0], 2.0),
+                    ones_if_none(bw, w[None, :, :, 0]),
+                    bb,
+                )
+            ),
+            2,
+        ),
+        [(2, 3, 6, 6), (4, 3, 3, 3), (4,), (4,), (4,)],
+        [False, False, True, True, True],
+    ),
 }
 
 
@@ -93,3 +116,138 @@ def test_gradients_for_exactly_the_tensors_that_ask(name, device):
                 continue
             assert mine.grad is not None, f"{what} got no gradient"
             torch.testing.assert_close(mine.grad, theirs.grad, msg=what)
+
+
+def all_tensors(name, device, generator):
+    """Every tensor of op ``name`` given, float64, each asking for a gradient."""
+    shapes = OPS[name][2]
+    return [torch.randn(shape, generator=generator, dtype=torch.float64).to(device).requires_grad_() for shape in shapes]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_second_derivatives_float64(name, device):
+    ours = OPS[name][0]
+    tensors = all_tensors(name, device, torch.Generator().manual_seed(1))
+    # NB: a tie in a pool window or a value at ReLU's kink makes the finite differences jump;
+    # random float64 data has neither.
+    assert torch.autograd.gradgradcheck(ours, tensors, eps=1e-6, atol=1e-5, nondet_tol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_gradient_penalty_matches_native(name, device):
+    """A gradient penalty (WGAN-GP, R1): the gradient of the squared norm of the first
+    gradients, through create_graph=True, as native's."""
+    ours, native, _, _ = OPS[name]
+    generator = torch.Generator().manual_seed(2)
+    tensors = all_tensors(name, device, generator)
+    penalty_grads = []
+    for op in (ours, native):
+        leaves = [t.detach().clone().requires_grad_() for t in tensors]
+        first = torch.autograd.grad(op(*leaves).square().sum(), leaves, create_graph=True)
+        penalty = sum(g.square().sum() for g in first)
+        penalty_grads.append(torch.autograd.grad(penalty, leaves))
+    for i, (mine, theirs) in enumerate(zip(*penalty_grads)):
+        torch.testing.assert_close(mine, theirs, msg=f"{name}: tensor {i}")
+    assert any(g.abs().sum() > 0 for g in penalty_grads[0]), "a penalty with no gradient at all tests nothing"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+@pytest.mark.parametrize("duals", ["input", "all"])
+def test_forward_ad_matches_native(name, device, duals):
+    ours, native, _, _ = OPS[name]
+    generator = torch.Generator().manual_seed(3)
+    primals = [t.detach() for t in all_tensors(name, device, generator)]
+    tangents = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device) for p in primals]
+    results = []
+    for op in (ours, native):
+        with fwAD.dual_level():
+            inputs = [fwAD.make_dual(p, t) if duals == "all" or i == 0 else p for i, (p, t) in enumerate(zip(primals, tangents))]
+            results.append(fwAD.unpack_dual(op(*inputs)))
+    torch.testing.assert_close(results[0].primal, results[1].primal)
+    assert results[0].tangent is not None
+    torch.testing.assert_close(results[0].tangent, results[1].tangent)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_torch_func_transforms_match_native(name, device):
+    """torch.func.jvp, grad and (for conv -> ReLU -> max-pool) vmap, which refuse C++ autograd
+    Functions, run the op."""
+    ours, native, _, _ = OPS[name]
+    generator = torch.Generator().manual_seed(4)
+    primals = [t.detach() for t in all_tensors(name, device, generator)]
+    tangents = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(device) for p in primals]
+    primals, tangents = tuple(primals), tuple(tangents)
+    for mine, theirs in zip(torch.func.jvp(ours, primals, tangents), torch.func.jvp(native, primals, tangents)):
+        torch.testing.assert_close(mine, theirs)
+    every = tuple(range(len(primals)))
+    for mine, theirs in zip(
+        torch.func.grad(lambda *t: ours(*t).square().sum(), every)(*primals),
+        torch.func.grad(lambda *t: native(*t).square().sum(), every)(*primals),
+    ):
+        torch.testing.assert_close(mine, theirs)
+    if "batch_norm" in name:
+        # NB: no vmap: the batch-norm ops' schemas mutate the running statistics, which
+        # functorch's fallback refuses ("Batching rule not implemented for cifarnet::...").
+        return
+    batch = torch.stack([primals[0], primals[0].flip(0)])
+    torch.testing.assert_close(
+        torch.func.vmap(lambda x: ours(x, *primals[1:]))(batch), torch.func.vmap(lambda x: native(x, *primals[1:]))(batch)
+    )
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every op that reaches the kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "name, fused_backward",
+    [
+        ("conv2d_relu_max_pool2d", "cifarnet::_conv2d_relu_max_pool2d_backward"),
+        ("batch_norm, training", "cifarnet::_batch_norm_backward"),
+        ("conv2d_batch_norm_relu_max_pool2d, training", "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training_backward"),
+    ],
+)
+def test_first_derivatives_come_from_the_fused_backward(name, fused_backward):
+    """The native composition is for what the fused formulas lack; a plain backward stays the
+    fused one, and create_graph=True takes the composition."""
+    ours = OPS[name][0]
+    tensors = all_tensors(name, "cpu", torch.Generator().manual_seed(5))
+    for create_graph in (False, True):
+        output = ours(*tensors)
+        with OpNames() as recorded:
+            torch.autograd.grad(output.sum(), tensors, create_graph=create_graph)
+        assert (fused_backward in recorded.names) == (not create_graph), sorted(recorded.names)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_second_derivatives_and_forward_ad(device):
+    """Dropout is linear with the seed's mask: its gradient, second derivatives and tangent all
+    apply that mask."""
+    input = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    seed = torch.tensor([1234])
+
+    def op(x):
+        return torch.ops.cifarnet.dropout(x, seed, 0.4)
+
+    assert torch.autograd.gradgradcheck(op, (input,))
+    scaled_mask = op(torch.ones_like(input)).detach()
+    assert 0 < (scaled_mask == 0).sum() < scaled_mask.numel()
+    tangent = torch.randn_like(input)
+    with fwAD.dual_level():
+        output = fwAD.unpack_dual(op(fwAD.make_dual(input.detach(), tangent)))
+    torch.testing.assert_close(output.primal, input.detach() * scaled_mask)
+    torch.testing.assert_close(output.tangent, tangent * scaled_mask)
+    _, jvp_tangent = torch.func.jvp(op, (input.detach(),), (tangent,))
+    torch.testing.assert_close(jvp_tangent, tangent * scaled_mask)

@@ -1,0 +1,132 @@
+"""Output and gradient layouts against native torch's, on contiguous, channels-last,
+non-standard channels-last, permuted and sliced inputs, each run twice: by the kernels, and by
+the fake kernels (under ``FakeTensorMode``), which must give the kernels' strides exactly.
+
+Native's layouts, which these tests pin (CPU):
+
+- batch norm: the output takes the memory format the input is dense in (contiguous, else
+  channels_last / channels_last_3d), else its suggested one; the input gradient takes the
+  input's dense format where the output gradient is dense too and both suggest the same
+  format, else the input's suggested format.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import cifarnet
+from cifarnet import ops
+from conftest import DEVICES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def strided(shape, order, step=1, device="cpu", seed=0):
+    """A tensor of ``shape`` whose dimensions lie in memory in ``order`` (outermost first),
+    taking every ``step``-th element of the innermost one (``step`` > 1: not dense)."""
+    stored = [shape[d] for d in order]
+    stored[-1] *= step
+    base = torch.randn(stored, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    inverse = [order.index(d) for d in range(len(shape))]
+    return base[..., ::step].permute(inverse).to(device)
+
+
+def ones_in_order(like, order):
+    """Ones of ``like``'s shape, dtype and device, laid out dense in ``order`` (also under
+    FakeTensorMode: no generator)."""
+    stored = [like.shape[d] for d in order]
+    return torch.ones(stored, dtype=like.dtype, device=like.device).permute([order.index(d) for d in range(like.dim())])
+
+
+def layouts(shape, orders=None, steps=(1, 2)):
+    """(name, order, step) of every dimension order (or ``orders``), dense and sliced."""
+    orders = orders or list(itertools.permutations(range(len(shape))))
+    return [(f"{''.join(map(str, order))}{'/' + str(step) if step > 1 else ''}", order, step) for order in orders for step in steps]
+
+
+# The brief's non-standard channels-last tensor: channels-last dense, as its size-1 dimensions
+# allow, where suggest_memory_format says contiguous.
+def non_standard_channels_last(device="cpu"):
+    return torch.arange(6.0, dtype=torch.float64).reshape(1, 3, 2, 1).permute(0, 2, 1, 3).to(device)
+
+
+def assert_same_strides(actual, expected, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.stride() == expected.stride(), f"{name}: strides {actual.stride()} differ from {expected.stride()}"
+
+
+def real_and_fake(fn, *tensors):
+    """``fn(*tensors)`` (a tuple of tensors) run by the kernels and by the fake kernels."""
+    real = fn(*tensors)
+    with FakeTensorMode() as mode:
+        fake = fn(*(None if t is None else mode.from_tensor(t) for t in tensors))
+    return real, fake
+
+
+def assert_fakes_match(real, fake, names):
+    for name, r, f in zip(names, real, fake):
+        assert_same_strides(f, r, f"fake {name}")
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm
+
+BATCH_NORM_CASES = (
+    [((2, 3, 4, 5), *layout) for layout in layouts((2, 3, 4, 5))]
+    + [(shape, *layout) for shape in [(1, 2, 3, 1), (2, 3, 1, 1), (2, 3, 1, 5)] for layout in layouts(shape, steps=(1,))]
+    + [((4, 3), *layout) for layout in layouts((4, 3))]
+    + [((2, 3, 5), *layout) for layout in layouts((2, 3, 5))]
+    + [((2, 3, 1), *layout) for layout in layouts((2, 3, 1), steps=(1,))]
+    + [((2, 3, 2, 3, 2), *layout) for layout in layouts((2, 3, 2, 3, 2), [(0, 1, 2, 3, 4), (0, 2, 3, 4, 1), (0, 1, 3, 2, 4), (4, 3, 2, 1, 0)])]
+)
+
+
+def batch_norm_grads(batch_norm, training, grad_layouts):
+    """A function of (input, weight, bias) giving the output and the input gradient for each
+    output-gradient layout of ``grad_layouts`` (orders; None: the output's own layout)."""
+
+    def run(input, weight, bias):
+        channels = input.shape[1]
+        input = input.detach().requires_grad_()
+        running = (None, None) if training else (input.new_zeros(channels), input.new_ones(channels))
+        output = batch_norm(input, *running, weight, bias, training)
+        results = [output]
+        for order in grad_layouts:
+            grad = torch.ones_like(output) if order is None else ones_in_order(output, order)
+            results.append(torch.autograd.grad(output, input, grad, retain_graph=True)[0])
+        return tuple(results)
+
+    return run
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, name, order, step", BATCH_NORM_CASES, ids=lambda v: str(v).replace(" ", ""))
+def test_batch_norm_layouts_are_natives(device, shape, name, order, step):
+    input = strided(shape, order, step, device)
+    channels = shape[1]
+    weight, bias = torch.rand(channels, dtype=torch.float64, device=device), torch.randn(channels, dtype=torch.float64, device=device)
+    contiguous_order = tuple(range(len(shape)))
+    # Output gradients: the output's layout, contiguous, and the input's own dimension order.
+    grad_layouts = [None, contiguous_order, order]
+    for training in (True, False):
+        expected = batch_norm_grads(F.batch_norm, training, grad_layouts)(input, weight, bias)
+        real, fake = real_and_fake(batch_norm_grads(ops.batch_norm, training, grad_layouts), input, weight, bias)
+        names = ["output"] + [f"grad_input (output gradient {o or 'like the output'})" for o in grad_layouts]
+        for ours, native, what in zip(real, expected, names):
+            assert_same_strides(ours, native, f"training={training} {what}")
+        assert_fakes_match(real, fake, names)
+
+
+def test_batch_norm2d_keeps_a_non_standard_channels_last_input_channels_last():
+    input = non_standard_channels_last()
+    native = nn.BatchNorm2d(2).double()
+    ours = cifarnet.nn.BatchNorm2d(2).double()
+    expected, output = native(input), ours(input)
+    assert expected.is_contiguous(memory_format=torch.channels_last) and not expected.is_contiguous()
+    assert_same_strides(output, expected, "output")

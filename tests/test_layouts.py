@@ -1,13 +1,15 @@
 """Output and gradient layouts against native torch's, on contiguous, channels-last,
 non-standard channels-last, permuted and sliced inputs, each run twice: by the kernels, and by
-the fake kernels (under ``FakeTensorMode``), which must give the kernels' strides exactly.
+the fake kernels (under ``FakeTensorMode``), which must give the kernels' strides (exactly, but
+for dropout's size-1 dimensions).
 
 Native's layouts, which these tests pin (CPU):
 
 - batch norm: the output takes the memory format the input is dense in (contiguous, else
   channels_last / channels_last_3d), else its suggested one; the input gradient takes the
   input's dense format where the output gradient is dense too and both suggest the same
-  format, else the input's suggested format.
+  format, else the input's suggested format;
+- dropout: output and input gradient as ``empty_like`` of the input and of the output gradient.
 """
 
 from __future__ import annotations
@@ -61,6 +63,15 @@ def assert_same_strides(actual, expected, name):
     assert actual.stride() == expected.stride(), f"{name}: strides {actual.stride()} differ from {expected.stride()}"
 
 
+def assert_same_order(actual, expected, name):
+    """Same element order in memory: strides equal but where a dimension has size 1."""
+
+    def significant(t):
+        return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+    assert significant(actual) == significant(expected), f"{name}: layout {actual.stride()} differs from {expected.stride()}"
+
+
 def real_and_fake(fn, *tensors):
     """``fn(*tensors)`` (a tuple of tensors) run by the kernels and by the fake kernels."""
     real = fn(*tensors)
@@ -69,9 +80,9 @@ def real_and_fake(fn, *tensors):
     return real, fake
 
 
-def assert_fakes_match(real, fake, names):
+def assert_fakes_match(real, fake, names, exactly=True):
     for name, r, f in zip(names, real, fake):
-        assert_same_strides(f, r, f"fake {name}")
+        (assert_same_strides if exactly else assert_same_order)(f, r, f"fake {name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,3 +141,63 @@ def test_batch_norm2d_keeps_a_non_standard_channels_last_input_channels_last():
     expected, output = native(input), ours(input)
     assert expected.is_contiguous(memory_format=torch.channels_last) and not expected.is_contiguous()
     assert_same_strides(output, expected, "output")
+
+
+# --------------------------------------------------------------------------------------------
+# Dropout
+
+DROPOUT_INPUTS = (
+    [((2, 3, 4, 5), *layout) for layout in layouts((2, 3, 4, 5))]
+    + [((1, 3, 4, 1), *layout) for layout in layouts((1, 3, 4, 1), steps=(1,))]
+    + [((5, 33), *layout) for layout in layouts((5, 33))]
+    + [((2, 3, 5), *layout) for layout in layouts((2, 3, 5))]
+    + [((2, 3, 2, 3, 2), *layout) for layout in layouts((2, 3, 2, 3, 2), [(0, 1, 2, 3, 4), (0, 2, 3, 4, 1), (4, 3, 2, 1, 0)])]
+)
+
+
+def dropout_and_grads(dropout, p, grad_layouts):
+    def run(input):
+        input = input.detach().requires_grad_()
+        output = dropout(input, p)
+        results = [output]
+        for order in grad_layouts:
+            grad = ones_in_order(output, order)
+            results.append(torch.autograd.grad(output, input, grad, retain_graph=True)[0])
+        return tuple(results)
+
+    return run
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape, name, order, step", DROPOUT_INPUTS, ids=lambda v: str(v).replace(" ", ""))
+def test_dropout_layouts_are_natives(device, shape, name, order, step):
+    """Output as empty_like(input), input gradient as empty_like(output gradient): strides and
+    all, as native's (whose strides agree but where a dimension has size 1); the mask as the
+    contiguous input's."""
+    input = strided(shape, order, step, device)
+    contiguous_order = tuple(range(len(shape)))
+    grad_layouts = [contiguous_order, order, tuple(reversed(contiguous_order))]
+    names = ["output"] + [f"grad_input (output gradient {o})" for o in grad_layouts]
+    for p in (0.3, 1.0):
+        expected = dropout_and_grads(lambda x, p: F.dropout(x, p, True), p, grad_layouts)(input)
+        real, fake = real_and_fake(dropout_and_grads(ops.dropout, p, grad_layouts), input)
+        assert_same_strides(real[0], torch.empty_like(input), f"p={p} output")
+        for grad, order in zip(real[1:], grad_layouts):
+            assert_same_strides(grad, torch.empty_like(ones_in_order(input, order)), f"p={p} grad_input")
+        for ours, native, what in zip(real, expected, names):
+            assert_same_order(ours, native, f"p={p} {what}")
+        # NB: in the order only: torch's own fake empty_like (torch._refs.empty_like) strides
+        # size-1 dimensions otherwise than c10's empty_like, which the kernels call.
+        assert_fakes_match(real, fake, names, exactly=False)
+        # The mask is a function of the seed and each element's row-major index, whatever the
+        # layout.
+        seed = torch.tensor([1234], dtype=torch.int64)
+        output = torch.ops.cifarnet.dropout.default(input, seed, p)
+        assert torch.equal(output, torch.ops.cifarnet.dropout.default(input.contiguous(), seed, p)), "another mask"
+
+
+def test_dropout_module_keeps_a_permuted_input_in_its_order():
+    input = strided((2, 3, 4, 5), (3, 1, 0, 2))
+    output = cifarnet.nn.Dropout(0.5)(input)
+    assert_same_strides(output, torch.empty_like(input), "output")
+    assert_same_order(output, F.dropout(input, 0.5, True), "output")

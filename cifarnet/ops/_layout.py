@@ -6,7 +6,7 @@ Shapes and the errors for impossible geometry come from native conv2d and max_po
 meta functions, so they agree with the composition the ops replace; layouts follow the rules
 the C++ kernels use, which are native torch's: the convolution's layout (channels_last when the
 input or the weight is channels_last) for the fused ops' outputs, native batch norm's for
-batch norm.
+batch norm, ``empty_like(input)``'s for dropout.
 """
 
 from __future__ import annotations

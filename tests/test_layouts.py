@@ -1,7 +1,7 @@
-"""Output and gradient layouts against native torch's, on contiguous, channels-last,
-non-standard channels-last, permuted and sliced inputs, each run twice: by the kernels, and by
-the fake kernels (under ``FakeTensorMode``), which must give the kernels' strides (exactly, but
-for dropout's size-1 dimensions).
+"""Output and gradient layouts against native torch's: batch norm, dropout and the fused conv
+ops on contiguous, channels-last, non-standard channels-last, permuted, sliced and unbatched
+inputs, each run twice: by the kernels, and by the fake kernels (under ``FakeTensorMode``),
+which must give the kernels' strides (exactly, but for dropout's size-1 dimensions).
 
 Native's layouts, which these tests pin (CPU):
 
@@ -9,7 +9,10 @@ Native's layouts, which these tests pin (CPU):
   channels_last / channels_last_3d), else its suggested one; the input gradient takes the
   input's dense format where the output gradient is dense too and both suggest the same
   format, else the input's suggested format;
-- dropout: output and input gradient as ``empty_like`` of the input and of the output gradient.
+- dropout: output and input gradient as ``empty_like`` of the input and of the output gradient;
+- conv2d -> [batch norm ->] ReLU -> max_pool2d: output, input gradient and weight gradient in
+  the convolution's format (channels_last if the input or the weight suggests it), but a
+  contiguous output for an unbatched input (native max_pool2d of a 3-D tensor).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import cifarnet
 from cifarnet import ops
-from conftest import DEVICES
+from conftest import DEVICES, native_conv2d_relu_max_pool2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -201,3 +204,93 @@ def test_dropout_module_keeps_a_permuted_input_in_its_order():
     output = cifarnet.nn.Dropout(0.5)(input)
     assert_same_strides(output, torch.empty_like(input), "output")
     assert_same_order(output, F.dropout(input, 0.5, True), "output")
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d -> [batch norm ->] ReLU -> max_pool2d
+
+# (input shape, weight shape, pool): a square geometry, and one whose size-1 dimensions let a
+# tensor be channels-last dense with non-standard strides.
+SQUARE = ((2, 3, 6, 6), (4, 3, 3, 3), (2, 2))
+NARROW = ((1, 3, 6, 1), (4, 3, 3, 1), (2, 1))
+INPUT_ORDERS = [(0, 1, 2, 3), (0, 2, 3, 1), (0, 2, 1, 3), (1, 0, 2, 3), (3, 2, 1, 0)]
+WEIGHT_ORDERS = [(0, 1, 2, 3), (0, 2, 3, 1), (1, 0, 3, 2)]
+CONV_CASES = [
+    (geometry, input_layout, weight_order, unbatched)
+    for geometry in (SQUARE, NARROW)
+    for input_layout in layouts(geometry[0], INPUT_ORDERS)
+    for weight_order in WEIGHT_ORDERS
+    for unbatched in (False, True)
+]
+
+
+def conv_input(geometry, order, step, unbatched, device):
+    """The input of the case: for an unbatched one, the first sample of a batch laid out in
+    ``order`` (so its layout is that order's without the batch dimension)."""
+    input = strided(geometry[0], order, step, device)
+    return input[0] if unbatched else input
+
+
+def conv_layer(kind):
+    """The layer under test as fn(input, weight, bias, pool_size) -> output, natively and fused."""
+    if kind == "conv2d_relu_max_pool2d":
+        return (
+            lambda x, w, b, pool: native_conv2d_relu_max_pool2d(x, w, b, pool_size=pool),
+            lambda x, w, b, pool: ops.conv2d_relu_max_pool2d(x, w, b, pool_size=pool),
+        )
+
+    def native(x, w, b, pool_size, training):
+        conv = F.conv2d(x, w, b)
+        batch = conv if conv.dim() == 4 else conv.unsqueeze(0)
+        normalised = F.batch_norm(batch, *running_stats(w, training), None, None, training).reshape(conv.shape)
+        return F.max_pool2d(F.relu(normalised), pool_size)
+
+    def fused(x, w, b, pool_size, training):
+        return ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, *running_stats(w, training), None, None, training, pool_size=pool_size)
+
+    training = kind.endswith("training")
+    return (lambda x, w, b, pool: native(x, w, b, pool, training)), (lambda x, w, b, pool: fused(x, w, b, pool, training))
+
+
+def running_stats(weight, training):
+    channels = weight.shape[0]
+    return (None, None) if training else (weight.new_zeros(channels), weight.new_ones(channels))
+
+
+def conv_grads(layer, pool_size):
+    def run(input, weight, bias):
+        input, weight, bias = (t.detach().requires_grad_() for t in (input, weight, bias))
+        output = layer(input, weight, bias, pool_size)
+        grads = torch.autograd.grad(output, (input, weight), torch.ones_like(output))
+        return (output, *grads)
+
+    return run
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(
+    "kind", ["conv2d_relu_max_pool2d", "conv2d_batch_norm_relu_max_pool2d/training", "conv2d_batch_norm_relu_max_pool2d/eval"]
+)
+def test_conv_layer_layouts_are_natives(device, kind):
+    native, fused = conv_layer(kind)
+    for geometry, (name, order, step), weight_order, unbatched in CONV_CASES:
+        input = conv_input(geometry, order, step, unbatched, device)
+        weight = strided(geometry[1], weight_order, device=device, seed=1)
+        bias = torch.randn(geometry[1][0], dtype=torch.float64, device=device)
+        case = f"input {tuple(input.shape)} {name}{' unbatched' if unbatched else ''}, weight {weight.stride()}"
+        expected = conv_grads(native, geometry[2])(input, weight, bias)
+        real, fake = real_and_fake(conv_grads(fused, geometry[2]), input, weight, bias)
+        names = ["output", "grad_input", "grad_weight"]
+        for ours, theirs, what in zip(real, expected, names):
+            assert_same_strides(ours, theirs, f"{case}: {what}")
+        assert_fakes_match(real, fake, [f"{case}: {what}" for what in names])
+
+
+def test_conv_module_gives_an_unbatched_input_a_contiguous_output():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3).double().to(memory_format=torch.channels_last)
+    pool = nn.MaxPool2d(2)
+    input = torch.randn(3, 8, 8, dtype=torch.float64)
+    output = cifarnet.nn.Conv2dReLUMaxPool2d.from_modules(conv, pool)(input)
+    assert_same_strides(output, pool(F.relu(conv(input))), "output")
+    assert output.is_contiguous(), f"strides {output.stride()}"

@@ -5,8 +5,8 @@ kernels reproduce.
 Shapes and the errors for impossible geometry come from native conv2d and max_pool2d's own
 meta functions, so they agree with the composition the ops replace; layouts follow the rules
 the C++ kernels use, which are native torch's: the convolution's layout (channels_last when the
-input or the weight is channels_last) for the fused ops' outputs, native batch norm's for
-batch norm, ``empty_like(input)``'s for dropout.
+input or the weight is channels_last) for the fused ops' outputs and gradients, native batch
+norm's for batch norm, ``empty_like(input)``'s for dropout.
 """
 
 from __future__ import annotations

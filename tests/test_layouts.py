@@ -13,6 +13,11 @@ Native's layouts, which these tests pin (CPU):
 - conv2d -> [batch norm ->] ReLU -> max_pool2d: output, input gradient and weight gradient in
   the convolution's format (channels_last if the input or the weight suggests it), but a
   contiguous output for an unbatched input (native max_pool2d of a 3-D tensor).
+
+The CUDA kernels of batch norm and dropout follow the CPU's rules, so CUDA results are compared
+with native's on the CPU: native CUDA batch norm's layout depends on its backend (cuDNN's is the
+suggested format, its own kernel's empty_like's), and native CUDA dropout's gradient takes the
+output gradient's suggested format.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ def test_batch_norm_layouts_are_natives(device, shape, name, order, step):
     # Output gradients: the output's layout, contiguous, and the input's own dimension order.
     grad_layouts = [None, contiguous_order, order]
     for training in (True, False):
-        expected = batch_norm_grads(F.batch_norm, training, grad_layouts)(input, weight, bias)
+        expected = batch_norm_grads(F.batch_norm, training, grad_layouts)(input.cpu(), weight.cpu(), bias.cpu())
         real, fake = real_and_fake(batch_norm_grads(ops.batch_norm, training, grad_layouts), input, weight, bias)
         names = ["output"] + [f"grad_input (output gradient {o or 'like the output'})" for o in grad_layouts]
         for ours, native, what in zip(real, expected, names):
@@ -182,7 +187,7 @@ def test_dropout_layouts_are_natives(device, shape, name, order, step):
     grad_layouts = [contiguous_order, order, tuple(reversed(contiguous_order))]
     names = ["output"] + [f"grad_input (output gradient {o})" for o in grad_layouts]
     for p in (0.3, 1.0):
-        expected = dropout_and_grads(lambda x, p: F.dropout(x, p, True), p, grad_layouts)(input)
+        expected = dropout_and_grads(lambda x, p: F.dropout(x, p, True), p, grad_layouts)(input.cpu())
         real, fake = real_and_fake(dropout_and_grads(ops.dropout, p, grad_layouts), input)
         assert_same_strides(real[0], torch.empty_like(input), f"p={p} output")
         for grad, order in zip(real[1:], grad_layouts):

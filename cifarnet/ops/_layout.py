@@ -3,8 +3,10 @@ functional wrappers, and the output layouts and dtypes the C++ kernels give, whi
 kernels reproduce.
 
 Shapes and the errors for impossible geometry come from native conv2d and max_pool2d's own
-meta functions, so they agree with the composition the ops replace; layouts follow the rule
-the C++ kernels use (channels_last when the input or the weight is channels_last).
+meta functions, so they agree with the composition the ops replace; layouts follow the rules
+the C++ kernels use, which are native torch's: the convolution's layout (channels_last when the
+input or the weight is channels_last) for the fused ops' outputs and gradients, native batch
+norm's for batch norm, ``empty_like(input)``'s for dropout.
 """
 
 from __future__ import annotations
@@ -55,12 +57,36 @@ def check_pool_window(pool_size) -> None:
     )
 
 
+def dense_memory_format(tensor: Tensor) -> torch.memory_format | None:
+    """The memory format ``tensor`` is dense in (contiguous first, then channels_last for 4-D
+    and channels_last_3d for 5-D tensors), or None; the C++ kernels' ``dense_memory_format``."""
+    if tensor.is_contiguous():
+        return torch.contiguous_format
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(tensor.dim())
+    if channels_last is not None and tensor.is_contiguous(memory_format=channels_last):
+        return channels_last
+    return None
+
+
 def batch_norm_memory_format(input: Tensor) -> torch.memory_format:
-    """The layout the batch norm kernels give their outputs: channels_last for channels-last
-    4-D inputs, else contiguous."""
-    if input.dim() == 4 and suggest_memory_format(input) == torch.channels_last:
-        return torch.channels_last
-    return torch.contiguous_format
+    """The layout the batch norm kernels give their outputs, native CPU batch norm's: the
+    format the input is dense in, else its suggested one."""
+    dense = dense_memory_format(input)
+    return suggest_memory_format(input) if dense is None else dense
+
+
+def batch_norm_grad_input_memory_format(input: Tensor, grad_output: Tensor) -> torch.memory_format:
+    """The layout the batch norm kernels give the input gradient, native CPU batch norm's: the
+    format the input is dense in where the gradient is dense too and both suggest the same
+    format, else the input's suggested format."""
+    dense = dense_memory_format(input)
+    if (
+        dense is not None
+        and dense_memory_format(grad_output) is not None
+        and suggest_memory_format(input) == suggest_memory_format(grad_output)
+    ):
+        return dense
+    return suggest_memory_format(input)
 
 
 def batch_norm_stats_dtype(input: Tensor) -> torch.dtype:

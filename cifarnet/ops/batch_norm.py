@@ -11,6 +11,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet.ops._layout import (
+    batch_norm_grad_input_memory_format,
     batch_norm_memory_format,
     batch_norm_stats_dtype,
     channel_stats,
@@ -41,9 +42,9 @@ def batch_norm(
     and no statistics to update).
 
     Args:
-        input (Tensor[N, C, *]): float32, float64, bfloat16 or float16; contiguous or
-            channels_last. With 16-bit input the weight, bias and running statistics may be
-            float32, as native batch norm allows; the output takes the input's dtype.
+        input (Tensor[N, C, *]): float32, float64, bfloat16 or float16, any layout. With
+            16-bit input the weight, bias and running statistics may be float32, as native
+            batch norm allows; the output takes the input's dtype.
         running_mean, running_var (Tensor[C], optional): updated in place in training;
             required in evaluation.
         weight, bias (Tensor[C], optional): the affine transform after normalisation.
@@ -52,7 +53,9 @@ def batch_norm(
         eps (float): added to the variance.
 
     Returns:
-        Tensor[N, C, *]: same shape, dtype and memory format as ``input``.
+        Tensor[N, C, *]: same shape and dtype as ``input``, in native batch norm's layout: the
+        memory format ``input`` is dense in (contiguous, channels_last or channels_last_3d),
+        else its suggested one.
     """
     tensors = (input, running_mean, running_var, weight, bias)
     if has_torch_function(tensors):
@@ -81,7 +84,7 @@ def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, t
     channels = input.shape[1]
     grad_dtype = batch_norm_stats_dtype(input)
     return (
-        empty_like_layout(input, batch_norm_memory_format(input)) if output_mask[0] else None,
+        empty_like_layout(input, batch_norm_grad_input_memory_format(input, grad_output)) if output_mask[0] else None,
         input.new_empty(channels, dtype=grad_dtype) if output_mask[1] else None,
         input.new_empty(channels, dtype=grad_dtype) if output_mask[2] else None,
     )
@@ -108,7 +111,7 @@ def _batch_norm_backward_reduce_fake(grad_output, input, mean):
 
 @torch.library.register_fake("cifarnet::_batch_norm_backward_elementwise")
 def _batch_norm_backward_elementwise_fake(grad_output, input, mean, var, weight, sum_dy, sum_dy_xmu, count, eps):
-    return empty_like_layout(input, batch_norm_memory_format(input))
+    return empty_like_layout(input, batch_norm_grad_input_memory_format(input, grad_output))
 
 
 @onnx_translation(torch.ops.cifarnet._batch_norm_forward.default)

@@ -61,7 +61,7 @@ def conv2d_batch_norm_relu_max_pool2d(
 
     Returns:
         Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
-        the memory format native conv2d would give.
+        the layout of the native composition, as :func:`conv2d_relu_max_pool2d`'s.
     """
     tensors = (input, weight, bias, running_mean, running_var, bn_weight, bn_bias)
     if has_torch_function(tensors):
@@ -103,7 +103,9 @@ def conv2d_batch_norm_relu_max_pool2d(
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
     )
-    return output.squeeze(0) if unbatched else output
+    # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's
+    # layout (a channels-last weight makes the batch of one's output channels-last).
+    return output.squeeze(0).contiguous() if unbatched else output
 
 
 def _conv_output_fake(input, weight, bias, stride, padding):

@@ -10,7 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import conv_padding, pair
-from cifarnet.ops._layout import check_pool_window, conv_output_memory_format, is_unbatched, suggest_memory_format
+from cifarnet.ops._layout import check_pool_window, conv_output_memory_format, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation, pads
 
 
@@ -48,8 +48,9 @@ def conv2d_relu_max_pool2d(
 
     Returns:
         Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
-        the memory format native conv2d would give (channels_last if ``input`` or ``weight`` is
-        channels_last).
+        the layout of the native composition: native conv2d's memory format (channels_last if
+        ``input`` or ``weight`` is channels_last), contiguous for an unbatched input. The
+        gradients of ``input`` and ``weight`` take the convolution's memory format too.
     """
     if has_torch_function((input, weight, bias)):
         return handle_torch_function(
@@ -76,7 +77,9 @@ def conv2d_relu_max_pool2d(
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
     )
-    return output.squeeze(0) if unbatched else output
+    # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's
+    # layout (a channels-last weight makes the batch of one's output channels-last).
+    return output.squeeze(0).contiguous() if unbatched else output
 
 
 @torch.library.register_fake("cifarnet::conv2d_relu_max_pool2d_with_argmax")
@@ -108,9 +111,8 @@ def _conv2d_relu_max_pool2d_backward_fake(
         memory_format = conv_output_memory_format(input, weight)
         grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
     if output_mask[1]:
-        grad_weight = torch.empty(
-            weight.shape, dtype=weight.dtype, device=weight.device, memory_format=suggest_memory_format(weight)
-        )
+        memory_format = conv_output_memory_format(input, weight)
+        grad_weight = torch.empty(weight.shape, dtype=weight.dtype, device=weight.device, memory_format=memory_format)
     if output_mask[2]:
         grad_bias = weight.new_empty(weight.shape[0])
     return grad_input, grad_weight, grad_bias

@@ -11,7 +11,6 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet.ops._layout import suggest_memory_format
 from cifarnet.ops._onnx import onnx_translation
 
 _SEED_BOUND = 2**63 - 1
@@ -43,8 +42,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
     ``F.dropout``.
 
     Args:
-        input (Tensor): float32, float64, bfloat16 or float16, any shape; contiguous or
-            channels_last (the output has the input's layout).
+        input (Tensor): float32, float64, bfloat16 or float16, any shape and layout (the
+            output takes ``torch.empty_like(input)``'s layout, as ``F.dropout``'s does).
         p (float): probability of an element to be zeroed, in [0, 1].
         training (bool): apply dropout (``False``: return ``input``).
         generator (torch.Generator, optional): a CPU generator to draw the seed from.
@@ -65,8 +64,8 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
 
 @torch.library.register_fake("cifarnet::dropout")
 def _dropout_fake(input, seed, p=0.5):
-    # The kernels compute in row-major order and give a channels-last input its own layout back.
-    return torch.empty_like(input, memory_format=suggest_memory_format(input))
+    # Native dropout's layout: the input's strides where it is dense, else its suggested format.
+    return torch.empty_like(input)
 
 
 @onnx_translation(torch.ops.cifarnet.dropout.default)

@@ -32,6 +32,47 @@ inline at::ScalarType parameter_grad_dtype(const std::optional<at::Tensor>& para
   return defined(parameter) ? parameter->scalar_type() : input.scalar_type();
 }
 
+// The memory format of a tensor dense in one: contiguous first, then channels-last (4-D) or
+// channels-last-3d (5-D); nullopt for any other layout. Size-1 dimensions take any stride, so
+// a tensor may be dense in two formats, and in a format that suggest_memory_format() does not
+// name (a permuted (1, C, H, 1), say).
+inline std::optional<at::MemoryFormat> dense_memory_format(const at::Tensor& t) {
+  if (t.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return std::nullopt;
+}
+
+// The output layout of native (CPU) batch norm: the format its input is dense in, else the
+// suggested one.
+inline at::MemoryFormat batch_norm_output_memory_format(const at::Tensor& input) {
+  return dense_memory_format(input).value_or(input.suggest_memory_format());
+}
+
+// The input gradient's layout of native (CPU) batch norm: the format the input is dense in
+// where the gradient is dense too and both suggest the same format (native's fast path), else
+// the input's suggested format.
+inline at::MemoryFormat batch_norm_grad_input_memory_format(const at::Tensor& input,
+                                                            const at::Tensor& grad_output) {
+  const std::optional<at::MemoryFormat> format = dense_memory_format(input);
+  if (format.has_value() && dense_memory_format(grad_output).has_value() &&
+      input.suggest_memory_format() == grad_output.suggest_memory_format()) {
+    return *format;
+  }
+  return input.suggest_memory_format();
+}
+
+// Whether a batch-norm input dense in `format` keeps its channels innermost: channels-last
+// layouts, and (N, C) inputs.
+inline bool batch_norm_channels_inner(const at::Tensor& input, at::MemoryFormat format) {
+  return input.dim() == 2 || format == at::MemoryFormat::ChannelsLast ||
+         format == at::MemoryFormat::ChannelsLast3d;
+}
+
 // These checks also run in the ops' composite (Python-free, traceable) entry points, where
 // torch.compile may give tensors symbolic sizes: they use sym_* sizes throughout.
 

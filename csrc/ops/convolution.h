@@ -44,10 +44,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> convolution_grads(
         at::IntArrayRef{weight.size(0)}, stride, padding, {1, 1}, /*transposed=*/false, {0, 0},
         /*groups=*/1, output_mask);
   }
-  if (grad_input.defined()) {
-    grad_input = grad_input.contiguous(conv_output_memory_format(input, weight));
-  }
-  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
+  // Both in the convolution's layout, as native conv2d's gradients.
+  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  if (grad_input.defined()) grad_input = grad_input.contiguous(format);
+  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(format);
   return {grad_input, grad_weight, grad_bias};
 }
 

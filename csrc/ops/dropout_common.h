@@ -36,11 +36,19 @@ opmath_t native_dropout_scale(double p) {
       static_cast<scalar_t>(opmath_t(1) / static_cast<opmath_t>(1 - p)));
 }
 
-// The kernels compute on the row-major order (the mask is keyed by the logical index); a
-// channels-last input gets its output back in its own layout, as native dropout's.
-inline at::Tensor restore_layout(const at::Tensor& out, const at::Tensor& input) {
-  const at::MemoryFormat format = input.suggest_memory_format();
-  return format == at::MemoryFormat::Contiguous ? out : out.contiguous(format);
-}
+// The output in native dropout's layout, empty_like(input)'s (the input's strides where it is
+// dense, else its suggested format), and where the kernels write it: the mask is keyed by each
+// element's row-major index, so they compute in row-major order, straight into the output where
+// that is row-major (contiguous inputs), else into a row-major buffer that finish() copies in.
+struct DropoutOutput {
+  at::Tensor output, row_major;
+  explicit DropoutOutput(const at::Tensor& input)
+      : output(at::empty_like(input)),
+        row_major(output.is_contiguous() ? output : at::empty(input.sizes(), input.options())) {}
+  at::Tensor finish() {
+    if (!row_major.is_same(output)) output.copy_(row_major);
+    return output;
+  }
+};
 
 }  // namespace cifarnet::ops

@@ -45,23 +45,15 @@ struct BatchNormLayout {
   at::MemoryFormat format;  // the memory format outputs take
 };
 
-BatchNormLayout dense_layout(const at::Tensor& input) {
+// `input` dense in `format` (a copy where it is not already), in the layout that format gives.
+BatchNormLayout dense_layout(const at::Tensor& input, at::MemoryFormat format) {
   const int64_t channels = input.size(1);
   const int64_t count = batch_norm_count(input).expect_int();
-  if (input.dim() == 2) {
-    return {input.contiguous(), true, channels, count, channels, at::MemoryFormat::Contiguous};
-  }
-  if (input.dim() == 4 && input.suggest_memory_format() == at::MemoryFormat::ChannelsLast) {
-    return {input.contiguous(at::MemoryFormat::ChannelsLast),
-            true,
-            channels,
-            count,
-            channels,
-            at::MemoryFormat::ChannelsLast};
+  if (batch_norm_channels_inner(input, format)) {
+    return {input.contiguous(format), true, channels, count, channels, format};
   }
   const int64_t spatial = input.size(0) == 0 ? 0 : count / input.size(0);
-  return {input.contiguous(),       false,   channels,
-          input.size(0) * channels, spatial, at::MemoryFormat::Contiguous};
+  return {input.contiguous(format), false, channels, input.size(0) * channels, spatial, format};
 }
 
 // Sums per channel over the whole input, threaded with per-thread partials. `rows_kernel` and
@@ -192,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
     const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool training, double eps) {
   check_batch_norm_forward_args(input, mean, var, weight, bias, training, eps);
-  const BatchNormLayout layout = dense_layout(input);
+  const BatchNormLayout layout = dense_layout(input, batch_norm_output_memory_format(input));
   const int64_t channels = layout.channels;
   at::Tensor output = at::empty(input.sizes(), input.options().memory_format(layout.format));
   at::Tensor save_mean, save_var;
@@ -281,7 +273,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
-  const BatchNormLayout layout = dense_layout(input);
+  const BatchNormLayout layout =
+      dense_layout(input, batch_norm_grad_input_memory_format(input, grad_output));
   // The gradient in the input's layout, so both walk the same element order.
   const at::Tensor grad = grad_output.contiguous(layout.format);
   const int64_t channels = layout.channels;
@@ -329,7 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_kernel(const at::Tensor& input) {
   check_batch_norm_input(input, /*training=*/false);
-  const BatchNormLayout layout = dense_layout(input);
+  const BatchNormLayout layout = dense_layout(input, batch_norm_output_memory_format(input));
   at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "batch_norm_stats", [&] {
@@ -352,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_kernel(const at::T
   check_batch_norm_input(input, /*training=*/false);
   check_batch_norm_grad_output(grad_output, input);
   check_per_channel(mean, "mean", input);
-  const BatchNormLayout layout = dense_layout(input);
+  const BatchNormLayout layout =
+      dense_layout(input, batch_norm_grad_input_memory_format(input, grad_output));
   const at::Tensor grad = grad_output.contiguous(layout.format);
   at::Tensor sum_dy, sum_dy_xmu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
@@ -377,7 +371,8 @@ at::Tensor batch_norm_backward_elementwise_kernel(
   check_per_channel(var, "var", input);
   check_per_channel(weight, "weight", input);
   TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
-  const BatchNormLayout layout = dense_layout(input);
+  const BatchNormLayout layout =
+      dense_layout(input, batch_norm_grad_input_memory_format(input, grad_output));
   check_backward_sums(sum_dy, sum_dy_xmu, count, layout.channels,
                       batch_norm_count(input).expect_int());
   const at::Tensor grad = grad_output.contiguous(layout.format);

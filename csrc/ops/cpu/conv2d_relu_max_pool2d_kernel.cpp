@@ -495,11 +495,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
     if (output_mask[0]) grad_input = at::zeros(input.sizes(), input.options());
     if (output_mask[1]) grad_weight = at::zeros(weight.sizes(), weight.options());
   }
-  // Fixed dtypes and layouts, so the fake kernel can promise the same.
+  // Fixed dtypes, and the convolution's layout for both, as native conv2d's gradients (the
+  // fake kernel promises the same).
   if (grad_input.defined()) grad_input = in_dtype_and_format(grad_input, input.scalar_type(), format);
   if (grad_weight.defined()) {
-    grad_weight =
-        in_dtype_and_format(grad_weight, weight.scalar_type(), weight.suggest_memory_format());
+    grad_weight = in_dtype_and_format(grad_weight, weight.scalar_type(), format);
   }
   return {grad_input, grad_weight, grad_bias};
 }

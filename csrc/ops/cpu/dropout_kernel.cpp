@@ -29,13 +29,13 @@ constexpr int64_t kGroupsPerTask = 2048;
 at::Tensor dropout_kernel(const at::Tensor& input, const at::Tensor& seed, double p) {
   const DropoutArguments args = check_dropout_arguments(input, seed, p);
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  DropoutOutput out(input);
   const int64_t numel = x.numel();
   const int64_t groups = numel / philox::kElementsPerGroup;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout", [&] {
     using opmath = simd::opmath_t<scalar_t>;
     const scalar_t* in = x.const_data_ptr<scalar_t>();
-    scalar_t* result = out.mutable_data_ptr<scalar_t>();
+    scalar_t* result = out.row_major.mutable_data_ptr<scalar_t>();
     if (args.drop_all) {
       for (int64_t i = 0; i < numel; ++i) {
         result[i] = static_cast<scalar_t>(static_cast<opmath>(in[i]) * opmath(0));
@@ -54,7 +54,7 @@ at::Tensor dropout_kernel(const at::Tensor& input, const at::Tensor& seed, doubl
       result[i] = static_cast<scalar_t>(keep ? v * scale : v * opmath(0));
     }
   });
-  return restore_layout(out, input);
+  return out.finish();
 }
 
 }  // namespace

@@ -17,9 +17,9 @@ struct DenseLayout {
   int64_t batch, channels, spatial;
 };
 
-// The layout of a tensor contiguous in its suggested memory format (channels-last 4-D and
-// 2-D tensors are channels-inner).
-DenseLayout dense_layout_of(const at::Tensor& dense);
+// The layout of a tensor dense in `format` (channels-last formats and 2-D tensors are
+// channels-inner).
+DenseLayout dense_layout_of(const at::Tensor& dense, at::MemoryFormat format);
 
 // Per-channel mean and biased variance, one pass (Welford, two-stage block reduction).
 std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& dense,

@@ -268,13 +268,10 @@ at::Tensor channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& 
 
 }  // namespace
 
-DenseLayout dense_layout_of(const at::Tensor& dense) {
+DenseLayout dense_layout_of(const at::Tensor& dense, at::MemoryFormat format) {
   const int64_t batch = dense.size(0), channels = dense.size(1);
   const int64_t spatial = batch * channels == 0 ? 0 : dense.numel() / (batch * channels);
-  const bool channels_inner =
-      dense.dim() == 2 ||
-      (dense.dim() == 4 && dense.suggest_memory_format() == at::MemoryFormat::ChannelsLast);
-  return {channels_inner, batch, channels, spatial};
+  return {batch_norm_channels_inner(dense, format), batch, channels, spatial};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& dense,
@@ -380,10 +377,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const std::optional<at::Tensor>& bias, bool training, double eps) {
   check_batch_norm_forward_args(input, mean, var, weight, bias, training, eps);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat format = input.dim() == 4 ? input.suggest_memory_format()
-                                                   : at::MemoryFormat::Contiguous;
+  const at::MemoryFormat format = batch_norm_output_memory_format(input);
   const at::Tensor dense = input.contiguous(format);
-  const cuda::DenseLayout layout = cuda::dense_layout_of(dense);
+  const cuda::DenseLayout layout = cuda::dense_layout_of(dense, format);
   const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
   at::Tensor save_mean, save_var;
   if (training) {
@@ -408,10 +404,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat format = input.dim() == 4 ? input.suggest_memory_format()
-                                                   : at::MemoryFormat::Contiguous;
+  const at::MemoryFormat format = batch_norm_grad_input_memory_format(input, grad_output);
   const at::Tensor x = input.contiguous(format), g = grad_output.contiguous(format);
-  const cuda::DenseLayout layout = cuda::dense_layout_of(x);
+  const cuda::DenseLayout layout = cuda::dense_layout_of(x, format);
   const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
   const at::Tensor mean = save_mean.to(stats_options).contiguous();
   const at::Tensor var = save_var.to(stats_options).contiguous();
@@ -439,17 +434,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
 
 // The phase ops of synchronized batch norm (see ../batch_norm.cpp).
 
-// An input and a gradient in one dense layout, with their statistics in the accumulation
-// dtype.
+// An input and a gradient in one dense layout: the forward's output layout without a
+// gradient, the input gradient's with one.
 struct DenseBatchNormInputs {
   at::Tensor x, g;
   at::MemoryFormat format;
   cuda::DenseLayout layout;
   DenseBatchNormInputs(const at::Tensor& input, const at::Tensor& grad_output) {
-    format = input.dim() == 4 ? input.suggest_memory_format() : at::MemoryFormat::Contiguous;
+    format = grad_output.defined() ? batch_norm_grad_input_memory_format(input, grad_output)
+                                   : batch_norm_output_memory_format(input);
     x = input.contiguous(format);
     if (grad_output.defined()) g = grad_output.contiguous(format);
-    layout = cuda::dense_layout_of(x);
+    layout = cuda::dense_layout_of(x, format);
   }
 };
 

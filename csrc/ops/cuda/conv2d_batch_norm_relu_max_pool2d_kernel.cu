@@ -24,6 +24,11 @@ void check_cuda(const at::Tensor& input) {
               input.device());
 }
 
+// The layout of the saved convolution output, which is channels-last (../convolution.h).
+cuda::DenseLayout conv_layout(const at::Tensor& conv) {
+  return cuda::dense_layout_of(conv, at::MemoryFormat::ChannelsLast);
+}
+
 // Statistics phase: per-channel mean and biased variance in the accumulation dtype; zeros for
 // an empty batch.
 std::tuple<at::Tensor, at::Tensor> conv_output_statistics(const at::Tensor& conv,
@@ -32,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor> conv_output_statistics(const at::Tensor& conv
     const auto options = input.options().dtype(batch_norm_stats_dtype(input));
     return {at::zeros({conv.size(1)}, options), at::zeros({conv.size(1)}, options)};
   }
-  return cuda::batch_norm_statistics(conv, cuda::dense_layout_of(conv));
+  return cuda::batch_norm_statistics(conv, conv_layout(conv));
 }
 
 // Epilogue phase: normalises with (mean, var), applies ReLU and pools, writing the pooled
@@ -115,7 +120,7 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
-  const cuda::DenseLayout layout = cuda::dense_layout_of(conv);
+  const cuda::DenseLayout layout = conv_layout(conv);
   const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
   const at::Tensor mean = save_mean.to(stats_options).contiguous();
   const at::Tensor var = save_var.to(stats_options).contiguous();
@@ -183,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_backward_re
   if (g.batch == 0) return {at::zeros_like(mean), at::zeros_like(mean)};
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
   return cuda::batch_norm_grad_sums(pooled_gradient(grad_output, argmax, g), conv, mean,
-                                    cuda::dense_layout_of(conv));
+                                    conv_layout(conv));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
@@ -208,7 +213,7 @@ conv2d_batch_norm_relu_max_pool2d_backward_elementwise_cuda(
     auto stats = [&](const at::Tensor& t) { return t.to(stats_options).contiguous(); };
     cuda::batch_norm_input_grad(grad_conv, grad_conv, conv, stats(save_mean), stats(save_var),
                                 bn_weight, stats(sum_dy), stats(sum_dy_xmu), eps, count,
-                                cuda::dense_layout_of(conv));
+                                conv_layout(conv));
   }
   return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
 }

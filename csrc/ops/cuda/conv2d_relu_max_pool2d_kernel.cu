@@ -70,9 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
         grad_conv, input, weight, at::IntArrayRef{g.out_channels}, stride, padding, {1, 1},
         /*transposed=*/false, {0, 0}, /*groups=*/1, output_mask);
   }
-  // Fixed layouts, so the fake kernel can promise the same strides.
+  // The convolution's layout for both, as native conv2d's gradients (the fake kernel promises
+  // the same strides).
   if (grad_input.defined()) grad_input = grad_input.contiguous(format);
-  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(weight.suggest_memory_format());
+  if (grad_weight.defined()) grad_weight = grad_weight.contiguous(format);
   return {grad_input, grad_weight, grad_bias};
 }
 

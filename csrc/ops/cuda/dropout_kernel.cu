@@ -37,9 +37,9 @@ at::Tensor dropout_cuda(const at::Tensor& input, const at::Tensor& seed, double 
   const ops::DropoutArguments args = ops::check_dropout_arguments(input, seed, p);
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor x = input.contiguous();
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  ops::DropoutOutput out(input);
   const int64_t numel = x.numel();
-  if (numel == 0) return ops::restore_layout(out, input);
+  if (numel == 0) return out.output;
   const int64_t groups = (numel + philox::kElementsPerGroup - 1) / philox::kElementsPerGroup;
   const int64_t blocks = groups * philox::kBlocksPerGroup;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_cuda", [&] {
@@ -49,11 +49,11 @@ at::Tensor dropout_cuda(const at::Tensor& input, const at::Tensor& seed, double 
         args.drop_all ? opmath_t(0) : ops::native_dropout_scale<scalar_t, opmath_t>(p);
     dropout_kernel<scalar_t, opmath_t>
         <<<blocks_for(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), numel, blocks,
-            args.key, args.threshold, scale);
+            x.const_data_ptr<scalar_t>(), out.row_major.mutable_data_ptr<scalar_t>(), numel,
+            blocks, args.key, args.threshold, scale);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return ops::restore_layout(out, input);
+  return out.finish();
 }
 
 }  // namespace

@@ -13,33 +13,52 @@ native one measured in the same run.
 time goes: every top-level call of the forward, the backward (one autograd node each) and the
 optimiser, in milliseconds per step, grouped by phase.
 
+`--isa-caps` runs the whole table once per CPU class this CPU can stand in for, each in a fresh
+process with the instruction set capped (ONEDNN_MAX_CPU_ISA for oneDNN, CIFARNET_CPU_ISA for
+cifarnet's loops): AMX, AVX512-BF16 without AMX, AVX2 only. A cap emulates the instructions,
+not the caches or the clock of another CPU.
+
+`--load busy` or `--load torch` times the steps while another process keeps one core busy: a
+Python busy loop, or a second PyTorch process training the study's ConvNet on one thread.
+
 Configurations (`--configs`, comma-separated; default: all but the compiled ones with
 --no-compile):
   native-fp32, native-fp32-cl, native-fp32-compile     float32, contiguous / channels-last / torch.compile
   native-bf16-cl, native-bf16-cl-compile               torch.autocast bfloat16, channels-last (eager / compiled)
   fused-fp32, fused-fp32-cl, fused-bf16, fused-bf16-cl cifarnet's ops, float32 or bfloat16 autocast
+  floor-fp32-cl, floor-bf16-cl                         the step's floor (below)
 Only with --configs (what cifarnet's dropout changes, against the same steps with torch's):
   fused-fp32-cl-torch-dropout, fused-bf16-cl-torch-dropout   the fused model with nn.Dropout
+
+The floor of a step is what no fusion removes: the three convolutions alone, forward and
+backward (native, channels-last, on inputs of the sizes the network gives them), plus the layers
+cifarnet does not fuse (fc4, its ReLU, fc5, the loss) and the optimiser. The fused steps are
+reported as a multiple of the floor in their precision.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+import cifarnet
 from cifarnet.study.models import ConvNet
 from cifarnet.study.train import TrainConfig, make_optimizer
 
 
 @dataclass(frozen=True)
 class Config:
-    ops: str  # "native" or "fused"
+    ops: str  # "native", "fused" or "floor" (the convolutions and the unfused layers alone)
     bfloat16: bool
     channels_last: bool
     compiled: bool = False
@@ -57,6 +76,8 @@ CONFIGS = {
     "fused-fp32-cl": Config("fused", False, True),
     "fused-bf16": Config("fused", True, False),
     "fused-bf16-cl": Config("fused", True, True),
+    "floor-fp32-cl": Config("floor", False, True),
+    "floor-bf16-cl": Config("floor", True, True),
     "fused-fp32-cl-torch-dropout": Config("fused", False, True, torch_dropout=True, default=False),
     "fused-bf16-cl-torch-dropout": Config("fused", True, True, torch_dropout=True, default=False),
 }
@@ -67,7 +88,7 @@ class Trainer:
 
     def __init__(self, config: Config, variant: str, batches, device: torch.device):
         torch.manual_seed(0)
-        model = ConvNet(variant, config.ops).to(device).train()
+        model = ConvNet(variant, "native" if config.ops == "floor" else config.ops).to(device).train()
         if config.torch_dropout and isinstance(model.dropout, nn.Dropout):
             model.dropout = nn.Dropout(model.dropout.p)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -80,15 +101,19 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if config.bfloat16 else None
         self.device = device
         self.next = 0
+        self.floor = FloorInputs(self.model, batches[0][0].contiguous(memory_format=memory_format)) if config.ops == "floor" else None
 
     def step(self) -> None:
         images, labels = self.batches[self.next % len(self.batches)]
         self.next += 1
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-            loss = self.criterion(self.step_fn(images), labels)
+            if self.floor is not None:
+                roots, grads = self.floor.forward(self.model, images, labels, self.criterion)
+            else:
+                roots, grads = [self.criterion(self.step_fn(images), labels)], [None]
         with torch.profiler.record_function("backward"):
-            loss.backward()
+            torch.autograd.backward(roots, grads)
         self.optimizer.step()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -100,6 +125,30 @@ class Trainer:
             self.step()
             times.append((time.perf_counter() - begin) * 1e3)
         return times
+
+
+class FloorInputs:
+    """What the floor's step computes on: each convolution's input at the size and layout the
+    network gives it (the image, then the pooled outputs), the input of fc4, and gradients for
+    the convolutions' outputs; the inputs after the first ask for a gradient, as in the network."""
+
+    def __init__(self, model: ConvNet, images: Tensor):
+        with torch.no_grad():
+            self.conv_inputs = [images]
+            for conv, pool in ((model.conv1, model.pool1), (model.conv2, model.pool2)):
+                self.conv_inputs.append(pool(conv(self.conv_inputs[-1])).requires_grad_())
+            self.conv_grads = [torch.randn_like(conv(x)) for conv, x in zip((model.conv1, model.conv2, model.conv3), self.conv_inputs)]
+            self.fc_input = torch.flatten(model.pool3(model.conv3(self.conv_inputs[-1])), 1).contiguous().requires_grad_()
+
+    def forward(self, model: ConvNet, images: Tensor, labels: Tensor, criterion) -> tuple[list[Tensor], list]:
+        """The roots of the floor's backward and their gradients: the three convolution
+        outputs, and the loss of the unfused head."""
+        convs = (model.conv1, model.conv2, model.conv3)
+        outputs = [conv(x) for conv, x in zip(convs, [images, *self.conv_inputs[1:]])]
+        logits = model.fc5(torch.relu(model.fc4(self.fc_input)))
+        if self.conv_grads[0].dtype != outputs[0].dtype:  # once: autocast's dtype
+            self.conv_grads = [g.to(o.dtype) for g, o in zip(self.conv_grads, outputs)]
+        return [*outputs, criterion(logits, labels)], [*self.conv_grads, None]
 
 
 def _phase(name: str) -> str:
@@ -156,6 +205,70 @@ def parse_configs(text: str | None, no_compile: bool) -> list[str]:
     return names
 
 
+# The CPU classes --isa-caps stands in for: (name, the cpuinfo flag the CPU needs, environment).
+ISA_CAPS = [
+    ("AMX", "amx_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}),
+    ("AVX512-BF16, no AMX", "avx512_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "CIFARNET_CPU_ISA": "avx512"}),
+    ("AVX2 only", "avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2", "CIFARNET_CPU_ISA": "avx2"}),
+]
+
+# What --load runs beside the timed steps, on one core.
+LOADS = {
+    "busy": "while True: pass",
+    "torch": (
+        "import torch\n"
+        "from cifarnet.study.models import ConvNet\n"
+        "torch.set_num_threads(1)\n"
+        "model = ConvNet('full', 'native').train()\n"
+        "optimizer = torch.optim.SGD(model.parameters(), lr=0.01)\n"
+        "images, labels = torch.randn(32, 3, 28, 28), torch.randint(0, 10, (32,))\n"
+        "while True:\n"
+        "    optimizer.zero_grad()\n"
+        "    torch.nn.functional.cross_entropy(model(images), labels).backward()\n"
+        "    optimizer.step()\n"
+    ),
+}
+
+
+def cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    return set()
+
+
+def run_under_isa_caps(argv: list[str], json_path: str | None) -> None:
+    """Runs this script once per CPU class the CPU can stand in for, and prints every table."""
+    flags = cpu_flags()
+    caps = [(name, env) for name, flag, env in ISA_CAPS if flag in flags]
+    if not caps:
+        raise SystemExit("train_steps: --isa-caps needs an x86-64 CPU with at least AVX2")
+    forwarded = [a for a in argv if a != "--isa-caps"]
+    if "--json" in forwarded:  # each run writes its own file; this one writes them all
+        at = forwarded.index("--json")
+        del forwarded[at : at + 2]
+    combined = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for name, env in caps:
+            path = os.path.join(folder, "run.json")
+            caps_env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA")}
+            print(f"== {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+            subprocess.run([sys.executable, __file__, *forwarded, "--json", path], env={**caps_env, **env}, check=True)
+            with open(path) as file:
+                combined[name] = {"environment": env, **json.load(file)}
+    if json_path:
+        with open(json_path, "w") as file:
+            json.dump(combined, file, indent=2)
+
+
+def start_load(kind: str | None) -> subprocess.Popen | None:
+    if kind is None:
+        return None
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", LOADS[kind]], env=environment)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -169,7 +282,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--profile", metavar="NAME", help="profile this configuration's steps instead of timing")
+    parser.add_argument("--isa-caps", action="store_true", help="run the table once per CPU class this CPU can stand in for")
+    parser.add_argument("--load", choices=sorted(LOADS), help="time with another process busy on one core")
     args = parser.parse_args()
+    if args.isa_caps:
+        run_under_isa_caps(sys.argv[1:], args.json)
+        return
     if args.profile:
         args.configs = args.profile
     names = parse_configs(args.configs, args.no_compile)
@@ -183,31 +301,49 @@ def main() -> None:
         for _ in range(8)
     ]
     trainers = {name: Trainer(CONFIGS[name], args.variant, batches, device) for name in names}
-    for name, trainer in trainers.items():
-        trainer.run(args.warmup)
-    if args.profile:
-        profile(trainers[args.profile], args.steps)
-        return
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for round_index in range(args.rounds):
-        # Each round starts one configuration later, so none always runs first (after the
-        # previous round's last) or always runs last.
-        shift = round_index % len(names)
-        for name in names[shift:] + names[:shift]:
-            times[name] += trainers[name].run(args.steps)
+    load = start_load(args.load)
+    try:
+        for name, trainer in trainers.items():
+            trainer.run(args.warmup)
+        if args.profile:
+            profile(trainers[args.profile], args.steps)
+            return
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for round_index in range(args.rounds):
+            # Each round starts one configuration later, so none always runs first (after the
+            # previous round's last) or always runs last.
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                times[name] += trainers[name].run(args.steps)
+    finally:
+        if load is not None:
+            load.kill()
+    report(args, device, times)
+
+
+def report(args, device: torch.device, times: dict[str, list[float]]) -> None:
+    """Prints each configuration's median step, the fused ones against the fastest native one
+    and against the floor in their precision, and writes --json."""
     results = {name: {"median_ms": statistics.median(t), "mean_ms": statistics.fmean(t), "steps": len(t)} for name, t in times.items()}
     native = {name: r["median_ms"] for name, r in results.items() if name.startswith("native")}
     best_native = min(native, key=native.get) if native else None
+    cpu = cifarnet.build_info()["cpu"]
+    cap = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA") if k in os.environ)
     print(f"{args.variant} ConvNet, batch {args.batch_size}, {torch.get_num_threads()} threads, {device}; median ms per step over {args.rounds} rounds of {args.steps}")
+    print(f"CPU: {cpu['model']} ({', '.join(cpu['isa'])}){'; capped: ' + cap if cap else ''}{'; load: ' + args.load if args.load else ''}")
     for name, result in results.items():
         line = f"  {name:<24} {result['median_ms']:8.2f} ms"
         if best_native and name.startswith("fused"):
             result["speedup_vs_best_native"] = native[best_native] / result["median_ms"]
             line += f"   {result['speedup_vs_best_native']:.2f}x vs {best_native}"
+        floor = name.replace("fused-", "floor-").replace("-torch-dropout", "")
+        if name.startswith("fused") and floor in results:
+            result["multiple_of_floor"] = result["median_ms"] / results[floor]["median_ms"]
+            line += f"   {result['multiple_of_floor']:.2f}x its floor"
         print(line)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"config": vars(args), "best_native": best_native, "results": results}, file, indent=2)
+            json.dump({"config": vars(args), "cpu": cpu, "cap": cap, "best_native": best_native, "results": results}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -435,14 +435,12 @@ def test_a_reused_output_is_not_fused_and_is_reported():
         (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2)),
         (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2)),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2)),
-        (nn.Conv2d(3, 4, 2, padding="same"), nn.MaxPool2d(2)),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1)),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2)),
         (nn.Conv2d(3, 4, 1), nn.MaxPool2d(16)),
     ],
-    ids=["dilation", "groups", "reflect", "same-even", "pool-padding", "pool-dilation", "window-256"],
+    ids=["dilation", "groups", "reflect", "pool-padding", "pool-dilation", "window-256"],
 )
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
 def test_unfusable_chains_are_left_alone_with_the_reason(conv, pool):
     model = nn.Sequential(conv, nn.ReLU(), pool).double()
     fused, report = fuse_quietly(model, report=True)
@@ -452,6 +450,21 @@ def test_unfusable_chains_are_left_alone_with_the_reason(conv, pool):
     assert module_types(fused) == module_types(model)
     input = torch.randn(2, conv.in_channels, 17, 17, dtype=torch.float64)
     torch.testing.assert_close(fused(input), model(input), **FLOAT64)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+@pytest.mark.parametrize("batch_norm", [False, True])
+def test_same_padding_of_even_kernels_is_fused(batch_norm):
+    """'same' with an even kernel pads one more row and column at the bottom and right, as
+    native does it."""
+    conv = nn.Conv2d(3, 4, (2, 4), padding="same")
+    model = nn.Sequential(conv, *([nn.BatchNorm2d(4)] if batch_norm else []), nn.ReLU(), nn.MaxPool2d(2)).double()
+    fused, report = fuse_quietly(model, report=True)
+    assert len(report.fused) == 1 and report.unfused == []
+    input = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    for training in (True, False):
+        fused.train(training), model.train(training)
+        torch.testing.assert_close(fused(input), model(input), **FLOAT64)
 
 
 def test_pool_returning_indices_and_hooked_modules_are_not_fused():

@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -396,6 +397,13 @@ def _write_cache(path: Path, train: Split, test: Split) -> None:
         warnings.warn(f"could not write the decode cache {path} ({error}); images will be decoded again", stacklevel=3)
 
 
+def _default_sigterm() -> None:
+    """A decode worker dies of SIGTERM, which Pool.terminate() sends and then waits for: forked
+    from cifarnet-train, it would inherit the trainer's handler, which raises instead (seen: a
+    worker blocked on the pool's queue lock outlived terminate(), and the join hung)."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _decode_files(paths: list[str]) -> tuple[np.ndarray | None, str | None]:
     """Decodes images into ``uint8 [len(paths), 32, 32, 3]``; or returns why one failed.
 
@@ -424,7 +432,7 @@ def _decode_images(paths: list[str], root: Path, workers: int | None, progress: 
         if workers > 1 and len(paths) >= POOL_MIN_IMAGES:
             # fork, as torch's DataLoader does on Linux: workers start at once and only use PIL.
             methods = multiprocessing.get_all_start_methods()
-            pool = multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers)
+            pool = multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers, _default_sigterm)
             results = pool.imap(_decode_files, chunks)
         else:
             results = map(_decode_files, chunks)

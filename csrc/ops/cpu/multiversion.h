@@ -22,13 +22,22 @@ namespace cifarnet {
 
 enum class CpuIsa { baseline, avx2, avx512 };
 
-// The best variant this CPU runs. CIFARNET_CPU_ISA=avx2 or =baseline caps it, so that one
-// machine can test the code an older CPU runs (with ONEDNN_MAX_CPU_ISA=AVX2 for oneDNN's
-// part: e.g. bfloat16 on a CPU without AVX512-BF16 or AMX).
+// CIFARNET_CPU_ISA caps what this CPU runs, so that one machine can time and test the code an
+// older CPU runs, with ONEDNN_MAX_CPU_ISA capping oneDNN's part to match:
+//   avx512    AVX-512 loops, no AMX       (with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)
+//   avx2      AVX2 loops                  (with ONEDNN_MAX_CPU_ISA=AVX2)
+//   baseline  the compiler's x86-64 loops
+inline const char* cpu_isa_cap() { return std::getenv("CIFARNET_CPU_ISA"); }
+
+inline bool cpu_isa_capped_at(const char* level) {
+  const char* cap = cpu_isa_cap();
+  return cap != nullptr && std::strcmp(cap, level) == 0;
+}
+
+// The best variant this CPU runs, within the cap.
 inline CpuIsa detect_cpu_isa() {
-  const char* cap = std::getenv("CIFARNET_CPU_ISA");
-  const bool at_most_avx2 = cap != nullptr && std::strcmp(cap, "avx2") == 0;
-  const bool baseline_only = cap != nullptr && std::strcmp(cap, "baseline") == 0;
+  const bool at_most_avx2 = cpu_isa_capped_at("avx2");
+  const bool baseline_only = cpu_isa_capped_at("baseline");
 #if CIFARNET_HAS_ISA_VARIANTS
   if (!baseline_only && !at_most_avx2 && __builtin_cpu_supports("x86-64-v4")) {
     return CpuIsa::avx512;
@@ -41,8 +50,9 @@ inline CpuIsa detect_cpu_isa() {
 }
 
 // Whether the CPU has AMX tiles with bfloat16 multiplies (oneDNN then runs bfloat16
-// convolutions on them).
+// convolutions on them), and no cap below AMX.
 inline bool cpu_has_amx_bf16() {
+  if (cpu_isa_cap() != nullptr) return false;  // every cap is below AMX
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
   return __builtin_cpu_supports("amx-bf16");
 #else

@@ -32,7 +32,7 @@ class _FusedChainLayer:
             "out_channels": conv.out_channels,
             "kernel_size": conv.kernel_size,
             "stride": conv.stride,
-            "padding": conv.padding,  # may be 'same' or 'valid', which the fused layer resolved
+            "padding": conv.padding,  # 'same' and 'valid' too, as the fused layer keeps them
             "dilation": conv.dilation,
             "groups": conv.groups,
             "bias": conv.bias is not None,

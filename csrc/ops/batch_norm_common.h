@@ -139,7 +139,8 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
 // constant channel would divide by zero), non-negative in evaluation. NaN passes, as natively.
 inline void check_batch_norm_eps(double eps, bool training) {
   if (training) {
-    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ", eps);
+    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ",
+                      eps);
   } else {
     TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", eps);
   }

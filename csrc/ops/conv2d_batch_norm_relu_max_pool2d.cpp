@@ -55,10 +55,9 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
                                             {"bn_weight", bn_weight},
                                             {"bn_bias", bn_bias}});
   if (training && input.sym_numel() == 0) {
-    return composed_conv2d_batch_norm_relu_max_pool2d(input, weight, bias, running_mean, running_var,
-                                                    bn_weight, bn_bias, training, momentum, eps,
-                                                    stride, padding, pool_size, pool_stride,
-                                                    ceil_mode);
+    return composed_conv2d_batch_norm_relu_max_pool2d(
+        input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps,
+        stride, padding, pool_size, pool_stride, ceil_mode);
   }
   if (training) {
     static auto fused =

@@ -15,28 +15,29 @@
 namespace cifarnet {
 
 inline at::Tensor composed_relu_max_pool2d(const at::Tensor& conv_output, at::IntArrayRef pool_size,
-                                         at::IntArrayRef pool_stride, bool ceil_mode) {
+                                           at::IntArrayRef pool_stride, bool ceil_mode) {
   return at::max_pool2d(at::relu(conv_output), pool_size,
                         pool_stride.empty() ? pool_size : pool_stride, /*padding=*/{0, 0},
                         /*dilation=*/{1, 1}, ceil_mode);
 }
 
 inline at::Tensor composed_conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
-                                                const std::optional<at::Tensor>& bias,
-                                                at::IntArrayRef stride, at::IntArrayRef padding,
-                                                at::IntArrayRef pool_size,
-                                                at::IntArrayRef pool_stride, bool ceil_mode) {
+                                                  const std::optional<at::Tensor>& bias,
+                                                  at::IntArrayRef stride, at::IntArrayRef padding,
+                                                  at::IntArrayRef pool_size,
+                                                  at::IntArrayRef pool_stride, bool ceil_mode) {
   return composed_relu_max_pool2d(at::conv2d(input, weight, bias, stride, padding), pool_size,
-                                pool_stride, ceil_mode);
+                                  pool_stride, ceil_mode);
 }
 
 // Batch norm with the batch statistics (training; the running ones, if given, updated with
 // `momentum`) or with `mean` and `var` (evaluation).
-inline at::Tensor composed_batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& mean,
-                                    const std::optional<at::Tensor>& var,
-                                    const std::optional<at::Tensor>& weight,
-                                    const std::optional<at::Tensor>& bias, bool training,
-                                    double momentum, double eps) {
+inline at::Tensor composed_batch_norm(const at::Tensor& input,
+                                      const std::optional<at::Tensor>& mean,
+                                      const std::optional<at::Tensor>& var,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, bool training,
+                                      double momentum, double eps) {
   return at::batch_norm(input, weight, bias, mean, var, training, momentum, eps,
                         at::globalContext().userEnabledCuDNN());
 }
@@ -49,8 +50,8 @@ inline at::Tensor composed_conv2d_batch_norm_relu_max_pool2d(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode) {
   const at::Tensor conv_output = at::conv2d(input, weight, bias, stride, padding);
   return composed_relu_max_pool2d(composed_batch_norm(conv_output, running_mean, running_var,
-                                                  bn_weight, bn_bias, training, momentum, eps),
-                                pool_size, pool_stride, ceil_mode);
+                                                      bn_weight, bn_bias, training, momentum, eps),
+                                  pool_size, pool_stride, ceil_mode);
 }
 
 }  // namespace cifarnet

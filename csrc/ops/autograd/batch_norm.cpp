@@ -42,8 +42,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->mark_non_differentiable({save_mean, save_var});
     ctx->set_materialize_grads(false);
     // NB: the bias only for a differentiable backward, which recomputes the normalisation.
-    ctx->save_for_backward({input, save_mean, save_var, value_or_undefined(weight),
-                            value_or_undefined(bias)});
+    ctx->save_for_backward(
+        {input, save_mean, save_var, value_or_undefined(weight), value_or_undefined(bias)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     save_parameter_grad_dtypes(ctx, parameter_grad_dtype(weight, input),
@@ -70,8 +70,8 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       // Evaluation's saved statistics are the running ones it normalised with.
       const at::Tensor output =
           composed_batch_norm(saved[0], training ? at::Tensor() : saved[1],
-                            training ? at::Tensor() : saved[2], saved[3], saved[4], training,
-                            /*momentum=*/0.0, ctx->saved_data["eps"].toDouble());
+                              training ? at::Tensor() : saved[2], saved[3], saved[4], training,
+                              /*momentum=*/0.0, ctx->saved_data["eps"].toDouble());
       const variable_list found = native_composition_grads(
           output, grad_outputs[0], {saved[0], saved[3], saved[4]}, output_mask);
       std::tie(grads[0], grads[3], grads[4]) = std::tuple(found[0], found[1], found[2]);
@@ -88,12 +88,14 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
 Tensor3 batch_norm_forward_autograd(const at::Tensor& input, const OptionalTensor& mean,
                                     const OptionalTensor& var, const OptionalTensor& weight,
                                     const OptionalTensor& bias, bool training, double eps) {
-  if (forward_needs_native_composition({input, value_or_undefined(weight), value_or_undefined(bias)})) {
+  if (forward_needs_native_composition(
+          {input, value_or_undefined(weight), value_or_undefined(bias)})) {
     // The statistics from the kernels; the output, with its tangent or transform, from native.
     Tensor3 outputs = batch_norm_forward_kernel(input, mean, var, weight, bias, training, eps);
-    std::get<0>(outputs) = composed_batch_norm(input, training ? std::nullopt : mean,
-                                             training ? std::nullopt : var, weight, bias, training,
-                                             /*momentum=*/0.0, eps);
+    std::get<0>(outputs) =
+        composed_batch_norm(input, training ? std::nullopt : mean, training ? std::nullopt : var,
+                            weight, bias, training,
+                            /*momentum=*/0.0, eps);
     return outputs;
   }
   const variable_list outputs =

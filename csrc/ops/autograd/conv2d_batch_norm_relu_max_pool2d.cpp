@@ -22,9 +22,10 @@ namespace {
 using Tensor5 = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 // cifarnet::_conv2d_batch_norm_relu_max_pool2d_training's device kernels (below autograd).
-Tensor5 training_kernel(const at::Tensor& input, const at::Tensor& weight, const OptionalTensor& bias,
-                        const OptionalTensor& bn_weight, const OptionalTensor& bn_bias, double eps,
-                        at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
+Tensor5 training_kernel(const at::Tensor& input, const at::Tensor& weight,
+                        const OptionalTensor& bias, const OptionalTensor& bn_weight,
+                        const OptionalTensor& bn_bias, double eps, at::IntArrayRef stride,
+                        at::IntArrayRef padding, at::IntArrayRef pool_size,
                         at::IntArrayRef pool_stride, bool ceil_mode) {
   static auto op =
       internal_op<Tensor5(const at::Tensor&, const at::Tensor&, const OptionalTensor&,
@@ -38,10 +39,11 @@ Tensor5 training_kernel(const at::Tensor& input, const at::Tensor& weight, const
 
 // The chain in training as native composes it, without running statistics.
 at::Tensor composed_training_chain(const at::Tensor& input, const at::Tensor& weight,
-                                 const OptionalTensor& bias, const OptionalTensor& bn_weight,
-                                 const OptionalTensor& bn_bias, double eps, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef pool_size,
-                                 at::IntArrayRef pool_stride, bool ceil_mode) {
+                                   const OptionalTensor& bias, const OptionalTensor& bn_weight,
+                                   const OptionalTensor& bn_bias, double eps,
+                                   at::IntArrayRef stride, at::IntArrayRef padding,
+                                   at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
+                                   bool ceil_mode) {
   return composed_conv2d_batch_norm_relu_max_pool2d(
       input, weight, bias, std::nullopt, std::nullopt, bn_weight, bn_bias, /*training=*/true,
       /*momentum=*/0.0, eps, stride, padding, pool_size, pool_stride, ceil_mode);
@@ -117,13 +119,15 @@ Tensor5 conv2d_batch_norm_relu_max_pool2d_training_autograd(
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
     at::IntArrayRef pool_stride, bool ceil_mode) {
   if (forward_needs_native_composition({input, weight, value_or_undefined(bias),
-                                        value_or_undefined(bn_weight), value_or_undefined(bn_bias)})) {
+                                        value_or_undefined(bn_weight),
+                                        value_or_undefined(bn_bias)})) {
     // The argmax, convolution output and statistics from the kernels; the output, with its
     // tangent or transform, from native.
-    Tensor5 outputs = training_kernel(input, weight, bias, bn_weight, bn_bias, eps, stride,
-                                      padding, pool_size, pool_stride, ceil_mode);
-    std::get<0>(outputs) = composed_training_chain(input, weight, bias, bn_weight, bn_bias, eps,
-                                                 stride, padding, pool_size, pool_stride, ceil_mode);
+    Tensor5 outputs = training_kernel(input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
+                                      pool_size, pool_stride, ceil_mode);
+    std::get<0>(outputs) =
+        composed_training_chain(input, weight, bias, bn_weight, bn_bias, eps, stride, padding,
+                                pool_size, pool_stride, ceil_mode);
     return outputs;
   }
   const variable_list outputs = Conv2dBatchNormReLUMaxPool2dTrainingFunction::apply(

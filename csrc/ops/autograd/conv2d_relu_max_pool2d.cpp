@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax_autograd(
                                                               pool_size, pool_stride, ceil_mode));
     }
     return {composed_conv2d_relu_max_pool2d(input, weight, bias, stride, padding, pool_size,
-                                          pool_stride, ceil_mode),
+                                            pool_stride, ceil_mode),
             argmax};
   }
   const variable_list outputs = Conv2dReLUMaxPool2dFunction::apply(

@@ -1,7 +1,7 @@
 // The autograd formula of dropout.
 
-#include <torch/autograd.h>
 #include <ATen/ATen.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include "../ops.h"

@@ -11,11 +11,9 @@
 // conv and grad_conv: the sample's channels-last convolution output and its gradient; grad and
 // argmax: the sample's channels-last pooled gradient and argmax.
 
-// The argmax of `lanes` channels widened to one integer per lane.
-template <typename scalar_t>
-inline __attribute__((always_inline)) typename simd::Vec64<scalar_t>::mask load_argmax(
-    const uint8_t* argmax) {
-  using V = simd::Vec64<scalar_t>;
+// The argmax of V::lanes channels widened to one integer per lane.
+template <typename V>
+inline __attribute__((always_inline)) typename V::mask load_argmax(const uint8_t* argmax) {
   typename V::bytes bytes;
   simd::load(bytes, argmax);
   return __builtin_convertvector(bytes, typename V::mask);
@@ -45,7 +43,7 @@ void tiled_hit_sums(const scalar_t* conv, const scalar_t* grad, const uint8_t* a
         const int64_t pooled = (ph * g.out_w + pw) * channels + c;
         doubles gv;
         simd::load_doubles(gv, grad + pooled);
-        const V::mask hit = load_argmax<double>(argmax + pooled);
+        const V::mask hit = load_argmax<V>(argmax + pooled);
         for (int64_t kh = 0; kh < window_h; ++kh) {
           for (int64_t kw = 0; kw < window_w; ++kw) {
             doubles x;
@@ -70,7 +68,7 @@ void tiled_grad_conv(scalar_t* grad_conv, const scalar_t* conv, const scalar_t* 
                      const uint8_t* argmax, const ConvPoolGeometry& g, int64_t row_begin,
                      int64_t row_end, const T* mean, const T* slope, const T* offset,
                      const T* k) {
-  using V = simd::Vec64<T>;
+  using V = SelectVec<scalar_t>;
   using vec = typename V::type;
   using mask = typename V::mask;
   const int64_t channels = g.out_channels;
@@ -88,7 +86,7 @@ void tiled_grad_conv(scalar_t* grad_conv, const scalar_t* conv, const scalar_t* 
         simd::load(a, slope + c);
         simd::load(b, offset + c);
         simd::load(kv, k + c);
-        const mask hit = load_argmax<T>(argmax + pooled);
+        const mask hit = load_argmax<V>(argmax + pooled);
         for (int64_t kh = 0; kh < window_h; ++kh) {
           for (int64_t kw = 0; kw < window_w; ++kw) {
             const int64_t at = ((h0 + kh) * g.conv_w + w0 + kw) * channels + c;

@@ -6,6 +6,13 @@
 // NB: no lambdas in this file: GCC compiles a lambda's body without the ISA of the
 // `#pragma GCC target` region it is written in, which scalarises its vector code.
 
+// The vector the loops that compare and select work in: 64 bytes where the ISA's registers
+// hold them (AVX-512), else 32 (see simd::Vec32). 16-bit data keep 64 bytes, the width their
+// loads widen at (their kernels on AVX2-only CPUs are not the fast path: no bfloat16 hardware).
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
+using SelectVec = std::conditional_t<(kVectorRegisterBytes < 64 && std::is_same_v<scalar_t, T>),
+                                     simd::Vec32<T>, simd::Vec64<T>>;
+
 // x, or (x - mean) * scale + shift when `affine` (a batch norm in front of the ReLU; centred
 // first, as the batch norm kernels compute it) rounded to scalar_t: native rounds its batch
 // norm output to the storage dtype before ReLU and max_pool2d compare it, so values equal in
@@ -53,15 +60,13 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window(
   *argmax = positive ? static_cast<uint8_t>(best_offset) : kArgmaxReluZero;
 }
 
-// The same over one 64-byte vector of T (16 floats, 8 doubles: 16 channels of float32,
-// bfloat16 or float16 data, 8 of float64), lane by lane; mean/scale/shift point at the
-// vector's channels when `affine`.
-template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
+// The same over one vector V of T (SelectVec: with AVX-512, 16 floats or 8 doubles; with
+// AVX2, 8 or 4), lane by lane; mean/scale/shift point at the vector's channels when `affine`.
+template <typename scalar_t, bool affine, typename V, typename T = simd::opmath_t<scalar_t>>
 inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
     int64_t column_stride, int64_t pool_w, const T* mean, const T* scale, const T* shift,
     scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
-  using V = simd::Vec64<T>;
   using vec = typename V::type;
   using mask = typename V::mask;
   vec mean_v{}, scale_v{}, shift_v{};
@@ -103,7 +108,8 @@ template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
 void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* argmax,
                                const Strides4d& os, const ConvPoolGeometry& g, int64_t row_begin,
                                int64_t row_end, const T* mean, const T* scale, const T* shift) {
-  constexpr int64_t lanes = simd::Vec64<T>::lanes;
+  using V = SelectVec<scalar_t>;
+  constexpr int64_t lanes = V::lanes;
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;
   for (int64_t ph = row_begin; ph < row_end; ++ph) {
@@ -117,7 +123,7 @@ void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* arg
       uint8_t* argmax_pixel = argmax + ph * os.h + pw * os.w;
       int64_t c = 0;
       for (; c + lanes <= channels; c += lanes) {
-        relu_max_pool2d_window_vec<scalar_t, affine>(
+        relu_max_pool2d_window_vec<scalar_t, affine, V>(
             window + c, window_h, window_w, row_stride, channels, g.pool_w,
             affine ? mean + c : nullptr, affine ? scale + c : nullptr, affine ? shift + c : nullptr,
             out_pixel + c * os.c, argmax_pixel + c * os.c, os.c);
@@ -161,7 +167,7 @@ template <typename scalar_t, typename acc_t, typename T = simd::opmath_t<scalar_
 void pool_gradient_rows(const scalar_t* grad_output, const uint8_t* argmax, scalar_t* grad_conv,
                         const ConvPoolGeometry& g, int64_t row_begin, int64_t row_end, T* row_sum,
                         acc_t* bias_total) {
-  using V = simd::Vec64<T>;
+  using V = SelectVec<scalar_t>;
   using vec = typename V::type;
   using mask = typename V::mask;
   using bytes = typename V::bytes;

@@ -44,6 +44,32 @@ struct Vec64<double> {
   static constexpr int lanes = 8;
 };
 
+// Half as wide, for ISAs whose vector registers hold 32 bytes (AVX2): there GCC splits a
+// 64-byte vector's arithmetic over two registers but compiles its comparisons and `?:` selects
+// lane by lane (scalar compares and branches; the pooling epilogue ran 8x slower than native's
+// pooling on an AVX2-only Zen 3). Loops that compare and select use the width their ISA's
+// registers hold.
+template <typename T>
+struct Vec32;
+
+template <>
+struct Vec32<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef int32_t lane_int;
+  typedef lane_int mask __attribute__((vector_size(32)));
+  typedef uint8_t bytes __attribute__((vector_size(8)));
+  static constexpr int lanes = 8;
+};
+
+template <>
+struct Vec32<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef int64_t lane_int;
+  typedef lane_int mask __attribute__((vector_size(32)));
+  typedef uint8_t bytes __attribute__((vector_size(4)));
+  static constexpr int lanes = 4;
+};
+
 // Unaligned load into `v`. (An out-parameter, not a return value: a 64-byte vector returned by
 // value from a baseline-ISA function would change the calling convention.)
 template <typename V>

@@ -53,21 +53,38 @@ void shifted_sums_channels_outer(const scalar_t* x, int64_t channels, int64_t ro
   }
 }
 
-// One value (T = opmath_t<scalar_t>) or one vector of them (T a Vec64 type) from p.
+// One value (T = opmath_t<scalar_t>) or one vector of them from p.
 template <typename T, typename scalar_t>
 inline __attribute__((always_inline)) void load_lanes(T& v, const scalar_t* p) {
-  if constexpr (sizeof(T) < 64) {
+  if constexpr (std::is_arithmetic_v<T>) {
     v = static_cast<T>(*p);
   } else {
     simd::load(v, p);
   }
 }
 
-// Adds the scalar_t vector v to the doubles at sum (widening float lanes).
+// Adds the vector v (of float or double) to the doubles at sum, widening float lanes. Vectors
+// of 32 bytes (AVX2) go as halves of four doubles: GCC moves 64-byte vectors of doubles
+// through the stack there.
 template <typename vec>
 inline __attribute__((always_inline)) void add_to_doubles(double* sum, const vec& v) {
   using simd::doubles;
-  if constexpr (sizeof(v[0]) == sizeof(double)) {
+  using simd::four_doubles;
+  if constexpr (sizeof(vec) == 32 && sizeof(v[0]) == sizeof(double)) {
+    four_doubles s;
+    simd::load(s, sum);
+    simd::store(sum, four_doubles(s + v));
+  } else if constexpr (sizeof(vec) == 32) {
+    four_doubles s0, s1;
+    simd::load(s0, sum);
+    simd::load(s1, sum + 4);
+    simd::store(sum, four_doubles(
+                         s0 + __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3),
+                                                      four_doubles)));
+    simd::store(sum + 4, four_doubles(s1 + __builtin_convertvector(
+                                               __builtin_shufflevector(v, v, 4, 5, 6, 7),
+                                               four_doubles)));
+  } else if constexpr (sizeof(v[0]) == sizeof(double)) {
     doubles s;
     simd::load(s, sum);
     simd::store(sum, doubles(s + v));
@@ -83,6 +100,10 @@ inline __attribute__((always_inline)) void add_to_doubles(double* sum, const vec
   }
 }
 
+// The vector the channels-inner sums keep in registers.
+template <typename scalar_t>
+using SumVec = simd::RegisterVec<kVectorRegisterBytes, scalar_t>;
+
 // Pixels whose terms a channels-inner reduction adds up in scalar_t registers before adding
 // them to its double sums: few enough that float rounding stays at a few ulps of a run's sum.
 constexpr int64_t kRegisterRun = 16;
@@ -93,7 +114,7 @@ template <int J, typename scalar_t, typename Terms>
 inline __attribute__((always_inline)) void channel_block_sums(int64_t c, int64_t run,
                                                               int64_t run_end, double* sum_a,
                                                               double* sum_b, Terms& terms) {
-  using V = simd::Vec64<simd::opmath_t<scalar_t>>;
+  using V = SumVec<scalar_t>;
   typename V::type a[J] = {}, b[J] = {};
   for (int64_t p = run; p < run_end; ++p) {
     for (int j = 0; j < J; ++j) terms(a[j], b[j], p, c + j * V::lanes);
@@ -115,9 +136,11 @@ inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
                                                                int64_t pixel_begin,
                                                                int64_t pixel_end, double* sum_a,
                                                                double* sum_b, Terms&& terms) {
-  constexpr int64_t lanes = simd::Vec64<simd::opmath_t<scalar_t>>::lanes;
+  using V = SumVec<scalar_t>;
+  constexpr int64_t lanes = V::lanes;
   // Two accumulators per channel vector plus temporaries, in a quarter of the registers.
-  constexpr int kVectors = std::max(1, kVectorRegisters * kVectorRegisterBytes / 64 / 8);
+  constexpr int kVectors =
+      std::max<int>(1, kVectorRegisters * kVectorRegisterBytes / sizeof(typename V::type) / 8);
   for (int64_t run = pixel_begin; run < pixel_end; run += kRegisterRun) {
     const int64_t run_end = std::min(pixel_end, run + kRegisterRun);
     int64_t c = 0;

@@ -6,12 +6,90 @@
 // NB: no lambdas in this file: GCC compiles a lambda's body without the ISA of the
 // `#pragma GCC target` region it is written in, which scalarises its vector code.
 
-// The vector the loops that compare and select work in: 64 bytes where the ISA's registers
-// hold them (AVX-512), else 32 (see simd::Vec32). 16-bit data keep 64 bytes, the width their
-// loads widen at (their kernels on AVX2-only CPUs are not the fast path: no bfloat16 hardware).
-template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
-using SelectVec = std::conditional_t<(kVectorRegisterBytes < 64 && std::is_same_v<scalar_t, T>),
-                                     simd::Vec32<T>, simd::Vec64<T>>;
+// The vector the loops that compare and select work in (see simd::Vec32 and RegisterVec).
+template <typename scalar_t>
+using SelectVec = simd::RegisterVec<kVectorRegisterBytes, scalar_t>;
+
+// Argmax bytes to and from integer lanes. GCC 12 converts between vectors of bytes and of
+// wider integers lane by lane through general registers unless the wide vector fits one
+// register and the bytes are signed and not loaded straight from memory; so bytes widen by
+// sign extension with the ISA's own instructions (vpmovsxb*), and a window position compares as
+// its int8_t image (a bijection, so equality is kept). Narrowing goes through 16-bit lanes,
+// which GCC packs.
+template <typename mask>
+using lane_int_of = std::decay_t<decltype(std::declval<mask>()[0])>;
+
+// Byte and 16-bit vectors of n lanes. (Spelled out per n: GCC drops the vector_size of a
+// typedef whose size depends on a template parameter.)
+template <int n>
+struct NarrowLanes;
+template <>
+struct NarrowLanes<4> {
+  typedef int8_t bytes __attribute__((vector_size(4)));
+  typedef int16_t halfwords __attribute__((vector_size(8)));
+};
+template <>
+struct NarrowLanes<8> {
+  typedef int8_t bytes __attribute__((vector_size(8)));
+  typedef int16_t halfwords __attribute__((vector_size(16)));
+};
+template <>
+struct NarrowLanes<16> {
+  typedef int8_t bytes __attribute__((vector_size(16)));
+  typedef int16_t halfwords __attribute__((vector_size(32)));
+};
+
+template <typename mask>
+using narrow_lanes = NarrowLanes<sizeof(mask) / sizeof(lane_int_of<mask>)>;
+
+template <typename mask>
+inline __attribute__((always_inline)) mask widen_argmax(const uint8_t* p) {
+  constexpr size_t lane = sizeof(lane_int_of<mask>), n = sizeof(mask) / lane;
+  mask m;
+#if defined(__x86_64__)
+  if constexpr (kVectorRegisterBytes >= 32 && kVectorRegisterBytes >= sizeof(mask) &&
+                sizeof(mask) >= 16) {  // AVX2 or AVX-512, the mask in one register
+    __m128i bytes{};
+    std::memcpy(&bytes, p, n);
+    if constexpr (sizeof(mask) == 16 && lane == 2) {
+      const __m128i wide = _mm_cvtepi8_epi16(bytes);
+      std::memcpy(&m, &wide, sizeof(m));
+    } else if constexpr (sizeof(mask) == 32) {
+      const __m256i wide = lane == 2   ? _mm256_cvtepi8_epi16(bytes)
+                           : lane == 4 ? _mm256_cvtepi8_epi32(bytes)
+                                       : _mm256_cvtepi8_epi64(bytes);
+      std::memcpy(&m, &wide, sizeof(m));
+    } else if constexpr (sizeof(mask) == 64) {
+      static_assert(lane >= 4);
+      // (The zero-masking forms: the plain ones start from an undefined register, which GCC
+      // 12 warns may be used uninitialised.)
+      const __m512i wide = lane == 4 ? _mm512_maskz_cvtepi8_epi32(0xffff, bytes)
+                                     : _mm512_maskz_cvtepi8_epi64(0xff, bytes);
+      std::memcpy(&m, &wide, sizeof(m));
+    } else {
+      m = __builtin_convertvector(*reinterpret_cast<typename narrow_lanes<mask>::bytes*>(&bytes),
+                                  mask);
+    }
+    return m;
+  }
+#endif
+  typename narrow_lanes<mask>::bytes bytes;
+  simd::load(bytes, p);
+  return __builtin_convertvector(bytes, mask);
+}
+
+template <typename lane_int>
+inline __attribute__((always_inline)) lane_int argmax_lane(int64_t position) {
+  return static_cast<lane_int>(static_cast<int8_t>(position));
+}
+
+// Stores the low byte of each lane.
+template <typename mask>
+inline __attribute__((always_inline)) void store_argmax(uint8_t* p, const mask& lanes) {
+  using narrow = narrow_lanes<mask>;
+  const auto halfwords = __builtin_convertvector(lanes, typename narrow::halfwords);
+  simd::store(p, __builtin_convertvector(halfwords, typename narrow::bytes));
+}
 
 // x, or (x - mean) * scale + shift when `affine` (a batch norm in front of the ReLU; centred
 // first, as the batch norm kernels compute it) rounded to scalar_t: native rounds its batch
@@ -95,7 +173,7 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
   const mask offsets = positive ? best_offset : (mask{} + kArgmaxReluZero);  // no truncation: 255
   if (out_stride_c == 1) {
     simd::store(out, pooled);
-    simd::store(argmax, __builtin_convertvector(offsets, typename V::bytes));
+    store_argmax(argmax, offsets);
   } else {
     for (int i = 0; i < V::lanes; ++i) {
       out[i * out_stride_c] = static_cast<scalar_t>(pooled[i]);

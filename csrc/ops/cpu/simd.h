@@ -70,6 +70,15 @@ struct Vec32<double> {
   static constexpr int lanes = 4;
 };
 
+// The vector a loop computes scalar_t data in: one register of an ISA whose registers hold
+// `register_bytes` (Vec32 with AVX2, Vec64 with AVX-512). 16-bit data keep 64 bytes, the width
+// their loads widen at (their kernels on AVX2-only CPUs are not the fast path: no bfloat16
+// hardware).
+template <int register_bytes, typename scalar_t>
+using RegisterVec =
+    std::conditional_t<(register_bytes < 64 && std::is_same_v<scalar_t, opmath_t<scalar_t>>),
+                       Vec32<opmath_t<scalar_t>>, Vec64<opmath_t<scalar_t>>>;
+
 // Unaligned load into `v`. (An out-parameter, not a return value: a 64-byte vector returned by
 // value from a baseline-ISA function would change the calling convention.)
 template <typename V>
@@ -180,39 +189,93 @@ inline void stream_fence() {
 #endif
 }
 
-// Eight values of scalar_t (float, double, bfloat16 or float16) widened to one vector of
-// eight doubles: sums of float data accumulate in double at the cost of a conversion per load.
+// Eight values of scalar_t (float, double, bfloat16 or float16) as their raw bits, one
+// integer lane each: moved and selected without arithmetic, with comparisons on lanes as wide
+// as the data (for 16- and 32-bit data one AVX2 register, where GCC compiles comparisons of
+// wider vectors lane by lane).
+template <typename scalar_t>
+struct EightBits {
+  using lane_int = std::conditional_t<sizeof(scalar_t) == 2, int16_t,
+                                      std::conditional_t<sizeof(scalar_t) == 4, int32_t, int64_t>>;
+  typedef lane_int type __attribute__((vector_size(8 * sizeof(scalar_t))));
+};
+
+// Eight values of scalar_t widened to one vector of eight doubles: sums of float data
+// accumulate in double at the cost of a conversion per load.
 using doubles = Vec64<double>::type;
 
+// Eight values of a 16- or 32-bit scalar_t, from their bits, as floats.
+typedef float eight_floats __attribute__((vector_size(32)));
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) eight_floats to_floats(
+    const typename EightBits<scalar_t>::type& bits) {
+  static_assert(sizeof(scalar_t) <= 4);
+  eight_floats v;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    typedef uint16_t eight_halfwords __attribute__((vector_size(16)));
+    typedef uint32_t eight_words __attribute__((vector_size(32)));
+    const eight_words wide =
+        __builtin_convertvector(__builtin_convertvector(bits, eight_halfwords), eight_words)
+        << 16;
+    std::memcpy(&v, &wide, sizeof(v));
+  } else if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    typedef _Float16 eight_halves __attribute__((vector_size(16)));
+    eight_halves halves;
+    std::memcpy(&halves, &bits, sizeof(halves));
+    v = __builtin_convertvector(halves, eight_floats);
+  } else {
+    std::memcpy(&v, &bits, sizeof(v));
+  }
+  return v;
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) doubles to_doubles(
+    const typename EightBits<scalar_t>::type& bits) {
+  if constexpr (sizeof(scalar_t) == sizeof(double)) {
+    doubles v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    return __builtin_convertvector(to_floats<scalar_t>(bits), doubles);
+  }
+}
+
+// The same eight values as two halves of four doubles, each one AVX2 register: with AVX2, GCC
+// moves the halves of a 64-byte vector of doubles through the stack and general registers
+// between operations.
+using four_doubles = Vec32<double>::type;
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void to_double_halves(
+    const typename EightBits<scalar_t>::type& bits, four_doubles& low, four_doubles& high) {
+  if constexpr (sizeof(scalar_t) == sizeof(double)) {
+    std::memcpy(&low, &bits, sizeof(low));
+    std::memcpy(&high, reinterpret_cast<const char*>(&bits) + sizeof(low), sizeof(high));
+  } else {
+    const eight_floats v = to_floats<scalar_t>(bits);
+    low = __builtin_convertvector(__builtin_shufflevector(v, v, 0, 1, 2, 3), four_doubles);
+    high = __builtin_convertvector(__builtin_shufflevector(v, v, 4, 5, 6, 7), four_doubles);
+  }
+}
+
+template <typename scalar_t>
+inline __attribute__((always_inline)) void load_double_halves(const scalar_t* p,
+                                                              four_doubles& low,
+                                                              four_doubles& high) {
+  typename EightBits<scalar_t>::type bits;
+  load(bits, p);
+  to_double_halves<scalar_t>(bits, low, high);
+}
+
+// Loaded at eight lanes straight from memory: going through a zero-padded 16-lane vector on the
+// stack made every load wait on a failed store-to-load forward (4x slower sums).
 template <typename scalar_t>
 inline __attribute__((always_inline)) void load_doubles(doubles& v, const scalar_t* p) {
-  if constexpr (sizeof(scalar_t) == sizeof(double)) {
-    load(v, p);
-  } else if constexpr (sizeof(scalar_t) == 2) {
-    // Widened at eight lanes straight from memory: going through a zero-padded 16-lane vector
-    // on the stack made every load wait on a failed store-to-load forward (4x slower sums).
-    typedef uint16_t eight_bits __attribute__((vector_size(16)));
-    typedef float eight __attribute__((vector_size(32)));
-    eight_bits bits;
-    std::memcpy(&bits, p, sizeof(bits));
-    eight narrow;
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      typedef uint32_t eight_words __attribute__((vector_size(32)));
-      const eight_words wide = __builtin_convertvector(bits, eight_words) << 16;
-      std::memcpy(&narrow, &wide, sizeof(narrow));
-    } else {
-      typedef _Float16 eight_halves __attribute__((vector_size(16)));
-      eight_halves halves;
-      std::memcpy(&halves, &bits, sizeof(halves));
-      narrow = __builtin_convertvector(halves, eight);
-    }
-    v = __builtin_convertvector(narrow, doubles);
-  } else {
-    typedef scalar_t eight __attribute__((vector_size(8 * sizeof(scalar_t))));
-    eight narrow;
-    load(narrow, p);
-    v = __builtin_convertvector(narrow, doubles);
-  }
+  typename EightBits<scalar_t>::type bits;
+  load(bits, p);
+  v = to_doubles<scalar_t>(bits);
 }
 
 }  // namespace cifarnet::simd

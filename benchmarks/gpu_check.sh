@@ -6,8 +6,10 @@
 #      over large counts, a pooling call over > 2**31 elements),
 #   3. compute-sanitizer memcheck and racecheck over gpu_cases.py --small (every op, dtype and
 #      layout over the geometries where index math breaks first), when the tool is there,
-#   4. cifarnet-bench on CUDA (float32 and bfloat16, batch 128) and whole training steps,
-#      fused against native (benchmarks/train_steps.py).
+#   4. cifarnet-bench on CUDA (float32 and bfloat16, batch 128 and 1024) and whole training
+#      steps, fused against every native configuration, eager, compiled and replayed from CUDA
+#      graphs (benchmarks/train_steps.py, batch 128 and 1024).
+# The CUDA tests include the launch-count budgets, the sync-debug runs and the graph replays.
 # Writes $OUT/gpu_check.log, the step outputs, and $OUT/summary.json (tests passed/failed/
 # skipped, case failures, sanitizer errors, benchmark ratios). Fails loudly (exit 1) when the
 # build has no CUDA kernels, when every CUDA test was skipped, or when any step failed.
@@ -83,18 +85,25 @@ else
   echo "compute-sanitizer not found: the small cases ran without it"
 fi
 
-for dtype in float32 bfloat16; do
-  want bench || break
-  step "benchmark $dtype"
-  timeout "$(within 60)" python3 -m cifarnet.benchmark --device cuda --dtype "$dtype" --batch-size 128 --repeats 30 \
-    --memory-format channels_last --no-compile --json "$OUT/bench_$dtype.json" || fail "benchmark $dtype"
+for batch in 128 1024; do
+  for dtype in float32 bfloat16; do
+    want bench || break 2
+    step "benchmark $dtype, batch $batch"
+    timeout "$(within 60)" python3 -m cifarnet.benchmark --device cuda --dtype "$dtype" --batch-size "$batch" --repeats 30 \
+      --memory-format channels_last --no-compile --json "$OUT/bench_${dtype}_$batch.json" || fail "benchmark $dtype batch $batch"
+  done
 done
 
-if want bench; then
-  step "training steps"
-  timeout "$(within 60)" python3 benchmarks/train_steps.py --device cuda --rounds 5 --steps 20 \
-    --configs native-fp32-cl,native-bf16-cl,fused-fp32-cl,fused-bf16-cl --json "$OUT/train_steps.json" || fail "training steps"
-fi
+# The whole step against every native configuration (issue 23, item 4), interleaved in one run per
+# batch size: eager, torch.compile (default; max-autotune-no-cudagraphs), replayed from CUDA graphs.
+STEP_CONFIGS=native-fp32-cl,native-fp32-compile,native-fp32-cl-autotune,native-fp32-cl-graph,fused-fp32-cl,fused-fp32-cl-graph
+STEP_CONFIGS=$STEP_CONFIGS,native-bf16-cl,native-bf16-cl-compile,native-bf16-cl-autotune,native-bf16-cl-graph,fused-bf16-cl,fused-bf16-cl-graph
+for batch in 128 1024; do
+  want bench || break
+  step "training steps, batch $batch"
+  timeout "$(within 120)" python3 benchmarks/train_steps.py --device cuda --batch-size "$batch" --rounds 5 --steps 20 \
+    --warmup 5 --configs "$STEP_CONFIGS" --json "$OUT/train_steps_$batch.json" || fail "training steps, batch $batch"
+done
 
 if want compile; then
   step "torch.compile tests"

@@ -69,6 +69,27 @@ def bench_ratios(path: Path) -> dict | None:
     return ratios
 
 
+def step_ratios(path: Path) -> dict | None:
+    """The training step's figures of one train_steps.py run: each configuration's median ms, the
+    fastest native one, and each fused one's speedup over it (step_speedup_vs_best_native: the
+    fastest fused configuration's)."""
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    results = report["results"]
+    median = {name: round(result["median_ms"], 3) for name, result in results.items()}
+    native = {name: ms for name, ms in median.items() if name.startswith("native")}
+    fused = {name: ms for name, ms in median.items() if name.startswith("fused")}
+    ratios = {"median_ms": median, "gpu": report.get("gpu")}
+    if native and fused:
+        best = min(native, key=native.get)
+        ratios["best_native"] = best
+        for name, ms in fused.items():
+            ratios[f"{name}_speedup_vs_best_native"] = round(native[best] / ms, 3)
+        ratios["step_speedup_vs_best_native"] = round(native[best] / min(fused.values()), 3)
+    return ratios
+
+
 def main(out: Path) -> int:
     tests = test_counts(out / "tests.xml")
     summary = {
@@ -80,12 +101,11 @@ def main(out: Path) -> int:
         "cases_small_racecheck": case_failures(out / "cases_racecheck.json"),
         "sanitizer_memcheck": sanitizer_errors(out / "sanitizer_memcheck.log"),
         "sanitizer_racecheck": sanitizer_errors(out / "sanitizer_racecheck.log"),
-        "bench_float32_speedup_vs_native": bench_ratios(out / "bench_float32.json"),
-        "bench_bfloat16_speedup_vs_native": bench_ratios(out / "bench_bfloat16.json"),
     }
-    steps = out / "train_steps.json"
-    if steps.exists():
-        summary["train_steps"] = json.loads(steps.read_text())["results"]
+    for batch in (128, 1024):
+        for dtype in ("float32", "bfloat16"):
+            summary[f"bench_{dtype}_batch{batch}_speedup_vs_native_eager"] = bench_ratios(out / f"bench_{dtype}_{batch}.json")
+        summary[f"train_step_batch{batch}"] = step_ratios(out / f"train_steps_{batch}.json")
     json.dump(summary, sys.stdout, indent=1)
     print()
     return 0 if tests and tests["device_cuda_passed"] > 0 else 1

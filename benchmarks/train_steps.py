@@ -22,11 +22,19 @@ not the caches or the clock of another CPU.
 Python busy loop, or a second PyTorch process training the study's ConvNet on one thread.
 
 Configurations (`--configs`, comma-separated; default: all but the compiled ones with
---no-compile):
+--no-compile, and the CUDA-only ones on the CPU):
   native-fp32, native-fp32-cl, native-fp32-compile     float32, contiguous / channels-last / torch.compile
   native-bf16-cl, native-bf16-cl-compile               torch.autocast bfloat16, channels-last (eager / compiled)
   fused-fp32, fused-fp32-cl, fused-bf16, fused-bf16-cl cifarnet's ops, float32 or bfloat16 autocast
   floor-fp32-cl, floor-bf16-cl                         the step's floor (below)
+CUDA only:
+  native-{fp32,bf16}-cl-autotune                       torch.compile(mode="max-autotune-no-cudagraphs")
+  native-{fp32,bf16}-cl-graph, fused-{fp32,bf16}-cl-graph
+                                                       the step replayed from CUDA graphs, as cifarnet-train
+                                                       runs it (cifarnet.study.train.cuda_graph)
+On CUDA each configuration's steps of a round are timed together with CUDA events (the host
+queues them without waiting), and the report states torch's TF32 settings, which float32
+convolutions and matrix products follow.
 Only with --configs (what cifarnet's dropout changes, against the same steps with torch's):
   fused-fp32-cl-torch-dropout, fused-bf16-cl-torch-dropout   the fused model with nn.Dropout
 
@@ -54,6 +62,7 @@ from torch import Tensor, nn
 import cifarnet
 from cifarnet.study.models import ConvNet
 from cifarnet.study.train import TrainConfig, make_optimizer
+from cifarnet.study.train.cuda_graph import GraphedTrainingStep
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,9 @@ class Config:
     compiled: bool = False
     torch_dropout: bool = False  # the fused model with nn.Dropout instead of cifarnet.nn.Dropout
     default: bool = True  # in the default set of --configs
+    compile_mode: str | None = None  # torch.compile's mode (None: its default)
+    graph: bool = False  # the step replayed from CUDA graphs
+    cuda_only: bool = False
 
 
 CONFIGS = {
@@ -80,6 +92,12 @@ CONFIGS = {
     "floor-bf16-cl": Config("floor", True, True),
     "fused-fp32-cl-torch-dropout": Config("fused", False, True, torch_dropout=True, default=False),
     "fused-bf16-cl-torch-dropout": Config("fused", True, True, torch_dropout=True, default=False),
+    "native-fp32-cl-autotune": Config("native", False, True, compiled=True, compile_mode="max-autotune-no-cudagraphs", cuda_only=True),
+    "native-bf16-cl-autotune": Config("native", True, True, compiled=True, compile_mode="max-autotune-no-cudagraphs", cuda_only=True),
+    "native-fp32-cl-graph": Config("native", False, True, graph=True, cuda_only=True),
+    "native-bf16-cl-graph": Config("native", True, True, graph=True, cuda_only=True),
+    "fused-fp32-cl-graph": Config("fused", False, True, graph=True, cuda_only=True),
+    "fused-bf16-cl-graph": Config("fused", True, True, graph=True, cuda_only=True),
 }
 
 
@@ -93,7 +111,7 @@ class Trainer:
             model.dropout = nn.Dropout(model.dropout.p)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=memory_format)
-        self.step_fn = torch.compile(self.model) if config.compiled else self.model
+        self.step_fn = torch.compile(self.model, mode=config.compile_mode) if config.compiled else self.model
         # cifarnet-train's optimiser (fused SGD where the device has it), for every configuration
         self.optimizer, _ = make_optimizer(self.model, TrainConfig(variant=variant, lr=0.01))
         self.criterion = nn.CrossEntropyLoss()
@@ -102,10 +120,19 @@ class Trainer:
         self.device = device
         self.next = 0
         self.floor = FloorInputs(self.model, batches[0][0].contiguous(memory_format=memory_format)) if config.ops == "floor" else None
+        self.graphed = None
+        if config.graph:
+            # Held open for the trainer's life: its learning rates stay device tensors.
+            self.graphed = GraphedTrainingStep(self.model, self.criterion, self.optimizer, autocast_dtype=self.autocast_dtype)
+            self.graphed.__enter__()
 
     def step(self) -> None:
         images, labels = self.batches[self.next % len(self.batches)]
         self.next += 1
+        if self.graphed is not None:
+            self.graphed.forward_backward(images, labels)
+            self.graphed.step()
+            return
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             if self.floor is not None:
@@ -115,10 +142,18 @@ class Trainer:
         with torch.profiler.record_function("backward"):
             torch.autograd.backward(roots, grads)
         self.optimizer.step()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def run(self, steps: int) -> list[float]:
+        """Times `steps` steps: each on the CPU; on CUDA, all of them between two events (one
+        figure, their mean), so the host queues them as a training loop does."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                self.step()
+            end.record()
+            end.synchronize()
+            return [start.elapsed_time(end) / steps]
         times = []
         for _ in range(steps):
             begin = time.perf_counter()
@@ -195,13 +230,19 @@ def profile(trainer: Trainer, steps: int) -> None:
                 print(f"    {ms:8.2f} ms  {100 * ms / step_ms:5.1f}%  {name}")
 
 
-def parse_configs(text: str | None, no_compile: bool) -> list[str]:
+def parse_configs(text: str | None, no_compile: bool, device: torch.device) -> list[str]:
     if text is None:
-        return [name for name, config in CONFIGS.items() if config.default and not (no_compile and config.compiled)]
+        return [
+            name for name, config in CONFIGS.items()
+            if config.default and not (no_compile and config.compiled) and (device.type == "cuda" or not config.cuda_only)
+        ]
     names = text.split(",")
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         raise SystemExit(f"train_steps: unknown --configs {unknown}; expected some of {list(CONFIGS)}")
+    cuda_only = [name for name in names if CONFIGS[name].cuda_only and device.type != "cuda"]
+    if cuda_only:
+        raise SystemExit(f"train_steps: --configs {cuda_only} need --device cuda")
     return names
 
 
@@ -290,10 +331,10 @@ def main() -> None:
         return
     if args.profile:
         args.configs = args.profile
-    names = parse_configs(args.configs, args.no_compile)
+    device = torch.device(args.device)
+    names = parse_configs(args.configs, args.no_compile, device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     generator = torch.Generator().manual_seed(0)
     batches = [
         (torch.randn(args.batch_size, 3, 28, 28, generator=generator).to(device),
@@ -331,6 +372,17 @@ def report(args, device: torch.device, times: dict[str, list[float]]) -> None:
     cap = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA") if k in os.environ)
     print(f"{args.variant} ConvNet, batch {args.batch_size}, {torch.get_num_threads()} threads, {device}; median ms per step over {args.rounds} rounds of {args.steps}")
     print(f"CPU: {cpu['model']} ({', '.join(cpu['isa'])}){'; capped: ' + cap if cap else ''}{'; load: ' + args.load if args.load else ''}")
+    gpu = None
+    if device.type == "cuda":
+        gpu = {
+            "name": torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
+            "cudnn": torch.backends.cudnn.version(),
+            # float32 convolutions and matrix products follow these (torch's defaults: cuDNN TF32 on, matmul off)
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+        }
+        print("GPU: " + ", ".join(f"{k} {v}" for k, v in gpu.items()))
     for name, result in results.items():
         line = f"  {name:<24} {result['median_ms']:8.2f} ms"
         if best_native and name.startswith("fused"):
@@ -343,7 +395,7 @@ def report(args, device: torch.device, times: dict[str, list[float]]) -> None:
         print(line)
     if args.json:
         with open(args.json, "w") as file:
-            json.dump({"config": vars(args), "cpu": cpu, "cap": cap, "best_native": best_native, "results": results}, file, indent=2)
+            json.dump({"config": vars(args), "cpu": cpu, "gpu": gpu, "cap": cap, "best_native": best_native, "results": results}, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -155,6 +155,9 @@ def _train_parser() -> argparse.ArgumentParser:
     earlier_run.add_argument("--overwrite", action="store_true",
                              help="where OUT already holds a run, replace it (without this, or --resume, such "
                                   "a folder is refused)")
+    parser.add_argument("--no-cuda-graph", action="store_true",
+                        help="on CUDA, run every training step eagerly (default: replay the steps from CUDA graphs, "
+                        "one process only)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     return parser
 
@@ -230,7 +233,7 @@ def train_main(argv: list[str] | None = None) -> int:
                 started = True
                 train(
                     configs[variant], run_out, data=data, device=device, threads=threads, resume=args.resume,
-                    overwrite=args.overwrite, progress=progress, peers=peers,
+                    overwrite=args.overwrite, progress=progress, peers=peers, cuda_graph=not args.no_cuda_graph,
                 )
                 if is_main:
                     print(f"{variant}: results in {run_out}")

@@ -38,6 +38,7 @@ from cifarnet.study.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, ma
 from cifarnet.study.distributed import Peers, epoch_seed
 from cifarnet.study.fileio import atomic_save, output_folder_problem
 from cifarnet.study.models import ConvNet
+from cifarnet.study.train.cuda_graph import GraphedTrainingStep, cuda_graph_problem, set_lr
 from cifarnet.study.plots import plot_batch_losses, plot_curves
 from cifarnet.study.train.checkpoints import (
     _batch_loss_rows,
@@ -122,6 +123,7 @@ def epoch(
     lr_scale: Callable[[int], float] | None = None,
     clip_grad_norm: float | None = None,
     peers: Peers | None = None,
+    cuda_graph: bool = False,
 ) -> EpochResult:
     """One pass over ``data``: training with ``optimizer``, evaluation without.
 
@@ -153,6 +155,10 @@ def epoch(
             and a non-finite one, at the same step, before its update) and weights this
             process's loss by its share of the batch, so the averaged gradient is that of the
             global batch's mean loss. The returned figures are those of all processes' samples.
+        cuda_graph: training only: replay each batch's step from CUDA graphs
+            (:class:`cifarnet.study.train.cuda_graph.GraphedTrainingStep`: the same arithmetic,
+            one launch for the forward and backward and one for the update); the model must be
+            on a CUDA device, without ``peers``.
 
     Returns:
         :class:`EpochResult` with example-weighted averages; ``batch_losses`` are those of the
@@ -174,18 +180,29 @@ def epoch(
     first_layer_learned = False if training else None
     total = len(data) if hasattr(data, "__len__") else None
     bar = tqdm(data, total=total, desc=description, leave=False, disable=not progress, file=sys.stderr, unit="batch")
-    scheduled_lrs = [group["lr"] for group in optimizer.param_groups] if training else []
+    scheduled_lrs = [float(group["lr"]) for group in optimizer.param_groups] if training else []
     # DDP's forward (buffers) and backward (gradients) communicate too.
     communication = peers.guard("training" if training else "testing") if peers is not None else contextlib.nullcontext()
+    graphed = None
+    if training and cuda_graph:
+        problem = cuda_graph_problem(first_parameter.device, data_parallel=peers is not None)
+        if problem:
+            raise ValueError(f"cuda_graph: {problem}")
+        graphed = GraphedTrainingStep(model, criterion, optimizer, autocast_dtype=autocast_dtype,
+                                      clip_grad_norm=clip_grad_norm)
     try:
-        with torch.set_grad_enabled(training), communication:
+        with torch.set_grad_enabled(training), communication, graphed or contextlib.nullcontext():
             for index, (inputs, labels) in enumerate(bar):
-                with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    logits = model(inputs)
-                    loss = criterion(logits, labels)
-                local_loss = batch_loss = loss.item()
                 count = labels.shape[0]
-                if training:
+                if graphed is not None:
+                    logits, loss = graphed.forward_backward(inputs, labels)
+                    local_loss = batch_loss = loss.item()
+                else:
+                    with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                        logits = model(inputs)
+                        loss = criterion(logits, labels)
+                    local_loss = batch_loss = loss.item()
+                if training and graphed is None:
                     share, global_loss_sum = 1.0, None
                     if peers is not None:
                         global_count = data.global_batch_size(index)
@@ -205,18 +222,22 @@ def epoch(
                         raise
                     if global_loss_sum is not None:
                         batch_loss = global_loss_sum()[0] / global_count
+                if training:
                     if not math.isfinite(batch_loss):
                         raise _NonFiniteLoss(index + 1, batch_loss)
                     if not first_layer_learned and first_parameter is not None and first_parameter.grad is not None:
                         # NB: read until the first step that has one: once an epoch, for a network that learns.
                         first_layer_learned = bool(first_parameter.grad.any())
-                    if clip_grad_norm is not None:
-                        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
                     if lr_scale is not None:
                         scale = lr_scale(index)
                         for group, scheduled_lr in zip(optimizer.param_groups, scheduled_lrs):
-                            group["lr"] = scheduled_lr * scale
-                    optimizer.step()
+                            set_lr(group, scheduled_lr * scale)
+                    if graphed is not None:
+                        graphed.step()
+                    else:
+                        if clip_grad_norm is not None:
+                            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+                        optimizer.step()
                 batch_losses.append(batch_loss)
                 loss_sum += local_loss * count
                 # One topk serves top-1, top-5 and the confusion matrix, so they agree on ties.
@@ -236,7 +257,7 @@ def epoch(
     finally:
         # The schedule (ExponentialLR, checkpoints) sees the scheduled rates, never a warm-up's.
         for group, scheduled_lr in zip(optimizer.param_groups if training else [], scheduled_lrs):
-            group["lr"] = scheduled_lr
+            set_lr(group, scheduled_lr)
         bar.close()
     predicted_counts = [] if predicted_counts is None else predicted_counts.tolist()
     if peers is not None:
@@ -314,6 +335,7 @@ def train(
     overwrite: bool = False,
     progress: bool = True,
     peers: Peers | None = None,
+    cuda_graph: bool = True,
 ) -> list[dict]:
     """Trains and tests one variant, epoch by epoch, writing results and checkpoints to ``out``.
 
@@ -361,6 +383,9 @@ def train(
         progress: show progress bars and print one summary line per epoch (rank 0 only).
         peers: the processes training together (:class:`cifarnet.study.distributed.Peers`), or None
             for one process.
+        cuda_graph: replay the training steps from CUDA graphs where that is possible (one
+            process on a CUDA device; see :func:`epoch`): the same arithmetic with a fraction
+            of the host's launching. False: eager steps everywhere.
 
     Returns:
         The ``metrics.jsonl`` records of all epochs so far (dicts with :data:`METRIC_KEYS`).
@@ -460,6 +485,7 @@ def train(
         rank=rank, world_size=world_size, memory_format=TRAINING_MEMORY_FORMAT,
     )
     criterion = nn.CrossEntropyLoss()
+    graphed_steps = cuda_graph and cuda_graph_problem(device, data_parallel=peers is not None) is None
     batches_per_epoch = len(train_loader)
     progress = progress and is_main
     if checkpoint is not None and len(history) >= config.epochs and is_main:
@@ -480,7 +506,7 @@ def train(
         try:
             trained = epoch(train_loader, trained_model, criterion, optimizer, progress=progress,
                             description=f"{label} train", autocast_dtype=autocast_dtype, lr_scale=lr_scale,
-                            clip_grad_norm=config.clip_grad_norm, peers=peers)
+                            clip_grad_norm=config.clip_grad_norm, peers=peers, cuda_graph=graphed_steps)
         except _NonFiniteLoss as non_finite:
             _diverged(config, out, epoch_number, non_finite.batch, non_finite.loss, record=is_main)
         train_seconds = time.perf_counter() - started

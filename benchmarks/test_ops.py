@@ -34,7 +34,7 @@ def steady_allocator():
 
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("layer", bench.STUDY_LAYERS, ids=lambda layer: layer.name)
-@pytest.mark.parametrize("implementation", bench.IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation", bench.device_implementations(torch.device("cpu")))
 @pytest.mark.parametrize("op", bench.OPS.values(), ids=lambda op: op.name)
 def test_op(benchmark, op, implementation, layer, mode):
     tensors = bench.make_tensors(op, layer, BATCH_SIZE, torch.float32, torch.device("cpu"), torch.contiguous_format)

@@ -1,14 +1,21 @@
 """Benchmarks of the fused ops against native PyTorch: the ``cifarnet-bench`` command.
 
 For each layer of the study's ConvNet it times, in one interleaved run (so machine noise hits
-every variant alike), native eager, ``torch.compile``d native and the fused op, forward and
-forward+backward (batch norm in training mode), and counts the bytes autograd saves for the
-backward. Ratios are what to read; absolute times are context.
+every implementation alike), the op's implementations, forward and forward+backward (batch norm
+in training mode), and counts the bytes autograd saves for the backward. Ratios are what to
+read; absolute times are context.
+
+The implementations (``IMPLEMENTATIONS``; ``--help`` lists them): on the CPU, native eager,
+``torch.compile``d native and the fused op; on CUDA also native compiled with
+``mode="max-autotune-no-cudagraphs"``, and native and the fused op each captured in a CUDA graph
+(the timed call is the graph's replay: no host work, no launch overhead). Each is compared with
+native eager, and the fastest fused one with the fastest native one (``fused_vs_best_native``).
 
 With ``--model`` it times a whole model instead, forward+backward in training mode, before and
 after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``features`` alone).
 
     cifarnet-bench --batch-size 128 --threads 2 --json bench.json
+    cifarnet-bench --device cuda --dtype bfloat16 --memory-format channels_last --batch-size 1024
     cifarnet-bench --model vgg11_bn --batch-size 128 --threads 2
 """
 
@@ -38,10 +45,74 @@ from cifarnet import ops
 from cifarnet._cpu import describe_cpu
 from cifarnet.study.fileio import output_file_problem
 
-IMPLEMENTATIONS = ("native", "compiled", "fused")
 MODES = ("forward", "forward_backward")
 MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 MEMORY_FORMAT_NAMES = {format: name for name, format in MEMORY_FORMATS.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    """One way of running an op that ``cifarnet-bench`` times."""
+
+    fused: bool  # cifarnet's fused op; else the native composition
+    description: str
+    compiled: bool = False  # through torch.compile, in compile_mode
+    compile_mode: str | None = None  # None: torch.compile's default mode
+    graph: bool = False  # captured in a CUDA graph; the timed call is the graph's replay
+    cuda_only: bool = False
+
+
+IMPLEMENTATIONS = {
+    "native": Implementation(False, "the native composition (F.conv2d, F.batch_norm, F.relu, F.max_pool2d), eager"),
+    "compiled": Implementation(False, "torch.compile of the native composition, default mode", compiled=True),
+    "compiled_autotune": Implementation(
+        False, 'torch.compile(mode="max-autotune-no-cudagraphs") of the native composition', compiled=True,
+        compile_mode="max-autotune-no-cudagraphs", cuda_only=True,
+    ),
+    "native_graph": Implementation(
+        False, "the native composition captured in a CUDA graph, timed as the graph's replay", graph=True, cuda_only=True
+    ),
+    "fused": Implementation(True, "cifarnet's fused op, eager"),
+    "fused_graph": Implementation(
+        True, "cifarnet's fused op captured in a CUDA graph, timed as the graph's replay", graph=True, cuda_only=True
+    ),
+}
+"""Every implementation ``cifarnet-bench`` can time, in the order of its table's columns. Graph
+implementations capture a call after ``GRAPH_WARMUP`` calls on a side stream (see
+:class:`CapturedCall`); forward+backward captures the fresh leaves, the forward and the
+backward with a fixed output gradient."""
+
+GRAPH_WARMUP = 3
+"""Calls on a side stream before a CUDA graph captures one, as torch's docs prescribe (lazy
+initialisation, cuDNN's and autograd's first-call work stay out of the graph)."""
+
+
+def device_implementations(device: torch.device, compile: bool = True) -> list[str]:
+    """The implementations timed by default on ``device``: native, compiled and fused on the
+    CPU; every one on CUDA. ``compile=False`` leaves out the ``torch.compile`` ones."""
+    return [
+        name for name, implementation in IMPLEMENTATIONS.items()
+        if (device.type == "cuda" or not implementation.cuda_only) and (compile or not implementation.compiled)
+    ]
+
+
+def check_implementations(names: Sequence[str], device: torch.device) -> list[str]:
+    """``names`` in ``IMPLEMENTATIONS``' order, after checking that each exists, runs on
+    ``device``, and that native and fused (every ratio's reference) are among them.
+
+    Raises:
+        ValueError: naming the offending implementations.
+    """
+    unknown = [name for name in names if name not in IMPLEMENTATIONS]
+    if unknown:
+        raise ValueError(f"unknown implementations {unknown}; expected some of {list(IMPLEMENTATIONS)}")
+    cuda_only = [name for name in names if IMPLEMENTATIONS[name].cuda_only and device.type != "cuda"]
+    if cuda_only:
+        raise ValueError(f"implementations {cuda_only} need --device cuda, got {device.type}")
+    missing = [name for name in ("native", "fused") if name not in names]
+    if missing:
+        raise ValueError(f"implementations must include native and fused (the ratios' references), missing {missing}")
+    return [name for name in IMPLEMENTATIONS if name in names]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,16 +248,18 @@ def under_autocast(fn: Callable, autocast_dtype: torch.dtype | None) -> Callable
 
 
 def make_block(op: BenchOp, implementation: str, autocast_dtype: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
-    """The op of one implementation: native, compiled (torch.compile of native) or fused, each
-    under CPU autocast in ``autocast_dtype`` where given (as a user trains in low precision)."""
-    if implementation == "native":
-        return under_autocast(op.native, autocast_dtype)
-    if implementation == "fused":
-        return under_autocast(op.fused, autocast_dtype)
-    if implementation == "compiled":
+    """The op as ``implementation`` runs it (see ``IMPLEMENTATIONS``): the native composition or
+    the fused op, through ``torch.compile`` for the compiled ones, each under CPU autocast in
+    ``autocast_dtype`` where given (as a user trains in low precision). The graph
+    implementations' block is the eager one: :func:`make_timed_call` captures its call."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {list(IMPLEMENTATIONS)}, got {implementation!r}")
+    spec = IMPLEMENTATIONS[implementation]
+    block = under_autocast(op.fused if spec.fused else op.native, autocast_dtype)
+    if spec.compiled:
         # dynamic=False: a training loop over fixed shapes gets static-shape graphs.
-        return torch.compile(under_autocast(op.native, autocast_dtype), dynamic=False)
-    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        return torch.compile(block, dynamic=False, mode=spec.compile_mode)
+    return block
 
 
 def make_call(block, tensors: dict[str, Tensor], op: BenchOp, layer: LayerShape, mode: str) -> Callable[[], object]:
@@ -203,6 +276,43 @@ def make_call(block, tensors: dict[str, Tensor], op: BenchOp, layer: LayerShape,
 
         return forward_backward
     raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+class CapturedCall:
+    """A zero-argument call captured in a CUDA graph, as torch's docs prescribe: ``warmup`` calls
+    on a side stream, then one call captured; calling this replays the graph (the same kernels on
+    the same memory, none of the host's work). ``output`` is the captured call's result, which
+    each replay rewrites in place.
+
+    NB: graph and output live as long as this object: tensors the capture allocated stay in the
+    graph's private memory pool, which no allocation outside the graph takes.
+    """
+
+    def __init__(self, call: Callable[[], object], warmup: int = GRAPH_WARMUP):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = call()
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
+def make_timed_call(op: BenchOp, implementation: str, block, tensors: dict[str, Tensor], layer: LayerShape, mode: str) -> Callable[[], object]:
+    """The call ``cifarnet-bench`` times for ``implementation``: :func:`make_call` of its block,
+    captured in a CUDA graph (:class:`CapturedCall`) for the graph implementations."""
+    call = make_call(block, tensors, op, layer, mode)
+    if not IMPLEMENTATIONS[implementation].graph:
+        return call
+    try:
+        return CapturedCall(call)
+    except RuntimeError as error:
+        raise RuntimeError(f"{implementation}: capturing {op.name} at {layer.name} ({mode}) in a CUDA graph failed: {error}") from error
 
 
 class Stopwatch:
@@ -272,8 +382,9 @@ def saved_tensor_bytes(fn: Callable[[], object]) -> int:
 
 
 def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None) -> dict:
-    """Times one op at one layer, forward and forward+backward, for each implementation
-    (tensors in ``dtype``, computed under CPU autocast in ``autocast_dtype`` where given)."""
+    """Times one op at one layer, forward and forward+backward, for each of ``implementations``
+    (names in ``IMPLEMENTATIONS``; tensors in ``dtype``, computed under CPU autocast in
+    ``autocast_dtype`` where given), and counts the bytes native and fused save for backward."""
     tensors = make_tensors(op, layer, batch_size, dtype, device, memory_format)
     # Every layer, memory format and mode is a recompilation of the same native function:
     # a fresh start per layer keeps dynamo under its recompile limit (past it, it runs eager).
@@ -282,7 +393,7 @@ def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, devi
     stopwatch = Stopwatch(device)
     row = {"op": op.name, "layer": layer.name, "shape": op.describe(layer, batch_size)}
     for mode in MODES:
-        calls = {name: make_call(blocks[name], tensors, op, layer, mode) for name in implementations}
+        calls = {name: make_timed_call(op, name, blocks[name], tensors, layer, mode) for name in implementations}
         row[f"{mode}_ms"] = interleaved_medians(calls, stopwatch, warmup, repeats)
     row["saved_bytes"] = {
         name: saved_tensor_bytes(lambda block=blocks[name]: block(leaves(tensors, True, input_requires_grad(op, layer))))
@@ -308,27 +419,53 @@ def stack_saved_bytes(op: BenchOp, batch_size: int, dtype, device, memory_format
 
 
 def summarise(rows: list[dict], implementations: Sequence[str]) -> dict:
-    """Totals over the rows and the ratios (native time / other time: > 1 means faster)."""
+    """Totals over the rows, and each row's and the total's ratios (> 1 means faster).
+
+    Per mode, ``entry["speedup"][mode]`` holds each implementation's speedup over native eager
+    (native ms / its ms, keyed by its name) and the named ratios: ``fused_vs_compiled`` (compiled
+    ms / fused ms, where compiled was timed), ``fused_vs_best_native`` (the fastest non-fused
+    implementation's ms / the fastest fused one's) and ``fused_graph_vs_native_graph`` (where
+    both were timed); ``entry["fastest"][mode]`` names the fastest ``native`` (non-fused) and
+    ``fused`` implementations. The total's fastest are those of the three layers' summed times.
+    ``saved_ratio`` is fused / native saved-for-backward bytes.
+    """
     total = {f"{mode}_ms": {name: sum(row[f"{mode}_ms"][name] for row in rows) for name in implementations} for mode in MODES}
     total["saved_bytes"] = {name: sum(row["saved_bytes"][name] for row in rows) for name in ("native", "fused")}
+    native_side = [name for name in implementations if not IMPLEMENTATIONS[name].fused]
+    fused_side = [name for name in implementations if IMPLEMENTATIONS[name].fused]
     for entry in rows + [total]:
-        entry["speedup"] = {}
+        entry["speedup"], entry["fastest"] = {}, {}
         for mode in MODES:
             times = entry[f"{mode}_ms"]
-            entry["speedup"][mode] = {name: times["native"] / times[name] for name in implementations if name != "native"}
+            speedup = {name: times["native"] / times[name] for name in implementations if name != "native"}
             if "compiled" in implementations:
-                entry["speedup"][mode]["fused_vs_compiled"] = times["compiled"] / times["fused"]
+                speedup["fused_vs_compiled"] = times["compiled"] / times["fused"]
+            fastest = {"native": min(native_side, key=times.get), "fused": min(fused_side, key=times.get)}
+            speedup["fused_vs_best_native"] = times[fastest["native"]] / times[fastest["fused"]]
+            if "native_graph" in implementations and "fused_graph" in implementations:
+                speedup["fused_graph_vs_native_graph"] = times["native_graph"] / times["fused_graph"]
+            entry["speedup"][mode], entry["fastest"][mode] = speedup, fastest
         entry["saved_ratio"] = entry["saved_bytes"]["fused"] / entry["saved_bytes"]["native"]
     return total
 
 
+def shows_best_native(implementations: Sequence[str]) -> bool:
+    """Whether the table has a "vs best native" column: where a CUDA-only implementation was
+    timed (on the CPU, "vs compiled" already compares with the other native one)."""
+    return any(IMPLEMENTATIONS[name].cuda_only for name in implementations)
+
+
 def format_table(rows: list[dict], total: dict, implementations: Sequence[str]) -> str:
-    """A Markdown table: times in ms, speedups (x, > 1 is faster than native), saved MiB."""
+    """A Markdown table: each implementation's ms (its name, underscores as spaces), per mode;
+    "speedup" is the fused op's over native eager, "vs compiled" its over torch.compile'd native,
+    "vs best native" (with CUDA-only implementations) the fastest fused implementation's over
+    the fastest native one (x, > 1 is faster); then saved MiB."""
     compiled = "compiled" in implementations
+    best_native = shows_best_native(implementations)
     header = ["layer", "shape"]
     for mode in ("fwd", "fwd+bwd"):
-        header += [f"{mode} native", *([f"{mode} compiled"] if compiled else []), f"{mode} fused", f"{mode} speedup"]
-        header += [f"{mode} vs compiled"] if compiled else []
+        header += [f"{mode} {name.replace('_', ' ')}" for name in implementations] + [f"{mode} speedup"]
+        header += ([f"{mode} vs compiled"] if compiled else []) + ([f"{mode} vs best native"] if best_native else [])
     header += ["saved native MiB", "saved fused MiB", "saved ratio"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
 
@@ -336,9 +473,9 @@ def format_table(rows: list[dict], total: dict, implementations: Sequence[str]) 
         out = [name, shape]
         for mode in MODES:
             times, speedup = entry[f"{mode}_ms"], entry["speedup"][mode]
-            out += [f"{times['native']:.2f}"] + ([f"{times['compiled']:.2f}"] if compiled else [])
-            out += [f"{times['fused']:.2f}", f"{speedup['fused']:.2f}x"]
+            out += [f"{times[implementation]:.2f}" for implementation in implementations] + [f"{speedup['fused']:.2f}x"]
             out += [f"{speedup['fused_vs_compiled']:.2f}x"] if compiled else []
+            out += [f"{speedup['fused_vs_best_native']:.2f}x"] if best_native else []
         out += [f"{entry['saved_bytes'][k] / 2**20:.1f}" for k in ("native", "fused")] + [f"{entry['saved_ratio']:.3f}"]
         return out
 
@@ -438,8 +575,9 @@ def format_model_table(rows: list[dict]) -> str:
 
 
 def plot_speedups(results: list[dict], path: str) -> None:
-    """Bar charts of the fused op's speedup over native eager (and torch.compile), one panel
-    per op and memory format, forward and forward+backward per layer."""
+    """Bar charts of the fused op's speedup over native eager (and torch.compile, and of the
+    fastest fused implementation over the fastest native one where CUDA-only implementations
+    ran), one panel per op and memory format, forward and forward+backward per layer."""
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(4.2 * len(results), 3.6), layout="constrained")
@@ -450,6 +588,8 @@ def plot_speedups(results: list[dict], path: str) -> None:
         series = [(f"{label} vs native", mode, "fused") for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd"))]
         if "fused_vs_compiled" in result["total"]["speedup"]["forward"]:
             series += [(f"{label} vs compiled", mode, "fused_vs_compiled") for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd"))]
+        if shows_best_native(result.get("implementations", ())):
+            series += [(f"{label} best vs best native", mode, "fused_vs_best_native") for mode, label in (("forward", "fwd"), ("forward_backward", "fwd+bwd"))]
         width = 0.8 / len(series)
         for i, (label, mode, key) in enumerate(series):
             positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(names))]
@@ -463,14 +603,23 @@ def plot_speedups(results: list[dict], path: str) -> None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="cifarnet-bench", description=__doc__.split("\n\n")[0])
+    implementations = "\n".join(
+        f"  {name:<18} {spec.description}{' (CUDA only)' if spec.cuda_only else ''}" for name, spec in IMPLEMENTATIONS.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="cifarnet-bench", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"implementations (the per-op tables' columns; on the CPU by default native, compiled, fused; on CUDA "
+        f"all):\n{implementations}\nA CUDA graph captures one call after {GRAPH_WARMUP} warm-up calls on a side stream; "
+        "forward+backward captures the fresh leaves, the forward and the backward with a fixed output gradient.",
+    )
     parser.add_argument("--op", choices=[*OPS, "all"], default="all", help="which op to benchmark (default: all)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--dtype", choices=("float32", "float64", "float16", "bfloat16"), default="float32",
         help="float16/bfloat16: on the CPU, float32 tensors under torch.autocast in that dtype (how one "
-        "trains in low precision there); on CUDA, tensors in that dtype",
+        "trains in low precision there); on CUDA, tensors in that dtype. float32 on CUDA: torch's TF32 settings, "
+        "which the header states",
     )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -480,13 +629,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model",
         choices=list(MODEL_INPUT_SIZES),
         help="time this whole model before and after cifarnet.fuse instead of the per-op tables "
-        "(in --memory-format contiguous or channels_last; --op, --no-compile and --plot do not apply)",
+        "(in --memory-format contiguous or channels_last; --op, --no-compile, --implementations and --plot do not apply)",
     )
     parser.add_argument(
-        "--repeats", type=int, default=None, help="timed calls per variant, median reported (default: 20; 5 with --model)"
+        "--repeats", type=int, default=None, help="timed calls per implementation, median reported (default: 20; 5 with --model)"
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3; 1 with --model)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd native variant")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="leave out the torch.compile'd native implementations (compiled, compiled_autotune)"
+    )
+    parser.add_argument(
+        "--implementations", metavar="NAMES",
+        help="comma-separated implementations to time (below; native and fused always among them; default: all the "
+        "device runs, less the compiled ones with --no-compile)",
+    )
     parser.add_argument(
         "--malloc-trim",
         action="store_true",
@@ -509,6 +665,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as error:
+        parser.error(f"--device {args.device}: {error}")
+    if args.implementations is None:
+        args.implementations = device_implementations(device, compile=not args.no_compile)
+    else:
+        try:
+            names = check_implementations(args.implementations.split(","), device)
+        except ValueError as error:
+            parser.error(f"--implementations {args.implementations}: {error}")
+        args.implementations = [name for name in names if not (args.no_compile and IMPLEMENTATIONS[name].compiled)]
     # Checked now, not after minutes of timing; missing folders are created when writing.
     for option, path in (("--json", args.json), ("--plot", args.plot)):
         problem = output_file_problem(path) if path is not None else None
@@ -527,14 +695,40 @@ def allocator_note(args: argparse.Namespace) -> str:
     return "; malloc keeps freed memory" if args.keeps_freed_memory else ""
 
 
-def precision_note(dtype_name: str, autocast_dtype: torch.dtype | None) -> str:
-    return f"{dtype_name} (torch.autocast on float32 tensors)" if autocast_dtype is not None else dtype_name
+def tf32_settings() -> dict[str, bool]:
+    """torch's TF32 switches, which float32 convolutions (cuDNN) and matrix products on CUDA
+    follow, the same for every implementation; cifarnet-bench leaves them as torch sets them
+    (by default: cuDNN's on, matmul's off)."""
+    return {
+        "torch.backends.cudnn.allow_tf32": torch.backends.cudnn.allow_tf32,
+        "torch.backends.cuda.matmul.allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+    }
+
+
+def precision_note(dtype_name: str, autocast_dtype: torch.dtype | None, device: torch.device | None = None) -> str:
+    """The precision as the header states it: CPU autocast where used; on CUDA in float32, the
+    TF32 settings the convolutions run under."""
+    if autocast_dtype is not None:
+        return f"{dtype_name} (torch.autocast on float32 tensors)"
+    if device is not None and device.type == "cuda" and dtype_name == "float32":
+        return f"float32 ({', '.join(f'{name}={value}' for name, value in tf32_settings().items())})"
+    return dtype_name
+
+
+def gpu_info(device: torch.device) -> dict | None:
+    """The GPU the figures were measured on, with cuDNN's version and the TF32 settings; None on
+    the CPU."""
+    if device.type != "cuda":
+        return None
+    return {"name": torch.cuda.get_device_name(device), "cudnn": torch.backends.cudnn.version(), **tf32_settings()}
 
 
 def machine_line(device: torch.device) -> str:
-    """What the figures were measured on: the CPU (model, instruction sets, cache) or the GPU."""
+    """What the figures were measured on: the CPU (model, instruction sets, cache) or the GPU
+    (with cuDNN's version)."""
     if device.type == "cuda":
-        return f"GPU: {torch.cuda.get_device_name(device)}; CPU: {describe_cpu()}"
+        gpu = gpu_info(device)
+        return f"GPU: {gpu['name']}, cuDNN {gpu['cudnn']}; CPU: {describe_cpu()}"
     return f"CPU: {describe_cpu()}"
 
 
@@ -581,14 +775,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         dtype = torch.float32
     if args.model:
         return main_model(args, device, dtype, autocast_dtype)
-    implementations = [name for name in IMPLEMENTATIONS if not (name == "compiled" and args.no_compile)]
-    if "compiled" in implementations:
+    implementations = args.implementations
+    if any(IMPLEMENTATIONS[name].compiled for name in implementations):
         _import_cpp_extension_quietly()
     formats = list(MEMORY_FORMATS) if args.memory_format == "both" else [args.memory_format]
     selected = list(OPS.values()) if args.op == "all" else [OPS[args.op]]
 
     print(
-        f"cifarnet-bench: {precision_note(args.dtype, autocast_dtype)}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
+        f"cifarnet-bench: {precision_note(args.dtype, autocast_dtype, device)}, batch {args.batch_size}, {torch.get_num_threads()} thread(s), "
         f"device {device}; median of {args.repeats} interleaved runs; batch norm in training mode{allocator_note(args)}"
     )
     print(machine_line(device))
@@ -602,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(benchmark_layer(op, layer, args.batch_size, dtype, device, memory_format, implementations, args.warmup, args.repeats, autocast_dtype))
                 progress.update()
             total = summarise(rows, implementations)
-            result = {"op": op.name, "memory_format": format_name, "layers": rows, "total": total}
+            result = {"op": op.name, "memory_format": format_name, "implementations": implementations, "layers": rows, "total": total}
             if op.conv:
                 result["stack_saved_bytes"] = stack_saved_bytes(op, args.batch_size, dtype, device, memory_format, autocast_dtype)
             results.append(result)
@@ -624,7 +818,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__,
             "cifarnet": cifarnet.__version__,
             "build": {k: v for k, v in cifarnet.build_info().items() if k != "parallel"},
+            "gpu": gpu_info(device),
             "config": vars(args) | {"threads": torch.get_num_threads()},
+            "implementations": {name: IMPLEMENTATIONS[name].description for name in implementations},
             "results": results,
         }
         with open(_make_parent(args.json), "w") as file:
@@ -635,7 +831,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def main_model(args: argparse.Namespace, device: torch.device, dtype, autocast_dtype: torch.dtype | None) -> int:
     """``cifarnet-bench --model``: one model before and after ``cifarnet.fuse``."""
     print(
-        f"cifarnet-bench --model {args.model}: {precision_note(args.dtype, autocast_dtype)}, {args.memory_format}, batch {args.batch_size}, {torch.get_num_threads()} "
+        f"cifarnet-bench --model {args.model}: {precision_note(args.dtype, autocast_dtype, device)}, {args.memory_format}, batch {args.batch_size}, {torch.get_num_threads()} "
         f"thread(s), device {device}; forward+backward in training mode, median of {args.repeats} interleaved runs"
         f"{allocator_note(args)}"
     )
@@ -649,6 +845,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype, autocast_d
             "torch": torch.__version__,
             "cifarnet": cifarnet.__version__,
             "build": {k: v for k, v in cifarnet.build_info().items() if k != "parallel"},
+            "gpu": gpu_info(device),
             "config": vars(args) | {"threads": torch.get_num_threads()},
             "model": args.model,
             "results": rows,

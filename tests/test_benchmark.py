@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import cifarnet
 from cifarnet import benchmark
+from conftest import DEVICES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,12 +35,19 @@ def test_bench_command_writes_tables_json_and_plot(tmp_path, capsys):
     assert f"CPU: {cpu['model']}" in printed and " ".join(cpu["isa"]) in printed  # what the figures were measured on
     for op in benchmark.OPS:
         assert f"{op}, contiguous:" in printed and f"{op}, channels_last:" in printed
-    results = json.loads(report.read_text())["results"]
+    saved = json.loads(report.read_text())
+    assert saved["gpu"] is None and list(saved["implementations"]) == ["native", "fused"]  # --no-compile, on the CPU
+    results = saved["results"]
     assert {(r["op"], r["memory_format"]) for r in results} == {(op, f) for op in benchmark.OPS for f in benchmark.MEMORY_FORMATS}
     for result in results:
+        assert result["implementations"] == ["native", "fused"]
         assert [row["layer"] for row in result["layers"]] == [layer.name for layer in benchmark.STUDY_LAYERS]
         for row in result["layers"]:
             assert all(row["forward_ms"][name] > 0 for name in ("native", "fused"))
+            for mode in benchmark.MODES:
+                speedup = row["speedup"][mode]
+                assert set(speedup) == {"fused", "fused_vs_best_native"} and speedup["fused_vs_best_native"] == speedup["fused"]
+                assert row["fastest"][mode] == {"native": "native", "fused": "fused"}
             if benchmark.OPS[result["op"]].conv:  # the fused layers keep less for the backward
                 assert 0 < row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
     assert plot.stat().st_size > 0
@@ -169,3 +180,250 @@ def test_the_compiled_variant_prints_no_cuda_home_warning(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "| **total** |" in result.stdout  # the compiled variant ran
     assert "No CUDA runtime is found" not in result.stderr, result.stderr
+
+
+# The implementations: which run where, what the JSON and the table carry about each.
+
+CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
+needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and cifarnet built with CUDA")
+
+
+def test_the_cpu_times_what_it_did_and_cuda_adds_autotune_and_graphs():
+    assert benchmark.device_implementations(CPU) == ["native", "compiled", "fused"]
+    assert benchmark.device_implementations(CPU, compile=False) == ["native", "fused"]
+    assert benchmark.device_implementations(CUDA) == list(benchmark.IMPLEMENTATIONS)
+    assert benchmark.device_implementations(CUDA, compile=False) == ["native", "native_graph", "fused", "fused_graph"]
+    for name, implementation in benchmark.IMPLEMENTATIONS.items():
+        assert implementation.cuda_only == (implementation.graph or implementation.compile_mode is not None), name
+        assert implementation.fused == name.startswith("fused"), name
+
+
+def test_bench_picks_implementations_in_table_order():
+    args = benchmark.parse_args(["--device", "cuda", "--implementations", "fused_graph,compiled,fused,native,native"])
+    assert args.implementations == ["native", "compiled", "fused", "fused_graph"]
+    args = benchmark.parse_args(["--device", "cuda", "--no-compile", "--implementations", "native,compiled_autotune,fused"])
+    assert args.implementations == ["native", "fused"]
+    assert benchmark.parse_args([]).implementations == ["native", "compiled", "fused"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--implementations", "native,fused,native_graph"], "implementations ['native_graph'] need --device cuda, got cpu"),
+        (["--implementations", "native,fused,eager"], "unknown implementations ['eager']"),
+        (["--device", "cuda", "--implementations", "native,fused_graph"], "must include native and fused (the ratios' references), missing ['fused']"),
+    ],
+)
+def test_bench_rejects_implementations_it_cannot_compare(capsys, argv, message):
+    assert message in bench_usage_error(capsys, argv)
+
+
+def test_help_says_what_each_implementation_is(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--help"])
+    printed = " ".join(capsys.readouterr().out.split())
+    for name, implementation in benchmark.IMPLEMENTATIONS.items():
+        assert f"{name} {implementation.description}" in printed
+    assert "max-autotune-no-cudagraphs" in printed and f"after {benchmark.GRAPH_WARMUP} warm-up calls on a side stream" in printed
+
+
+def synthetic_rows(implementations, times_of) -> list[dict]:
+    """cifarnet-bench's rows for the study's layers, with the times ``times_of(layer, mode)``
+    gives (one per implementation) and made-up saved bytes."""
+    rows = []
+    for index, layer in enumerate(benchmark.STUDY_LAYERS):
+        row = {"op": "batch_norm", "layer": layer.name, "shape": layer.describe(8)}
+        for mode in benchmark.MODES:
+            row[f"{mode}_ms"] = dict(zip(implementations, times_of(index, mode), strict=True))
+        row["saved_bytes"] = {"native": 4 << 20, "fused": (1 + index) << 20}
+        rows.append(row)
+    return rows
+
+
+times_ms = st.floats(min_value=0.01, max_value=100.0, allow_nan=False)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_summarise_compares_every_implementation_with_native_and_the_fastest_with_the_fastest(data):
+    implementations = list(benchmark.IMPLEMENTATIONS)
+    drawn = data.draw(st.lists(times_ms, min_size=6 * 6, max_size=6 * 6))
+    rows = synthetic_rows(implementations, lambda layer, mode: drawn[6 * (2 * layer + benchmark.MODES.index(mode)):][:6])
+    total = benchmark.summarise(rows, implementations)
+    natives = ["native", "compiled", "compiled_autotune", "native_graph"]
+    for entry in rows + [total]:
+        for mode in benchmark.MODES:
+            times, speedup, fastest = entry[f"{mode}_ms"], entry["speedup"][mode], entry["fastest"][mode]
+            for name in implementations[1:]:
+                assert speedup[name] == pytest.approx(times["native"] / times[name])
+            assert speedup["fused_vs_compiled"] == pytest.approx(times["compiled"] / times["fused"])
+            assert speedup["fused_graph_vs_native_graph"] == pytest.approx(times["native_graph"] / times["fused_graph"])
+            assert times[fastest["native"]] == min(times[name] for name in natives)
+            assert times[fastest["fused"]] == min(times["fused"], times["fused_graph"])
+            assert speedup["fused_vs_best_native"] == pytest.approx(times[fastest["native"]] / times[fastest["fused"]])
+    for mode in benchmark.MODES:
+        for name in implementations:
+            assert total[f"{mode}_ms"][name] == pytest.approx(sum(row[f"{mode}_ms"][name] for row in rows))
+
+
+def test_the_table_shows_graph_and_autotune_columns_and_the_best_against_the_best():
+    implementations = list(benchmark.IMPLEMENTATIONS)
+    rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
+    total = benchmark.summarise(rows, implementations)
+    lines = benchmark.format_table(rows, total, implementations).splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    for mode in ("fwd", "fwd+bwd"):
+        names = ["native", "compiled", "compiled autotune", "native graph", "fused", "fused graph"]
+        at = header.index(f"{mode} native")
+        assert header[at : at + 9] == [*(f"{mode} {name}" for name in names), f"{mode} speedup", f"{mode} vs compiled", f"{mode} vs best native"]
+    total_cells = dict(zip(header, (cell.strip() for cell in lines[-1].strip("|").split("|")), strict=True))
+    assert total_cells["fwd native graph"] == "3.00" and total_cells["fwd fused graph"] == "1.50"
+    assert total_cells["fwd speedup"] == "1.25x"  # fused eager against native eager
+    assert total_cells["fwd vs compiled"] == "0.94x"  # fused eager against compiled native
+    assert total_cells["fwd vs best native"] == "2.00x"  # fused graph against native graph
+    assert total["fastest"]["forward"] == {"native": "native_graph", "fused": "fused_graph"}
+
+
+def cpu_table_header(implementations) -> str:
+    rows = synthetic_rows(implementations, lambda layer, mode: [1.0] * len(implementations))
+    return benchmark.format_table(rows, benchmark.summarise(rows, implementations), implementations).splitlines()[0]
+
+
+def test_the_cpu_table_keeps_the_columns_the_docs_transcribe():
+    transcript = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    assert cpu_table_header(["native", "compiled", "fused"]) in transcript.splitlines()
+    assert cpu_table_header(["native", "fused"]) == (
+        "| layer | shape | fwd native | fwd fused | fwd speedup | fwd+bwd native | fwd+bwd fused | fwd+bwd speedup "
+        "| saved native MiB | saved fused MiB | saved ratio |"
+    )
+
+
+def test_graph_implementations_time_a_captured_call(monkeypatch):
+    """The wiring on the CPU: each graph implementation's call, per mode, goes through
+    CapturedCall (replaced here by one that runs the call eagerly), and the row carries its times."""
+    captured = []
+
+    class EagerCapture:
+        def __init__(self, call):
+            captured.append(call)
+            self.call = call
+
+        def __call__(self):
+            self.call()
+
+    monkeypatch.setattr(benchmark, "CapturedCall", EagerCapture)
+    op, layer = benchmark.OPS["conv2d_batch_norm_relu_max_pool2d"], benchmark.STUDY_LAYERS[2]
+    implementations = ["native", "native_graph", "fused", "fused_graph"]
+    row = benchmark.benchmark_layer(op, layer, 2, torch.float32, CPU, torch.channels_last, implementations, 1, 1)
+    assert len(captured) == 2 * len(benchmark.MODES)
+    for mode in benchmark.MODES:
+        assert set(row[f"{mode}_ms"]) == set(implementations) and min(row[f"{mode}_ms"].values()) > 0
+    total = benchmark.summarise([row], implementations)
+    assert {"fused_vs_best_native", "fused_graph_vs_native_graph", "native_graph", "fused_graph"} <= set(total["speedup"]["forward"])
+
+
+def test_a_failed_capture_says_what_it_captured(monkeypatch):
+    def refuse(call):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(benchmark, "CapturedCall", refuse)
+    op, layer = benchmark.OPS["batch_norm"], benchmark.STUDY_LAYERS[2]
+    tensors = benchmark.make_tensors(op, layer, 2, torch.float32, CPU, torch.contiguous_format)
+    block = benchmark.make_block(op, "fused_graph")
+    with pytest.raises(RuntimeError, match=r"fused_graph: capturing batch_norm at conv3 \(forward\) in a CUDA graph failed: operation not"):
+        benchmark.make_timed_call(op, "fused_graph", block, tensors, layer, "forward")
+
+
+def load_gpu_summary():
+    spec = importlib.util.spec_from_file_location("gpu_summary", REPO / "benchmarks" / "gpu_summary.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_path):
+    implementations = list(benchmark.IMPLEMENTATIONS)
+    rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
+    total = benchmark.summarise(rows, implementations)
+    report = tmp_path / "bench.json"
+    report.write_text(json.dumps({"results": [{"op": "batch_norm", "memory_format": "channels_last", "layers": rows, "total": total}]}))
+    ratios = load_gpu_summary().bench_ratios(report)
+    assert ratios["batch_norm conv1"]["forward"] == 1.25 and ratios["batch_norm total"]["saved_ratio"] == 0.5
+    assert ratios["batch_norm total"]["fused_vs_best_native"] == {"forward": 2.0, "forward_backward": 2.0}
+    assert ratios["batch_norm conv2"]["fastest"]["forward_backward"] == {"native": "native_graph", "fused": "fused_graph"}
+    # a run from before (fused and native eager only) reads as it did
+    old = load_gpu_summary().bench_ratios(REPO / "docs" / "gpu" / "h200_bench_float32.json")
+    assert set(old["batch_norm total"]) == {"forward", "forward_backward", "saved_ratio"}
+
+
+def test_the_plot_adds_the_best_against_the_best_with_graphs(tmp_path):
+    implementations = list(benchmark.IMPLEMENTATIONS)
+    rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
+    total = benchmark.summarise(rows, implementations)
+    result = {"op": "batch_norm", "memory_format": "channels_last", "implementations": implementations, "layers": rows, "total": total}
+    benchmark.plot_speedups([result], str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+# On a GPU: every implementation, captured graphs included, in one run.
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_on_cuda_times_eager_and_graph_implementations(tmp_path, capsys, dtype):
+    report = tmp_path / "bench.json"
+    status = benchmark.main(["--device", "cuda", "--dtype", dtype, "--batch-size", "4", "--repeats", "2", "--warmup", "1",
+                             "--no-compile", "--memory-format", "channels_last", "--json", str(report)])  # fmt: skip
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert f"GPU: {torch.cuda.get_device_name()}" in printed
+    tf32 = f"torch.backends.cudnn.allow_tf32={torch.backends.cudnn.allow_tf32}, torch.backends.cuda.matmul.allow_tf32="
+    assert (tf32 in printed) == (dtype == "float32")
+    assert "| fwd native graph |" in printed and "| fwd fused graph |" in printed and "| fwd vs best native |" in printed
+    saved = json.loads(report.read_text())
+    implementations = ["native", "native_graph", "fused", "fused_graph"]
+    assert list(saved["implementations"]) == implementations and saved["gpu"]["torch.backends.cudnn.allow_tf32"] in (True, False)
+    assert {result["op"] for result in saved["results"]} == set(benchmark.OPS)
+    for result in saved["results"]:
+        for entry in result["layers"] + [result["total"]]:
+            for mode in benchmark.MODES:
+                assert set(entry[f"{mode}_ms"]) == set(implementations) and min(entry[f"{mode}_ms"].values()) > 0
+                assert entry["speedup"][mode]["fused_vs_best_native"] > 0
+
+
+@needs_cuda
+@pytest.mark.parametrize("implementation", ["native", "fused"])
+def test_a_captured_cuda_call_replays_the_op(implementation):
+    """A replay runs the kernels again: batch norm's running mean moves at each replay as at
+    each eager call, and the output is the eager one."""
+    op, layer = benchmark.OPS["batch_norm"], benchmark.STUDY_LAYERS[1]
+    tensors = benchmark.make_tensors(op, layer, 8, torch.float32, CUDA, torch.channels_last)
+    tensors["input"] += 1  # a mean away from the running mean's start
+    eager_tensors = {name: tensor.clone() for name, tensor in tensors.items()}
+    block = benchmark.make_block(op, implementation)
+    for mode in benchmark.MODES:
+        captured = benchmark.CapturedCall(benchmark.make_call(block, tensors, op, layer, mode))
+        eager = benchmark.make_call(block, eager_tensors, op, layer, mode)
+        for _ in range(benchmark.GRAPH_WARMUP):
+            eager()
+        for _ in range(4):
+            captured()
+            output = eager()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(tensors["running_mean"], eager_tensors["running_mean"])
+        torch.testing.assert_close(tensors["running_var"], eager_tensors["running_var"])
+        if mode == "forward":
+            torch.testing.assert_close(captured.output, output)
+
+
+@needs_cuda
+@pytest.mark.slow
+def test_bench_on_cuda_compiles_in_both_modes(tmp_path):
+    report = tmp_path / "bench.json"
+    status = benchmark.main(["--device", "cuda", "--op", "batch_norm", "--batch-size", "4", "--repeats", "1", "--warmup", "1",
+                             "--implementations", "native,compiled,compiled_autotune,fused", "--json", str(report)])  # fmt: skip
+    assert status == 0
+    total = json.loads(report.read_text())["results"][0]["total"]
+    assert set(total["forward_backward_ms"]) == {"native", "compiled", "compiled_autotune", "fused"}
+    assert {"compiled", "compiled_autotune", "fused_vs_compiled", "fused_vs_best_native"} <= set(total["speedup"]["forward"])

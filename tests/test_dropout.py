@@ -1,6 +1,8 @@
 """cifarnet's dropout against an independent Philox4x32-10 in Python (checked against the
 generator's published known-answer vectors) and native dropout's arithmetic (checked against
-native dropout itself); its statistics, determinism, autograd, opcheck and torch.compile."""
+native dropout itself); its statistics, determinism, autograd, opcheck and torch.compile, with
+an explicit seed and with the masks torch's generators key (a CUDA graph's replays:
+tests/test_cuda_graphs.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +21,9 @@ from cifarnet.study.models import ConvNet
 from conftest import DEVICES
 
 DROPOUT = torch.ops.cifarnet.dropout.default
+DROPOUT_FORWARD = torch.ops.cifarnet._dropout_forward.default
+DROPOUT_BACKWARD = torch.ops.cifarnet._dropout_backward.default
+GENERATOR_STREAMS = 2**63  # philox.h: the streams of the masks a generator keys
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 # Philox4x32-10 (Salmon et al., SC 2011), written from the paper's definition.
@@ -43,9 +49,10 @@ def test_reference_philox_gives_the_published_known_answers():
     ]  # fmt: skip
 
 
-def reference_keep(numel: int, seed: int, p: float) -> torch.Tensor:
+def reference_keep(numel: int, seed: int, p: float, stream: int = 0) -> torch.Tensor:
     """The documented mask: element e takes word (e % 32) // 8 of the block at counter
-    8 * (e // 32) + e % 8, keyed by the seed's 64 bits; kept where the word >= round(p * 2^32)."""
+    8 * (e // 32) + e % 8 (the low 64 bits; the high 64 bits are the stream: 0 for an explicit
+    seed), keyed by the seed's 64 bits; kept where the word >= round(p * 2^32)."""
     key = seed & 0xFFFFFFFFFFFFFFFF
     key_words = [key & _LOW, key >> 32]
     threshold = math.floor(p * 2**32 + 0.5)
@@ -54,7 +61,7 @@ def reference_keep(numel: int, seed: int, p: float) -> torch.Tensor:
     for e in range(numel):
         counter = 8 * (e // 32) + e % 8
         if counter not in blocks:
-            blocks[counter] = philox4x32_10([counter & _LOW, counter >> 32, 0, 0], key_words)
+            blocks[counter] = philox4x32_10([counter & _LOW, counter >> 32, stream & _LOW, stream >> 32], key_words)
         keep.append(blocks[counter][(e % 32) // 8] >= threshold)
     return torch.tensor(keep, dtype=torch.bool)
 
@@ -69,6 +76,14 @@ def native_arithmetic(input: torch.Tensor, keep: torch.Tensor, p: float) -> torc
 
 def seed_tensor(seed: int) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64)
+
+
+def seed_offset_tensor(seed: int, offset: int, device="cpu") -> torch.Tensor:
+    return torch.tensor([seed, offset], dtype=torch.int64, device=device)
+
+
+def generator_stream(offset: int) -> int:
+    return GENERATOR_STREAMS + offset // 4
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,6 +137,112 @@ def test_large_tensor_threaded_matches_the_reference():
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
     assert torch.equal(two, native_arithmetic(x, reference_keep(numel, seed, p), p))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    numel=st.integers(0, 300),
+    seed=st.integers(-(2**63), 2**63 - 1),
+    offset=st.integers(0, 2**61 - 1).map(lambda quarter: 4 * quarter),  # torch's offsets: multiples of 4
+    p=st.sampled_from([0.0, 0.25, 0.5, 1 - 1e-9]) | st.floats(0, 1, exclude_max=True),
+    dtype=st.sampled_from(DTYPES),
+    device=st.sampled_from(DEVICES),
+)
+def test_a_generators_seed_and_offset_key_the_reference_mask_of_their_stream(numel, seed, offset, p, dtype, device):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(numel), dtype=torch.float64).to(dtype)
+    output = DROPOUT_BACKWARD(x.to(device), seed_offset_tensor(seed, offset, device), p).cpu()
+    expected = native_arithmetic(x, reference_keep(numel, seed, p, generator_stream(offset)), p)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_generators_mask_is_the_same_for_any_thread_count():
+    """Over 2^17 elements, so the kernel splits the work over threads; the first elements
+    against the reference (an element's word does not depend on the tensor's size)."""
+    numel, seed, offset, p = 2**17 + 77, -(2**40) - 3, 2**50 + 8, 0.3
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0))
+    key = seed_offset_tensor(seed, offset)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = DROPOUT_BACKWARD(x, key, p)
+        torch.set_num_threads(1)
+        one = DROPOUT_BACKWARD(x, key, p)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    head = 4096
+    assert torch.equal(two[:head], native_arithmetic(x[:head], reference_keep(head, seed, p, generator_stream(offset)), p))
+
+
+def generator_state(device: str) -> torch.Tensor:
+    return torch.get_rng_state() if device == "cpu" else torch.cuda.get_rng_state()
+
+
+def set_generator_state(device: str, state: torch.Tensor) -> None:
+    if device == "cpu":
+        torch.set_rng_state(state)
+    else:
+        torch.cuda.set_rng_state(state)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_a_seed_the_mask_follows_the_devices_generator(device):
+    x = torch.randn(4000, device=device) + 10  # no zeros: a zero output is a dropped element
+    torch.manual_seed(3)
+    first, second = DROPOUT(x, None, 0.5), DROPOUT(x, None, 0.5)
+    assert not torch.equal(first, second)
+    torch.manual_seed(3)
+    assert torch.equal(DROPOUT(x, None, 0.5), first)
+    state = generator_state(device)
+    again = DROPOUT(x, None, 0.5)
+    set_generator_state(device, state)
+    assert torch.equal(DROPOUT(x, None, 0.5), again)
+    kept = first != 0
+    assert torch.equal(first[kept], x[kept] * torch.tensor(2.0, device=device))
+    assert abs(kept.float().mean().item() - 0.5) < 6 * math.sqrt(0.25 / x.numel())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_forward_op_returns_the_seed_and_offset_its_backward_reapplies(device):
+    x = torch.randn(7, 45, device=device)
+    torch.manual_seed(11)
+    output, seed_offset = DROPOUT_FORWARD(x, 0.4)
+    assert seed_offset.shape == (2,) and seed_offset.dtype == torch.int64 and seed_offset.device == x.device
+    assert torch.equal(DROPOUT_BACKWARD(x, seed_offset, 0.4), output)
+    torch.manual_seed(11)
+    assert torch.equal(DROPOUT(x, None, 0.4), output), "the op without autograd draws the same mask"
+    empty_output, empty_seed_offset = DROPOUT_FORWARD(torch.empty(0, 3, device=device), 0.4)
+    assert empty_output.shape == (0, 3) and empty_seed_offset.shape == (2,)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_a_seed_the_backward_applies_the_forward_mask(device):
+    x = torch.randn(10, 70, dtype=torch.float64, device=device, requires_grad=True)
+    output = DROPOUT(x, None, 0.3)
+    DROPOUT(x.detach(), None, 0.3)  # the generator moves on before the backward
+    grad = torch.randn_like(output)
+    output.backward(grad)
+    keep = output != 0  # x has no zeros
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(x.grad, native_arithmetic(grad, keep, 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_without_a_seed_gradcheck_second_derivatives_and_forward_ad(device):
+    x = torch.randn(6, 9, dtype=torch.float64, device=device, requires_grad=True)
+
+    def op(t):
+        torch.manual_seed(8)  # one mask for every evaluation of the checks
+        return DROPOUT(t, None, 0.4)
+
+    assert torch.autograd.gradcheck(op, (x,))
+    assert torch.autograd.gradgradcheck(op, (x,))
+    scaled_mask = op(torch.ones_like(x)).detach()
+    tangent = torch.randn_like(x)
+    with fwAD.dual_level():
+        output = fwAD.unpack_dual(op(fwAD.make_dual(x.detach(), tangent)))
+    torch.testing.assert_close(output.primal, x.detach() * scaled_mask, rtol=0, atol=0)
+    torch.testing.assert_close(output.tangent, tangent * scaled_mask, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -215,6 +336,32 @@ def test_opcheck(device):
                 torch.library.opcheck(DROPOUT, (x.requires_grad_(dtype != torch.bfloat16), seed_tensor(3), p))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_without_a_seed(device):
+    generator = torch.Generator().manual_seed(6)
+    for shape, memory_format in [((7,), None), ((4, 33), None), ((2, 3, 5, 4), torch.channels_last), ((0, 3), None)]:
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            x = torch.randn(shape, generator=generator).to(dtype).to(device)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            for p in (0.0, 0.5, 1.0):
+                torch.library.opcheck(DROPOUT, (x.clone().requires_grad_(dtype != torch.bfloat16), None, p))
+                torch.library.opcheck(DROPOUT_FORWARD, (x, p))
+                torch.library.opcheck(DROPOUT_BACKWARD, (x, seed_offset_tensor(3, 64, device), p))
+
+
+def test_schema_seed_is_optional_and_the_random_ops_are_tagged():
+    """nondeterministic_seeded, as native dropout: torch.compile must neither fold the op into a
+    constant nor recompute it in the backward; the backward of a saved key is deterministic."""
+    seed = DROPOUT._schema.arguments[1]
+    assert seed.name == "seed" and isinstance(seed.type, torch.OptionalType) and seed.default_value is None
+    assert torch.Tag.nondeterministic_seeded in DROPOUT.tags
+    assert torch.Tag.nondeterministic_seeded in DROPOUT_FORWARD.tags
+    assert torch.Tag.nondeterministic_seeded not in DROPOUT_BACKWARD.tags
+    output = torch.ops.cifarnet.dropout(torch.ones(1000))  # p=0.5 by default
+    assert set(output.unique().tolist()) == {0.0, 2.0}
+
+
 def test_functional_follows_f_dropout_outside_training_and_at_the_ends():
     x = torch.tensor([1.0, -2.0, float("nan"), float("inf"), 0.0])
     assert cifarnet.ops.dropout(x, 0.5, training=False) is x
@@ -249,6 +396,8 @@ def test_functional_draws_its_seed_from_torch_generators():
         (lambda: DROPOUT(torch.ones(3), torch.tensor([1, 2]), 0.5), RuntimeError, "one-element int64 tensor on the CPU, got a Long tensor of 2 elements"),
         (lambda: DROPOUT(torch.ones(3), torch.tensor([1.0]), 0.5), RuntimeError, "got a Float tensor of 1 elements"),
         (lambda: DROPOUT(torch.ones(3), seed_tensor(1), -0.1), RuntimeError, "between 0 and 1, got -0.1"),
+        (lambda: DROPOUT_BACKWARD(torch.ones(3), seed_tensor(1), 0.5), RuntimeError, "seed_offset must be an int64 tensor of 2 elements on grad_output's device"),
+        (lambda: DROPOUT_BACKWARD(torch.ones(3, dtype=torch.int64), seed_offset_tensor(1, 0), 0.5), RuntimeError, "dropout grad_output must be float32"),
     ],
 )  # fmt: skip
 def test_bad_arguments_raise_clear_errors(call, error, message):
@@ -264,6 +413,38 @@ def test_torch_compile_draws_masks_of_the_right_kind():
     assert torch.equal(output[kept], x[kept] * torch.tensor(1 / 0.75, dtype=torch.float32))
     assert abs(kept.float().mean().item() - 0.75) < 6 * math.sqrt(0.75 * 0.25 / x.numel())
     assert not torch.equal(compiled(x), output)  # a new seed every call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_without_a_seed_follows_the_generator_as_eager_does(device):
+    x = torch.randn(64, 100, device=device) + 3
+    compiled = torch.compile(lambda t: DROPOUT(t, None, 0.25), fullgraph=True)
+    compiled(x)  # compiled before the generator is seeded
+    torch.manual_seed(2)
+    eager = DROPOUT(x, None, 0.25)
+    torch.manual_seed(2)
+    assert torch.equal(compiled(x), eager)
+    assert not torch.equal(compiled(x), compiled(x))
+
+
+def test_torch_compile_does_not_bake_a_mask_into_a_graph_of_constants():
+    compiled = torch.compile(lambda: DROPOUT(torch.ones(1000), None, 0.5), fullgraph=True)
+    assert not torch.equal(compiled(), compiled())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_backward_applies_the_forward_mask(device):
+    """The backward graph reads the forward's seed and offset: it neither recomputes the
+    forward nor draws again."""
+    compiled = torch.compile(lambda t: DROPOUT(t, None, 0.3), fullgraph=True)
+    x = (torch.randn(16, 90, device=device) + 10).requires_grad_()
+    output = compiled(x)
+    DROPOUT(x.detach(), None, 0.3)  # the generator moves on before the backward
+    grad = torch.randn_like(output)
+    output.backward(grad)
+    keep = output != 0
+    assert 0 < keep.sum() < keep.numel()
+    assert torch.equal(x.grad, native_arithmetic(grad, keep, 0.3))
 
 
 def test_module_is_a_drop_in_nn_dropout():

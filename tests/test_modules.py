@@ -24,6 +24,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.func import functional_call, jvp, replace_all_batch_norm_modules_
 
+from conftest import DEVICES
 from module_cases import CASES, TWINS, BadCall, ModuleCase, NativeDropoutWithMask, bad_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -43,9 +44,10 @@ def ids(cases) -> list:
 
 @contextlib.contextmanager
 def frozen_rng():
-    """Every call under the same seed, so that dropout draws the same mask each time (its seed
-    comes from torch's default CPU generator)."""
-    with torch.random.fork_rng(devices=[]):
+    """Every call under the same seed, so that dropout draws the same mask each time (from
+    torch's default CPU generator, or on CUDA the CUDA generator's Philox state: torch.manual_seed
+    seeds both)."""
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if "cuda" in DEVICES else []):
         torch.manual_seed(0)
         yield
 

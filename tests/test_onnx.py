@@ -255,3 +255,22 @@ def test_dropout_in_training_exports_as_nn_dropout_does():
     assert 0.5 < kept.float().mean().item() < 0.9
     evaluated = export(nn.Sequential(cnn.Dropout(0.3)).eval(), input)
     assert torch.equal(run_onnx(evaluated, input), input)
+
+
+class GeneratorDropout(nn.Module):
+    """A layer, then dropout keyed by the input device's generator (what a CUDA model runs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, input):
+        return torch.ops.cifarnet.dropout(self.fc(input), None, 0.3)
+
+
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")
+def test_dropout_without_a_seed_exports_as_nn_dropout_does():
+    """The op stays one node (its autograd formula's ops never reach the exporter), though the
+    layer before it takes gradients."""
+    input = image(8, 64)
+    assert node_types(export(GeneratorDropout().train(), input)) == ["Gemm", "Dropout"]

@@ -12,7 +12,10 @@ class Dropout(nn.Dropout):
     """``nn.Dropout`` computed by :func:`cifarnet.ops.dropout`: one pass with a counter-based
     mask, where native CPU dropout takes three (draw, scale, multiply). Same arguments, same
     behaviour in evaluation mode (the input itself), no state; its masks differ from native's
-    for the same ``torch.manual_seed``. With ``inplace=True`` the result is written back into
+    for the same ``torch.manual_seed``. On CUDA the mask is keyed on the device by the CUDA
+    generator's Philox state, as native dropout's is, so it may be captured in a CUDA graph
+    (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``): every replay draws a new
+    mask. With ``inplace=True`` the result is written back into
     the input, as ``nn.Dropout(inplace=True)`` leaves it. Under ``torch.fx.symbolic_trace`` it
     is a leaf, as ``nn.Dropout`` is: the traced model calls it and follows ``.train()`` /
     ``.eval()``."""

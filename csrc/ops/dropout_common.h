@@ -9,23 +9,42 @@
 
 namespace cifarnet::ops {
 
-struct DropoutArguments {
-  uint64_t key;        // the Philox key: the seed's bits
-  uint64_t threshold;  // keep an element whose word is at least this
-  bool drop_all;       // p == 1 (or so close that no word reaches the threshold)
+// Which words keep their element: those of at least `threshold`; none when drop_all (p == 1,
+// or so close that no 32-bit word reaches the threshold).
+struct DropoutThreshold {
+  uint64_t threshold;
+  bool drop_all;
 };
 
-inline DropoutArguments check_dropout_arguments(const at::Tensor& input, const at::Tensor& seed,
-                                                double p) {
+// The checks on what dropout applies its mask to (the input, or a backward's output gradient,
+// named by `name`), and the threshold of p.
+inline DropoutThreshold check_dropout_arguments(const at::Tensor& input, double p,
+                                                const char* name = "input") {
   TORCH_CHECK(p >= 0 && p <= 1, "dropout probability p must be between 0 and 1, got ", p);
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "dropout input must be float32, float64, bfloat16 or float16, got ",
-              input.scalar_type());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "dropout ", name,
+              " must be float32, float64, bfloat16 or float16, got ", input.scalar_type());
+  const uint64_t threshold = philox::keep_threshold(p);
+  return {threshold, threshold > 0xffffffffu};
+}
+
+// The mask of an explicit seed: a one-element int64 CPU tensor, read on the host (stream 0).
+inline philox::MaskKey explicit_mask_key(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(),
               "dropout seed must be a one-element int64 tensor on the CPU, got a ",
               seed.scalar_type(), " tensor of ", seed.numel(), " elements on ", seed.device());
-  const uint64_t threshold = philox::keep_threshold(p);
-  return {static_cast<uint64_t>(seed.item<int64_t>()), threshold, threshold > 0xffffffffu};
+  return {static_cast<uint64_t>(seed.item<int64_t>()), 0};
+}
+
+// The (seed, offset) a forward drew its mask at, which its backward reads: an int64 Tensor[2]
+// on the gradient's device (written there, and read there, by the kernels: on a GPU never on
+// the host).
+inline void check_seed_offset(const at::Tensor& seed_offset, const at::Tensor& grad_output) {
+  TORCH_CHECK(seed_offset.dim() == 1 && seed_offset.numel() == 2 &&
+                  seed_offset.scalar_type() == at::kLong &&
+                  seed_offset.device() == grad_output.device(),
+              "dropout seed_offset must be an int64 tensor of 2 elements on grad_output's device (",
+              grad_output.device(), "), got a ", seed_offset.scalar_type(), " tensor of shape ",
+              seed_offset.sizes(), " on ", seed_offset.device());
 }
 
 // Native dropout's factor for the kept elements: 1 / (1 - p) computed in opmath_t and rounded

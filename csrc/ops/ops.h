@@ -54,10 +54,15 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode);
 
 // Training dropout: each element of input zeroed with probability p, the others scaled by
-// 1 / (1 - p) (as native dropout computes it, in input's dtype). The mask is Philox4x32-10
-// keyed by seed (a one-element int64 CPU tensor) over the elements' row-major indices: the
-// same seed gives the same mask on every device, thread count and layout. float32, float64,
-// bfloat16 or float16; the output has the input's layout (contiguous or channels-last).
-at::Tensor dropout(const at::Tensor& input, const at::Tensor& seed, double p);
+// 1 / (1 - p) (as native dropout computes it, in input's dtype). The mask is Philox4x32-10 over
+// the elements' row-major indices, keyed by seed (a one-element int64 CPU tensor): the same
+// seed gives the same mask on every device, thread count and layout. Without a seed, the mask
+// is the next one of the input device's default generator (torch.manual_seed seeds it): on CUDA
+// its Philox seed and offset are read on the device, so a captured CUDA graph draws a new mask
+// at every replay; on the CPU a seed is drawn from the CPU generator. The backward applies the
+// forward's mask. float32, float64, bfloat16 or float16; the output has the input's layout
+// (contiguous or channels-last).
+at::Tensor dropout(const at::Tensor& input, const std::optional<at::Tensor>& seed = std::nullopt,
+                   double p = 0.5);
 
 }  // namespace cifarnet::ops

@@ -8,7 +8,8 @@
 // Element e of a tensor (its index in row-major order) takes word (e % 32) / 8 of the block
 // at counter 8 * (e / 32) + e % 8: eight consecutive blocks fill 32 consecutive elements, a
 // word per run of eight, so a vector of eight counters yields four runs of eight elements
-// without a transpose.
+// without a transpose. Those are the low 64 bits of the 128-bit counter; the high 64 bits are
+// the mask's stream (MaskKey).
 
 #include <cstdint>
 
@@ -30,11 +31,34 @@ struct Words {
   uint32_t w[4];
 };
 
-// The block at 64-bit counter `block` (the high two counter words are 0) under 64-bit `key`.
-CIFARNET_HOST_DEVICE Words block(uint64_t counter, uint64_t key) {
+// What selects a mask: the Philox key and the high 64 bits of every block's counter (its
+// stream). An explicit seed is the key of stream 0. A mask drawn from torch's CUDA generator
+// takes the generator's seed as its key and stream kGeneratorStreams + offset / 4 of its Philox
+// offset, which it advances by kGeneratorIncrement.
+// NB: torch's other Philox consumers (curand_init(seed, thread, offset) and its kin) read the
+// counters whose high half is a thread index, far below 2^63, and whose low half starts at
+// offset / 4 of the offset they reserved; a whole stream per offset at and above 2^63 meets
+// none of them, and moves the offset by one block per call, as a one-number draw does, so the
+// offset a CUDA graph accumulates during capture stays small whatever the tensors' sizes.
+struct MaskKey {
+  uint64_t key;
+  uint64_t stream;
+};
+
+constexpr uint64_t kGeneratorStreams = uint64_t{1} << 63;
+constexpr uint64_t kGeneratorIncrement = 4;  // the offset is counted in 32-bit words
+
+// The mask of a generator's (seed, offset).
+CIFARNET_HOST_DEVICE MaskKey generator_mask_key(uint64_t seed, uint64_t offset) {
+  return {seed, kGeneratorStreams + offset / 4};
+}
+
+// The block at counter (`counter`, `mask.stream`) under `mask.key`: the 64-bit halves of the
+// 128-bit counter, low first.
+CIFARNET_HOST_DEVICE Words block(uint64_t counter, MaskKey mask) {
   uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32);
-  uint32_t c2 = 0, c3 = 0;
-  uint32_t k0 = static_cast<uint32_t>(key), k1 = static_cast<uint32_t>(key >> 32);
+  uint32_t c2 = static_cast<uint32_t>(mask.stream), c3 = static_cast<uint32_t>(mask.stream >> 32);
+  uint32_t k0 = static_cast<uint32_t>(mask.key), k1 = static_cast<uint32_t>(mask.key >> 32);
   for (int round = 0; round < kRounds; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kMultiplier0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kMultiplier1) * c2;
@@ -51,9 +75,9 @@ CIFARNET_HOST_DEVICE Words block(uint64_t counter, uint64_t key) {
 }
 
 // The 32-bit random word of element `e` (see the layout above).
-CIFARNET_HOST_DEVICE uint32_t element_word(uint64_t e, uint64_t key) {
+CIFARNET_HOST_DEVICE uint32_t element_word(uint64_t e, MaskKey mask) {
   const uint64_t counter = kBlocksPerGroup * (e / kElementsPerGroup) + e % kBlocksPerGroup;
-  return block(counter, key).w[(e % kElementsPerGroup) / kBlocksPerGroup];
+  return block(counter, mask).w[(e % kElementsPerGroup) / kBlocksPerGroup];
 }
 
 // Dropout keeps an element whose word is at least this: round(p * 2^32), so that the keep

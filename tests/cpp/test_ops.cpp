@@ -221,6 +221,20 @@ void check_dropout() {
   const auto advanced_grads = torch::autograd::grad({advanced_output}, {input}, {grad_output});
   check(at::equal(advanced_grads[0], grad_output * noise),
         "dropout: autograd applies the forward's mask after the seed tensor was advanced");
+
+  // Without a seed: the next mask of the input device's generator (at::manual_seed makes it
+  // reproducible), and autograd applies the forward's mask after the generator moved on.
+  at::manual_seed(7);
+  const at::Tensor drawn = cifarnet::ops::dropout(input, std::nullopt, p);
+  check(!at::equal(cifarnet::ops::dropout(input.detach(), std::nullopt, p), drawn.detach()),
+        "dropout: the generator draws a new mask at each call");
+  at::manual_seed(7);
+  check(at::equal(cifarnet::ops::dropout(input.detach(), std::nullopt, p), drawn.detach()),
+        "dropout: at::manual_seed gives the same mask again");
+  const at::Tensor drawn_noise = (drawn != 0).to(at::kFloat).div_(1 - p);
+  const auto drawn_grads = torch::autograd::grad({drawn}, {input}, {grad_output});
+  check(at::equal(drawn_grads[0], grad_output * drawn_noise),
+        "dropout: autograd applies the mask its forward drew");
 }
 
 }  // namespace

@@ -6,14 +6,16 @@
 typedef uint64_t philox_lanes __attribute__((vector_size(64)));
 typedef uint32_t philox_words __attribute__((vector_size(32)));
 
-// The 32 words of group g (blocks 8g .. 8g + 7 under key), in element order.
-inline __attribute__((always_inline)) void philox_group(uint64_t group, uint64_t key,
+// The 32 words of group g (blocks 8g .. 8g + 7 of the mask's stream), in element order.
+inline __attribute__((always_inline)) void philox_group(uint64_t group, philox::MaskKey mask,
                                                         uint32_t* words) {
   const philox_lanes low32 = philox_lanes{} + 0xffffffffu;
   const philox_lanes counter =
       philox_lanes{0, 1, 2, 3, 4, 5, 6, 7} + group * philox::kBlocksPerGroup;
-  philox_lanes c0 = counter & low32, c1 = counter >> 32, c2{}, c3{};
-  uint64_t k0 = static_cast<uint32_t>(key), k1 = key >> 32;
+  philox_lanes c0 = counter & low32, c1 = counter >> 32;
+  philox_lanes c2 = philox_lanes{} + (mask.stream & 0xffffffffu),
+               c3 = philox_lanes{} + (mask.stream >> 32);
+  uint64_t k0 = static_cast<uint32_t>(mask.key), k1 = mask.key >> 32;
   for (int round = 0; round < philox::kRounds; ++round) {
     // Both factors are below 2^32: full 64-bit products, high halves by a shift.
     const philox_lanes p0 = c0 * philox::kMultiplier0;
@@ -40,7 +42,7 @@ inline __attribute__((always_inline)) void philox_group(uint64_t group, uint64_t
 // NaN and infinity stay NaN, negative values give -0.
 template <typename scalar_t>
 void dropout_groups(const scalar_t* x, scalar_t* out, int64_t group_begin, int64_t group_end,
-                    uint64_t key, uint32_t threshold, simd::opmath_t<scalar_t> scale) {
+                    philox::MaskKey mask, uint32_t threshold, simd::opmath_t<scalar_t> scale) {
   using opmath = simd::opmath_t<scalar_t>;
   using V = typename simd::Vec64<opmath>::type;
   using Mask = typename simd::Vec64<opmath>::mask;
@@ -51,7 +53,7 @@ void dropout_groups(const scalar_t* x, scalar_t* out, int64_t group_begin, int64
   const V scales = V{} + scale, zeros = V{};
   alignas(64) uint32_t words[philox::kElementsPerGroup];
   for (int64_t group = group_begin; group < group_end; ++group) {
-    philox_group(static_cast<uint64_t>(group), key, words);
+    philox_group(static_cast<uint64_t>(group), mask, words);
     const int64_t first = group * philox::kElementsPerGroup;
     for (int i = 0; i < philox::kElementsPerGroup; i += lanes) {
       lane_words w;

@@ -1,12 +1,12 @@
 #pragma once
 // Batch-norm building blocks on CUDA, shared by the batch norm kernels and the fused
-// conv -> batch norm -> ReLU -> max-pool kernels. Statistics and per-channel coefficients are
-// tensors of the accumulation dtype (float32 for float16/bfloat16/float32, float64 for float64).
+// conv -> batch norm -> ReLU -> max-pool kernels. Per-channel tensors are of the accumulation
+// dtype (float32 for float16/bfloat16/float32, float64 for float64) and are computed on the
+// device, each step in one launch: no host synchronisation, no per-channel ATen ops.
 
 #include <ATen/core/Tensor.h>
 
 #include <optional>
-#include <tuple>
 
 namespace cifarnet::cuda {
 
@@ -21,34 +21,67 @@ struct DenseLayout {
 // channels-inner).
 DenseLayout dense_layout_of(const at::Tensor& dense, at::MemoryFormat format);
 
-// Per-channel mean and biased variance, one pass (Welford, two-stage block reduction).
-std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& dense,
-                                                         const DenseLayout& layout);
+// The normalisation out = (x - mean) * scale + shift, with scale = weight / sqrt(var + eps) and
+// shift = bias, and the statistics it came from.
+struct Normalization {
+  at::Tensor mean, var;  // Tensor[C]; var is the biased variance
+  at::Tensor affine;     // Tensor[2, C]: scale, shift (undefined for statistics alone)
+};
 
-// Per-channel sum(g) and sum(g * (x - mean)), g and x dense in the same layout.
-std::tuple<at::Tensor, at::Tensor> batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x,
-                                                        const at::Tensor& mean,
-                                                        const DenseLayout& layout);
+// A training batch's statistics in one launch: per-channel mean and biased variance (Welford,
+// one pass), without (statistics alone) or with the affine parameters, when the same launch
+// computes the normalisation's scale and shift.
+Normalization batch_norm_statistics(const at::Tensor& dense, const DenseLayout& layout);
+Normalization batch_norm_statistics(const at::Tensor& dense, const DenseLayout& layout,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, double eps);
 
-// out = (x - mean) * weight / sqrt(var + eps) + bias, per channel (out may alias nothing).
-void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const at::Tensor& mean,
-                          const at::Tensor& var, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, double eps,
+// The normalisation with given statistics (evaluation's running statistics, synchronized batch
+// norm's whole batch's) in one launch; its mean and var are copies in the accumulation dtype.
+// `like` is the normalised tensor (device and dtype).
+Normalization batch_norm_normalization(const at::Tensor& like, const at::Tensor& mean,
+                                       const at::Tensor& var,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, double eps);
+
+// out = (x - mean) * scale + shift, per channel, one launch (out may alias nothing).
+void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const Normalization& normalization,
                           const DenseLayout& layout);
 
-// The training input gradient, k ((x - mean) slope + offset + g) with k = weight * invstd,
-// slope = -invstd^2 sum_gx / M, offset = -sum_g / M, M = count (the values per channel of the
-// whole batch: more than x holds under synchronized batch norm); out may be g itself.
-void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
-                           const at::Tensor& mean, const at::Tensor& var,
-                           const std::optional<at::Tensor>& weight, const at::Tensor& sum_g,
-                           const at::Tensor& sum_gx, double eps, int64_t count,
-                           const DenseLayout& layout);
+// What the input gradient needs besides the backward's sums.
+struct InputGradArgs {
+  at::Tensor var;                    // the variance normalised with, Tensor[C]
+  std::optional<at::Tensor> weight;  // Tensor[C]
+  double eps;
+  int64_t count;  // values per channel of the whole batch (more than x holds under synchronized
+                  // batch norm)
+  bool training;  // evaluation: the statistics are constants, dx = weight * invstd * g
+};
 
-// Per-channel (grad_weight, grad_bias) = (sum_gx * invstd, sum_g), in the statistics dtype
-// (the autograd formula gives each its parameter's dtype).
-std::tuple<at::Tensor, at::Tensor> batch_norm_affine_grads(const at::Tensor& sum_g,
-                                                           const at::Tensor& sum_gx,
-                                                           const at::Tensor& var, double eps);
+// The backward's per-channel reduction.
+struct GradReduction {
+  at::Tensor sum_g, sum_gx;  // sum(g) and sum(g * (x - mean)), Tensor[C]
+  // With InputGradArgs: the weight's gradient sum_gx * invstd, Tensor[C], and the input
+  // gradient dx = k ((x - mean) slope + offset + g), k = weight * invstd,
+  // slope = -invstd^2 sum_gx / count, offset = -sum_g / count (evaluation: slope = offset = 0).
+  at::Tensor grad_weight;
+  at::Tensor coefficients;  // Tensor[3, C]: k, slope, offset
+};
+
+// The sums of g and x dense in one layout, in one launch; with `args` (else nullptr), the same
+// launch also computes the weight's gradient and the input gradient's coefficients.
+GradReduction batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                                   const DenseLayout& layout, const InputGradArgs* args);
+
+// The input gradient's coefficients from given sums (synchronized batch norm's whole batch's),
+// or in evaluation from none (undefined sum_g and sum_gx), in one launch.
+GradReduction batch_norm_grad_coefficients(const at::Tensor& like, const InputGradArgs& args,
+                                           const at::Tensor& sum_g, const at::Tensor& sum_gx);
+
+// out = k ((x - mean) slope + offset + g) in training, k g in evaluation, one launch (out may
+// be g itself).
+void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
+                           const at::Tensor& mean, const GradReduction& reduction,
+                           const DenseLayout& layout, bool training);
 
 }  // namespace cifarnet::cuda

@@ -1,226 +1,124 @@
-// CUDA kernels of batch norm: one-pass Welford statistics (per-channel two-stage block
-// reductions), the backward's per-channel sums, and the elementwise normalisation and input
-// gradient. Accumulation in float32 (float64 for float64 inputs); float16 and bfloat16 read
-// and write in their own dtype.
+// CUDA kernels of batch norm. Training forward: one launch for the statistics (Welford, per
+// block, merged by the last block, which also computes the normalisation's scale and shift),
+// one for the normalisation; evaluation: one launch for the scale and shift, one for the
+// normalisation. Backward: one launch for the two sums (and the weight's gradient and the input
+// gradient's coefficients), one for the input gradient. Running statistics: one launch.
+// Accumulation in float32 (float64 for float64 inputs); float16 and bfloat16 read and write in
+// their own dtype.
 
-#include <ATen/cuda/DeviceUtils.cuh>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <torch/library.h>
+
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "../batch_norm_common.h"
 #include "batch_norm_cuda.h"
+#include "batch_norm_reduce.cuh"
 #include "cuda_common.cuh"
 
 namespace cifarnet::cuda {
+
+at::Tensor reduction_counters(int64_t count) {
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto options = at::TensorOptions().dtype(at::kInt).device(at::kCUDA, stream.device_index());
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return at::zeros({count}, options);
+  }
+  // NB: never destroyed: CUDA tensors must not be freed after the CUDA runtime is torn down.
+  static auto* workspaces = new std::map<std::pair<c10::DeviceIndex, c10::StreamId>, at::Tensor>();
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& counters = (*workspaces)[{stream.device_index(), stream.id()}];
+  if (!counters.defined() || counters.numel() < count) {
+    // The old workspace (if any) was allocated on this stream, which frees it in order.
+    counters = at::zeros({std::max<int64_t>(1024, count)}, options);
+  }
+  return counters;
+}
+
 namespace {
 
-constexpr int kWarp = 32;
-constexpr int kRows = 8;  // rows of a channels-inner block: blockDim = (32 channels, kRows)
-
-// Running mean and sum of squared deviations (Welford), mergeable across threads. (Plain
-// members, no initialisers: these live in __shared__ arrays; `State{}` is the empty state.)
-template <typename acc_t>
-struct Welford {
-  acc_t count, mean, m2;
-
-  __device__ void add(acc_t x) {
-    count += 1;
-    const acc_t delta = x - mean;
-    mean += delta / count;
-    m2 += delta * (x - mean);
-  }
-  __device__ void merge(const Welford& other) {
-    if (other.count == 0) return;
-    if (count == 0) {
-      *this = other;
-      return;
-    }
-    const acc_t total = count + other.count;
-    const acc_t delta = other.mean - mean;
-    mean += delta * other.count / total;
-    m2 += other.m2 + delta * delta * count * other.count / total;
-    count = total;
-  }
-  __device__ Welford shfl_down(int offset) const {
-    Welford other{};
-    other.count = WARP_SHFL_DOWN(count, offset);
-    other.mean = WARP_SHFL_DOWN(mean, offset);
-    other.m2 = WARP_SHFL_DOWN(m2, offset);
-    return other;
-  }
-};
-
-// sum(g) and sum(g * (x - mean)).
-template <typename acc_t>
-struct GradSums {
-  acc_t g, gx;
-
-  __device__ void merge(const GradSums& other) {
-    g += other.g;
-    gx += other.gx;
-  }
-  __device__ GradSums shfl_down(int offset) const {
-    GradSums other{};
-    other.g = WARP_SHFL_DOWN(g, offset);
-    other.gx = WARP_SHFL_DOWN(gx, offset);
-    return other;
-  }
-};
-
-// Merges `state` over a 1-D block; the result is valid in thread 0.
-template <typename State>
-__device__ State block_reduce(State state) {
-  __shared__ State warp_states[kThreads / kWarp];
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) state.merge(state.shfl_down(offset));
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  if (lane == 0) warp_states[warp] = state;
-  __syncthreads();
-  if (warp == 0) {
-    state = lane < static_cast<int>(blockDim.x) / kWarp ? warp_states[lane] : State{};
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) state.merge(state.shfl_down(offset));
-  }
-  return state;
-}
-
-// Merges `state` over the rows (threadIdx.y) of a (32, kRows) block; valid where y == 0.
-template <typename State>
-__device__ State column_reduce(State state) {
-  __shared__ State states[kRows][kWarp];
-  states[threadIdx.y][threadIdx.x] = state;
-  __syncthreads();
-  if (threadIdx.y == 0) {
-    for (int row = 1; row < kRows; ++row) state.merge(states[row][threadIdx.x]);
-  }
-  return state;
-}
-
-// One (channel, split) of a channels-outer input per block: elements [split * per, ...) of the
-// channel's batch * spatial, so a single sample of a large image still fills the GPU.
-// Policy::add(state, x, g, c) folds one element in.
-template <typename scalar_t, typename State, typename Add>
-__global__ void reduce_channels_outer(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                      DenseLayout layout, int64_t elements_per_split, Add add,
-                                      State* __restrict__ partial) {
-  const int64_t c = blockIdx.x, split = blockIdx.y;
-  const int64_t elements = layout.batch * layout.spatial;
-  const int64_t i0 = split * elements_per_split, i1 = min(elements, i0 + elements_per_split);
-  State state{};
-  for (int64_t i = i0 + threadIdx.x; i < i1; i += blockDim.x) {
-    const int64_t n = i / layout.spatial, s = i - n * layout.spatial;
-    const int64_t at = (n * layout.channels + c) * layout.spatial + s;
-    add(state, x[at], g == nullptr ? scalar_t(0) : g[at], c);
-  }
-  state = block_reduce(state);
-  if (threadIdx.x == 0) partial[c * gridDim.y + split] = state;
-}
-
-// 32 channels by a range of pixels of a channels-inner input per block.
-template <typename scalar_t, typename State, typename Add>
-__global__ void reduce_channels_inner(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
-                                      DenseLayout layout, int64_t pixels_per_split, Add add,
-                                      State* __restrict__ partial) {
-  const int64_t c = blockIdx.x * kWarp + threadIdx.x, split = blockIdx.y;
-  const int64_t pixels = layout.batch * layout.spatial;
-  const int64_t p0 = split * pixels_per_split, p1 = min(pixels, p0 + pixels_per_split);
-  State state{};
-  if (c < layout.channels) {
-    for (int64_t p = p0 + threadIdx.y; p < p1; p += kRows) {
-      const int64_t at = p * layout.channels + c;
-      add(state, x[at], g == nullptr ? scalar_t(0) : g[at], c);
-    }
-  }
-  state = column_reduce(state);
-  if (threadIdx.y == 0 && c < layout.channels) partial[c * gridDim.y + split] = state;
-}
-
-// Merges the splits of each channel.
-template <typename State>
-__global__ void merge_splits(const State* __restrict__ partial, int64_t channels, int64_t splits,
-                             State* __restrict__ merged) {
-  CIFARNET_GRID_STRIDE_LOOP(c, channels) {
-    State state{};
-    for (int64_t s = 0; s < splits; ++s) state.merge(partial[c * splits + s]);
-    merged[c] = state;
-  }
-}
-
-// Per-channel states of a whole dense tensor: splits enough to fill the GPU, then a merge.
-template <typename scalar_t, typename State, typename Add>
-at::Tensor reduce_per_channel(const at::Tensor& x, const scalar_t* g, const DenseLayout& layout,
-                              Add add) {
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t target_blocks = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * 4;
-  const auto bytes = at::TensorOptions().dtype(at::kByte).device(x.device());
-  int64_t splits;
-  at::Tensor partial;
-  if (layout.channels_inner) {
-    const int64_t channel_blocks = (layout.channels + kWarp - 1) / kWarp;
-    const int64_t pixels = layout.batch * layout.spatial;
-    splits = std::clamp<int64_t>(target_blocks / channel_blocks, 1,
-                                 std::max<int64_t>(1, (pixels + kRows - 1) / kRows));
-    splits = std::min<int64_t>(splits, 65535);
-    const int64_t per_split = (pixels + splits - 1) / splits;
-    partial = at::empty({layout.channels * splits * static_cast<int64_t>(sizeof(State))}, bytes);
-    reduce_channels_inner<scalar_t, State, Add>
-        <<<dim3(channel_blocks, splits), dim3(kWarp, kRows), 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), g, layout, per_split, add,
-            reinterpret_cast<State*>(partial.mutable_data_ptr()));
-  } else {
-    const int64_t elements = std::max<int64_t>(1, layout.batch * layout.spatial);
-    splits = std::clamp<int64_t>(target_blocks / layout.channels, 1,
-                                 (elements + kThreads - 1) / kThreads);
-    splits = std::min<int64_t>(splits, 65535);
-    const int64_t per_split = (elements + splits - 1) / splits;
-    splits = (elements + per_split - 1) / per_split;
-    partial = at::empty({layout.channels * splits * static_cast<int64_t>(sizeof(State))}, bytes);
-    reduce_channels_outer<scalar_t, State, Add>
-        <<<dim3(layout.channels, splits), kThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), g, layout, per_split, add,
-            reinterpret_cast<State*>(partial.mutable_data_ptr()));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  at::Tensor merged =
-      at::empty({layout.channels * static_cast<int64_t>(sizeof(State))}, bytes);
-  merge_splits<State><<<blocks_for(layout.channels), kThreads, 0, stream>>>(
-      reinterpret_cast<const State*>(partial.const_data_ptr()), layout.channels, splits,
-      reinterpret_cast<State*>(merged.mutable_data_ptr()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return merged;
-}
-
-template <typename acc_t>
+// Folds x into a Welford state.
+template <typename scalar_t, typename acc_t>
 struct AddWelford {
-  template <typename scalar_t>
-  __device__ void operator()(Welford<acc_t>& state, scalar_t x, scalar_t, int64_t) const {
-    state.add(static_cast<acc_t>(x));
+  const scalar_t* x;
+
+  __device__ void operator()(Welford<acc_t>& state, int64_t at, int64_t, int64_t) const {
+    state.add(static_cast<acc_t>(x[at]));
   }
 };
 
-template <typename acc_t>
+// Folds g and g * (x - mean) into a state of sums.
+template <typename scalar_t, typename acc_t>
 struct AddGradSums {
+  const scalar_t* x;
+  const scalar_t* g;
   const acc_t* mean;
-  template <typename scalar_t>
-  __device__ void operator()(GradSums<acc_t>& state, scalar_t x, scalar_t g, int64_t c) const {
-    const acc_t grad = static_cast<acc_t>(g);
+
+  __device__ void operator()(GradSumState<acc_t>& state, int64_t at, int64_t, int64_t c) const {
+    const acc_t grad = static_cast<acc_t>(g[at]);
     state.g += grad;
-    state.gx += grad * (static_cast<acc_t>(x) - mean[c]);
+    state.gx += grad * (static_cast<acc_t>(x[at]) - mean[c]);
   }
 };
 
+// The normalisation's scale and shift of a channel, into affine = [scale; shift].
 template <typename acc_t>
-__global__ void split_welford(const Welford<acc_t>* __restrict__ states, int64_t channels,
-                              acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+__device__ __forceinline__ void affine_coefficients(acc_t var, acc_t weight, acc_t bias, acc_t eps,
+                                                    acc_t* affine, int64_t channels, int64_t c) {
+  affine[c] = weight * inverse_std(var, eps);
+  affine[channels + c] = bias;
+}
+
+// Finishes a channel of the statistics: mean and biased variance and, given an affine buffer,
+// the normalisation's scale and shift.
+template <typename scalar_t, typename acc_t>
+struct FinishStatistics {
+  acc_t *mean, *var, *affine;
+  ChannelReader<scalar_t, acc_t> weight, bias;
+  acc_t eps;
+  int64_t channels;
+
+  __device__ void operator()(int64_t c, const Welford<acc_t>& state) const {
+    const acc_t biased_var = state.count > 0 ? state.m2 / state.count : acc_t(0);
+    mean[c] = state.mean;
+    var[c] = biased_var;
+    if (affine != nullptr)
+      affine_coefficients(biased_var, weight[c], bias[c], eps, affine, channels, c);
+  }
+};
+
+// One thread per channel: copies of given statistics in acc_t and the normalisation's scale and
+// shift.
+template <typename scalar_t, typename acc_t>
+__global__ void normalization_kernel(ChannelReader<scalar_t, acc_t> mean_in,
+                                     ChannelReader<scalar_t, acc_t> var_in,
+                                     ChannelReader<scalar_t, acc_t> weight,
+                                     ChannelReader<scalar_t, acc_t> bias, acc_t eps,
+                                     int64_t channels, acc_t* __restrict__ mean,
+                                     acc_t* __restrict__ var, acc_t* __restrict__ affine) {
   CIFARNET_GRID_STRIDE_LOOP(c, channels) {
-    mean[c] = states[c].mean;
-    var[c] = states[c].count > 0 ? states[c].m2 / states[c].count : acc_t(0);
+    mean[c] = mean_in[c];
+    var[c] = var_in[c];
+    affine_coefficients(var[c], weight[c], bias[c], eps, affine, channels, c);
   }
 }
 
-template <typename acc_t>
-__global__ void split_grad_sums(const GradSums<acc_t>* __restrict__ states, int64_t channels,
-                                acc_t* __restrict__ sum_g, acc_t* __restrict__ sum_gx) {
+// One thread per channel: the input gradient's coefficients from given sums (or, in
+// evaluation, none), into coefficients = [k; slope; offset].
+template <typename scalar_t, typename acc_t>
+__global__ void grad_coefficients_kernel(ChannelReader<scalar_t, acc_t> var,
+                                         ChannelReader<scalar_t, acc_t> weight,
+                                         ChannelReader<scalar_t, acc_t> sum_g,
+                                         ChannelReader<scalar_t, acc_t> sum_gx, acc_t eps,
+                                         acc_t inv_count, bool training, int64_t channels,
+                                         acc_t* __restrict__ coefficients) {
   CIFARNET_GRID_STRIDE_LOOP(c, channels) {
-    sum_g[c] = states[c].g;
-    sum_gx[c] = states[c].gx;
+    input_grad_coefficients(inverse_std(var[c], eps), weight[c], sum_g[c], sum_gx[c], inv_count,
+                            training, coefficients, coefficients + channels,
+                            coefficients + 2 * channels, c);
   }
 }
 
@@ -229,41 +127,67 @@ __device__ __forceinline__ int64_t channel_of(int64_t index, const DenseLayout& 
                                : (index / layout.spatial) % layout.channels;
 }
 
-// out = (x - mean[c]) * scale[c] + shift[c].
+// out = (x - mean[c]) * scale[c] + shift[c], one thread per element in memory order.
 template <typename scalar_t, typename acc_t>
 __global__ void normalize_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
-                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ scale,
-                                 const acc_t* __restrict__ shift, DenseLayout layout,
-                                 int64_t total) {
+                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ affine,
+                                 DenseLayout layout, int64_t total) {
+  const acc_t* __restrict__ scale = affine;
+  const acc_t* __restrict__ shift = affine + layout.channels;
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const int64_t c = channel_of(index, layout);
     out[index] = static_cast<scalar_t>((static_cast<acc_t>(x[index]) - mean[c]) * scale[c] + shift[c]);
   }
 }
 
-// out = ((x - mean[c]) * slope[c] + offset[c] + g) * k[c].
-template <typename scalar_t, typename acc_t>
+// out = ((x - mean[c]) * slope[c] + offset[c] + g) * k[c] (training) or g * k[c], one thread
+// per element in memory order; out may be g.
+template <typename scalar_t, typename acc_t, bool training>
 __global__ void input_grad_kernel(scalar_t* out, const scalar_t* g, const scalar_t* __restrict__ x,
-                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ slope,
-                                  const acc_t* __restrict__ offset, const acc_t* __restrict__ k,
-                                  DenseLayout layout, int64_t total) {
+                                  const acc_t* __restrict__ mean,
+                                  const acc_t* __restrict__ coefficients, DenseLayout layout,
+                                  int64_t total) {
+  const acc_t* __restrict__ k = coefficients;
+  const acc_t* __restrict__ slope = coefficients + layout.channels;
+  const acc_t* __restrict__ offset = coefficients + 2 * layout.channels;
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const int64_t c = channel_of(index, layout);
-    const acc_t value = (static_cast<acc_t>(x[index]) - mean[c]) * slope[c] + offset[c] +
-                        static_cast<acc_t>(g[index]);
+    acc_t value = static_cast<acc_t>(g[index]);
+    if (training) value += (static_cast<acc_t>(x[index]) - mean[c]) * slope[c] + offset[c];
     out[index] = static_cast<scalar_t>(value * k[c]);
   }
 }
 
-at::ScalarType acc_dtype(const at::Tensor& t) {
-  return at::toAccumulateType(t.scalar_type(), at::kCUDA);
+// One running statistic, blended in place: running = (1 - momentum) running + momentum * factor
+// * batch, in float64 as the CPU kernel blends.
+template <typename running_t>
+struct RunningBlend {
+  running_t* running;
+  int64_t stride;
+  ChannelReader<float, double> batch;
+  double factor;
+
+  __device__ void operator()(int64_t c, double momentum) const {
+    running_t& value = running[c * stride];
+    value = static_cast<running_t>((1 - momentum) * static_cast<double>(value) +
+                                   momentum * factor * batch[c]);
+  }
+};
+
+// One thread per channel: both running statistics (the second may be absent).
+template <typename running_t>
+__global__ void update_running_stats_kernel(RunningBlend<running_t> mean,
+                                            RunningBlend<running_t> var, double momentum,
+                                            int64_t channels) {
+  CIFARNET_GRID_STRIDE_LOOP(c, channels) {
+    mean(c, momentum);
+    if (var.running != nullptr) var(c, momentum);
+  }
 }
 
-// A per-channel tensor in the accumulation dtype (a constant where it is absent).
-at::Tensor channel_tensor(const std::optional<at::Tensor>& t, const at::Tensor& like,
-                          int64_t channels, double fallback) {
-  const auto options = like.options().dtype(acc_dtype(like));
-  return defined(t) ? t->detach().to(options).contiguous() : at::full({channels}, fallback, options);
+template <typename acc_t>
+at::TensorOptions acc_options(const at::Tensor& like) {
+  return like.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
 }
 
 }  // namespace
@@ -274,96 +198,150 @@ DenseLayout dense_layout_of(const at::Tensor& dense, at::MemoryFormat format) {
   return {batch_norm_channels_inner(dense, format), batch, channels, spatial};
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_statistics(const at::Tensor& dense,
-                                                         const DenseLayout& layout) {
-  at::Tensor mean, var;
+Normalization batch_norm_statistics(const at::Tensor& dense, const DenseLayout& layout) {
+  Normalization normalization;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(),
                                   "batch_norm_statistics_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    const at::Tensor states = reduce_per_channel<scalar_t, Welford<acc_t>>(
-        dense, nullptr, layout, AddWelford<acc_t>{});
-    const auto options = dense.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    mean = at::empty({layout.channels}, options);
-    var = at::empty({layout.channels}, options);
-    split_welford<acc_t><<<blocks_for(layout.channels), kThreads, 0,
-                           at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const Welford<acc_t>*>(states.const_data_ptr()), layout.channels,
-        mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    normalization.mean = at::empty({layout.channels}, acc_options<acc_t>(dense));
+    normalization.var = at::empty({layout.channels}, acc_options<acc_t>(dense));
+    FinishStatistics<scalar_t, acc_t> finish{};
+    finish.mean = normalization.mean.mutable_data_ptr<acc_t>();
+    finish.var = normalization.var.mutable_data_ptr<acc_t>();
+    launch_channel_reduction<Welford<acc_t>>(
+        dense, layout, AddWelford<scalar_t, acc_t>{dense.const_data_ptr<scalar_t>()}, finish);
   });
-  return {mean, var};
+  return normalization;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x,
-                                                        const at::Tensor& mean,
-                                                        const DenseLayout& layout) {
-  at::Tensor sum_g, sum_gx;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_grad_sums_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    const at::Tensor states = reduce_per_channel<scalar_t, GradSums<acc_t>>(
-        x, g.const_data_ptr<scalar_t>(), layout, AddGradSums<acc_t>{mean.const_data_ptr<acc_t>()});
-    sum_g = at::empty_like(mean);
-    sum_gx = at::empty_like(mean);
-    split_grad_sums<acc_t><<<blocks_for(layout.channels), kThreads, 0,
-                             at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const GradSums<acc_t>*>(states.const_data_ptr()), layout.channels,
-        sum_g.mutable_data_ptr<acc_t>(), sum_gx.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {sum_g, sum_gx};
+Normalization batch_norm_statistics(const at::Tensor& dense, const DenseLayout& layout,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias, double eps) {
+  Normalization normalization;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, dense.scalar_type(), "batch_norm_statistics_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const int64_t channels = layout.channels;
+        normalization.mean = at::empty({channels}, acc_options<acc_t>(dense));
+        normalization.var = at::empty({channels}, acc_options<acc_t>(dense));
+        normalization.affine = at::empty({2, channels}, acc_options<acc_t>(dense));
+        at::Tensor weight_storage, bias_storage;
+        FinishStatistics<scalar_t, acc_t> finish{};
+        finish.mean = normalization.mean.mutable_data_ptr<acc_t>();
+        finish.var = normalization.var.mutable_data_ptr<acc_t>();
+        finish.affine = normalization.affine.mutable_data_ptr<acc_t>();
+        finish.weight = channel_reader<scalar_t, acc_t>(weight, acc_t(1), weight_storage);
+        finish.bias = channel_reader<scalar_t, acc_t>(bias, acc_t(0), bias_storage);
+        finish.eps = static_cast<acc_t>(eps);
+        finish.channels = channels;
+        launch_channel_reduction<Welford<acc_t>>(
+            dense, layout, AddWelford<scalar_t, acc_t>{dense.const_data_ptr<scalar_t>()}, finish);
+      });
+  return normalization;
 }
 
-void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const at::Tensor& mean,
-                          const at::Tensor& var, const std::optional<at::Tensor>& weight,
-                          const std::optional<at::Tensor>& bias, double eps,
+Normalization batch_norm_normalization(const at::Tensor& like, const at::Tensor& mean,
+                                       const at::Tensor& var,
+                                       const std::optional<at::Tensor>& weight,
+                                       const std::optional<at::Tensor>& bias, double eps) {
+  Normalization normalization;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, like.scalar_type(), "batch_norm_normalization_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const int64_t channels = mean.numel();
+        normalization.mean = at::empty({channels}, acc_options<acc_t>(like));
+        normalization.var = at::empty({channels}, acc_options<acc_t>(like));
+        normalization.affine = at::empty({2, channels}, acc_options<acc_t>(like));
+        if (channels == 0) return;
+        at::Tensor mean_storage, var_storage, weight_storage, bias_storage;
+        normalization_kernel<scalar_t, acc_t>
+            <<<blocks_for(channels), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                channel_reader<scalar_t, acc_t>(mean, acc_t(0), mean_storage),
+                channel_reader<scalar_t, acc_t>(var, acc_t(1), var_storage),
+                channel_reader<scalar_t, acc_t>(weight, acc_t(1), weight_storage),
+                channel_reader<scalar_t, acc_t>(bias, acc_t(0), bias_storage),
+                static_cast<acc_t>(eps), channels, normalization.mean.mutable_data_ptr<acc_t>(),
+                normalization.var.mutable_data_ptr<acc_t>(),
+                normalization.affine.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return normalization;
+}
+
+void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const Normalization& normalization,
                           const DenseLayout& layout) {
-  // The per-channel affine map, in the accumulation dtype (a handful of elements).
-  const at::Tensor scale = channel_tensor(weight, x, layout.channels, 1.0) * at::rsqrt(var + eps);
-  const at::Tensor shift = channel_tensor(bias, x, layout.channels, 0.0);
   const int64_t total = x.numel();
   if (total == 0) return;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
-                                  "batch_norm_normalize_cuda", [&] {
-    using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    normalize_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
-        out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-        mean.const_data_ptr<acc_t>(), scale.const_data_ptr<acc_t>(),
-        shift.const_data_ptr<acc_t>(), layout, total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_normalize_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        normalize_kernel<scalar_t, acc_t>
+            <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                normalization.mean.const_data_ptr<acc_t>(),
+                normalization.affine.const_data_ptr<acc_t>(), layout, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+GradReduction batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
+                                   const DenseLayout& layout, const InputGradArgs* args) {
+  GradReduction reduction;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_grad_sums_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const AddGradSums<scalar_t, acc_t> add{x.const_data_ptr<scalar_t>(),
+                                               g.const_data_ptr<scalar_t>(),
+                                               mean.const_data_ptr<acc_t>()};
+        reduction = grad_reduction<scalar_t>(x, layout, add, args);
+      });
+  return reduction;
+}
+
+GradReduction batch_norm_grad_coefficients(const at::Tensor& like, const InputGradArgs& args,
+                                           const at::Tensor& sum_g, const at::Tensor& sum_gx) {
+  GradReduction reduction;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, like.scalar_type(), "batch_norm_grad_coefficients_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const int64_t channels = args.var.numel();
+        reduction.coefficients = at::empty({3, channels}, acc_options<acc_t>(like));
+        if (channels == 0) return;
+        at::Tensor var_storage, weight_storage, sum_g_storage, sum_gx_storage;
+        grad_coefficients_kernel<scalar_t, acc_t>
+            <<<blocks_for(channels), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                channel_reader<scalar_t, acc_t>(args.var, acc_t(1), var_storage),
+                channel_reader<scalar_t, acc_t>(args.weight, acc_t(1), weight_storage),
+                channel_reader<scalar_t, acc_t>(sum_g, acc_t(0), sum_g_storage),
+                channel_reader<scalar_t, acc_t>(sum_gx, acc_t(0), sum_gx_storage),
+                static_cast<acc_t>(args.eps), acc_t(1) / static_cast<acc_t>(args.count),
+                args.training, channels, reduction.coefficients.mutable_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  return reduction;
 }
 
 void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
-                           const at::Tensor& mean, const at::Tensor& var,
-                           const std::optional<at::Tensor>& weight, const at::Tensor& sum_g,
-                           const at::Tensor& sum_gx, double eps, int64_t count,
-                           const DenseLayout& layout) {
-  const double m = static_cast<double>(count);
-  const at::Tensor invstd = at::rsqrt(var + eps);
-  const at::Tensor k = channel_tensor(weight, x, layout.channels, 1.0) * invstd;
-  const at::Tensor slope = -(invstd * invstd * sum_gx) / m;
-  const at::Tensor offset = -sum_g / m;
+                           const at::Tensor& mean, const GradReduction& reduction,
+                           const DenseLayout& layout, bool training) {
   const int64_t total = x.numel();
   if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "batch_norm_input_grad_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-    input_grad_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
-        out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-        x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
-        slope.const_data_ptr<acc_t>(), offset.const_data_ptr<acc_t>(), k.const_data_ptr<acc_t>(),
-        layout, total);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    const acc_t* coefficients = reduction.coefficients.const_data_ptr<acc_t>();
+    if (training) {
+      input_grad_kernel<scalar_t, acc_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+          out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), coefficients, layout, total);
+    } else {
+      input_grad_kernel<scalar_t, acc_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
+          out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+          x.const_data_ptr<scalar_t>(), nullptr, coefficients, layout, total);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-std::tuple<at::Tensor, at::Tensor> batch_norm_affine_grads(const at::Tensor& sum_g,
-                                                           const at::Tensor& sum_gx,
-                                                           const at::Tensor& var, double eps) {
-  return {sum_gx * at::rsqrt(var + eps), sum_g};
 }
 
 }  // namespace cifarnet::cuda
@@ -380,17 +358,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
   const at::MemoryFormat format = batch_norm_output_memory_format(input);
   const at::Tensor dense = input.contiguous(format);
   const cuda::DenseLayout layout = cuda::dense_layout_of(dense, format);
-  const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
-  at::Tensor save_mean, save_var;
-  if (training) {
-    std::tie(save_mean, save_var) = cuda::batch_norm_statistics(dense, layout);
-  } else {
-    save_mean = mean->detach().to(stats_options, /*non_blocking=*/false, /*copy=*/true);
-    save_var = var->detach().to(stats_options, /*non_blocking=*/false, /*copy=*/true);
-  }
+  const cuda::Normalization normalization =
+      training ? cuda::batch_norm_statistics(dense, layout, weight, bias, eps)
+               : cuda::batch_norm_normalization(dense, *mean, *var, weight, bias, eps);
   at::Tensor output = at::empty(input.sizes(), input.options().memory_format(format));
-  cuda::batch_norm_normalize(output, dense, save_mean, save_var, weight, bias, eps, layout);
-  return {output, save_mean, save_var};
+  cuda::batch_norm_normalize(output, dense, normalization, layout);
+  return {output, normalization.mean, normalization.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
@@ -409,27 +382,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const cuda::DenseLayout layout = cuda::dense_layout_of(x, format);
   const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
   const at::Tensor mean = save_mean.to(stats_options).contiguous();
-  const at::Tensor var = save_var.to(stats_options).contiguous();
-  at::Tensor sum_g = at::zeros_like(mean), sum_gx = at::zeros_like(mean);
-  if ((training || output_mask[1] || output_mask[2]) && x.numel() > 0) {
-    std::tie(sum_g, sum_gx) = cuda::batch_norm_grad_sums(g, x, mean, layout);
+  const cuda::InputGradArgs args{save_var, weight, eps, layout.batch * layout.spatial, training};
+  cuda::GradReduction reduction;
+  if (x.numel() == 0) {  // nothing flowed back: zero sums
+    reduction.sum_g = at::zeros_like(mean);
+    reduction.grad_weight = at::zeros_like(mean);
+  } else if (training || output_mask[1] || output_mask[2]) {
+    reduction = cuda::batch_norm_grad_sums(g, x, mean, layout, &args);
+  } else {  // evaluation's input gradient alone: k g
+    reduction = cuda::batch_norm_grad_coefficients(x, args, at::Tensor(), at::Tensor());
   }
-  at::Tensor grad_input, grad_weight, grad_bias;
+  at::Tensor grad_input;
   if (output_mask[0]) {
     grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-    if (training) {
-      cuda::batch_norm_input_grad(grad_input, g, x, mean, var, weight, sum_g, sum_gx, eps,
-                                  layout.batch * layout.spatial, layout);
-    } else {
-      // dx = k g: the normalisation of g with mean 0, scale k = weight * invstd, shift 0.
-      cuda::batch_norm_normalize(grad_input, g, at::zeros_like(mean), var, weight, std::nullopt,
-                                 eps, layout);
-    }
+    cuda::batch_norm_input_grad(grad_input, g, x, mean, reduction, layout, training);
   }
-  std::tie(grad_weight, grad_bias) = cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps);
-  if (!output_mask[1]) grad_weight = at::Tensor();
-  if (!output_mask[2]) grad_bias = at::Tensor();
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, output_mask[1] ? reduction.grad_weight : at::Tensor(),
+          output_mask[2] ? reduction.sum_g : at::Tensor()};
 }
 
 // The phase ops of synchronized batch norm (see ../batch_norm.cpp).
@@ -461,7 +430,8 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
     const auto options = input.options().dtype(batch_norm_stats_dtype(input));
     return {at::zeros({input.size(1)}, options), at::zeros({input.size(1)}, options)};
   }
-  return cuda::batch_norm_statistics(in.x, in.layout);
+  const cuda::Normalization statistics = cuda::batch_norm_statistics(in.x, in.layout);
+  return {statistics.mean, statistics.var};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_output,
@@ -475,7 +445,9 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const DenseBatchNormInputs in(input, grad_output);
   const at::Tensor mean_acc = stats_dtype_tensor(mean, input);
   if (in.x.numel() == 0) return {at::zeros_like(mean_acc), at::zeros_like(mean_acc)};
-  return cuda::batch_norm_grad_sums(in.g, in.x, mean_acc, in.layout);
+  const cuda::GradReduction sums =
+      cuda::batch_norm_grad_sums(in.g, in.x, mean_acc, in.layout, /*args=*/nullptr);
+  return {sums.sum_g, sums.sum_gx};
 }
 
 at::Tensor batch_norm_backward_elementwise_cuda(
@@ -494,11 +466,64 @@ at::Tensor batch_norm_backward_elementwise_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   const DenseBatchNormInputs in(input, grad_output);
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(in.format));
-  cuda::batch_norm_input_grad(grad_input, in.g, in.x, stats_dtype_tensor(mean, input),
-                              stats_dtype_tensor(var, input), weight,
-                              stats_dtype_tensor(sum_dy, input),
-                              stats_dtype_tensor(sum_dy_xmu, input), eps, count, in.layout);
+  const cuda::InputGradArgs args{var, weight, eps, count, /*training=*/true};
+  const cuda::GradReduction reduction =
+      cuda::batch_norm_grad_coefficients(in.x, args, sum_dy, sum_dy_xmu);
+  cuda::batch_norm_input_grad(grad_input, in.g, in.x, stats_dtype_tensor(mean, input), reduction,
+                              in.layout, /*training=*/true);
   return grad_input;
+}
+
+// Both running statistics in one launch (where they share a dtype, as the public ops' checks
+// make them).
+void batch_norm_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
+                                          const at::Tensor& save_mean, const at::Tensor& save_var,
+                                          double momentum, c10::SymInt symbolic_count) {
+  const double unbiased = unbiased_variance_factor(symbolic_count.expect_int());
+  TORCH_CHECK(save_mean.numel() == running_mean.numel() && save_var.numel() == running_var.numel(),
+              "running statistics of ", running_mean.numel(), " and ", running_var.numel(),
+              " channels cannot take batch statistics of ", save_mean.numel(), " and ",
+              save_var.numel());
+  TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1 &&
+                  running_mean.device() == save_mean.device() &&
+                  running_var.device() == save_var.device(),
+              "running statistics must be 1-D tensors on the batch statistics' device, got ",
+              shape_string(running_mean), " on ", running_mean.device(), " and ",
+              shape_string(running_var), " on ", running_var.device());
+  const int64_t channels = running_mean.numel();
+  if (channels == 0) return;
+  const c10::cuda::CUDAGuard device_guard(running_mean.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  at::Tensor mean_storage, var_storage;
+  const auto mean_values = cuda::channel_reader<float, double>(save_mean, 0.0, mean_storage);
+  const auto var_values = cuda::channel_reader<float, double>(save_var, 0.0, var_storage);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, running_mean.scalar_type(), "batch_norm_update_running_stats_cuda",
+      [&] {
+        const cuda::RunningBlend<scalar_t> mean{running_mean.mutable_data_ptr<scalar_t>(),
+                                                running_mean.stride(0), mean_values, 1.0};
+        cuda::RunningBlend<scalar_t> var{nullptr, 0, var_values, unbiased};
+        if (running_var.scalar_type() == running_mean.scalar_type()) {
+          var.running = running_var.mutable_data_ptr<scalar_t>();
+          var.stride = running_var.stride(0);
+        }
+        cuda::update_running_stats_kernel<scalar_t>
+            <<<cuda::blocks_for(channels), cuda::kThreads, 0, stream>>>(mean, var, momentum,
+                                                                        channels);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+  if (running_var.scalar_type() == running_mean.scalar_type()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, running_var.scalar_type(), "batch_norm_update_running_stats_cuda",
+      [&] {
+        const cuda::RunningBlend<scalar_t> var{running_var.mutable_data_ptr<scalar_t>(),
+                                               running_var.stride(0), var_values, unbiased};
+        cuda::update_running_stats_kernel<scalar_t>
+            <<<cuda::blocks_for(channels), cuda::kThreads, 0, stream>>>(
+                var, cuda::RunningBlend<scalar_t>{nullptr, 0, var_values, unbiased}, momentum,
+                channels);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 }  // namespace
@@ -506,6 +531,7 @@ at::Tensor batch_norm_backward_elementwise_cuda(
 TORCH_LIBRARY_IMPL(cifarnet, CUDA, m) {
   m.impl("_batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("_batch_norm_backward", &batch_norm_backward_cuda);
+  m.impl("_batch_norm_update_running_stats", &batch_norm_update_running_stats_cuda);
   m.impl("_batch_norm_stats", &batch_norm_stats_cuda);
   m.impl("_batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
   m.impl("_batch_norm_backward_elementwise", &batch_norm_backward_elementwise_cuda);

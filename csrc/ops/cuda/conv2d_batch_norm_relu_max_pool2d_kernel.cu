@@ -1,10 +1,12 @@
 // CUDA kernels of conv2d -> batch norm (training) -> ReLU -> max_pool2d.
 //
-// Forward: cuDNN's convolution (channels last, kept for the backward), one Welford pass for
-// the batch statistics, and one kernel that normalises, applies ReLU, pools and writes the
-// one-byte argmax. Backward: the pooled gradient gathered at the argmax hits, batch norm's two
-// reductions and its input gradient (in place), then cuDNN's convolution backward.
-// (Evaluation mode never comes here: it folds the batch norm into the convolution.)
+// Forward: cuDNN's convolution (channels last, kept for the backward), one launch for the batch
+// statistics (which also computes the normalisation's scale and shift), and one kernel that
+// normalises, applies ReLU, pools and writes the one-byte argmax. Backward: one launch for batch
+// norm's two sums over the pooled gradient, gathered at the argmax hits as it is read (which also
+// computes the batch-norm parameters' gradients and the input gradient's coefficients), one that
+// gathers it again and writes the convolution output's gradient, then cuDNN's convolution
+// backward. (Evaluation mode never comes here: it folds the batch norm into the convolution.)
 // The fused ops run these phases back to back; the phase ops (synchronized batch norm) one at
 // a time: statistics, epilogue; reduction, elementwise.
 
@@ -14,7 +16,76 @@
 #include "../conv_pool_geometry.h"
 #include "../convolution.h"
 #include "batch_norm_cuda.h"
+#include "batch_norm_reduce.cuh"
 #include "cuda_common.cuh"
+
+namespace cifarnet::cuda {
+namespace {
+
+// The pooled gradient at a channels-last convolution output element (pixel p = n * H * W +
+// h * W + w, channel c), rounded to scalar_t as the gradient tensor native's pool backward
+// writes is.
+template <typename scalar_t, typename acc_t>
+struct PooledGradient {
+  const scalar_t* grad;
+  Strides4d grad_strides;
+  const uint8_t* argmax;
+  Strides4d argmax_strides;
+  ConvPoolGeometry g;
+
+  __device__ acc_t operator()(int64_t p, int64_t c) const {
+    const int64_t pixels = g.conv_h * g.conv_w;
+    const int64_t n = p / pixels, s = p - n * pixels;
+    const int64_t h = s / g.conv_w, w = s - h * g.conv_w;
+    return static_cast<acc_t>(static_cast<scalar_t>(pooled_gradient_at<scalar_t, acc_t>(
+        grad, grad_strides, argmax, argmax_strides, g, n, c, h, w)));
+  }
+};
+
+// Folds the pooled gradient g and g * (x - mean) into a state of sums, x the convolution output.
+template <typename scalar_t, typename acc_t>
+struct AddPooledGradSums {
+  PooledGradient<scalar_t, acc_t> pooled;
+  const scalar_t* conv;
+  const acc_t* mean;
+
+  __device__ void operator()(GradSumState<acc_t>& state, int64_t at, int64_t p, int64_t c) const {
+    const acc_t grad = pooled(p, c);
+    state.g += grad;
+    state.gx += grad * (static_cast<acc_t>(conv[at]) - mean[c]);
+  }
+};
+
+// The convolution output's gradient k ((x - mean) slope + offset + g), g the pooled gradient,
+// one thread per element of the channels-last convolution output.
+template <typename scalar_t, typename acc_t>
+__global__ void pooled_input_grad_kernel(scalar_t* __restrict__ grad_conv,
+                                         PooledGradient<scalar_t, acc_t> pooled,
+                                         const scalar_t* __restrict__ conv,
+                                         const acc_t* __restrict__ mean,
+                                         const acc_t* __restrict__ coefficients, int64_t channels,
+                                         int64_t total) {
+  const acc_t* __restrict__ k = coefficients;
+  const acc_t* __restrict__ slope = coefficients + channels;
+  const acc_t* __restrict__ offset = coefficients + 2 * channels;
+  CIFARNET_GRID_STRIDE_LOOP(index, total) {
+    const int64_t c = index % channels, p = index / channels;
+    const acc_t value =
+        (static_cast<acc_t>(conv[index]) - mean[c]) * slope[c] + offset[c] + pooled(p, c);
+    grad_conv[index] = static_cast<scalar_t>(value * k[c]);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+PooledGradient<scalar_t, acc_t> pooled_gradient(const at::Tensor& grad_output,
+                                                const at::Tensor& argmax,
+                                                const ConvPoolGeometry& g) {
+  return {grad_output.const_data_ptr<scalar_t>(), Strides4d(grad_output),
+          argmax.const_data_ptr<uint8_t>(), Strides4d(argmax), g};
+}
+
+}  // namespace
+}  // namespace cifarnet::cuda
 
 namespace cifarnet::ops {
 namespace {
@@ -29,31 +100,11 @@ cuda::DenseLayout conv_layout(const at::Tensor& conv) {
   return cuda::dense_layout_of(conv, at::MemoryFormat::ChannelsLast);
 }
 
-// Statistics phase: per-channel mean and biased variance in the accumulation dtype; zeros for
-// an empty batch.
-std::tuple<at::Tensor, at::Tensor> conv_output_statistics(const at::Tensor& conv,
-                                                          const at::Tensor& input) {
-  if (conv.numel() == 0) {
-    const auto options = input.options().dtype(batch_norm_stats_dtype(input));
-    return {at::zeros({conv.size(1)}, options), at::zeros({conv.size(1)}, options)};
-  }
-  return cuda::batch_norm_statistics(conv, conv_layout(conv));
-}
-
-// Epilogue phase: normalises with (mean, var), applies ReLU and pools, writing the pooled
-// output and its argmax in native conv2d's layout.
+// Epilogue phase: normalises, applies ReLU and pools, writing the pooled output and its argmax
+// in native conv2d's layout.
 std::tuple<at::Tensor, at::Tensor> normalise_relu_max_pool2d(
     const at::Tensor& conv, const at::Tensor& input, const at::Tensor& weight,
-    const ConvPoolGeometry& g, const at::Tensor& mean, const at::Tensor& var,
-    const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
-    double eps) {
-  const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
-  const at::Tensor mean_acc = mean.to(stats_options).contiguous();
-  const at::Tensor scale =
-      (defined(bn_weight) ? bn_weight->detach().to(stats_options) : at::ones_like(mean_acc)) *
-      at::rsqrt(var.to(stats_options) + eps);
-  const at::Tensor shift = defined(bn_bias) ? bn_bias->detach().to(stats_options).contiguous()
-                                            : at::zeros_like(mean_acc);
+    const ConvPoolGeometry& g, const cuda::Normalization& normalization) {
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
   at::Tensor output =
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
@@ -61,22 +112,50 @@ std::tuple<at::Tensor, at::Tensor> normalise_relu_max_pool2d(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "conv2d_batch_norm_relu_max_pool2d_cuda", [&] {
         using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-        cuda::launch_relu_max_pool2d<scalar_t, acc_t>(
-            conv, output, argmax, g, mean_acc.const_data_ptr<acc_t>(),
-            scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>());
+        const acc_t* affine = normalization.affine.const_data_ptr<acc_t>();
+        cuda::launch_relu_max_pool2d<scalar_t, acc_t>(conv, output, argmax, g,
+                                                      normalization.mean.const_data_ptr<acc_t>(),
+                                                      affine, affine + g.out_channels);
       });
   return {output, argmax};
 }
 
-// The gradient of the normalised activation: zero but at the argmax hits (channels last).
-at::Tensor pooled_gradient(const at::Tensor& grad_output, const at::Tensor& argmax,
-                           const ConvPoolGeometry& g) {
-  at::Tensor grad_conv;
+// Backward reduction: batch norm's sums over the pooled gradient of the (channels-last)
+// convolution output, in one launch; with `args`, also the parameters' gradients and the input
+// gradient's coefficients.
+cuda::GradReduction pooled_grad_sums(const at::Tensor& grad_output, const at::Tensor& argmax,
+                                     const ConvPoolGeometry& g, const at::Tensor& conv,
+                                     const at::Tensor& mean, const cuda::InputGradArgs* args) {
+  cuda::GradReduction reduction;
   AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, grad_output.scalar_type(), "conv2d_batch_norm_pool_gradient_cuda",
-      [&] {
-        grad_conv = cuda::pool_input_gradient<scalar_t>(grad_output, argmax, g,
-                                                          at::MemoryFormat::ChannelsLast);
+      at::kHalf, at::kBFloat16, conv.scalar_type(), "conv2d_batch_norm_grad_sums_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        const cuda::AddPooledGradSums<scalar_t, acc_t> add{
+            cuda::pooled_gradient<scalar_t, acc_t>(grad_output, argmax, g),
+            conv.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>()};
+        reduction = cuda::grad_reduction<scalar_t>(conv, conv_layout(conv), add, args);
+      });
+  return reduction;
+}
+
+// Elementwise backward: the convolution output's gradient (channels-last), in one launch.
+at::Tensor pooled_input_grad(const at::Tensor& grad_output, const at::Tensor& argmax,
+                             const ConvPoolGeometry& g, const at::Tensor& conv,
+                             const at::Tensor& mean, const cuda::GradReduction& reduction) {
+  at::Tensor grad_conv =
+      at::empty(conv.sizes(), conv.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t total = grad_conv.numel();
+  if (total == 0) return grad_conv;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, conv.scalar_type(), "conv2d_batch_norm_input_grad_cuda", [&] {
+        using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
+        cuda::pooled_input_grad_kernel<scalar_t, acc_t>
+            <<<cuda::blocks_for(total), cuda::kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                grad_conv.mutable_data_ptr<scalar_t>(),
+                cuda::pooled_gradient<scalar_t, acc_t>(grad_output, argmax, g),
+                conv.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(),
+                reduction.coefficients.const_data_ptr<acc_t>(), g.out_channels, total);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return grad_conv;
 }
@@ -99,10 +178,10 @@ conv2d_batch_norm_relu_max_pool2d_training_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);
-  auto [mean, var] = conv_output_statistics(conv, input);
-  auto [output, argmax] =
-      normalise_relu_max_pool2d(conv, input, weight, g, mean, var, bn_weight, bn_bias, eps);
-  return {output, argmax, conv, mean, var};
+  const cuda::Normalization normalization =
+      cuda::batch_norm_statistics(conv, conv_layout(conv), bn_weight, bn_bias, eps);
+  auto [output, argmax] = normalise_relu_max_pool2d(conv, input, weight, g, normalization);
+  return {output, argmax, conv, normalization.mean, normalization.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -120,23 +199,19 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
-  const cuda::DenseLayout layout = conv_layout(conv);
-  const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
-  const at::Tensor mean = save_mean.to(stats_options).contiguous();
-  const at::Tensor var = save_var.to(stats_options).contiguous();
-  at::Tensor grad_conv = pooled_gradient(grad_output, argmax, g);
-  auto [sum_g, sum_gx] = cuda::batch_norm_grad_sums(grad_conv, conv, mean, layout);
-  at::Tensor grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias;
-  std::tie(grad_bn_weight, grad_bn_bias) = cuda::batch_norm_affine_grads(sum_g, sum_gx, var, eps);
-  if (!output_mask[3]) grad_bn_weight = at::Tensor();
-  if (!output_mask[4]) grad_bn_bias = at::Tensor();
+  const at::Tensor mean =
+      save_mean.to(input.options().dtype(batch_norm_stats_dtype(input))).contiguous();
+  const cuda::InputGradArgs args{save_var, bn_weight, eps, g.batch * g.conv_h * g.conv_w,
+                                 /*training=*/true};
+  const cuda::GradReduction reduction = pooled_grad_sums(grad_output, argmax, g, conv, mean, &args);
+  at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0] || output_mask[1] || output_mask[2]) {
-    cuda::batch_norm_input_grad(grad_conv, grad_conv, conv, mean, var, bn_weight, sum_g, sum_gx,
-                                eps, layout.batch * layout.spatial, layout);
+    const at::Tensor grad_conv = pooled_input_grad(grad_output, argmax, g, conv, mean, reduction);
     std::tie(grad_input, grad_weight, grad_bias) = convolution_grads(
         grad_conv, input, weight, stride, padding, {output_mask[0], output_mask[1], output_mask[2]});
   }
-  return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
+  return {grad_input, grad_weight, grad_bias, output_mask[3] ? reduction.grad_weight : at::Tensor(),
+          output_mask[4] ? reduction.sum_g : at::Tensor()};
 }
 
 // The phase ops (see ../conv2d_batch_norm_relu_max_pool2d.cpp).
@@ -151,8 +226,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);
-  auto [mean, var] = conv_output_statistics(conv, input);
-  return {conv, mean, var};
+  if (conv.numel() == 0) {  // an empty batch has no statistics: zeros
+    const auto options = input.options().dtype(batch_norm_stats_dtype(input));
+    return {conv, at::zeros({g.out_channels}, options), at::zeros({g.out_channels}, options)};
+  }
+  const cuda::Normalization statistics = cuda::batch_norm_statistics(conv, conv_layout(conv));
+  return {conv, statistics.mean, statistics.var};
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_epilogue_cuda(
@@ -168,7 +247,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_epilogue_cu
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
-  return normalise_relu_max_pool2d(conv, input, weight, g, mean, var, bn_weight, bn_bias, eps);
+  return normalise_relu_max_pool2d(
+      conv, input, weight, g,
+      cuda::batch_norm_normalization(conv, mean, var, bn_weight, bn_bias, eps));
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_backward_reduce_cuda(
@@ -187,8 +268,9 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_backward_re
       save_mean.to(input.options().dtype(batch_norm_stats_dtype(input))).contiguous();
   if (g.batch == 0) return {at::zeros_like(mean), at::zeros_like(mean)};
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
-  return cuda::batch_norm_grad_sums(pooled_gradient(grad_output, argmax, g), conv, mean,
-                                    conv_layout(conv));
+  const cuda::GradReduction sums =
+      pooled_grad_sums(grad_output, argmax, g, conv, mean, /*args=*/nullptr);
+  return {sums.sum_g, sums.sum_gx};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor>
@@ -207,14 +289,12 @@ conv2d_batch_norm_relu_max_pool2d_backward_elementwise_cuda(
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
-  at::Tensor grad_conv = pooled_gradient(grad_output, argmax, g);
-  if (g.batch > 0) {
-    const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
-    auto stats = [&](const at::Tensor& t) { return t.to(stats_options).contiguous(); };
-    cuda::batch_norm_input_grad(grad_conv, grad_conv, conv, stats(save_mean), stats(save_var),
-                                bn_weight, stats(sum_dy), stats(sum_dy_xmu), eps, count,
-                                conv_layout(conv));
-  }
+  const at::Tensor mean =
+      save_mean.to(input.options().dtype(batch_norm_stats_dtype(input))).contiguous();
+  const cuda::InputGradArgs args{save_var, bn_weight, eps, count, /*training=*/true};
+  const at::Tensor grad_conv =
+      pooled_input_grad(grad_output, argmax, g, conv, mean,
+                        cuda::batch_norm_grad_coefficients(conv, args, sum_dy, sum_dy_xmu));
   return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
 }
 

@@ -120,12 +120,38 @@ void launch_relu_max_pool2d(const at::Tensor& conv, at::Tensor& output, at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// The gradient of the pre-pool activation, one thread per convolution-output element: the sum,
-// in acc_t and in window order (as native max_pool2d's backward gathers it), of the pooled
-// gradients of the windows whose argmax names this element; windows whose maximum was not
-// positive pass nothing (ReLU). A gather, not a scatter: every element is written once (no
-// zero fill), and overlapping windows (pool stride < pool size) need no atomics, so the result
-// never depends on thread order and float16/bfloat16 sums are not rounded term by term.
+// The gradient that reaches pre-pool element (n, c, h, w): the sum, in acc_t and in window
+// order (as native max_pool2d's backward gathers it), of the pooled gradients of the windows
+// whose argmax names this element; windows whose maximum was not positive pass nothing (ReLU).
+// A gather, not a scatter: every element is computed once (no zero fill), and overlapping
+// windows (pool stride < pool size) need no atomics, so the result never depends on thread
+// order and float16/bfloat16 sums are not rounded term by term.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t pooled_gradient_at(const scalar_t* __restrict__ grad,
+                                                    const Strides4d& gs,
+                                                    const uint8_t* __restrict__ argmax,
+                                                    const Strides4d& as, const ConvPoolGeometry& g,
+                                                    int64_t n, int64_t c, int64_t h, int64_t w) {
+  // Windows [ph_begin, ph_end) x [pw_begin, pw_end) contain (h, w).
+  const int64_t ph_begin = h < g.pool_h ? 0 : (h - g.pool_h) / g.pool_stride_h + 1;
+  const int64_t ph_end = min(h / g.pool_stride_h + 1, g.out_h);
+  const int64_t pw_begin = w < g.pool_w ? 0 : (w - g.pool_w) / g.pool_stride_w + 1;
+  const int64_t pw_end = min(w / g.pool_stride_w + 1, g.out_w);
+  acc_t sum = 0;
+  for (int64_t ph = ph_begin; ph < ph_end; ++ph) {
+    for (int64_t pw = pw_begin; pw < pw_end; ++pw) {
+      const uint8_t offset = argmax[n * as.n + c * as.c + ph * as.h + pw * as.w];
+      const int64_t hit = (h - ph * g.pool_stride_h) * g.pool_w + (w - pw * g.pool_stride_w);
+      if (offset != kArgmaxReluZero && offset == hit) {
+        sum += static_cast<acc_t>(grad[n * gs.n + c * gs.c + ph * gs.h + pw * gs.w]);
+      }
+    }
+  }
+  return sum;
+}
+
+// The gradient of the pre-pool activation, one thread per convolution-output element in memory
+// order (pooled_gradient_at).
 template <typename scalar_t, typename acc_t>
 __global__ void gather_pool_gradient_kernel(const scalar_t* __restrict__ grad, Strides4d gs,
                                             const uint8_t* __restrict__ argmax, Strides4d as,
@@ -134,24 +160,8 @@ __global__ void gather_pool_gradient_kernel(const scalar_t* __restrict__ grad, S
                                             int64_t total) {
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const Index4d i = unravel(index, g.out_channels, g.conv_h, g.conv_w, channels_last);
-    // Windows [ph_begin, ph_end) x [pw_begin, pw_end) contain (i.h, i.w).
-    const int64_t ph_begin =
-        i.h < g.pool_h ? 0 : (i.h - g.pool_h) / g.pool_stride_h + 1;
-    const int64_t ph_end = min(i.h / g.pool_stride_h + 1, g.out_h);
-    const int64_t pw_begin =
-        i.w < g.pool_w ? 0 : (i.w - g.pool_w) / g.pool_stride_w + 1;
-    const int64_t pw_end = min(i.w / g.pool_stride_w + 1, g.out_w);
-    acc_t sum = 0;
-    for (int64_t ph = ph_begin; ph < ph_end; ++ph) {
-      for (int64_t pw = pw_begin; pw < pw_end; ++pw) {
-        const uint8_t offset = argmax[i.n * as.n + i.c * as.c + ph * as.h + pw * as.w];
-        const int64_t hit = (i.h - ph * g.pool_stride_h) * g.pool_w + (i.w - pw * g.pool_stride_w);
-        if (offset != kArgmaxReluZero && offset == hit) {
-          sum += static_cast<acc_t>(grad[i.n * gs.n + i.c * gs.c + ph * gs.h + pw * gs.w]);
-        }
-      }
-    }
-    grad_conv[i.n * cs.n + i.c * cs.c + i.h * cs.h + i.w * cs.w] = static_cast<scalar_t>(sum);
+    grad_conv[i.n * cs.n + i.c * cs.c + i.h * cs.h + i.w * cs.w] = static_cast<scalar_t>(
+        pooled_gradient_at<scalar_t, acc_t>(grad, gs, argmax, as, g, i.n, i.c, i.h, i.w));
   }
 }
 

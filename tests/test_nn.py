@@ -72,11 +72,11 @@ def test_matches_native_sequential_in_float64(device, conv_args, pool_args):
 
 def test_constructor_arguments_match_native_modules():
     torch.manual_seed(1)
-    fused = Conv2dReLUMaxPool2d(3, 4, 3, stride=(2, 1), padding=1, pool_size=3, pool_stride=2, ceil_mode=True)
+    fused = Conv2dReLUMaxPool2d(3, 4, 3, stride=(2, 1), padding=1, pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1)
     conv = nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1)
     conv.load_state_dict(fused.state_dict())
     input = torch.randn(2, 3, 15, 13)
-    reference = native_block(conv, nn.MaxPool2d(3, 2, ceil_mode=True))
+    reference = native_block(conv, nn.MaxPool2d(3, 2, 1, ceil_mode=True))
     torch.testing.assert_close(fused(input), reference(input))
 
 
@@ -108,8 +108,9 @@ def test_from_modules_refuses_what_it_cannot_fuse(conv, pool, reason):
 
 
 def test_extra_repr_names_every_hyperparameter():
-    text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True))
-    for part in ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True"):
+    text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True, pool_padding=(1, 0)))
+    parts = ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True", "pool_padding=(1, 0)")
+    for part in parts:
         assert part in text
 
 
@@ -119,7 +120,7 @@ def test_extra_repr_names_every_hyperparameter():
 
 def native_layers():
     torch.manual_seed(3)
-    conv_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True)
+    conv_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1)
     frozen_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, (3, 1), stride=(1, 2), bias=False, affine=False)
     frozen_bn.bn.eval()  # the batch norm's own mode decides, as in the native chain
     return [
@@ -165,6 +166,8 @@ def conv_layers():
         ),
         (frozen_bn, (2, 3, 9, 8)),
         (SyncConv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=2), (2, 3, 7, 7)),
+        (SyncConv2dBatchNormReLUMaxPool2d(3, 5, 3, stride=2, pool_size=3, pool_stride=2, pool_padding=1), (2, 3, 9, 9)),
+        (Conv2dReLUMaxPool2d(3, 5, 3, pool_size=(3, 2), pool_padding=(1, 1), ceil_mode=True), (2, 3, 9, 8)),
     ]
 
 

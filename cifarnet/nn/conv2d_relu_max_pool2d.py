@@ -51,13 +51,18 @@ class Conv2dReLUMaxPool2d(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``
             (dilation 1, groups 1, zero padding; ``padding`` may be ``'valid'`` or ``'same'``).
             Stored as ``nn.Conv2d`` stores them, and checked when the layer runs, as there.
-        pool_size, pool_stride, ceil_mode: as ``kernel_size``, ``stride`` and ``ceil_mode`` of
-            ``nn.MaxPool2d``; ``pool_stride=None`` means ``pool_size``.
+        pool_size, pool_stride, ceil_mode, pool_padding: as ``kernel_size``, ``stride``,
+            ``ceil_mode`` and ``padding`` of ``nn.MaxPool2d``; ``pool_stride=None`` means
+            ``pool_size``. ``pool_padding`` (at most half of ``pool_size``) pads the windows
+            with positions that never win, as ``nn.MaxPool2d``'s ``-inf``.
 
     Shape:
         input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``; an unbatched input
         ``[C_in, H, W]`` -> ``[C_out, H_out, W_out]``, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take it.
     """
+
+    # NB: the default of layers pickled before pool padding existed, which have no attribute.
+    pool_padding = (0, 0)
 
     def __init__(
         self,
@@ -70,6 +75,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         pool_size=2,
         pool_stride=None,
         ceil_mode: bool = False,
+        pool_padding=0,
         device=None,
         dtype=None,
     ) -> None:
@@ -84,6 +90,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.pool_size = stored_pair(pool_size)
         self.pool_stride = self.pool_size if pool_stride is None else stored_pair(pool_stride)
         self.ceil_mode = bool(ceil_mode)
+        self.pool_padding = stored_pair(pool_padding)
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
@@ -121,6 +128,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         fused.pool_size = stored_pair(pool.kernel_size)
         fused.pool_stride = fused.pool_size if pool.stride is None else stored_pair(pool.stride)
         fused.ceil_mode = bool(pool.ceil_mode)
+        fused.pool_padding = stored_pair(pool.padding)
         fused.weight = conv.weight
         if conv.bias is None:
             fused.register_parameter("bias", None)
@@ -131,8 +139,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return ops.conv2d_relu_max_pool2d(
-            input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
-        )
+            input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode,
+            self.pool_padding,
+        )  # fmt: skip
 
     def to_native(self) -> torch.fx.GraphModule:
         """This layer computed by torch alone, with the same state_dict keys.
@@ -162,5 +171,5 @@ class Conv2dReLUMaxPool2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
-            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}, pool_padding={self.pool_padding}"
         )

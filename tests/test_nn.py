@@ -53,6 +53,9 @@ def test_state_dicts_load_both_ways(bias):
         (dict(kernel_size=3, stride=2, padding=1, bias=False), dict(kernel_size=3, stride=2, ceil_mode=True)),
         (dict(kernel_size=(3, 1), padding="same"), dict(kernel_size=(2, 1))),
         (dict(kernel_size=2, padding="valid"), dict(kernel_size=2, stride=1)),
+        # a ResNet stem: conv 7x7/2, max pool 3x3/2 padding 1
+        (dict(kernel_size=7, stride=2, padding=3, bias=False), dict(kernel_size=3, stride=2, padding=1)),
+        (dict(kernel_size=3, padding=1), dict(kernel_size=(2, 4), stride=(2, 3), padding=(1, 2), ceil_mode=True)),
     ],
 )
 def test_matches_native_sequential_in_float64(device, conv_args, pool_args):
@@ -94,7 +97,8 @@ def test_from_modules_shares_parameters_and_mode():
         (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2), "dilation"),
         (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2), "groups"),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2), "padding_mode"),
-        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1), "pool.padding"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=2), "pool.padding=2 is not between 0 and half"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, padding=(1, -1)), "pool.padding"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2), "pool.dilation"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True), "return_indices"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(16), "256 elements"),

@@ -26,8 +26,6 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
     if conv.padding_mode != "zeros":
         return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
-    if pair(pool.padding, "pool.padding") != [0, 0]:
-        return f"pool.padding={pool.padding}; the fused op pools without padding"
     if pair(pool.dilation, "pool.dilation") != [1, 1]:
         return f"pool.dilation={pool.dilation}; the fused op pools without dilation"
     if pool.return_indices:
@@ -38,6 +36,10 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
             f"pool.kernel_size={pool.kernel_size} has {window[0] * window[1]} elements; "
             f"at most {_C.MAX_POOL_WINDOW_ELEMENTS} are supported"
         )
+    pool_padding = pair(pool.padding, "pool.padding")
+    if not all(0 <= pad <= size // 2 for pad, size in zip(pool_padding, window)):
+        # Native max_pool2d refuses it too: the original keeps its own error.
+        return f"pool.padding={pool.padding} is not between 0 and half of pool.kernel_size={pool.kernel_size}"
     return None
 
 
@@ -113,7 +115,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
         The new module shares ``conv``'s parameters (same ``Parameter`` objects, so optimisers
         keep working) and takes its device, dtype and train/eval mode. Raises ``ValueError``
-        when the pair cannot be fused (dilation, groups, padding modes, pool padding, ...).
+        when the pair cannot be fused (dilation, groups, padding modes, pool dilation, ...).
         """
         reason = conv_relu_pool_unfusable_reason(conv, pool)
         if reason is not None:

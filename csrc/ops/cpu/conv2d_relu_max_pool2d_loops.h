@@ -193,8 +193,8 @@ void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* arg
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;
   for (int64_t ph = row_begin; ph < row_end; ++ph) {
-    // The window's rows inside the convolution output: [h_begin, h_end) (never empty: the
-    // pool padding is at most half the window).
+    // The window's rows inside the convolution output: window_h of them from h_begin (never
+    // none: the pool padding is at most half the window).
     const int64_t h0 = ph * g.pool_stride_h - g.pool_pad_h;
     const int64_t h_begin = std::max<int64_t>(h0, 0);
     const int64_t window_h = std::min(h0 + g.pool_h, g.conv_h) - h_begin;

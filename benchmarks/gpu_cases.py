@@ -92,7 +92,7 @@ def small_cases(report: Report) -> None:
         b64 = integer_tensor(w_shape[:1], generator)
         layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
         tag = f"{name} {str(dtype).removeprefix('torch.')} {layout}"
-        geometry = (stride, padding, pool, pool_stride, ceil)
+        geometry = (stride, padding, pool, pool_stride, ceil, [0, 0])  # (no pool padding)
 
         def tensors(device):
             cast = lambda t: t.to(device, dtype)  # noqa: E731
@@ -164,7 +164,7 @@ def argmax_bit_for_bit(report: Report) -> None:
         w = integer_tensor((32, 16, 3, 3), generator, 0, 2)
         for memory_format in FORMATS:
             for pool, pool_stride in (([2, 2], []), ([3, 3], [1, 1]), ([3, 2], [2, 1])):
-                args = ([1, 1], [1, 1], pool, pool_stride, True)
+                args = ([1, 1], [1, 1], pool, pool_stride, True, [0, 0])
                 cpu = WITH_ARGMAX_OP(x.to(dtype).contiguous(memory_format=memory_format), w.to(dtype), None, *args)
                 gpu = WITH_ARGMAX_OP(x.to("cuda", dtype).contiguous(memory_format=memory_format), w.to("cuda", dtype), None, *args)
                 same = torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu(), cpu[0]) if not nan else (
@@ -200,7 +200,7 @@ def large_pool(report: Report) -> None:
     x = torch.randn(9, 64, 2048, 2048, device="cuda", dtype=torch.float16, generator=generator)
     w = torch.randn(64, 64, 1, 1, device="cuda", dtype=torch.float16, generator=generator) / 8
     assert x.numel() > 2**31
-    args = ([1, 1], [0, 0], [2, 2], [], False)
+    args = ([1, 1], [0, 0], [2, 2], [], False, [0, 0])
     out, argmax = WITH_ARGMAX_OP(x, w, None, *args)
     native = F.max_pool2d(F.relu(F.conv2d(x, w)), 2)
     same = torch.equal(out, native)

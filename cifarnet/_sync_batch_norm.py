@@ -184,7 +184,22 @@ def sync_batch_norm(input, running_mean, running_var, weight, bias, momentum: fl
 
 
 def sync_conv2d_batch_norm_relu_max_pool2d(
-    input, weight, bias, running_mean, running_var, bn_weight, bn_bias, momentum, eps, stride, padding, pool_size, pool_stride, ceil_mode, group
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    bn_weight,
+    bn_bias,
+    momentum,
+    eps,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    ceil_mode,
+    pool_padding,
+    group,
 ) -> Tensor:
     """:func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d` in training, with the batch
     statistics of the whole batch over ``group`` (``input``: this process's ``Tensor[N, C_in,
@@ -198,6 +213,7 @@ def sync_conv2d_batch_norm_relu_max_pool2d(
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
+        pair(pool_padding, "pool_padding"),
     )
     return _SyncConv2dBatchNormReLUMaxPool2d.apply(
         input, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, geometry, group

@@ -66,9 +66,12 @@ def device(request) -> str:
     return request.param
 
 
-def native_conv2d_relu_max_pool2d(input, weight, bias=None, stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False):
+def native_conv2d_relu_max_pool2d(
+    input, weight, bias=None, stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False, pool_padding=0
+):
     """The composition of native ops that cifarnet.ops.conv2d_relu_max_pool2d replaces."""
-    return F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride, ceil_mode=ceil_mode)
+    conv = F.conv2d(input, weight, bias, stride, padding)
+    return F.max_pool2d(F.relu(conv), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
 
 
 def peak_cpu_allocation(fn) -> int:

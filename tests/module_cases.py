@@ -23,19 +23,19 @@ from conftest import DEVICES, native_conv2d_relu_max_pool2d
 
 def native_conv2d_relu_max_pool2d_module(
     in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, pool_size=2, pool_stride=None,
-    ceil_mode=False,
+    ceil_mode=False, pool_padding=0,
 ) -> nn.Sequential:  # fmt: skip
     """``nn.Conv2d -> nn.ReLU -> nn.MaxPool2d``: what ``Conv2dReLUMaxPool2d`` replaces."""
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
         nn.ReLU(),
-        nn.MaxPool2d(pool_size, pool_stride, ceil_mode=ceil_mode),
+        nn.MaxPool2d(pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode),
     )
 
 
 def native_conv2d_batch_norm_relu_max_pool2d_module(
     in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, eps=1e-5, momentum=0.1, affine=True,
-    track_running_stats=True, pool_size=2, pool_stride=None, ceil_mode=False,
+    track_running_stats=True, pool_size=2, pool_stride=None, ceil_mode=False, pool_padding=0,
 ) -> nn.Sequential:  # fmt: skip
     """``nn.Conv2d -> nn.BatchNorm2d -> nn.ReLU -> nn.MaxPool2d``: what
     ``Conv2dBatchNormReLUMaxPool2d`` (and, in one process, its synchronized variant) replaces."""
@@ -43,18 +43,18 @@ def native_conv2d_batch_norm_relu_max_pool2d_module(
         nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
         nn.BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats),
         nn.ReLU(),
-        nn.MaxPool2d(pool_size, pool_stride, ceil_mode=ceil_mode),
+        nn.MaxPool2d(pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode),
     )
 
 
 def native_conv2d_batch_norm_relu_max_pool2d(
     input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training=False, momentum=0.1, eps=1e-5,
-    stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False,
+    stride=1, padding=0, pool_size=2, pool_stride=None, ceil_mode=False, pool_padding=0,
 ):  # fmt: skip
     """The composition of native ops that ``ops.conv2d_batch_norm_relu_max_pool2d`` replaces."""
     conv = F.conv2d(input, weight, bias, stride, padding)
     normalized = F.batch_norm(conv, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return F.max_pool2d(F.relu(normalized), pool_size, pool_stride, ceil_mode=ceil_mode)
+    return F.max_pool2d(F.relu(normalized), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
 
 
 def same_key(name: str) -> str:
@@ -141,7 +141,9 @@ OP_CALLS = {
         {"running_mean": torch.randn(3), "running_var": torch.rand(3) + 0.5},
     ),
     "ops.conv2d_relu_max_pool2d": (
-        lambda conv, m, x: conv(x, m.weight, m.bias, stride=(1, 2), padding=(1, 0), pool_size=(2, 1)),
+        lambda conv, m, x: conv(
+            x, m.weight, m.bias, stride=(1, 2), padding=(1, 0), pool_size=(3, 2), pool_stride=2, pool_padding=(1, 1)
+        ),
         {"weight": (4, 3, 3, 2), "bias": (4,)},
         {},
     ),
@@ -214,6 +216,8 @@ STRIDED = dict(
     in_channels=3, out_channels=4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), bias=False,
     pool_size=(2, 3), pool_stride=(1, 2), ceil_mode=True,
 )  # fmt: skip
+# A ResNet stem's pool: 3x3, stride 2, padding 1.
+PADDED_POOL = dict(CONV, stride=2, pool_size=3, pool_stride=2, pool_padding=1)
 CASES = [
     module_case("BatchNorm1d", (3, 4), dict(num_features=4), "2d_input"),
     module_case("BatchNorm1d", (2, 3, 5), dict(num_features=3), "3d_input"),
@@ -225,6 +229,7 @@ CASES = [
     module_case("Conv2dReLUMaxPool2d", (2, 3, 6, 6), CONV),
     module_case("Conv2dReLUMaxPool2d", (2, 3, 7, 6), STRIDED, "strided_no_bias_ceil_mode"),
     module_case("Conv2dReLUMaxPool2d", (3, 6, 6), CONV, "unbatched"),
+    module_case("Conv2dReLUMaxPool2d", (2, 3, 9, 8), PADDED_POOL, "padded_pool"),
     module_case("Conv2dBatchNormReLUMaxPool2d", (2, 3, 6, 6), CONV),
     module_case(
         "Conv2dBatchNormReLUMaxPool2d", (3, 3, 5, 6), dict(CONV, bias=False, momentum=None, eps=1e-3, ceil_mode=True),
@@ -234,6 +239,9 @@ CASES = [
         "Conv2dBatchNormReLUMaxPool2d", (2, 3, 6, 6), dict(CONV, affine=False, track_running_stats=False),
         "not_affine_no_running_stats",
     ),  # fmt: skip
+    module_case(
+        "Conv2dBatchNormReLUMaxPool2d", (2, 3, 9, 8), dict(PADDED_POOL, bias=False, ceil_mode=True), "padded_pool_ceil_mode"
+    ),
     module_case("SyncConv2dBatchNormReLUMaxPool2d", (2, 3, 6, 6), CONV),
     module_case("Dropout", (2, 3, 4, 5), dict(p=0.3), dropout_p=0.3),
     op_case("ops.batch_norm", (2, 3, 4, 5)),
@@ -304,6 +312,9 @@ CONV_ARGUMENT_ERRORS = {
     "pool_size=7_larger_than_conv_output": dict(pool_size=7),
     "pool_stride=0": dict(pool_stride=0),
     "pool_stride=-1": dict(pool_stride=-1),
+    "pool_padding=2_over_half_the_window": dict(pool_padding=2),
+    "pool_padding=(0,-1)": dict(pool_size=3, pool_padding=(0, -1)),
+    "pool_padding=(1,1,1)": dict(pool_size=3, pool_padding=(1, 1, 1)),
     "out_channels=-1": dict(out_channels=-1),
 }
 CONV_INPUT_ERRORS = {
@@ -359,6 +370,8 @@ def op_bad_calls() -> list[BadCall]:
         "padding=-1": dict(padding=-1),
         "pool_size=0": dict(pool_size=0),
         "pool_stride=0": dict(pool_stride=0),
+        "pool_padding=(1,2)_over_half_the_window": dict(pool_size=3, pool_padding=(1, 2)),
+        "pool_padding=-1": dict(pool_size=3, pool_padding=-1),
         "wrong_in_channels_weight": dict(weight=torch.randn(4, 4, 3, 3)),
         "wrong_size_bias": dict(bias=torch.randn(5)),
         "float64_weight": dict(weight=conv["weight"].double(), bias=conv["bias"].double()),

@@ -14,31 +14,36 @@ def conv_out(size, kernel, stride, padding):
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def pooled_out(size, window, stride, ceil_mode):
-    """The pooled size torch documents for max_pool2d (no padding, no dilation)."""
+def pooled_out(size, window, stride, ceil_mode, padding=0):
+    """The pooled size torch documents for max_pool2d (no dilation): in ceil mode the last
+    window must start inside the input or its left padding."""
     rounding = math.ceil if ceil_mode else math.floor
-    out = rounding((size - window) / stride) + 1
-    if ceil_mode and (out - 1) * stride >= size:
+    out = rounding((size + 2 * padding - window) / stride) + 1
+    if ceil_mode and (out - 1) * stride >= size + padding:
         out -= 1
     return out
 
 
 @st.composite
 def layer_cases(draw):
-    """A valid conv -> ReLU -> max-pool geometry, memory formats, dtype and value pattern."""
+    """A valid conv -> ReLU -> max-pool geometry, memory formats, dtype and value pattern.
+
+    Pool padding is drawn up to native max_pool2d's limit, half the window (4 wide windows
+    pad up to 2)."""
     kernel = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
     padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
-    pool_size = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    pool_size = (draw(st.integers(1, 4)), draw(st.integers(1, 4)))
     pool_stride = draw(st.one_of(st.none(), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    pool_padding = (draw(st.integers(0, pool_size[0] // 2)), draw(st.integers(0, pool_size[1] // 2)))
     ceil_mode = draw(st.booleans())
     height, width = draw(st.integers(1, 13)), draw(st.integers(1, 13))
     conv_h = conv_out(height, kernel[0], stride[0], padding[0])
     conv_w = conv_out(width, kernel[1], stride[1], padding[1])
     window_stride = pool_stride or pool_size
     assume(kernel[0] <= height + 2 * padding[0] and kernel[1] <= width + 2 * padding[1])
-    assume(pooled_out(conv_h, pool_size[0], window_stride[0], ceil_mode) > 0)
-    assume(pooled_out(conv_w, pool_size[1], window_stride[1], ceil_mode) > 0)
+    assume(pooled_out(conv_h, pool_size[0], window_stride[0], ceil_mode, pool_padding[0]) > 0)
+    assume(pooled_out(conv_w, pool_size[1], window_stride[1], ceil_mode, pool_padding[1]) > 0)
     return dict(
         batch=draw(st.integers(0, 4)),
         in_channels=draw(st.integers(1, 5)),
@@ -50,6 +55,7 @@ def layer_cases(draw):
         pool_size=pool_size,
         pool_stride=pool_stride,
         ceil_mode=ceil_mode,
+        pool_padding=pool_padding,
         bias=draw(st.booleans()),
         input_channels_last=draw(st.booleans()),
         weight_channels_last=draw(st.booleans()),
@@ -98,6 +104,7 @@ def op_args(case):
         pool_size=case["pool_size"],
         pool_stride=case["pool_stride"],
         ceil_mode=case["ceil_mode"],
+        pool_padding=case["pool_padding"],
     )
 
 

@@ -17,6 +17,7 @@ from cifarnet import ops
 from conftest import DEVICES, native_conv2d_relu_max_pool2d
 
 GEOMETRY = dict(stride=1, padding=1, pool_size=2)
+PADDED_POOL = dict(stride=1, padding=1, pool_size=3, pool_stride=2, pool_padding=1)  # a ResNet stem's pool
 
 
 def ones_if_none(weight, channels_of):
@@ -26,9 +27,9 @@ def ones_if_none(weight, channels_of):
     return weight if weight is not None else torch.ones_like(channels_of[0, :, 0, 0]).detach()
 
 
-def native_conv2d_batch_norm_relu_max_pool2d(input, weight, bias, bn_weight, bn_bias):
+def native_conv2d_batch_norm_relu_max_pool2d(input, weight, bias, bn_weight, bn_bias, pool=(2, 2, 0)):
     conv = F.conv2d(input, weight, bias, padding=1)
-    return F.max_pool2d(F.relu(F.batch_norm(conv, None, None, ones_if_none(bn_weight, conv), bn_bias, training=True)), 2)
+    return F.max_pool2d(F.relu(F.batch_norm(conv, None, None, ones_if_none(bn_weight, conv), bn_bias, training=True)), *pool)
 
 
 # name: (ours, native, tensor shapes, which tensors are optional)
@@ -37,6 +38,12 @@ OPS = {
         lambda x, w, b: ops.conv2d_relu_max_pool2d(x, w, b, **GEOMETRY),
         lambda x, w, b: native_conv2d_relu_max_pool2d(x, w, b, **GEOMETRY),
         [(2, 3, 6, 6), (4, 3, 3, 3), (4,)],
+        [False, False, True],
+    ),
+    "conv2d_relu_max_pool2d, padded pool": (
+        lambda x, w, b: ops.conv2d_relu_max_pool2d(x, w, b, **PADDED_POOL),
+        lambda x, w, b: native_conv2d_relu_max_pool2d(x, w, b, **PADDED_POOL),
+        [(2, 3, 7, 6), (4, 3, 3, 3), (4,)],
         [False, False, True],
     ),
     "batch_norm, training": (
@@ -55,6 +62,12 @@ OPS = {
         lambda x, w, b, bw, bb: ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, None, None, bw, bb, training=True, **GEOMETRY),
         native_conv2d_batch_norm_relu_max_pool2d,
         [(2, 3, 6, 6), (4, 3, 3, 3), (4,), (4,), (4,)],
+        [False, False, True, True, True],
+    ),
+    "conv2d_batch_norm_relu_max_pool2d, training, padded pool": (
+        lambda x, w, b, bw, bb: ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, None, None, bw, bb, training=True, **PADDED_POOL),
+        lambda x, w, b, bw, bb: native_conv2d_batch_norm_relu_max_pool2d(x, w, b, bw, bb, pool=(3, 2, 1)),
+        [(2, 3, 7, 6), (4, 3, 3, 3), (4,), (4,), (4,)],
         [False, False, True, True, True],
     ),
     "conv2d_batch_norm_relu_max_pool2d, evaluation": (

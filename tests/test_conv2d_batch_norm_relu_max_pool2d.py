@@ -33,7 +33,9 @@ EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
 def native_block(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, **pool):
     conv = F.conv2d(input, weight, bias, pool["stride"], pool["padding"])
     normalised = F.batch_norm(conv, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
-    return F.max_pool2d(F.relu(normalised), pool["pool_size"], pool["pool_stride"], ceil_mode=pool["ceil_mode"])
+    return F.max_pool2d(
+        F.relu(normalised), pool["pool_size"], pool["pool_stride"], pool.get("pool_padding", 0), ceil_mode=pool["ceil_mode"]
+    )
 
 
 @st.composite
@@ -158,7 +160,7 @@ def test_running_stats_check_catches_a_wrong_update(dtype, wrong_update):
 
     case = dict(
         batch=3, in_channels=2, out_channels=3, size=(8, 7), kernel=(3, 3), stride=(1, 1), padding=(1, 1),
-        pool_size=(2, 2), pool_stride=None, ceil_mode=False, bias=True, input_channels_last=False,
+        pool_size=(2, 2), pool_stride=None, ceil_mode=False, pool_padding=(0, 0), bias=True, input_channels_last=False,
         weight_channels_last=False, dtype=dtype, values="normal", seed=7, training=True, running_stats=True,
         bn_affine=True, momentum=0.1,
     )
@@ -186,7 +188,9 @@ def exact_grad_conv(tensors, running, case, grad_output):
     conv = F.conv2d(input, weight, bias, geometry["stride"], geometry["padding"]).requires_grad_()
     stats = [t.to(torch.float64, copy=True) for t in running] if running else [None, None]
     normalised = F.batch_norm(conv, stats[0], stats[1], bn_weight, bn_bias, case["training"], case["momentum"], 1e-5)
-    output = F.max_pool2d(F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], ceil_mode=geometry["ceil_mode"])
+    output = F.max_pool2d(
+        F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], geometry["pool_padding"], ceil_mode=geometry["ceil_mode"]
+    )
     return torch.autograd.grad(output, conv, grad_output)[0]
 
 
@@ -205,19 +209,27 @@ def conv_gradient_term_scales(input, weight, geometry, grad_conv):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "batch, in_channels, out_channels, size, ceil_mode",
+    "batch, in_channels, out_channels, size, ceil_mode, pool",
     # the study's layers (floor pools tile the output; 7x7 with ceil mode clips the last
-    # window), and an odd size whose floor pool leaves a row and column uncovered
-    [(32, 3, 32, 32, False), (16, 32, 64, 16, False), (16, 64, 64, 7, True), (8, 16, 32, 9, False)],
+    # window), an odd size whose floor pool leaves a row and column uncovered, and padded pools
+    # (a ResNet stem's, and 2x2 windows that would tile but for the padding)
+    [
+        (32, 3, 32, 32, False, {}),
+        (16, 32, 64, 16, False, {}),
+        (16, 64, 64, 7, True, {}),
+        (8, 16, 32, 9, False, {}),
+        (8, 3, 64, 16, False, dict(pool_size=3, pool_stride=2, pool_padding=1)),
+        (8, 16, 32, 9, True, dict(pool_padding=1)),
+    ],
 )
-def test_study_shapes_match_native(device, dtype, batch, in_channels, out_channels, size, ceil_mode):
+def test_study_shapes_match_native(device, dtype, batch, in_channels, out_channels, size, ceil_mode, pool):
     generator = torch.Generator().manual_seed(size)
 
     def draw(*shape, scale=1.0, offset=0.0):
         return (offset + scale * torch.randn(shape, generator=generator, dtype=torch.float64)).to(device)
 
     tensors = [draw(batch, in_channels, size, size), draw(out_channels, in_channels, 5, 5, scale=0.1), draw(out_channels), draw(out_channels, offset=1.0, scale=0.3), draw(out_channels)]
-    geometry = dict(stride=1, padding=2, pool_size=2, pool_stride=None, ceil_mode=ceil_mode)
+    geometry = dict(dict(stride=1, padding=2, pool_size=2, pool_stride=None, ceil_mode=ceil_mode), **pool)
     grad_output = None
     results = []
     for function, run_dtype in ((conv2d_batch_norm_relu_max_pool2d, dtype), (native_block, dtype), (native_block, torch.float64)):
@@ -236,7 +248,12 @@ def test_study_shapes_match_native(device, dtype, batch, in_channels, out_channe
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
-def test_gradcheck_float64(device, training):
+@pytest.mark.parametrize(
+    "pool",
+    [dict(pool_size=(2, 3), pool_stride=(2, 1), ceil_mode=True), dict(pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1)],
+    ids=["pool", "padded_pool"],
+)
+def test_gradcheck_float64(device, training, pool):
     generator = torch.Generator().manual_seed(5)
 
     def draw(*shape, offset=0.0):
@@ -248,7 +265,7 @@ def test_gradcheck_float64(device, training):
     def fn(input, weight, bias, bn_weight, bn_bias):
         return conv2d_batch_norm_relu_max_pool2d(
             input, weight, bias, running_mean.clone(), running_var.clone(), bn_weight, bn_bias,
-            training=training, padding=1, pool_size=(2, 3), pool_stride=(2, 1), ceil_mode=True,
+            training=training, padding=1, **pool,
         )
 
     # gradcheck runs the backward twice and wants bitwise-equal results; cuDNN's convolution
@@ -267,7 +284,11 @@ def test_opcheck(device):
             input = torch.randn(3, 4, 9, 8, dtype=dtype, generator=generator).to(device).contiguous(memory_format=memory_format)
             weight = torch.randn(6, 4, 3, 3, dtype=dtype, generator=generator).to(device)
             bias, bn_weight, bn_bias = (torch.randn(6, dtype=dtype, generator=generator).to(device) for _ in range(3))
-            for geometry in ([[1, 1], [1, 1], [2, 2], [], False], [[2, 1], [0, 1], [3, 2], [2, 1], True]):
+            for geometry in (
+                [[1, 1], [1, 1], [2, 2], [], False, [0, 0]],
+                [[2, 1], [0, 1], [3, 2], [2, 1], True, [0, 0]],
+                [[1, 1], [1, 1], [3, 2], [2, 2], True, [1, 1]],
+            ):
                 args = (input.requires_grad_(), weight.requires_grad_(), bias, bn_weight.requires_grad_(), None, 1e-5, *geometry)
                 torch.library.opcheck(TRAINING_OP, args)
                 output, argmax, conv_output, save_mean, save_var = TRAINING_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
@@ -281,7 +302,7 @@ def test_opcheck(device):
 def test_torch_compile_fullgraph(device, dynamic):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1, ceil_mode=True).to(device)
+    eager = Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1, pool_size=3, pool_stride=2, pool_padding=1).to(device)
     compiled_module = copy.deepcopy(eager)
     compiled = torch.compile(compiled_module, fullgraph=True, dynamic=dynamic)
     for mode in ("train", "eval"):
@@ -319,6 +340,8 @@ def _bad_cases():
         ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
         ("eps negative in evaluation", dict(eps=-1.0, training=False), "eps must be non-negative", ValueError),
         ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),
+        ("pool padding over half the window", dict(pool_padding=2), "pool_padding should be at most half of pool_size", RuntimeError),
+        ("pool padding over half in evaluation", dict(pool_padding=(0, 2), training=False), "pool_padding should be at most half", RuntimeError),
     ]
 
 

@@ -74,15 +74,34 @@ def test_either_cpu_backward_matches_native(backward, memory_format, dtype, batc
     assert_layer_matches_native("cpu", dtype, batch, in_channels, out_channels, size, memory_format)
 
 
-def assert_layer_matches_native(device, dtype, batch, in_channels, out_channels, size, memory_format):
+@pytest.mark.parametrize("backward", ["sparse", "dense"])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "pool",
+    [
+        dict(pool_size=3, pool_stride=2, pool_padding=1),  # a ResNet stem's: overlapping windows
+        dict(pool_size=2, pool_padding=1),  # windows that tile, shifted by the padding
+        dict(pool_size=(3, 4), pool_stride=(3, 5), pool_padding=(1, 2), ceil_mode=True),  # rows and columns in no window
+    ],
+    ids=["3x3s2p1", "2x2p1", "3x4s3x5p1x2-ceil"],
+)
+def test_either_cpu_backward_of_a_padded_pool_matches_native(backward, memory_format, dtype, pool, monkeypatch):
+    """Padded windows through the sparse backward, the dense scatter and the channels-last
+    dense writer of windows that do not overlap."""
+    monkeypatch.setenv("CIFARNET_CONV_BACKWARD", backward)
+    assert_layer_matches_native("cpu", dtype, 8, 16, 24, 15, memory_format, pool)
+
+
+def assert_layer_matches_native(device, dtype, batch, in_channels, out_channels, size, memory_format, pool=None):
     generator = torch.Generator().manual_seed(batch)
     input = torch.randn(batch, in_channels, size, size, generator=generator, dtype=dtype)
     input = input.to(device).contiguous(memory_format=memory_format).requires_grad_()
     weight = (0.1 * torch.randn(out_channels, in_channels, 5, 5, generator=generator, dtype=dtype)).to(device)
     bias = torch.randn(out_channels, generator=generator, dtype=dtype).to(device).requires_grad_()
     weight = weight.contiguous(memory_format=memory_format).requires_grad_()
-    fused = conv2d_relu_max_pool2d(input, weight, bias, padding=2)
-    native = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2)
+    fused = conv2d_relu_max_pool2d(input, weight, bias, padding=2, **(pool or {}))
+    native = native_conv2d_relu_max_pool2d(input, weight, bias, padding=2, **(pool or {}))
     torch.testing.assert_close(fused, native, **tolerances(dtype))
     grad_output = torch.randn(native.shape, generator=generator, dtype=dtype).to(device)
     for ours, theirs in zip(
@@ -142,6 +161,9 @@ def test_empty_batch(device):
         dict(stride=1, padding=1, pool_size=2, pool_stride=None, ceil_mode=False),
         dict(stride=2, padding=2, pool_size=(3, 2), pool_stride=(2, 1), ceil_mode=True),
         dict(stride=(1, 2), padding=(0, 1), pool_size=3, pool_stride=1, ceil_mode=False),
+        # padded pools: a ResNet stem's 3x3/2 pad 1, and a ceil-mode pool padded on one side only
+        dict(stride=1, padding=1, pool_size=3, pool_stride=2, ceil_mode=False, pool_padding=1),
+        dict(stride=1, padding=0, pool_size=(2, 4), pool_stride=(3, 2), ceil_mode=True, pool_padding=(1, 2)),
     ],
 )
 def test_gradcheck_float64(device, bias, geometry):
@@ -164,8 +186,9 @@ def opcheck_samples(device):
             input = torch.randn(3, 4, 10, 9, dtype=dtype, generator=generator).to(device).contiguous(memory_format=memory_format)
             weight = torch.randn(6, 4, 3, 3, dtype=dtype, generator=generator).to(device)
             bias = torch.randn(6, dtype=dtype, generator=generator).to(device)
-            yield (input.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [2, 2], [], False)
-            yield (input.detach(), weight.detach().requires_grad_(), None, [2, 1], [0, 2], [3, 2], [2, 2], True)
+            yield (input.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [2, 2], [], False, [0, 0])
+            yield (input.detach(), weight.detach().requires_grad_(), None, [2, 1], [0, 2], [3, 2], [2, 2], True, [0, 0])
+            yield (input.requires_grad_(), weight.detach(), bias.detach(), [1, 1], [1, 1], [3, 3], [2, 2], True, [1, 1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -185,7 +208,7 @@ def test_opcheck(device):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_fullgraph(device, dynamic):
     torch._dynamo.reset()
-    layer = cifarnet.nn.Conv2dReLUMaxPool2d(3, 8, 3, padding=1, ceil_mode=True).to(device)
+    layer = cifarnet.nn.Conv2dReLUMaxPool2d(3, 8, 3, padding=1, pool_size=3, ceil_mode=True, pool_padding=1).to(device)
     compiled = torch.compile(layer, fullgraph=True, dynamic=dynamic)
     for batch in (4, 6):
         input = torch.randn(batch, 3, 11, 11, device=device, requires_grad=True)
@@ -216,6 +239,11 @@ def _bad_input_cases():
         ("zero pool stride", dict(pool_stride=0), RuntimeError, "pool_stride must be positive, got [0, 0]"),
         ("pool window of 256", dict(input=torch.randn(1, 3, 20, 20), pool_size=16), RuntimeError, "has 256 elements; at most 255"),
         ("pool larger than conv output", dict(pool_size=7), RuntimeError, "pool_size [7, 7] is larger than the convolution output 6x6"),
+        # max_pool2d's limit, and its exception type
+        ("pool padding over half the window", dict(pool_size=(3, 2), pool_padding=(1, 2)), RuntimeError,
+         "pool_padding should be at most half of pool_size, got pool_padding=[1, 2] and pool_size=[3, 2]"),
+        ("negative pool padding", dict(pool_size=3, pool_padding=(-1, 0)), RuntimeError, "pool_padding must be non-negative, got [-1, 0]"),
+        ("three-element pool padding", dict(pool_padding=(1, 1, 1)), RuntimeError, "pool_padding must be an int or a pair"),
         # a RuntimeError, as F.conv2d raises it
         ("three-element stride", dict(stride=(1, 1, 1)), RuntimeError, "stride must be an int or a pair"),
         ("float padding", dict(padding=1.5), TypeError, "padding must be an int or a pair"),
@@ -245,11 +273,12 @@ def test_pool_window_of_255_elements_is_accepted():
 
 def test_backward_op_rejects_inconsistent_saved_tensors():
     input, weight = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
-    output, argmax = WITH_ARGMAX_OP(input, weight, None, [1, 1], [1, 1], [2, 2], [], False)
+    geometry = ([1, 1], [1, 1], [2, 2], [], False, [0, 0])
+    output, argmax = WITH_ARGMAX_OP(input, weight, None, *geometry)
     with pytest.raises(RuntimeError, match=r"argmax must have shape \[2, 4, 4, 4\]"):
-        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax[:1], [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax[:1], *geometry, [True, True, True])
     with pytest.raises(RuntimeError, match="argmax must be uint8"):
-        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax.long(), [1, 1], [1, 1], [2, 2], [], False, [True, True, True])
+        CONV_BACKWARD_OP(torch.ones_like(output), input, weight, argmax.long(), *geometry, [True, True, True])
 
 
 def test_build_info_reports_the_build():
@@ -319,15 +348,23 @@ from conftest import native_conv2d_relu_max_pool2d
 assert cifarnet.build_info()["cpu_isa"].startswith(%r), cifarnet.build_info()["cpu_isa"]
 torch.set_num_threads(2)
 g = torch.Generator().manual_seed(0)
-# Kernel rows of kW * C_in = 9, 15 or 20 values: a partial vector ends every row.
+# Kernel rows of kW * C_in = 9, 15 or 20 values: a partial vector ends every row. Padded pools
+# (a ResNet stem's; one with 19 channels, a whole vector and a remainder) through the pooling
+# loops too.
 for dtype in (torch.float32, torch.float64):
-    for in_channels, kernel, padding in ((3, 3, 1), (3, 5, 2), (5, 4, 1)):
-        x = torch.randn(5, in_channels, 10, 10, generator=g, dtype=dtype)
-        w = torch.randn(7, in_channels, kernel, kernel, generator=g, dtype=dtype)
+    for in_channels, out_channels, kernel, padding, pool in (
+        (3, 7, 3, 1, {}), (3, 7, 5, 2, {}), (5, 7, 4, 1, {}),
+        (3, 19, 3, 1, dict(pool_size=3, pool_stride=2, pool_padding=1)),
+        (5, 16, 3, 1, dict(pool_size=(2, 4), pool_stride=(3, 4), pool_padding=(1, 2), ceil_mode=True)),
+    ):
+      for memory_format in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(5, in_channels, 10, 10, generator=g, dtype=dtype).contiguous(memory_format=memory_format)
+        w = torch.randn(out_channels, in_channels, kernel, kernel, generator=g, dtype=dtype)
         ours = [t.clone().requires_grad_() for t in (x, w)]
         native = [t.clone().requires_grad_() for t in (x, w)]
-        out = conv2d_relu_max_pool2d(*ours, None, padding=padding)
-        ref = native_conv2d_relu_max_pool2d(*native, None, padding=padding)
+        out = conv2d_relu_max_pool2d(*ours, None, padding=padding, **pool)
+        ref = native_conv2d_relu_max_pool2d(*native, None, padding=padding, **pool)
+        torch.testing.assert_close(out, ref)
         grad = torch.randn(out.shape, generator=g, dtype=dtype)
         out.backward(grad)
         ref.backward(grad)

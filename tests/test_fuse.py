@@ -307,6 +307,42 @@ def test_torchvision_model_fuses_by_position_and_computes_the_same(name, size):
     assert_unfuses_to(model, fused, input, FLOAT32)
 
 
+def resnet_stem() -> nn.Sequential:
+    """torchvision's ResNet stem: conv 7x7/2 (no bias) -> batch norm -> ReLU -> max pool 3x3/2
+    with padding 1."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
+
+
+@pytest.mark.parametrize("size", [32, 35])  # the pool's input 16x16 and 18x18: its last window clipped or whole
+def test_resnet_stem_with_its_padded_pool_fuses_and_computes_the_same(size):
+    torch.manual_seed(0)
+    stem = resnet_stem().double()
+    fused, report = fuse_quietly(stem, report=True)
+    assert [chain.names for chain in report.fused] == [("0", "1", "2", "3")] and report.unfused == []
+    assert isinstance(fused[0], FusedConv2dBatchNormReLUMaxPool2d) and fused[0].pool_padding == (1, 1)
+    input = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert_same_function(fused, stem, input, FLOAT64)  # training, then evaluation
+    assert_state_dicts_load_both_ways(fused, stem)
+    assert_unfuses_to(stem, fused, input, FLOAT64)
+
+
+def test_torchvision_resnet18_fuses_its_stem_and_computes_the_same():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double()
+    fused, report = fuse_quietly(model, report=True)
+    assert [chain.names for chain in report.fused] == [("conv1", "bn1", "relu", "maxpool")]
+    assert report.unfused == []
+    input = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    # outputs, input and parameter gradients, and running statistics after the training step
+    assert_same_function(fused, model, input, FLOAT64)
+    assert_state_dicts_load_both_ways(fused, model)
+
+
 def test_inplace_rewrites_the_model_itself_and_keeps_its_parameters():
     model = torchvision.models.vgg11_bn(num_classes=10).features
     weight, running_mean = model[0].weight, model[1].running_mean
@@ -435,11 +471,10 @@ def test_a_reused_output_is_not_fused_and_is_reported():
         (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2)),
         (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2)),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2)),
-        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1)),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2)),
         (nn.Conv2d(3, 4, 1), nn.MaxPool2d(16)),
     ],
-    ids=["dilation", "groups", "reflect", "pool-padding", "pool-dilation", "window-256"],
+    ids=["dilation", "groups", "reflect", "pool-dilation", "window-256"],
 )
 def test_unfusable_chains_are_left_alone_with_the_reason(conv, pool):
     model = nn.Sequential(conv, nn.ReLU(), pool).double()
@@ -450,6 +485,17 @@ def test_unfusable_chains_are_left_alone_with_the_reason(conv, pool):
     assert module_types(fused) == module_types(model)
     input = torch.randn(2, conv.in_channels, 17, 17, dtype=torch.float64)
     torch.testing.assert_close(fused(input), model(input), **FLOAT64)
+
+
+def test_pool_padded_over_half_its_window_is_left_alone_and_raises_as_native():
+    conv, pool = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=(1, 2))
+    model = nn.Sequential(conv, nn.ReLU(), pool).double()
+    fused, report = fuse_quietly(model, report=True)
+    reason = conv_relu_pool_unfusable_reason(conv, pool)
+    assert reason is not None and "pool.padding" in reason
+    assert report.fused == [] and [(c.names, c.reason) for c in report.unfused] == [(("0", "1", "2"), reason)]
+    with pytest.raises(RuntimeError, match="pad should be at most half"):
+        fused(torch.randn(2, 3, 9, 9, dtype=torch.float64))
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")

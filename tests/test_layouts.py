@@ -214,15 +214,16 @@ def test_dropout_module_keeps_a_permuted_input_in_its_order():
 # --------------------------------------------------------------------------------------------
 # conv2d -> [batch norm ->] ReLU -> max_pool2d
 
-# (input shape, weight shape, pool): a square geometry, and one whose size-1 dimensions let a
-# tensor be channels-last dense with non-standard strides.
-SQUARE = ((2, 3, 6, 6), (4, 3, 3, 3), (2, 2))
-NARROW = ((1, 3, 6, 1), (4, 3, 3, 1), (2, 1))
+# (input shape, weight shape, pool arguments): a square geometry, one whose size-1 dimensions let
+# a tensor be channels-last dense with non-standard strides, and a padded pool (a ResNet stem's).
+SQUARE = ((2, 3, 6, 6), (4, 3, 3, 3), dict(pool_size=(2, 2)))
+NARROW = ((1, 3, 6, 1), (4, 3, 3, 1), dict(pool_size=(2, 1)))
+PADDED_POOL = ((2, 3, 7, 6), (4, 3, 3, 3), dict(pool_size=3, pool_stride=2, pool_padding=1))
 INPUT_ORDERS = [(0, 1, 2, 3), (0, 2, 3, 1), (0, 2, 1, 3), (1, 0, 2, 3), (3, 2, 1, 0)]
 WEIGHT_ORDERS = [(0, 1, 2, 3), (0, 2, 3, 1), (1, 0, 3, 2)]
 CONV_CASES = [
     (geometry, input_layout, weight_order, unbatched)
-    for geometry in (SQUARE, NARROW)
+    for geometry in (SQUARE, NARROW, PADDED_POOL)
     for input_layout in layouts(geometry[0], INPUT_ORDERS)
     for weight_order in WEIGHT_ORDERS
     for unbatched in (False, True)
@@ -237,21 +238,22 @@ def conv_input(geometry, order, step, unbatched, device):
 
 
 def conv_layer(kind):
-    """The layer under test as fn(input, weight, bias, pool_size) -> output, natively and fused."""
+    """The layer under test as fn(input, weight, bias, pool arguments) -> output, natively and
+    fused."""
     if kind == "conv2d_relu_max_pool2d":
         return (
-            lambda x, w, b, pool: native_conv2d_relu_max_pool2d(x, w, b, pool_size=pool),
-            lambda x, w, b, pool: ops.conv2d_relu_max_pool2d(x, w, b, pool_size=pool),
+            lambda x, w, b, pool: native_conv2d_relu_max_pool2d(x, w, b, **pool),
+            lambda x, w, b, pool: ops.conv2d_relu_max_pool2d(x, w, b, **pool),
         )
 
-    def native(x, w, b, pool_size, training):
+    def native(x, w, b, pool, training):
         conv = F.conv2d(x, w, b)
         batch = conv if conv.dim() == 4 else conv.unsqueeze(0)
         normalised = F.batch_norm(batch, *running_stats(w, training), None, None, training).reshape(conv.shape)
-        return F.max_pool2d(F.relu(normalised), pool_size)
+        return F.max_pool2d(F.relu(normalised), pool["pool_size"], pool.get("pool_stride"), pool.get("pool_padding", 0))
 
-    def fused(x, w, b, pool_size, training):
-        return ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, *running_stats(w, training), None, None, training, pool_size=pool_size)
+    def fused(x, w, b, pool, training):
+        return ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, *running_stats(w, training), None, None, training, **pool)
 
     training = kind.endswith("training")
     return (lambda x, w, b, pool: native(x, w, b, pool, training)), (lambda x, w, b, pool: fused(x, w, b, pool, training))
@@ -262,10 +264,10 @@ def running_stats(weight, training):
     return (None, None) if training else (weight.new_zeros(channels), weight.new_ones(channels))
 
 
-def conv_grads(layer, pool_size):
+def conv_grads(layer, pool):
     def run(input, weight, bias):
         input, weight, bias = (t.detach().requires_grad_() for t in (input, weight, bias))
-        output = layer(input, weight, bias, pool_size)
+        output = layer(input, weight, bias, pool)
         grads = torch.autograd.grad(output, (input, weight), torch.ones_like(output))
         return (output, *grads)
 

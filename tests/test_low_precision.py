@@ -47,12 +47,17 @@ def pool_at_argmax(activation, argmax, geometry):
     """max_pool2d(relu(activation)) through the given window argmax (255: the ReLU's zero)."""
     pool_size = geometry["pool_size"]
     pool_stride = geometry["pool_stride"] or pool_size
+    pool_padding = pair(geometry.get("pool_padding", 0))
     _, _, out_h, out_w = argmax.shape
     offset = argmax.long().to(activation.device)
     hit = offset != RELU_ZERO
     offset = torch.where(hit, offset, torch.zeros_like(offset))
-    rows = torch.arange(out_h, device=activation.device).view(-1, 1) * pool_stride[0] + offset // pool_size[1]
-    columns = torch.arange(out_w, device=activation.device).view(1, -1) * pool_stride[1] + offset % pool_size[1]
+    # the offset counts from the window's first, padded, row and column
+    rows = torch.arange(out_h, device=activation.device).view(-1, 1) * pool_stride[0] - pool_padding[0] + offset // pool_size[1]
+    columns = torch.arange(out_w, device=activation.device).view(1, -1) * pool_stride[1] - pool_padding[1] + offset % pool_size[1]
+    inside = (rows >= 0) & (rows < activation.shape[2]) & (columns >= 0) & (columns < activation.shape[3])
+    assert inside[hit].all(), "an argmax names a padded position"
+    rows, columns = rows.clamp(0, activation.shape[2] - 1), columns.clamp(0, activation.shape[3] - 1)  # (no hit)
     flat = (rows * activation.shape[3] + columns).flatten(2)
     gathered = activation.flatten(2).gather(2, flat).view(offset.shape)
     return torch.where(hit, gathered, torch.zeros_like(gathered))
@@ -141,7 +146,10 @@ def test_conv2d_relu_max_pool2d_low_precision(case):
 
 def conv_args(geometry):
     pool_stride = geometry["pool_stride"] or []
-    return [pair(geometry["stride"]), pair(geometry["padding"]), pair(geometry["pool_size"]), pool_stride and pair(pool_stride), geometry["ceil_mode"]]
+    return [
+        pair(geometry["stride"]), pair(geometry["padding"]), pair(geometry["pool_size"]), pool_stride and pair(pool_stride),
+        geometry["ceil_mode"], pair(geometry.get("pool_padding", 0)),
+    ]  # fmt: skip
 
 
 def pair(value):
@@ -193,7 +201,7 @@ def test_batch_norm_output_ties_in_the_storage_dtype(device, dtype):
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("pool", [dict(pool_size=2), dict(pool_size=3, pool_stride=2)])
+@pytest.mark.parametrize("pool", [dict(pool_size=2), dict(pool_size=3, pool_stride=2), dict(pool_size=3, pool_stride=2, pool_padding=1)])
 def test_study_shapes_low_precision(dtype, channels_last, pool, backward, monkeypatch):
     """Batches of several tiles; windows that tile and overlap; either backward (the CPU picks
     one per dtype, see conv2d_relu_max_pool2d_kernel.cpp; both must be right)."""
@@ -206,7 +214,10 @@ def test_study_shapes_low_precision(dtype, channels_last, pool, backward, monkey
     bias = torch.randn(32, generator=generator)
     tensors = [t.to(dtype) for t in (input, weight, bias)]
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    geometry = dict(stride=(1, 1), padding=(2, 2), pool_size=pair(pool["pool_size"]), pool_stride=pair(pool.get("pool_stride", pool["pool_size"])), ceil_mode=False)
+    geometry = dict(
+        stride=(1, 1), padding=(2, 2), pool_size=pair(pool["pool_size"]), pool_stride=pair(pool.get("pool_stride", pool["pool_size"])),
+        ceil_mode=False, pool_padding=pair(pool.get("pool_padding", 0)),
+    )  # fmt: skip
     output, argmax = WITH_ARGMAX_OP(*tensors, *conv_args(geometry))
     ours_out = conv2d_relu_max_pool2d(*leaves, **geometry)
     native = native_conv2d_relu_max_pool2d(*tensors, **geometry)
@@ -251,6 +262,9 @@ def low_precision_batch_norm_cases(draw):
         dict(pool_size=2, pool_stride=2, ceil_mode=True),  # partial windows at the edge
         dict(pool_size=2, pool_stride=3, ceil_mode=False),  # rows and columns in no window
         dict(pool_size=(1, 3), pool_stride=(2, 3), ceil_mode=True),
+        # padded windows: the first row and column of windows start in the padding
+        dict(pool_size=3, pool_stride=3, ceil_mode=True, pool_padding=1),
+        dict(pool_size=(2, 4), pool_stride=(3, 4), ceil_mode=False, pool_padding=(1, 2)),
     ],
 )
 def test_dense_backward_channels_last_windows_that_do_not_overlap(dtype, pool, monkeypatch):
@@ -264,7 +278,10 @@ def test_dense_backward_channels_last_windows_that_do_not_overlap(dtype, pool, m
     bias = torch.randn(19, generator=generator)
     tensors = [t.to(dtype) for t in (input, weight, bias)]
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
-    geometry = dict(stride=(1, 1), padding=(1, 1), pool_size=pair(pool["pool_size"]), pool_stride=pair(pool["pool_stride"]), ceil_mode=pool["ceil_mode"])
+    geometry = dict(
+        stride=(1, 1), padding=(1, 1), pool_size=pair(pool["pool_size"]), pool_stride=pair(pool["pool_stride"]),
+        ceil_mode=pool["ceil_mode"], pool_padding=pair(pool.get("pool_padding", 0)),
+    )  # fmt: skip
     output, argmax = WITH_ARGMAX_OP(*tensors, *conv_args(geometry))
     ours_out = conv2d_relu_max_pool2d(*leaves, **geometry)
     assert ours_out.is_contiguous(memory_format=torch.channels_last)
@@ -410,7 +427,9 @@ def bn_parameter_term_scales(conv, argmax, grad_output, geometry):
 def native_bn_block(input, weight, bias, running, bn, geometry, training=True):
     conv = F.conv2d(input, weight, bias, geometry["stride"], geometry["padding"])
     normalised = F.batch_norm(conv, running[0], running[1], bn[0], bn[1], training, 0.5, 1e-5)
-    return F.max_pool2d(F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], ceil_mode=geometry["ceil_mode"])
+    return F.max_pool2d(
+        F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], geometry.get("pool_padding", 0), ceil_mode=geometry["ceil_mode"]
+    )
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
@@ -567,8 +586,8 @@ def test_opcheck_low_precision(dtype):
         weight = torch.randn(6, 4, 3, 3, generator=generator).to(dtype)
         bias = torch.randn(6, generator=generator).to(dtype)
         for args in (
-            (input.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [2, 2], [], False),
-            (input.detach(), weight.detach().requires_grad_(), None, [2, 1], [0, 2], [3, 2], [2, 1], True),
+            (input.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), [1, 1], [1, 1], [2, 2], [], False, [0, 0]),
+            (input.detach(), weight.detach().requires_grad_(), None, [2, 1], [0, 2], [3, 2], [2, 1], True, [1, 1]),
         ):
             torch.library.opcheck(WITH_ARGMAX_OP, args)
             output, argmax = WITH_ARGMAX_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
@@ -577,12 +596,13 @@ def test_opcheck_low_precision(dtype):
         for parameter_dtype in (dtype, torch.float32):
             bn_weight = torch.rand(6, generator=generator).to(parameter_dtype) + 0.5
             bn_bias = torch.randn(6, generator=generator).to(parameter_dtype)
-            training_args = (input.detach().requires_grad_(), weight.detach().requires_grad_(), bias.detach(), bn_weight.requires_grad_(), bn_bias, 1e-5, [1, 1], [1, 1], [2, 2], [], False)
+            geometry = ([1, 1], [1, 1], [3, 3], [2, 2], False, [1, 1])  # a padded pool
+            training_args = (input.detach().requires_grad_(), weight.detach().requires_grad_(), bias.detach(), bn_weight.requires_grad_(), bn_bias, 1e-5, *geometry)
             torch.library.opcheck(TRAINING_OP, training_args)
             out, argmax, conv, mean, var = TRAINING_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in training_args])
             torch.library.opcheck(
                 TRAINING_BACKWARD_OP,
-                (torch.randn(out.shape, generator=generator).to(dtype), input.detach(), weight.detach(), conv, mean, var, bn_weight.detach(), argmax, 1e-5, [1, 1], [1, 1], [2, 2], [], False, [True] * 5),
+                (torch.randn(out.shape, generator=generator).to(dtype), input.detach(), weight.detach(), conv, mean, var, bn_weight.detach(), argmax, 1e-5, *geometry, [True] * 5),
             )
             bn_input = torch.randn(3, 6, 5, 4, generator=generator).to(dtype).contiguous(memory_format=memory_format)
             mean_, var_ = torch.randn(6, generator=generator).to(parameter_dtype), torch.rand(6, generator=generator).to(parameter_dtype) + 0.5

@@ -53,6 +53,9 @@ def test_state_dicts_load_both_ways(bias):
         (dict(kernel_size=3, stride=2, padding=1, bias=False), dict(kernel_size=3, stride=2, ceil_mode=True)),
         (dict(kernel_size=(3, 1), padding="same"), dict(kernel_size=(2, 1))),
         (dict(kernel_size=2, padding="valid"), dict(kernel_size=2, stride=1)),
+        # a ResNet stem: conv 7x7/2, max pool 3x3/2 padding 1
+        (dict(kernel_size=7, stride=2, padding=3, bias=False), dict(kernel_size=3, stride=2, padding=1)),
+        (dict(kernel_size=3, padding=1), dict(kernel_size=(2, 4), stride=(2, 3), padding=(1, 2), ceil_mode=True)),
     ],
 )
 def test_matches_native_sequential_in_float64(device, conv_args, pool_args):
@@ -72,11 +75,11 @@ def test_matches_native_sequential_in_float64(device, conv_args, pool_args):
 
 def test_constructor_arguments_match_native_modules():
     torch.manual_seed(1)
-    fused = Conv2dReLUMaxPool2d(3, 4, 3, stride=(2, 1), padding=1, pool_size=3, pool_stride=2, ceil_mode=True)
+    fused = Conv2dReLUMaxPool2d(3, 4, 3, stride=(2, 1), padding=1, pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1)
     conv = nn.Conv2d(3, 4, 3, stride=(2, 1), padding=1)
     conv.load_state_dict(fused.state_dict())
     input = torch.randn(2, 3, 15, 13)
-    reference = native_block(conv, nn.MaxPool2d(3, 2, ceil_mode=True))
+    reference = native_block(conv, nn.MaxPool2d(3, 2, 1, ceil_mode=True))
     torch.testing.assert_close(fused(input), reference(input))
 
 
@@ -94,7 +97,8 @@ def test_from_modules_shares_parameters_and_mode():
         (nn.Conv2d(3, 4, 3, dilation=2), nn.MaxPool2d(2), "dilation"),
         (nn.Conv2d(4, 4, 3, groups=2), nn.MaxPool2d(2), "groups"),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), nn.MaxPool2d(2), "padding_mode"),
-        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=1), "pool.padding"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, padding=2), "pool.padding=2 is not between 0 and half"),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d(3, padding=(1, -1)), "pool.padding"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, dilation=2), "pool.dilation"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True), "return_indices"),
         (nn.Conv2d(3, 4, 3), nn.MaxPool2d(16), "256 elements"),
@@ -108,8 +112,9 @@ def test_from_modules_refuses_what_it_cannot_fuse(conv, pool, reason):
 
 
 def test_extra_repr_names_every_hyperparameter():
-    text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True))
-    for part in ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True"):
+    text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True, pool_padding=(1, 0)))
+    parts = ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True", "pool_padding=(1, 0)")
+    for part in parts:
         assert part in text
 
 
@@ -119,7 +124,7 @@ def test_extra_repr_names_every_hyperparameter():
 
 def native_layers():
     torch.manual_seed(3)
-    conv_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True)
+    conv_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=1, momentum=None, pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1)
     frozen_bn = Conv2dBatchNormReLUMaxPool2d(3, 5, (3, 1), stride=(1, 2), bias=False, affine=False)
     frozen_bn.bn.eval()  # the batch norm's own mode decides, as in the native chain
     return [
@@ -165,6 +170,8 @@ def conv_layers():
         ),
         (frozen_bn, (2, 3, 9, 8)),
         (SyncConv2dBatchNormReLUMaxPool2d(3, 5, 3, padding=2), (2, 3, 7, 7)),
+        (SyncConv2dBatchNormReLUMaxPool2d(3, 5, 3, stride=2, pool_size=3, pool_stride=2, pool_padding=1), (2, 3, 9, 9)),
+        (Conv2dReLUMaxPool2d(3, 5, 3, pool_size=(3, 2), pool_padding=(1, 1), ceil_mode=True), (2, 3, 9, 8)),
     ]
 
 

@@ -91,23 +91,32 @@ def test_import_cifarnet_does_not_import_the_exporter():
     assert result.stdout.strip() == "[]"
 
 
-# (in, out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, height, width, bias, channels_last);
-# bias and layout vary across the geometries rather than multiplying them (each export takes seconds).
+# (in, out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding, height, width, bias,
+# channels_last); bias and layout vary across the geometries rather than multiplying them (each export
+# takes seconds).
 CONV_RELU_POOL_CASES = [
-    pytest.param((3, 8, 3, 1, 1, 2, None, False, 16, 16, True, False), id="3x3-pool2"),
-    pytest.param((3, 8, 3, 1, 1, 2, None, False, 16, 16, False, True), id="3x3-pool2-no_bias-channels_last"),
-    pytest.param((3, 8, 5, 1, 2, 2, None, True, 15, 13, True, True), id="ceil_mode-channels_last"),
-    pytest.param((4, 6, 3, 2, 1, 3, 2, False, 17, 19, False, False), id="stride2-pool3-stride2-no_bias"),
+    pytest.param((3, 8, 3, 1, 1, 2, None, False, 0, 16, 16, True, False), id="3x3-pool2"),
+    pytest.param((3, 8, 3, 1, 1, 2, None, False, 0, 16, 16, False, True), id="3x3-pool2-no_bias-channels_last"),
+    pytest.param((3, 8, 5, 1, 2, 2, None, True, 0, 15, 13, True, True), id="ceil_mode-channels_last"),
+    pytest.param((4, 6, 3, 2, 1, 3, 2, False, 0, 17, 19, False, False), id="stride2-pool3-stride2-no_bias"),
     # Pooled height: 12 -> 4 with PyTorch's rule that drops a last window starting past the input.
-    pytest.param((4, 6, 3, 1, 0, (2, 3), (3, 2), True, 14, 17, True, False), id="pool_stride-over-size-ceil_mode"),
+    pytest.param((4, 6, 3, 1, 0, (2, 3), (3, 2), True, 0, 14, 17, True, False), id="pool_stride-over-size-ceil_mode"),
+    # A ResNet stem: conv 7x7/2, max pool 3x3/2 with padding 1.
+    pytest.param((3, 8, 7, 2, 3, 3, 2, False, 1, 32, 29, False, True), id="resnet_stem-pool_padding"),
+    # Convolution 8x9. Pooled height: ceil((8 + 2 - 2) / 3) + 1 = 4 -> 3, PyTorch's rule dropping a
+    # last window that would start in the right padding; width: ceil((9 + 4 - 4) / 3) + 1 = 4, the
+    # last window starting inside.
+    pytest.param((3, 5, 2, 1, 0, (2, 4), 3, True, (1, 2), 9, 10, True, False), id="pool_padding-ceil_mode"),
 ]
 
 
 @pytest.mark.parametrize("case", CONV_RELU_POOL_CASES)
 def test_conv2d_relu_max_pool2d_exports_as_conv_relu_maxpool(case):
-    c_in, c_out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, height, width, bias, channels_last = case
+    c_in, c_out, kernel, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding, height, width, bias, channels_last = case
     torch.manual_seed(0)
-    layer = cnn.Conv2dReLUMaxPool2d(c_in, c_out, kernel, stride, padding, bias, pool_size, pool_stride, ceil_mode)
+    layer = cnn.Conv2dReLUMaxPool2d(
+        c_in, c_out, kernel, stride, padding, bias, pool_size, pool_stride, ceil_mode, pool_padding
+    )
     nodes = node_types(exported_and_checked(layer, image(2, c_in, height, width, channels_last=channels_last)))
     assert nodes == ["Conv", "Relu", "MaxPool"]
 
@@ -128,7 +137,9 @@ def test_batch_norm1d_exports_as_batch_normalization(shape):
 @pytest.mark.parametrize("bias, channels_last", [(True, False), (False, True)], ids=["bias", "no_bias-channels_last"])
 def test_conv2d_batch_norm_relu_max_pool2d_exports_folded_into_conv(bias, channels_last):
     torch.manual_seed(0)
-    layer = cnn.Conv2dBatchNormReLUMaxPool2d(3, 8, 3, padding=1, bias=bias, pool_size=3, pool_stride=2, ceil_mode=True)
+    layer = cnn.Conv2dBatchNormReLUMaxPool2d(
+        3, 8, 3, padding=1, bias=bias, pool_size=3, pool_stride=2, ceil_mode=True, pool_padding=1
+    )
     layer = randomise_running_statistics(layer)
     nodes = node_types(exported_and_checked(layer, image(2, 3, 12, 11, channels_last=channels_last)))
     # Evaluation folds the batch norm into the convolution (as the op itself does); the

@@ -30,7 +30,10 @@ EPS = 1e-5
 
 
 def geometry(case):
-    return [list(case["stride"]), list(case["padding"]), list(case["pool_size"]), list(case["pool_stride"] or []), case["ceil_mode"]]
+    return [
+        list(case["stride"]), list(case["padding"]), list(case["pool_size"]), list(case["pool_stride"] or []),
+        case["ceil_mode"], list(case["pool_padding"]),
+    ]  # fmt: skip
 
 
 def conv_pixels(case):
@@ -126,7 +129,7 @@ def test_phase_ops_take_an_empty_batch():
     """A process of a synchronized batch may get no samples: zero statistics and sums, empty
     outputs, zero parameter gradients."""
     input, weight, bias = torch.randn(0, 3, 8, 8, dtype=torch.float64), torch.randn(5, 3, 3, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
-    geo = [[1, 1], [1, 1], [2, 2], [], False]
+    geo = [[1, 1], [1, 1], [2, 2], [], False, [0, 0]]
     conv, mean, var = STATS_OP(input, weight, bias, *geo)
     assert conv.shape == (0, 5, 8, 8) and mean.tolist() == [0.0] * 5 and var.tolist() == [0.0] * 5
     output, argmax = EPILOGUE_OP(input, weight, conv, mean + 1, var + 1, None, None, EPS, *geo)
@@ -150,7 +153,7 @@ def test_phase_ops_take_an_empty_batch():
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck(device):
     generator = torch.Generator().manual_seed(14)
-    geometries = ([[1, 1], [1, 1], [2, 2], [], False], [[2, 1], [0, 1], [3, 2], [2, 1], True])
+    geometries = ([[1, 1], [1, 1], [2, 2], [], False, [0, 0]], [[2, 1], [0, 1], [3, 2], [2, 1], True, [1, 1]])
     for memory_format in (torch.contiguous_format, torch.channels_last):
         for dtype in (torch.float32, torch.float64, torch.bfloat16):
             input = torch.randn(3, 4, 9, 8, generator=generator).to(dtype).to(device).contiguous(memory_format=memory_format)
@@ -196,7 +199,7 @@ def test_opcheck(device):
 )
 def test_phase_ops_bad_input_raises_a_clear_error(op, overrides, message):
     input, weight = torch.randn(3, 4, 9, 8), torch.randn(6, 4, 3, 3)
-    geo = dict(stride=[1, 1], padding=[1, 1], pool_size=[2, 2], pool_stride=[], ceil_mode=False)
+    geo = dict(stride=[1, 1], padding=[1, 1], pool_size=[2, 2], pool_stride=[], ceil_mode=False, pool_padding=[0, 0])
     conv, mean, var = STATS_OP(input, weight, None, *geo.values())
     output, argmax = EPILOGUE_OP(input, weight, conv, mean, var, None, None, EPS, *geo.values())
     grad = torch.randn_like(output)

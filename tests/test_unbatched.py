@@ -2,7 +2,7 @@
 
 The cases are PyTorch's own OpInfo samples for ``F.conv2d``, ``F.max_pool2d`` and
 ``F.batch_norm`` (``op_cases.opinfo_samples``), kept where the fused ops compute them (no
-dilation, no groups, no pool padding, no indices), each against native torch.
+dilation, no groups, no indices), each against native torch.
 """
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ def conv_samples() -> list[dict]:
 
 
 def max_pool_samples() -> list[dict]:
-    """OpInfo's max_pool2d samples without padding, dilation or indices, as pool arguments."""
+    """OpInfo's max_pool2d samples without dilation or indices, as pool arguments."""
     cases = []
     for sample in opinfo_samples("nn.functional.max_pool2d"):
         kwargs = {**dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), sample.args)), **sample.kwargs}
-        if two(kwargs.get("padding", 0)) != (0, 0) or two(kwargs.get("dilation", 1)) != (1, 1):
+        if two(kwargs.get("dilation", 1)) != (1, 1):
             continue
         if kwargs.get("return_indices", False):
             continue
@@ -61,6 +61,7 @@ def max_pool_samples() -> list[dict]:
                 pool_size=kwargs["kernel_size"],
                 pool_stride=kwargs.get("stride"),
                 ceil_mode=kwargs.get("ceil_mode", False),
+                pool_padding=kwargs.get("padding", 0),
             )
         )
     return cases
@@ -142,7 +143,9 @@ def test_conv2d_relu_max_pool2d_takes_opinfo_max_pool2d_samples(case):
         weight=torch.randn(channels, channels, 1, 1, generator=generator, dtype=torch.float64),
         bias=torch.randn(channels, generator=generator, dtype=torch.float64),
     )
-    args = dict(pool_size=case["pool_size"], pool_stride=case["pool_stride"], ceil_mode=case["ceil_mode"])
+    args = dict(
+        pool_size=case["pool_size"], pool_stride=case["pool_stride"], ceil_mode=case["ceil_mode"], pool_padding=case["pool_padding"]
+    )
     ours = run(lambda **t: ops.conv2d_relu_max_pool2d(**t, **args), tensors)
     assert_same_results(ours, run(lambda **t: native_conv2d_relu_max_pool2d(**t, **args), tensors))
 

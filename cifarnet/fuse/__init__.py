@@ -44,10 +44,12 @@ the graph does not hold, returns what the original returns. A module that cannot
 is left as it is, except that its plain ``nn.Sequential`` children are rewritten by position
 and its other children are tried in turn; :func:`fuse` warns, naming it.
 
-Chains the fused ops cannot compute (dilation, groups, padding modes, padded, dilated or
-index-returning pools, windows over 255 elements, batch-norm subclasses, hooked modules,
-reused outputs, modules called more than once) stay unfused and are listed, with the reason,
-in the :class:`FusionReport`.
+Chains the fused ops cannot compute (dilation, groups, padding modes, dilated or
+index-returning pools, pools padded by more than half their window, which native refuses too,
+windows over 255 elements, batch-norm subclasses, hooked modules, reused outputs, modules
+called more than once) stay unfused and are listed, with the reason, in the
+:class:`FusionReport`. Padded pools, such as ResNet's and DenseNet's stems (max pool 3x3, stride
+2, padding 1), fuse.
 
 :func:`unfuse` puts back ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU``, ``nn.MaxPool2d`` and the
 modules' own classes (and so their own ``forward``), sharing the same tensors, for people

@@ -10,7 +10,7 @@ from torch import nn
 
 
 def _relu_and_pool(layer: nn.Module) -> tuple[nn.ReLU, nn.MaxPool2d]:
-    pool = nn.MaxPool2d(layer.pool_size, layer.pool_stride, ceil_mode=layer.ceil_mode)
+    pool = nn.MaxPool2d(layer.pool_size, layer.pool_stride, layer.pool_padding, ceil_mode=layer.ceil_mode)
     return nn.ReLU().train(layer.training), pool.train(layer.training)
 
 

@@ -18,7 +18,16 @@ from cifarnet.ops._layout import is_unbatched
 
 
 def conv2d_batch_norm_module_relu_max_pool2d(
-    input: Tensor, weight: Tensor, bias: Tensor | None, bn: nn.Module, stride, padding, pool_size, pool_stride, ceil_mode
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn: nn.Module,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    ceil_mode,
+    pool_padding=0,
 ) -> Tensor:
     """conv2d -> ``bn`` -> ReLU -> max_pool2d in one fused op, ``bn`` being a batch-norm module
     whose tensors, mode and momentum are used (and its running statistics updated): with the
@@ -29,11 +38,13 @@ def conv2d_batch_norm_module_relu_max_pool2d(
     if group is not None:
         return sync_conv2d_batch_norm_relu_max_pool2d(
             input, weight, bias, arguments["running_mean"], arguments["running_var"], bn.weight, bn.bias,
-            arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode, group,
+            arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode,
+            pool_padding, group,
         )  # fmt: skip
     return ops.conv2d_batch_norm_relu_max_pool2d(
         input, weight, bias, bn_weight=bn.weight, bn_bias=bn.bias, stride=stride, padding=padding,
-        pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, **arguments,
+        pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, pool_padding=pool_padding,
+        **arguments,
     )  # fmt: skip
 
 
@@ -79,7 +90,7 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
     Args:
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``.
         eps, momentum, affine, track_running_stats: as in ``nn.BatchNorm2d``.
-        pool_size, pool_stride, ceil_mode: as in :class:`Conv2dReLUMaxPool2d`.
+        pool_size, pool_stride, ceil_mode, pool_padding: as in :class:`Conv2dReLUMaxPool2d`.
 
     Shape:
         input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``. An unbatched input
@@ -92,6 +103,8 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
 
     # Whether torch.fx records a call of this layer (leaf_call) rather than tracing into it.
     _traced_as_leaf = True
+    # NB: the default of layers pickled before pool padding existed, which have no attribute.
+    pool_padding = (0, 0)
 
     def __init__(
         self,
@@ -108,17 +121,22 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         pool_size=2,
         pool_stride=None,
         ceil_mode: bool = False,
+        pool_padding=0,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
         conv = Conv2dReLUMaxPool2d(
-            in_channels, out_channels, kernel_size, stride, padding, bias, pool_size, pool_stride, ceil_mode, device, dtype
-        )
+            in_channels, out_channels, kernel_size, stride, padding, bias, pool_size, pool_stride, ceil_mode,
+            pool_padding, device, dtype,
+        )  # fmt: skip
         self._adopt(conv, BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
 
     def _adopt(self, conv: Conv2dReLUMaxPool2d, bn: nn.BatchNorm2d) -> None:
-        for name in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode"):
+        for name in (
+            "in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode",
+            "pool_padding",
+        ):  # fmt: skip
             setattr(self, name, getattr(conv, name))
         self.weight = conv.weight
         if conv.bias is None:
@@ -153,8 +171,9 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
             return call
         _check_batch_norm2d_input(input)
         return conv2d_batch_norm_module_relu_max_pool2d(
-            input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
-        )
+            input, self.weight, self.bias, self.bn, self.stride, self.padding, self.pool_size, self.pool_stride,
+            self.ceil_mode, self.pool_padding,
+        )  # fmt: skip
 
     def to_native(self) -> torch.fx.GraphModule:
         """This layer computed by torch alone, with the same state_dict keys.
@@ -185,5 +204,5 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
-            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}, pool_padding={self.pool_padding}"
         )

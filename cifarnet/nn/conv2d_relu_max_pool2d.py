@@ -26,8 +26,6 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
     if conv.padding_mode != "zeros":
         return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
-    if pair(pool.padding, "pool.padding") != [0, 0]:
-        return f"pool.padding={pool.padding}; the fused op pools without padding"
     if pair(pool.dilation, "pool.dilation") != [1, 1]:
         return f"pool.dilation={pool.dilation}; the fused op pools without dilation"
     if pool.return_indices:
@@ -38,6 +36,10 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
             f"pool.kernel_size={pool.kernel_size} has {window[0] * window[1]} elements; "
             f"at most {_C.MAX_POOL_WINDOW_ELEMENTS} are supported"
         )
+    pool_padding = pair(pool.padding, "pool.padding")
+    if not all(0 <= pad <= size // 2 for pad, size in zip(pool_padding, window)):
+        # Native max_pool2d refuses it too: the original keeps its own error.
+        return f"pool.padding={pool.padding} is not between 0 and half of pool.kernel_size={pool.kernel_size}"
     return None
 
 
@@ -51,13 +53,18 @@ class Conv2dReLUMaxPool2d(nn.Module):
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``
             (dilation 1, groups 1, zero padding; ``padding`` may be ``'valid'`` or ``'same'``).
             Stored as ``nn.Conv2d`` stores them, and checked when the layer runs, as there.
-        pool_size, pool_stride, ceil_mode: as ``kernel_size``, ``stride`` and ``ceil_mode`` of
-            ``nn.MaxPool2d``; ``pool_stride=None`` means ``pool_size``.
+        pool_size, pool_stride, ceil_mode, pool_padding: as ``kernel_size``, ``stride``,
+            ``ceil_mode`` and ``padding`` of ``nn.MaxPool2d``; ``pool_stride=None`` means
+            ``pool_size``. ``pool_padding`` (at most half of ``pool_size``) pads the windows
+            with positions that never win, as ``nn.MaxPool2d``'s ``-inf``.
 
     Shape:
         input ``[N, C_in, H, W]`` -> output ``[N, C_out, H_out, W_out]``; an unbatched input
         ``[C_in, H, W]`` -> ``[C_out, H_out, W_out]``, as ``nn.Conv2d`` and ``nn.MaxPool2d`` take it.
     """
+
+    # NB: the default of layers pickled before pool padding existed, which have no attribute.
+    pool_padding = (0, 0)
 
     def __init__(
         self,
@@ -70,6 +77,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         pool_size=2,
         pool_stride=None,
         ceil_mode: bool = False,
+        pool_padding=0,
         device=None,
         dtype=None,
     ) -> None:
@@ -84,6 +92,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.pool_size = stored_pair(pool_size)
         self.pool_stride = self.pool_size if pool_stride is None else stored_pair(pool_stride)
         self.ceil_mode = bool(ceil_mode)
+        self.pool_padding = stored_pair(pool_padding)
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, **factory))
@@ -106,7 +115,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
         The new module shares ``conv``'s parameters (same ``Parameter`` objects, so optimisers
         keep working) and takes its device, dtype and train/eval mode. Raises ``ValueError``
-        when the pair cannot be fused (dilation, groups, padding modes, pool padding, ...).
+        when the pair cannot be fused (dilation, groups, padding modes, pool dilation, ...).
         """
         reason = conv_relu_pool_unfusable_reason(conv, pool)
         if reason is not None:
@@ -121,6 +130,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         fused.pool_size = stored_pair(pool.kernel_size)
         fused.pool_stride = fused.pool_size if pool.stride is None else stored_pair(pool.stride)
         fused.ceil_mode = bool(pool.ceil_mode)
+        fused.pool_padding = stored_pair(pool.padding)
         fused.weight = conv.weight
         if conv.bias is None:
             fused.register_parameter("bias", None)
@@ -131,8 +141,9 @@ class Conv2dReLUMaxPool2d(nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         return ops.conv2d_relu_max_pool2d(
-            input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode
-        )
+            input, self.weight, self.bias, self.stride, self.padding, self.pool_size, self.pool_stride, self.ceil_mode,
+            self.pool_padding,
+        )  # fmt: skip
 
     def to_native(self) -> torch.fx.GraphModule:
         """This layer computed by torch alone, with the same state_dict keys.
@@ -162,5 +173,5 @@ class Conv2dReLUMaxPool2d(nn.Module):
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
             f"padding={self.padding}, bias={self.bias is not None}, pool_size={self.pool_size}, "
-            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}"
+            f"pool_stride={self.pool_stride}, ceil_mode={self.ceil_mode}, pool_padding={self.pool_padding}"
         )

@@ -57,6 +57,20 @@ def check_pool_window(pool_size) -> None:
     )
 
 
+def check_pool_padding(pool_size, pool_padding) -> None:
+    """The C++ kernels' check of ``pool_padding``, with their message: non-negative and at
+    most half of ``pool_size``, as ``max_pool2d`` requires of its ``padding``."""
+    torch._check(
+        pool_padding[0] >= 0 and pool_padding[1] >= 0,
+        lambda: f"pool_padding must be non-negative, got {list(pool_padding)}",
+    )
+    torch._check(
+        pool_padding[0] <= pool_size[0] // 2 and pool_padding[1] <= pool_size[1] // 2,
+        lambda: f"pool_padding should be at most half of pool_size, got pool_padding={list(pool_padding)} "
+        f"and pool_size={list(pool_size)}",
+    )
+
+
 def dense_memory_format(tensor: Tensor) -> torch.memory_format | None:
     """The memory format ``tensor`` is dense in (contiguous first, then channels_last for 4-D
     and channels_last_3d for 5-D tensors), or None; the C++ kernels' ``dense_memory_format``."""

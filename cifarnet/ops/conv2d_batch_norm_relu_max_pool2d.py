@@ -37,12 +37,13 @@ def conv2d_batch_norm_relu_max_pool2d(
     pool_size=2,
     pool_stride=None,
     ceil_mode: bool = False,
+    pool_padding=0,
 ) -> Tensor:
     """Convolution, batch norm, ReLU and max pooling in one op.
 
     Computes ``F.max_pool2d(F.relu(F.batch_norm(F.conv2d(input, weight, bias, stride,
     padding), running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)),
-    pool_size, pool_stride, ceil_mode=ceil_mode)``, updating the running statistics in
+    pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)``, updating the running statistics in
     training as :func:`batch_norm` does. The backward keeps the input, the convolution output,
     the per-channel statistics and a one-byte window argmax (no normalised or ReLU output, no
     int64 indices). In evaluation the batch norm is folded into the convolution.
@@ -56,8 +57,10 @@ def conv2d_batch_norm_relu_max_pool2d(
             ``H_conv x W_conv`` positions), as in :func:`conv2d_relu_max_pool2d`.
         running_mean, running_var, bn_weight, bn_bias (Tensor[C_out], optional), training,
             momentum, eps: the batch norm, as in :func:`batch_norm`.
-        pool_size, pool_stride, ceil_mode: the max pooling, as in
-            :func:`conv2d_relu_max_pool2d` (windows of at most 255 elements).
+        pool_size, pool_stride, ceil_mode, pool_padding: the max pooling, as in
+            :func:`conv2d_relu_max_pool2d` (windows of at most 255 elements, padding at most
+            half the window; ``pool_padding`` last, so that calls written before it keep
+            their meaning).
 
     Returns:
         Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
@@ -83,6 +86,7 @@ def conv2d_batch_norm_relu_max_pool2d(
             pool_size,
             pool_stride,
             ceil_mode,
+            pool_padding,
         )
     unbatched = is_unbatched(input)
     input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
@@ -102,6 +106,7 @@ def conv2d_batch_norm_relu_max_pool2d(
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
+        pair(pool_padding, "pool_padding"),
     )
     # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's
     # layout (a channels-last weight makes the batch of one's output channels-last).
@@ -116,10 +121,10 @@ def _conv_output_fake(input, weight, bias, stride, padding):
 
 @torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_training")
 def _conv2d_batch_norm_relu_max_pool2d_training_fake(
-    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode
+    input, weight, bias, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
 ):
     output, argmax = _conv2d_relu_max_pool2d_with_argmax_fake(
-        input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode
+        input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
     )
     conv_output = _conv_output_fake(input, weight, bias, stride, padding)
     return (output, argmax, conv_output, *channel_stats(input, weight.shape[0]))
@@ -141,10 +146,11 @@ def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
     pool_size,
     pool_stride,
     ceil_mode,
+    pool_padding,
     output_mask,
 ):
     grad_input, grad_weight, grad_bias = _conv2d_relu_max_pool2d_backward_fake(
-        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask[:3]
+        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding, output_mask[:3]
     )
     # The batch norm's parameters' gradients in the statistics dtype (the autograd formula
     # casts each to its parameter's dtype).
@@ -163,22 +169,41 @@ def _conv2d_batch_norm_relu_max_pool2d_training_backward_fake(
 
 
 @torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_stats")
-def _conv2d_batch_norm_relu_max_pool2d_stats_fake(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode):
+def _conv2d_batch_norm_relu_max_pool2d_stats_fake(
+    input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
+):
     # The geometry checks of the fused op (its pooled output is the epilogue's).
-    _conv2d_relu_max_pool2d_with_argmax_fake(input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode)
+    _conv2d_relu_max_pool2d_with_argmax_fake(
+        input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
+    )
     return (_conv_output_fake(input, weight, bias, stride, padding), *channel_stats(input, weight.shape[0]))
 
 
 @torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_epilogue")
 def _conv2d_batch_norm_relu_max_pool2d_epilogue_fake(
-    input, weight, conv_output, mean, var, bn_weight, bn_bias, eps, stride, padding, pool_size, pool_stride, ceil_mode
+    input,
+    weight,
+    conv_output,
+    mean,
+    var,
+    bn_weight,
+    bn_bias,
+    eps,
+    stride,
+    padding,
+    pool_size,
+    pool_stride,
+    ceil_mode,
+    pool_padding,
 ):
-    return _conv2d_relu_max_pool2d_with_argmax_fake(input, weight, None, stride, padding, pool_size, pool_stride, ceil_mode)
+    return _conv2d_relu_max_pool2d_with_argmax_fake(
+        input, weight, None, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
+    )
 
 
 @torch.library.register_fake("cifarnet::_conv2d_batch_norm_relu_max_pool2d_backward_reduce")
 def _conv2d_batch_norm_relu_max_pool2d_backward_reduce_fake(
-    grad_output, input, weight, conv_output, save_mean, argmax, stride, padding, pool_size, pool_stride, ceil_mode
+    grad_output, input, weight, conv_output, save_mean, argmax, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding
 ):
     return channel_stats(input, weight.shape[0])
 
@@ -202,10 +227,11 @@ def _conv2d_batch_norm_relu_max_pool2d_backward_elementwise_fake(
     pool_size,
     pool_stride,
     ceil_mode,
+    pool_padding,
     output_mask,
 ):
     return _conv2d_relu_max_pool2d_backward_fake(
-        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
+        grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding, output_mask
     )
 
 

@@ -10,7 +10,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import conv_padding, pair
-from cifarnet.ops._layout import check_pool_window, conv_output_memory_format, is_unbatched
+from cifarnet.ops._layout import check_pool_padding, check_pool_window, conv_output_memory_format, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation, pads
 
 
@@ -23,13 +23,15 @@ def conv2d_relu_max_pool2d(
     pool_size=2,
     pool_stride=None,
     ceil_mode: bool = False,
+    pool_padding=0,
 ) -> Tensor:
     """Convolution, ReLU and max pooling in one op.
 
     Computes ``F.max_pool2d(F.relu(F.conv2d(input, weight, bias, stride, padding)),
-    pool_size, pool_stride, ceil_mode=ceil_mode)`` without materialising the convolution
-    output: the backward keeps only ``input``, ``weight`` and a one-byte window argmax.
-    Ties and NaN are resolved as native ``max_pool2d`` resolves them, so gradients match.
+    pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)`` without materialising the
+    convolution output: the backward keeps only ``input``, ``weight`` and a one-byte window
+    argmax. Ties and NaN are resolved as native ``max_pool2d`` resolves them, so gradients
+    match.
 
     Args:
         input (Tensor[N, C_in, H, W] or Tensor[C_in, H, W]): float32, float64, bfloat16 or
@@ -44,7 +46,12 @@ def conv2d_relu_max_pool2d(
             convolution, as in ``F.conv2d``.
         pool_size (int or (int, int)): pooling window; at most 255 elements.
         pool_stride (int or (int, int), optional): pooling stride; ``None`` means ``pool_size``.
-        ceil_mode (bool): round the pooled size up, as in ``F.max_pool2d``.
+        ceil_mode (bool): round the pooled size up, as in ``F.max_pool2d`` (the last window
+            must start inside the convolution output or its left pool padding).
+        pool_padding (int or (int, int)): implicit padding of the pooling windows, as
+            ``F.max_pool2d``'s ``padding``: padded positions never win (native's ``-inf``);
+            at most half of ``pool_size``, else ``RuntimeError`` as natively. Last, after
+            ``ceil_mode``, so that calls written before it keep their meaning.
 
     Returns:
         Tensor[N, C_out, H_out, W_out] (Tensor[C_out, H_out, W_out] for an unbatched input): in
@@ -64,6 +71,7 @@ def conv2d_relu_max_pool2d(
             pool_size,
             pool_stride,
             ceil_mode,
+            pool_padding,
         )
     unbatched = is_unbatched(input)
     input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
@@ -76,6 +84,7 @@ def conv2d_relu_max_pool2d(
         pair(pool_size, "pool_size"),
         [] if pool_stride is None else pair(pool_stride, "pool_stride"),
         bool(ceil_mode),
+        pair(pool_padding, "pool_padding"),
     )
     # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's
     # layout (a channels-last weight makes the batch of one's output channels-last).
@@ -84,7 +93,15 @@ def conv2d_relu_max_pool2d(
 
 @torch.library.register_fake("cifarnet::conv2d_relu_max_pool2d_with_argmax")
 def _conv2d_relu_max_pool2d_with_argmax_fake(
-    input, weight, bias=None, stride=(1, 1), padding=(0, 0), pool_size=(2, 2), pool_stride=(), ceil_mode=False
+    input,
+    weight,
+    bias=None,
+    stride=(1, 1),
+    padding=(0, 0),
+    pool_size=(2, 2),
+    pool_stride=(),
+    ceil_mode=False,
+    pool_padding=(0, 0),
 ):
     # Defaults mirror the schema's: callers may leave defaulted arguments out.
     torch._check(input.dim() == 4, lambda: f"input must be a 4-D tensor (N, C, H, W), got {input.dim()}-D")
@@ -94,8 +111,9 @@ def _conv2d_relu_max_pool2d_with_argmax_fake(
             lambda: f"{name} is on {tensor.device} but input is on {input.device}",
         )
     check_pool_window(pool_size)
+    check_pool_padding(pool_size, pool_padding)
     conv = F.conv2d(input, weight, bias, stride, padding)
-    pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, ceil_mode=ceil_mode)
+    pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, pool_padding, ceil_mode=ceil_mode)
     memory_format = conv_output_memory_format(input, weight)
     output = torch.empty(pooled.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
     argmax = torch.empty(pooled.shape, dtype=torch.uint8, device=input.device, memory_format=memory_format)
@@ -104,7 +122,7 @@ def _conv2d_relu_max_pool2d_with_argmax_fake(
 
 @torch.library.register_fake("cifarnet::_conv2d_relu_max_pool2d_backward")
 def _conv2d_relu_max_pool2d_backward_fake(
-    grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, output_mask
+    grad_output, input, weight, argmax, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding, output_mask
 ):
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
@@ -120,7 +138,15 @@ def _conv2d_relu_max_pool2d_backward_fake(
 
 @onnx_translation(torch.ops.cifarnet.conv2d_relu_max_pool2d.default)
 def _conv2d_relu_max_pool2d_onnx(
-    input, weight, bias=None, stride=(1, 1), padding=(0, 0), pool_size=(2, 2), pool_stride=(), ceil_mode=False
+    input,
+    weight,
+    bias=None,
+    stride=(1, 1),
+    padding=(0, 0),
+    pool_size=(2, 2),
+    pool_stride=(),
+    ceil_mode=False,
+    pool_padding=(0, 0),
 ):
     """``cifarnet::conv2d_relu_max_pool2d`` as ``Conv -> Relu -> MaxPool`` (defaults mirror the schema)."""
     from onnxscript import opset18 as op
@@ -130,7 +156,7 @@ def _conv2d_relu_max_pool2d_onnx(
         op.Relu(conv),
         kernel_shape=list(pool_size),
         strides=list(pool_stride or pool_size),
-        pads=[0, 0, 0, 0],
+        pads=pads(pool_padding),  # ONNX MaxPool's padding never wins either
         dilations=[1, 1],
         ceil_mode=int(ceil_mode),
     )

@@ -208,10 +208,11 @@ inline void check_conv_output(const at::Tensor& conv_output, const at::Tensor& i
 inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& argmax, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-    bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g =
+      check_conv2d_relu_max_pool2d_args(input, weight, std::nullopt, stride, padding, pool_size,
+                                        pool_stride, ceil_mode, pool_padding);
   check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
   check_conv_output(conv_output, input, g);
   return g;
@@ -222,11 +223,11 @@ inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_backward_args(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-    bool ceil_mode) {
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
       grad_output, input, weight, conv_output, argmax, stride, padding, pool_size, pool_stride,
-      ceil_mode);
+      ceil_mode, pool_padding);
   check_per_output_channel(save_mean, "save_mean", weight);
   check_per_output_channel(save_var, "save_var", weight);
   check_per_output_channel(bn_weight, "bn_weight", weight);
@@ -239,10 +240,11 @@ inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_output,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-    bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g =
+      check_conv2d_relu_max_pool2d_args(input, weight, std::nullopt, stride, padding, pool_size,
+                                        pool_stride, ceil_mode, pool_padding);
   check_conv_output(conv_output, input, g);
   check_per_output_channel(mean, "mean", weight);
   check_per_output_channel(var, "var", weight);

@@ -24,6 +24,11 @@ struct ConvPoolGeometry {
   int64_t stride_h, stride_w, pad_h, pad_w;
   int64_t conv_h, conv_w;  // convolution (pre-pool) output
   int64_t pool_h, pool_w, pool_stride_h, pool_stride_w;
+  // Pool window (ph, pw) spans convolution rows ph * pool_stride_h - pool_pad_h + [0, pool_h)
+  // and columns likewise; its positions outside the convolution output are padding, which never
+  // wins (native's -inf), and the argmax offset counts them: kh * pool_w + kw from the
+  // window's first, padded, row and column.
+  int64_t pool_pad_h, pool_pad_w;
   int64_t out_h, out_w;  // pooled output
 };
 
@@ -36,13 +41,15 @@ struct Strides4d {
 
 inline std::string shape_string(const at::Tensor& t) { return c10::str(t.sizes()); }
 
-// Output length of a max pool with no padding and no dilation, as at::pooling_output_shape
-// computes it: in ceil mode the last window must start inside the input.
-inline int64_t pooled_size(int64_t input, int64_t window, int64_t stride, bool ceil_mode) {
-  int64_t numerator = input - window + (ceil_mode ? stride - 1 : 0);
+// Output length of a max pool with padding `pad` on both sides and no dilation, as
+// at::pooling_output_shape computes it: in ceil mode the last window must start inside the
+// input or its left padding.
+inline int64_t pooled_size(int64_t input, int64_t window, int64_t stride, int64_t pad,
+                           bool ceil_mode) {
+  int64_t numerator = input + 2 * pad - window + (ceil_mode ? stride - 1 : 0);
   // floor division (numerator may be negative when the window is larger than the input)
   int64_t out = (numerator >= 0 ? numerator / stride : -((-numerator + stride - 1) / stride)) + 1;
-  if (ceil_mode && out > 0 && (out - 1) * stride >= input) {
+  if (ceil_mode && out > 0 && (out - 1) * stride >= input + pad) {
     --out;
   }
   return out;
@@ -65,7 +72,7 @@ inline void check_floating_dtype(const at::Tensor& t, const char* name) {
 inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
   TORCH_CHECK(input.dim() == 4, "input must be a 4-D tensor (N, C, H, W), got ", input.dim(),
               "-D tensor of shape ", shape_string(input));
   TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (C_out, C_in, kH, kW), got ",
@@ -92,6 +99,7 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   check_pair(stride, "stride");
   check_pair(padding, "padding");
   check_pair(pool_size, "pool_size");
+  check_pair(pool_padding, "pool_padding");
   TORCH_CHECK(pool_stride.empty() || pool_stride.size() == 2,
               "pool_stride must be empty (= pool_size) or have two elements, got ", pool_stride);
   TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
@@ -100,6 +108,13 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   const at::IntArrayRef window_stride = pool_stride.empty() ? pool_size : pool_stride;
   TORCH_CHECK(window_stride[0] > 0 && window_stride[1] > 0, "pool_stride must be positive, got ",
               window_stride);
+  // max_pool2d's rule (a RuntimeError there too): every window then holds at least one
+  // position of the input, so no window is all padding.
+  TORCH_CHECK(pool_padding[0] >= 0 && pool_padding[1] >= 0,
+              "pool_padding must be non-negative, got ", pool_padding);
+  TORCH_CHECK(pool_padding[0] <= pool_size[0] / 2 && pool_padding[1] <= pool_size[1] / 2,
+              "pool_padding should be at most half of pool_size, got pool_padding=", pool_padding,
+              " and pool_size=", pool_size);
   TORCH_CHECK(pool_size[0] * pool_size[1] <= kMaxPoolWindowElements, "pool_size ", pool_size,
               " has ", pool_size[0] * pool_size[1], " elements; at most ", kMaxPoolWindowElements,
               " are supported (the argmax is stored in one byte)");
@@ -128,11 +143,13 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   g.pool_w = pool_size[1];
   g.pool_stride_h = window_stride[0];
   g.pool_stride_w = window_stride[1];
-  g.out_h = pooled_size(g.conv_h, g.pool_h, g.pool_stride_h, ceil_mode);
-  g.out_w = pooled_size(g.conv_w, g.pool_w, g.pool_stride_w, ceil_mode);
+  g.pool_pad_h = pool_padding[0];
+  g.pool_pad_w = pool_padding[1];
+  g.out_h = pooled_size(g.conv_h, g.pool_h, g.pool_stride_h, g.pool_pad_h, ceil_mode);
+  g.out_w = pooled_size(g.conv_w, g.pool_w, g.pool_stride_w, g.pool_pad_w, ceil_mode);
   TORCH_CHECK(g.out_h > 0 && g.out_w > 0, "pool_size ", pool_size,
-              " is larger than the convolution output ", g.conv_h, "x", g.conv_w,
-              "; the pooled output would be ", g.out_h, "x", g.out_w);
+              " is larger than the convolution output ", g.conv_h, "x", g.conv_w, " (pool_padding ",
+              pool_padding, "); the pooled output would be ", g.out_h, "x", g.out_w);
   return g;
 }
 

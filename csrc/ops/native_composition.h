@@ -15,9 +15,10 @@
 namespace cifarnet {
 
 inline at::Tensor composed_relu_max_pool2d(const at::Tensor& conv_output, at::IntArrayRef pool_size,
-                                           at::IntArrayRef pool_stride, bool ceil_mode) {
+                                           at::IntArrayRef pool_stride, bool ceil_mode,
+                                           at::IntArrayRef pool_padding) {
   return at::max_pool2d(at::relu(conv_output), pool_size,
-                        pool_stride.empty() ? pool_size : pool_stride, /*padding=*/{0, 0},
+                        pool_stride.empty() ? pool_size : pool_stride, pool_padding,
                         /*dilation=*/{1, 1}, ceil_mode);
 }
 
@@ -25,9 +26,10 @@ inline at::Tensor composed_conv2d_relu_max_pool2d(const at::Tensor& input, const
                                                   const std::optional<at::Tensor>& bias,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef pool_size,
-                                                  at::IntArrayRef pool_stride, bool ceil_mode) {
+                                                  at::IntArrayRef pool_stride, bool ceil_mode,
+                                                  at::IntArrayRef pool_padding) {
   return composed_relu_max_pool2d(at::conv2d(input, weight, bias, stride, padding), pool_size,
-                                  pool_stride, ceil_mode);
+                                  pool_stride, ceil_mode, pool_padding);
 }
 
 // Batch norm with the batch statistics (training; the running ones, if given, updated with
@@ -47,11 +49,12 @@ inline at::Tensor composed_conv2d_batch_norm_relu_max_pool2d(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode) {
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
   const at::Tensor conv_output = at::conv2d(input, weight, bias, stride, padding);
   return composed_relu_max_pool2d(composed_batch_norm(conv_output, running_mean, running_var,
                                                       bn_weight, bn_bias, training, momentum, eps),
-                                  pool_size, pool_stride, ceil_mode);
+                                  pool_size, pool_stride, ceil_mode, pool_padding);
 }
 
 }  // namespace cifarnet

@@ -12,20 +12,26 @@
 namespace cifarnet::ops {
 
 // max_pool2d(relu(conv2d(input, weight, bias, stride, padding)), pool_size, pool_stride,
-// ceil_mode). input: Tensor[N, C_in, H, W]; weight: Tensor[C_out, C_in, kH, kW]; bias:
-// Tensor[C_out] or nullopt; float32, float64, bfloat16 or float16 (16-bit data computed in
-// float32). An empty pool_stride means pool_size.
+// pool_padding, ceil_mode=ceil_mode). input: Tensor[N, C_in, H, W]; weight: Tensor[C_out, C_in,
+// kH, kW]; bias: Tensor[C_out] or nullopt; float32, float64, bfloat16 or float16 (16-bit data
+// computed in float32). An empty pool_stride means pool_size; pool_padding (at most half of
+// pool_size, as max_pool2d's) pads the pool windows with values that never win, as
+// max_pool2d's -inf.
+// NB: pool_padding comes last (the schemas' order too) so that calls written before it existed
+// keep their meaning.
 at::Tensor conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                   at::IntArrayRef padding, at::IntArrayRef pool_size,
-                                  at::IntArrayRef pool_stride, bool ceil_mode);
+                                  at::IntArrayRef pool_stride, bool ceil_mode,
+                                  at::IntArrayRef pool_padding = {0, 0});
 
-// Same, also returning the one-byte window argmax (uint8, the output's shape and layout):
-// the offset of the maximum inside its pool window, or 255 where the maximum was not positive.
+// Same, also returning the one-byte window argmax (uint8, the output's shape and layout): the
+// offset of the maximum inside its pool window (padded positions counted, never named), or 255
+// where the maximum was not positive.
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_with_argmax(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding = {0, 0});
 
 // Gradients (input, weight, bias) of conv2d_relu_max_pool2d; those not asked for in
 // output_mask come back undefined.
@@ -33,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> _conv2d_relu_max_pool2d_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
-    std::array<bool, 3> output_mask);
+    at::IntArrayRef pool_padding, std::array<bool, 3> output_mask);
 
 // F.batch_norm's semantics: normalises input Tensor[N, C, *] per channel with the batch
 // statistics (training; running_mean/running_var, if given, are updated in place with
@@ -45,13 +51,15 @@ at::Tensor batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& 
                       double eps);
 
 // max_pool2d(relu(batch_norm(conv2d(input, weight, bias, stride, padding), ...)), pool_size,
-// pool_stride, ceil_mode), running statistics updated as batch_norm does.
+// pool_stride, pool_padding, ceil_mode=ceil_mode), running statistics updated as batch_norm
+// does.
 at::Tensor conv2d_batch_norm_relu_max_pool2d(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode);
+    at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding = {0, 0});
 
 // Training dropout: each element of input zeroed with probability p, the others scaled by
 // 1 / (1 - p) (as native dropout computes it, in input's dtype). The mask is Philox4x32-10 over

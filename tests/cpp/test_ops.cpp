@@ -50,6 +50,7 @@ struct Case {
   std::vector<int64_t> stride, padding, pool_size, pool_stride;
   bool ceil_mode, channels_last;
   at::ScalarType dtype;
+  std::vector<int64_t> pool_padding = {0, 0};
 };
 
 void compare_with_native(const Case& c) {
@@ -62,16 +63,18 @@ void compare_with_native(const Case& c) {
       c.pool_stride.empty() ? c.pool_size : c.pool_stride;
 
   auto [output, argmax] = cifarnet::ops::conv2d_relu_max_pool2d_with_argmax(
-      input, weight, bias, c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode);
-  const at::Tensor plain = cifarnet::ops::conv2d_relu_max_pool2d(
-      input, weight, bias, c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode);
+      input, weight, bias, c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode,
+      c.pool_padding);
+  const at::Tensor plain =
+      cifarnet::ops::conv2d_relu_max_pool2d(input, weight, bias, c.stride, c.padding, c.pool_size,
+                                            c.pool_stride, c.ceil_mode, c.pool_padding);
 
   const at::Tensor input_leaf = input.detach().clone().set_requires_grad(true);
   const at::Tensor weight_leaf = weight.detach().clone().set_requires_grad(true);
   const at::Tensor bias_leaf = bias.detach().clone().set_requires_grad(true);
   const at::Tensor native =
       at::max_pool2d(at::relu(at::conv2d(input_leaf, weight_leaf, bias_leaf, c.stride, c.padding)),
-                     c.pool_size, native_pool_stride, {0, 0}, {1, 1}, c.ceil_mode);
+                     c.pool_size, native_pool_stride, c.pool_padding, {1, 1}, c.ceil_mode);
   const double tolerance = c.dtype == at::kDouble ? 1e-10 : 1e-4;
   check(close(output, native.detach(), tolerance), c.name + ": forward matches native");
   check(at::equal(plain, output),
@@ -86,7 +89,7 @@ void compare_with_native(const Case& c) {
       torch::autograd::grad({native}, {input_leaf, weight_leaf, bias_leaf}, {grad_output});
   auto [grad_input, grad_weight, grad_bias] = cifarnet::ops::_conv2d_relu_max_pool2d_backward(
       grad_output, input, weight, argmax, c.stride, c.padding, c.pool_size, c.pool_stride,
-      c.ceil_mode, {true, true, true});
+      c.ceil_mode, c.pool_padding, {true, true, true});
   check(close(grad_input, native_grads[0], tolerance), c.name + ": grad_input matches native");
   check(close(grad_weight, native_grads[1], 10 * tolerance),
         c.name + ": grad_weight matches native");
@@ -95,12 +98,12 @@ void compare_with_native(const Case& c) {
   const auto leaves = leaves_of({input, weight, bias});
   const auto native_leaves = leaves_of({input, weight, bias});
   const at::Tensor ours = cifarnet::ops::conv2d_relu_max_pool2d(
-      leaves[0], leaves[1], leaves[2], c.stride, c.padding, c.pool_size, c.pool_stride,
-      c.ceil_mode);
-  const at::Tensor native_again = at::max_pool2d(
-      at::relu(at::conv2d(native_leaves[0], native_leaves[1], native_leaves[2], c.stride,
-                          c.padding)),
-      c.pool_size, native_pool_stride, {0, 0}, {1, 1}, c.ceil_mode);
+      leaves[0], leaves[1], leaves[2], c.stride, c.padding, c.pool_size, c.pool_stride, c.ceil_mode,
+      c.pool_padding);
+  const at::Tensor native_again =
+      at::max_pool2d(at::relu(at::conv2d(native_leaves[0], native_leaves[1], native_leaves[2],
+                                         c.stride, c.padding)),
+                     c.pool_size, native_pool_stride, c.pool_padding, {1, 1}, c.ceil_mode);
   check_gradients(ours, leaves, native_again, native_leaves, {"grad_input", "grad_weight",
                   "grad_bias"}, 10 * tolerance, c.name);
 }
@@ -180,8 +183,9 @@ void check_backward_with_two_threads() {
       input, weight, std::nullopt, {1, 1}, {2, 2}, {2, 2}, {}, false);
   const at::Tensor grad_output = at::randn_like(output);
   auto backward = [&] {
-    return cifarnet::ops::_conv2d_relu_max_pool2d_backward(
-        grad_output, input, weight, argmax, {1, 1}, {2, 2}, {2, 2}, {}, false, {true, true, false});
+    return cifarnet::ops::_conv2d_relu_max_pool2d_backward(grad_output, input, weight, argmax,
+                                                           {1, 1}, {2, 2}, {2, 2}, {}, false,
+                                                           {0, 0}, {true, true, false});
   };
   const auto [grad_input_1, grad_weight_1, unused_1] = backward();
   at::set_num_threads(2);
@@ -274,6 +278,22 @@ int main() {
        false,
        false,
        at::kDouble},
+      // A ResNet stem: max pool 3x3, stride 2, padding 1, after a 7x7/2 convolution.
+      {"resnet stem, padded pool",
+       2,
+       3,
+       8,
+       21,
+       18,
+       7,
+       {2, 2},
+       {3, 3},
+       {3, 3},
+       {2, 2},
+       true,
+       true,
+       at::kFloat,
+       {1, 1}},
   };
   for (const Case& c : cases) {
     compare_with_native(c);

@@ -106,12 +106,15 @@ struct BackwardInputs {
         argmax(pool_argmax.contiguous(at::MemoryFormat::ChannelsLast)) {}
 };
 
-// Whether the pool windows tile the convolution output (stride == size) over whole vectors of
-// channels: the backward then walks windows densely, with the argmax as a lane mask.
+// Whether the pool windows tile the convolution output (stride == size, from its first row
+// and column) over whole vectors of channels: the backward then walks windows densely, with
+// the argmax as a lane mask.
+// NB: padded pools take the hit-by-hit paths, which read window positions through
+// WindowPositions; the tiled loops assume windows that start inside the convolution output.
 template <typename scalar_t>
 bool windows_tile(const ConvPoolGeometry& g) {
-  return g.pool_stride_h == g.pool_h && g.pool_stride_w == g.pool_w &&
-         g.out_channels % simd::Vec64<simd::opmath_t<scalar_t>>::lanes == 0;
+  return g.pool_stride_h == g.pool_h && g.pool_stride_w == g.pool_w && g.pool_pad_h == 0 &&
+         g.pool_pad_w == 0 && g.out_channels % simd::Vec64<simd::opmath_t<scalar_t>>::lanes == 0;
 }
 
 int64_t conv_offset(const ConvPoolGeometry& g, int64_t n, int64_t h, int64_t w) {
@@ -245,9 +248,9 @@ conv2d_batch_norm_relu_max_pool2d_training_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cpu(input);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
@@ -278,10 +281,11 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 5> output_mask) {
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding,
+    std::array<bool, 5> output_mask) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
       grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
-      padding, pool_size, pool_stride, ceil_mode);
+      padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const BackwardInputs in(conv_output, grad_output, argmax);
@@ -320,9 +324,9 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_stats_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);
@@ -340,11 +344,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_epilogue_ke
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_output,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-    bool ceil_mode) {
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
       input, weight, conv_output, mean, var, bn_weight, bn_bias, eps, stride, padding, pool_size,
-      pool_stride, ceil_mode);
+      pool_stride, ceil_mode, pool_padding);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor conv = conv_output.contiguous(at::MemoryFormat::ChannelsLast);
@@ -364,10 +368,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_backward_re
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& argmax,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
       grad_output, input, weight, conv_output, argmax, stride, padding, pool_size, pool_stride,
-      ceil_mode);
+      ceil_mode, pool_padding);
   check_per_output_channel(save_mean, "save_mean", weight);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -389,13 +393,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor>
 conv2d_batch_norm_relu_max_pool2d_backward_elementwise_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
-    const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax,
-    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, int64_t count, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu, int64_t count, double eps, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding, std::array<bool, 3> output_mask) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
       grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
-      padding, pool_size, pool_stride, ceil_mode);
+      padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_backward_sums(sum_dy, sum_dy_xmu, count, weight.size(0), g.batch * g.conv_h * g.conv_w);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;

@@ -6,10 +6,11 @@
 #include "conv2d_relu_max_pool2d_loops.h"
 
 // The backward's two passes over one sample when pool windows tile the convolution output
-// (pool stride == pool size), vectorised over channels: every window position is read once,
-// and the argmax turns into a per-lane mask of "this position is the window's hit".
-// conv and grad_conv: the sample's channels-last convolution output and its gradient; grad and
-// argmax: the sample's channels-last pooled gradient and argmax.
+// (pool stride == pool size, no pool padding: see windows_tile), vectorised over channels:
+// every window position is read once, and the argmax turns into a per-lane mask of "this
+// position is the window's hit". conv and grad_conv: the sample's channels-last convolution
+// output and its gradient; grad and argmax: the sample's channels-last pooled gradient and
+// argmax.
 
 // sum_g[c] += sum of hit gradients, sum_gx[c] += sum of grad * (x - mean[c]) at the hits, in
 // double, over pooled rows [row_begin, row_end), eight channels at a time; channels past the

@@ -64,9 +64,9 @@ at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
@@ -449,9 +449,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_k
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
-    std::array<bool, 3> output_mask) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_padding, std::array<bool, 3> output_mask) {
+  const ConvPoolGeometry g =
+      check_conv2d_relu_max_pool2d_args(input, weight, std::nullopt, stride, padding, pool_size,
+                                        pool_stride, ceil_mode, pool_padding);
   check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());

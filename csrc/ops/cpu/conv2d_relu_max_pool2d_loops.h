@@ -112,24 +112,26 @@ inline __attribute__((always_inline)) T affine_value(T x, T mean, T scale, T shi
   }
 }
 
-// ReLU + max pool + argmax of one window over one channel. The window is compared in native
-// max_pool2d's order and with its rule (strictly greater, or NaN), so ties go to the first
-// maximum and NaN to the last NaN, as native. Values are compared (and normalised) in
-// T = opmath_t<scalar_t>: float for bfloat16 and float16 data.
+// ReLU + max pool + argmax of one window over one channel: `window` points at the window's
+// first position inside the convolution output, window_h x window_w of them, the first with
+// argmax offset first_offset (past the window's padded rows and columns, which never win). The
+// window is compared in native max_pool2d's order and with its rule (strictly greater, or NaN),
+// so ties go to the first maximum and NaN to the last NaN, as native. Values are compared (and
+// normalised) in T = opmath_t<scalar_t>: float for bfloat16 and float16 data.
 template <typename scalar_t, bool affine, typename T = simd::opmath_t<scalar_t>>
 inline __attribute__((always_inline)) void relu_max_pool2d_window(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, T mean, T scale, T shift, scalar_t* out,
-    uint8_t* argmax) {
+    int64_t column_stride, int64_t pool_w, int64_t first_offset, T mean, T scale, T shift,
+    scalar_t* out, uint8_t* argmax) {
   T best = affine_value<scalar_t, affine>(static_cast<T>(window[0]), mean, scale, shift);
-  int64_t best_offset = 0;
+  int64_t best_offset = first_offset;
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
       const T x = affine_value<scalar_t, affine>(static_cast<T>(window[h * row_stride + w * column_stride]),
                                        mean, scale, shift);
       if (x > best || x != x) {
         best = x;
-        best_offset = h * pool_w + w;
+        best_offset = first_offset + h * pool_w + w;
       }
     }
   }
@@ -143,8 +145,8 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window(
 template <typename scalar_t, bool affine, typename V, typename T = simd::opmath_t<scalar_t>>
 inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
     const scalar_t* window, int64_t window_h, int64_t window_w, int64_t row_stride,
-    int64_t column_stride, int64_t pool_w, const T* mean, const T* scale, const T* shift,
-    scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
+    int64_t column_stride, int64_t pool_w, int64_t first_offset, const T* mean, const T* scale,
+    const T* shift, scalar_t* out, uint8_t* argmax, int64_t out_stride_c) {
   using vec = typename V::type;
   using mask = typename V::mask;
   vec mean_v{}, scale_v{}, shift_v{};
@@ -156,7 +158,7 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
   vec best;
   simd::load(best, window);
   best = affine_value<scalar_t, affine>(best, mean_v, scale_v, shift_v);
-  mask best_offset{};
+  mask best_offset = mask{} + static_cast<typename V::lane_int>(first_offset);
   for (int64_t h = 0; h < window_h; ++h) {
     for (int64_t w = (h == 0 ? 1 : 0); w < window_w; ++w) {
       vec x;
@@ -164,7 +166,7 @@ inline __attribute__((always_inline)) void relu_max_pool2d_window_vec(
       x = affine_value<scalar_t, affine>(x, mean_v, scale_v, shift_v);
       const mask take = (x > best) | (x != x);
       best = take ? x : best;
-      const auto offset = static_cast<typename V::lane_int>(h * pool_w + w);
+      const auto offset = static_cast<typename V::lane_int>(first_offset + h * pool_w + w);
       best_offset = take ? (mask{} + offset) : best_offset;
     }
   }
@@ -191,25 +193,31 @@ void relu_max_pool2d_rows_impl(const scalar_t* conv, scalar_t* out, uint8_t* arg
   const int64_t channels = g.out_channels;
   const int64_t row_stride = g.conv_w * channels;
   for (int64_t ph = row_begin; ph < row_end; ++ph) {
-    const int64_t h0 = ph * g.pool_stride_h;
-    const int64_t window_h = std::min(h0 + g.pool_h, g.conv_h) - h0;
+    // The window's rows inside the convolution output: window_h of them from h_begin (never
+    // none: the pool padding is at most half the window).
+    const int64_t h0 = ph * g.pool_stride_h - g.pool_pad_h;
+    const int64_t h_begin = std::max<int64_t>(h0, 0);
+    const int64_t window_h = std::min(h0 + g.pool_h, g.conv_h) - h_begin;
     for (int64_t pw = 0; pw < g.out_w; ++pw) {
-      const int64_t w0 = pw * g.pool_stride_w;
-      const int64_t window_w = std::min(w0 + g.pool_w, g.conv_w) - w0;
-      const scalar_t* window = conv + h0 * row_stride + w0 * channels;
+      const int64_t w0 = pw * g.pool_stride_w - g.pool_pad_w;
+      const int64_t w_begin = std::max<int64_t>(w0, 0);
+      const int64_t window_w = std::min(w0 + g.pool_w, g.conv_w) - w_begin;
+      const int64_t first_offset = (h_begin - h0) * g.pool_w + (w_begin - w0);
+      const scalar_t* window = conv + h_begin * row_stride + w_begin * channels;
       scalar_t* out_pixel = out + ph * os.h + pw * os.w;
       uint8_t* argmax_pixel = argmax + ph * os.h + pw * os.w;
       int64_t c = 0;
       for (; c + lanes <= channels; c += lanes) {
         relu_max_pool2d_window_vec<scalar_t, affine, V>(
-            window + c, window_h, window_w, row_stride, channels, g.pool_w,
+            window + c, window_h, window_w, row_stride, channels, g.pool_w, first_offset,
             affine ? mean + c : nullptr, affine ? scale + c : nullptr, affine ? shift + c : nullptr,
             out_pixel + c * os.c, argmax_pixel + c * os.c, os.c);
       }
       for (; c < channels; ++c) {
         relu_max_pool2d_window<scalar_t, affine>(
-            window + c, window_h, window_w, row_stride, channels, g.pool_w,
-            affine ? mean[c] : T(0), affine ? scale[c] : T(1), affine ? shift[c] : T(0), out_pixel + c * os.c, argmax_pixel + c * os.c);
+            window + c, window_h, window_w, row_stride, channels, g.pool_w, first_offset,
+            affine ? mean[c] : T(0), affine ? scale[c] : T(1), affine ? shift[c] : T(0),
+            out_pixel + c * os.c, argmax_pixel + c * os.c);
       }
     }
   }
@@ -235,7 +243,8 @@ void relu_max_pool2d_rows(const scalar_t* conv, scalar_t* out, uint8_t* argmax, 
 // The dense backward's gradient of convolution rows [row_begin, row_end) of one sample, for
 // pool windows that do not overlap: each position gets its window's gradient where it holds
 // the window's argmax and zero elsewhere (positions in no window too), so the gradient is
-// written whole in one pass, with no zero fill first. grad_output/argmax: the sample's pooled
+// written whole in one pass, with no zero fill first. Windows start pool_pad_h rows and
+// pool_pad_w columns before the pool stride's grid. grad_output/argmax: the sample's pooled
 // [out_h][out_w][C]; grad_conv: the sample's [conv_h][conv_w][C] (all channels last).
 // Where bias_total is given, the gradients of windows that passed ReLU are also summed per
 // channel: per pooled row into row_sum (T, C values, zero on entry and on return), then into
@@ -253,15 +262,19 @@ void pool_gradient_rows(const scalar_t* grad_output, const uint8_t* argmax, scal
   const int64_t channels = g.out_channels;
   const bytes relu_zero = bytes{} + kArgmaxReluZero;
   for (int64_t h = row_begin; h < row_end; ++h) {
-    const int64_t ph = h / g.pool_stride_h, kh = h - ph * g.pool_stride_h;
+    // (ph, kh): the window holding row h and the row's place in it, padding counted.
+    const int64_t padded_h = h + g.pool_pad_h;
+    const int64_t ph = padded_h / g.pool_stride_h, kh = padded_h - ph * g.pool_stride_h;
     scalar_t* out_row = grad_conv + h * g.conv_w * channels;
     if (ph >= g.out_h || kh >= g.pool_h) {  // in no window
       std::memset(static_cast<void*>(out_row), 0, g.conv_w * channels * sizeof(scalar_t));
       continue;
     }
-    const bool sum_bias = bias_total != nullptr && kh == 0;
+    // The window's first row inside the convolution output (row 0 after padded ones).
+    const bool sum_bias = bias_total != nullptr && (kh == 0 || h == 0);
     for (int64_t w = 0; w < g.conv_w; ++w) {
-      const int64_t pw = w / g.pool_stride_w, kw = w - pw * g.pool_stride_w;
+      const int64_t padded_w = w + g.pool_pad_w;
+      const int64_t pw = padded_w / g.pool_stride_w, kw = padded_w - pw * g.pool_stride_w;
       scalar_t* out = out_row + w * channels;
       if (pw >= g.out_w || kw >= g.pool_w) {
         std::memset(static_cast<void*>(out), 0, channels * sizeof(scalar_t));
@@ -269,8 +282,8 @@ void pool_gradient_rows(const scalar_t* grad_output, const uint8_t* argmax, scal
       }
       const int64_t offset = kh * g.pool_w + kw;
       const bytes here = bytes{} + static_cast<uint8_t>(offset);
-      // Each window is summed once, at its first position.
-      const bool window_start = sum_bias && kw == 0;
+      // Each window is summed once, at its first position inside the convolution output.
+      const bool window_start = sum_bias && (kw == 0 || w == 0);
       const scalar_t* grad = grad_output + (ph * g.out_w + pw) * channels;
       const uint8_t* window_argmax = argmax + (ph * g.out_w + pw) * channels;
       int64_t c = 0;

@@ -44,13 +44,15 @@ void relu_max_pool2d(const at::Tensor& conv, at::Tensor& output, at::Tensor& arg
   });
 }
 
-// Row and column, inside its pool window, of each argmax offset: no divisions per element.
+// Row and column of each argmax offset relative to (ph * pool_stride_h, pw * pool_stride_w):
+// its place inside the pool window less the pool padding, so that adding them gives the
+// convolution position (never a padded one: those never win). No divisions per element.
 struct WindowPositions {
   std::array<int64_t, kMaxPoolWindowElements> row{}, column{};
   explicit WindowPositions(const ConvPoolGeometry& g) {
     for (int64_t k = 0; k < g.pool_h * g.pool_w; ++k) {
-      row[k] = k / g.pool_w;
-      column[k] = k % g.pool_w;
+      row[k] = k / g.pool_w - g.pool_pad_h;
+      column[k] = k % g.pool_w - g.pool_pad_w;
     }
   }
 };

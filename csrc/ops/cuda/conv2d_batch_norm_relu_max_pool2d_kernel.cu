@@ -165,9 +165,9 @@ conv2d_batch_norm_relu_max_pool2d_training_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& bn_weight, const std::optional<at::Tensor>& bn_bias,
     double eps, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cuda(input);
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
@@ -190,10 +190,11 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
     const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 5> output_mask) {
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding,
+    std::array<bool, 5> output_mask) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
       grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
-      padding, pool_size, pool_stride, ceil_mode);
+      padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -219,9 +220,9 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_cuda(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_stats_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -238,11 +239,11 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_epilogue_cu
     const at::Tensor& input, const at::Tensor& weight, const at::Tensor& conv_output,
     const at::Tensor& mean, const at::Tensor& var, const std::optional<at::Tensor>& bn_weight,
     const std::optional<at::Tensor>& bn_bias, double eps, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride,
-    bool ceil_mode) {
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
       input, weight, conv_output, mean, var, bn_weight, bn_bias, eps, stride, padding, pool_size,
-      pool_stride, ceil_mode);
+      pool_stride, ceil_mode, pool_padding);
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -256,10 +257,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d_backward_re
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& argmax,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_pooled_grad_args(
       grad_output, input, weight, conv_output, argmax, stride, padding, pool_size, pool_stride,
-      ceil_mode);
+      ceil_mode, pool_padding);
   check_per_output_channel(save_mean, "save_mean", weight);
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -277,13 +278,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor>
 conv2d_batch_norm_relu_max_pool2d_backward_elementwise_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& conv_output, const at::Tensor& save_mean, const at::Tensor& save_var,
-    const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax,
-    const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu, int64_t count, double eps,
-    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode, std::array<bool, 3> output_mask) {
+    const std::optional<at::Tensor>& bn_weight, const at::Tensor& argmax, const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu, int64_t count, double eps, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
+    at::IntArrayRef pool_padding, std::array<bool, 3> output_mask) {
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
       grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
-      padding, pool_size, pool_stride, ceil_mode);
+      padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_backward_sums(sum_dy, sum_dy_xmu, count, weight.size(0), g.batch * g.conv_h * g.conv_w);
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());

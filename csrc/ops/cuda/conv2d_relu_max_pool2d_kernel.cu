@@ -18,9 +18,9 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_cuda(
     const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef pool_size,
-    at::IntArrayRef pool_stride, bool ceil_mode) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(input, weight, bias, stride, padding,
-                                                               pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_stride, bool ceil_mode, at::IntArrayRef pool_padding) {
+  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
+      input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor for the CUDA kernel, got ",
               input.device());
   const c10::cuda::CUDAGuard device_guard(input.device());
@@ -47,9 +47,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_max_pool2d_backward_c
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
     const at::Tensor& argmax, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
-    std::array<bool, 3> output_mask) {
-  const ConvPoolGeometry g = check_conv2d_relu_max_pool2d_args(
-      input, weight, std::nullopt, stride, padding, pool_size, pool_stride, ceil_mode);
+    at::IntArrayRef pool_padding, std::array<bool, 3> output_mask) {
+  const ConvPoolGeometry g =
+      check_conv2d_relu_max_pool2d_args(input, weight, std::nullopt, stride, padding, pool_size,
+                                        pool_stride, ceil_mode, pool_padding);
   check_conv2d_relu_max_pool2d_backward_args(grad_output, argmax, input, g);
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor for the CUDA kernel, got ",
               input.device());

@@ -55,7 +55,9 @@ __device__ __forceinline__ Index4d unravel(int64_t index, int64_t channels, int6
 
 // ReLU + max pool + one-byte argmax of (x - mean) * scale + shift (a batch norm in front) or
 // of x, one thread per pooled output. Comparisons follow native max_pool2d (strictly greater,
-// or NaN: ties go to the first maximum, NaN to the last), in acc_t.
+// or NaN: ties go to the first maximum, NaN to the last), in acc_t, over the window's positions
+// inside the convolution output (its padded ones never win); the argmax counts from the
+// window's first, padded, position.
 template <typename scalar_t, typename acc_t, bool affine>
 __global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ conv, Strides4d cs,
                                        scalar_t* __restrict__ out, uint8_t* __restrict__ argmax,
@@ -65,7 +67,8 @@ __global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ conv, Stride
                                        const acc_t* __restrict__ shift, int64_t total) {
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const Index4d i = unravel(index, g.out_channels, g.out_h, g.out_w, channels_last);
-    const int64_t h0 = i.h * g.pool_stride_h, w0 = i.w * g.pool_stride_w;
+    const int64_t h0 = i.h * g.pool_stride_h - g.pool_pad_h;
+    const int64_t w0 = i.w * g.pool_stride_w - g.pool_pad_w;
     const int64_t h1 = min(h0 + g.pool_h, g.conv_h), w1 = min(w0 + g.pool_w, g.conv_w);
     const scalar_t* window = conv + i.n * cs.n + i.c * cs.c;
     acc_t m = 0, s = 1, b = 0;
@@ -77,8 +80,8 @@ __global__ void relu_max_pool2d_kernel(const scalar_t* __restrict__ conv, Stride
     acc_t best = 0;
     int offset = 0;
     bool first = true;
-    for (int64_t h = h0; h < h1; ++h) {
-      for (int64_t w = w0; w < w1; ++w) {
+    for (int64_t h = max(h0, int64_t{0}); h < h1; ++h) {
+      for (int64_t w = max(w0, int64_t{0}); w < w1; ++w) {
         acc_t x = static_cast<acc_t>(window[h * cs.h + w * cs.w]);
         // Rounded to scalar_t as native's batch norm output is before its ReLU and pool
         // compare it: values equal in float16/bfloat16 tie (no-op for float32/float64).
@@ -132,6 +135,9 @@ __device__ __forceinline__ acc_t pooled_gradient_at(const scalar_t* __restrict__
                                                     const uint8_t* __restrict__ argmax,
                                                     const Strides4d& as, const ConvPoolGeometry& g,
                                                     int64_t n, int64_t c, int64_t h, int64_t w) {
+  // (h, w) counted from the first window's first, padded, row and column.
+  h += g.pool_pad_h;
+  w += g.pool_pad_w;
   // Windows [ph_begin, ph_end) x [pw_begin, pw_end) contain (h, w).
   const int64_t ph_begin = h < g.pool_h ? 0 : (h - g.pool_h) / g.pool_stride_h + 1;
   const int64_t ph_end = min(h / g.pool_stride_h + 1, g.out_h);

@@ -38,7 +38,6 @@ from cifarnet.study.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, ma
 from cifarnet.study.distributed import Peers, epoch_seed
 from cifarnet.study.fileio import atomic_save, output_folder_problem
 from cifarnet.study.models import ConvNet
-from cifarnet.study.train.cuda_graph import GraphedTrainingStep, cuda_graph_problem, set_lr
 from cifarnet.study.plots import plot_batch_losses, plot_curves
 from cifarnet.study.train.checkpoints import (
     _batch_loss_rows,
@@ -67,6 +66,7 @@ from cifarnet.study.train.config import (
     TRAINING_MEMORY_FORMAT,
     TrainConfig,
 )
+from cifarnet.study.train.cuda_graph import GraphedTrainingStep, cuda_graph_problem, set_lr
 from cifarnet.study.train.divergence import _diverged, _NonFiniteLoss
 from cifarnet.study.train.processes import _check_last_batch, _check_processes_agree, _on_main
 from cifarnet.study.variants import recipe
@@ -196,12 +196,11 @@ def epoch(
                 count = labels.shape[0]
                 if graphed is not None:
                     logits, loss = graphed.forward_backward(inputs, labels)
-                    local_loss = batch_loss = loss.item()
                 else:
                     with torch.autocast(inputs.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                         logits = model(inputs)
                         loss = criterion(logits, labels)
-                    local_loss = batch_loss = loss.item()
+                local_loss = batch_loss = loss.item()
                 if training and graphed is None:
                     share, global_loss_sum = 1.0, None
                     if peers is not None:

@@ -17,6 +17,7 @@ after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``feat
     cifarnet-bench --batch-size 128 --threads 2 --json bench.json
     cifarnet-bench --device cuda --dtype bfloat16 --memory-format channels_last --batch-size 1024
     cifarnet-bench --model vgg11_bn --batch-size 128 --threads 2
+    cifarnet-bench --model resnet50 --batch-size 8 --memory-format channels_last --threads 2
 """
 
 from __future__ import annotations
@@ -485,10 +486,11 @@ def format_table(rows: list[dict], total: dict, implementations: Sequence[str]) 
     return "\n".join(lines)
 
 
-MODEL_INPUT_SIZES = {"convnet": 28, "vgg11": 32, "vgg11_bn": 32, "alexnet": 64}
-"""The models ``--model`` times, and the side of their square inputs: the study's ``full``
-ConvNet trains on 28x28 crops; VGG pools 32x32 down to 1x1; AlexNet's stride-4 11x11 stem
-needs 64x64 to keep its three pools."""
+MODEL_INPUT_SIZES = {"convnet": 28, "vgg11": 32, "vgg11_bn": 32, "alexnet": 64, "resnet18": 224, "resnet50": 224}
+"""The models ``--model`` times, and the side of their square inputs by default (``--input-size``
+changes it): the study's ``full`` ConvNet trains on 28x28 crops; VGG pools 32x32 down to 1x1;
+AlexNet's stride-4 11x11 stem needs 64x64 to keep its three pools; the ResNets at ImageNet's
+224x224, where their stem's activation is largest."""
 
 
 def make_model(name: str) -> nn.Module:
@@ -519,14 +521,14 @@ def model_forward_backward(model: nn.Module, input: Tensor, autocast_dtype: torc
     return forward_backward
 
 
-def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format) -> list[dict]:
+def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format, input_size: int | None = None) -> list[dict]:
     """Times forward+backward of a model (training mode) before and after ``cifarnet.fuse``,
     interleaved, and counts the bytes saved for its backward; for ``vgg11_bn`` also its
     ``features`` alone (the classifier's linear layers would hide the convolutions). Model and
     input in ``memory_format`` (channels_last: the layout native is fastest in on CPUs with AMX)."""
     torch.manual_seed(0)
     model = make_model(name).to(device=device, dtype=dtype, memory_format=memory_format).train()
-    size = MODEL_INPUT_SIZES[name]
+    size = input_size or MODEL_INPUT_SIZES[name]
     input = torch.randn(batch_size, 3, size, size, dtype=dtype, device=device).contiguous(memory_format=memory_format)
     parts = {"model": model}
     if name == "vgg11_bn":
@@ -632,6 +634,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(in --memory-format contiguous or channels_last; --op, --no-compile, --implementations and --plot do not apply)",
     )
     parser.add_argument(
+        "--input-size", type=int, metavar="PIXELS",
+        help=f"with --model: the side of its square inputs (default per model: "
+        f"{', '.join(f'{name} {size}' for name, size in MODEL_INPUT_SIZES.items())})",
+    )
+    parser.add_argument(
         "--repeats", type=int, default=None, help="timed calls per implementation, median reported (default: 20; 5 with --model)"
     )
     parser.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: 3; 1 with --model)")
@@ -661,6 +668,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--plot draws the per-op speedups; it does not apply with --model")
     if args.model and args.memory_format == "both":
         parser.error("--model times one layout per run: --memory-format contiguous or channels_last")
+    if args.input_size is not None and not args.model:
+        parser.error("--input-size sizes the inputs of --model; the per-op tables use the study's layer shapes")
+    if args.input_size is not None and args.input_size < 1:
+        parser.error(f"--input-size must be positive, got {args.input_size}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
     if args.repeats < 1:
@@ -837,7 +848,7 @@ def main_model(args: argparse.Namespace, device: torch.device, dtype, autocast_d
     )
     print(machine_line(device))
     rows = benchmark_model(args.model, args.batch_size, dtype, device, args.warmup, args.repeats, autocast_dtype,
-                           MEMORY_FORMATS[args.memory_format])
+                           MEMORY_FORMATS[args.memory_format], args.input_size)
     print(format_model_table(rows))
     if args.json:
         report = {

@@ -131,6 +131,29 @@ def test_bench_model_in_channels_last(tmp_path):
     assert row["memory_format"] == "channels_last" and row["fused_chains"] > 0
 
 
+def test_bench_model_resnet_fuses_its_stem_and_saves_less_at_the_size_given(tmp_path):
+    report = tmp_path / "bench.json"
+    status = benchmark.main(
+        ["--model", "resnet18", "--input-size", "32", "--memory-format", "channels_last", "--batch-size", "2",
+         "--repeats", "1", "--warmup", "1", "--json", str(report)]
+    )
+    assert status == 0
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["shape"] == "3x32x32 (N=2)" and row["fused_chains"] == 1
+    # the stem keeps its pooled output and argmax bytes instead of its conv, BN and ReLU outputs
+    assert row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--input-size", "32"], "--input-size sizes the inputs of --model"),
+    (["--model", "resnet18", "--input-size", "0"], "--input-size must be positive, got 0"),
+])
+def test_bench_refuses_input_sizes_it_cannot_use(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_bench_model_refuses_both_layouts(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--model", "convnet", "--memory-format", "both"])

@@ -192,7 +192,8 @@ def test_fused_ops_convnet_is_left_alone_without_baking_its_tensors():
 
 
 # --------------------------------------------------------------------------------------------
-# torchvision models: chains as nn.Sequential children, rewritten by position
+# torchvision models: chains as nn.Sequential children, rewritten by position (the whole zoo,
+# in float64: tests/test_fuse_zoo.py)
 
 
 def torchvision_chains(features: nn.Sequential, prefix: str = "features") -> list[tuple[str, ...]]:
@@ -257,18 +258,6 @@ def test_resnet_stem_with_its_padded_pool_fuses_and_computes_the_same(size):
     assert_same_function(fused, stem, input, FLOAT64)  # training, then evaluation
     assert_state_dicts_load_both_ways(fused, stem)
     assert_unfuses_to(stem, fused, input, FLOAT64)
-
-
-def test_torchvision_resnet18_fuses_its_stem_and_computes_the_same():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
-    fused, report = fuse_quietly(model, report=True)
-    assert [chain.names for chain in report.fused] == [("conv1", "bn1", "relu", "maxpool")]
-    assert report.unfused == []
-    input = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    # outputs, input and parameter gradients, and running statistics after the training step
-    assert_same_function(fused, model, input, FLOAT64)
-    assert_state_dicts_load_both_ways(fused, model)
 
 
 def test_inplace_rewrites_the_model_itself_and_keeps_its_parameters():

@@ -7,7 +7,6 @@ import io
 import json
 import subprocess
 import sys
-import warnings
 
 import pytest
 import torch
@@ -27,76 +26,20 @@ from cifarnet.fuse import (
 from cifarnet.study.models import ConvNet
 from cifarnet.nn import conv_relu_pool_unfusable_reason
 from cifarnet.study.variants import VARIANTS, recipe
+from fuse_cases import (
+    EXACT,
+    FLOAT32,
+    FLOAT64,
+    assert_close,
+    assert_same_function,
+    assert_same_tensors,
+    assert_state_dicts_load_both_ways,
+    fuse_quietly,
+    run,
+)
 from op_cases import assert_no_worse_than_native
 
-FLOAT64 = {"rtol": 1e-10, "atol": 1e-10}
-FLOAT32 = {"rtol": 1e-4, "atol": 1e-4}  # atol: of the tensor's largest magnitude (see assert_close)
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def fuse_quietly(model, **kwargs):
-    """cifarnet.fuse, failing the test if it warns (every model here is traceable)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        return cifarnet.fuse(model, **kwargs)
-
-
-def run(model, input, seed=0):
-    """Output, input gradient and parameter gradients (by name) of one forward+backward, with
-    the RNG seeded first (dropout) and a seeded output gradient."""
-    input = input.detach().clone().requires_grad_(True)
-    torch.manual_seed(seed)
-    output = model(input)
-    grad_output = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed), dtype=output.dtype)
-    parameters = dict(model.named_parameters())
-    grads = torch.autograd.grad(output, [input, *parameters.values()], grad_output, allow_unused=True)
-    return output, grads[0], dict(zip(parameters, grads[1:]))
-
-
-EXACT = {"rtol": 0, "atol": 0}
-
-
-def assert_close(mine, expected, tolerance, name="") -> None:
-    """torch.testing.assert_close with ``atol`` relative to ``expected``'s largest magnitude
-    when above 1: float32 rounding through a deep network's eight batch norms scales with
-    the gradient's size (VGG11-bn's first conv: max 24, float32 noise 1.5e-4)."""
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    torch.testing.assert_close(
-        mine, expected, rtol=tolerance["rtol"], atol=tolerance["atol"] * scale, msg=lambda m: f"{name}: {m}"
-    )
-LARGE = 1_000_000  # elements; VGG's classifier has 100M-element weights
-
-
-def assert_same_tensors(ours: dict, theirs: dict, tolerance) -> None:
-    assert list(ours) == list(theirs)
-    for name in theirs:
-        mine, expected = ours[name], theirs[name]
-        if expected is None:
-            assert mine is None, name
-        elif tolerance == EXACT:
-            assert mine.dtype == expected.dtype and torch.equal(mine, expected), name
-        else:
-            if expected.numel() > LARGE:
-                # NB: comparing 100M elements takes seconds on a busy CPU; a strided sample of
-                # the classifier's weights (which the fused layers feed) is as telling.
-                mine, expected = mine.reshape(-1)[::97], expected.reshape(-1)[::97]
-            assert_close(mine, expected, tolerance, name)
-
-
-def assert_same_function(fused, original, input, tolerance, modes=(True, False)) -> None:
-    """Outputs, gradients and (after the training-mode call) buffers of ``fused`` equal the
-    unfused ``original``'s, in each mode."""
-    for training in modes:
-        original.train(training)
-        fused.train(training)
-        out, input_grad, grads = run(fused, input)
-        expected_out, expected_input_grad, expected_grads = run(original, input)
-        assert_close(out, expected_out, tolerance, "output")
-        assert_close(input_grad, expected_input_grad, tolerance, "input gradient")
-        assert_same_tensors(grads, expected_grads, tolerance)
-        assert_same_tensors(dict(fused.named_buffers()), dict(original.named_buffers()), tolerance)
 
 
 def assert_as_accurate_as_native(fused, original, input) -> None:
@@ -110,21 +53,6 @@ def assert_as_accurate_as_native(fused, original, input) -> None:
     flat = lambda result: [result[0], result[1], *result[2].values()]
     for name, ours, theirs, truth in zip(names, flat(mine), flat(native), flat(exact)):
         assert_no_worse_than_native(ours, theirs, truth, name, rtol=1e-5, atol=0)
-
-
-def assert_state_dicts_load_both_ways(fused, original) -> None:
-    assert list(fused.state_dict()) == list(original.state_dict())
-    fused = copy.deepcopy(fused)
-    # Different values first, so that loading is seen to do something.
-    other = copy.deepcopy(original)
-    with torch.no_grad():
-        for tensor in other.state_dict().values():
-            tensor.add_(1)
-    fused.load_state_dict(other.state_dict(), strict=True)
-    assert_same_tensors(fused.state_dict(), other.state_dict(), EXACT)
-    fresh = copy.deepcopy(original)
-    fresh.load_state_dict(fused.state_dict(), strict=True)
-    assert_same_tensors(fresh.state_dict(), other.state_dict(), EXACT)
 
 
 def module_types(model) -> list[tuple[str, type]]:
@@ -264,7 +192,8 @@ def test_fused_ops_convnet_is_left_alone_without_baking_its_tensors():
 
 
 # --------------------------------------------------------------------------------------------
-# torchvision models: chains as nn.Sequential children, rewritten by position
+# torchvision models: chains as nn.Sequential children, rewritten by position (the whole zoo,
+# in float64: tests/test_fuse_zoo.py)
 
 
 def torchvision_chains(features: nn.Sequential, prefix: str = "features") -> list[tuple[str, ...]]:
@@ -329,18 +258,6 @@ def test_resnet_stem_with_its_padded_pool_fuses_and_computes_the_same(size):
     assert_same_function(fused, stem, input, FLOAT64)  # training, then evaluation
     assert_state_dicts_load_both_ways(fused, stem)
     assert_unfuses_to(stem, fused, input, FLOAT64)
-
-
-def test_torchvision_resnet18_fuses_its_stem_and_computes_the_same():
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=10).double()
-    fused, report = fuse_quietly(model, report=True)
-    assert [chain.names for chain in report.fused] == [("conv1", "bn1", "relu", "maxpool")]
-    assert report.unfused == []
-    input = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    # outputs, input and parameter gradients, and running statistics after the training step
-    assert_same_function(fused, model, input, FLOAT64)
-    assert_state_dicts_load_both_ways(fused, model)
 
 
 def test_inplace_rewrites_the_model_itself_and_keeps_its_parameters():

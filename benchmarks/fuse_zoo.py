@@ -29,13 +29,12 @@ import cifarnet
 # classifiers unless asked for them, inception_v3 keeps them unless asked not to.
 AUXILIARY_OFF = {"aux_logits": False, "init_weights": True}
 AUXILIARY_ON = {"aux_logits": True, "init_weights": True}
-CROSSING = (
-    "forward returns the auxiliary classifiers' outputs in training mode only; the chains of the "
-    "aux_logits=False row start in a BasicConv2d's forward and end in the model's, so no module "
-    "fuse can trace holds one"
+AUXILIARY = (
+    "forward returns the auxiliary classifiers' outputs in training mode only: fused in training "
+    "mode (the mode fuse found it in), its own forward in evaluation mode"
 )
 STRIDED = "no max pool: strided convolutions downsample"
-STOCHASTIC_DEPTH = "; StochasticDepth branches on self.training"
+STOCHASTIC_DEPTH = "; StochasticDepth branches on self.training (no chain to fuse in either mode)"
 
 # (torchvision.models name, constructor arguments, note)
 MODELS = [
@@ -51,9 +50,9 @@ MODELS = [
     ("squeezenet1_0", {}, "the later max pools take Fire modules' concatenations"),
     ("squeezenet1_1", {}, "the later max pools take Fire modules' concatenations"),
     ("googlenet", AUXILIARY_OFF, "maxpool3, maxpool4 and the Inception blocks' pooling branches take concatenations"),
-    ("googlenet", AUXILIARY_ON, CROSSING),
+    ("googlenet", AUXILIARY_ON, AUXILIARY),
     ("inception_v3", AUXILIARY_OFF, "the Inception blocks' max pools take concatenations"),
-    ("inception_v3", AUXILIARY_ON, CROSSING),
+    ("inception_v3", AUXILIARY_ON, AUXILIARY),
     ("shufflenet_v2_x1_0", {}, ""),
     ("mobilenet_v2", {}, STRIDED),
     ("mobilenet_v3_large", {}, STRIDED),

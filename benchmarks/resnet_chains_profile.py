@@ -21,6 +21,8 @@ import time
 from collections import defaultdict
 
 import torch
+import torch.fx
+import torch.fx.passes.shape_prop
 import torchvision
 from torch import nn
 
@@ -88,29 +90,26 @@ def op_shares(step, warmup: int) -> dict[str, float]:
 
 
 def bn_relu_conv_bytes(model: nn.Module, input: torch.Tensor) -> int:
-    """Bytes of the tensors a BatchNorm2d→ReLU pair hands straight to a convolution (the
-    bottlenecks' first two stages): saved only as that convolution's input, they are what a
-    BN→ReLU→conv op that recomputes them from the batch norm's input would not keep. (The ReLU
-    after a residual add is left out: recomputing it needs the block's input, itself such an
-    output.)"""
-    normalized: dict[int, int] = {}
-    conv_inputs: set[int] = set()
+    """Bytes of the tensors a batch norm → ReLU pair hands only to convolutions (the
+    bottlenecks' first two stages), from the model's torch.fx graph with its shapes: saved only
+    as those convolutions' input, they are what a BN→ReLU→conv op recomputing them from the
+    batch norm's input would not keep. (The ReLU after a residual add is not such a pair:
+    recomputing it needs the block's input, itself such an output.)"""
+    graph_module = torch.fx.symbolic_trace(model)
+    torch.fx.passes.shape_prop.ShapeProp(graph_module).propagate(input)
+    modules = dict(graph_module.named_modules())
 
-    def pointer(tensor: torch.Tensor) -> int:
-        return tensor.untyped_storage().data_ptr()
+    def is_module(node: torch.fx.Node, module_type: type) -> bool:
+        return node.op == "call_module" and isinstance(modules[node.target], module_type)
 
-    hooks = []
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            # torchvision's ReLUs are in place: the ReLU's output is the batch norm's storage
-            hooks.append(module.register_forward_hook(
-                lambda m, args, out: normalized.__setitem__(pointer(out), out.untyped_storage().nbytes())))
-        if isinstance(module, nn.Conv2d):
-            hooks.append(module.register_forward_pre_hook(lambda m, args: conv_inputs.add(pointer(args[0]))))
-    model(input)
-    for hook in hooks:
-        hook.remove()
-    return sum(size for storage, size in normalized.items() if storage in conv_inputs)
+    total = 0
+    for node in graph_module.graph.nodes:
+        if not (is_module(node, nn.ReLU) and is_module(node.args[0], nn.BatchNorm2d) and len(node.args[0].users) == 1):
+            continue
+        if all(is_module(user, nn.Conv2d) for user in node.users):
+            meta = node.meta["tensor_meta"]
+            total += meta.shape.numel() * meta.dtype.itemsize
+    return total
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import pickle
 import subprocess
 import sys
 
@@ -497,14 +498,43 @@ def test_untraceable_model_warns_and_fuses_its_parts():
     assert_unfuses_to(model, fused, torch.rand(2, 3, 16, 16, dtype=torch.float64), FLOAT64)
 
 
-def test_forward_that_depends_on_the_mode_is_not_traced():
-    class ModeNet(Head):
-        def forward(self, x):
-            return F.dropout(super().forward(x), 0.5, self.training)
+class ModeNet(Head):
+    """forward branches on self.training: dropout only while training."""
 
-    with pytest.warns(UserWarning, match="different branches in training and in evaluation mode"):
-        fused, report = cifarnet.fuse(ModeNet(), report=True)
-    assert report.fused == [] and type(fused) is ModeNet
+    def forward(self, x):
+        x = super().forward(x)
+        return F.dropout(x, 0.5) if self.training else x
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_forward_that_depends_on_the_mode_is_fused_in_the_mode_it_is_in(mode):
+    torch.manual_seed(0)
+    model = ModeNet().double().train(mode)
+    fused, report = fuse_quietly(model, report=True)
+    assert [chain.names for chain in report.fused] == [("conv", "relu", "max_pool2d")]
+    held, other = ("training", "evaluation") if mode else ("evaluation", "training")
+    assert report.checks == [
+        f"ModeNet: forward branches on the mode: the graph holds {held} mode; in {other} mode the module's own forward runs, unfused"
+    ]
+    input = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)  # the fused graph in one mode, the original forward in the other
+    calls = []
+    hook = fused.conv.register_forward_hook(lambda module, args, output: calls.append(output.shape))
+    for training in (mode, not mode):
+        fused.train(training)(input)
+    hook.remove()
+    # the fused layer pools in the graph's mode; the original forward calls it as nn.Conv2d
+    assert calls == [torch.Size([2, 8, 3, 3])]
+    assert_same_function(copy.deepcopy(fused), model, input, FLOAT64)
+    assert_same_function(pickle.loads(pickle.dumps(fused)), model, input, FLOAT64)
+
+
+def test_fusing_again_in_the_other_mode_keeps_the_mode_its_graph_holds():
+    model = ModeNet().double()
+    fused = fuse_quietly(fuse_quietly(model).eval())
+    assert fused._traced_from.mode is True
+    input = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
 
 
 class ShapeError(Exception):

@@ -113,17 +113,38 @@ def test_zoo_model_fuses_the_chains_of_its_architecture_and_computes_the_same(na
     assert_state_dicts_load_both_ways(fused, model)
 
 
+class Concatenated(nn.Module):
+    """A model whose forward returns a tuple in training mode (the auxiliary classifiers'
+    outputs too), as one tensor, for the checks that take one output."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        output = self.model(x)
+        return torch.cat(list(output), 1) if isinstance(output, tuple) else output
+
+
 @pytest.mark.parametrize("name", ["googlenet", "inception_v3"])
-def test_auxiliary_classifiers_leave_the_model_untraced_and_the_report_says_why(name):
+def test_auxiliary_classifiers_fuse_in_training_mode_and_run_unfused_in_evaluation(name):
     # torchvision's default without weights: forward also returns the auxiliary classifiers'
-    # outputs, in training mode only. Each chain ends in the model's own forward (the pool)
-    # and starts in a BasicConv2d's (conv, bn, F.relu), so no part fuse can trace holds one.
-    model = getattr(torchvision.models, name)(num_classes=10, init_weights=True)
-    with pytest.warns(UserWarning, match="cannot trace the model with torch.fx"):
-        fused, report = cifarnet.fuse(model, report=True)
-    assert report.fused == [] and report.unfused == []
-    assert report.untraced == {"": "forward takes different branches in training and in evaluation mode"}
-    assert type(fused) is type(model)
+    # outputs, in training mode only. Each chain ends in the model's own forward (the pool) and
+    # starts in a BasicConv2d's (conv, bn, F.relu), so only the model's graph holds one: the
+    # graph of training mode, the mode the model is in.
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=10, init_weights=True).double()
+    fused, report = fuse_quietly(model, report=True)
+    assert [chain.names for chain in report.fused] == ZOO[name][1]
+    assert report.unfused == [] and report.untraced == {}
+    assert report.checks[0] == (
+        f"{type(model).__name__}: forward branches on the mode: the graph holds training mode; "
+        "in evaluation mode the module's own forward runs, unfused"
+    )
+    if name == "googlenet":  # Inception v3's auxiliary classifier needs 299x299 inputs
+        input = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        assert_same_function(Concatenated(fused), Concatenated(model), input, FLOAT64)
+        assert_state_dicts_load_both_ways(fused, model)
 
 
 def test_a_hook_on_resnet18s_stem_relu_leaves_the_stem_unfused_and_still_runs():

@@ -27,8 +27,9 @@ from cifarnet.fuse.layers import FusedConv2dBatchNormReLUMaxPool2d, _FusedChainL
 _MODULE_STATE = frozenset(vars(nn.Module()))
 
 
-def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> GraphModule:
-    """A GraphModule running ``graph`` that takes over ``module``'s whole state.
+def _graph_module(module: nn.Module, graph: torch.fx.Graph, mode: bool | None = None) -> GraphModule:
+    """A GraphModule running ``graph`` that takes over ``module``'s whole state; ``graph`` holds
+    ``module.forward`` in training (``mode`` True) or evaluation mode only, or either (None).
 
     ``GraphModule(module, graph)`` alone copies only what the graph calls, into bare
     containers; taking over ``module``'s dictionaries keeps every submodule (called or not),
@@ -46,7 +47,9 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> GraphModule:
         if key not in _MODULE_STATE and key not in vars(graph_module) and key != "forward"
     }
     if not isinstance(module, GraphModule):  # a GraphModule's class holds no forward to go back to
-        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved))
+        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode)
+    elif mode is not None and "_traced_from" in preserved:  # a fused GraphModule traced again: its graph now holds this mode
+        preserved["_traced_from"] = dataclasses.replace(preserved["_traced_from"], mode=mode)
     _set_module_state(graph_module, {**state, **preserved})
     _keep_through_copies(graph_module, type(module).__name__, preserved)
     return graph_module
@@ -55,10 +58,12 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph) -> GraphModule:
 @dataclasses.dataclass(frozen=True)
 class _TracedFrom:
     """The class of the module a GraphModule replaced and the names of its plain attributes:
-    unfuse makes an instance of that class again, as deepcopy and pickle make one."""
+    unfuse makes an instance of that class again, as deepcopy and pickle make one. ``mode``:
+    the one train/eval mode the graph holds where forward branches on it (None: both)."""
 
     cls: type
     attributes: tuple[str, ...]
+    mode: bool | None = None
 
 
 class _UntracedBranch(AssertionError):
@@ -106,12 +111,16 @@ class _FusedGraphModule(GraphModule):
 
 
 def _or_original_forward(graph_forward):
-    """``forward`` running the graph's code, or where a branch check fails, the traced class's
-    own ``forward`` on :func:`_original_view`."""
+    """``forward`` running the graph's code, or where a branch check fails or the module is in
+    the train/eval mode the graph does not hold, the traced class's own ``forward`` on
+    :func:`_original_view`."""
 
     # NB: wraps keeps the graph's signature where torch.fx and torch.export read it.
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
+        traced_from = self._traced_from
+        if traced_from.mode is not None and self.training != traced_from.mode:  # the graph holds the other mode
+            return traced_from.cls.forward(_original_view(self), *args, **kwargs)
         saved = [(buffer, buffer.clone()) for buffer in _named_buffers(self, self._buffers_before_checks)]
         try:
             return graph_forward(self, *args, **kwargs)
@@ -122,7 +131,7 @@ def _or_original_forward(graph_forward):
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
-        return self._traced_from.cls.forward(_original_view(self), *args, **kwargs)
+        return traced_from.cls.forward(_original_view(self), *args, **kwargs)
 
     return forward
 

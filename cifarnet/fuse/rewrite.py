@@ -89,7 +89,7 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Modul
     if _is_leaf(module):
         return module
     try:
-        graph, checks = _trace(module)
+        graph, checks, mode = _trace(module)
     except _Untraceable as error:
         report.untraced[name] = str(error)
         if _is_plain_sequential(module):
@@ -106,13 +106,19 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Modul
         for (parent, children), chain in zip(positions, fusable):
             _fuse_positions(module.get_submodule(parent), children, chain)
         return module
-    graph_module = _graph_module(module, graph)
+    graph_module = _graph_module(module, graph, mode)
     for chain in fusable:
         _fuse_in_graph(graph_module, chain)
     graph_module.graph.lint()
     graph_module.recompile()
+    if mode is not None:
+        checks = [f"forward branches on the mode: the graph holds {_MODE_NAMES[mode]} mode; in {_MODE_NAMES[not mode]} "
+                  "mode the module's own forward runs, unfused", *checks]
     report.checks += [f"{name or type(module).__name__}: {check}" for check in checks]
     return graph_module
+
+
+_MODE_NAMES = {True: "training", False: "evaluation"}
 
 
 def _fuse_children(module: nn.Module, name: str, report: FusionReport) -> None:

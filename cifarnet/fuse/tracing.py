@@ -1,6 +1,6 @@
 """Tracing a module's ``forward`` with ``torch.fx`` for :func:`cifarnet.fuse`: one graph for
-training and evaluation, every way through its branches on traced values tried, buffers left
-as they were."""
+training and evaluation (or, where forward branches on the mode, for the module's own mode),
+every way through its branches on traced values tried, buffers left as they were."""
 
 from __future__ import annotations
 
@@ -116,10 +116,17 @@ def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
     return graph, branches
 
 
-def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
-    """The graph of ``module.forward``, which must not depend on train/eval mode nor change a
-    buffer outside the graph (a fused model would silently differ), and its kept checks."""
+def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str], bool | None]:
+    """The graph of ``module.forward``, which must not change a buffer outside the graph (a
+    fused model would silently differ), its kept checks, and the mode it holds.
+
+    ``forward`` is traced in training and in evaluation mode. Where the two graphs differ (a
+    branch on ``self.training``: auxiliary outputs, stochastic depth), the graph of the mode
+    ``module`` is in is kept, and that mode (True: training) is returned; None where one graph
+    holds both. A module fused so before is traced in the mode its graph holds, whatever mode
+    it is in (its own forward, in the other, cannot be traced)."""
     modes = {submodule: submodule.training for submodule in module.modules()}
+    held = getattr(vars(module).get("_traced_from"), "mode", None)
     # (owner's name, owner, name, tensor, version, copy) of every buffer: tracing runs forward's Python code,
     # and what it does to a buffer is undone and makes the module untraceable.
     buffers = [
@@ -131,10 +138,10 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing's own warnings say nothing to the user
-            traced = []
-            for training in (True, False):
+            traced = {}
+            for training in (True, False) if held is None else (held,):
                 module.train(training)
-                traced.append(_trace_branches(module))
+                traced[training] = _trace_branches(module)
     finally:
         for submodule, training in modes.items():
             submodule.training = training
@@ -147,11 +154,15 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
                     buffer.copy_(saved)
     if changed:
         raise _Untraceable(f"forward changes the buffer {changed[0]} outside the traced graph")
-    (train_graph, checks), (eval_graph, _) = traced
-    if train_graph.python_code("self").src != eval_graph.python_code("self").src:
-        raise _Untraceable("forward takes different branches in training and in evaluation mode")
-    _resolve_string_annotations(train_graph, type(module).forward)
-    return train_graph, checks
+    if held is not None:
+        mode = held
+    elif traced[True][0].python_code("self").src != traced[False][0].python_code("self").src:
+        mode = modes[module]
+    else:
+        mode = None
+    graph, checks = traced[True if mode is None else mode]
+    _resolve_string_annotations(graph, type(module).forward)
+    return graph, checks, mode
 
 
 def _resolve_string_annotations(graph: torch.fx.Graph, forward) -> None:

@@ -1,0 +1,180 @@
+"""What a BN→ReLU→conv op that recomputes its normalised input would give a ResNet: the
+measurement issue 28 asks for before building one (its item 4).
+
+    python benchmarks/bn_relu_conv_recompute.py --model resnet50 --input-size 224 --batch-size 8 --threads 2
+
+In a ResNet's bottleneck the batch norm's output, rectified in place, is kept for the backward
+only as the next convolution's input, while the batch norm keeps its own input too. An op that
+takes the batch norm's input, normalises, rectifies and convolves, and keeps only that input
+(recomputing the rectified tensor in the backward, one elementwise pass) keeps one tensor
+fewer per pair. This script builds that op from native ATen calls (a Python autograd.Function,
+not cifarnet's C++), rewrites every BatchNorm2d → ReLU → Conv2d of the model with it through
+torch.fx, checks the rewritten model against the original in float64, and times both, float32
+channels-last, interleaved: forward+backward medians and the bytes saved for the backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from cifarnet.benchmark import saved_tensor_bytes
+
+
+class BatchNormReLUConv2dFunction(torch.autograd.Function):
+    """relu(batch_norm(x)) convolved, keeping x and the batch statistics, not the rectified
+    tensor."""
+
+    @staticmethod
+    def forward(ctx, x, bn_weight, bn_bias, running_mean, running_var, momentum, eps, conv_weight, stride, padding):
+        normalised, mean, invstd = torch.native_batch_norm(x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+        output = F.conv2d(normalised.relu_(), conv_weight, None, stride, padding)
+        ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, conv_weight)
+        ctx.geometry = (stride, padding)
+        ctx.eps = eps
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, bn_weight, bn_bias, mean, invstd, conv_weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        shape = (1, -1, 1, 1)
+        rectified = ((x - mean.view(shape)) * (invstd * bn_weight).view(shape) + bn_bias.view(shape)).relu_()
+        grad_rectified, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+            grad_output, rectified, conv_weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, True, False)
+        )
+        grad_normalised = grad_rectified.masked_fill_(rectified == 0, 0)
+        del rectified
+        grad_x, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normalised, x, bn_weight, None, None, mean, invstd, True, ctx.eps, (True, True, True)
+        )
+        return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, grad_conv_weight, None, None
+
+
+class BatchNormReLUConv2d(nn.Module):
+    """Holds the batch norm and the convolution it replaces (their parameters and buffers)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d):
+        super().__init__()
+        assert conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
+        self.bn, self.conv = bn, conv
+
+    def forward(self, x):
+        if not self.training:
+            return self.conv(F.relu(self.bn(x)))
+        bn = self.bn
+        bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        return BatchNormReLUConv2dFunction.apply(
+            x, bn.weight, bn.bias, bn.running_mean, bn.running_var, momentum, bn.eps, self.conv.weight,
+            self.conv.stride, self.conv.padding,
+        )
+
+
+def rewrite(model: nn.Module) -> tuple[torch.fx.GraphModule, int]:
+    """``model`` traced, each BatchNorm2d → ReLU → Conv2d (the ReLU's output used by the
+    convolution alone) computed by one BatchNormReLUConv2d; and how many."""
+    graph_module = torch.fx.symbolic_trace(model)
+    modules = dict(graph_module.named_modules())
+
+    def is_module(node, module_type):
+        return node.op == "call_module" and isinstance(modules[node.target], module_type)
+
+    count = 0
+    for conv in list(graph_module.graph.nodes):
+        if not is_module(conv, nn.Conv2d):
+            continue
+        relu = conv.args[0]
+        if not (is_module(relu, nn.ReLU) and len(relu.users) == 1 and is_module(relu.args[0], nn.BatchNorm2d)):
+            continue
+        bn = relu.args[0]
+        if len(bn.users) != 1:
+            continue
+        name = f"bn_relu_conv_{count}"
+        graph_module.add_submodule(name, BatchNormReLUConv2d(modules[bn.target], modules[conv.target]))
+        with graph_module.graph.inserting_before(conv):
+            fused = graph_module.graph.call_module(name, (bn.args[0],))
+        conv.replace_all_uses_with(fused)
+        for node in (conv, relu, bn):
+            graph_module.graph.erase_node(node)
+        count += 1
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return graph_module, count
+
+
+def forward_backward(model: nn.Module, input: torch.Tensor):
+    grad = torch.randn_like(model(input))
+
+    def call():
+        model.zero_grad(set_to_none=True)
+        model(input).backward(grad)
+
+    return call
+
+
+def check_float64(name: str) -> float:
+    """Largest relative difference of output and parameter gradients, original against
+    rewritten, float64, training mode."""
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)().double().train()
+    rewritten, _ = rewrite(copy.deepcopy(model))
+    input = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for candidate in (model, rewritten):
+        output = candidate(input)
+        output.sum().backward()
+        results.append({"output": output, **{name: p.grad for name, p in candidate.named_parameters()},
+                        **dict(candidate.named_buffers())})
+    original, mine = results
+    assert original.keys() == mine.keys()
+    return max(((mine[key].double() - value.double()).abs().max() / value.double().abs().max().clamp_min(1e-30)).item()
+               for key, value in original.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet50")
+    parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"float64 check, {args.model}: largest relative difference {check_float64(args.model):.1e}")
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, args.model)().to(memory_format=torch.channels_last).train()
+    rewritten, count = rewrite(copy.deepcopy(model))
+    input = torch.randn(args.batch_size, 3, args.input_size, args.input_size).contiguous(memory_format=torch.channels_last)
+    calls = {"native": forward_backward(model, input), "bn_relu_conv": forward_backward(rewritten, input)}
+    for call in calls.values():
+        for _ in range(args.warmup):
+            call()
+    times = {key: [] for key in calls}
+    for _ in range(args.repeats):
+        for key, call in calls.items():
+            begin = time.perf_counter()
+            call()
+            times[key].append((time.perf_counter() - begin) * 1e3)
+    medians = {key: statistics.median(values) for key, values in times.items()}
+    saved = {key: saved_tensor_bytes(lambda m=m: m(input)) for key, m in (("native", model), ("bn_relu_conv", rewritten))}
+    print(f"{args.model}, {args.input_size}x{args.input_size}, batch {args.batch_size}, float32 channels-last, "
+          f"{torch.get_num_threads()} thread(s): {count} BN→ReLU→conv rewritten")
+    print(f"forward+backward: native {medians['native']:.1f} ms, rewritten {medians['bn_relu_conv']:.1f} ms "
+          f"({medians['native'] / medians['bn_relu_conv']:.2f}x)")
+    print(f"saved for backward: native {saved['native'] / 2**20:.1f} MiB, rewritten {saved['bn_relu_conv'] / 2**20:.1f} MiB "
+          f"({saved['bn_relu_conv'] / saved['native']:.3f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from cifarnet.benchmark import saved_tensor_bytes
+from cifarnet._timing import saved_tensor_bytes
 
 
 class BatchNormReLUConv2dFunction(torch.autograd.Function):

@@ -26,7 +26,7 @@ import torch.fx.passes.shape_prop
 import torchvision
 from torch import nn
 
-from cifarnet.benchmark import saved_tensor_bytes
+from cifarnet._timing import saved_tensor_bytes
 
 GROUPS = {
     "convolution": ("convolution", "conv2d"),

@@ -23,32 +23,34 @@ after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``feat
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import datetime
-import functools
 import json
 import logging
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
 import cifarnet
 from cifarnet import ops
 from cifarnet._cpu import describe_cpu
+from cifarnet._timing import (
+    MEMORY_FORMATS,
+    Stopwatch,
+    interleaved_medians,
+    keep_freed_memory,
+    saved_tensor_bytes,
+    under_autocast,
+)
+from cifarnet.benchmark_models import MODEL_INPUT_SIZES, benchmark_model, format_model_table
 from cifarnet.study.fileio import output_file_problem
 
 MODES = ("forward", "forward_backward")
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-MEMORY_FORMAT_NAMES = {format: name for name, format in MEMORY_FORMATS.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,19 +237,6 @@ def input_requires_grad(op: BenchOp, layer: LayerShape) -> bool:
     return layer.input_requires_grad or not op.conv
 
 
-def under_autocast(fn: Callable, autocast_dtype: torch.dtype | None) -> Callable:
-    """``fn`` run under ``torch.autocast("cpu", autocast_dtype)``; ``fn`` itself where None."""
-    if autocast_dtype is None:
-        return fn
-
-    @functools.wraps(fn)
-    def autocast_fn(*args):
-        with torch.autocast("cpu", dtype=autocast_dtype):
-            return fn(*args)
-
-    return autocast_fn
-
-
 def make_block(op: BenchOp, implementation: str, autocast_dtype: torch.dtype | None = None) -> Callable[[dict[str, Tensor]], Tensor]:
     """The op as ``implementation`` runs it (see ``IMPLEMENTATIONS``): the native composition or
     the fused op, through ``torch.compile`` for the compiled ones, each under CPU autocast in
@@ -314,72 +303,6 @@ def make_timed_call(op: BenchOp, implementation: str, block, tensors: dict[str, 
         return CapturedCall(call)
     except RuntimeError as error:
         raise RuntimeError(f"{implementation}: capturing {op.name} at {layer.name} ({mode}) in a CUDA graph failed: {error}") from error
-
-
-class Stopwatch:
-    """Wall-clock milliseconds of a call; on CUDA, measured with events around the call."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn: Callable[[], object]) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
-        begin = time.perf_counter()
-        fn()
-        return (time.perf_counter() - begin) * 1e3
-
-
-def keep_freed_memory() -> bool:
-    """Makes glibc's malloc keep freed memory for reuse rather than return it to the system,
-    and serve large blocks from its heap, as jemalloc and tcmalloc do by default.
-
-    By default glibc returns the top of its heap once more than twice the largest recent block
-    is free there; the next large tensor then page-faults in afresh (2048 faults, about 1 ms,
-    for 8 MiB here), on whichever variant happens to allocate next. Returns False where the C
-    library is not glibc (nothing changed).
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
-        mallopt = libc.mallopt
-    except (OSError, TypeError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    # Older glibc caps the mmap threshold at 32 MiB: larger blocks are then mapped afresh on
-    # every side alike.
-    heap_blocks = mallopt(m_mmap_threshold, 1 << 30) or mallopt(m_mmap_threshold, 32 << 20)
-    return bool(heap_blocks and mallopt(m_trim_threshold, 2**31 - 1))
-
-
-def interleaved_medians(calls: dict[str, Callable[[], object]], stopwatch: Stopwatch, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each call, timing them round-robin so drift hits all alike."""
-    for _ in range(warmup):
-        for fn in calls.values():
-            fn()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            samples[name].append(stopwatch(fn))
-    return {name: statistics.median(values) for name, values in samples.items()}
-
-
-def saved_tensor_bytes(fn: Callable[[], object]) -> int:
-    """Bytes autograd keeps for the backward of ``fn()``: distinct storages saved by any node."""
-    storages: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storages.values())
 
 
 def benchmark_layer(op: BenchOp, layer: LayerShape, batch_size: int, dtype, device, memory_format, implementations: Sequence[str], warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None) -> dict:
@@ -483,96 +406,6 @@ def format_table(rows: list[dict], total: dict, implementations: Sequence[str]) 
     for row in rows:
         lines.append("| " + " | ".join(cells(row, row["layer"], row["shape"])) + " |")
     lines.append("| " + " | ".join(cells(total, "**total**", "three layers")) + " |")
-    return "\n".join(lines)
-
-
-MODEL_INPUT_SIZES = {"convnet": 28, "vgg11": 32, "vgg11_bn": 32, "alexnet": 64, "resnet18": 224, "resnet50": 224}
-"""The models ``--model`` times, and the side of their square inputs by default (``--input-size``
-changes it): the study's ``full`` ConvNet trains on 28x28 crops; VGG pools 32x32 down to 1x1;
-AlexNet's stride-4 11x11 stem needs 64x64 to keep its three pools; the ResNets at ImageNet's
-224x224, where their stem's activation is largest."""
-
-
-def make_model(name: str) -> nn.Module:
-    """A ``--model`` with random weights: the study's ``full`` ConvNet built from native torch
-    layers, or a torchvision model (1000 classes)."""
-    if name == "convnet":
-        from cifarnet.study.models import ConvNet
-
-        return ConvNet("full", "native")
-    if name not in MODEL_INPUT_SIZES:
-        raise ValueError(f"model must be one of {', '.join(MODEL_INPUT_SIZES)}, got {name!r}")
-    import torchvision
-
-    return getattr(torchvision.models, name)()
-
-
-def model_forward_backward(model: nn.Module, input: Tensor, autocast_dtype: torch.dtype | None = None) -> Callable[[], object]:
-    """A zero-argument forward (under CPU autocast in ``autocast_dtype`` where given) then
-    backward of ``model`` on ``input``, with a fixed output gradient and fresh parameter
-    gradients each call."""
-    forward = under_autocast(model, autocast_dtype)
-    grad_output = torch.randn_like(forward(input))
-
-    def forward_backward():
-        model.zero_grad(set_to_none=True)
-        forward(input).backward(grad_output)
-
-    return forward_backward
-
-
-def benchmark_model(name: str, batch_size: int, dtype, device, warmup: int, repeats: int, autocast_dtype: torch.dtype | None = None, memory_format: torch.memory_format = torch.contiguous_format, input_size: int | None = None) -> list[dict]:
-    """Times forward+backward of a model (training mode) before and after ``cifarnet.fuse``,
-    interleaved, and counts the bytes saved for its backward; for ``vgg11_bn`` also its
-    ``features`` alone (the classifier's linear layers would hide the convolutions). Model and
-    input in ``memory_format`` (channels_last: the layout native is fastest in on CPUs with AMX)."""
-    torch.manual_seed(0)
-    model = make_model(name).to(device=device, dtype=dtype, memory_format=memory_format).train()
-    size = input_size or MODEL_INPUT_SIZES[name]
-    input = torch.randn(batch_size, 3, size, size, dtype=dtype, device=device).contiguous(memory_format=memory_format)
-    parts = {"model": model}
-    if name == "vgg11_bn":
-        parts["features"] = model.features
-    stopwatch = Stopwatch(device)
-    rows = []
-    for part, native in parts.items():
-        fused, report = cifarnet.fuse(native, report=True)
-        versions = {"native": native, "fused": fused}
-        calls = {key: model_forward_backward(module, input, autocast_dtype) for key, module in versions.items()}
-        times = interleaved_medians(calls, stopwatch, warmup, repeats)
-        saved = {key: saved_tensor_bytes(lambda module=module: under_autocast(module, autocast_dtype)(input)) for key, module in versions.items()}
-        rows.append(
-            {
-                "model": name,
-                "part": part,
-                "shape": f"3x{size}x{size} (N={batch_size})",
-                "memory_format": MEMORY_FORMAT_NAMES[memory_format],
-                "fused_chains": len(report.fused),
-                "unfused_chains": len(report.unfused),
-                "forward_backward_ms": times,
-                "speedup": times["native"] / times["fused"],
-                "saved_bytes": saved,
-                "saved_ratio": saved["fused"] / saved["native"],
-            }
-        )
-    return rows
-
-
-def format_model_table(rows: list[dict]) -> str:
-    """A Markdown table of ``benchmark_model``'s rows: ms, speedup (> 1 is faster), MiB."""
-    header = [
-        "model", "part", "input", "chains fused", "fwd+bwd native ms", "fwd+bwd fused ms", "speedup",
-        "saved native MiB", "saved fused MiB", "saved ratio",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        times, saved = row["forward_backward_ms"], row["saved_bytes"]
-        cells = [
-            row["model"], row["part"], row["shape"], str(row["fused_chains"]),
-            f"{times['native']:.2f}", f"{times['fused']:.2f}", f"{row['speedup']:.2f}x",
-            f"{saved['native'] / 2**20:.1f}", f"{saved['fused'] / 2**20:.1f}", f"{row['saved_ratio']:.3f}",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -326,12 +326,17 @@ void pool_gradient_rows(const scalar_t* grad_output, const uint8_t* argmax, scal
 // convolution position (h, w) touches input[n, h*sh + kh, w*sw : w*sw + kW, :], kW * C_in
 // contiguous values, and the matching weight row weight[c, kh, :, :] is contiguous too.
 
+// The vector the sparse loops accumulate in: one register (GCC keeps arrays of vectors wider
+// than the registers on the stack, moving them through memory at every operation).
+template <typename scalar_t>
+using GatherVec = simd::RegisterVec<kVectorRegisterBytes, scalar_t>;
+
 // Accumulators per register block: what the ISA's vector registers hold, less room for the
 // broadcast gradient and a loaded operand.
 template <typename scalar_t>
 constexpr int kGatherBlock =
     std::max(1, std::min(16, kVectorRegisters* kVectorRegisterBytes /
-                                     int(sizeof(typename simd::Vec64<scalar_t>::type)) -
+                                     int(sizeof(typename GatherVec<scalar_t>::type)) -
                                  2));
 
 // v = p[0, n) and zeros after (0 < n < the vector's lanes), reading nothing at or past p + n:
@@ -339,11 +344,10 @@ constexpr int kGatherBlock =
 // NB: the memory after a partial row of an output may be another thread's (the next sample's
 // input gradient, the next output channels' weight gradient), written while this thread reads:
 // a whole-vector load of it would be a data race, results right or not.
-template <typename T>
-inline __attribute__((always_inline)) void load_first(typename simd::Vec64<T>::type& v,
-                                                      const T* p, int64_t n) {
+template <typename V, typename T>
+inline __attribute__((always_inline)) void load_first(typename V::type& v, const T* p, int64_t n) {
 #if CIFARNET_HAS_ISA_VARIANTS
-  if constexpr (kVectorRegisterBytes == 64) {
+  if constexpr (sizeof(v) == 64 && kVectorRegisterBytes == 64) {
     if constexpr (sizeof(T) == 4) {
       const __m512 x = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
       std::memcpy(&v, &x, sizeof(v));
@@ -352,35 +356,31 @@ inline __attribute__((always_inline)) void load_first(typename simd::Vec64<T>::t
       std::memcpy(&v, &x, sizeof(v));
     }
     return;
-  } else if constexpr (kVectorRegisterBytes == 32) {
-    // Lane i of a 32-byte half is loaded where its mask lane has the sign bit: i < remaining.
-    using lane_int = typename simd::Vec64<T>::lane_int;
-    typedef lane_int half_lanes __attribute__((vector_size(32)));
-    constexpr int half = 32 / sizeof(T);
-    half_lanes index;
-    for (int i = 0; i < half; ++i) index[i] = i;
-    for (int part = 0; part < 2; ++part) {
-      const half_lanes take = index < static_cast<lane_int>(n - part * half);
-      __m256i mask;
-      std::memcpy(&mask, &take, sizeof(mask));
-      if constexpr (sizeof(T) == 4) {
-        const __m256 x = _mm256_maskload_ps(reinterpret_cast<const float*>(p) + part * half, mask);
-        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
-      } else {
-        const __m256d x =
-            _mm256_maskload_pd(reinterpret_cast<const double*>(p) + part * half, mask);
-        std::memcpy(reinterpret_cast<char*>(&v) + part * 32, &x, 32);
-      }
+  } else if constexpr (sizeof(v) == 32 && kVectorRegisterBytes >= 32) {
+    // Lane i is loaded where its mask lane has the sign bit: i < n.
+    using lane_int = typename V::lane_int;
+    typedef lane_int lanes __attribute__((vector_size(32)));
+    lanes index;
+    for (int i = 0; i < V::lanes; ++i) index[i] = i;
+    const lanes take = index < static_cast<lane_int>(n);
+    __m256i mask;
+    std::memcpy(&mask, &take, sizeof(mask));
+    if constexpr (sizeof(T) == 4) {
+      const __m256 x = _mm256_maskload_ps(reinterpret_cast<const float*>(p), mask);
+      std::memcpy(&v, &x, sizeof(v));
+    } else {
+      const __m256d x = _mm256_maskload_pd(reinterpret_cast<const double*>(p), mask);
+      std::memcpy(&v, &x, sizeof(v));
     }
     return;
   }
 #endif
-  v = typename simd::Vec64<T>::type{};
+  v = typename V::type{};
   for (int64_t i = 0; i < n; ++i) v[i] = p[i];
 }
 
 // dst[0, len) += sum over e < count of grads[e] * base[offsets[e] + (0, len)], for the `block`
-// 64-byte vectors starting at element `begin`. The last one may be partial: dst is then read
+// GatherVecs starting at element `begin`. The last one may be partial: dst is then read
 // (load_first) and written only up to len; base is loaded whole (its buffers are read-only
 // here, with 64 bytes of slack at the end).
 template <typename scalar_t, int block>
@@ -388,7 +388,7 @@ inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64
                                                             int64_t len, const scalar_t* base,
                                                             const int64_t* offsets,
                                                             const scalar_t* grads, int64_t count) {
-  using V = simd::Vec64<scalar_t>;
+  using V = GatherVec<scalar_t>;
   using vec = typename V::type;
   vec acc[block];
   for (int k = 0; k < block; ++k) {
@@ -396,7 +396,7 @@ inline __attribute__((always_inline)) void gather_fma_block(scalar_t* dst, int64
     if (len - start >= V::lanes) {
       simd::load(acc[k], dst + start);
     } else {
-      load_first<scalar_t>(acc[k], dst + start, len - start);
+      load_first<V>(acc[k], dst + start, len - start);
     }
   }
   for (int64_t e = 0; e < count; ++e) {
@@ -444,7 +444,7 @@ void sparse_weight_grad_channel(scalar_t* grad_weight, const ConvPoolGeometry& g
                                 int64_t input_row_stride, const scalar_t* input,
                                 const int64_t* input_offsets, const scalar_t* grads,
                                 int64_t count) {
-  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  constexpr int64_t lanes = GatherVec<scalar_t>::lanes;
   constexpr int64_t block = kGatherBlock<scalar_t>;
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
@@ -468,11 +468,12 @@ void sparse_input_grad_sample(scalar_t* grad_input, const ConvPoolGeometry& g,
                               int64_t input_row_stride, const scalar_t* weight,
                               const int64_t* position_begin, const int64_t* weight_offsets,
                               const scalar_t* grads, int64_t l1d_bytes) {
-  constexpr int64_t lanes = simd::Vec64<scalar_t>::lanes;
+  constexpr int64_t lanes = GatherVec<scalar_t>::lanes;
+  constexpr int64_t vector_bytes = sizeof(typename GatherVec<scalar_t>::type);
   const int64_t row_len = g.kernel_w * g.in_channels;
   const int64_t vectors = (row_len + lanes - 1) / lanes;
-  const int64_t block =
-      std::clamp<int64_t>(l1d_bytes / 2 / (g.out_channels * 64), 1, kGatherBlock<scalar_t>);
+  const int64_t block = std::clamp<int64_t>(l1d_bytes / 2 / (g.out_channels * vector_bytes), 1,
+                                            kGatherBlock<scalar_t>);
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t v = 0; v < vectors; v += block) {
       for (int64_t position = 0; position < g.conv_h * g.conv_w; ++position) {

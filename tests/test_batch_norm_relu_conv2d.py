@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from cifarnet.benchmark import saved_tensor_bytes
+from cifarnet._timing import saved_tensor_bytes
 from cifarnet.ops import batch_norm_relu_conv2d
 from cifarnet._op_handles import BN_RELU_CONV_TRAINING_BACKWARD_OP, BN_RELU_CONV_TRAINING_OP
 from conftest import DEVICES
-from op_cases import assert_no_worse_than_native, assert_same_layout, conv_out, every_weight_element_sees_input
+from op_cases import assert_no_worse_than_native, assert_same_layout, every_weight_element_sees_input
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
 NAMES = ["input", "bn_weight", "bn_bias", "weight", "bias"]

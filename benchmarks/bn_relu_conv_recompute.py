@@ -1,7 +1,7 @@
 """What a BN→ReLU→conv op that recomputes its normalised input would give a ResNet: the
 measurement issue 28 asks for before building one (its item 4).
 
-    python benchmarks/bn_relu_conv_recompute.py --model resnet50 --input-size 224 --batch-size 8 --threads 2
+    python benchmarks/bn_relu_conv_recompute.py --model resnet50 --input-size 224 --batch-size 8 --threads 2 [--impl cifarnet]
 
 In a ResNet's bottleneck the batch norm's output, rectified in place, is kept for the backward
 only as the next convolution's input, while the batch norm keeps its own input too. An op that
@@ -11,6 +11,8 @@ fewer per pair. This script builds that op from native ATen calls (a Python auto
 not cifarnet's C++), rewrites every BatchNorm2d → ReLU → Conv2d of the model with it through
 torch.fx, checks the rewritten model against the original in float64, and times both, float32
 channels-last, interleaved: forward+backward medians and the bytes saved for the backward.
+``--impl cifarnet`` computes the rewritten pairs with the op built since,
+``cifarnet.ops.batch_norm_relu_conv2d``, instead of that prototype (``--impl python``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from cifarnet import ops
 from cifarnet._timing import saved_tensor_bytes
+from cifarnet.nn import batch_norm_arguments
 
 
 class BatchNormReLUConv2dFunction(torch.autograd.Function):
@@ -59,18 +63,28 @@ class BatchNormReLUConv2dFunction(torch.autograd.Function):
         return grad_x, grad_bn_weight, grad_bn_bias, None, None, None, None, grad_conv_weight, None, None
 
 
-class BatchNormReLUConv2d(nn.Module):
-    """Holds the batch norm and the convolution it replaces (their parameters and buffers)."""
+IMPLEMENTATIONS = ("python", "cifarnet")
 
-    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d):
+
+class BatchNormReLUConv2d(nn.Module):
+    """Holds the batch norm and the convolution it replaces (their parameters and buffers), and
+    computes them with ``impl``: the Python prototype above or cifarnet's op."""
+
+    def __init__(self, bn: nn.BatchNorm2d, conv: nn.Conv2d, impl: str = "python"):
         super().__init__()
         assert conv.bias is None and conv.groups == 1 and conv.dilation == (1, 1) and conv.padding_mode == "zeros"
-        self.bn, self.conv = bn, conv
+        assert impl in IMPLEMENTATIONS, impl
+        self.bn, self.conv, self.impl = bn, conv, impl
 
     def forward(self, x):
         if not self.training:
             return self.conv(F.relu(self.bn(x)))
         bn = self.bn
+        if self.impl == "cifarnet":
+            return ops.batch_norm_relu_conv2d(
+                x, bn_weight=bn.weight, bn_bias=bn.bias, weight=self.conv.weight, bias=None,
+                stride=self.conv.stride, padding=self.conv.padding, **batch_norm_arguments(bn),
+            )  # fmt: skip
         bn.num_batches_tracked.add_(1)
         momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         return BatchNormReLUConv2dFunction.apply(
@@ -79,9 +93,9 @@ class BatchNormReLUConv2d(nn.Module):
         )
 
 
-def rewrite(model: nn.Module) -> tuple[torch.fx.GraphModule, int]:
+def rewrite(model: nn.Module, impl: str = "python") -> tuple[torch.fx.GraphModule, int]:
     """``model`` traced, each BatchNorm2d → ReLU → Conv2d (the ReLU's output used by the
-    convolution alone) computed by one BatchNormReLUConv2d; and how many."""
+    convolution alone) computed by one BatchNormReLUConv2d of ``impl``; and how many."""
     graph_module = torch.fx.symbolic_trace(model)
     modules = dict(graph_module.named_modules())
 
@@ -99,7 +113,7 @@ def rewrite(model: nn.Module) -> tuple[torch.fx.GraphModule, int]:
         if len(bn.users) != 1:
             continue
         name = f"bn_relu_conv_{count}"
-        graph_module.add_submodule(name, BatchNormReLUConv2d(modules[bn.target], modules[conv.target]))
+        graph_module.add_submodule(name, BatchNormReLUConv2d(modules[bn.target], modules[conv.target], impl))
         with graph_module.graph.inserting_before(conv):
             fused = graph_module.graph.call_module(name, (bn.args[0],))
         conv.replace_all_uses_with(fused)
@@ -121,12 +135,12 @@ def forward_backward(model: nn.Module, input: torch.Tensor):
     return call
 
 
-def check_float64(name: str) -> float:
+def check_float64(name: str, impl: str) -> float:
     """Largest relative difference of output and parameter gradients, original against
     rewritten, float64, training mode."""
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)().double().train()
-    rewritten, _ = rewrite(copy.deepcopy(model))
+    rewritten, _ = rewrite(copy.deepcopy(model), impl)
     input = torch.randn(2, 3, 64, 64, dtype=torch.float64)
     results = []
     for candidate in (model, rewritten):
@@ -148,13 +162,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="python", help="what computes the rewritten pairs")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"float64 check, {args.model}: largest relative difference {check_float64(args.model):.1e}")
+    print(f"float64 check, {args.model}: largest relative difference {check_float64(args.model, args.impl):.1e}")
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().to(memory_format=torch.channels_last).train()
-    rewritten, count = rewrite(copy.deepcopy(model))
+    rewritten, count = rewrite(copy.deepcopy(model), args.impl)
     input = torch.randn(args.batch_size, 3, args.input_size, args.input_size).contiguous(memory_format=torch.channels_last)
     calls = {"native": forward_backward(model, input), "bn_relu_conv": forward_backward(rewritten, input)}
     for call in calls.values():
@@ -169,7 +184,7 @@ def main() -> None:
     medians = {key: statistics.median(values) for key, values in times.items()}
     saved = {key: saved_tensor_bytes(lambda m=m: m(input)) for key, m in (("native", model), ("bn_relu_conv", rewritten))}
     print(f"{args.model}, {args.input_size}x{args.input_size}, batch {args.batch_size}, float32 channels-last, "
-          f"{torch.get_num_threads()} thread(s): {count} BN→ReLU→conv rewritten")
+          f"{torch.get_num_threads()} thread(s): {count} BN→ReLU→conv rewritten ({args.impl})")
     print(f"forward+backward: native {medians['native']:.1f} ms, rewritten {medians['bn_relu_conv']:.1f} ms "
           f"({medians['native'] / medians['bn_relu_conv']:.2f}x)")
     print(f"saved for backward: native {saved['native'] / 2**20:.1f} MiB, rewritten {saved['bn_relu_conv'] / 2**20:.1f} MiB "

@@ -14,3 +14,5 @@ BN_FORWARD_OP = torch.ops.cifarnet._batch_norm_forward.default
 BN_BACKWARD_OP = torch.ops.cifarnet._batch_norm_backward.default
 TRAINING_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training.default
 TRAINING_BACKWARD_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_training_backward.default
+BN_RELU_CONV_TRAINING_OP = torch.ops.cifarnet._batch_norm_relu_conv2d_training.default
+BN_RELU_CONV_TRAINING_BACKWARD_OP = torch.ops.cifarnet._batch_norm_relu_conv2d_training_backward.default

@@ -58,6 +58,12 @@ OPS = {
         [(3, 4, 5, 5), (4,), (4,)],
         [False, True, True],
     ),
+    "batch_norm_relu_conv2d, training": (
+        lambda x, bw, bb, w, b: ops.batch_norm_relu_conv2d(x, None, None, bw, bb, w, b, training=True, padding=1),
+        lambda x, bw, bb, w, b: F.conv2d(F.relu(F.batch_norm(x, None, None, ones_if_none(bw, x), bb, training=True)), w, b, padding=1),
+        [(2, 3, 6, 6), (3,), (3,), (4, 3, 3, 3), (4,)],
+        [False, True, True, False, True],
+    ),
     "conv2d_batch_norm_relu_max_pool2d, training": (
         lambda x, w, b, bw, bb: ops.conv2d_batch_norm_relu_max_pool2d(x, w, b, None, None, bw, bb, training=True, **GEOMETRY),
         native_conv2d_batch_norm_relu_max_pool2d,
@@ -230,6 +236,7 @@ class OpNames(TorchDispatchMode):
         ("conv2d_relu_max_pool2d", "cifarnet::_conv2d_relu_max_pool2d_backward"),
         ("batch_norm, training", "cifarnet::_batch_norm_backward"),
         ("conv2d_batch_norm_relu_max_pool2d, training", "cifarnet::_conv2d_batch_norm_relu_max_pool2d_training_backward"),
+        ("batch_norm_relu_conv2d, training", "cifarnet::_batch_norm_relu_conv2d_training_backward"),
     ],
 )
 def test_first_derivatives_come_from_the_fused_backward(name, fused_backward):

@@ -12,10 +12,18 @@ strides for ``torch.compile``) and its ONNX translation.
 
 from cifarnet.ops import _onnx
 from cifarnet.ops.batch_norm import batch_norm
+from cifarnet.ops.batch_norm_relu_conv2d import batch_norm_relu_conv2d
 from cifarnet.ops.conv2d_batch_norm_relu_max_pool2d import conv2d_batch_norm_relu_max_pool2d
 from cifarnet.ops.conv2d_relu_max_pool2d import conv2d_relu_max_pool2d
 from cifarnet.ops.dropout import dropout, dropout_seed
 
 _onnx.register_when_exporting()  # NB: after every op module has added its translations
 
-__all__ = ["batch_norm", "conv2d_batch_norm_relu_max_pool2d", "conv2d_relu_max_pool2d", "dropout", "dropout_seed"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_relu_conv2d",
+    "conv2d_batch_norm_relu_max_pool2d",
+    "conv2d_relu_max_pool2d",
+    "dropout",
+    "dropout_seed",
+]

@@ -57,4 +57,17 @@ inline at::Tensor composed_conv2d_batch_norm_relu_max_pool2d(
                                   pool_size, pool_stride, ceil_mode, pool_padding);
 }
 
+// relu(batch_norm(input)) convolved: in evaluation (`mean` and `var` the running statistics)
+// and, in training, where the fused op does not serve (an empty batch; second derivatives).
+inline at::Tensor composed_batch_norm_relu_conv2d(
+    const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& bn_weight,
+    const std::optional<at::Tensor>& bn_bias, const at::Tensor& weight,
+    const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
+    at::IntArrayRef stride, at::IntArrayRef padding) {
+  return at::conv2d(at::relu(composed_batch_norm(input, running_mean, running_var, bn_weight,
+                                                 bn_bias, training, momentum, eps)),
+                    weight, bias, stride, padding);
+}
+
 }  // namespace cifarnet

@@ -61,6 +61,21 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d(
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
     at::IntArrayRef pool_padding = {0, 0});
 
+// conv2d(relu(batch_norm(input, ...)), weight, bias, stride, padding), running statistics
+// updated as batch_norm does. input: Tensor[N, C_in, H, W]; running_mean, running_var,
+// bn_weight, bn_bias: Tensor[C_in] or nullopt; weight: Tensor[C_out, C_in, kH, kW]; bias:
+// Tensor[C_out] or nullopt. Dtypes as batch_norm's for the batch norm and as conv2d's for the
+// convolution. In training the backward keeps input and the batch statistics, not the rectified
+// tensor, which it recomputes.
+at::Tensor batch_norm_relu_conv2d(const at::Tensor& input,
+                                  const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var,
+                                  const std::optional<at::Tensor>& bn_weight,
+                                  const std::optional<at::Tensor>& bn_bias,
+                                  const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  bool training, double momentum, double eps,
+                                  at::IntArrayRef stride, at::IntArrayRef padding);
+
 // Training dropout: each element of input zeroed with probability p, the others scaled by
 // 1 / (1 - p) (as native dropout computes it, in input's dtype). The mask is Philox4x32-10 over
 // the elements' row-major indices, keyed by seed (a one-element int64 CPU tensor): the same

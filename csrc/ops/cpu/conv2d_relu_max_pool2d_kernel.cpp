@@ -43,7 +43,15 @@ namespace {
 // epilogue then reads the output from there); AMX, ~3x faster than float32 on the study's
 // convolutions, no longer hides the per-call cost: one call rather than four 2 MiB tiles took
 // conv1's forward from 3.2 to 2.9 ms (one thread).
+// Under load the tiles cost dearly: every tile is three parallel regions (oneDNN's two and the
+// epilogue's), each of which waits for every thread, and a thread sharing its core with another
+// process resumes only at its next time slice. Zen 3, two threads beside two busy processes:
+// the study's conv1 forward (32x32 inputs, batch 128: 8 tiles, 24 regions) 184-192 ms, against
+// 32 ms as one tile; on the quiet machine the tiles win (min of 120 calls: conv1 4.2 against
+// 6.0 ms, conv2 17.0 against 37.6). CIFARNET_FORWARD_TILE_BYTES sets the tile (for
+// measurements; a value over the batch's output, e.g. 1099511627776, makes one tile).
 int64_t forward_tile_bytes(at::ScalarType dtype) {
+  if (const char* forced = std::getenv("CIFARNET_FORWARD_TILE_BYTES")) return std::atoll(forced);
   static const bool amx_bf16 = cpu_has_amx_bf16();
   const CacheSizes& caches = cache_sizes();
   const int64_t tile = std::max(caches.l2_bytes * at::get_num_threads() / 2, caches.llc_bytes / 16);

@@ -57,6 +57,27 @@ def native_conv2d_batch_norm_relu_max_pool2d(
     return F.max_pool2d(F.relu(normalized), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
 
 
+def native_batch_norm_relu_conv2d_module(
+    in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True,
+) -> nn.Sequential:  # fmt: skip
+    """``nn.BatchNorm2d -> nn.ReLU -> nn.Conv2d``: what ``BatchNormReLUConv2d`` replaces."""
+    return nn.Sequential(
+        nn.BatchNorm2d(in_channels, eps, momentum, affine, track_running_stats),
+        nn.ReLU(),
+        nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=bias),
+    )
+
+
+def native_batch_norm_relu_conv2d(
+    input, running_mean, running_var, bn_weight, bn_bias, weight, bias=None, training=False, momentum=0.1, eps=1e-5,
+    stride=1, padding=0,
+):  # fmt: skip
+    """The composition of native ops that ``ops.batch_norm_relu_conv2d`` replaces."""
+    normalized = F.batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    return F.conv2d(F.relu(normalized), weight, bias, stride, padding)
+
+
 def same_key(name: str) -> str:
     return name
 
@@ -65,6 +86,12 @@ def sequential_key(name: str) -> str:
     """A fused layer's state_dict key as its ``nn.Sequential`` twin names it: the conv's
     ``weight`` and ``bias`` are ``0.*``, the batch norm's ``bn.*`` are ``1.*``."""
     return "1." + name.removeprefix("bn.") if name.startswith("bn.") else "0." + name
+
+
+def bn_relu_conv_sequential_key(name: str) -> str:
+    """``BatchNormReLUConv2d``'s state_dict key as its ``nn.Sequential`` twin names it: the
+    batch norm's ``bn.*`` are ``0.*``, the conv's ``weight`` and ``bias`` are ``2.*``."""
+    return "0." + name.removeprefix("bn.") if name.startswith("bn.") else "2." + name
 
 
 @dataclass(frozen=True)
@@ -88,8 +115,12 @@ TWINS = {
     "SyncConv2dBatchNormReLUMaxPool2d": Twin(
         cnn.SyncConv2dBatchNormReLUMaxPool2d, native_conv2d_batch_norm_relu_max_pool2d_module, sequential_key
     ),
+    "BatchNormReLUConv2d": Twin(
+        cnn.BatchNormReLUConv2d, native_batch_norm_relu_conv2d_module, bn_relu_conv_sequential_key
+    ),
     "Dropout": Twin(cnn.Dropout, nn.Dropout),
     "ops.batch_norm": Twin(ops.batch_norm, F.batch_norm),
+    "ops.batch_norm_relu_conv2d": Twin(ops.batch_norm_relu_conv2d, native_batch_norm_relu_conv2d),
     "ops.conv2d_relu_max_pool2d": Twin(ops.conv2d_relu_max_pool2d, native_conv2d_relu_max_pool2d),
     "ops.conv2d_batch_norm_relu_max_pool2d": Twin(
         ops.conv2d_batch_norm_relu_max_pool2d, native_conv2d_batch_norm_relu_max_pool2d
@@ -155,6 +186,13 @@ OP_CALLS = {
         ),
         {"weight": (4, 3, 3, 3), "bn_weight": (4,)},
         {"running_mean": torch.randn(4), "running_var": torch.rand(4) + 0.5},
+    ),
+    "ops.batch_norm_relu_conv2d": (
+        lambda op, m, x: op(
+            x, m.running_mean, m.running_var, m.bn_weight, None, m.weight, m.bias, m.training, 0.3, 1e-4, (2, 1), 1
+        ),
+        {"bn_weight": (3,), "weight": (4, 3, 3, 2), "bias": (4,)},
+        {"running_mean": torch.randn(3), "running_var": torch.rand(3) + 0.5},
     ),
     "ops.dropout": (lambda dropout, m, x: dropout(x, 0.4, m.training), {}, {}),
 }
@@ -243,8 +281,19 @@ CASES = [
         "Conv2dBatchNormReLUMaxPool2d", (2, 3, 9, 8), dict(PADDED_POOL, bias=False, ceil_mode=True), "padded_pool_ceil_mode"
     ),
     module_case("SyncConv2dBatchNormReLUMaxPool2d", (2, 3, 6, 6), CONV),
+    module_case("BatchNormReLUConv2d", (2, 3, 6, 6), CONV),
+    module_case(
+        "BatchNormReLUConv2d", (3, 3, 7, 6),
+        dict(in_channels=3, out_channels=4, kernel_size=(3, 2), stride=(2, 1), padding=(1, 0), bias=False, momentum=None, eps=1e-3),
+        "strided_no_bias_cumulative_average",
+    ),  # fmt: skip
+    module_case(
+        "BatchNormReLUConv2d", (2, 3, 6, 6), dict(CONV, affine=False, track_running_stats=False),
+        "not_affine_no_running_stats",
+    ),  # fmt: skip
     module_case("Dropout", (2, 3, 4, 5), dict(p=0.3), dropout_p=0.3),
     op_case("ops.batch_norm", (2, 3, 4, 5)),
+    op_case("ops.batch_norm_relu_conv2d", (2, 3, 6, 6)),
     op_case("ops.conv2d_relu_max_pool2d", (2, 3, 6, 7)),
     op_case("ops.conv2d_batch_norm_relu_max_pool2d", (2, 3, 6, 6)),
     op_case("ops.dropout", (3, 4, 5), dropout_p=0.4),

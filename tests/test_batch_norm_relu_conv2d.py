@@ -1,4 +1,5 @@
-"""cifarnet.ops.batch_norm_relu_conv2d against native F.batch_norm -> F.relu -> F.conv2d."""
+"""cifarnet.ops.batch_norm_relu_conv2d and its module against native F.batch_norm -> F.relu -> F.conv2d
+and nn.BatchNorm2d -> nn.ReLU -> nn.Conv2d."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from cifarnet._timing import saved_tensor_bytes
+from cifarnet.nn import BatchNormReLUConv2d
 from cifarnet.ops import batch_norm_relu_conv2d
 from cifarnet._op_handles import BN_RELU_CONV_TRAINING_BACKWARD_OP, BN_RELU_CONV_TRAINING_OP
 from conftest import DEVICES
@@ -332,3 +335,65 @@ def test_empty_batch_as_native():
     output = batch_norm_relu_conv2d(input, *running, None, None, weight, training=True)
     assert output.shape == native_chain(input, None, None, None, None, weight, None, True, 0.1, 1e-5, 1, 0).shape
     assert torch.equal(running[0], torch.zeros(3)) and torch.equal(running[1], torch.ones(3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("padding", [1, "same"])
+def test_module_matches_native_sequential_over_training_then_eval(device, momentum, padding):
+    torch.manual_seed(0)
+    bn, conv = nn.BatchNorm2d(3, momentum=momentum).double(), nn.Conv2d(3, 8, 3, stride=1, padding=padding).double()
+    native = nn.Sequential(bn, nn.ReLU(), conv).to(device)
+    fused = BatchNormReLUConv2d(3, 8, 3, padding=padding, momentum=momentum).double().to(device)
+    fused.load_state_dict({"weight": conv.weight, "bias": conv.bias, **{f"bn.{k}": v for k, v in bn.state_dict().items()}})
+    for step in range(3):
+        input = torch.randn(5, 3, 10, 10, dtype=torch.float64, device=device, requires_grad=True)
+        ours, theirs = fused(input), native(input)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(torch.autograd.grad(ours.sum(), input)[0], torch.autograd.grad(theirs.sum(), input)[0])
+    for key, value in bn.state_dict().items():
+        torch.testing.assert_close(fused.bn.state_dict()[key], value)
+    fused.eval(), native.eval()
+    input = torch.randn(5, 3, 10, 10, dtype=torch.float64, device=device)
+    torch.testing.assert_close(fused(input), native(input))
+    torch.testing.assert_close(fused.to_native()(input), native(input))
+
+
+def test_from_modules_shares_parameters_and_to_native_keeps_the_keys():
+    bn, conv = nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=False)
+    fused = BatchNormReLUConv2d.from_modules(bn, conv)
+    assert fused.weight is conv.weight and fused.bias is None and fused.bn is bn
+    expected = [k for k in conv.state_dict()] + [f"bn.{k}" for k in bn.state_dict()]
+    assert list(fused.state_dict()) == expected
+    native = fused.to_native()
+    assert list(native.state_dict()) == expected and native.weight is conv.weight and native.bn.running_mean is bn.running_mean
+    assert type(native.bn) is nn.BatchNorm2d and "kernel_size=(3, 3)" in repr(fused)
+    for bad_bn, bad_conv, message in (
+        (nn.BatchNorm2d(5), conv, "num_features"),
+        (bn, nn.Conv2d(3, 6, 3, groups=3), "groups"),
+        (bn, nn.Conv2d(3, 4, 2, padding="same"), "even kernel"),
+        (nn.SyncBatchNorm(3), conv, "SyncBatchNorm is not an nn.BatchNorm2d"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            BatchNormReLUConv2d.from_modules(bad_bn, bad_conv)
+
+
+def test_module_is_a_leaf_under_fx_tracing_and_follows_train_eval():
+    model = nn.Sequential(BatchNormReLUConv2d(3, 4, 3, padding=1), nn.Flatten())
+    traced = torch.fx.symbolic_trace(model)
+    assert [n.op for n in traced.graph.nodes].count("call_module") == 2
+    input = torch.randn(2, 3, 5, 5)
+    for mode in (True, False):
+        model.train(mode), traced.train(mode)
+        torch.testing.assert_close(traced(input), model(input))
+    with pytest.raises(ValueError, match="expected 4D input"):
+        model(torch.randn(3, 5, 5))
+
+
+def test_same_seed_gives_the_native_pair_initialisation():
+    torch.manual_seed(3)
+    bn, conv = nn.BatchNorm2d(6), nn.Conv2d(6, 4, 5)
+    torch.manual_seed(3)
+    fused = BatchNormReLUConv2d(6, 4, 5)
+    assert torch.equal(fused.weight, conv.weight) and torch.equal(fused.bias, conv.bias)
+    assert torch.equal(fused.bn.weight, bn.weight) and torch.equal(fused.bn.running_var, bn.running_var)

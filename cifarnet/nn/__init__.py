@@ -9,6 +9,7 @@ from cifarnet.nn.batch_norm import (
     batch_norm_sync_group,
     share_batch_norm_state,
 )
+from cifarnet.nn.batch_norm_relu_conv2d import BatchNormReLUConv2d, bn_relu_conv_unfusable_reason
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import (
     BATCH_NORMS_2D,
     Conv2dBatchNormReLUMaxPool2d,
@@ -24,6 +25,7 @@ from cifarnet.nn.sync_batch_norm import SyncBatchNorm2d, SyncConv2dBatchNormReLU
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
+    "BatchNormReLUConv2d",
     "Conv2dBatchNormReLUMaxPool2d",
     "Conv2dReLUMaxPool2d",
     "Dropout",

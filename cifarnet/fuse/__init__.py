@@ -35,10 +35,11 @@ Tracing decides both: it shows where each output goes, so a chain whose intermed
 used elsewhere is never fused. ``forward`` is traced in training and in evaluation mode,
 without touching a buffer outside the graph. Where it branches on ``self.training`` (auxiliary
 outputs in training only), the graph of the mode the module is in is kept, and in the other
-mode the module's own ``forward`` runs, unfused (the report's checks say so). Input checks such as ``if input.dim() != 4: raise ValueError(...)`` do not stop the
-trace: every way through ``forward``'s branches on traced values is tried, and when exactly
-one of them traces (the others raise or cannot be traced) that one is kept, with each branch
-condition checked at run time. An input that fails a check runs the module's own ``forward``
+mode the module's own ``forward`` runs, unfused (the report's checks say so). Input checks
+such as ``if input.dim() != 4: raise ValueError(...)`` do not stop the trace: every way
+through ``forward``'s branches on traced values is tried, and when exactly one of them traces
+(the others raise or cannot be traced) that one is kept, with each branch condition checked
+at run time. An input that fails a check runs the module's own ``forward``
 instead, on the same tensors with the graph's fused layers back to ``nn.Conv2d``: it raises
 what the original raises (the ``ValueError``, or the user's own exception type) or, on a way
 the graph does not hold, returns what the original returns. A module that cannot be traced

@@ -48,7 +48,8 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph, mode: bool | None = 
     }
     if not isinstance(module, GraphModule):  # a GraphModule's class holds no forward to go back to
         preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode)
-    elif mode is not None and "_traced_from" in preserved:  # a fused GraphModule traced again: its graph now holds this mode
+    elif mode is not None and "_traced_from" in preserved:
+        # a fused GraphModule traced again: its graph now holds this mode
         preserved["_traced_from"] = dataclasses.replace(preserved["_traced_from"], mode=mode)
     _set_module_state(graph_module, {**state, **preserved})
     _keep_through_copies(graph_module, type(module).__name__, preserved)
@@ -119,7 +120,7 @@ def _or_original_forward(graph_forward):
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
         traced_from = self._traced_from
-        if traced_from.mode is not None and self.training != traced_from.mode:  # the graph holds the other mode
+        if traced_from.mode is not None and self.training != traced_from.mode:  # the other mode
             return traced_from.cls.forward(_original_view(self), *args, **kwargs)
         saved = [(buffer, buffer.clone()) for buffer in _named_buffers(self, self._buffers_before_checks)]
         try:

@@ -86,23 +86,8 @@ void check_training_args(const at::Tensor& input, const OptionalTensor& bn_weigh
                          at::IntArrayRef padding) {
   check_public_args(input, std::nullopt, std::nullopt, bn_weight, bn_bias, weight);
   check_floating_dtype(input, "input");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "weight is on ", weight.device(),
-              " but input is on ", input.device());
-  if (defined(bias)) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "bias must be a 1-D tensor of ", weight.size(0),
-                " elements (one per output channel), got shape ", shape_string(*bias));
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype ", bias->scalar_type(),
-                " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(),
-                " but input is on ", input.device());
-  }
-  check_pair(stride, "stride");
-  check_pair(padding, "padding");
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
+  check_conv_parameters(input, weight, bias);
+  check_conv_stride_padding(stride, padding);
   TORCH_CHECK(weight.size(2) > 0 && weight.size(3) > 0,
               "weight must have a non-empty kernel, got shape ", shape_string(weight));
   TORCH_CHECK(weight.size(2) <= input.size(2) + 2 * padding[0] &&

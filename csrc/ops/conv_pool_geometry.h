@@ -67,6 +67,33 @@ inline void check_floating_dtype(const at::Tensor& t, const char* name) {
               name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
+// A convolution's weight and (where given) bias against its input, as native conv2d checks
+// them: dtypes and devices match the input's, one bias value per output channel.
+inline void check_conv_parameters(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
+              " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(weight.device() == input.device(), "weight is on ", weight.device(),
+              " but input is on ", input.device());
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+                "bias must be a 1-D tensor of ", weight.size(0),
+                " elements (one per output channel), got shape ", shape_string(*bias));
+    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype ", bias->scalar_type(),
+                " does not match input dtype ", input.scalar_type());
+    TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(),
+                " but input is on ", input.device());
+  }
+}
+
+// A convolution's stride (positive) and padding (non-negative), two values each.
+inline void check_conv_stride_padding(at::IntArrayRef stride, at::IntArrayRef padding) {
+  check_pair(stride, "stride");
+  check_pair(padding, "padding");
+  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
+  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
+}
+
 // Checks everything native conv2d and max_pool2d would refuse, plus the one-byte argmax
 // limit, and returns the geometry. Messages name the argument and the offending value.
 inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
@@ -78,32 +105,15 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   TORCH_CHECK(weight.dim() == 4, "weight must be a 4-D tensor (C_out, C_in, kH, kW), got ",
               weight.dim(), "-D tensor of shape ", shape_string(weight));
   check_floating_dtype(input, "input");
-  TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
-              " does not match input dtype ", input.scalar_type());
-  TORCH_CHECK(weight.device() == input.device(), "weight is on ", weight.device(),
-              " but input is on ", input.device());
   TORCH_CHECK(input.size(1) == weight.size(1), "input has ", input.size(1),
               " channels but weight of shape ", shape_string(weight), " expects ", weight.size(1),
               " input channels");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
-                "bias must be a 1-D tensor of ", weight.size(0),
-                " elements (one per output "
-                "channel), got shape ",
-                shape_string(*bias));
-    TORCH_CHECK(bias->scalar_type() == input.scalar_type(), "bias dtype ", bias->scalar_type(),
-                " does not match input dtype ", input.scalar_type());
-    TORCH_CHECK(bias->device() == input.device(), "bias is on ", bias->device(),
-                " but input is on ", input.device());
-  }
-  check_pair(stride, "stride");
-  check_pair(padding, "padding");
+  check_conv_parameters(input, weight, bias);
+  check_conv_stride_padding(stride, padding);
   check_pair(pool_size, "pool_size");
   check_pair(pool_padding, "pool_padding");
   TORCH_CHECK(pool_stride.empty() || pool_stride.size() == 2,
               "pool_stride must be empty (= pool_size) or have two elements, got ", pool_stride);
-  TORCH_CHECK(stride[0] > 0 && stride[1] > 0, "stride must be positive, got ", stride);
-  TORCH_CHECK(padding[0] >= 0 && padding[1] >= 0, "padding must be non-negative, got ", padding);
   TORCH_CHECK(pool_size[0] > 0 && pool_size[1] > 0, "pool_size must be positive, got ", pool_size);
   const at::IntArrayRef window_stride = pool_stride.empty() ? pool_size : pool_stride;
   TORCH_CHECK(window_stride[0] > 0 && window_stride[1] > 0, "pool_stride must be positive, got ",

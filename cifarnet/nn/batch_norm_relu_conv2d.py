@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from cifarnet import ops
 from cifarnet.nn._fx import leaf_call
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, share_batch_norm_state
+from cifarnet.nn.conv2d_relu_max_pool2d import conv_unfusable_reason
 
 
 def bn_relu_conv_unfusable_reason(bn: nn.Module, conv: nn.Module) -> str | None:
@@ -18,14 +19,9 @@ def bn_relu_conv_unfusable_reason(bn: nn.Module, conv: nn.Module) -> str | None:
     if not isinstance(bn, nn.BatchNorm2d):
         # NB: nn.SyncBatchNorm is no nn.BatchNorm2d: the op has no synchronized statistics.
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
-    if type(conv) is not nn.Conv2d:
-        return f"{type(conv).__name__} is not an nn.Conv2d"
-    if tuple(conv.dilation) != (1, 1):
-        return f"conv.dilation={tuple(conv.dilation)}; the fused op needs dilation 1"
-    if conv.groups != 1:
-        return f"conv.groups={conv.groups}; the fused op needs groups=1"
-    if conv.padding_mode != "zeros":
-        return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
+    reason = conv_unfusable_reason(conv)
+    if reason is not None:
+        return reason
     if conv.padding == "same" and any(k % 2 == 0 for k in conv.kernel_size):
         return f"padding='same' with the even kernel {tuple(conv.kernel_size)} pads asymmetrically"
     if bn.num_features != conv.in_channels:

@@ -14,18 +14,27 @@ from cifarnet._arguments import check_padding_string, pair, stored_pair
 from cifarnet.nn._native import _native_chain, _native_sequential
 
 
-def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | None:
-    """Why ``(conv, ReLU, pool)`` cannot become a ``Conv2dReLUMaxPool2d``, or None if it can."""
+def conv_unfusable_reason(conv: nn.Module) -> str | None:
+    """Why the fused ops cannot compute ``conv``'s convolution (they convolve as a plain
+    ``nn.Conv2d`` with dilation 1, one group and zero padding), or None if they can."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not an nn.Conv2d"
-    if type(pool) is not nn.MaxPool2d:
-        return f"{type(pool).__name__} is not an nn.MaxPool2d"
     if tuple(conv.dilation) != (1, 1):
         return f"conv.dilation={tuple(conv.dilation)}; the fused op needs dilation 1"
     if conv.groups != 1:
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
     if conv.padding_mode != "zeros":
         return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
+    return None
+
+
+def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | None:
+    """Why ``(conv, ReLU, pool)`` cannot become a ``Conv2dReLUMaxPool2d``, or None if it can."""
+    reason = conv_unfusable_reason(conv)
+    if reason is not None:
+        return reason
+    if type(pool) is not nn.MaxPool2d:
+        return f"{type(pool).__name__} is not an nn.MaxPool2d"
     if pair(pool.dilation, "pool.dilation") != [1, 1]:
         return f"pool.dilation={pool.dilation}; the fused op pools without dilation"
     if pool.return_indices:

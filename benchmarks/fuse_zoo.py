@@ -5,9 +5,10 @@ docs/library.md#the-torchvision-zoo.
 
 One model of each family (two configurations of GoogLeNet and Inception v3), built without
 weights (10 classes): the max pools its forward calls (counted over one 224x224 image), the
-chains `cifarnet.fuse(model, report=True)` found, fused and left (with the report's reason),
-the modules it could not trace, and a note on the max pools that end no chain. The note is
-written here by hand, from torchvision's source; the other columns come from the run.
+chains `cifarnet.fuse(model, report=True)` found, fused (pool chains by name, batch norm ->
+ReLU -> conv chains counted, with the first) and left (with the report's reason), the modules
+it could not trace, and a note on the max pools that end no chain. The note is written here by
+hand, from torchvision's source; the other columns come from the run.
 tests/test_fuse_zoo.py checks the chains of the models that have any against their
 architecture, and the fused models against the originals.
 """
@@ -106,6 +107,19 @@ def untraced_text(untraced: dict[str, str]) -> str:
     return "; ".join(parts)
 
 
+def left_text(unfused: list, shown: int = 3) -> str:
+    """The chains left, with their reasons: the first ``shown``, then how many more."""
+    lines = [f"{chain_text(chain.names)}: {chain.reason}" for chain in unfused[:shown]]
+    if len(unfused) > shown:
+        lines.append(f"and {len(unfused) - shown} more ({len(unfused)} in all)")
+    return "<br>".join(lines) or "–"
+
+
+def bn_relu_conv_text(fused: list) -> str:
+    pairs = [chain for chain in fused if chain.kind == "bn_relu_conv"]
+    return f"{len(pairs)}, the first {chain_text(pairs[0].names)}" if pairs else "–"
+
+
 def row(name: str, arguments: dict, note: str) -> str:
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=10, **arguments)
@@ -117,8 +131,9 @@ def row(name: str, arguments: dict, note: str) -> str:
         f"`{name}`" + (f" ({shown})" if shown else ""),
         str(max_pool_calls(model)),
         str(len(report.fused) + len(report.unfused)),
-        "<br>".join(chain_text(chain.names) for chain in report.fused) or "–",
-        "<br>".join(f"{chain_text(chain.names)}: {chain.reason}" for chain in report.unfused) or "–",
+        "<br>".join(chain_text(chain.names) for chain in report.fused if chain.kind == "pool") or "–",
+        bn_relu_conv_text(report.fused),
+        left_text(report.unfused),
         untraced_text(report.untraced) or "–",
         note,
     ]
@@ -128,8 +143,8 @@ def row(name: str, arguments: dict, note: str) -> str:
 def main() -> None:
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}\n")
-    print("| model | max pools | chains found | fused | left, and why | not traced | note |")
-    print("|---|--:|--:|---|---|---|---|")
+    print("| model | max pools | chains found | pool chains fused | BN → ReLU → conv fused | left, and why | not traced | note |")
+    print("|---|--:|--:|---|---|---|---|---|")
     for name, arguments, note in MODELS:
         print(row(name, arguments, note), flush=True)
 

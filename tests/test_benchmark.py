@@ -131,7 +131,7 @@ def test_bench_model_in_channels_last(tmp_path):
     assert row["memory_format"] == "channels_last" and row["fused_chains"] > 0
 
 
-def test_bench_model_resnet_fuses_its_stem_and_saves_less_at_the_size_given(tmp_path):
+def test_bench_model_resnet_fuses_its_chains_and_saves_less_at_the_size_given(tmp_path):
     report = tmp_path / "bench.json"
     status = benchmark.main(
         ["--model", "resnet18", "--input-size", "32", "--memory-format", "channels_last", "--batch-size", "2",
@@ -139,8 +139,10 @@ def test_bench_model_resnet_fuses_its_stem_and_saves_less_at_the_size_given(tmp_
     )
     assert status == 0
     (row,) = json.loads(report.read_text())["results"]
-    assert row["shape"] == "3x32x32 (N=2)" and row["fused_chains"] == 1
-    # the stem keeps its pooled output and argmax bytes instead of its conv, BN and ReLU outputs
+    # the stem, and each block's bn1 -> relu -> conv2
+    assert row["shape"] == "3x32x32 (N=2)" and row["fused_chains"] == 1 + 8
+    # the stem keeps its pooled output and argmax bytes instead of its conv, BN and ReLU
+    # outputs; each block its bn1's input instead of the rectified tensor too
     assert row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
 
 

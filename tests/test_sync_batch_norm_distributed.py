@@ -24,6 +24,7 @@ from torch import nn
 import cifarnet
 from cifarnet.fuse import FusedConv2dBatchNormReLUMaxPool2d
 from cifarnet.nn import (
+    BatchNormReLUConv2d,
     Conv2dBatchNormReLUMaxPool2d,
     SyncBatchNorm2d,
     SyncConv2dBatchNormReLUMaxPool2d,
@@ -177,6 +178,22 @@ def converted_and_fused_models_match_native(rank):
 
 def test_converted_and_fused_models_match_native_whole_batch(tmp_path):
     run_on_processes(tmp_path, "converted_and_fused_models_match_native")
+
+
+def converted_bn_relu_conv_matches_native(rank):
+    torch.manual_seed(0)
+    native = _randomise_batch_norms(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU(), nn.Conv2d(3, 4, 3, padding=1)).double(), 4)
+    copied = copy.deepcopy(native)
+    synced = convert_sync_batchnorm(nn.Sequential(BatchNormReLUConv2d.from_modules(copied[0], copied[2])))
+    assert isinstance(synced[0].bn, SyncBatchNorm2d)
+    for sizes in SPLITS:
+        _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, copied), (3, 6, 6))
+
+
+def test_a_converted_bn_relu_conv_layer_synchronizes(tmp_path):
+    # BatchNormReLUConv2d's op has no synchronized statistics: with a SyncBatchNorm2d in a
+    # world of two it runs its batch norm module, unfused.
+    run_on_processes(tmp_path, "converted_bn_relu_conv_matches_native")
 
 
 def groups_of_one_and_evaluation_do_not_communicate(rank):

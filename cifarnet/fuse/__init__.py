@@ -1,15 +1,18 @@
 """``cifarnet.fuse(model)``: the fused layers in any model, and ``cifarnet.unfuse`` to take them out.
 
 :func:`fuse` finds every ``Conv2d -> ReLU -> MaxPool2d`` and ``Conv2d -> BatchNorm2d -> ReLU ->
-MaxPool2d`` chain of a model and computes it with one fused op, keeping the trained tensors.
+MaxPool2d`` chain of a model and computes it with one fused op, and every ``BatchNorm2d -> ReLU
+-> Conv2d`` chain whose convolution heads no such chain (ResNet blocks, DenseNet layers) with
+another, keeping the trained tensors.
 
 **State dicts keep their keys.** The modules that hold tensors stay where they are, so a fused
 model's ``state_dict()`` has the original's keys in the original order and checkpoints load
 both ways strictly:
 
 - the convolution's position (``features.0``, ``conv1``) gets a fused layer
-  (:class:`FusedConv2dReLUMaxPool2d` or :class:`FusedConv2dBatchNormReLUMaxPool2d`) that owns
-  the convolution's own ``Parameter`` objects as ``weight`` and ``bias``;
+  (:class:`FusedConv2dReLUMaxPool2d`, :class:`FusedConv2dBatchNormReLUMaxPool2d` or
+  :class:`FusedBatchNormReLUConv2d`) that owns the convolution's own ``Parameter`` objects as
+  ``weight`` and ``bias``;
 - the batch norm stays registered at its position and the fused layer reads it at every call
   through a reference to the *module* (not a child, so no second key): module references see
   what ``.to()``, ``.double()`` and ``load_state_dict`` do to its buffers, and
@@ -22,11 +25,12 @@ both ways strictly:
   an ``nn.Sequential`` (``vgg11().features``), the positions are swapped in place: fused layer at
   the convolution's, a :class:`FusedBatchNorm2d` (the same parameters and buffers, an identity
   ``forward``) at the batch norm's, and :class:`FusedIdentity` at the ReLU's and the pool's;
-  ``nn.Sequential.forward`` then computes the chain once, in its first child.
+  ``nn.Sequential.forward`` then computes the chain once, in its convolution's child.
 - *Graph* (the model becomes a ``torch.fx.GraphModule`` with the same class name). Chains
   written in ``forward`` (``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.max_pool2d``,
   ``torch.max_pool2d``, modules called by attribute) are found in the model's ``torch.fx``
-  graph; the convolution's node calls the fused layer and the other nodes are removed. The
+  graph; the convolution's node calls the fused layer (on the batch norm's input, for batch
+  norm -> ReLU -> conv) and the other nodes are removed. The
   other modules stay registered untouched, and the GraphModule adopts the model's whole module
   tree, parameters, buffers, hooks and plain attributes, so every name, key and container
   (``model.features[0]``) is where it was.
@@ -48,8 +52,8 @@ and its other children are tried in turn; :func:`fuse` warns, naming it.
 
 Chains the fused ops cannot compute (dilation, groups, padding modes, dilated or
 index-returning pools, pools padded by more than half their window, which native refuses too,
-windows over 255 elements, batch-norm subclasses, hooked modules, reused outputs, modules
-called more than once) stay unfused and are listed, with the reason, in the
+windows over 255 elements, batch-norm subclasses, synchronized batch norms before a ReLU ->
+conv, hooked modules, reused outputs, modules called more than once) stay unfused and are listed, with the reason, in the
 :class:`FusionReport`. Padded pools, such as ResNet's and DenseNet's stems (max pool 3x3, stride
 2, padding 1), fuse.
 
@@ -66,6 +70,7 @@ The modules of this package, each readable on its own: :mod:`.rewrite` (``fuse``
 
 from cifarnet.fuse.layers import (
     FusedBatchNorm2d,
+    FusedBatchNormReLUConv2d,
     FusedConv2dBatchNormReLUMaxPool2d,
     FusedConv2dReLUMaxPool2d,
     FusedIdentity,
@@ -89,6 +94,7 @@ from cifarnet.fuse.tracing import _Tracer  # noqa: E402, F401  isort: skip
 __all__ = [
     "Chain",
     "FusedBatchNorm2d",
+    "FusedBatchNormReLUConv2d",
     "FusedConv2dBatchNormReLUMaxPool2d",
     "FusedConv2dReLUMaxPool2d",
     "FusedIdentity",

@@ -8,12 +8,17 @@ import dataclasses
 from torch import Tensor, nn
 
 from cifarnet.fuse._torch_internals import _set_module_state
-from cifarnet.nn import Conv2dBatchNormReLUMaxPool2d, Conv2dReLUMaxPool2d, share_batch_norm_state
+from cifarnet.nn import (
+    BatchNormReLUConv2d,
+    Conv2dBatchNormReLUMaxPool2d,
+    Conv2dReLUMaxPool2d,
+    share_batch_norm_state,
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Step:
-    """A call a graph-fused layer replaced after its convolution, as unfuse puts it back."""
+    """A call a graph-fused layer replaced next to its convolution, as unfuse puts it back."""
 
     op: str  # "call_module", "call_function" or "call_method"
     target: str  # module path in the GraphModule, key of _FUNCTIONS_BY_NAME, or method name
@@ -23,6 +28,9 @@ class _Step:
 
 class _FusedChainLayer:
     """What a fused layer at a convolution's position remembers of the chain it replaced."""
+
+    # Where the chain's other calls stood: after the convolution, or before it (bn -> ReLU -> conv).
+    steps_before_conv = False
 
     def _remember(self, conv: nn.Conv2d, names: tuple[str, ...], steps: tuple[_Step, ...]) -> None:
         self.fuses = tuple(names)
@@ -130,6 +138,50 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._fuses_repr()}"
+
+
+class FusedBatchNormReLUConv2d(_FusedChainLayer, BatchNormReLUConv2d):
+    """:class:`cifarnet.nn.BatchNormReLUConv2d` at an ``nn.Conv2d``'s position whose batch norm
+    is the module at the batch norm's own position, read at each call (as
+    :class:`FusedConv2dBatchNormReLUMaxPool2d` reads its own).
+
+    The chain it replaces comes *before* the convolution: the graph calls this layer on the
+    batch norm's input, and :func:`unfuse` puts the batch-norm and ReLU calls back in front of
+    the ``nn.Conv2d``. Owns the convolution's ``Parameter`` objects as ``weight`` and ``bias``.
+    Made by :func:`fuse`.
+
+    Shape:
+        input ``[N, C_in, H, W]`` (the batch norm's input) -> the convolution's output.
+    """
+
+    _traced_as_leaf = False  # as FusedConv2dBatchNormReLUMaxPool2d's, for the same reason
+    steps_before_conv = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise TypeError("FusedBatchNormReLUConv2d is made by cifarnet.fuse; build a cifarnet.nn.BatchNormReLUConv2d instead")
+
+    @classmethod
+    def from_chain(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, names, steps=()) -> FusedBatchNormReLUConv2d:
+        """The fused layer of ``bn -> ReLU -> conv``: shares ``conv``'s parameters and reads
+        ``bn``'s tensors; ``steps`` are the batch-norm and ReLU calls, in order, that
+        :func:`unfuse` puts back before the convolution (graph rewriting only)."""
+        fused = cls.from_modules(bn, conv)
+        fused._remember(conv, names, steps)
+        return fused
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self._batch_norm
+
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        _set_module_state(self, {"_batch_norm": bn})  # not a child: see FusedConv2dBatchNormReLUMaxPool2d
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._fuses_repr()}"
+
+
+# The fused layers whose batch norm is registered elsewhere in the model, not as their child.
+LAYERS_READING_A_BATCH_NORM = (FusedConv2dBatchNormReLUMaxPool2d, FusedBatchNormReLUConv2d)
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):

@@ -1,5 +1,6 @@
-"""Finding chains: the conv -> [batch norm ->] ReLU -> max-pool chains of a traced graph or of
-an ``nn.Sequential``'s children, and whether the fused ops can compute each."""
+"""Finding chains: the conv -> [batch norm ->] ReLU -> max-pool and batch norm -> ReLU -> conv
+chains of a traced graph or of an ``nn.Sequential``'s children, and whether the fused ops can
+compute each."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from torch.fx import Node
 
 import cifarnet.nn as cnn
 from cifarnet.fuse import layers as fused_layers
+from cifarnet.fuse.report import Chain
 from cifarnet.nn import (
     BATCH_NORMS_2D,
     BatchNorm2d,
     SyncBatchNorm2d,
+    bn_relu_conv_unfusable_reason,
     conv_bn_relu_pool_unfusable_reason,
     conv_relu_pool_unfusable_reason,
 )
@@ -42,15 +45,20 @@ _FUSABLE_BATCH_NORMS = (nn.BatchNorm2d, BatchNorm2d, nn.SyncBatchNorm, SyncBatch
 
 @dataclasses.dataclass
 class _Candidate:
-    """A chain found in a graph or an nn.Sequential, before it is fused."""
+    """A chain found in a graph or an nn.Sequential, before it is fused: conv -> [bn ->] ReLU ->
+    pool, or (``bn_relu_conv``) bn -> ReLU -> conv; ``names`` and ``nodes`` in that order."""
 
     names: tuple[str, ...]
     conv: nn.Module
     bn: nn.Module | None
     relu: nn.Module | None  # None where forward calls a function
-    pool: nn.Module  # built from the call's arguments where forward calls a function
+    pool: nn.Module | None  # built from the call's arguments where forward calls a function; None in bn -> ReLU -> conv
     nodes: tuple[Node, ...] = ()  # graph chains only
     reason: str | None = None
+    bn_relu_conv: bool = False
+
+    def reported(self) -> Chain:
+        return Chain(self.names, self.reason, "bn_relu_conv" if self.bn_relu_conv else "pool")
 
 
 def _qualified(prefix: str, name: str) -> str:
@@ -73,16 +81,21 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 def _fusability_reason(candidate: _Candidate) -> str | None:
     """Why the fused ops cannot compute ``candidate``'s modules, or None."""
     conv, bn, pool = candidate.conv, candidate.bn, candidate.pool
-    if bn is None:
+    if candidate.bn_relu_conv:
+        reason = bn_relu_conv_unfusable_reason(bn, conv)
+    elif bn is None:
         reason = conv_relu_pool_unfusable_reason(conv, pool)
     else:
         reason = conv_bn_relu_pool_unfusable_reason(conv, bn, pool)
-        if reason is None and type(bn) not in _FUSABLE_BATCH_NORMS:
-            reason = f"{type(bn).__name__} is a subclass of nn.BatchNorm2d, whose forward may differ"
+    if reason is None and bn is not None and type(bn) not in _FUSABLE_BATCH_NORMS:
+        reason = f"{type(bn).__name__} is a subclass of nn.BatchNorm2d, whose forward may differ"
     if reason is not None:
         return reason
     # One module per name; None where forward calls a function (it has no hooks).
-    modules = (conv, *([] if bn is None else [bn]), candidate.relu, pool)
+    if candidate.bn_relu_conv:
+        modules = (bn, candidate.relu, conv)
+    else:
+        modules = (conv, *([] if bn is None else [bn]), candidate.relu, pool)
     for name, module in zip(candidate.names, modules, strict=True):
         hooked = module is not None and (
             module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
@@ -108,6 +121,10 @@ def _max_pool_call(node: Node, root: nn.Module) -> bool:
 
 def _batch_norm_call(node: Node, root: nn.Module) -> bool:
     return node.op == "call_module" and isinstance(root.get_submodule(node.target), BATCH_NORMS_2D)
+
+
+def _conv_call(node: Node, root: nn.Module) -> bool:
+    return node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.Conv2d)
 
 
 def _called_module(node: Node | None, root: nn.Module) -> nn.Module | None:
@@ -137,13 +154,17 @@ def _max_pool_module(node: Node) -> nn.MaxPool2d:
     )
 
 
-def _graph_chains(graph: torch.fx.Graph, root: nn.Module, prefix: str) -> list[_Candidate]:
-    """Every conv -> [bn ->] relu -> max-pool chain of ``graph`` (traced from ``root``), in
-    order, with the reason why it cannot be fused where it cannot."""
+def _graph_chains(graph: torch.fx.Graph, root: nn.Module, prefix: str, bn_relu_conv: bool = True) -> list[_Candidate]:
+    """Every conv -> [bn ->] relu -> max-pool chain of ``graph`` (traced from ``root``) and,
+    with ``bn_relu_conv``, every bn -> relu -> conv chain, in the order of their first calls,
+    with the reason why each cannot be fused where it cannot.
+
+    A convolution heading a pool chain that fuses is not also fused with the batch norm and
+    ReLU before it: the pool chain keeps less for the backward (its output is pooled)."""
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     chains = []
     for conv_node in graph.nodes:
-        if conv_node.op != "call_module" or not isinstance(root.get_submodule(conv_node.target), nn.Conv2d):
+        if not _conv_call(conv_node, root):
             continue
         bn_node = _next_call(conv_node, _batch_norm_call, root)
         relu_node = _next_call(bn_node or conv_node, _relu_call, root)
@@ -154,30 +175,68 @@ def _graph_chains(graph: torch.fx.Graph, root: nn.Module, prefix: str) -> list[_
         names = tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
         modules = [_called_module(node, root) for node in (conv_node, bn_node, relu_node, pool_node)]
         candidate = _Candidate(names, *modules, nodes)
-        dynamic = [node for node in nodes[1:] if len(node.all_input_nodes) > 1]
-        reused = [(node, name) for node, name in zip(nodes[:-1], names) if len(node.users) > 1]
-        # Modules with state must be called once; a shared nn.ReLU or nn.MaxPool2d may be reused.
-        stateful = [(node, name) for node, name in zip(nodes, names) if node in (conv_node, bn_node)]
-        repeated = [(node, name) for node, name in stateful if calls[node.target] > 1]
-        if reused:
-            node, name = reused[0]
-            others = ", ".join(_qualified(prefix, user.name) for user in node.users if user not in nodes)
-            candidate.reason = f"the output of {name} is also used by {others}"
-        elif repeated:
-            node, name = repeated[0]
-            candidate.reason = f"{name} is called {calls[node.target]} times in forward"
-        elif dynamic:
-            candidate.reason = f"the arguments of {_qualified(prefix, dynamic[0].name)} are computed in forward"
+        candidate.reason = _graph_reason(candidate, (conv_node, bn_node), calls, prefix)
         if candidate.pool is None and candidate.reason is None:
             candidate.pool = _max_pool_module(pool_node)
+        if candidate.reason is None:
+            candidate.reason = _fusability_reason(candidate)
+        chains.append(candidate)
+    if bn_relu_conv:
+        pooled = {chain.nodes[0]: chain for chain in chains if chain.reason is None}
+        chains += _graph_bn_relu_convs(graph, root, prefix, calls, pooled)
+    order = {node: index for index, node in enumerate(graph.nodes)}
+    return sorted(chains, key=lambda chain: order[chain.nodes[0]])
+
+
+def _graph_bn_relu_convs(graph, root, prefix, calls, pooled: dict[Node, _Candidate]) -> list[_Candidate]:
+    """The bn -> relu -> conv chains of ``graph``; ``pooled``: the pool chains that fuse, by
+    their convolution's node."""
+    chains = []
+    for bn_node in graph.nodes:
+        if not _batch_norm_call(bn_node, root):
+            continue
+        relu_node = _next_call(bn_node, _relu_call, root)
+        conv_node = relu_node and _next_call(relu_node, _conv_call, root)
+        if conv_node is None:
+            continue
+        nodes = (bn_node, relu_node, conv_node)
+        names = tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
+        bn, relu, conv = (_called_module(node, root) for node in nodes)
+        candidate = _Candidate(names, conv, bn, relu, None, nodes, bn_relu_conv=True)
+        candidate.reason = _graph_reason(candidate, (bn_node, conv_node), calls, prefix)
+        if candidate.reason is None and conv_node in pooled:
+            candidate.reason = f"{names[-1]} heads the fused chain {' -> '.join(pooled[conv_node].names)}"
         if candidate.reason is None:
             candidate.reason = _fusability_reason(candidate)
         chains.append(candidate)
     return chains
 
 
-def _sequential_chains(sequential: nn.Sequential, prefix: str) -> list[tuple[list[str], _Candidate]]:
-    """The chains among consecutive children of ``sequential`` (child names, candidate)."""
+def _graph_reason(candidate: _Candidate, stateful: tuple[Node | None, ...], calls: collections.Counter, prefix: str) -> str | None:
+    """Why the graph does not let ``candidate`` fuse: an output used outside the chain, a
+    module with state (``stateful``: the conv and bn nodes) called more than once, or call
+    arguments computed in forward."""
+    nodes, names = candidate.nodes, candidate.names
+    reused = [(node, name) for node, name in zip(nodes[:-1], names) if len(node.users) > 1]
+    # Modules with state must be called once; a shared nn.ReLU or nn.MaxPool2d may be reused.
+    repeated = [(node, name) for node, name in zip(nodes, names) if node in stateful and calls[node.target] > 1]
+    dynamic = [node for node in nodes[1:] if len(node.all_input_nodes) > 1]
+    if reused:
+        node, name = reused[0]
+        others = ", ".join(_qualified(prefix, user.name) for user in node.users if user not in nodes)
+        return f"the output of {name} is also used by {others}"
+    if repeated:
+        node, name = repeated[0]
+        return f"{name} is called {calls[node.target]} times in forward"
+    if dynamic:
+        return f"the arguments of {_qualified(prefix, dynamic[0].name)} are computed in forward"
+    return None
+
+
+def _sequential_chains(sequential: nn.Sequential, prefix: str, bn_relu_conv: bool = True) -> list[tuple[list[str], _Candidate]]:
+    """The chains among consecutive children of ``sequential`` (child names, candidate), in
+    order: conv -> [bn ->] ReLU -> pool, and with ``bn_relu_conv`` bn -> ReLU -> conv, as
+    :func:`_graph_chains` finds them in graphs."""
     children = list(sequential._modules.items())
     chains, index = [], 0
     while index < len(children):
@@ -205,7 +264,21 @@ def _sequential_chains(sequential: nn.Sequential, prefix: str) -> list[tuple[lis
         candidate.reason = _fusability_reason(candidate)
         chains.append((names, candidate))
         index += length
-    return chains
+    if bn_relu_conv:
+        pooled = {names[0]: candidate for names, candidate in chains if candidate.reason is None}
+        for index in range(len(children) - 2):
+            (bn_name, bn), (relu_name, relu), (conv_name, conv) = children[index : index + 3]
+            if not (isinstance(bn, BATCH_NORMS_2D) and type(relu) is nn.ReLU and isinstance(conv, nn.Conv2d)):
+                continue
+            names = [bn_name, relu_name, conv_name]
+            candidate = _Candidate(tuple(_qualified(prefix, name) for name in names), conv, bn, relu, None, bn_relu_conv=True)
+            if conv_name in pooled:
+                candidate.reason = f"{candidate.names[-1]} heads the fused chain {' -> '.join(pooled[conv_name].names)}"
+            else:
+                candidate.reason = _fusability_reason(candidate)
+            chains.append((names, candidate))
+    order = {name: index for index, (name, _) in enumerate(children)}
+    return sorted(chains, key=lambda chain: order[chain[0][0]])
 
 
 def _sequential_positions(root: nn.Module, candidate: _Candidate, calls: collections.Counter) -> tuple[str, list[str]] | None:

@@ -8,17 +8,20 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Chain:
-    """A conv -> [batch norm ->] ReLU -> max-pool chain that :func:`fuse` found.
+    """A chain that :func:`fuse` found: conv -> [batch norm ->] ReLU -> max pool, or batch
+    norm -> ReLU -> conv.
 
     Attributes:
         names: one per step, in order: the module's qualified name in the model, or for a
             function called in ``forward`` the ``torch.fx`` node's name (``relu``,
             ``max_pool2d_1``) after the traced module's (``backbone.relu``).
         reason: why it was left unfused, or None if it was fused.
+        kind: ``"pool"`` (conv -> [batch norm ->] ReLU -> max pool) or ``"bn_relu_conv"``.
     """
 
     names: tuple[str, ...]
     reason: str | None = None
+    kind: str = "pool"
 
     def __str__(self) -> str:
         chain = " -> ".join(self.names)

@@ -13,6 +13,7 @@ from torch.fx import GraphModule, Node
 from cifarnet.fuse.graph_module import _graph_module
 from cifarnet.fuse.layers import (
     FusedBatchNorm2d,
+    FusedBatchNormReLUConv2d,
     FusedConv2dBatchNormReLUMaxPool2d,
     FusedConv2dReLUMaxPool2d,
     FusedIdentity,
@@ -29,17 +30,23 @@ from cifarnet.fuse.patterns import (
     _sequential_chains,
     _sequential_positions,
 )
-from cifarnet.fuse.report import Chain, FusionReport
+from cifarnet.fuse.report import FusionReport
 from cifarnet.fuse.tracing import _trace, _Untraceable
 
 
-def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
-    """Computes every conv -> [batch norm ->] ReLU -> max-pool chain of ``model`` with one fused op.
+def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False, bn_relu_conv: bool = True):
+    """Computes every conv -> [batch norm ->] ReLU -> max-pool chain of ``model`` with one fused
+    op, and every batch norm -> ReLU -> conv chain (a ResNet block's, a DenseNet layer's) with
+    another.
 
     The chains may be ``nn.Conv2d``, ``nn.BatchNorm2d``, ``nn.ReLU`` and ``nn.MaxPool2d``
     children of ``nn.Sequential`` containers at any depth, or calls in ``forward``: conv and
     batch-norm modules with ``nn.ReLU``, ``F.relu``, ``torch.relu``, ``Tensor.relu`` (in place
-    or not) and ``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``. The result computes the
+    or not) and ``nn.MaxPool2d``, ``F.max_pool2d``, ``torch.max_pool2d``. A pool chain's fused
+    layer keeps the pooled output and its argmax for the backward, not the convolution's output;
+    a batch norm -> ReLU -> conv layer (:class:`cifarnet.nn.BatchNormReLUConv2d`) keeps the
+    batch norm's input, not the rectified tensor, which its backward recomputes. A convolution
+    that heads a pool chain fuses with its pool. The result computes the
     same function with the same parameters, buffers, train/eval modes, device and dtype, and has
     the same ``state_dict`` keys; see :mod:`cifarnet.fuse` for how. Synchronized batch norms
     (``nn.SyncBatchNorm``, :class:`cifarnet.nn.SyncBatchNorm2d`: models converted by either
@@ -51,6 +58,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
             returned module: where ``model`` itself is traced, a new GraphModule runs its
             (rewritten) modules, and ``model`` no longer computes what it did.
         report: also return a :class:`FusionReport`.
+        bn_relu_conv: also fuse batch norm -> ReLU -> conv chains (``False``: pool chains only).
 
     Returns:
         The fused model: ``model`` (or its copy) with its positions rewritten, or a
@@ -70,7 +78,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
     if not inplace:
         model = copy.deepcopy(model)
     fusion = FusionReport()
-    fused = _fuse_module(model, "", fusion)
+    fused = _fuse_module(model, "", fusion, bn_relu_conv)
     for name, why in fusion.untraced.items():
         where = "the model" if not name else repr(name)
         warnings.warn(
@@ -81,10 +89,10 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False):
     return (fused, fusion) if report else fused
 
 
-def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Module:
+def _fuse_module(module: nn.Module, name: str, report: FusionReport, bn_relu_conv: bool) -> nn.Module:
     """``module`` with its chains fused: the same object, or a GraphModule replacing it."""
     if type(module).forward is nn.Module.forward:  # a container that is not called: ModuleList, ...
-        _fuse_children(module, name, report)
+        _fuse_children(module, name, report, bn_relu_conv)
         return module
     if _is_leaf(module):
         return module
@@ -93,13 +101,13 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Modul
     except _Untraceable as error:
         report.untraced[name] = str(error)
         if _is_plain_sequential(module):
-            _fuse_sequential(module, name, report)
-        _fuse_children(module, name, report)
+            _fuse_sequential(module, name, report, bn_relu_conv)
+        _fuse_children(module, name, report, bn_relu_conv)
         return module
-    chains = _graph_chains(graph, module, name)
-    report.unfused += [Chain(chain.names, chain.reason) for chain in chains if chain.reason is not None]
+    chains = _graph_chains(graph, module, name, bn_relu_conv)
+    report.unfused += [chain.reported() for chain in chains if chain.reason is not None]
     fusable = [chain for chain in chains if chain.reason is None]
-    report.fused += [Chain(chain.names) for chain in fusable]
+    report.fused += [chain.reported() for chain in fusable]
     calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
     positions = [_sequential_positions(module, chain, calls) for chain in fusable]
     if all(position is not None for position in positions):
@@ -121,28 +129,35 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport) -> nn.Modul
 _MODE_NAMES = {True: "training", False: "evaluation"}
 
 
-def _fuse_children(module: nn.Module, name: str, report: FusionReport) -> None:
+def _fuse_children(module: nn.Module, name: str, report: FusionReport, bn_relu_conv: bool) -> None:
     for child_name, child in list(module._modules.items()):
         if child is None:
             continue
-        fused = _fuse_module(child, _qualified(name, child_name), report)
+        fused = _fuse_module(child, _qualified(name, child_name), report, bn_relu_conv)
         if fused is not child:
             setattr(module, child_name, fused)
 
 
-def _fuse_sequential(sequential: nn.Sequential, name: str, report: FusionReport) -> None:
+def _fuse_sequential(sequential: nn.Sequential, name: str, report: FusionReport, bn_relu_conv: bool) -> None:
     """Fuses the chains of consecutive children of an untraced ``nn.Sequential`` by position,
     taking ``nn.Sequential.forward``'s word that each output only feeds the next child."""
-    for children, chain in _sequential_chains(sequential, name):
+    for children, chain in _sequential_chains(sequential, name, bn_relu_conv):
         if chain.reason is None:
             _fuse_positions(sequential, children, chain)
-            report.fused.append(Chain(chain.names))
+            report.fused.append(chain.reported())
         else:
-            report.unfused.append(Chain(chain.names, chain.reason))
+            report.unfused.append(chain.reported())
 
 
 def _fuse_positions(parent: nn.Module, children: list[str], chain: _Candidate) -> None:
     """Rewrites a chain of consecutive children of a plain nn.Sequential by position."""
+    if chain.bn_relu_conv:
+        conv_name = chain.names[-1]
+        fused_bn = FusedBatchNorm2d.from_batch_norm(chain.bn, conv_name)
+        fused = FusedBatchNormReLUConv2d.from_chain(fused_bn, chain.conv, chain.names)
+        for child, module in zip(children, [fused_bn, FusedIdentity(chain.relu, conv_name), fused]):
+            setattr(parent, child, module)
+        return
     conv_name = chain.names[0]
     replacements = [FusedIdentity(chain.relu, conv_name), FusedIdentity(chain.pool, conv_name)]
     if chain.bn is None:
@@ -163,6 +178,15 @@ def _step(node: Node) -> _Step:
 
 def _fuse_in_graph(graph_module: GraphModule, chain: _Candidate) -> None:
     """Makes the chain's convolution node call the fused layer and removes its other nodes."""
+    if chain.bn_relu_conv:
+        bn_node, relu_node, conv_node = chain.nodes
+        steps = (_step(bn_node), _step(relu_node))
+        fused = FusedBatchNormReLUConv2d.from_chain(chain.bn, chain.conv, chain.names, steps)
+        graph_module.set_submodule(conv_node.target, fused)
+        conv_node.update_arg(0, bn_node.args[0])  # read now: an earlier rewrite may have replaced it
+        graph_module.graph.erase_node(relu_node)
+        graph_module.graph.erase_node(bn_node)
+        return
     conv_node, *rest = chain.nodes
     steps = tuple(_step(node) for node in rest)
     if chain.bn is None:

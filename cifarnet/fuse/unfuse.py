@@ -10,7 +10,14 @@ from torch.fx import GraphModule
 from cifarnet.fuse.graph_module import _as_traced_class
 from cifarnet.fuse.layers import FusedBatchNorm2d, FusedIdentity, _FusedChainLayer
 from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME
-from cifarnet.nn import BatchNorm1d, BatchNorm2d, Conv2dBatchNormReLUMaxPool2d, Conv2dReLUMaxPool2d, Dropout
+from cifarnet.nn import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNormReLUConv2d,
+    Conv2dBatchNormReLUMaxPool2d,
+    Conv2dReLUMaxPool2d,
+    Dropout,
+)
 
 
 def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
@@ -20,7 +27,8 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``nn.BatchNorm2d`` (also where the original was a :class:`cifarnet.nn.BatchNorm2d`;
     ``nn.SyncBatchNorm`` where it was synchronized) and
     :class:`FusedIdentity` the ``nn.ReLU`` or ``nn.MaxPool2d`` it replaced; in graphs, the
-    batch-norm, ReLU and pooling calls are put back after the convolution. Modules that
+    batch-norm, ReLU and pooling calls are put back after the convolution (before it, for a
+    batch norm -> ReLU -> conv chain). Modules that
     ``fuse`` turned into GraphModules become instances of their own classes again, running
     their own ``forward`` (a GraphModule given to ``fuse`` stays one, its graph unfused).
     Layers of :mod:`cifarnet.nn` that ``fuse`` did not make (a model written with them, or
@@ -53,7 +61,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 
 
 # The layers of cifarnet.nn, each with a to_native() that computes it with torch alone.
-_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNorm1d, BatchNorm2d, Dropout)
+_LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNormReLUConv2d, BatchNorm1d, BatchNorm2d, Dropout)
 
 
 def _unfuse_children(module: nn.Module) -> None:
@@ -95,15 +103,27 @@ def _unfuse_graph(graph_module: GraphModule) -> None:
         fused = graph_module.get_submodule(node.target)
         if not isinstance(fused, _FusedChainLayer) or not fused.steps:
             continue
-        users = list(node.users)
-        previous = node
-        for step in fused.steps:
-            target = _FUNCTIONS_BY_NAME[step.target] if step.op == "call_function" else step.target
-            with graph.inserting_after(previous):
-                previous = graph.create_node(step.op, target, (previous, *step.args), step.kwargs)
-        for user in users:
-            user.replace_input_with(node, previous)
+        if fused.steps_before_conv:
+            previous = node.args[0]
+            for step in fused.steps:
+                with graph.inserting_before(node):
+                    previous = _create_step(graph, step, previous)
+            node.update_arg(0, previous)
+        else:
+            users = list(node.users)
+            previous = node
+            for step in fused.steps:
+                with graph.inserting_after(previous):
+                    previous = _create_step(graph, step, previous)
+            for user in users:
+                user.replace_input_with(node, previous)
         changed = True
     if changed:
         graph.lint()
         graph_module.recompile()
+
+
+def _create_step(graph, step, input):
+    """The node of ``step`` called on ``input``."""
+    target = _FUNCTIONS_BY_NAME[step.target] if step.op == "call_function" else step.target
+    return graph.create_node(step.op, target, (input, *step.args), step.kwargs)

@@ -10,14 +10,15 @@ from torch import Tensor, nn
 
 from cifarnet import ops
 from cifarnet.nn._fx import leaf_call
-from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, share_batch_norm_state
+from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_relu_max_pool2d import conv_unfusable_reason
 
 
 def bn_relu_conv_unfusable_reason(bn: nn.Module, conv: nn.Module) -> str | None:
     """Why ``(bn, ReLU, conv)`` cannot become a ``BatchNormReLUConv2d``, or None if it can."""
+    if hasattr(bn, "process_group"):  # nn.SyncBatchNorm, SyncBatchNorm2d, fuse's stand-in for either
+        return f"{type(bn).__name__} synchronizes its statistics over processes, which this op does not"
     if not isinstance(bn, nn.BatchNorm2d):
-        # NB: nn.SyncBatchNorm is no nn.BatchNorm2d: the op has no synchronized statistics.
         return f"{type(bn).__name__} is not an nn.BatchNorm2d"
     reason = conv_unfusable_reason(conv)
     if reason is not None:
@@ -46,7 +47,9 @@ class BatchNormReLUConv2d(nn.Module):
     (initialised as ``nn.Conv2d``'s), so the state_dict keys of an ``(nn.BatchNorm2d,
     nn.Conv2d)`` pair map as ``bn.* -> bn.*`` and ``conv.* -> *``. Training uses batch
     statistics and updates the running ones; evaluation normalises with the running ones, as
-    torch.nn does.
+    torch.nn does. Where :func:`cifarnet.nn.convert_sync_batchnorm` has made ``bn`` a
+    :class:`SyncBatchNorm2d`, training with more than one process runs ``bn``, ReLU and the
+    convolution unfused (the op has no synchronized statistics).
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, bias: as in ``nn.Conv2d``
@@ -62,6 +65,9 @@ class BatchNormReLUConv2d(nn.Module):
     Under ``torch.fx.symbolic_trace`` it is a leaf, as ``nn.BatchNorm2d`` is: the traced model
     calls it and follows ``.train()`` / ``.eval()``.
     """
+
+    # Whether torch.fx records a call of this layer (leaf_call) rather than tracing into it.
+    _traced_as_leaf = True
 
     def __init__(
         self,
@@ -87,7 +93,7 @@ class BatchNormReLUConv2d(nn.Module):
         self._adopt(bn, conv)
 
     def _adopt(self, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
-        self.bn = bn
+        self._set_batch_norm(bn)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding = conv.padding  # 'valid' and 'same' too, as the functional op takes them
@@ -96,6 +102,9 @@ class BatchNormReLUConv2d(nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = conv.bias
+
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        self.bn = bn
 
     @classmethod
     def from_modules(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> BatchNormReLUConv2d:
@@ -116,11 +125,16 @@ class BatchNormReLUConv2d(nn.Module):
         return fused
 
     def forward(self, input: Tensor) -> Tensor:
-        call = leaf_call(self, input)
+        call = leaf_call(self, input) if self._traced_as_leaf else None
         if call is not None:
             return call
         _check_batch_norm2d_input(input)
         bn = self.bn
+        if batch_norm_sync_group(bn) is not None:
+            # NB: the op has no synchronized statistics (convert_sync_batchnorm made ``bn`` a
+            # SyncBatchNorm2d): the batch norm module computes them, unfused, keeping the
+            # rectified tensor as native does.
+            return F.conv2d(F.relu(bn(input)), self.weight, self.bias, self.stride, self.padding)
         return ops.batch_norm_relu_conv2d(
             input, bn_weight=bn.weight, bn_bias=bn.bias, weight=self.weight, bias=self.bias, stride=self.stride,
             padding=self.padding, **batch_norm_arguments(bn),

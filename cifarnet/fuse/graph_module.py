@@ -20,7 +20,7 @@ from cifarnet.fuse._torch_internals import (
     _rename_graph_module,
     _set_module_state,
 )
-from cifarnet.fuse.layers import LAYERS_READING_A_BATCH_NORM, _FusedChainLayer
+from cifarnet.fuse.layers import _BatchNormByReference, _FusedChainLayer
 
 
 # What nn.Module.__init__ sets: the GraphModule takes these over from the traced module.
@@ -162,7 +162,7 @@ def _named_buffers(module: nn.Module, names: tuple[str, ...]) -> list[Tensor]:
             found[id(buffer)] = buffer
             continue
         found.update((id(buffer), buffer) for buffer in called.buffers())
-        if isinstance(called, LAYERS_READING_A_BATCH_NORM):  # its batch norm is not a child
+        if isinstance(called, _BatchNormByReference):  # its batch norm is not a child
             found.update((id(buffer), buffer) for buffer in called.bn.buffers())
     return list(found.values())
 

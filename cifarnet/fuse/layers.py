@@ -92,24 +92,40 @@ class FusedConv2dReLUMaxPool2d(_FusedChainLayer, Conv2dReLUMaxPool2d):
         return f"{super().extra_repr()}, {self._fuses_repr()}"
 
 
-class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMaxPool2d):
+class _BatchNormByReference:
+    """A fused layer whose ``bn`` is the batch norm module registered at its own position in
+    the model, read at each call, rather than a child.
+
+    Its parameters and buffers keep their keys there, and ``.to()``, ``.double()``, the batch
+    norm's train/eval mode and ``load_state_dict`` all reach the computation. Moving or
+    converting the layer *alone* does not move ``bn``: apply such methods to the model.
+    """
+
+    # NB: torch.fx traces into such a layer (reading bn's tensors where bn is registered): a
+    # GraphModule that called it as a leaf would hold neither bn's tensors nor bn's mode.
+    _traced_as_leaf = False
+
+    @property
+    def bn(self) -> nn.BatchNorm2d:
+        return self._batch_norm
+
+    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
+        # NB: not through nn.Module.__setattr__, which would register bn as a child and add
+        # "bn.*" keys; bn is registered (once) at its own position in the model.
+        _set_module_state(self, {"_batch_norm": bn})
+
+
+class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, _BatchNormByReference, Conv2dBatchNormReLUMaxPool2d):
     """:class:`cifarnet.nn.Conv2dBatchNormReLUMaxPool2d` at an ``nn.Conv2d``'s position whose
     batch norm is not a child but the module at the batch norm's own position.
 
     Owns the convolution's ``Parameter`` objects as ``weight`` and ``bias``; ``bn`` is the batch
-    norm module registered elsewhere in the model (``features.1``, ``bn1``), read at each call,
-    so its parameters and buffers keep their keys there, and ``.to()``, ``.double()``, the
-    batch norm's train/eval mode and ``load_state_dict`` all reach the computation. Moving or
-    converting this layer *alone* does not move ``bn``: apply such methods to the model.
-    Made by :func:`fuse`.
+    norm module registered elsewhere in the model (``features.1``, ``bn1``; see
+    :class:`_BatchNormByReference`). Made by :func:`fuse`.
 
     Shape:
         input ``[N, C_in, H, W]`` -> the pooled output ``[N, C_out, H_out, W_out]``.
     """
-
-    # NB: torch.fx traces into it (reading bn's tensors where bn is registered): a GraphModule
-    # that called this layer as a leaf would hold neither bn's tensors nor bn's mode.
-    _traced_as_leaf = False
 
     def __init__(self, *args, **kwargs) -> None:
         raise TypeError(
@@ -127,23 +143,14 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, Conv2dBatchNormReLUMax
         fused._remember(conv, names, steps)
         return fused
 
-    @property
-    def bn(self) -> nn.BatchNorm2d:
-        return self._batch_norm
-
-    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
-        # NB: not through nn.Module.__setattr__, which would register bn as a child and add
-        # "bn.*" keys; bn is registered (once) at its own position in the model.
-        _set_module_state(self, {"_batch_norm": bn})
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._fuses_repr()}"
 
 
-class FusedBatchNormReLUConv2d(_FusedChainLayer, BatchNormReLUConv2d):
+class FusedBatchNormReLUConv2d(_FusedChainLayer, _BatchNormByReference, BatchNormReLUConv2d):
     """:class:`cifarnet.nn.BatchNormReLUConv2d` at an ``nn.Conv2d``'s position whose batch norm
-    is the module at the batch norm's own position, read at each call (as
-    :class:`FusedConv2dBatchNormReLUMaxPool2d` reads its own).
+    is the module at the batch norm's own position, read at each call (see
+    :class:`_BatchNormByReference`).
 
     The chain it replaces comes *before* the convolution: the graph calls this layer on the
     batch norm's input, and :func:`unfuse` puts the batch-norm and ReLU calls back in front of
@@ -154,7 +161,6 @@ class FusedBatchNormReLUConv2d(_FusedChainLayer, BatchNormReLUConv2d):
         input ``[N, C_in, H, W]`` (the batch norm's input) -> the convolution's output.
     """
 
-    _traced_as_leaf = False  # as FusedConv2dBatchNormReLUMaxPool2d's, for the same reason
     steps_before_conv = True
 
     def __init__(self, *args, **kwargs) -> None:
@@ -169,19 +175,8 @@ class FusedBatchNormReLUConv2d(_FusedChainLayer, BatchNormReLUConv2d):
         fused._remember(conv, names, steps)
         return fused
 
-    @property
-    def bn(self) -> nn.BatchNorm2d:
-        return self._batch_norm
-
-    def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
-        _set_module_state(self, {"_batch_norm": bn})  # not a child: see FusedConv2dBatchNormReLUMaxPool2d
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self._fuses_repr()}"
-
-
-# The fused layers whose batch norm is registered elsewhere in the model, not as their child.
-LAYERS_READING_A_BATCH_NORM = (FusedConv2dBatchNormReLUMaxPool2d, FusedBatchNormReLUConv2d)
 
 
 class FusedBatchNorm2d(nn.BatchNorm2d):

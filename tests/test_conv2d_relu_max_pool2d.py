@@ -63,6 +63,56 @@ def test_larger_shapes_match_native(device, threads, dtype, batch, in_channels, 
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("forward", ["tiles", "samples"])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 13])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_either_cpu_forward_matches_native(forward, threads, batch, memory_format, dtype, monkeypatch):
+    """The CPU forward convolves tiles of the batch with every thread, or hands each thread
+    chunks of whole samples in one parallel region; both must be right where the batch shares
+    out unevenly (fewer samples than threads, odd counts) and in chunks of two samples."""
+    in_channels, out_channels, size = 8, 16, 12
+    conv_sample_bytes = out_channels * size * size * torch.empty((), dtype=dtype).element_size()
+    monkeypatch.setenv("CIFARNET_CONV_FORWARD", forward)
+    # tiles of 2 * threads samples: chunks of 2 per thread
+    monkeypatch.setenv("CIFARNET_FORWARD_TILE_BYTES", str(2 * threads * conv_sample_bytes))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_layer_matches_native("cpu", dtype, batch, in_channels, out_channels, size, memory_format)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("forward", ["tiles", "samples"])
+def test_either_cpu_forward_keeps_the_callers_dispatch_state(forward, monkeypatch):
+    """The threads that convolve chunks of samples convolve in the caller's dispatch state: in
+    inference mode nothing is recorded for autograd (an inference tensor saved for a weight
+    that requires grad would raise: OpenMP's threads do not inherit the caller's thread-local
+    state), and under autocast the output is bfloat16."""
+    monkeypatch.setenv("CIFARNET_CONV_FORWARD", forward)
+    monkeypatch.setenv("CIFARNET_FORWARD_TILE_BYTES", "1")  # chunks of one sample
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # channels last, as the kernel convolves with: the very tensor that requires grad
+        weight = (0.1 * torch.randn(32, 32, 5, 5)).contiguous(memory_format=torch.channels_last).requires_grad_()
+        with torch.inference_mode():
+            # 16 chunks of about a millisecond each: the second thread takes some
+            input = torch.randn(16, 32, 32, 32)
+            fused = conv2d_relu_max_pool2d(input, weight, padding=2)
+            native = native_conv2d_relu_max_pool2d(input, weight, padding=2)
+        torch.testing.assert_close(fused, native)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused = conv2d_relu_max_pool2d(input.clone(), weight, padding=2)
+            native = native_conv2d_relu_max_pool2d(input.clone(), weight, padding=2)
+        assert fused.dtype == torch.bfloat16
+        torch.testing.assert_close(fused, native, rtol=2e-2, atol=2e-2)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("backward", ["sparse", "dense"])
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

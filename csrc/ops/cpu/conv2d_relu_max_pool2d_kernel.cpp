@@ -3,7 +3,9 @@
 // Forward: the convolution goes through at::convolution (oneDNN for float32, which reaches
 // ~240 GFLOP/s on the study's shapes here, more than an im2col + MKL SGEMM of the same tile at
 // 85-145), a tile of samples at a time; ReLU, max pooling and the one-byte argmax then run over
-// the tile while it is in cache, so the pre-pool activation never exists at full size.
+// the tile while it is in cache, so the pre-pool activation never exists at full size. Where
+// the batch shares out evenly over the threads, each thread convolves and pools its own chunks
+// of samples, all in one parallel region (see forward_by_samples).
 //
 // Backward: the pre-pool gradient is zero but at one argmax per pool window, so the
 // convolution gradients only visit those positions (see conv2d_relu_max_pool2d_loops.h): a
@@ -14,11 +16,13 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/core/AutogradState.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -43,13 +47,23 @@ namespace {
 // epilogue then reads the output from there); AMX, ~3x faster than float32 on the study's
 // convolutions, no longer hides the per-call cost: one call rather than four 2 MiB tiles took
 // conv1's forward from 3.2 to 2.9 ms (one thread).
-// Under load the tiles cost dearly: every tile is three parallel regions (oneDNN's two and the
+// Where the forward runs as one parallel region (forward_by_samples), a thread's chunk is its
+// share of a tile, tile / threads bytes of whole samples, so each thread's output stays as
+// cache-sized as under the tiles these sizes were measured with; where a last level of hundreds
+// of MiB makes the tile the whole batch, each thread convolves its share in one call (what AMX
+// wants, above). The region count is then one per forward whatever the caches.
+// Under load shared tiles cost dearly: each is three parallel regions (oneDNN's two and the
 // epilogue's), each of which waits for every thread, and a thread sharing its core with another
 // process resumes only at its next time slice. Zen 3, two threads beside two busy processes:
 // the study's conv1 forward (32x32 inputs, batch 128: 8 tiles, 24 regions) 184-192 ms, against
 // 32 ms as one tile; on the quiet machine the tiles win (min of 120 calls: conv1 4.2 against
-// 6.0 ms, conv2 17.0 against 37.6). CIFARNET_FORWARD_TILE_BYTES sets the tile (for
-// measurements; a value over the batch's output, e.g. 1099511627776, makes one tile).
+// 6.0 ms, conv2 17.0 against 37.6). As one region (28x28 inputs, batch 128, channels last, two
+// threads beside two busy loops, median of 30 calls): conv1 15.7 ms against 89 as tiles and 51
+// native, conv2 47 against 96 and 64, conv3 24 against 32 and 42; quiet, contiguous inputs, min
+// of 100: within 3% of the tiles (conv1 4.95 against 5.14 ms, conv2 18.6 against 18.5, conv3
+// 8.2 against 8.0).
+// CIFARNET_FORWARD_TILE_BYTES sets the tile (for measurements; a value over the batch's output,
+// e.g. 1099511627776, makes one tile).
 int64_t forward_tile_bytes(at::ScalarType dtype) {
   if (const char* forced = std::getenv("CIFARNET_FORWARD_TILE_BYTES")) return std::atoll(forced);
   static const bool amx_bf16 = cpu_has_amx_bf16();
@@ -67,6 +81,75 @@ at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
   return at::convolution(input, weight, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
                          /*transposed=*/false, {0, 0}, /*groups=*/1)
       .contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Whether the forward runs as one parallel region in which each thread convolves chunks of
+// whole samples on its own (oneDNN inside a region runs on the calling thread alone) and pools
+// each chunk while it is in that thread's cache, rather than as tiles of the batch that all
+// threads convolve and then pool together (three regions a tile, see forward_tile_bytes).
+// Chunks go to whichever thread is free (an atomic counter), so a thread slowed by another
+// process on its core takes fewer. Needs a batch that shares out evenly enough in whole
+// samples: the busiest thread's at most 5/4 of the mean (so 1 or 3 samples on 2 threads stay
+// tiles, where oneDNN splits each sample's rows and channels over the threads instead). A rule
+// of the batch and the thread count alone, which holds on any CPU: 64 threads give a batch of
+// 128 two samples each, one region instead of three per tile.
+// NB: oneDNN's forward convolutions are safe to run inside a region: a primitive's cache key
+// holds the thread count (1 there), and their kernels share the work out by the count they are
+// called with (1), not the one they were planned for (oneDNN 3.x's brgemm forward for AVX-512
+// and AMX: balance211 over the count parallel() passes; the AVX2 ones: tested). The weight
+// gradient's is not (see dense_conv_gradients), so the backward never does this.
+// CIFARNET_CONV_FORWARD=samples or =tiles forces one (for tests and measurements).
+bool forward_by_samples(int64_t batch, int64_t threads) {
+  if (const char* forced = std::getenv("CIFARNET_CONV_FORWARD")) {
+    if (std::strcmp(forced, "samples") == 0) return true;
+    if (std::strcmp(forced, "tiles") == 0) return false;
+  }
+  if (threads < 2 || at::in_parallel_region()) return false;
+  return 4 * ceil_div(batch, threads) * threads <= 5 * batch;
+}
+
+// Sets this thread's autograd state (grad mode, inference mode) for its lifetime.
+class AutogradStateGuard {
+ public:
+  explicit AutogradStateGuard(const c10::AutogradState& state)
+      : saved_(c10::AutogradState::get_tls_state()) {
+    c10::AutogradState::set_tls_state(state);
+  }
+  ~AutogradStateGuard() { c10::AutogradState::set_tls_state(saved_); }
+  AutogradStateGuard(const AutogradStateGuard&) = delete;
+  AutogradStateGuard& operator=(const AutogradStateGuard&) = delete;
+
+ private:
+  const c10::AutogradState saved_;
+};
+
+// The forward as one parallel region: chunks of `chunk` samples, each convolved and then
+// pooled by one thread, handed out in order by an atomic counter.
+template <typename scalar_t>
+void forward_samples_per_thread(const at::Tensor& input, const at::Tensor& weight_cl,
+                                const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g,
+                                at::Tensor& output, at::Tensor& argmax, int64_t chunk) {
+  const int64_t chunks = ceil_div(g.batch, chunk);
+  std::atomic<int64_t> next_chunk{0};
+  // The caller's dispatch keys (below autograd, autocast excluded) and grad and inference
+  // modes for the workers' at::convolution calls: OpenMP's threads do not inherit thread-local
+  // state. NB: not at::ThreadLocalState, which would also hand them the profiler's callbacks:
+  // a worker's convolutions would then show as top-level events of its own thread, counted
+  // beside the op that contains them.
+  const c10::impl::LocalDispatchKeySet caller_keys = c10::impl::tls_local_dispatch_key_set();
+  const c10::AutogradState caller_autograd = c10::AutogradState::get_tls_state();
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const c10::impl::ForceDispatchKeyGuard keys_guard(caller_keys);
+    const AutogradStateGuard autograd_guard(caller_autograd);
+    for (int64_t i = next_chunk++; i < chunks; i = next_chunk++) {
+      const int64_t n0 = i * chunk, n1 = std::min(n0 + chunk, g.batch);
+      const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
+      relu_max_pool2d_samples<scalar_t>(conv, n0, output, argmax, g, n0, n1, 0, g.out_h, nullptr,
+                                        nullptr, nullptr);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
@@ -92,8 +175,15 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
   const int64_t tile = std::max<int64_t>(
       1, forward_tile_bytes(input.scalar_type()) / std::max<int64_t>(1, sample_bytes));
 
+  const int64_t threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "conv2d_relu_max_pool2d_forward", [&] {
+    if (forward_by_samples(g.batch, threads)) {
+      // A thread's tile is its share of the batch's: the same bytes per thread as below.
+      const int64_t chunk = std::min(std::max<int64_t>(1, tile / threads), ceil_div(g.batch, threads));
+      forward_samples_per_thread<scalar_t>(input, weight_cl, bias, g, output, argmax, chunk);
+      return;
+    }
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
       const int64_t n1 = std::min(n0 + tile, g.batch);
       const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);

@@ -15,6 +15,13 @@ original traced by torch.fx without rewriting is timed too: tracing alone makes 
 residual `+=` an out-of-place add, a cost the rewritten model pays that is not the op's.
 ``--impl cifarnet`` computes the rewritten pairs with the op built since,
 ``cifarnet.ops.batch_norm_relu_conv2d``, instead of that prototype (``--impl python``).
+
+    python benchmarks/bn_relu_conv_recompute.py --micro --threads 2
+
+``--micro`` times the op alone instead, forward+backward against native F.batch_norm ->
+F.relu (in place, as torchvision's) -> F.conv2d at two of ResNet-50's bottleneck pairs at 224,
+batch 8, float32 channels-last: the op's own share of the model's figure, without the
+convolutions' noise around it.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from torch import nn
 
 from cifarnet import ops
 from cifarnet._timing import saved_tensor_bytes
+from cifarnet._timing import Stopwatch, interleaved_medians
 from cifarnet.nn import batch_norm_arguments
 
 
@@ -156,6 +164,41 @@ def check_float64(name: str, impl: str) -> float:
                for key, value in original.items())
 
 
+# (batch, channels, size, out_channels, kernel, padding): the 1x1 reduction that opens a
+# bottleneck of ResNet-50's 56x56 stage (after the previous block's output, 256 channels) and
+# its 3x3 convolution (after bn1 -> relu).
+MICRO_SHAPES = ((8, 256, 56, 64, 1, 0), (8, 64, 56, 64, 3, 1))
+
+
+def micro(warmup: int, repeats: int) -> None:
+    """Forward+backward medians of the op and of native BN -> ReLU -> conv, interleaved, and
+    their ratio, at MICRO_SHAPES."""
+    stopwatch = Stopwatch(torch.device("cpu"))
+    for batch, channels, size, out_channels, kernel, padding in MICRO_SHAPES:
+        torch.manual_seed(0)
+        input = torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last).requires_grad_()
+        bn_weight = (torch.rand(channels) + 0.5).requires_grad_()
+        bn_bias = torch.randn(channels).requires_grad_()
+        weight = torch.randn(out_channels, channels, kernel, kernel).contiguous(memory_format=torch.channels_last)
+        weight.requires_grad_()
+        running = [torch.zeros(channels), torch.ones(channels)]
+        leaves = [input, bn_weight, bn_bias, weight]
+        grad = torch.randn(batch, out_channels, size, size).contiguous(memory_format=torch.channels_last)
+
+        def native():
+            normalised = F.batch_norm(input, *running, bn_weight, bn_bias, True, 0.1, 1e-5)
+            torch.autograd.grad(F.conv2d(F.relu(normalised, inplace=True), weight, None, 1, padding), leaves, grad)
+
+        def fused():
+            output = ops.batch_norm_relu_conv2d(input, *running, bn_weight, bn_bias, weight, None, True, 0.1, 1e-5, 1, padding)
+            torch.autograd.grad(output, leaves, grad)
+
+        medians = interleaved_medians({"native": native, "bn_relu_conv": fused}, stopwatch, warmup, repeats)
+        print(f"N={batch} C={channels} {size}x{size} -> {out_channels} {kernel}x{kernel}, float32 channels-last, "
+              f"{torch.get_num_threads()} thread(s): native {medians['native']:.2f} ms, op {medians['bn_relu_conv']:.2f} ms "
+              f"({medians['native'] / medians['bn_relu_conv']:.2f}x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet50")
@@ -165,9 +208,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impl", choices=IMPLEMENTATIONS, default="python", help="what computes the rewritten pairs")
+    parser.add_argument("--micro", action="store_true", help="time cifarnet's op alone at ResNet-50 bottleneck shapes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.micro:
+        micro(args.warmup, args.repeats)
+        return
     print(f"float64 check, {args.model}: largest relative difference {check_float64(args.model, args.impl):.1e}")
     torch.manual_seed(0)
     model = getattr(torchvision.models, args.model)().to(memory_format=torch.channels_last).train()

@@ -205,13 +205,15 @@ def test_opcheck(device):
             bias = torch.randn(channels, dtype=dtype, generator=generator).to(device)
             mean = torch.randn(channels, dtype=dtype, generator=generator).to(device)
             var = torch.rand(channels, dtype=dtype, generator=generator).to(device) + 0.5
-            for training in (True, False):
-                args = (input.requires_grad_(), None if training else mean, None if training else var, weight.requires_grad_(), bias, training, 1e-5)
+            for training, relu in ((True, False), (False, False), (True, True), (False, True)):
+                args = (input.requires_grad_(), None if training else mean, None if training else var, weight.requires_grad_(), bias, training, 1e-5, relu)
                 torch.library.opcheck(BN_FORWARD_OP, args)
                 output, save_mean, save_var = BN_FORWARD_OP(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args])
+                # With relu, the backward takes the gradient through it, from its output.
+                relu_output = (output,) if relu else ()
                 torch.library.opcheck(
                     BN_BACKWARD_OP,
-                    (torch.randn_like(output), input.detach(), save_mean, save_var, weight.detach(), training, 1e-5, [True, True, False]),
+                    (torch.randn_like(output), input.detach(), save_mean, save_var, weight.detach(), training, 1e-5, [True, True, False], *relu_output),
                 )
             torch.library.opcheck(
                 torch.ops.cifarnet._batch_norm_update_running_stats.default,
@@ -301,3 +303,196 @@ def test_module_state_dict_loads_into_torch_nn():
     native.load_state_dict(ours.state_dict())
     assert native.num_batches_tracked.item() == 1
     assert isinstance(ours, nn.BatchNorm2d)
+
+
+# The ReLU fused into the private ops: _batch_norm_forward(relu=True) is relu(batch_norm(x)),
+# _batch_norm_backward(relu_output=r) is batch norm's backward of threshold_backward(grad, r, 0).
+
+
+@st.composite
+def relu_cases(draw):
+    rank = draw(st.sampled_from([2, 3, 4, 4]))
+    training = draw(st.booleans())
+    # Channels-last rows of up to 80 channels and channels-outer rows of up to 81 values: the
+    # CPU loops' vectors, register blocks and scalar tails.
+    channels = draw(st.one_of(st.integers(1, 20), st.integers(21, 80)))
+    shape = [draw(st.integers(2 if training else 1, 3)), channels]
+    shape += [draw(st.integers(1, 9 if rank == 4 else 40)) for _ in range(rank - 2)]
+    return dict(
+        shape=shape,
+        channels_last=rank == 4 and draw(st.booleans()),
+        # The ReLU's output in the other layout than the input's (the backward reads it in the
+        # input's).
+        relu_output_other_layout=rank == 4 and draw(st.booleans()),
+        dtype=draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        training=training,
+        affine=draw(st.booleans()),
+        values=draw(st.sampled_from(["normal", "symmetric", "negative", "zeros", "nan"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def relu_case_tensors(case):
+    """input, running statistics (evaluation) or None, weight, bias, float64, to be cast.
+    "symmetric" makes each channel's batch mean exactly 0 and its zeros normalise to exactly 0
+    (without affine), the ReLU's kink; "negative" shifts the output below zero, where the ReLU
+    zeroes most of it; "zeros" makes constant channels; "nan" puts NaN in the input."""
+    generator = torch.Generator().manual_seed(case["seed"])
+    shape, channels, kind = case["shape"], case["shape"][1], case["values"]
+    input = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if kind == "symmetric":
+        half = torch.randint(-2, 3, shape, generator=generator).double()
+        input = torch.cat([half, -half])  # 2N samples, each channel summing to 0
+    elif kind == "zeros":
+        input.zero_()
+    elif kind == "nan":
+        input[torch.rand(input.shape, generator=generator) < 0.1] = float("nan")
+    weight = torch.randn(channels, generator=generator, dtype=torch.float64) if case["affine"] else None
+    bias = torch.randn(channels, generator=generator, dtype=torch.float64) if case["affine"] else None
+    if kind == "negative":
+        bias = -1.0 - torch.rand(channels, generator=generator, dtype=torch.float64)
+    running = None
+    if not case["training"]:
+        mean = torch.zeros(channels, dtype=torch.float64) if kind == "symmetric" else torch.randn(channels, generator=generator, dtype=torch.float64)
+        running = (mean, torch.rand(channels, generator=generator, dtype=torch.float64) + 0.5)
+    if case["channels_last"]:
+        input = input.contiguous(memory_format=torch.channels_last)
+    return input, running, weight, bias, generator
+
+
+def cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def assert_same_bits(ours, theirs, name):
+    """NaN in the same places, the same bits elsewhere (signed zeros included). NaNs' own bits
+    are arithmetic's (torch.relu's bfloat16 path rewrites them), not compared."""
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype, name
+    nan = ours.isnan()
+    assert torch.equal(nan, theirs.isnan()), f"{name}: NaN in other places"
+    integers = {2: torch.int16, 4: torch.int32, 8: torch.int64}[ours.element_size()]
+    ours, theirs = (t.contiguous().view(integers)[~nan] for t in (ours, theirs))
+    assert torch.equal(ours, theirs), f"{name}: {(ours != theirs).sum().item()} values differ in their bits"
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=relu_cases())
+def test_relu_forward_is_torch_relu_of_the_batch_norm(case):
+    """relu=True: bit for bit torch.relu of the op's own output (its NaNs, its -0s, and in
+    bfloat16 its rounding first); as close to float64 as native relu(F.batch_norm) is."""
+    input, running, weight, bias, _ = relu_case_tensors(case)
+    dtype, training, eps = case["dtype"], case["training"], 1e-5
+    args = (cast(running and running[0], dtype), cast(running and running[1], dtype), cast(weight, dtype), cast(bias, dtype), training, eps)
+    x = input.to(dtype)
+    rectified, save_mean, save_var = BN_FORWARD_OP(x, *args, True)
+    normalised, unfused_mean, unfused_var = BN_FORWARD_OP(x, *args, False)
+    assert_same_bits(rectified, torch.relu(normalised), "relu=True against torch.relu")
+    assert rectified.stride() == normalised.stride()
+    assert_same_bits(save_mean, unfused_mean, "save_mean")
+    assert_same_bits(save_var, unfused_var, "save_var")
+
+    def native(run_dtype):
+        stats = [cast(t, run_dtype) for t in running] if running else [None, None]
+        return F.relu(F.batch_norm(input.to(run_dtype), *stats, cast(weight, run_dtype), cast(bias, run_dtype), training, 0.0, eps))
+
+    tolerance = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]
+    assert_no_worse_than_native(rectified, native(dtype), native(torch.float64), "relu(batch_norm)", **tolerance)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(case=relu_cases())
+def test_relu_backward_is_threshold_backward_then_batch_norm_backward(case):
+    """relu_output=r: bit for bit the op's own backward of threshold_backward(grad, r, 0) (the
+    gradient passes where r > 0 or is NaN; -0, 0 and negatives stop it), and as close to float64
+    as native's batch-norm backward of that gradient is."""
+    input, running, weight, bias, generator = relu_case_tensors(case)
+    dtype, training, eps = case["dtype"], case["training"], 1e-5
+    x = input.to(dtype)
+    stats = [cast(t, dtype) for t in running] if running else [None, None]
+    relu_output, save_mean, save_var = BN_FORWARD_OP(x, *stats, cast(weight, dtype), cast(bias, dtype), training, eps, True)
+    # The mask's edge values wherever the output has them, and a few more: -0, 0 and NaN.
+    edges = torch.rand(relu_output.shape, generator=generator)
+    relu_output = relu_output.masked_fill(edges < 0.05, -0.0).masked_fill(edges > 0.95, float("nan"))
+    relu_output = relu_output.masked_fill((edges > 0.5) & (edges < 0.55), 0.0)
+    if case["relu_output_other_layout"]:
+        other = torch.contiguous_format if case["channels_last"] else torch.channels_last
+        relu_output = relu_output.contiguous(memory_format=other)
+    grad = torch.randn(input.shape, generator=generator, dtype=torch.float64)
+    grad_relu = grad.to(dtype)
+    output_mask = [True, case["affine"], case["affine"]]
+    ours = BN_BACKWARD_OP(grad_relu, x, save_mean, save_var, cast(weight, dtype), training, eps, output_mask, relu_output)
+    grad_normalised = torch.ops.aten.threshold_backward(grad_relu, relu_output, 0)
+    composed = BN_BACKWARD_OP(grad_normalised, x, save_mean, save_var, cast(weight, dtype), training, eps, output_mask)
+    for mine, theirs in zip(ours, composed):
+        assert (mine is None) == (theirs is None)
+        if mine is not None:
+            assert_same_bits(mine, theirs, "relu_output against threshold_backward")
+            assert mine.stride() == theirs.stride()
+
+    def native(run_dtype):
+        leaves = [input.to(run_dtype).requires_grad_()] + ([weight.to(run_dtype).requires_grad_(), bias.to(run_dtype)] if case["affine"] else [])
+        weight_, bias_ = (leaves[1], leaves[2]) if case["affine"] else (None, None)
+        run_stats = [cast(t, run_dtype) for t in running] if running else [None, None]
+        output = F.batch_norm(leaves[0], *run_stats, weight_, bias_, training, 0.0, eps)
+        return torch.autograd.grad(output, leaves[:2], grad_normalised.to(run_dtype))
+
+    tolerance = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}[dtype]
+    for name, mine, theirs, exact in zip(("grad input", "grad weight"), ours, native(dtype), native(torch.float64)):
+        assert_no_worse_than_native(mine, theirs, exact, name, **tolerance)
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1.0), (torch.float64, 1.0), (torch.float16, 1e-8), (torch.bfloat16, 1e-41)])
+@pytest.mark.parametrize("training", [False, True])
+def test_relu_keeps_negative_zero_and_nan_as_torch_relu(dtype, scale, training):
+    """torch.relu gives -0 for -0 and NaN for NaN, and rectifies the batch norm's output after
+    rounding it: a negative that rounds to -0 in float16 or bfloat16 stays -0 (relu before the
+    rounding would give +0). Data and statistics exact: the output is scale * input, sign of
+    zero included, in the op and natively alike."""
+    values = torch.tensor([-0.0, 0.0, -1.0, 1.0, float("nan"), -2.0, 2.0, -0.0])
+    if training:
+        values = values.nan_to_num(0.0)  # one NaN would make the whole channel NaN
+    input = values.repeat(5).reshape(5, 1, 8).to(dtype)  # mean 0, biased variance 1.25 (training)
+    mean, var = torch.zeros(1), torch.ones(1)
+    weight = torch.full((1,), scale * (1.25**0.5 if training else 1.0))
+    bias = torch.full((1,), -0.0)
+    parameters = dict(dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16) else dict(dtype=dtype)
+    mean, var, weight, bias = (t.to(**parameters) for t in (mean, var, weight, bias))
+    eps = 0.0 if not training else 1e-30
+    stats = (None, None) if training else (mean, var)
+    ours = BN_FORWARD_OP(input, *stats, weight, bias, training, eps, True)[0]
+    native = F.relu(F.batch_norm(input, *stats, weight, bias, training, 0.0, eps))
+    assert torch.equal(ours.isnan(), native.isnan())
+    number = ~ours.isnan()  # a NaN's sign is arithmetic's, not the ReLU's
+    assert torch.equal(torch.signbit(ours[number]), torch.signbit(native[number])), (ours, native)
+    # The batch norm alone keeps the bias's -0 too (its vector path once broadcast it as +0).
+    normalised = BN_FORWARD_OP(input, *stats, weight, bias, training, eps, False)[0]
+    native_normalised = F.batch_norm(input, *stats, weight, bias, training, 0.0, eps)
+    assert torch.equal(torch.signbit(normalised[number]), torch.signbit(native_normalised[number]))
+    torch.testing.assert_close(ours, native, equal_nan=True)
+    if scale == 1.0:
+        assert torch.signbit(ours).any(), "the case must exercise -0"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_relu_forward_gradcheck_and_gradgradcheck_float64(device, training, channels_last):
+    """The autograd formula of _batch_norm_forward(relu=True): its backward (through the fused
+    backward), its forward-mode derivative and its second derivatives."""
+    generator = torch.Generator().manual_seed(8)
+    input = torch.randn(3, 4, 5, 3, dtype=torch.float64, generator=generator).to(device)
+    if channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    weight = (torch.rand(4, dtype=torch.float64, generator=generator) + 0.5).to(device)
+    bias = torch.randn(4, dtype=torch.float64, generator=generator).to(device)
+    mean = torch.randn(4, dtype=torch.float64, generator=generator).to(device)
+    var = (torch.rand(4, dtype=torch.float64, generator=generator) + 0.5).to(device)
+
+    def fn(x, w, b):
+        stats = (None, None) if training else (mean, var)
+        return BN_FORWARD_OP(x, *stats, w, b, training, 1e-5, True)[0]
+
+    inputs = tuple(t.requires_grad_() for t in (input, weight, bias))
+    assert (fn(*inputs) == 0).any() and (fn(*inputs) > 0).any()
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6)

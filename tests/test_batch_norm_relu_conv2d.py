@@ -160,6 +160,20 @@ def test_ties_at_the_relu_kink_take_native_side():
         torch.testing.assert_close(mine, theirs)
 
 
+def test_relu_takes_no_pass_of_its_own():
+    """The ReLU is fused into the batch norm's passes: no relu in the forward or in the
+    backward's recomputation, no threshold_backward (the ReLU's gradient) in the backward."""
+    input = torch.randn(2, 3, 6, 6, requires_grad=True)
+    weight = torch.randn(4, 3, 3, 3, requires_grad=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        output = batch_norm_relu_conv2d(input, None, None, None, None, weight, training=True, padding=1)
+        torch.autograd.grad(output.sum(), [input, weight])
+    names = {event.key for event in profile.key_averages()}
+    # The profiler sees the ops the op's kernels call.
+    assert {"cifarnet::_batch_norm_forward", "cifarnet::_batch_norm_backward"} <= names, names
+    assert not names & {"aten::relu", "aten::relu_", "aten::clamp_min", "aten::clamp_min_", "aten::threshold_backward"}, names
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_and_gradgradcheck_float64(device, training):

@@ -72,13 +72,13 @@ def batch_norm(
 
 
 @torch.library.register_fake("cifarnet::_batch_norm_forward")
-def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps):
+def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps, relu=False):
     torch._check(input.dim() >= 2, lambda: f"input must have at least 2 dimensions (N, C, ...), got {input.dim()}-D")
     return (empty_like_layout(input, batch_norm_memory_format(input)), *channel_stats(input, input.shape[1]))
 
 
 @torch.library.register_fake("cifarnet::_batch_norm_backward")
-def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, training, eps, output_mask):
+def _batch_norm_backward_fake(grad_output, input, save_mean, save_var, weight, training, eps, output_mask, relu_output=None):
     # The parameters' gradients in the statistics dtype (the autograd formula casts each to
     # its parameter's dtype).
     channels = input.shape[1]
@@ -115,8 +115,9 @@ def _batch_norm_backward_elementwise_fake(grad_output, input, mean, var, weight,
 
 
 @onnx_translation(torch.ops.cifarnet._batch_norm_forward.default)
-def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
-    """``cifarnet::_batch_norm_forward`` in evaluation as ``BatchNormalization``.
+def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps, relu=False):
+    """``cifarnet::_batch_norm_forward`` in evaluation as ``BatchNormalization`` (then ``Relu``
+    with ``relu``).
 
     Returns ``(output, save_mean, save_var)`` like the op; in evaluation the saved statistics
     are the running ones (only the backward reads them, so the exported graph drops them).
@@ -133,6 +134,8 @@ def _batch_norm_forward_onnx(input, mean, var, weight, bias, training, eps):
     output = op.BatchNormalization(
         input, per_channel_or(weight, 1.0, input), per_channel_or(bias, 0.0, input), mean, var, epsilon=eps
     )
+    if relu:
+        output = op.Relu(output)
     # NB: new values (Identity), not the inputs themselves: the exporter names each output.
     return output, op.Identity(mean), op.Identity(var)
 

@@ -66,7 +66,7 @@ at::Tensor batch_norm_composite(const at::Tensor& input,
                                 double momentum, double eps) {
   static auto forward = internal_op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double)>(
+      const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, bool)>(
       "cifarnet::_batch_norm_forward");
   // F.batch_norm's checks in its order: the batch, eps, then the dtypes.
   check_batch_norm_input(input, training);
@@ -76,12 +76,13 @@ at::Tensor batch_norm_composite(const at::Tensor& input,
                                             {"weight", weight},
                                             {"bias", bias}});
   if (!training) {
-    return std::get<0>(forward.call(input, running_mean, running_var, weight, bias, false, eps));
+    return std::get<0>(
+        forward.call(input, running_mean, running_var, weight, bias, false, eps, /*relu=*/false));
   }
   check_per_channel(running_mean, "running_mean", input);
   check_per_channel(running_var, "running_var", input);
   auto [output, save_mean, save_var] =
-      forward.call(input, std::nullopt, std::nullopt, weight, bias, true, eps);
+      forward.call(input, std::nullopt, std::nullopt, weight, bias, true, eps, /*relu=*/false);
   update_running_stats_if_given(running_mean, running_var, save_mean, save_var, momentum,
                                 batch_norm_count(input));
   return output;
@@ -94,16 +95,21 @@ TORCH_LIBRARY_FRAGMENT(cifarnet, m) {
       "batch_norm(Tensor input, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
       "Tensor? weight=None, Tensor? bias=None, bool training=False, float momentum=0.1, "
       "float eps=1e-05) -> Tensor");
+  // relu: the output rectified, relu(batch_norm(input)), in the normalising pass itself (one
+  // pass where batch norm and ReLU make two). relu_output: that rectified output, given to the
+  // backward, whose grad_output is then the ReLU output's gradient: the backward takes it
+  // through the ReLU (threshold_backward's rule) in its own passes, where a separate ReLU
+  // backward would write the batch norm output's gradient and read it back twice.
   m.def(
       "_batch_norm_forward(Tensor input, Tensor? mean, Tensor? var, Tensor? weight, "
-      "Tensor? bias, bool training, float eps) -> (Tensor output, Tensor save_mean, "
-      "Tensor save_var)");
+      "Tensor? bias, bool training, float eps, bool relu=False) -> (Tensor output, "
+      "Tensor save_mean, Tensor save_var)");
   // grad_weight and grad_bias come back in the statistics dtype (save_mean's): the autograd
   // formula gives each its parameter's dtype, and the bias is no argument here.
   m.def(
       "_batch_norm_backward(Tensor grad_output, Tensor input, Tensor save_mean, "
-      "Tensor save_var, Tensor? weight, bool training, float eps, bool[3] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+      "Tensor save_var, Tensor? weight, bool training, float eps, bool[3] output_mask, "
+      "Tensor? relu_output=None) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   m.def(
       "_batch_norm_update_running_stats(Tensor(a!) running_mean, Tensor(b!) running_var, "
       "Tensor save_mean, Tensor save_var, float momentum, SymInt count) -> ()");

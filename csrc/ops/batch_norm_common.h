@@ -90,6 +90,19 @@ inline void check_per_channel(const std::optional<at::Tensor>& t, const char* na
               t->scalar_type());
 }
 
+// Checks the output of the ReLU after a batch norm, which the backward takes its gradient
+// through: the input's shape, dtype and device.
+inline void check_relu_output(const std::optional<at::Tensor>& relu_output,
+                              const at::Tensor& input) {
+  if (!defined(relu_output)) return;
+  TORCH_CHECK(relu_output->sizes() == input.sizes(), "relu_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(*relu_output));
+  TORCH_CHECK(relu_output->scalar_type() == input.scalar_type(), "relu_output dtype ",
+              relu_output->scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(relu_output->device() == input.device(), "relu_output is on ",
+              relu_output->device(), " but input is on ", input.device());
+}
+
 // Checks a per-output-channel tensor of the fused conv -> batch norm op against its weight.
 inline void check_per_output_channel(const std::optional<at::Tensor>& t, const char* name,
                                      const at::Tensor& weight) {

@@ -6,8 +6,8 @@
 // Natively the backward keeps the batch norm's input and, as the convolution's input, the
 // rectified tensor. This op keeps only the batch norm's input and statistics, and its backward
 // recomputes the rectified tensor (one elementwise pass) where native reads it back. Its
-// kernels are compositions of the library's batch-norm ops and ATen's convolution, so one
-// kernel serves every device (and Meta).
+// kernels are compositions of the library's batch-norm ops, with the ReLU fused into them
+// (forward and backward), and ATen's convolution, so one kernel serves every device (and Meta).
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -99,7 +99,7 @@ void check_training_args(const at::Tensor& input, const OptionalTensor& bn_weigh
 }
 
 // relu(batch_norm(input)) with the given statistics (mean and biased variance, statistics
-// dtype), rectified in place in the batch norm's output.
+// dtype), rectified in the normalising pass itself.
 // NB: the forward normalises through this too, with the batch statistics it has just computed,
 // rather than with batch norm's training kernel: the backward's recomputation is then the same
 // op on the same values, so its ReLU mask is the forward's bit for bit, on every device.
@@ -108,10 +108,10 @@ at::Tensor rectified_input(const at::Tensor& input, const at::Tensor& mean, cons
                            double eps) {
   static auto normalise =
       internal_op<Tensor3(const at::Tensor&, const OptionalTensor&, const OptionalTensor&,
-                          const OptionalTensor&, const OptionalTensor&, bool, double)>(
+                          const OptionalTensor&, const OptionalTensor&, bool, double, bool)>(
           "cifarnet::_batch_norm_forward");
-  return std::get<0>(normalise.call(input, mean, var, bn_weight, bn_bias, /*training=*/false, eps))
-      .relu_();
+  return std::get<0>(normalise.call(input, mean, var, bn_weight, bn_bias, /*training=*/false, eps,
+                                    /*relu=*/true));
 }
 
 // Statistics with the batch-norm statistics op (double on the CPU, the accumulation type on
@@ -137,18 +137,21 @@ Tensor3 batch_norm_relu_conv2d_training_kernel(const at::Tensor& input,
   return {output, save_mean, save_var};
 }
 
-// The rectified tensor recomputed, the convolution's gradients, the ReLU's mask (native's
-// threshold_backward) and batch norm's training backward; the gradients of the convolution's
-// input and weight in its layout, as native conv2d's. grad_bn_weight and grad_bn_bias in the
-// statistics dtype, as _batch_norm_backward returns them.
+// The rectified tensor recomputed, the convolution's gradients, and batch norm's training
+// backward, which takes the convolution's input gradient through the ReLU itself (from the
+// rectified tensor, by threshold_backward's rule); the gradients of the convolution's input and
+// weight in its layout, as native conv2d's. grad_bn_weight and grad_bn_bias in the statistics
+// dtype, as _batch_norm_backward returns them.
 Tensor5 batch_norm_relu_conv2d_training_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
     const at::Tensor& save_var, const OptionalTensor& bn_weight, const OptionalTensor& bn_bias,
     const at::Tensor& weight, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     std::array<bool, 5> output_mask) {
-  static auto batch_norm_backward = internal_op<Tensor3(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-      const OptionalTensor&, bool, double, std::array<bool, 3>)>("cifarnet::_batch_norm_backward");
+  static auto batch_norm_backward =
+      internal_op<Tensor3(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const OptionalTensor&, bool, double,
+                          std::array<bool, 3>, const OptionalTensor&)>(
+          "cifarnet::_batch_norm_backward");
   check_training_args(input, bn_weight, bn_bias, weight, std::nullopt, stride, padding);
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
@@ -163,7 +166,7 @@ Tensor5 batch_norm_relu_conv2d_training_backward_kernel(
   if (!batch_norm_grads && !output_mask[3] && !output_mask[4]) {
     return {grad_input, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias};
   }
-  at::Tensor rectified = rectified_input(input, save_mean, save_var, bn_weight, bn_bias, eps);
+  const at::Tensor rectified = rectified_input(input, save_mean, save_var, bn_weight, bn_bias, eps);
   const at::MemoryFormat format = conv_output_memory_format(rectified, weight);
   at::Tensor grad_rectified;
   std::tie(grad_rectified, grad_weight, grad_bias) = at::convolution_backward(
@@ -172,13 +175,9 @@ Tensor5 batch_norm_relu_conv2d_training_backward_kernel(
       {batch_norm_grads, output_mask[3], output_mask[4]});
   if (grad_weight.defined()) grad_weight = grad_weight.contiguous(format);
   if (batch_norm_grads) {
-    const at::Tensor grad_normalised =
-        at::threshold_backward(grad_rectified.contiguous(format), rectified, 0).contiguous(format);
-    rectified.reset();
-    grad_rectified.reset();
     std::tie(grad_input, grad_bn_weight, grad_bn_bias) = batch_norm_backward.call(
-        grad_normalised, input, save_mean, save_var, bn_weight,
-        /*training=*/true, eps, {output_mask[0], output_mask[1], output_mask[2]});
+        grad_rectified.contiguous(format), input, save_mean, save_var, bn_weight,
+        /*training=*/true, eps, {output_mask[0], output_mask[1], output_mask[2]}, rectified);
   }
   return {grad_input, grad_bn_weight, grad_bn_bias, grad_weight, grad_bias};
 }

@@ -7,7 +7,9 @@
 // double), where native takes two. bfloat16 and float16 data are computed in float32 (see
 // batch_norm_loops.h); weight, bias and running statistics may be float32 with them, as native
 // allows. The parameter gradients come back in double, the statistics dtype (the autograd
-// formula gives each its parameter's dtype).
+// formula gives each its parameter's dtype). A ReLU after the batch norm fuses into both: the
+// forward rectifies in its store, the backward takes the gradient through the ReLU (from its
+// output) in both its passes, so neither the ReLU's own pass nor its gradient's is made.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -97,16 +99,17 @@ int64_t streaming_store_threshold_bytes() { return cache_sizes().llc_bytes; }
 
 namespace {
 
-// The normalize pass (g == nullptr) or the input_grad pass, threaded over rows or pixels.
+// The normalize pass (g == nullptr; rectified with `relu`) or the input_grad pass (g taken
+// through the ReLU whose output is relu_output, where given), threaded over rows or pixels.
 template <typename scalar_t>
 void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scalar_t* x,
                        const scalar_t* g, const ChannelMap<simd::opmath_t<scalar_t>>& f,
-                       bool input_grad) {
+                       bool input_grad, bool relu = false, const scalar_t* relu_output = nullptr) {
   // A pass over more than the last-level cache holds has evicted its first output lines by its
   // end anyway: its stores may as well skip reading the lines in first. Vector stores are at
-  // multiples of 64 bytes from a row's start; streaming needs them 16-byte aligned.
-  const int64_t pass_bytes = (g != nullptr ? 3 : 2) * layout.data.numel() *
-                             static_cast<int64_t>(sizeof(scalar_t));
+  // multiples of 32 bytes from a row's start; streaming needs them 16-byte aligned.
+  const int64_t tensors = 2 + (g != nullptr) + (relu_output != nullptr);
+  const int64_t pass_bytes = tensors * layout.data.numel() * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t threshold = streaming_store_threshold_bytes();
   const bool stream = pass_bytes > threshold && threshold > 0 &&
                       reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
@@ -114,18 +117,19 @@ void apply_channel_map(const BatchNormLayout& layout, scalar_t* out, const scala
   at::parallel_for(0, layout.rows, 1, [&](int64_t begin, int64_t end) {
     if (!input_grad && layout.channels_inner) {
       CIFARNET_ISA_DISPATCH(normalize_channels_inner<scalar_t>, out, x, layout.channels, begin, end,
-                            f.mean.data(), f.a.data(), f.b.data(), stream);
+                            f.mean.data(), f.a.data(), f.b.data(), stream, relu);
     } else if (!input_grad) {
       CIFARNET_ISA_DISPATCH(normalize_channels_outer<scalar_t>, out, x, layout.channels,
                             layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data(),
-                            stream);
+                            stream, relu);
     } else if (layout.channels_inner) {
       CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, out, x, g, layout.channels, begin,
-                            end, f.mean.data(), f.a.data(), f.b.data(), f.k.data(), stream);
+                            end, f.mean.data(), f.a.data(), f.b.data(), f.k.data(), stream,
+                            relu_output);
     } else {
       CIFARNET_ISA_DISPATCH(input_grad_channels_outer<scalar_t>, out, x, g, layout.channels,
                             layout.row_len, begin, end, f.mean.data(), f.a.data(), f.b.data(),
-                            f.k.data(), stream);
+                            f.k.data(), stream, relu_output);
     }
     if (stream) simd::stream_fence();
   });
@@ -182,7 +186,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
     const at::Tensor& input, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double eps) {
+    const std::optional<at::Tensor>& bias, bool training, double eps, bool relu) {
   check_batch_norm_forward_args(input, mean, var, weight, bias, training, eps);
   const BatchNormLayout layout = dense_layout(input, batch_norm_output_memory_format(input));
   const int64_t channels = layout.channels;
@@ -213,17 +217,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_kernel(
       f.b[c] = static_cast<opmath_t>(b[c] - centre.lo[c] * scale);
     }
     apply_channel_map<scalar_t>(layout, output.mutable_data_ptr<scalar_t>(),
-                                layout.data.const_data_ptr<scalar_t>(), nullptr, f, false);
+                                layout.data.const_data_ptr<scalar_t>(), nullptr, f,
+                                /*input_grad=*/false, relu);
   });
   return {output, save_mean, save_var};
 }
 
 // The backward's reduction phase: sum_g = sum(g), sum_gx = sum(g * (x - mean)) per channel,
-// as sum(g * (x - hi)) - lo * sum_g.
+// as sum(g * (x - hi)) - lo * sum_g; g taken through the ReLU whose output is relu_output,
+// where given.
 template <typename scalar_t>
 std::pair<std::vector<stats_t<scalar_t>>, std::vector<stats_t<scalar_t>>> grad_sums(
     const BatchNormLayout& layout, const scalar_t* g,
-    const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre) {
+    const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre,
+    const scalar_t* relu_output = nullptr) {
   using acc_t = stats_t<scalar_t>;
   const int64_t channels = layout.channels;
   if (layout.data.numel() == 0) {
@@ -234,27 +241,30 @@ std::pair<std::vector<stats_t<scalar_t>>, std::vector<stats_t<scalar_t>>> grad_s
       layout,
       [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
         CIFARNET_ISA_DISPATCH(grad_sums_channels_outer, g, x, channels, layout.row_len, begin, end,
-                              centre.hi.data(), sg, sgx);
+                              centre.hi.data(), sg, sgx, relu_output);
       },
       [&](int64_t begin, int64_t end, acc_t* sg, acc_t* sgx) {
         CIFARNET_ISA_DISPATCH(grad_sums_channels_inner, g, x, channels, begin, end,
-                              centre.hi.data(), sg, sgx);
+                              centre.hi.data(), sg, sgx, relu_output);
       });
   for (int64_t c = 0; c < channels; ++c) sum_gx[c] -= centre.lo[c] * sum_g[c];
   return {std::move(sum_g), std::move(sum_gx)};
 }
 
-// The backward's elementwise phase in training (training_grad_map's map over the input).
+// The backward's elementwise phase in training (training_grad_map's map over the input), g
+// taken through the ReLU whose output is relu_output, where given.
 template <typename scalar_t>
 void training_input_grad(const BatchNormLayout& layout, scalar_t* out, const scalar_t* g,
                          const SplitMean<simd::opmath_t<scalar_t>, stats_t<scalar_t>>& centre,
                          const std::vector<stats_t<scalar_t>>& invstd,
                          const std::vector<stats_t<scalar_t>>& w,
                          const std::vector<stats_t<scalar_t>>& sum_g,
-                         const std::vector<stats_t<scalar_t>>& sum_gx, int64_t count) {
+                         const std::vector<stats_t<scalar_t>>& sum_gx, int64_t count,
+                         const scalar_t* relu_output = nullptr) {
   if (layout.data.numel() == 0) return;
   const auto f = training_grad_map(centre, invstd, w, sum_g, sum_gx, count);
-  apply_channel_map<scalar_t>(layout, out, layout.data.const_data_ptr<scalar_t>(), g, f, true);
+  apply_channel_map<scalar_t>(layout, out, layout.data.const_data_ptr<scalar_t>(), g, f,
+                              /*input_grad=*/true, /*relu=*/false, relu_output);
 }
 
 void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
@@ -267,16 +277,25 @@ void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
     const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
   check_batch_norm_input(input, /*training=*/false);
   check_batch_norm_grad_output(grad_output, input);
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
+  check_relu_output(relu_output, input);
   const BatchNormLayout layout =
       dense_layout(input, batch_norm_grad_input_memory_format(input, grad_output));
-  // The gradient in the input's layout, so both walk the same element order.
-  const at::Tensor grad = grad_output.contiguous(layout.format);
+  // The gradient (and the ReLU's output) in the input's layout, so all walk the same element
+  // order. NB: evaluation's input gradient is a normalize pass over g, which takes no mask:
+  // there the gradient goes through the ReLU first (no fused op backpropagates evaluation).
+  const bool relu = defined(relu_output);
+  const at::Tensor grad =
+      relu && !training
+          ? at::threshold_backward(grad_output, *relu_output, 0).contiguous(layout.format)
+          : grad_output.contiguous(layout.format);
+  const at::Tensor mask =
+      relu && training ? relu_output->contiguous(layout.format) : at::Tensor();
   const int64_t channels = layout.channels;
   at::Tensor grad_input, grad_weight, grad_bias;
 
@@ -288,16 +307,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     const SplitMean<opmath_t, acc_t> centre(channel_values<acc_t>(save_mean, channels, 0));
     const auto invstd = inverse_std(channel_values<acc_t>(save_var, channels, 1), eps);
     const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* r = mask.defined() ? mask.const_data_ptr<scalar_t>() : nullptr;
     std::vector<acc_t> sum_g(channels), sum_gx(channels);
     if (training || output_mask[1] || output_mask[2]) {
-      std::tie(sum_g, sum_gx) = grad_sums<scalar_t>(layout, g, centre);
+      std::tie(sum_g, sum_gx) = grad_sums<scalar_t>(layout, g, centre, r);
     }
     if (output_mask[0]) {
       grad_input = at::empty(input.sizes(), input.options().memory_format(layout.format));
       scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
       if (training) {
         training_input_grad<scalar_t>(layout, out, g, centre, invstd, w, sum_g, sum_gx,
-                                      batch_norm_count(input).expect_int());
+                                      batch_norm_count(input).expect_int(), r);
       } else if (grad_input.numel() > 0) {
         // Evaluation: dx = k g, i.e. normalize of g with mean 0 and scale k = w invstd.
         ChannelMap<opmath_t> f(channels);

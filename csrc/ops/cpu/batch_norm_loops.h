@@ -100,9 +100,11 @@ inline __attribute__((always_inline)) void add_to_doubles(double* sum, const vec
   }
 }
 
-// The vector the channels-inner sums keep in registers.
+// The vector the channels-inner sums keep in registers, and the elementwise passes compute in:
+// one register (two 64-byte halves of float32 data on AVX2 would compare and select lane by
+// lane, see simd.h).
 template <typename scalar_t>
-using SumVec = simd::RegisterVec<kVectorRegisterBytes, scalar_t>;
+using RegisterVector = simd::RegisterVec<kVectorRegisterBytes, scalar_t>;
 
 // Pixels whose terms a channels-inner reduction adds up in scalar_t registers before adding
 // them to its double sums: few enough that float rounding stays at a few ulps of a run's sum.
@@ -114,7 +116,7 @@ template <int J, typename scalar_t, typename Terms>
 inline __attribute__((always_inline)) void channel_block_sums(int64_t c, int64_t run,
                                                               int64_t run_end, double* sum_a,
                                                               double* sum_b, Terms& terms) {
-  using V = SumVec<scalar_t>;
+  using V = RegisterVector<scalar_t>;
   typename V::type a[J] = {}, b[J] = {};
   for (int64_t p = run; p < run_end; ++p) {
     for (int j = 0; j < J; ++j) terms(a[j], b[j], p, c + j * V::lanes);
@@ -136,7 +138,7 @@ inline __attribute__((always_inline)) void channels_inner_sums(int64_t channels,
                                                                int64_t pixel_begin,
                                                                int64_t pixel_end, double* sum_a,
                                                                double* sum_b, Terms&& terms) {
-  using V = SumVec<scalar_t>;
+  using V = RegisterVector<scalar_t>;
   constexpr int64_t lanes = V::lanes;
   // Two accumulators per channel vector plus temporaries, in a quarter of the registers.
   constexpr int kVectors =
@@ -190,35 +192,116 @@ void shifted_sums_channels_inner(const scalar_t* x, int64_t channels, int64_t pi
                                 });
 }
 
+// The ReLU after a batch norm, on values or vectors of T = opmath_t<scalar_t>. Vectors of 16-bit
+// data (64 bytes of float, wider than an AVX2 register) are compared on their 16-bit bits
+// instead, 32 bytes: GCC compares and selects vectors wider than a register lane by lane.
+typedef int16_t halfword_ints __attribute__((vector_size(32)));
+typedef int32_t word_ints __attribute__((vector_size(64)));
+
+// The bits of -infinity in scalar_t (16-bit), as a signed integer: below them (as signed
+// integers) lie the negative numbers down to -0 (INT16_MIN), above them the negative NaNs.
+template <typename scalar_t>
+constexpr int16_t negative_infinity_bits =
+    std::is_same_v<scalar_t, c10::BFloat16> ? int16_t(0xff80) : int16_t(0xfc00);
+
+// A batch norm's output y rectified as torch.relu rectifies the rounded output: rounded to
+// scalar_t first (native rounds its batch norm's output before its ReLU, so a negative that
+// rounds to -0 stays -0), then 0 where below 0; -0 and NaN pass unchanged.
+template <typename scalar_t, typename T>
+inline __attribute__((always_inline)) T rectified_value(T y) {
+  if constexpr (sizeof(scalar_t) == 2 && std::is_arithmetic_v<T>) {
+    y = static_cast<T>(static_cast<scalar_t>(y));
+  } else if constexpr (sizeof(scalar_t) == 2) {
+    halfword_ints bits;
+    const simd::halfwords rounded = simd::narrow(y, static_cast<scalar_t*>(nullptr));
+    std::memcpy(&bits, &rounded, sizeof(bits));
+    // Negative, not -0 (the least int16_t), not NaN.
+    constexpr int16_t negative_zero_bits = int16_t(0x8000);
+    bits &= ~((bits > negative_zero_bits) & (bits <= negative_infinity_bits<scalar_t>));
+    simd::halfwords rectified;
+    std::memcpy(&rectified, &bits, sizeof(rectified));
+    return simd::widen(rectified, static_cast<scalar_t*>(nullptr));
+  }
+  return y < T{} ? T{} : y;
+}
+
+// The gradient g through the ReLU whose output was relu_output: threshold_backward's rule, g
+// where relu_output > 0 or is NaN, else 0.
+template <typename T>
+inline __attribute__((always_inline)) T relu_grad_value(T g, T relu_output) {
+  return relu_output <= T{} ? T{} : g;
+}
+
+// The same for a vector g whose lanes' ReLU outputs are at relu_output.
+template <typename scalar_t, typename vec>
+inline __attribute__((always_inline)) vec relu_grad_lanes(vec g, const scalar_t* relu_output) {
+  if constexpr (sizeof(scalar_t) == 2) {
+    static_assert(sizeof(vec) == sizeof(word_ints));
+    halfword_ints bits;
+    std::memcpy(&bits, relu_output, sizeof(bits));
+    // +0, or negative (-0 included), not NaN.
+    const word_ints stop = __builtin_convertvector(
+        (bits == 0) | (bits <= negative_infinity_bits<scalar_t>), word_ints);
+    word_ints g_bits;
+    std::memcpy(&g_bits, &g, sizeof(g_bits));
+    g_bits &= ~stop;
+    std::memcpy(&g, &g_bits, sizeof(g));
+    return g;
+  } else {
+    vec r;
+    simd::load(r, relu_output);
+    return relu_grad_value(g, r);
+  }
+}
+
 // Per-channel sums of g and g * (x - mean) over rows [row_begin, row_end) of channels-outer
-// gradient and input (the batch norm backward's reductions), in double.
+// gradient and input (the batch norm backward's reductions), in double. Given relu_output
+// (the ReLU after the batch norm), g is the gradient of that ReLU's output, taken through it.
 template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void grad_sums_channels_outer(const scalar_t* g, const scalar_t* x, int64_t channels,
                               int64_t row_len, int64_t row_begin, int64_t row_end,
-                              const T* mean, double* sum_g, double* sum_gx) {
-  using simd::doubles;
+                              const T* mean, double* sum_g, double* sum_gx,
+                              const scalar_t* relu_output = nullptr) {
+  using simd::four_doubles;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
     const scalar_t* g_row = g + row * row_len;
     const scalar_t* x_row = x + row * row_len;
+    const scalar_t* r_row = relu_output != nullptr ? relu_output + row * row_len : nullptr;
     const double m = mean[c];
-    doubles sg{}, sgx{};
+    // Eight lanes as two halves of four doubles, each one AVX2 register (see simd.h), which
+    // the ReLU's mask compares and selects in.
+    four_doubles sg_low{}, sg_high{}, sgx_low{}, sgx_high{};
     int64_t i = 0;
     for (; i + 8 <= row_len; i += 8) {
-      doubles gv, xv;
-      simd::load_doubles(gv, g_row + i);
-      simd::load_doubles(xv, x_row + i);
-      sg += gv;
-      sgx += gv * (xv - m);
+      four_doubles g_low, g_high, x_low, x_high;
+      simd::load_double_halves(g_row + i, g_low, g_high);
+      simd::load_double_halves(x_row + i, x_low, x_high);
+      if (r_row != nullptr) {
+        four_doubles r_low, r_high;
+        simd::load_double_halves(r_row + i, r_low, r_high);
+        g_low = relu_grad_value(g_low, r_low);
+        g_high = relu_grad_value(g_high, r_high);
+      }
+      sg_low += g_low;
+      sg_high += g_high;
+      sgx_low += g_low * (x_low - m);
+      sgx_high += g_high * (x_high - m);
     }
     double row_g = 0, row_gx = 0;
-    for (int l = 0; l < 8; ++l) {
-      row_g += sg[l];
-      row_gx += sgx[l];
+    for (int l = 0; l < 4; ++l) {
+      row_g += sg_low[l];
+      row_gx += sgx_low[l];
+    }
+    for (int l = 0; l < 4; ++l) {
+      row_g += sg_high[l];
+      row_gx += sgx_high[l];
     }
     for (; i < row_len; ++i) {
-      row_g += static_cast<double>(g_row[i]);
-      row_gx += static_cast<double>(g_row[i]) * (static_cast<double>(x_row[i]) - m);
+      double gi = static_cast<double>(g_row[i]);
+      if (r_row != nullptr) gi = relu_grad_value(gi, static_cast<double>(r_row[i]));
+      row_g += gi;
+      row_gx += gi * (static_cast<double>(x_row[i]) - m);
     }
     sum_g[c] += row_g;
     sum_gx[c] += row_gx;
@@ -229,13 +312,22 @@ void grad_sums_channels_outer(const scalar_t* g, const scalar_t* x, int64_t chan
 template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t channels,
                               int64_t pixel_begin, int64_t pixel_end, const T* mean,
-                              double* sum_g, double* sum_gx) {
+                              double* sum_g, double* sum_gx,
+                              const scalar_t* relu_output = nullptr) {
   channels_inner_sums<scalar_t>(channels, pixel_begin, pixel_end, sum_g, sum_gx,
                                 [&](auto& sg, auto& sgx, int64_t p, int64_t c) {
                                   std::decay_t<decltype(sg)> gv, xv, m;
                                   load_lanes(gv, g + p * channels + c);
                                   load_lanes(xv, x + p * channels + c);
                                   load_lanes(m, mean + c);
+                                  if (relu_output != nullptr) {
+                                    const scalar_t* r = relu_output + p * channels + c;
+                                    if constexpr (std::is_arithmetic_v<decltype(gv)>) {
+                                      gv = relu_grad_value(gv, static_cast<decltype(gv)>(*r));
+                                    } else {
+                                      gv = relu_grad_lanes(gv, r);
+                                    }
+                                  }
                                   sg += gv;
                                   sgx += gv * (xv - m);
                                 });
@@ -243,13 +335,22 @@ void grad_sums_channels_inner(const scalar_t* g, const scalar_t* x, int64_t chan
 
 // The elementwise passes, over rows [row_begin, row_end) of channels-outer tensors or pixels
 // [pixel_begin, pixel_end) of channels-inner ones:
-//   normalize:  out = (x - mean[c]) * scale[c] + shift[c]
+//   normalize:  out = (x - mean[c]) * scale[c] + shift[c]            (rectified with `relu`)
 //   input_grad: out = ((x - mean[c]) * slope[c] + offset[c] + g) * k[c]   (g optional)
+// input_grad given relu_output takes g through that ReLU (see relu_grad_value), as the sums
+// did, so that the gradient of the batch norm's output is never materialised.
 // Centring first keeps float32 exact for data whose mean is far from zero, where
 // x * scale + (shift - mean * scale) would cancel; input_grad factors k out as native batch
 // norm does, so its terms cancel before they are scaled by a possibly large 1 / std.
 // `stream`: vector stores bypass the caches (see simd::store_or_stream; the caller makes them
 // aligned and fences).
+
+// v in every lane. NB: not vec{} + v, which turns -0 into +0 (+0 + -0 = +0): a bias of -0
+// would then give +0 where native batch norm (and its ReLU) gives -0.
+template <typename vec, typename T>
+inline __attribute__((always_inline)) vec splat(T v) {
+  return v - vec{};
+}
 
 template <typename T>
 inline __attribute__((always_inline)) T input_grad_value(T x, T g, T mean, T slope, T offset,
@@ -260,22 +361,26 @@ inline __attribute__((always_inline)) T input_grad_value(T x, T g, T mean, T slo
 template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels, int64_t row_len,
                               int64_t row_begin, int64_t row_end, const T* mean, const T* scale,
-                              const T* shift, bool stream) {
-  using V = simd::Vec64<T>;
+                              const T* shift, bool stream, bool relu = false) {
+  using V = RegisterVector<scalar_t>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
     const scalar_t* x_row = x + row * row_len;
     scalar_t* out_row = out + row * row_len;
-    const vec m = vec{} + mean[c], a = vec{} + scale[c], b = vec{} + shift[c];
+    const vec m = splat<vec>(mean[c]), a = splat<vec>(scale[c]), b = splat<vec>(shift[c]);
     int64_t i = 0;
     for (; i + V::lanes <= row_len; i += V::lanes) {
       vec xv;
       simd::load(xv, x_row + i);
-      simd::store_or_stream(out_row + i, vec((xv - m) * a + b), stream);
+      vec y = (xv - m) * a + b;
+      if (relu) y = rectified_value<scalar_t>(y);
+      simd::store_or_stream(out_row + i, y, stream);
     }
     for (; i < row_len; ++i) {
-      out_row[i] = static_cast<scalar_t>((static_cast<T>(x_row[i]) - mean[c]) * scale[c] + shift[c]);
+      T y = (static_cast<T>(x_row[i]) - mean[c]) * scale[c] + shift[c];
+      if (relu) y = rectified_value<scalar_t>(y);
+      out_row[i] = static_cast<scalar_t>(y);
     }
   }
 }
@@ -283,8 +388,8 @@ void normalize_channels_outer(scalar_t* out, const scalar_t* x, int64_t channels
 template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels,
                               int64_t pixel_begin, int64_t pixel_end, const T* mean,
-                              const T* scale, const T* shift, bool stream) {
-  using V = simd::Vec64<T>;
+                              const T* scale, const T* shift, bool stream, bool relu = false) {
+  using V = RegisterVector<scalar_t>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
     const int64_t base = p * channels;
@@ -295,11 +400,14 @@ void normalize_channels_inner(scalar_t* out, const scalar_t* x, int64_t channels
       simd::load(m, mean + c);
       simd::load(a, scale + c);
       simd::load(b, shift + c);
-      simd::store_or_stream(out + base + c, vec((xv - m) * a + b), stream);
+      vec y = (xv - m) * a + b;
+      if (relu) y = rectified_value<scalar_t>(y);
+      simd::store_or_stream(out + base + c, y, stream);
     }
     for (; c < channels; ++c) {
-      out[base + c] =
-          static_cast<scalar_t>((static_cast<T>(x[base + c]) - mean[c]) * scale[c] + shift[c]);
+      T y = (static_cast<T>(x[base + c]) - mean[c]) * scale[c] + shift[c];
+      if (relu) y = rectified_value<scalar_t>(y);
+      out[base + c] = static_cast<scalar_t>(y);
     }
   }
 }
@@ -308,26 +416,30 @@ template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t row_len, int64_t row_begin,
                                int64_t row_end, const T* mean, const T* slope, const T* offset,
-                               const T* k, bool stream) {
-  using V = simd::Vec64<T>;
+                               const T* k, bool stream, const scalar_t* relu_output = nullptr) {
+  using V = RegisterVector<scalar_t>;
   using vec = typename V::type;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t c = row % channels;
     const scalar_t* x_row = x + row * row_len;
     const scalar_t* g_row = g != nullptr ? g + row * row_len : nullptr;
+    const scalar_t* r_row = relu_output != nullptr ? relu_output + row * row_len : nullptr;
     scalar_t* out_row = out + row * row_len;
-    const vec m = vec{} + mean[c], s = vec{} + slope[c], o = vec{} + offset[c], kv = vec{} + k[c];
+    const vec m = splat<vec>(mean[c]), s = splat<vec>(slope[c]), o = splat<vec>(offset[c]),
+              kv = splat<vec>(k[c]);
     int64_t i = 0;
     for (; i + V::lanes <= row_len; i += V::lanes) {
       vec xv, gv{};
       simd::load(xv, x_row + i);
       if (g_row != nullptr) simd::load(gv, g_row + i);
+      if (r_row != nullptr) gv = relu_grad_lanes(gv, r_row + i);
       simd::store_or_stream(out_row + i, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; i < row_len; ++i) {
+      T gi = g_row != nullptr ? static_cast<T>(g_row[i]) : T(0);
+      if (r_row != nullptr) gi = relu_grad_value(gi, static_cast<T>(r_row[i]));
       out_row[i] = static_cast<scalar_t>(
-          input_grad_value(static_cast<T>(x_row[i]), g_row != nullptr ? static_cast<T>(g_row[i]) : T(0),
-                           mean[c], slope[c], offset[c], k[c]));
+          input_grad_value(static_cast<T>(x_row[i]), gi, mean[c], slope[c], offset[c], k[c]));
     }
   }
 }
@@ -336,8 +448,8 @@ template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
 void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t* g,
                                int64_t channels, int64_t pixel_begin, int64_t pixel_end,
                                const T* mean, const T* slope, const T* offset, const T* k,
-                               bool stream) {
-  using V = simd::Vec64<T>;
+                               bool stream, const scalar_t* relu_output = nullptr) {
+  using V = RegisterVector<scalar_t>;
   using vec = typename V::type;
   for (int64_t p = pixel_begin; p < pixel_end; ++p) {
     const int64_t base = p * channels;
@@ -346,6 +458,7 @@ void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t*
       vec xv, gv{}, m, s, o, kv;
       simd::load(xv, x + base + c);
       if (g != nullptr) simd::load(gv, g + base + c);
+      if (relu_output != nullptr) gv = relu_grad_lanes(gv, relu_output + base + c);
       simd::load(m, mean + c);
       simd::load(s, slope + c);
       simd::load(o, offset + c);
@@ -353,9 +466,10 @@ void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t*
       simd::store_or_stream(out + base + c, vec(((xv - m) * s + o + gv) * kv), stream);
     }
     for (; c < channels; ++c) {
+      T gi = g != nullptr ? static_cast<T>(g[base + c]) : T(0);
+      if (relu_output != nullptr) gi = relu_grad_value(gi, static_cast<T>(relu_output[base + c]));
       out[base + c] = static_cast<scalar_t>(
-          input_grad_value(static_cast<T>(x[base + c]), g != nullptr ? static_cast<T>(g[base + c]) : T(0),
-                           mean[c], slope[c], offset[c], k[c]));
+          input_grad_value(static_cast<T>(x[base + c]), gi, mean[c], slope[c], offset[c], k[c]));
     }
   }
 }

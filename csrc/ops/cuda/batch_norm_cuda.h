@@ -44,9 +44,10 @@ Normalization batch_norm_normalization(const at::Tensor& like, const at::Tensor&
                                        const std::optional<at::Tensor>& weight,
                                        const std::optional<at::Tensor>& bias, double eps);
 
-// out = (x - mean) * scale + shift, per channel, one launch (out may alias nothing).
+// out = (x - mean) * scale + shift, per channel, rectified with `relu` (torch.relu's rule on
+// the rounded value), one launch (out may alias nothing).
 void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const Normalization& normalization,
-                          const DenseLayout& layout);
+                          const DenseLayout& layout, bool relu = false);
 
 // What the input gradient needs besides the backward's sums.
 struct InputGradArgs {
@@ -69,9 +70,12 @@ struct GradReduction {
 };
 
 // The sums of g and x dense in one layout, in one launch; with `args` (else nullptr), the same
-// launch also computes the weight's gradient and the input gradient's coefficients.
+// launch also computes the weight's gradient and the input gradient's coefficients. Given
+// relu_output (dense in that layout), g is the gradient of the ReLU after the batch norm and
+// is taken through it (threshold_backward's rule) as it is read.
 GradReduction batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
-                                   const DenseLayout& layout, const InputGradArgs* args);
+                                   const DenseLayout& layout, const InputGradArgs* args,
+                                   const at::Tensor& relu_output = at::Tensor());
 
 // The input gradient's coefficients from given sums (synchronized batch norm's whole batch's),
 // or in evaluation from none (undefined sum_g and sum_gx), in one launch.
@@ -79,9 +83,10 @@ GradReduction batch_norm_grad_coefficients(const at::Tensor& like, const InputGr
                                            const at::Tensor& sum_g, const at::Tensor& sum_gx);
 
 // out = k ((x - mean) slope + offset + g) in training, k g in evaluation, one launch (out may
-// be g itself).
+// be g itself); g through the ReLU whose output is relu_output, where given, as in the sums.
 void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& mean, const GradReduction& reduction,
-                           const DenseLayout& layout, bool training);
+                           const DenseLayout& layout, bool training,
+                           const at::Tensor& relu_output = at::Tensor());
 
 }  // namespace cifarnet::cuda

@@ -2,7 +2,9 @@
 // block, merged by the last block, which also computes the normalisation's scale and shift),
 // one for the normalisation; evaluation: one launch for the scale and shift, one for the
 // normalisation. Backward: one launch for the two sums (and the weight's gradient and the input
-// gradient's coefficients), one for the input gradient. Running statistics: one launch.
+// gradient's coefficients), one for the input gradient. Running statistics: one launch. A ReLU
+// after the batch norm fuses into the normalisation's store and, through its output, into both
+// backward launches.
 // Accumulation in float32 (float64 for float64 inputs); float16 and bfloat16 read and write in
 // their own dtype.
 
@@ -50,15 +52,24 @@ struct AddWelford {
   }
 };
 
-// Folds g and g * (x - mean) into a state of sums.
+// g taken through a ReLU whose output is relu_output (where not null), threshold_backward's
+// rule: g where relu_output > 0 or is NaN, else 0.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t relu_grad(acc_t g, const scalar_t* relu_output, int64_t at) {
+  return relu_output != nullptr && static_cast<acc_t>(relu_output[at]) <= acc_t(0) ? acc_t(0) : g;
+}
+
+// Folds g and g * (x - mean) into a state of sums (g through the ReLU whose output is
+// relu_output, where not null).
 template <typename scalar_t, typename acc_t>
 struct AddGradSums {
   const scalar_t* x;
   const scalar_t* g;
   const acc_t* mean;
+  const scalar_t* relu_output = nullptr;
 
   __device__ void operator()(GradSumState<acc_t>& state, int64_t at, int64_t, int64_t c) const {
-    const acc_t grad = static_cast<acc_t>(g[at]);
+    const acc_t grad = relu_grad(static_cast<acc_t>(g[at]), relu_output, at);
     state.g += grad;
     state.gx += grad * (static_cast<acc_t>(x[at]) - mean[c]);
   }
@@ -127,8 +138,10 @@ __device__ __forceinline__ int64_t channel_of(int64_t index, const DenseLayout& 
                                : (index / layout.spatial) % layout.channels;
 }
 
-// out = (x - mean[c]) * scale[c] + shift[c], one thread per element in memory order.
-template <typename scalar_t, typename acc_t>
+// out = (x - mean[c]) * scale[c] + shift[c], with `relu` rectified after rounding to scalar_t
+// as torch.relu rectifies native's output (negatives to 0; -0 and NaN pass), one thread per
+// element in memory order.
+template <typename scalar_t, typename acc_t, bool relu>
 __global__ void normalize_kernel(scalar_t* __restrict__ out, const scalar_t* __restrict__ x,
                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ affine,
                                  DenseLayout layout, int64_t total) {
@@ -136,23 +149,26 @@ __global__ void normalize_kernel(scalar_t* __restrict__ out, const scalar_t* __r
   const acc_t* __restrict__ shift = affine + layout.channels;
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const int64_t c = channel_of(index, layout);
-    out[index] = static_cast<scalar_t>((static_cast<acc_t>(x[index]) - mean[c]) * scale[c] + shift[c]);
+    const scalar_t y =
+        static_cast<scalar_t>((static_cast<acc_t>(x[index]) - mean[c]) * scale[c] + shift[c]);
+    out[index] = relu && static_cast<acc_t>(y) < acc_t(0) ? static_cast<scalar_t>(acc_t(0)) : y;
   }
 }
 
-// out = ((x - mean[c]) * slope[c] + offset[c] + g) * k[c] (training) or g * k[c], one thread
-// per element in memory order; out may be g.
+// out = ((x - mean[c]) * slope[c] + offset[c] + g) * k[c] (training) or g * k[c], g through
+// the ReLU whose output is relu_output (where not null), one thread per element in memory
+// order; out may be g.
 template <typename scalar_t, typename acc_t, bool training>
 __global__ void input_grad_kernel(scalar_t* out, const scalar_t* g, const scalar_t* __restrict__ x,
                                   const acc_t* __restrict__ mean,
-                                  const acc_t* __restrict__ coefficients, DenseLayout layout,
-                                  int64_t total) {
+                                  const acc_t* __restrict__ coefficients,
+                                  const scalar_t* relu_output, DenseLayout layout, int64_t total) {
   const acc_t* __restrict__ k = coefficients;
   const acc_t* __restrict__ slope = coefficients + layout.channels;
   const acc_t* __restrict__ offset = coefficients + 2 * layout.channels;
   CIFARNET_GRID_STRIDE_LOOP(index, total) {
     const int64_t c = channel_of(index, layout);
-    acc_t value = static_cast<acc_t>(g[index]);
+    acc_t value = relu_grad(static_cast<acc_t>(g[index]), relu_output, index);
     if (training) value += (static_cast<acc_t>(x[index]) - mean[c]) * slope[c] + offset[c];
     out[index] = static_cast<scalar_t>(value * k[c]);
   }
@@ -269,30 +285,39 @@ Normalization batch_norm_normalization(const at::Tensor& like, const at::Tensor&
 }
 
 void batch_norm_normalize(at::Tensor& out, const at::Tensor& x, const Normalization& normalization,
-                          const DenseLayout& layout) {
+                          const DenseLayout& layout, bool relu) {
   const int64_t total = x.numel();
   if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_normalize_cuda", [&] {
         using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-        normalize_kernel<scalar_t, acc_t>
-            <<<blocks_for(total), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-                out.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-                normalization.mean.const_data_ptr<acc_t>(),
-                normalization.affine.const_data_ptr<acc_t>(), layout, total);
+        const auto stream = at::cuda::getCurrentCUDAStream();
+        scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
+        const scalar_t* x_data = x.const_data_ptr<scalar_t>();
+        const acc_t* mean = normalization.mean.const_data_ptr<acc_t>();
+        const acc_t* affine = normalization.affine.const_data_ptr<acc_t>();
+        if (relu) {
+          normalize_kernel<scalar_t, acc_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
+              out_data, x_data, mean, affine, layout, total);
+        } else {
+          normalize_kernel<scalar_t, acc_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
+              out_data, x_data, mean, affine, layout, total);
+        }
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
 
 GradReduction batch_norm_grad_sums(const at::Tensor& g, const at::Tensor& x, const at::Tensor& mean,
-                                   const DenseLayout& layout, const InputGradArgs* args) {
+                                   const DenseLayout& layout, const InputGradArgs* args,
+                                   const at::Tensor& relu_output) {
   GradReduction reduction;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_grad_sums_cuda", [&] {
         using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
-        const AddGradSums<scalar_t, acc_t> add{x.const_data_ptr<scalar_t>(),
-                                               g.const_data_ptr<scalar_t>(),
-                                               mean.const_data_ptr<acc_t>()};
+        const AddGradSums<scalar_t, acc_t> add{
+            x.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
+            mean.const_data_ptr<acc_t>(),
+            relu_output.defined() ? relu_output.const_data_ptr<scalar_t>() : nullptr};
         reduction = grad_reduction<scalar_t>(x, layout, add, args);
       });
   return reduction;
@@ -323,7 +348,8 @@ GradReduction batch_norm_grad_coefficients(const at::Tensor& like, const InputGr
 
 void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tensor& x,
                            const at::Tensor& mean, const GradReduction& reduction,
-                           const DenseLayout& layout, bool training) {
+                           const DenseLayout& layout, bool training,
+                           const at::Tensor& relu_output) {
   const int64_t total = x.numel();
   if (total == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
@@ -331,14 +357,16 @@ void batch_norm_input_grad(at::Tensor& out, const at::Tensor& g, const at::Tenso
     using acc_t = at::acc_type<scalar_t, /*is_cuda=*/true>;
     const auto stream = at::cuda::getCurrentCUDAStream();
     const acc_t* coefficients = reduction.coefficients.const_data_ptr<acc_t>();
+    const scalar_t* relu = relu_output.defined() ? relu_output.const_data_ptr<scalar_t>() : nullptr;
     if (training) {
       input_grad_kernel<scalar_t, acc_t, true><<<blocks_for(total), kThreads, 0, stream>>>(
           out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), coefficients, layout, total);
+          x.const_data_ptr<scalar_t>(), mean.const_data_ptr<acc_t>(), coefficients, relu, layout,
+          total);
     } else {
       input_grad_kernel<scalar_t, acc_t, false><<<blocks_for(total), kThreads, 0, stream>>>(
           out.mutable_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(),
-          x.const_data_ptr<scalar_t>(), nullptr, coefficients, layout, total);
+          x.const_data_ptr<scalar_t>(), nullptr, coefficients, relu, layout, total);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -352,7 +380,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& var, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool training, double eps) {
+    const std::optional<at::Tensor>& bias, bool training, double eps, bool relu) {
   check_batch_norm_forward_args(input, mean, var, weight, bias, training, eps);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::MemoryFormat format = batch_norm_output_memory_format(input);
@@ -362,23 +390,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
       training ? cuda::batch_norm_statistics(dense, layout, weight, bias, eps)
                : cuda::batch_norm_normalization(dense, *mean, *var, weight, bias, eps);
   at::Tensor output = at::empty(input.sizes(), input.options().memory_format(format));
-  cuda::batch_norm_normalize(output, dense, normalization, layout);
+  cuda::batch_norm_normalize(output, dense, normalization, layout, relu);
   return {output, normalization.mean, normalization.var};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
     const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
-    std::array<bool, 3> output_mask) {
+    std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
   check_batch_norm_input(input, /*training=*/false);
   TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
               shape_string(input), ", got ", shape_string(grad_output));
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
+  check_relu_output(relu_output, input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::MemoryFormat format = batch_norm_grad_input_memory_format(input, grad_output);
   const at::Tensor x = input.contiguous(format), g = grad_output.contiguous(format);
+  const at::Tensor relu = defined(relu_output) ? relu_output->contiguous(format) : at::Tensor();
   const cuda::DenseLayout layout = cuda::dense_layout_of(x, format);
   const auto stats_options = input.options().dtype(batch_norm_stats_dtype(input));
   const at::Tensor mean = save_mean.to(stats_options).contiguous();
@@ -388,14 +418,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     reduction.sum_g = at::zeros_like(mean);
     reduction.grad_weight = at::zeros_like(mean);
   } else if (training || output_mask[1] || output_mask[2]) {
-    reduction = cuda::batch_norm_grad_sums(g, x, mean, layout, &args);
+    reduction = cuda::batch_norm_grad_sums(g, x, mean, layout, &args, relu);
   } else {  // evaluation's input gradient alone: k g
     reduction = cuda::batch_norm_grad_coefficients(x, args, at::Tensor(), at::Tensor());
   }
   at::Tensor grad_input;
   if (output_mask[0]) {
     grad_input = at::empty(input.sizes(), input.options().memory_format(format));
-    cuda::batch_norm_input_grad(grad_input, g, x, mean, reduction, layout, training);
+    cuda::batch_norm_input_grad(grad_input, g, x, mean, reduction, layout, training, relu);
   }
   return {grad_input, output_mask[1] ? reduction.grad_weight : at::Tensor(),
           output_mask[2] ? reduction.sum_g : at::Tensor()};

@@ -1,7 +1,9 @@
 """What each kind of chain `cifarnet.fuse` fuses adds to a ResNet's training step: native, the
 same model traced by torch.fx (fuse's rewrite runs a GraphModule), `fuse(bn_relu_conv=False)`
 (the stem's pool chain alone) and `fuse` (the blocks' batch norm -> ReLU -> conv too), timed
-interleaved in one process, forward+backward, channels-last float32.
+interleaved in one process, forward+backward, channels-last float32, with glibc's malloc
+keeping freed memory as cifarnet-bench does (`--default-malloc` not): torch.fx turns a block's
+`out += identity` into an out-of-place add, whose fresh tensor otherwise costs page faults.
 
     python benchmarks/resnet_fuse_parts.py --model resnet18 --input-size 32 --batch-size 128 --threads 2
 """
@@ -16,6 +18,7 @@ import torch
 import torchvision
 
 import cifarnet
+from cifarnet._timing import keep_freed_memory
 
 
 def main() -> None:
@@ -25,7 +28,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per configuration, interleaved")
+    parser.add_argument("--default-malloc", action="store_true", help="leave glibc's malloc returning freed memory")
     args = parser.parse_args()
+    keeps = not args.default_malloc and keep_freed_memory()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     native = getattr(torchvision.models, args.model)(num_classes=10).to(memory_format=torch.channels_last)
@@ -51,7 +56,8 @@ def main() -> None:
             times[name].append(step(model))
     baseline = statistics.median(times["native"])
     print(f"{args.model}, {args.input_size}x{args.input_size}, batch {args.batch_size}, float32 channels-last, "
-          f"{args.threads} thread(s), median of {args.rounds} interleaved steps")
+          f"{args.threads} thread(s), median of {args.rounds} interleaved steps; malloc "
+          f"{'keeps' if keeps else 'returns'} freed memory")
     for name, samples in times.items():
         median = statistics.median(samples)
         print(f"{name:28s} {median * 1e3:9.1f} ms  {baseline / median:.3f}x native")

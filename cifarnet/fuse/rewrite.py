@@ -69,7 +69,7 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False, bn_re
         UserWarning naming each module ``torch.fx`` could not trace (inside which only
         ``nn.Sequential`` children are rewritten), with the reason.
 
-    The fused ops take float32 and float64 tensors on the CPU (CUDA kernels are to come).
+    The fused ops run on the CPU and on CUDA, in float32, float64, bfloat16 and float16.
     A GraphModule's forward is its graph: call it, not the custom submodules whose code was
     traced into it (their convolutions now also normalise, rectify and pool).
     """

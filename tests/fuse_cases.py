@@ -90,3 +90,16 @@ def assert_state_dicts_load_both_ways(fused, original) -> None:
     fresh = copy.deepcopy(original)
     fresh.load_state_dict(fused.state_dict(), strict=True)
     assert_same_tensors(fresh.state_dict(), other.state_dict(), EXACT)
+
+
+def module_types(model) -> list[tuple[str, type]]:
+    return [(name, type(module)) for name, module in model.named_modules() if name]
+
+
+def assert_unfuses_to(model, fused, input, tolerance) -> None:
+    """unfuse(fused) has model's class and module types, fused's tensors and model's function."""
+    unfused = cifarnet.unfuse(fused)
+    assert type(unfused) is type(model)
+    assert module_types(unfused) == module_types(model)
+    assert_same_tensors(unfused.state_dict(), fused.state_dict(), EXACT)
+    assert_same_function(unfused, model, input, tolerance)

@@ -35,7 +35,9 @@ from fuse_cases import (
     assert_same_function,
     assert_same_tensors,
     assert_state_dicts_load_both_ways,
+    assert_unfuses_to,
     fuse_quietly,
+    module_types,
     run,
 )
 from op_cases import assert_no_worse_than_native
@@ -54,19 +56,6 @@ def assert_as_accurate_as_native(fused, original, input) -> None:
     flat = lambda result: [result[0], result[1], *result[2].values()]
     for name, ours, theirs, truth in zip(names, flat(mine), flat(native), flat(exact)):
         assert_no_worse_than_native(ours, theirs, truth, name, rtol=1e-5, atol=0)
-
-
-def module_types(model) -> list[tuple[str, type]]:
-    return [(name, type(module)) for name, module in model.named_modules() if name]
-
-
-def assert_unfuses_to(model, fused, input, tolerance) -> None:
-    """unfuse(fused) has model's class and module types, fused's tensors and model's function."""
-    unfused = cifarnet.unfuse(fused)
-    assert type(unfused) is type(model)
-    assert module_types(unfused) == module_types(model)
-    assert_same_tensors(unfused.state_dict(), fused.state_dict(), EXACT)
-    assert_same_function(unfused, model, input, tolerance)
 
 
 # --------------------------------------------------------------------------------------------

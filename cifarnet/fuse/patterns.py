@@ -205,11 +205,16 @@ def _graph_bn_relu_convs(graph, root, prefix, calls, pooled: dict[Node, _Candida
         candidate = _Candidate(names, conv, bn, relu, None, nodes, bn_relu_conv=True)
         candidate.reason = _graph_reason(candidate, (bn_node, conv_node), calls, prefix)
         if candidate.reason is None and conv_node in pooled:
-            candidate.reason = f"{names[-1]} heads the fused chain {' -> '.join(pooled[conv_node].names)}"
+            candidate.reason = _heads_pool_chain(pooled[conv_node])
         if candidate.reason is None:
             candidate.reason = _fusability_reason(candidate)
         chains.append(candidate)
     return chains
+
+
+def _heads_pool_chain(pool_chain: _Candidate) -> str:
+    """Why a bn -> ReLU -> conv chain is left: its convolution fuses with its pool instead."""
+    return f"{pool_chain.names[0]} heads the fused chain {' -> '.join(pool_chain.names)}"
 
 
 def _graph_reason(candidate: _Candidate, stateful: tuple[Node | None, ...], calls: collections.Counter, prefix: str) -> str | None:
@@ -273,7 +278,7 @@ def _sequential_chains(sequential: nn.Sequential, prefix: str, bn_relu_conv: boo
             names = [bn_name, relu_name, conv_name]
             candidate = _Candidate(tuple(_qualified(prefix, name) for name in names), conv, bn, relu, None, bn_relu_conv=True)
             if conv_name in pooled:
-                candidate.reason = f"{candidate.names[-1]} heads the fused chain {' -> '.join(pooled[conv_name].names)}"
+                candidate.reason = _heads_pool_chain(pooled[conv_name])
             else:
                 candidate.reason = _fusability_reason(candidate)
             chains.append((names, candidate))

@@ -1,9 +1,10 @@
 """What each kind of chain `cifarnet.fuse` fuses adds to a ResNet's training step: native, the
-same model traced by torch.fx (fuse's rewrite runs a GraphModule), `fuse(bn_relu_conv=False)`
+same model traced by plain torch.fx (fuse's rewrite runs a GraphModule), `fuse(bn_relu_conv=False)`
 (the stem's pool chain alone) and `fuse` (the blocks' batch norm -> ReLU -> conv too), timed
-interleaved in one process, forward+backward, channels-last float32, with glibc's malloc
-keeping freed memory as cifarnet-bench does (`--default-malloc` not): torch.fx turns a block's
-`out += identity` into an out-of-place add, whose fresh tensor otherwise costs page faults.
+interleaved in one process (a shuffled order each round), forward+backward, channels-last
+float32, with glibc's malloc keeping freed memory as cifarnet-bench does (`--default-malloc`
+not). Plain torch.fx turns a block's `out += identity` into an out-of-place add, whose fresh
+tensor costs page faults where malloc returns freed memory; fuse's tracer keeps it in place.
 
     python benchmarks/resnet_fuse_parts.py --model resnet18 --input-size 32 --batch-size 128 --threads 2
 """
@@ -11,6 +12,7 @@ keeping freed memory as cifarnet-bench does (`--default-malloc` not): torch.fx t
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -51,9 +53,13 @@ def main() -> None:
     for model in models.values():  # warm-up: oneDNN primitives, allocator
         step(model), step(model)
     times = {name: [] for name in models}
+    # A fresh order each round: in a fixed order the third model ran measurably slower than
+    # the same model second (whatever the previous step leaves in the allocator and caches).
+    order, shuffler = list(models), random.Random(0)
     for _ in range(args.rounds):
-        for name, model in models.items():
-            times[name].append(step(model))
+        shuffler.shuffle(order)
+        for name in order:
+            times[name].append(step(models[name]))
     baseline = statistics.median(times["native"])
     print(f"{args.model}, {args.input_size}x{args.input_size}, batch {args.batch_size}, float32 channels-last, "
           f"{args.threads} thread(s), median of {args.rounds} interleaved steps; malloc "

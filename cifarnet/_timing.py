@@ -72,14 +72,20 @@ def keep_freed_memory() -> bool:
 
 
 def interleaved_medians(calls: dict[str, Callable[[], object]], stopwatch: Stopwatch, warmup: int, repeats: int) -> dict[str, float]:
-    """Median milliseconds of each call, timing them round-robin so drift hits all alike."""
+    """Median milliseconds of each call, timing them round-robin so drift hits all alike.
+
+    Each round starts one call later: a call that always ran right after the same other one
+    (whose freed memory or cache state it inherits) would carry that as a bias.
+    """
     for _ in range(warmup):
         for fn in calls.values():
             fn()
+    names = list(calls)
     samples: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            samples[name].append(stopwatch(fn))
+    for round_index in range(repeats):
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            samples[name].append(stopwatch(calls[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 

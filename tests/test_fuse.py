@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import operator
 import pickle
 import subprocess
 import sys
@@ -389,6 +390,43 @@ def test_a_reused_output_is_not_fused_and_is_reported():
     assert type(fused.conv) is nn.Conv2d
     input = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     assert_same_function(fused, model, input, FLOAT64)
+
+
+class AugmentedAssignmentNet(nn.Module):
+    """``y += x`` and ``y *= 2`` change ``y`` in place, and ``z`` is ``y``: the output shows
+    whether the fused graph still does them in place (torch.fx's own tracing does not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.conv(x)), 2)
+        y = self.bn(x)
+        z = y
+        y += x
+        y *= 2
+        return torch.cat((y, z), 1)
+
+
+def test_augmented_assignments_stay_in_place():
+    torch.manual_seed(0)
+    model = AugmentedAssignmentNet().double()
+    fused = fuse_quietly(model)
+    assert isinstance(fused.conv, FusedConv2dReLUMaxPool2d)
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
+    assert_same_function(pickle.loads(pickle.dumps(fused)), model, input, FLOAT64)  # traced again on load
+
+
+def test_resnet_blocks_add_into_their_batch_norm_output_as_torchvision_writes():
+    # BasicBlock's `out += identity`: an out-of-place add would allocate a fresh activation
+    # per block and keep one more alive.
+    fused = fuse_quietly(torchvision.models.resnet18(num_classes=10))
+    adds = [node.target for module in fused.modules() if isinstance(module, torch.fx.GraphModule)
+            for node in module.graph.nodes if node.op == "call_function" and "add" in node.target.__name__]
+    assert adds == [operator.iadd] * 8
 
 
 @pytest.mark.parametrize(

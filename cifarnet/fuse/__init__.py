@@ -30,7 +30,8 @@ both ways strictly:
   written in ``forward`` (``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.max_pool2d``,
   ``torch.max_pool2d``, modules called by attribute) are found in the model's ``torch.fx``
   graph; the convolution's node calls the fused layer (on the batch norm's input, for batch
-  norm -> ReLU -> conv) and the other nodes are removed. The
+  norm -> ReLU -> conv) and the other nodes are removed. Augmented assignments
+  (``out += identity``) stay in place, as written (torch.fx alone makes them out of place). The
   other modules stay registered untouched, and the GraphModule adopts the model's whole module
   tree, parameters, buffers, hooks and plain attributes, so every name, key and container
   (``model.features[0]``) is where it was.

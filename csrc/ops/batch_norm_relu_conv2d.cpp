@@ -211,9 +211,11 @@ at::Tensor batch_norm_relu_conv2d_composite(
   return output;
 }
 
-// autocast.h's rule: the convolution's input (here the batch norm's, so batch norm runs on the
-// autocast dtype too), weight and bias in the autocast dtype; the batch norm's parameters and
-// statistics stay float32.
+// Under autocast native runs batch norm, and so the ReLU, in the input's dtype and casts only
+// the rectified tensor for the convolution. An input already in the autocast dtype (all of a
+// 16-bit network's batch norms) takes the fused op with weight and bias cast, as autocast.h
+// casts them; any other castable one (float32) gets native's composition under autocast, its
+// meaning exactly, with the statistics for the running update from the statistics op.
 template <c10::DeviceType device, c10::DispatchKey autocast_key>
 Tensor3 batch_norm_relu_conv2d_training_autocast(const at::Tensor& input,
                                                  const OptionalTensor& bn_weight,
@@ -221,9 +223,24 @@ Tensor3 batch_norm_relu_conv2d_training_autocast(const at::Tensor& input,
                                                  const at::Tensor& weight,
                                                  const OptionalTensor& bias, double eps,
                                                  at::IntArrayRef stride, at::IntArrayRef padding) {
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
   const at::ScalarType dtype = at::autocast::get_autocast_dtype(device);
-  return training_op().call(at::autocast::cached_cast(dtype, input, device), bn_weight, bn_bias,
+  if (input.scalar_type() != dtype && at::autocast::is_eligible(input, device)) {
+    static auto statistics = internal_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>(
+        "cifarnet::_batch_norm_stats");
+    at::Tensor save_mean, save_var;
+    {
+      const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // the statistics are not differentiable
+      std::tie(save_mean, save_var) = statistics.call(input);
+    }
+    const at::Tensor output =
+        composed_batch_norm_relu_conv2d(input, std::nullopt, std::nullopt, bn_weight, bn_bias,
+                                        weight, bias, /*training=*/true, /*momentum=*/0.0, eps,
+                                        stride, padding);
+    return {output, save_mean, save_var};
+  }
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(autocast_key);
+  return training_op().call(input, bn_weight, bn_bias,
                             at::autocast::cached_cast(dtype, weight, device),
                             at::autocast::cached_cast(dtype, bias, device), eps, stride, padding);
 }

@@ -391,6 +391,34 @@ def test_sparse_backward_memory_does_not_grow_with_threads():
     assert peaks[16] <= peaks[1] + weight_bytes // 4, f"peak allocation with 1 and 16 threads: {peaks}, weight {weight_bytes} bytes"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_backward_is_the_same_bits_however_threads_share_it(dtype, monkeypatch):
+    # The sparse backward's threads take samples (input gradient) and chunks of output channels
+    # (weight gradient) as they come free, so a thread slowed by another process takes fewer;
+    # each sample and each channel is still summed by one thread in one order, so the gradients
+    # are the same bits with 1, 2 or 3 threads and from run to run. 24 samples of 16 channels
+    # are several L2 tiles of the weight gradient on any CPU with at most 1 MiB of L2.
+    monkeypatch.setenv("CIFARNET_CONV_BACKWARD", "sparse")
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(24, 16, 14, 14, generator=generator).to(dtype).contiguous(memory_format=torch.channels_last)
+    weight = (0.1 * torch.randn(32, 16, 5, 5, generator=generator)).to(dtype)
+    input.requires_grad_()
+    weight.requires_grad_()
+    output = conv2d_relu_max_pool2d(input, weight, None, padding=2)
+    grad_output = torch.randn(output.shape, generator=generator).to(dtype)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 2, 3, 2, 3):
+            torch.set_num_threads(count)
+            grads.append(torch.autograd.grad(output, (input, weight), grad_output, retain_graph=True))
+    finally:
+        torch.set_num_threads(threads)
+    for count, other in zip((2, 3, 2, 3), grads[1:]):
+        for name, ours, first in zip(("input", "weight"), other, grads[0]):
+            assert torch.equal(ours, first), f"grad {name} with {count} threads differs from 1 thread's"
+
+
 SPARSE_BACKWARD_SCRIPT = r"""
 import torch, cifarnet
 from cifarnet.ops import conv2d_relu_max_pool2d

@@ -9,8 +9,10 @@
 //
 // Backward: the pre-pool gradient is zero but at one argmax per pool window, so the
 // convolution gradients only visit those positions (see conv2d_relu_max_pool2d_loops.h): a
-// quarter of a dense backward's arithmetic for 2x2 pools. Where pools are dense, or inputs are
-// not finite, a dense scatter + at::convolution_backward takes over.
+// quarter of a dense backward's arithmetic for 2x2 pools, in one parallel region whose threads
+// take samples and chunks of output channels as they come free (see sparse_conv_gradients).
+// Where pools are dense, or inputs are not finite, a dense scatter + at::convolution_backward
+// takes over.
 
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -409,62 +411,73 @@ struct HitLists {
   HitLists(int64_t keys, int64_t capacity) : begin(keys + 1), offsets(capacity), grads(capacity) {}
 };
 
-// The input gradient of the sparse backward, threaded over samples: per sample the argmax hits
-// are decoded and sorted by convolution position, then accumulated into the sample's padded
+// One thread's share of the sparse backward's input gradient: the samples it takes from
+// `next_sample` (shared by the threads) until none is left. Per sample the argmax hits are
+// decoded and sorted by convolution position, then accumulated into the sample's padded
 // channels-last gradient [H + 2 pH][W + 2 pW][C_in] (grad_input_padded, sample_stride apart).
+// Each sample is written by one thread alone, whichever: the same bits however they share out.
 template <typename scalar_t>
-void sparse_input_gradient(scalar_t* grad_input_padded, const at::Tensor& grad_output,
-                           const at::Tensor& argmax, const scalar_t* weight_rows,
-                           const ConvPoolGeometry& g, int64_t row_stride, int64_t sample_stride) {
+void sparse_input_gradient_samples(scalar_t* grad_input_padded, const at::Tensor& grad_output,
+                                   const at::Tensor& argmax, const scalar_t* weight_rows,
+                                   const ConvPoolGeometry& g, int64_t row_stride,
+                                   int64_t sample_stride, std::atomic<int64_t>& next_sample) {
   const WindowPositions window(g);
   const int64_t channel_len = g.kernel_h * g.kernel_w * g.in_channels;
   const int64_t positions = g.conv_h * g.conv_w;
   const int64_t windows = g.out_channels * g.out_h * g.out_w;
   const int64_t l1d_bytes = cache_sizes().l1d_bytes;
-  at::parallel_for(0, g.batch, 1, [&](int64_t n_begin, int64_t n_end) {
-    HitLists<scalar_t> by_position(positions, windows);
-    std::vector<int64_t> hit_channel(windows), hit_position(windows);
-    std::vector<scalar_t> hit_grad(windows);
-    for (int64_t n = n_begin; n < n_end; ++n) {
-      int64_t hits = 0;
-      for_each_argmax_hit<scalar_t>(
-          grad_output, argmax, g, window, n,
-          [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
-            hit_channel[hits] = c;
-            hit_position[hits] = h * g.conv_w + w;
-            hit_grad[hits] = grad;
-            ++hits;
-          });
-      std::vector<int64_t>& begin = by_position.begin;
-      std::fill(begin.begin(), begin.end(), 0);
-      for (int64_t i = 0; i < hits; ++i) ++begin[hit_position[i] + 1];
-      for (size_t p = 1; p < begin.size(); ++p) begin[p] += begin[p - 1];
-      for (int64_t i = 0; i < hits; ++i) {
-        const int64_t slot = begin[hit_position[i]]++;
-        by_position.offsets[slot] = hit_channel[i] * channel_len;
-        by_position.grads[slot] = hit_grad[i];
-      }
-      // The fill advanced each begin to the next position's: shift back.
-      for (size_t p = begin.size() - 1; p > 0; --p) begin[p] = begin[p - 1];
-      begin[0] = 0;
-      CIFARNET_ISA_DISPATCH(sparse_input_grad_sample<scalar_t>,
-                            grad_input_padded + n * sample_stride, g, row_stride, weight_rows,
-                            by_position.begin.data(), by_position.offsets.data(),
-                            by_position.grads.data(), l1d_bytes);
+  HitLists<scalar_t> by_position(positions, windows);
+  std::vector<int64_t> hit_channel(windows), hit_position(windows);
+  std::vector<scalar_t> hit_grad(windows);
+  for (int64_t n = next_sample++; n < g.batch; n = next_sample++) {
+    int64_t hits = 0;
+    for_each_argmax_hit<scalar_t>(
+        grad_output, argmax, g, window, n,
+        [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w, scalar_t grad) {
+          hit_channel[hits] = c;
+          hit_position[hits] = h * g.conv_w + w;
+          hit_grad[hits] = grad;
+          ++hits;
+        });
+    std::vector<int64_t>& begin = by_position.begin;
+    std::fill(begin.begin(), begin.end(), 0);
+    for (int64_t i = 0; i < hits; ++i) ++begin[hit_position[i] + 1];
+    for (size_t p = 1; p < begin.size(); ++p) begin[p] += begin[p - 1];
+    for (int64_t i = 0; i < hits; ++i) {
+      const int64_t slot = begin[hit_position[i]]++;
+      by_position.offsets[slot] = hit_channel[i] * channel_len;
+      by_position.grads[slot] = hit_grad[i];
     }
-  });
+    // The fill advanced each begin to the next position's: shift back.
+    for (size_t p = begin.size() - 1; p > 0; --p) begin[p] = begin[p - 1];
+    begin[0] = 0;
+    CIFARNET_ISA_DISPATCH(sparse_input_grad_sample<scalar_t>,
+                          grad_input_padded + n * sample_stride, g, row_stride, weight_rows,
+                          by_position.begin.data(), by_position.offsets.data(),
+                          by_position.grads.data(), l1d_bytes);
+  }
 }
 
-// The weight gradient of the sparse backward, [C_out][kH][kW * C_in], threaded over output
-// channels: each thread owns its channels' rows of the one gradient (memory independent of
-// the thread count, no reduction) and walks the batch in tiles of samples whose padded input
-// fits half an L2 cache, so the tile stays there across the thread's channels. Per channel and
-// tile, the argmax hits are listed and accumulated in one pass over the weight rows.
+// Output channels per chunk of the sparse weight gradient: about four chunks a thread, so a
+// thread slowed by another process on its core leaves at most one chunk's wait at the end.
+// Smaller chunks would read each tile of the padded input into L2 once more per chunk.
+int64_t weight_gradient_channel_chunk(int64_t out_channels, int64_t threads) {
+  return std::max<int64_t>(1, out_channels / (4 * threads));
+}
+
+// One thread's share of the sparse backward's weight gradient, [C_out][kH][kW * C_in]: the
+// chunks of output channels it takes from `next_chunk` (shared by the threads) until none is
+// left. The thread owns its channels' rows of the one gradient (memory independent of the
+// thread count, no reduction) and walks the batch in tiles of samples whose padded input fits
+// half an L2 cache, so the tile stays there across the chunk's channels. Per channel and tile,
+// the argmax hits are listed and accumulated in one pass over the weight rows, tile after tile:
+// the same sums in the same order whichever thread takes the chunk.
 template <typename scalar_t>
-void sparse_weight_gradient(scalar_t* grad_weight, const at::Tensor& grad_output,
-                            const at::Tensor& argmax, const scalar_t* input_padded,
-                            const ConvPoolGeometry& g, int64_t row_stride,
-                            int64_t sample_stride) {
+void sparse_weight_gradient_channels(scalar_t* grad_weight, const at::Tensor& grad_output,
+                                     const at::Tensor& argmax, const scalar_t* input_padded,
+                                     const ConvPoolGeometry& g, int64_t row_stride,
+                                     int64_t sample_stride, int64_t channel_chunk,
+                                     std::atomic<int64_t>& next_chunk) {
   const Strides4d gs(grad_output), as(argmax);
   const WindowPositions window(g);
   const int64_t channel_len = g.kernel_h * g.kernel_w * g.in_channels;
@@ -472,11 +485,14 @@ void sparse_weight_gradient(scalar_t* grad_weight, const at::Tensor& grad_output
   const int64_t tile =
       std::clamp<int64_t>(cache_sizes().l2_bytes / 2 / std::max<int64_t>(1, sample_bytes), 1,
                           g.batch);
+  const int64_t chunks = ceil_div(g.out_channels, channel_chunk);
   const scalar_t* grad_data = grad_output.const_data_ptr<scalar_t>();
   const uint8_t* argmax_data = argmax.const_data_ptr<uint8_t>();
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t c_begin, int64_t c_end) {
-    std::vector<int64_t> offsets(tile * g.out_h * g.out_w);
-    std::vector<scalar_t> grads(offsets.size());
+  std::vector<int64_t> offsets(tile * g.out_h * g.out_w);
+  std::vector<scalar_t> grads(offsets.size());
+  for (int64_t i = next_chunk++; i < chunks; i = next_chunk++) {
+    const int64_t c_begin = i * channel_chunk;
+    const int64_t c_end = std::min(c_begin + channel_chunk, g.out_channels);
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
       const int64_t n1 = std::min(n0 + tile, g.batch);
       for (int64_t c = c_begin; c < c_end; ++c) {
@@ -501,13 +517,16 @@ void sparse_weight_gradient(scalar_t* grad_weight, const at::Tensor& grad_output
                               grads.data(), hits);
       }
     }
-  });
+  }
 }
 
-// The sparse backward (see conv2d_relu_max_pool2d_loops.h): the input gradient threaded over
-// samples, the weight gradient over output channels. Computes in scalar_t (float or double);
-// 16-bit input and weight are widened to float32 by the padded copies the loops read anyway,
-// and grad_output must be scalar_t.
+// The sparse backward (see conv2d_relu_max_pool2d_loops.h) as one parallel region: the
+// threads take samples of the input gradient from one atomic counter, then chunks of output
+// channels of the weight gradient from another, so a thread that shares its core with another
+// process takes less of the work instead of holding the others at the end of a static share
+// (and one region rather than two: each waits for every thread, see forward_tile_bytes).
+// Computes in scalar_t (float or double); 16-bit input and weight are widened to float32 by the
+// padded copies the loops read anyway, and grad_output must be scalar_t.
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
@@ -519,27 +538,41 @@ std::tuple<at::Tensor, at::Tensor> sparse_conv_gradients(
   const at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
   const at::TensorOptions options = input.options().dtype(dtype);
 
-  at::Tensor grad_input, grad_weight;
+  // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
+  at::Tensor weight_rows, grad_input_padded;
   if (output_mask[0]) {
-    // The weight as [C_out][kH][kW * C_in] rows; the input gradient is accumulated padded.
-    at::Tensor weight_rows = at::empty({weight_numel + slack}, options);
+    weight_rows = at::empty({weight_numel + slack}, options);
     weight_rows.narrow(0, 0, weight_numel)
         .view({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels})
         .copy_(weight.permute({0, 2, 3, 1}));
-    at::Tensor grad_input_padded = at::zeros({g.batch * sample_stride}, options);
-    sparse_input_gradient<scalar_t>(grad_input_padded.mutable_data_ptr<scalar_t>(), grad_output,
-                                    argmax, weight_rows.const_data_ptr<scalar_t>(), g, row_stride,
-                                    sample_stride);
-    grad_input = padded_interior(grad_input_padded, input.sizes(), g.pad_h, g.pad_w);
+    grad_input_padded = at::zeros({g.batch * sample_stride}, options);
   }
+  at::Tensor input_padded, grad_weight_rows;
   if (output_mask[1]) {
-    const at::Tensor input_padded = padded_channels_last(input, g.pad_h, g.pad_w, dtype);
-    at::Tensor grad_weight_rows = at::zeros({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels}, options);
-    sparse_weight_gradient<scalar_t>(grad_weight_rows.mutable_data_ptr<scalar_t>(), grad_output,
-                                     argmax, input_padded.const_data_ptr<scalar_t>(), g,
-                                     row_stride, sample_stride);
-    grad_weight = grad_weight_rows.permute({0, 3, 1, 2});
+    input_padded = padded_channels_last(input, g.pad_h, g.pad_w, dtype);
+    grad_weight_rows = at::zeros({g.out_channels, g.kernel_h, g.kernel_w, g.in_channels}, options);
   }
+  const int64_t threads = at::get_num_threads();
+  const int64_t channel_chunk = weight_gradient_channel_chunk(g.out_channels, threads);
+  std::atomic<int64_t> next_sample{0}, next_channel_chunk{0};
+  // NB: the workers call no ATen op (raw loops on data pointers), so they need none of the
+  // caller's thread-local state that forward_samples_per_thread hands its workers.
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    if (output_mask[0]) {
+      sparse_input_gradient_samples<scalar_t>(
+          grad_input_padded.mutable_data_ptr<scalar_t>(), grad_output, argmax,
+          weight_rows.const_data_ptr<scalar_t>(), g, row_stride, sample_stride, next_sample);
+    }
+    if (output_mask[1]) {
+      sparse_weight_gradient_channels<scalar_t>(
+          grad_weight_rows.mutable_data_ptr<scalar_t>(), grad_output, argmax,
+          input_padded.const_data_ptr<scalar_t>(), g, row_stride, sample_stride, channel_chunk,
+          next_channel_chunk);
+    }
+  });
+  at::Tensor grad_input, grad_weight;
+  if (output_mask[0]) grad_input = padded_interior(grad_input_padded, input.sizes(), g.pad_h, g.pad_w);
+  if (output_mask[1]) grad_weight = grad_weight_rows.permute({0, 3, 1, 2});
   return {grad_input, grad_weight};
 }
 

@@ -422,7 +422,7 @@ def test_augmented_assignments_stay_in_place():
 
 def test_resnet_blocks_add_into_their_batch_norm_output_as_torchvision_writes():
     # BasicBlock's `out += identity`: an out-of-place add would allocate a fresh activation
-    # per block and keep one more alive.
+    # per block.
     fused = fuse_quietly(torchvision.models.resnet18(num_classes=10))
     adds = [node.target for module in fused.modules() if isinstance(module, torch.fx.GraphModule)
             for node in module.graph.nodes if node.op == "call_function" and "add" in node.target.__name__]

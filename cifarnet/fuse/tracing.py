@@ -32,8 +32,8 @@ class _Proxy(torch.fx.Proxy):
     """torch.fx's Proxy, recording augmented assignment as what it is: ``out += identity`` is
     ``operator.iadd`` in the graph, as in the module's code. torch.fx's own Proxy has no
     in-place operators, so Python falls back to ``out = out + identity``: a fused ResNet's every
-    block then adds into a fresh tensor (page faults where malloc returns freed memory) and
-    keeps one more activation alive, where the original adds into its batch norm's output."""
+    block then allocates a fresh activation for the sum (page faults where malloc returns freed
+    memory), where the original adds into its batch norm's output."""
 
 
 def _record_in_place(name: str):

@@ -127,6 +127,11 @@ def _conv_call(node: Node, root: nn.Module) -> bool:
     return node.op == "call_module" and isinstance(root.get_submodule(node.target), nn.Conv2d)
 
 
+def _node_names(nodes: tuple[Node, ...], prefix: str) -> tuple[str, ...]:
+    """A chain's names: each called module's qualified name, or a function call's node name."""
+    return tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
+
+
 def _called_module(node: Node | None, root: nn.Module) -> nn.Module | None:
     return root.get_submodule(node.target) if node is not None and node.op == "call_module" else None
 
@@ -172,7 +177,7 @@ def _graph_chains(graph: torch.fx.Graph, root: nn.Module, prefix: str, bn_relu_c
         if pool_node is None:
             continue
         nodes = tuple(node for node in (conv_node, bn_node, relu_node, pool_node) if node is not None)
-        names = tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
+        names = _node_names(nodes, prefix)
         modules = [_called_module(node, root) for node in (conv_node, bn_node, relu_node, pool_node)]
         candidate = _Candidate(names, *modules, nodes)
         candidate.reason = _graph_reason(candidate, (conv_node, bn_node), calls, prefix)
@@ -200,7 +205,7 @@ def _graph_bn_relu_convs(graph, root, prefix, calls, pooled: dict[Node, _Candida
         if conv_node is None:
             continue
         nodes = (bn_node, relu_node, conv_node)
-        names = tuple(_qualified(prefix, node.target if node.op == "call_module" else node.name) for node in nodes)
+        names = _node_names(nodes, prefix)
         bn, relu, conv = (_called_module(node, root) for node in nodes)
         candidate = _Candidate(names, conv, bn, relu, None, nodes, bn_relu_conv=True)
         candidate.reason = _graph_reason(candidate, (bn_node, conv_node), calls, prefix)

@@ -11,6 +11,7 @@
 #include "ops/cpu/batch_norm_cpu.h"
 #include "ops/cpu/cache_sizes.h"
 #include "ops/cpu/multiversion.h"
+#include "ops/cpu/winograd_convolution.h"
 
 namespace py = pybind11;
 
@@ -56,6 +57,18 @@ PYBIND11_MODULE(_C, m) {
       "_cache_sizes", [] { return cache_sizes_dict(cifarnet::ops::cache_sizes()); },
       "The cache sizes the CPU kernels size their tiles by: {'l1d_bytes', 'l2_bytes',\n"
       "'llc_bytes' (0: unknown), 'source': 'sysfs', 'default' or 'override'}.");
+  m.def(
+      "_winograd_applies",
+      [](int64_t in_channels, int64_t out_channels, int64_t height, int64_t width,
+         std::vector<int64_t> kernel, std::vector<int64_t> stride, std::vector<int64_t> padding) {
+        return cifarnet::ops::winograd_applies_to_sizes(in_channels, out_channels, height, width,
+                                                        kernel, stride, padding);
+      },
+      py::arg("in_channels"), py::arg("out_channels"), py::arg("height"), py::arg("width"),
+      py::arg("kernel"), py::arg("stride"), py::arg("padding"),
+      "Whether a float32 CPU convolution of these sizes in the batch-norm chain runs as\n"
+      "Winograd F(2x2, 5x5) on this CPU (kernel, stride, padding: [h, w]); for tests and\n"
+      "benchmarks. CIFARNET_CONV_ALGORITHM=native turns it off.");
   m.def(
       "_read_cache_sizes",
       [](const std::string& directory) {

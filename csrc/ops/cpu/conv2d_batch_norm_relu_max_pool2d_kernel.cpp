@@ -36,6 +36,7 @@
 #include "../convolution.h"
 #include "batch_norm_cpu.h"
 #include "multiversion.h"
+#include "winograd_convolution.h"
 #include "simd.h"
 
 namespace cifarnet::ops {
@@ -261,7 +262,7 @@ conv2d_batch_norm_relu_max_pool2d_training_kernel(
   check_batch_norm_eps(eps, /*training=*/true);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
 
-  const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);
+  const at::Tensor conv = cpu_channels_last_convolution(input, weight, bias, g, stride, padding);
   at::Tensor output, argmax;  // NB: not structured bindings, which C++17 lambdas cannot capture
   std::tie(output, argmax) = empty_pooled_output(input, weight, g);
   at::Tensor save_mean, save_var;
@@ -312,7 +313,7 @@ conv2d_batch_norm_relu_max_pool2d_training_backward_kernel(
       });
   at::Tensor grad_input, grad_weight, grad_bias;
   if (grad_conv.defined()) {
-    std::tie(grad_input, grad_weight, grad_bias) = convolution_grads(
+    std::tie(grad_input, grad_weight, grad_bias) = cpu_convolution_grads(
         grad_conv, input, weight, stride, padding, {output_mask[0], output_mask[1], output_mask[2]});
   }
   return {grad_input, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias};
@@ -329,7 +330,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_batch_norm_relu_max_pool2d
       input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   check_cpu(input);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor conv = channels_last_convolution(input, weight, bias, g, stride, padding);
+  const at::Tensor conv = cpu_channels_last_convolution(input, weight, bias, g, stride, padding);
   at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "conv2d_batch_norm_relu_max_pool2d_stats", [&] {
@@ -416,7 +417,7 @@ conv2d_batch_norm_relu_max_pool2d_backward_elementwise_kernel(
         channel_values<acc_t>(bn_weight, channels, 1), channel_values<acc_t>(sum_dy, channels, 0),
         channel_values<acc_t>(sum_dy_xmu, channels, 0), count);
   });
-  return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
+  return cpu_convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
 }
 
 }  // namespace

@@ -1,0 +1,373 @@
+// Winograd F(2x2, 5x5) convolution on the CPU, for the batch-norm chain's 5x5 convolutions.
+//
+// Each 2 x 2 block of outputs (a tile) comes from a 6 x 6 window of the input. Transformed
+// (V = B^T d B per input channel, U = G g G^T per filter), the tile's outputs are A^T M A with
+// M = sum over input channels of U * V elementwise: at each of the 36 points a matrix product
+// [tiles x in_channels] x [in_channels x out_channels]. That is 36 multiplies per input channel
+// for four outputs where direct convolution takes 100: 2.8x fewer, which is what lets the
+// convolutions beat oneDNN's direct ones on CPUs (AVX2) where those already run at the FMA
+// units' peak. Tiles go in blocks sized so that a block's V and M stay in the L2 cache.
+//
+// Backward: the input gradient is the same forward over the output gradient with the filters
+// flipped and transposed (padding 4 - p); the weight gradient is the adjoint of the forward:
+// dU = sum over tiles of (A dY A^T) * V, a product [in_channels x tiles] x [tiles x
+// out_channels] per point, then dW = G^T dU G.
+//
+// The transforms mix a tile's 36 inputs, so an infinity or NaN would spread over outputs whose
+// windows never saw it; any non-finite value (in or out) sends the call to oneDNN, which gives
+// native's pattern. Rounding: a few times direct convolution's in float32 (the transforms'
+// largest coefficients are 5), well inside what the ops' tests allow against float64.
+
+#include "winograd_convolution.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "../convolution.h"
+#include "cache_sizes.h"
+#include "multiversion.h"
+#include "simd.h"
+
+namespace cifarnet::ops {
+namespace {
+
+// One convolution's sizes, channels last: input [n][height][width][channels], output
+// [n][out_h][out_w][out_channels]; the padded channel counts are those of the block buffers.
+struct Geometry {
+  int64_t height, width, channels, channels_padded;
+  int64_t out_h, out_w, out_channels, out_channels_padded;
+  int64_t pad_h, pad_w, tiles_h, tiles_w;
+};
+
+// The loops, compiled for AVX2 (x86-64-v3) alone: the only class they have been measured on
+// (see winograd_applies_to_sizes). Where GCC cannot compile ISA variants, Winograd never runs.
+#if CIFARNET_HAS_ISA_VARIANTS
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace isa_avx2 {
+constexpr int kVectorRegisters = 16, kVectorRegisterBytes = 32;
+#include "winograd_loops.h"
+}  // namespace isa_avx2
+#pragma GCC pop_options
+#endif
+
+constexpr int kPoints = 36;
+
+// G (6 x 5) for the points 0, 1, -1, 2, -2 and infinity.
+constexpr double kFilterTransform[6][5] = {
+    {1.0 / 4, 0, 0, 0, 0},
+    {-1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6},
+    {-1.0 / 6, 1.0 / 6, -1.0 / 6, 1.0 / 6, -1.0 / 6},
+    {1.0 / 24, 1.0 / 12, 1.0 / 6, 1.0 / 3, 2.0 / 3},
+    {1.0 / 24, -1.0 / 12, 1.0 / 6, -1.0 / 3, 2.0 / 3},
+    {0, 0, 0, 0, 1},
+};
+
+int64_t round_up(int64_t value, int64_t multiple) {
+  return (value + multiple - 1) / multiple * multiple;
+}
+
+// Floats per vector of the loops (AVX2).
+constexpr int64_t kLanes = 8;
+
+// What CIFARNET_CONV_ALGORITHM asks for.
+enum class Algorithm { automatic, winograd, native };
+
+Algorithm requested_algorithm() {
+  const char* value = std::getenv("CIFARNET_CONV_ALGORITHM");
+  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) {
+    return Algorithm::automatic;
+  }
+  if (std::strcmp(value, "winograd") == 0) return Algorithm::winograd;
+  if (std::strcmp(value, "native") == 0) return Algorithm::native;
+  TORCH_CHECK_VALUE(false, "CIFARNET_CONV_ALGORITHM must be auto, winograd or native, got '",
+                    value, "'");
+}
+
+Geometry make_geometry(const at::Tensor& input, int64_t out_channels, at::IntArrayRef padding) {
+  const int64_t lanes = kLanes;
+  Geometry g{};
+  g.height = input.size(2), g.width = input.size(3);
+  g.channels = input.size(1), g.channels_padded = round_up(g.channels, lanes);
+  g.pad_h = padding[0], g.pad_w = padding[1];
+  g.out_h = g.height + 2 * g.pad_h - 4, g.out_w = g.width + 2 * g.pad_w - 4;
+  g.out_channels = out_channels, g.out_channels_padded = round_up(out_channels, 2 * lanes);
+  g.tiles_h = (g.out_h + 1) / 2, g.tiles_w = (g.out_w + 1) / 2;
+  return g;
+}
+
+// Tiles per block: as many (a multiple of 12, the register blocks' rows) as keep the block's two
+// buffers within two thirds of one core's L2 (the rest: the filters being multiplied, the
+// input rows being transformed). On a Zen 3 (512 KiB L2) the study's conv2 and conv3 ran
+// fastest at 24 and 12 tiles, which this gives; half the L2 (12, 12) and 48 or more tiles
+// were up to 20% slower.
+int64_t block_tiles(const Geometry& g) {
+  const int64_t bytes_per_tile =
+      kPoints * (g.channels_padded + g.out_channels_padded) * static_cast<int64_t>(sizeof(float));
+  return std::max<int64_t>(12, cache_sizes().l2_bytes * 2 / 3 / bytes_per_tile / 12 * 12);
+}
+
+// A buffer of `size` floats, 64-byte aligned (the CPU allocator's alignment, as the loops'
+// aligned vector accesses need).
+at::Tensor float_buffer(int64_t size) { return at::empty({size}, at::kFloat); }
+
+// U[point][c][k_padded] = (G w[k][c] G^T)[point], zero in the padding channels.
+at::Tensor transform_filters(const at::Tensor& weight, const Geometry& g) {
+  const at::Tensor w = weight.contiguous();
+  const float* data = w.data_ptr<float>();
+  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
+  at::Tensor buffer = at::zeros({kPoints * c_pad * k_pad}, at::kFloat);
+  float* u = buffer.data_ptr<float>();
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      for (int64_t c = 0; c < g.channels; ++c) {
+        const float* filter = data + (k * g.channels + c) * 25;
+        double rows[6][5];  // G w
+        for (int a = 0; a < 6; ++a) {
+          for (int v = 0; v < 5; ++v) {
+            double sum = 0;
+            for (int i = 0; i < 5; ++i) sum += kFilterTransform[a][i] * filter[i * 5 + v];
+            rows[a][v] = sum;
+          }
+        }
+        for (int a = 0; a < 6; ++a) {
+          for (int b = 0; b < 6; ++b) {
+            double sum = 0;
+            for (int v = 0; v < 5; ++v) sum += rows[a][v] * kFilterTransform[b][v];
+            u[((a * 6 + b) * c_pad + c) * k_pad + k] = static_cast<float>(sum);
+          }
+        }
+      }
+    }
+  });
+  return buffer;
+}
+
+// dW[k][c] = G^T dU[.][c][k] G, as a contiguous [out_channels][channels][5][5] tensor.
+at::Tensor transform_filter_gradients(const double* grad_u, const Geometry& g,
+                                      const at::TensorOptions& options) {
+  at::Tensor grad_weight = at::empty({g.out_channels, g.channels, 5, 5}, options);
+  float* out = grad_weight.data_ptr<float>();
+  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
+  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      for (int64_t c = 0; c < g.channels; ++c) {
+        double rows[5][6];  // G^T dU
+        for (int u = 0; u < 5; ++u) {
+          for (int b = 0; b < 6; ++b) {
+            double sum = 0;
+            for (int a = 0; a < 6; ++a) {
+              sum += kFilterTransform[a][u] * grad_u[((a * 6 + b) * c_pad + c) * k_pad + k];
+            }
+            rows[u][b] = sum;
+          }
+        }
+        float* filter = out + (k * g.channels + c) * 25;
+        for (int u = 0; u < 5; ++u) {
+          for (int v = 0; v < 5; ++v) {
+            double sum = 0;
+            for (int b = 0; b < 6; ++b) sum += rows[u][b] * kFilterTransform[b][v];
+            filter[u * 5 + v] = static_cast<float>(sum);
+          }
+        }
+      }
+    }
+  });
+  return grad_weight;
+}
+
+#if CIFARNET_HAS_ISA_VARIANTS
+// The convolution, channels last; nullopt where a value was not finite.
+std::optional<at::Tensor> winograd_forward(const at::Tensor& input, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           at::IntArrayRef padding) {
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Geometry g = make_geometry(x, weight.size(0), padding);
+  const at::Tensor u = transform_filters(weight, g);
+  std::vector<float> padded_bias;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor b = bias->contiguous();
+    padded_bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + g.out_channels);
+    padded_bias.resize(g.out_channels_padded, 0.0f);
+  }
+  at::Tensor output = at::empty({x.size(0), g.out_channels, g.out_h, g.out_w},
+                                x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
+  const int64_t blocks = (tiles + rows - 1) / rows;
+  const float* in = x.data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  std::atomic<bool> not_finite{false};
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor v = float_buffer(kPoints * rows * g.channels_padded);
+    const at::Tensor m = float_buffer(kPoints * rows * g.out_channels_padded);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * rows, count = std::min(rows, tiles - first);
+      bool block_not_finite = false;
+      isa_avx2::winograd::forward_block(in, u.data_ptr<float>(),
+                                        padded_bias.empty() ? nullptr : padded_bias.data(), g,
+                                        first, count, rows, v.data_ptr<float>(),
+                                        m.data_ptr<float>(), out, &block_not_finite);
+      if (block_not_finite) not_finite = true;
+    }
+  });
+  if (not_finite) return std::nullopt;
+  return output;
+}
+
+// Tiles whose products are summed in float before the sum goes into the double one: a float
+// running sum over thousands of tiles lost digits enough to miss the bound the ops' tests set
+// against native (ten times native's error in the study's conv2 weight gradient), and adding
+// every block (12-24 tiles) into double took half as long as the products themselves.
+constexpr int64_t kTilesPerFloatSum = 96;
+
+// The weight gradient, contiguous; nullopt where a value was not finite. Each thread sums its
+// blocks' products (in double, see kTilesPerFloatSum), then the threads' sums are added in
+// thread order.
+std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output,
+                                                   const at::Tensor& input,
+                                                   at::IntArrayRef padding) {
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const Geometry g = make_geometry(x, dy.size(1), padding);
+  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
+  const int64_t blocks = (tiles + rows - 1) / rows;
+  const int64_t blocks_per_float_sum = std::max<int64_t>(1, kTilesPerFloatSum / rows);
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t sum_size = kPoints * g.channels_padded * g.out_channels_padded;
+  std::vector<at::Tensor> sums(chunks);
+  const float* in = x.data_ptr<float>();
+  const float* grad = dy.data_ptr<float>();
+  std::atomic<bool> not_finite{false};
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    const at::Tensor v = float_buffer(kPoints * rows * g.channels_padded);
+    const at::Tensor e = float_buffer(kPoints * rows * g.out_channels_padded);
+    const at::Tensor products = float_buffer(sum_size);
+    float* product_sum = products.data_ptr<float>();
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      sums[chunk] = at::zeros({sum_size}, at::kDouble);
+      const int64_t begin = blocks * chunk / chunks, end = blocks * (chunk + 1) / chunks;
+      for (int64_t block = begin; block < end; ++block) {
+        const int64_t first = block * rows, count = std::min(rows, tiles - first);
+        const bool starts_sum = (block - begin) % blocks_per_float_sum == 0;
+        const bool ends_sum = (block - begin + 1) % blocks_per_float_sum == 0 || block + 1 == end;
+        bool block_not_finite = false;
+        isa_avx2::winograd::weight_gradient_block(in, grad, g, first, count, v.data_ptr<float>(),
+                                                  e.data_ptr<float>(), product_sum,
+                                                  /*accumulate=*/!starts_sum, &block_not_finite);
+        if (block_not_finite) not_finite = true;
+        if (ends_sum) {
+          isa_avx2::winograd::add_products(product_sum, sum_size, sums[chunk].data_ptr<double>());
+        }
+      }
+    }
+  });
+  if (not_finite) return std::nullopt;
+  for (int64_t chunk = 1; chunk < chunks; ++chunk) sums[0] += sums[chunk];
+  at::Tensor grad_weight = transform_filter_gradients(sums[0].data_ptr<double>(), g, x.options());
+  if (!grad_weight.isfinite().all().item<bool>()) return std::nullopt;
+  return grad_weight;
+}
+
+// The input gradient: the forward over the output gradient with the filters flipped and their
+// channel axes swapped, padded by 4 - p.
+std::optional<at::Tensor> winograd_input_gradient(const at::Tensor& grad_output,
+                                                  const at::Tensor& weight,
+                                                  at::IntArrayRef padding) {
+  const at::Tensor flipped = weight.flip({2, 3}).transpose(0, 1);
+  const std::array<int64_t, 2> adjoint_padding{4 - padding[0], 4 - padding[1]};
+  return winograd_forward(grad_output, flipped, std::nullopt, adjoint_padding);
+}
+
+#endif  // CIFARNET_HAS_ISA_VARIANTS
+
+}  // namespace
+
+bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t height,
+                               int64_t width, at::IntArrayRef kernel, at::IntArrayRef stride,
+                               at::IntArrayRef padding) {
+  if (!CIFARNET_HAS_ISA_VARIANTS) return false;
+  // By default on the AVX2 class (no AVX-512, or capped at it with CIFARNET_CPU_ISA=avx2),
+  // where oneDNN's direct convolutions already run at the FMA units' peak and Winograd was
+  // measured faster; CIFARNET_CONV_ALGORITHM=winograd also runs it on AVX-512 CPUs (with these
+  // AVX2 loops; not measured there yet), =native never.
+  switch (requested_algorithm()) {
+    case Algorithm::native:
+      return false;
+    case Algorithm::winograd:
+      if (cpu_isa() != CpuIsa::avx2 && cpu_isa() != CpuIsa::avx512) return false;
+      break;
+    case Algorithm::automatic:
+      if (cpu_isa() != CpuIsa::avx2) return false;
+      break;
+  }
+  if (kernel[0] != 5 || kernel[1] != 5 || stride[0] != 1 || stride[1] != 1 || padding[0] < 0 ||
+      padding[1] < 0 || padding[0] > 4 || padding[1] > 4) {
+    return false;
+  }
+  // Every filter element meets the image somewhere (height + padding >= 5): the transforms
+  // spread rounding over the whole filter, which would leave a few ulps of the filter's scale
+  // in gradients that are exactly zero (elements that only ever meet padding); such inputs
+  // are a few pixels across, where direct convolution is as fast.
+  if (height + padding[0] < 5 || width + padding[1] < 5) return false;
+  // Multiplies per four outputs: 36 per (padded) channel pair against direct's 100, in both
+  // directions (the input gradient swaps the channel counts). The other half pays for the
+  // transforms.
+  const auto pays = [&](int64_t in, int64_t out) {
+    return 2 * 36 * round_up(in, kLanes) * round_up(out, 2 * kLanes) <= 100 * in * out;
+  };
+  return pays(channels, out_channels) && pays(out_channels, channels);
+}
+
+bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
+                      at::IntArrayRef padding) {
+  if (input.device().type() != at::kCPU || input.scalar_type() != at::kFloat ||
+      weight.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
+      weight.size(1) != input.size(1)) {
+    return false;
+  }
+  return winograd_applies_to_sizes(input.size(1), weight.size(0), input.size(2), input.size(3),
+                                   {weight.size(2), weight.size(3)}, stride, padding);
+}
+
+at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias,
+                                         const ConvPoolGeometry& g, at::IntArrayRef stride,
+                                         at::IntArrayRef padding) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if (g.batch > 0 && winograd_applies(input, weight, stride, padding)) {
+    if (auto output = winograd_forward(input, weight, bias, padding)) return *output;
+  }
+#endif
+  return channels_last_convolution(input, weight, bias, g, stride, padding);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_convolution_grads(
+    const at::Tensor& grad_conv, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, std::array<bool, 3> output_mask) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if (input.size(0) == 0 || !winograd_applies(input, weight, stride, padding)) {
+    return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
+  }
+  std::optional<at::Tensor> grad_input, grad_weight;
+  if (output_mask[0]) grad_input = winograd_input_gradient(grad_conv, weight, padding);
+  if (output_mask[1]) grad_weight = winograd_weight_gradient(grad_conv, input, padding);
+  if ((output_mask[0] && !grad_input) || (output_mask[1] && !grad_weight)) {
+    return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
+  }
+  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  at::Tensor grad_bias;
+  if (output_mask[2]) grad_bias = grad_conv.sum({0, 2, 3});
+  return {grad_input ? grad_input->contiguous(format) : at::Tensor(),
+          grad_weight ? grad_weight->contiguous(format) : at::Tensor(), grad_bias};
+#else
+  return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
+#endif
+}
+
+}  // namespace cifarnet::ops

@@ -1,0 +1,332 @@
+// Loops of the Winograd F(2x2, 5x5) convolution (see winograd_convolution.cpp): the input,
+// output-gradient and output transforms of one block of tiles, vectorised over channels, and
+// the register-blocked matrix product that multiplies the transformed tiles by the
+// transformed filters at each of the 36 points. Included inside an ISA namespace that defines
+// kVectorRegisters and kVectorRegisterBytes (so: no include guard, no includes), for AVX2
+// today; written for any width.
+//
+// Buffers of one block: V[point][tile][in_padded], M[point][tile][out_padded], every row a
+// multiple of kLanes floats (zero in the padding channels), so that the product runs on whole
+// vectors, and 64-byte aligned: GCC's generic tuning splits unaligned 32-byte loads and stores
+// in two, which cost the product's accumulators a fifth of its time on AVX2.
+
+namespace winograd {
+
+using Vec = simd::RegisterVec<kVectorRegisterBytes, float>;
+using vfloat = Vec::type;
+constexpr int kLanes = Vec::lanes;
+constexpr int kPoints = 36;  // 6 x 6 transformed values per tile
+// The product's register block: kGemmRows rows by two vectors, plus two loads and a broadcast
+// (AVX2: 12 + 3 of 16 registers; AVX-512: 24 + 3 of 32).
+constexpr int kGemmRows = kVectorRegisters >= 32 ? 12 : 6;
+constexpr int kGemmCols = 2 * kLanes;
+
+// x in every lane (x - 0 is x for every x, -0 and NaN included, so this is a bare broadcast;
+// 0 + x would keep an add, which turns -0 into +0).
+typedef vfloat aligned_vfloat __attribute__((may_alias));
+
+// A vector at p, which is vector aligned (a block buffer's row).
+inline __attribute__((always_inline)) void load_aligned(vfloat& v, const float* p) {
+  v = *reinterpret_cast<const aligned_vfloat*>(p);
+}
+
+inline __attribute__((always_inline)) void store_aligned(float* p, vfloat v) {
+  *reinterpret_cast<aligned_vfloat*>(p) = v;
+}
+
+inline __attribute__((always_inline)) vfloat splat(float x) { return x - vfloat{}; }
+
+// B^T d for one line of six inputs (interpolation points 0, 1, -1, 2, -2 and infinity; the
+// integer points keep the input transform exact in the low bits).
+inline __attribute__((always_inline)) void input_line(const vfloat* d, vfloat* v) {
+  const vfloat d4_minus_4d2 = d[4] - 4.0f * d[2];
+  const vfloat d3_minus_4d1 = d[3] - 4.0f * d[1];
+  const vfloat d4_minus_d2 = d[4] - d[2];
+  const vfloat d3_minus_d1 = 2.0f * (d[3] - d[1]);
+  v[0] = 4.0f * d[0] - 5.0f * d[2] + d[4];
+  v[1] = d4_minus_4d2 + d3_minus_4d1;
+  v[2] = d4_minus_4d2 - d3_minus_4d1;
+  v[3] = d4_minus_d2 + d3_minus_d1;
+  v[4] = d4_minus_d2 - d3_minus_d1;
+  v[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
+}
+
+// A M for one line of six transformed values: the two outputs.
+inline __attribute__((always_inline)) void output_line(const vfloat* m, vfloat& y0, vfloat& y1) {
+  const vfloat sum12 = m[1] + m[2], diff12 = m[1] - m[2];
+  const vfloat sum34 = m[3] + m[4], diff34 = m[3] - m[4];
+  y0 = m[0] + sum12 + sum34;
+  y1 = diff12 + 2.0f * diff34 + m[5];
+}
+
+// A^T e for one line of two output gradients: the six transformed values (the adjoint of
+// output_line).
+inline __attribute__((always_inline)) void gradient_line(vfloat e0, vfloat e1, vfloat* e) {
+  const vfloat twice = 2.0f * e1;
+  e[0] = e0;
+  e[1] = e0 + e1;
+  e[2] = e0 - e1;
+  e[3] = e0 + twice;
+  e[4] = e0 - twice;
+  e[5] = e1;
+}
+
+// kLanes channels from `p` (`count` of them; the rest zero).
+inline __attribute__((always_inline)) vfloat load_channels(const float* p, int64_t count) {
+  vfloat v;
+  if (count >= kLanes) {
+    simd::load(v, p);
+  } else {
+    v = vfloat{};
+    std::memcpy(&v, p, count * sizeof(float));
+  }
+  return v;
+}
+
+inline __attribute__((always_inline)) void store_channels(float* p, vfloat v, int64_t count) {
+  if (count >= kLanes) {
+    simd::store(p, v);
+  } else {
+    std::memcpy(p, &v, count * sizeof(float));
+  }
+}
+
+// One tile's place in a channels-last image: its top-left input position (possibly in the
+// padding) and how many of its 2 x 2 outputs exist.
+struct TileOrigin {
+  const float* image;  // sample n's first element
+  int64_t y, x;        // input row and column of the tile's first input (output row/col - pad)
+  int64_t oy, ox;      // its first output's row and column
+};
+
+inline TileOrigin tile_origin(const float* input, const Geometry& g, int64_t tile) {
+  const int64_t per_image = g.tiles_h * g.tiles_w;
+  const int64_t n = tile / per_image, rest = tile % per_image;
+  const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
+  return {input + n * g.height * g.width * g.channels, oy - g.pad_h, ox - g.pad_w, oy, ox};
+}
+
+// V for `count` tiles from `first`: each tile's 6 x 6 inputs (zero outside the image)
+// transformed, at v[point * rows * channels_padded + tile * channels_padded + c]. Returns a
+// vector that is non-zero (NaN) where an input was not finite.
+inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t first,
+                               int64_t count, int64_t rows, float* v) {
+  const int64_t point_stride = rows * g.channels_padded;
+  vfloat not_finite{};
+  for (int64_t i = 0; i < count; ++i) {
+    const TileOrigin t = tile_origin(input, g, first + i);
+    bool row_in[6], col_in[6];
+    for (int k = 0; k < 6; ++k) {
+      row_in[k] = t.y + k >= 0 && t.y + k < g.height;
+      col_in[k] = t.x + k >= 0 && t.x + k < g.width;
+    }
+    for (int64_t c = 0; c < g.channels_padded; c += kLanes) {
+      const int64_t valid = g.channels - c;
+      vfloat rows_done[6][6];  // B^T applied along each row: rows_done[row][point]
+      for (int r = 0; r < 6; ++r) {
+        vfloat d[6];
+        for (int k = 0; k < 6; ++k) {
+          d[k] = row_in[r] && col_in[k]
+                     ? load_channels(t.image + ((t.y + r) * g.width + t.x + k) * g.channels + c,
+                                     valid)
+                     : vfloat{};
+          not_finite += d[k] * 0.0f;
+        }
+        input_line(d, rows_done[r]);
+      }
+      for (int b = 0; b < 6; ++b) {
+        const vfloat column[6] = {rows_done[0][b], rows_done[1][b], rows_done[2][b],
+                                  rows_done[3][b], rows_done[4][b], rows_done[5][b]};
+        vfloat out[6];
+        input_line(column, out);
+        for (int a = 0; a < 6; ++a) {
+          store_aligned(v + (a * 6 + b) * point_stride + i * g.channels_padded + c, out[a]);
+        }
+      }
+    }
+  }
+  return not_finite;
+}
+
+// The output gradients of `count` tiles transformed (A^T e A, the adjoint of the output
+// transform; zero for outputs past the edge), at e[point * count * out_padded + ...].
+inline vfloat transform_output_gradients(const float* grad_output, const Geometry& g,
+                                         int64_t first, int64_t count, float* e) {
+  const int64_t point_stride = count * g.out_channels_padded;
+  const int64_t per_image = g.tiles_h * g.tiles_w;
+  vfloat not_finite{};
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t tile = first + i, n = tile / per_image, rest = tile % per_image;
+    const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
+    const float* image = grad_output + n * g.out_h * g.out_w * g.out_channels;
+    const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
+    for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
+      const int64_t valid = g.out_channels - c;
+      const float* p = image + (oy * g.out_w + ox) * g.out_channels + c;
+      const vfloat y00 = load_channels(p, valid);
+      const vfloat y01 = col1 ? load_channels(p + g.out_channels, valid) : vfloat{};
+      const vfloat y10 = row1 ? load_channels(p + g.out_w * g.out_channels, valid) : vfloat{};
+      const vfloat y11 =
+          row1 && col1 ? load_channels(p + (g.out_w + 1) * g.out_channels, valid) : vfloat{};
+      not_finite += (y00 + y01 + y10 + y11) * 0.0f;
+      vfloat row0[6], row1_points[6];
+      gradient_line(y00, y01, row0);
+      gradient_line(y10, y11, row1_points);
+      for (int b = 0; b < 6; ++b) {
+        vfloat column[6];
+        gradient_line(row0[b], row1_points[b], column);
+        for (int a = 0; a < 6; ++a) {
+          store_aligned(e + (a * 6 + b) * point_stride + i * g.out_channels_padded + c, column[a]);
+        }
+      }
+    }
+  }
+  return not_finite;
+}
+
+// The outputs of `count` tiles from M (A^T M A plus the bias), written where they exist.
+// Returns a vector that is non-zero (NaN) where an output is not finite.
+inline vfloat transform_outputs(const float* m, int64_t rows, const float* bias,
+                                const Geometry& g, int64_t first, int64_t count, float* output) {
+  const int64_t point_stride = rows * g.out_channels_padded;
+  const int64_t per_image = g.tiles_h * g.tiles_w;
+  vfloat not_finite{};
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t tile = first + i, n = tile / per_image, rest = tile % per_image;
+    const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
+    float* image = output + n * g.out_h * g.out_w * g.out_channels;
+    const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
+    for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
+      const int64_t valid = g.out_channels - c;
+      vfloat reduced0[6], reduced1[6];  // A^T applied along each point row
+      for (int a = 0; a < 6; ++a) {
+        vfloat line[6];
+        for (int b = 0; b < 6; ++b) {
+          load_aligned(line[b], m + (a * 6 + b) * point_stride + i * g.out_channels_padded + c);
+        }
+        output_line(line, reduced0[a], reduced1[a]);
+      }
+      const vfloat b = bias != nullptr ? load_channels(bias + c, valid) : vfloat{};
+      vfloat y00, y10, y01, y11;
+      output_line(reduced0, y00, y10);
+      output_line(reduced1, y01, y11);
+      y00 += b, y01 += b, y10 += b, y11 += b;
+      not_finite += (y00 + y01 + y10 + y11) * 0.0f;
+      float* p = image + (oy * g.out_w + ox) * g.out_channels + c;
+      store_channels(p, y00, valid);
+      if (col1) store_channels(p + g.out_channels, y01, valid);
+      if (row1) store_channels(p + g.out_w * g.out_channels, y10, valid);
+      if (row1 && col1) store_channels(p + (g.out_w + 1) * g.out_channels, y11, valid);
+    }
+  }
+  return not_finite;
+}
+
+// c[rows x kGemmCols] (=|+=) a[rows x depth] b[depth x kGemmCols], a's element (r, k) at
+// a[r * a_row + k * a_depth], b's rows b_row apart, c's rows c_row apart.
+template <int rows>
+inline __attribute__((always_inline)) void gemm_block(const float* a, int64_t a_row,
+                                                      int64_t a_depth, const float* b,
+                                                      int64_t b_row, float* c, int64_t c_row,
+                                                      int64_t depth, bool accumulate) {
+  vfloat acc[rows][2];
+  for (int r = 0; r < rows; ++r) {
+    if (accumulate) {
+      load_aligned(acc[r][0], c + r * c_row);
+      load_aligned(acc[r][1], c + r * c_row + kLanes);
+    } else {
+      acc[r][0] = acc[r][1] = vfloat{};
+    }
+  }
+  for (int64_t k = 0; k < depth; ++k) {
+    vfloat b0, b1;
+    load_aligned(b0, b + k * b_row);
+    load_aligned(b1, b + k * b_row + kLanes);
+    const float* column = a + k * a_depth;
+    for (int r = 0; r < rows; ++r) {
+      const vfloat s = splat(column[r * a_row]);
+      acc[r][0] += s * b0;
+      acc[r][1] += s * b1;
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    store_aligned(c + r * c_row, acc[r][0]);
+    store_aligned(c + r * c_row + kLanes, acc[r][1]);
+  }
+}
+
+// The last 1 to kGemmRows - 1 rows.
+template <int rows = kGemmRows - 1>
+inline void gemm_tail(int64_t count, const float* a, int64_t a_row, int64_t a_depth,
+                      const float* b, int64_t b_row, float* c, int64_t c_row, int64_t depth,
+                      bool accumulate) {
+  if constexpr (rows > 0) {
+    if (count == rows) {
+      gemm_block<rows>(a, a_row, a_depth, b, b_row, c, c_row, depth, accumulate);
+    } else {
+      gemm_tail<rows - 1>(count, a, a_row, a_depth, b, b_row, c, c_row, depth, accumulate);
+    }
+  }
+}
+
+// c[rows x cols] (=|+=) a[rows x depth] b[depth x cols], cols a multiple of kGemmCols.
+inline void gemm(int64_t rows, int64_t cols, int64_t depth, const float* a, int64_t a_row,
+                 int64_t a_depth, const float* b, int64_t b_row, float* c, int64_t c_row,
+                 bool accumulate) {
+  for (int64_t col = 0; col < cols; col += kGemmCols) {
+    int64_t r = 0;
+    for (; r + kGemmRows <= rows; r += kGemmRows) {
+      gemm_block<kGemmRows>(a + r * a_row, a_row, a_depth, b + col, b_row, c + r * c_row + col,
+                            c_row, depth, accumulate);
+    }
+    if (r < rows) {
+      gemm_tail(rows - r, a + r * a_row, a_row, a_depth, b + col, b_row, c + r * c_row + col,
+                c_row, depth, accumulate);
+    }
+  }
+}
+
+inline bool any_lane(vfloat v) {
+  for (int i = 0; i < kLanes; ++i) {
+    if (v[i] != 0.0f) return true;
+  }
+  return false;
+}
+
+// One block of the forward: `count` tiles from `first`, through buffers v and m of `rows`
+// (>= count) tiles. u: the transformed filters, u[point][c][k_padded]. Sets *not_finite where
+// an input or output value was not finite.
+inline void forward_block(const float* input, const float* u, const float* bias,
+                          const Geometry& g, int64_t first, int64_t count, int64_t rows, float* v,
+                          float* m, float* output, bool* not_finite) {
+  vfloat flag = transform_inputs(input, g, first, count, rows, v);
+  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
+  for (int point = 0; point < kPoints; ++point) {
+    gemm(count, k_pad, c_pad, v + point * rows * c_pad, c_pad, 1, u + point * c_pad * k_pad,
+         k_pad, m + point * rows * k_pad, k_pad, /*accumulate=*/false);
+  }
+  flag += transform_outputs(m, rows, bias, g, first, count, output);
+  *not_finite = any_lane(flag);
+}
+
+// One block of the weight gradient: products[point][c][k_padded] (=|+=) the sum over the
+// block's tiles of V[point][tile][c] E[point][tile][k] (v and e hold `count` tiles).
+inline void weight_gradient_block(const float* input, const float* grad_output,
+                                  const Geometry& g, int64_t first, int64_t count, float* v,
+                                  float* e, float* products, bool accumulate, bool* not_finite) {
+  vfloat flag = transform_inputs(input, g, first, count, count, v);
+  flag += transform_output_gradients(grad_output, g, first, count, e);
+  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
+  for (int point = 0; point < kPoints; ++point) {
+    gemm(c_pad, k_pad, count, v + point * count * c_pad, 1, c_pad, e + point * count * k_pad,
+         k_pad, products + point * c_pad * k_pad, k_pad, accumulate);
+  }
+  *not_finite = any_lane(flag);
+}
+
+// sum += products, in double.
+inline void add_products(const float* products, int64_t size, double* sum) {
+  for (int64_t i = 0; i < size; ++i) sum[i] += products[i];
+}
+
+}  // namespace winograd

@@ -11,12 +11,17 @@ Phases (the private phase ops synchronized batch norm calls, each a whole op):
   reduce                    the backward's two per-channel sums over the argmax hits
   elementwise               the convolution output's gradient (no convolution backward)
   fused fwd / fused bwd     the whole fused forward / backward op
+  winograd fwd / bwd        the same with the convolutions as Winograd F(2x2, 5x5) where the
+                            op uses it (conv2 and conv3 on the AVX2 class; "-" elsewhere)
+Everything but the last two runs with CIFARNET_CONV_ALGORITHM=native (oneDNN's convolutions).
 Medians of --repeats calls; the machine's noise shows in the spread between runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
 
@@ -24,8 +29,23 @@ import torch
 import torch.nn.functional as F
 
 import cifarnet
+from cifarnet import _C
 
 LAYERS = [(3, 32, 28), (32, 64, 14), (64, 64, 7)]  # (in channels, out channels, input side) of the `full` ConvNet on 28x28 crops
+
+
+@contextlib.contextmanager
+def conv_algorithm(name: str):
+    """CIFARNET_CONV_ALGORITHM=name inside the block (the ops read it at each call)."""
+    previous = os.environ.get("CIFARNET_CONV_ALGORITHM")
+    os.environ["CIFARNET_CONV_ALGORITHM"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["CIFARNET_CONV_ALGORITHM"]
+        else:
+            os.environ["CIFARNET_CONV_ALGORITHM"] = previous
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -46,7 +66,26 @@ def time_layer(index: int, batch: int, dtype: torch.dtype, repeats: int) -> dict
     x = torch.randn(batch, cin, side, side, dtype=dtype).to(memory_format=cl)
     w = torch.randn(cout, cin, 5, 5, dtype=dtype).to(memory_format=cl)
     b, gamma, beta = torch.randn(cout, dtype=dtype), torch.ones(cout, dtype=dtype), torch.zeros(cout, dtype=dtype)
-    geometry = ([1, 1], [2, 2], [2, 2], [2, 2], index == 2)  # stride, padding, pool, pool stride, ceil (pool3)
+    geometry = ([1, 1], [2, 2], [2, 2], [2, 2], index == 2, [0, 0])  # stride, padding, pool, pool stride, ceil (pool3), pool padding
+    with conv_algorithm("native"):
+        t = time_phases(ops, index, x, w, b, gamma, beta, geometry, repeats)
+    applies = dtype == torch.float32 and _C._winograd_applies(cin, cout, side, side, [5, 5], [1, 1], [2, 2])
+    if applies:
+        t["winograd fwd"] = median_ms(lambda: ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry), repeats)
+        out, argmax, conv, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry)
+        grad = torch.randn_like(out)
+        t["winograd bwd"] = median_ms(
+            lambda: ops._conv2d_batch_norm_relu_max_pool2d_training_backward(
+                grad, x, w, conv, mean, var, gamma, argmax, 1e-5, *geometry, [True, True, True, True, True]
+            ),
+            repeats,
+        )
+    return t
+
+
+def time_phases(ops, index, x, w, b, gamma, beta, geometry, repeats) -> dict[str, float]:
+    """The native convolution and each phase of the fused op, as the module docstring lists."""
+    batch, cout, side = x.shape[0], w.shape[0], x.shape[-1]
     out, argmax, conv, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry)
     grad = torch.randn_like(out)
     sum_g, sum_gx = ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad, x, w, conv, mean, argmax, *geometry)
@@ -95,6 +134,11 @@ def main() -> None:
     for index in range(len(LAYERS)):
         t = time_layer(index, args.batch_size, getattr(torch, args.dtype), args.repeats)
         print(f"conv{index + 1}  " + "  ".join(f"{name} {ms:.2f}" for name, ms in t.items()))
+        if "winograd fwd" in t:
+            print(
+                f"       Winograd vs oneDNN, whole fused op: forward {t['fused fwd'] / t['winograd fwd']:.2f}x, "
+                f"backward {t['fused bwd'] / t['winograd bwd']:.2f}x"
+            )
 
 
 if __name__ == "__main__":

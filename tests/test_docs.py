@@ -160,12 +160,15 @@ def test_readme_speed_ratios_are_those_of_the_benchmark_files():
     steps = load("docs/train_steps_cpu.json")["results"]
     fastest_fp32 = min(steps[name]["median_ms"] for name in ("native-fp32", "native-fp32-cl", "native-fp32-compile"))
     assert fastest_fp32 == steps["native-fp32-compile"]["median_ms"], "the README names torch.compile as the fastest"
+    avx2_runs = [run["results"] for run in load("docs/train_steps_avx2_winograd.json")["runs"]]
+    assert all(run["best_native"] == "native-fp32-cl" for run in load("docs/train_steps_avx2_winograd.json")["runs"])
     convnet = {dtype: load(f"docs/bench_convnet_{dtype}.json")["results"][0] for dtype in ("float32", "bfloat16")}
     cpu = three_layers("docs/bench.json", "conv2d_batch_norm_relu_max_pool2d")
     gpu = three_layers("docs/gpu/h200_bench_float32.json", "conv2d_batch_norm_relu_max_pool2d")
     expected = [  # (file, fused vs native, saved ratio)
         ("docs/train_steps_cpu.json", steps["fused-bf16-cl"]["speedup_vs_best_native"], None),
         ("docs/train_steps_cpu.json", fastest_fp32 / steps["fused-fp32-cl"]["median_ms"], None),
+        ("docs/train_steps_avx2_winograd.json", min(run["fused-fp32-cl"]["speedup_vs_best_native"] for run in avx2_runs), None),
         ("docs/bench_convnet_float32.json", convnet["float32"]["speedup"], convnet["float32"]["saved_ratio"]),
         ("docs/bench_convnet_bfloat16.json", convnet["bfloat16"]["speedup"], convnet["bfloat16"]["saved_ratio"]),
         ("docs/bench.json", cpu["speedup"]["forward_backward"]["fused"], cpu["saved_ratio"]),

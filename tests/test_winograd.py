@@ -221,3 +221,26 @@ def test_study_layers_run_winograd_but_not_conv1():
 )
 def test_geometries_winograd_does_not_cover_are_refused(kernel, stride, padding, size):
     assert not _C._winograd_applies(64, 64, *size, list(kernel), list(stride), list(padding))
+
+
+@requires_winograd
+@pytest.mark.parametrize("input_channels_last", [False, True])
+@pytest.mark.parametrize("weight_channels_last", [False, True])
+def test_gradients_take_native_layouts(input_channels_last, weight_channels_last):
+    """The Winograd gradients are laid out as native conv2d's (channels last where the input or
+    the weight is), as the oneDNN path gives them."""
+    generator = torch.Generator().manual_seed(2)
+    input = torch.randn(2, 32, 9, 9, generator=generator)
+    weight = torch.randn(48, 32, 5, 5, generator=generator)
+    if input_channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    if weight_channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    leaves = [input.clone().requires_grad_(), weight.clone().requires_grad_()]
+    out = conv2d_batch_norm_relu_max_pool2d(*leaves, None, None, None, None, None, training=True, padding=2, pool_size=2)
+    grads = torch.autograd.grad(out, leaves, torch.randn_like(out))
+    native_leaves = [input.clone().requires_grad_(), weight.clone().requires_grad_()]
+    native = F.conv2d(*native_leaves, padding=2)
+    native_grads = torch.autograd.grad(native, native_leaves, torch.randn_like(native))
+    for ours, theirs in zip(grads, native_grads):
+        assert ours.stride() == theirs.stride()

@@ -59,16 +59,6 @@ constexpr int kVectorRegisters = 16, kVectorRegisterBytes = 32;
 
 constexpr int kPoints = 36;
 
-// G (6 x 5) for the points 0, 1, -1, 2, -2 and infinity.
-constexpr double kFilterTransform[6][5] = {
-    {1.0 / 4, 0, 0, 0, 0},
-    {-1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6},
-    {-1.0 / 6, 1.0 / 6, -1.0 / 6, 1.0 / 6, -1.0 / 6},
-    {1.0 / 24, 1.0 / 12, 1.0 / 6, 1.0 / 3, 2.0 / 3},
-    {1.0 / 24, -1.0 / 12, 1.0 / 6, -1.0 / 3, 2.0 / 3},
-    {0, 0, 0, 0, 1},
-};
-
 int64_t round_up(int64_t value, int64_t multiple) {
   return (value + multiple - 1) / multiple * multiple;
 }
@@ -117,79 +107,19 @@ int64_t block_tiles(const Geometry& g) {
 // aligned vector accesses need).
 at::Tensor float_buffer(int64_t size) { return at::empty({size}, at::kFloat); }
 
-// U[point][c][k_padded] = (G w[k][c] G^T)[point], zero in the padding channels.
-at::Tensor transform_filters(const at::Tensor& weight, const Geometry& g) {
-  const at::Tensor w = weight.contiguous();
-  const float* data = w.data_ptr<float>();
-  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
-  at::Tensor buffer = at::zeros({kPoints * c_pad * k_pad}, at::kFloat);
-  float* u = buffer.data_ptr<float>();
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      for (int64_t c = 0; c < g.channels; ++c) {
-        const float* filter = data + (k * g.channels + c) * 25;
-        double rows[6][5];  // G w
-        for (int a = 0; a < 6; ++a) {
-          for (int v = 0; v < 5; ++v) {
-            double sum = 0;
-            for (int i = 0; i < 5; ++i) sum += kFilterTransform[a][i] * filter[i * 5 + v];
-            rows[a][v] = sum;
-          }
-        }
-        for (int a = 0; a < 6; ++a) {
-          for (int b = 0; b < 6; ++b) {
-            double sum = 0;
-            for (int v = 0; v < 5; ++v) sum += rows[a][v] * kFilterTransform[b][v];
-            u[((a * 6 + b) * c_pad + c) * k_pad + k] = static_cast<float>(sum);
-          }
-        }
-      }
-    }
-  });
-  return buffer;
-}
-
-// dW[k][c] = G^T dU[.][c][k] G, as a contiguous [out_channels][channels][5][5] tensor.
-at::Tensor transform_filter_gradients(const double* grad_u, const Geometry& g,
-                                      const at::TensorOptions& options) {
-  at::Tensor grad_weight = at::empty({g.out_channels, g.channels, 5, 5}, options);
-  float* out = grad_weight.data_ptr<float>();
-  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
-  at::parallel_for(0, g.out_channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      for (int64_t c = 0; c < g.channels; ++c) {
-        double rows[5][6];  // G^T dU
-        for (int u = 0; u < 5; ++u) {
-          for (int b = 0; b < 6; ++b) {
-            double sum = 0;
-            for (int a = 0; a < 6; ++a) {
-              sum += kFilterTransform[a][u] * grad_u[((a * 6 + b) * c_pad + c) * k_pad + k];
-            }
-            rows[u][b] = sum;
-          }
-        }
-        float* filter = out + (k * g.channels + c) * 25;
-        for (int u = 0; u < 5; ++u) {
-          for (int v = 0; v < 5; ++v) {
-            double sum = 0;
-            for (int b = 0; b < 6; ++b) sum += rows[u][b] * kFilterTransform[b][v];
-            filter[u * 5 + v] = static_cast<float>(sum);
-          }
-        }
-      }
-    }
-  });
-  return grad_weight;
-}
-
 #if CIFARNET_HAS_ISA_VARIANTS
-// The convolution, channels last; nullopt where a value was not finite.
+// The convolution, channels last; nullopt where a value was not finite. With `adjoint`, the
+// convolution by `weight` flipped with its channel axes swapped (the input gradient of the
+// convolution by `weight`).
 std::optional<at::Tensor> winograd_forward(const at::Tensor& input, const at::Tensor& weight,
-                                           const std::optional<at::Tensor>& bias,
+                                           bool adjoint, const std::optional<at::Tensor>& bias,
                                            at::IntArrayRef padding) {
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Geometry g = make_geometry(x, weight.size(0), padding);
-  const at::Tensor u = transform_filters(weight, g);
+  const Geometry g = make_geometry(x, weight.size(adjoint ? 1 : 0), padding);
+  const at::Tensor u = float_buffer(kPoints * g.channels_padded * g.out_channels_padded);
+  isa_avx2::winograd::transform_filters(weight.data_ptr<float>(), weight.strides().data(), adjoint,
+                                        g.channels, g.out_channels, g.channels_padded,
+                                        g.out_channels_padded, u.data_ptr<float>());
   std::vector<float> padded_bias;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor b = bias->contiguous();
@@ -226,12 +156,13 @@ std::optional<at::Tensor> winograd_forward(const at::Tensor& input, const at::Te
 // every block (12-24 tiles) into double took half as long as the products themselves.
 constexpr int64_t kTilesPerFloatSum = 96;
 
-// The weight gradient, contiguous; nullopt where a value was not finite. Each thread sums its
+// The weight gradient, in `format`; nullopt where a value was not finite. Each thread sums its
 // blocks' products (in double, see kTilesPerFloatSum), then the threads' sums are added in
 // thread order.
 std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output,
                                                    const at::Tensor& input,
-                                                   at::IntArrayRef padding) {
+                                                   at::IntArrayRef padding,
+                                                   at::MemoryFormat format) {
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g = make_geometry(x, dy.size(1), padding);
@@ -268,9 +199,16 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
     }
   });
   if (not_finite) return std::nullopt;
-  for (int64_t chunk = 1; chunk < chunks; ++chunk) sums[0] += sums[chunk];
-  at::Tensor grad_weight = transform_filter_gradients(sums[0].data_ptr<double>(), g, x.options());
-  if (!grad_weight.isfinite().all().item<bool>()) return std::nullopt;
+  std::vector<const double*> sum_data;
+  for (const at::Tensor& sum : sums) sum_data.push_back(sum.data_ptr<double>());
+  at::Tensor grad_weight =
+      at::empty({g.out_channels, g.channels, 5, 5}, x.options().memory_format(format));
+  bool weight_not_finite = false;
+  isa_avx2::winograd::transform_filter_gradients(
+      sum_data.data(), chunks, g.channels, g.out_channels, g.channels_padded,
+      g.out_channels_padded, grad_weight.data_ptr<float>(), grad_weight.strides().data(),
+      &weight_not_finite);
+  if (weight_not_finite) return std::nullopt;
   return grad_weight;
 }
 
@@ -279,9 +217,8 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
 std::optional<at::Tensor> winograd_input_gradient(const at::Tensor& grad_output,
                                                   const at::Tensor& weight,
                                                   at::IntArrayRef padding) {
-  const at::Tensor flipped = weight.flip({2, 3}).transpose(0, 1);
   const std::array<int64_t, 2> adjoint_padding{4 - padding[0], 4 - padding[1]};
-  return winograd_forward(grad_output, flipped, std::nullopt, adjoint_padding);
+  return winograd_forward(grad_output, weight, /*adjoint=*/true, std::nullopt, adjoint_padding);
 }
 
 #endif  // CIFARNET_HAS_ISA_VARIANTS
@@ -341,7 +278,9 @@ at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tens
                                          at::IntArrayRef padding) {
 #if CIFARNET_HAS_ISA_VARIANTS
   if (g.batch > 0 && winograd_applies(input, weight, stride, padding)) {
-    if (auto output = winograd_forward(input, weight, bias, padding)) return *output;
+    if (auto output = winograd_forward(input, weight, /*adjoint=*/false, bias, padding)) {
+      return *output;
+    }
   }
 #endif
   return channels_last_convolution(input, weight, bias, g, stride, padding);
@@ -356,11 +295,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_convolution_grads(
   }
   std::optional<at::Tensor> grad_input, grad_weight;
   if (output_mask[0]) grad_input = winograd_input_gradient(grad_conv, weight, padding);
-  if (output_mask[1]) grad_weight = winograd_weight_gradient(grad_conv, input, padding);
+  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  if (output_mask[1]) grad_weight = winograd_weight_gradient(grad_conv, input, padding, format);
   if ((output_mask[0] && !grad_input) || (output_mask[1] && !grad_weight)) {
     return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
   }
-  const at::MemoryFormat format = conv_output_memory_format(input, weight);
   at::Tensor grad_bias;
   if (output_mask[2]) grad_bias = grad_conv.sum({0, 2, 3});
   return {grad_input ? grad_input->contiguous(format) : at::Tensor(),

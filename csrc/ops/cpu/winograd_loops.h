@@ -329,4 +329,118 @@ inline void add_products(const float* products, int64_t size, double* sum) {
   for (int64_t i = 0; i < size; ++i) sum[i] += products[i];
 }
 
+
+// G (6 x 5) for the points 0, 1, -1, 2, -2 and infinity.
+constexpr double kFilterTransform[6][5] = {
+    {1.0 / 4, 0, 0, 0, 0},
+    {-1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6},
+    {-1.0 / 6, 1.0 / 6, -1.0 / 6, 1.0 / 6, -1.0 / 6},
+    {1.0 / 24, 1.0 / 12, 1.0 / 6, 1.0 / 3, 2.0 / 3},
+    {1.0 / 24, -1.0 / 12, 1.0 / 6, -1.0 / 3, 2.0 / 3},
+    {0, 0, 0, 0, 1},
+};
+
+// Output channels the filter transforms take at once: the innermost loop, which GCC
+// vectorises (in double). One thread does a layer's filters in ~0.1 ms; a parallel region for
+// them cost more than that on a machine whose other core was busy.
+constexpr int kFilterBlock = 8;
+
+// U[point][c][k_padded] = (G w[k][c] G^T)[point] for weights w[k][c][5][5] (element (k, c, i, j)
+// at k * strides[0] + c * strides[1] + i * strides[2] + j * strides[3]), computed in double and
+// rounded once; zero in the padding channels. With `adjoint`, w holds the weights
+// [channels][out_channels][5][5] of the convolution whose input gradient this is, and the
+// filters are theirs flipped, their channel axes swapped.
+inline void transform_filters(const float* w, const int64_t* strides, bool adjoint,
+                              int64_t channels, int64_t out_channels, int64_t c_pad,
+                              int64_t k_pad, float* u) {
+  for (int64_t point = 0; point < kPoints; ++point) {
+    for (int64_t c = channels; c < c_pad; ++c) {
+      for (int64_t k = 0; k < k_pad; ++k) u[(point * c_pad + c) * k_pad + k] = 0.0f;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t k0 = 0; k0 < k_pad; k0 += kFilterBlock) {
+      const int64_t count = out_channels - k0 < kFilterBlock ? out_channels - k0 : kFilterBlock;
+      double filter[25][kFilterBlock] = {};
+      for (int64_t j = 0; j < count; ++j) {
+        for (int e = 0; e < 25; ++e) {
+          const int64_t i = e / 5, jj = e % 5;
+          filter[e][j] = adjoint ? w[c * strides[0] + (k0 + j) * strides[1] +
+                                     (4 - i) * strides[2] + (4 - jj) * strides[3]]
+                                 : w[(k0 + j) * strides[0] + c * strides[1] + i * strides[2] +
+                                     jj * strides[3]];
+        }
+      }
+      double rows[6][5][kFilterBlock] = {};  // G w
+      for (int a = 0; a < 6; ++a) {
+        for (int v = 0; v < 5; ++v) {
+          for (int i = 0; i < 5; ++i) {
+            for (int j = 0; j < kFilterBlock; ++j) {
+              rows[a][v][j] += kFilterTransform[a][i] * filter[i * 5 + v][j];
+            }
+          }
+        }
+      }
+      for (int a = 0; a < 6; ++a) {
+        for (int b = 0; b < 6; ++b) {
+          double sum[kFilterBlock] = {};
+          for (int v = 0; v < 5; ++v) {
+            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[a][v][j] * kFilterTransform[b][v];
+          }
+          float* out = u + ((a * 6 + b) * c_pad + c) * k_pad + k0;
+          for (int j = 0; j < kFilterBlock; ++j) out[j] = static_cast<float>(sum[j]);
+        }
+      }
+    }
+  }
+}
+
+// dW[k][c] = G^T dU[.][c][k] G into grad_weight (element (k, c, u, v) at k * strides[0] +
+// c * strides[1] + u * strides[2] + v * strides[3]), dU the sum of the `chunks` threads'
+// sums[chunk][point][c][k_padded] (added in chunk order). Sets *not_finite where a gradient is
+// not finite.
+inline void transform_filter_gradients(const double* const* sums, int64_t chunks,
+                                       int64_t channels, int64_t out_channels, int64_t c_pad,
+                                       int64_t k_pad, float* grad_weight,
+                                       const int64_t* strides, bool* not_finite) {
+  double flag = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t k0 = 0; k0 < out_channels; k0 += kFilterBlock) {
+      const int64_t count = out_channels - k0 < kFilterBlock ? out_channels - k0 : kFilterBlock;
+      double grad_u[kPoints][kFilterBlock] = {};
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        for (int point = 0; point < kPoints; ++point) {
+          const double* sum = sums[chunk] + (point * c_pad + c) * k_pad + k0;
+          for (int j = 0; j < kFilterBlock; ++j) grad_u[point][j] += sum[j];
+        }
+      }
+      double rows[5][6][kFilterBlock] = {};  // G^T dU
+      for (int u = 0; u < 5; ++u) {
+        for (int b = 0; b < 6; ++b) {
+          for (int a = 0; a < 6; ++a) {
+            for (int j = 0; j < kFilterBlock; ++j) {
+              rows[u][b][j] += kFilterTransform[a][u] * grad_u[a * 6 + b][j];
+            }
+          }
+        }
+      }
+      for (int u = 0; u < 5; ++u) {
+        for (int v = 0; v < 5; ++v) {
+          double sum[kFilterBlock] = {};
+          for (int b = 0; b < 6; ++b) {
+            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[u][b][j] * kFilterTransform[b][v];
+          }
+          for (int64_t j = 0; j < count; ++j) {
+            const float value = static_cast<float>(sum[j]);
+            flag += value * 0.0f;  // a double beyond float's range is not finite either
+            grad_weight[(k0 + j) * strides[0] + c * strides[1] + u * strides[2] +
+                        v * strides[3]] = value;
+          }
+        }
+      }
+    }
+  }
+  *not_finite = flag != 0;
+}
+
 }  // namespace winograd

@@ -103,7 +103,8 @@ def test_either_cpu_forward_keeps_the_callers_dispatch_state(forward, monkeypatc
             input = torch.randn(16, 32, 32, 32)
             fused = conv2d_relu_max_pool2d(input, weight, padding=2)
             native = native_conv2d_relu_max_pool2d(input, weight, padding=2)
-        torch.testing.assert_close(fused, native)
+        # Winograd's rounding where it runs (AVX2 CPUs), oneDNN's elsewhere
+        torch.testing.assert_close(fused, native, rtol=1e-4, atol=1e-4)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             fused = conv2d_relu_max_pool2d(input.clone(), weight, padding=2)
             native = native_conv2d_relu_max_pool2d(input.clone(), weight, padding=2)

@@ -1,13 +1,15 @@
-"""The Winograd F(2x2, 5x5) convolution of the CPU batch-norm chain, against native torch.
+"""The Winograd F(2x2, 5x5) convolution of the CPU kernels, against native torch.
 
-It runs inside conv2d_batch_norm_relu_max_pool2d (and its phase ops) for float32 5x5
-convolutions with stride 1 and enough channels; these tests draw such geometries and check the
+It runs inside conv2d_batch_norm_relu_max_pool2d (forward, backward and phase ops) and
+conv2d_relu_max_pool2d's forward for float32 5x5 convolutions with stride 1 and enough channels,
+on CPUs of the AVX2 class; these tests draw such geometries and check the
 convolution output, the fused op's output, statistics and gradients against float64, the
 fallback to oneDNN for values that are not finite, and the switch that turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -19,8 +21,9 @@ from hypothesis import strategies as st
 
 import cifarnet  # noqa: F401  (loads the ops)
 from cifarnet import _C
-from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
-from op_cases import conv_out, pooled_out
+from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
+from op_cases import conv_out, make_tensors, op_args, pooled_out, tolerances
+from conftest import native_conv2d_relu_max_pool2d
 from test_conv2d_batch_norm_relu_max_pool2d import block_tensors, check_block_against_native
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
@@ -66,22 +69,67 @@ def winograd_cases(draw, values=("normal", "nan")):
     )
 
 
-def nearest_tie(case):
-    """The smallest gap, in the float64 block's normalised units, between a pool window's
-    winner and its runner-up or zero (the ReLU's kink). Rounding a few times native's decides
-    a window closer than that either way: both are right, but the gradient lands elsewhere."""
+def nearest_tie(case, batch_norm=True):
+    """The smallest gap between a pool window's winner and its runner-up or zero (the ReLU's
+    kink), in the float64 block's normalised units (or, without batch norm, as a fraction of
+    the largest convolution output). Rounding a few times native's decides a window closer
+    than that either way: both are right, but the gradient lands elsewhere."""
     input, weight, bias, bn_weight, bn_bias, _, _ = block_tensors(case, "cpu")
     double = lambda t: None if t is None else t.double()  # noqa: E731
     conv = F.conv2d(double(input), double(weight), double(bias), padding=case["padding"])
-    normalised = F.batch_norm(conv, None, None, double(bn_weight), double(bn_bias), training=True)
+    if batch_norm:
+        activation = F.batch_norm(conv, None, None, double(bn_weight), double(bn_bias), training=True)
+    else:
+        activation = conv / conv.abs().max()
     pool_h, pool_w = case["pool_size"]
-    windows = normalised.unfold(2, pool_h, pool_h).unfold(3, pool_w, pool_w).flatten(-2)
+    windows = activation.unfold(2, pool_h, pool_h).unfold(3, pool_w, pool_w).flatten(-2)
     if windows.shape[-1] == 1:
         gaps = windows[..., 0].abs()
     else:
         top = windows.topk(2, dim=-1).values
         gaps = torch.minimum(top[..., 0] - top[..., 1], top[..., 0].abs())
     return gaps.min().item() if gaps.numel() else math.inf
+
+
+@requires_winograd
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(case=winograd_cases(), forward=st.sampled_from(["samples", "tiles"]))
+def test_conv_relu_pool_with_winograd_matches_native(case, forward):
+    """conv2d_relu_max_pool2d's forward takes Winograd too (whichever way it shares the batch
+    out: a tile per thread, or tiles of one sample each): its output within 1e-5 of the
+    largest float64 convolution output, NaN where native has it, its gradients (exact for the
+    windows' winners) as native's. Near-ties are left out, as above."""
+    assume(case["values"] == "nan" or nearest_tie(case, batch_norm=False) > 1e-4)
+    input, weight, bias, generator = make_tensors(case, "cpu")
+    geometry = op_args(case)
+    leaves = [t.detach().clone().requires_grad_() for t in (input, weight)]
+    native_leaves = [t.detach().clone().requires_grad_() for t in (input, weight)]
+    with environment(CIFARNET_CONV_FORWARD=forward, CIFARNET_FORWARD_TILE_BYTES="1"):
+        fused = conv2d_relu_max_pool2d(*leaves, bias, **geometry)
+    native = native_conv2d_relu_max_pool2d(*native_leaves, bias, **geometry)
+    exact = native_conv2d_relu_max_pool2d(input.double(), weight.double(), None if bias is None else bias.double(), **geometry)
+    scale = exact.nan_to_num().abs().max().item()
+    torch.testing.assert_close(fused.double(), exact, rtol=0, atol=1e-5 * scale + 1e-30, equal_nan=True)
+    grad_output = torch.randn(native.shape, generator=generator)
+    fused_grads = torch.autograd.grad(fused, leaves, grad_output)
+    native_grads = torch.autograd.grad(native, native_leaves, grad_output)
+    for name, ours, theirs in zip(("input", "weight"), fused_grads, native_grads):
+        torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"grad {name}: {m}", **tolerances(torch.float32))
+
+
+@contextlib.contextmanager
+def environment(**variables):
+    """The variables set inside the block (the ops read them at each call)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
 @requires_winograd

@@ -2,7 +2,8 @@
 //
 // Forward: the convolution goes through at::convolution (oneDNN for float32, which reaches
 // ~240 GFLOP/s on the study's shapes here, more than an im2col + MKL SGEMM of the same tile at
-// 85-145), a tile of samples at a time; ReLU, max pooling and the one-byte argmax then run over
+// 85-145; Winograd F(2x2, 5x5) instead for the study's conv2 and conv3 on AVX2 CPUs, see
+// winograd_convolution.h), a tile of samples at a time; ReLU, max pooling and the one-byte argmax then run over
 // the tile while it is in cache, so the pre-pool activation never exists at full size. Where
 // the batch shares out evenly over the threads, each thread convolves and pools its own chunks
 // of samples, all in one parallel region (see forward_by_samples).
@@ -35,6 +36,7 @@
 #include "cache_sizes.h"
 #include "multiversion.h"
 #include "simd.h"
+#include "winograd_convolution.h"
 
 namespace cifarnet::ops {
 namespace {
@@ -78,8 +80,16 @@ int64_t forward_tile_bytes(at::ScalarType dtype) {
 #include "isa_variants.inc"
 #include "pool_argmax.h"
 
+// The convolution of a tile, channels last: Winograd with `winograd`'s filters where the
+// forward chose it (see winograd_convolution.h) and every value is finite, else oneDNN.
 at::Tensor convolution(const at::Tensor& input, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g) {
+                       const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g,
+                       const WinogradFilters* winograd) {
+  if (winograd != nullptr) {
+    if (auto output = winograd_convolution(input, *winograd, bias, {g.pad_h, g.pad_w})) {
+      return *output;
+    }
+  }
   return at::convolution(input, weight, bias, {g.stride_h, g.stride_w}, {g.pad_h, g.pad_w}, {1, 1},
                          /*transposed=*/false, {0, 0}, /*groups=*/1)
       .contiguous(at::MemoryFormat::ChannelsLast);
@@ -132,7 +142,8 @@ class AutogradStateGuard {
 template <typename scalar_t>
 void forward_samples_per_thread(const at::Tensor& input, const at::Tensor& weight_cl,
                                 const std::optional<at::Tensor>& bias, const ConvPoolGeometry& g,
-                                at::Tensor& output, at::Tensor& argmax, int64_t chunk) {
+                                at::Tensor& output, at::Tensor& argmax, int64_t chunk,
+                                const WinogradFilters* winograd) {
   const int64_t chunks = ceil_div(g.batch, chunk);
   std::atomic<int64_t> next_chunk{0};
   // The caller's dispatch keys (below autograd, autocast excluded) and grad and inference
@@ -147,7 +158,8 @@ void forward_samples_per_thread(const at::Tensor& input, const at::Tensor& weigh
     const AutogradStateGuard autograd_guard(caller_autograd);
     for (int64_t i = next_chunk++; i < chunks; i = next_chunk++) {
       const int64_t n0 = i * chunk, n1 = std::min(n0 + chunk, g.batch);
-      const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
+      const at::Tensor conv =
+          convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g, winograd);
       relu_max_pool2d_samples<scalar_t>(conv, n0, output, argmax, g, n0, n1, 0, g.out_h, nullptr,
                                         nullptr, nullptr);
     }
@@ -178,17 +190,24 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
       1, forward_tile_bytes(input.scalar_type()) / std::max<int64_t>(1, sample_bytes));
 
   const int64_t threads = at::get_num_threads();
+  // The study's conv2 and conv3 on AVX2 CPUs (float32): filters transformed once for all tiles.
+  const std::array<int64_t, 2> stride_hw{g.stride_h, g.stride_w}, padding_hw{g.pad_h, g.pad_w};
+  std::optional<WinogradFilters> winograd;
+  if (winograd_applies(input, weight, stride_hw, padding_hw)) winograd = winograd_filters(weight);
+  const WinogradFilters* filters = winograd ? &*winograd : nullptr;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),
                                   "conv2d_relu_max_pool2d_forward", [&] {
     if (forward_by_samples(g.batch, threads)) {
       // A thread's tile is its share of the batch's: the same bytes per thread as below.
       const int64_t chunk = std::min(std::max<int64_t>(1, tile / threads), ceil_div(g.batch, threads));
-      forward_samples_per_thread<scalar_t>(input, weight_cl, bias, g, output, argmax, chunk);
+      forward_samples_per_thread<scalar_t>(input, weight_cl, bias, g, output, argmax, chunk,
+                                           filters);
       return;
     }
     for (int64_t n0 = 0; n0 < g.batch; n0 += tile) {
       const int64_t n1 = std::min(n0 + tile, g.batch);
-      const at::Tensor conv = convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g);
+      const at::Tensor conv =
+          convolution(input.narrow(0, n0, n1 - n0), weight_cl, bias, g, filters);
       relu_max_pool2d<scalar_t>(conv, output, argmax, g, n0, n1, nullptr, nullptr, nullptr);
     }
   });

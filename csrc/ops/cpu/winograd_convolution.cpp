@@ -1,4 +1,6 @@
-// Winograd F(2x2, 5x5) convolution on the CPU, for the batch-norm chain's 5x5 convolutions.
+// Winograd F(2x2, 5x5) convolution on the CPU, for the study's 5x5 convolutions (conv2, conv3)
+// in the batch-norm chain (forward, both gradients) and in conv -> ReLU -> pool (forward; its
+// sparse backward does a quarter of the dense arithmetic, less than Winograd's 36%).
 //
 // Each 2 x 2 block of outputs (a tile) comes from a 6 x 6 window of the input. Transformed
 // (V = B^T d B per input channel, U = G g G^T per filter), the tile's outputs are A^T M A with
@@ -108,46 +110,20 @@ int64_t block_tiles(const Geometry& g) {
 at::Tensor float_buffer(int64_t size) { return at::empty({size}, at::kFloat); }
 
 #if CIFARNET_HAS_ISA_VARIANTS
-// The convolution, channels last; nullopt where a value was not finite. With `adjoint`, the
-// convolution by `weight` flipped with its channel axes swapped (the input gradient of the
-// convolution by `weight`).
-std::optional<at::Tensor> winograd_forward(const at::Tensor& input, const at::Tensor& weight,
-                                           bool adjoint, const std::optional<at::Tensor>& bias,
-                                           at::IntArrayRef padding) {
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Geometry g = make_geometry(x, weight.size(adjoint ? 1 : 0), padding);
-  const at::Tensor u = float_buffer(kPoints * g.channels_padded * g.out_channels_padded);
+// The filters transformed. With `adjoint`, those of the convolution by `weight` flipped with
+// its channel axes swapped (whose forward is the input gradient of the convolution by
+// `weight`).
+WinogradFilters transform(const at::Tensor& weight, bool adjoint) {
+  WinogradFilters filters;
+  filters.channels = weight.size(adjoint ? 0 : 1);
+  filters.out_channels = weight.size(adjoint ? 1 : 0);
+  const int64_t c_pad = round_up(filters.channels, kLanes);
+  const int64_t k_pad = round_up(filters.out_channels, 2 * kLanes);
+  filters.transformed = float_buffer(kPoints * c_pad * k_pad);
   isa_avx2::winograd::transform_filters(weight.data_ptr<float>(), weight.strides().data(), adjoint,
-                                        g.channels, g.out_channels, g.channels_padded,
-                                        g.out_channels_padded, u.data_ptr<float>());
-  std::vector<float> padded_bias;
-  if (bias.has_value() && bias->defined()) {
-    const at::Tensor b = bias->contiguous();
-    padded_bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + g.out_channels);
-    padded_bias.resize(g.out_channels_padded, 0.0f);
-  }
-  at::Tensor output = at::empty({x.size(0), g.out_channels, g.out_h, g.out_w},
-                                x.options().memory_format(at::MemoryFormat::ChannelsLast));
-  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
-  const int64_t blocks = (tiles + rows - 1) / rows;
-  const float* in = x.data_ptr<float>();
-  float* out = output.data_ptr<float>();
-  std::atomic<bool> not_finite{false};
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    const at::Tensor v = float_buffer(kPoints * rows * g.channels_padded);
-    const at::Tensor m = float_buffer(kPoints * rows * g.out_channels_padded);
-    for (int64_t block = begin; block < end; ++block) {
-      const int64_t first = block * rows, count = std::min(rows, tiles - first);
-      bool block_not_finite = false;
-      isa_avx2::winograd::forward_block(in, u.data_ptr<float>(),
-                                        padded_bias.empty() ? nullptr : padded_bias.data(), g,
-                                        first, count, rows, v.data_ptr<float>(),
-                                        m.data_ptr<float>(), out, &block_not_finite);
-      if (block_not_finite) not_finite = true;
-    }
-  });
-  if (not_finite) return std::nullopt;
-  return output;
+                                        filters.channels, filters.out_channels, c_pad, k_pad,
+                                        filters.transformed.data_ptr<float>());
+  return filters;
 }
 
 // Tiles whose products are summed in float before the sum goes into the double one: a float
@@ -218,12 +194,61 @@ std::optional<at::Tensor> winograd_input_gradient(const at::Tensor& grad_output,
                                                   const at::Tensor& weight,
                                                   at::IntArrayRef padding) {
   const std::array<int64_t, 2> adjoint_padding{4 - padding[0], 4 - padding[1]};
-  return winograd_forward(grad_output, weight, /*adjoint=*/true, std::nullopt, adjoint_padding);
+  return winograd_convolution(grad_output, transform(weight, /*adjoint=*/true), std::nullopt,
+                              adjoint_padding);
 }
 
 #endif  // CIFARNET_HAS_ISA_VARIANTS
 
 }  // namespace
+
+WinogradFilters winograd_filters(const at::Tensor& weight) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  return transform(weight, /*adjoint=*/false);
+#else
+  TORCH_INTERNAL_ASSERT(false, "Winograd convolutions need GCC's ISA variants");
+#endif
+}
+
+std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
+                                               const WinogradFilters& filters,
+                                               const std::optional<at::Tensor>& bias,
+                                               at::IntArrayRef padding) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const Geometry g = make_geometry(x, filters.out_channels, padding);
+  std::vector<float> padded_bias;
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor b = bias->contiguous();
+    padded_bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + g.out_channels);
+    padded_bias.resize(g.out_channels_padded, 0.0f);
+  }
+  at::Tensor output = at::empty({x.size(0), g.out_channels, g.out_h, g.out_w},
+                                x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
+  const int64_t blocks = (tiles + rows - 1) / rows;
+  const float* in = x.data_ptr<float>();
+  const float* u = filters.transformed.data_ptr<float>();
+  float* out = output.data_ptr<float>();
+  std::atomic<bool> not_finite{false};
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    const at::Tensor v = float_buffer(kPoints * rows * g.channels_padded);
+    const at::Tensor m = float_buffer(kPoints * rows * g.out_channels_padded);
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t first = block * rows, count = std::min(rows, tiles - first);
+      bool block_not_finite = false;
+      isa_avx2::winograd::forward_block(in, u, padded_bias.empty() ? nullptr : padded_bias.data(),
+                                        g, first, count, rows, v.data_ptr<float>(),
+                                        m.data_ptr<float>(), out, &block_not_finite);
+      if (block_not_finite) not_finite = true;
+    }
+  });
+  if (not_finite) return std::nullopt;
+  return output;
+#else
+  TORCH_INTERNAL_ASSERT(false, "Winograd convolutions need GCC's ISA variants");
+#endif
+}
 
 bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t height,
                                int64_t width, at::IntArrayRef kernel, at::IntArrayRef stride,
@@ -278,7 +303,7 @@ at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tens
                                          at::IntArrayRef padding) {
 #if CIFARNET_HAS_ISA_VARIANTS
   if (g.batch > 0 && winograd_applies(input, weight, stride, padding)) {
-    if (auto output = winograd_forward(input, weight, /*adjoint=*/false, bias, padding)) {
+    if (auto output = winograd_convolution(input, winograd_filters(weight), bias, padding)) {
       return *output;
     }
   }

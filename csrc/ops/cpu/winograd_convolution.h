@@ -1,10 +1,12 @@
 #pragma once
-// The CPU convolution of the batch-norm chain: Winograd F(2x2, 5x5) where it applies and pays,
-// oneDNN (at::convolution) everywhere else.
+// Winograd F(2x2, 5x5) convolutions on the CPU, where they apply and pay: the batch-norm
+// chain's convolution and its gradients, and conv -> ReLU -> pool's forward. oneDNN
+// (at::convolution) everywhere else.
 
 #include <ATen/ATen.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "../conv_pool_geometry.h"
@@ -24,6 +26,23 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
 bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t height,
                                int64_t width, at::IntArrayRef kernel, at::IntArrayRef stride,
                                at::IntArrayRef padding);
+
+// A convolution's filters, transformed once for every tile (and every call) that uses them.
+struct WinogradFilters {
+  at::Tensor transformed;  // U[point][channels padded][out_channels padded], float32
+  int64_t channels = 0, out_channels = 0;
+};
+
+// The filters of a [out_channels][channels][5][5] float32 weight (any strides).
+WinogradFilters winograd_filters(const at::Tensor& weight);
+
+// conv2d(input, weight, bias, stride 1, padding) as Winograd, channels last, where
+// winograd_applies; nullopt where an input, filter or output value was not finite (the caller
+// then runs oneDNN, whose NaN and infinity pattern the transforms would not reproduce).
+std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
+                                               const WinogradFilters& filters,
+                                               const std::optional<at::Tensor>& bias,
+                                               at::IntArrayRef padding);
 
 // channels_last_convolution (../convolution.h) on the CPU.
 at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,

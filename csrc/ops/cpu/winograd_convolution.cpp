@@ -207,6 +207,7 @@ WinogradFilters winograd_filters(const at::Tensor& weight) {
   return transform(weight, /*adjoint=*/false);
 #else
   TORCH_INTERNAL_ASSERT(false, "Winograd convolutions need GCC's ISA variants");
+  return {};
 #endif
 }
 
@@ -247,6 +248,7 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
   return output;
 #else
   TORCH_INTERNAL_ASSERT(false, "Winograd convolutions need GCC's ISA variants");
+  return std::nullopt;
 #endif
 }
 

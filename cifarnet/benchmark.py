@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 import cifarnet
 from cifarnet import ops
+from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
 from cifarnet._cpu import describe_cpu
 from cifarnet._timing import (
     MEMORY_FORMATS,
@@ -603,6 +604,7 @@ def _import_cpp_extension_quietly() -> None:
         logger.removeFilter(note)
 
 
+@ends_quietly_on_a_closed_pipe
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
 from cifarnet.study.data import CIFAR10, CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
 from cifarnet.study.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -167,6 +168,7 @@ def _fail(program: str, message: object) -> int:
     return ERROR_STATUS
 
 
+@ends_quietly_on_a_closed_pipe
 def train_main(argv: list[str] | None = None) -> int:
     """``cifarnet-train``: trains one variant into ``--out``, or all six into ``--out/<variant>``
     followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status.
@@ -359,6 +361,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@ends_quietly_on_a_closed_pipe
 def eval_main(argv: list[str] | None = None) -> int:
     """``cifarnet-eval``: tests a checkpoint and prints the figures, a per-class table and the
     path of the confusion-matrix PNG. Returns the exit status."""

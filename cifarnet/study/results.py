@@ -26,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
 from cifarnet.study.fileio import atomic_write_text
 from cifarnet.study.plots import plot_test_accuracy
 from cifarnet.study.train import CHECKPOINT_DATA_KEY, CHECKPOINT_FILE, DIVERGENCE_FILE, METRICS_FILE, load_checkpoint
@@ -312,6 +313,7 @@ def update_page(page: str | Path, runs: list[Run]) -> None:
     atomic_write_text(page, f"{before}{SEEDS_TABLE_MARKER}\n{seeds_table(runs)}{rest}")
 
 
+@ends_quietly_on_a_closed_pipe
 def main(argv: list[str] | None = None) -> int:
     """``python -m cifarnet.study.results DIR``: writes the table and plot of the runs in DIR."""
     parser = argparse.ArgumentParser(

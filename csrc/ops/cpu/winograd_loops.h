@@ -21,8 +21,6 @@ constexpr int kPoints = 36;  // 6 x 6 transformed values per tile
 constexpr int kGemmRows = kVectorRegisters >= 32 ? 12 : 6;
 constexpr int kGemmCols = 2 * kLanes;
 
-// x in every lane (x - 0 is x for every x, -0 and NaN included, so this is a bare broadcast;
-// 0 + x would keep an add, which turns -0 into +0).
 typedef vfloat aligned_vfloat __attribute__((may_alias));
 
 // A vector at p, which is vector aligned (a block buffer's row).
@@ -34,10 +32,12 @@ inline __attribute__((always_inline)) void store_aligned(float* p, vfloat v) {
   *reinterpret_cast<aligned_vfloat*>(p) = v;
 }
 
+// x in every lane (x - 0 is x for every x, -0 and NaN included, so this is a bare broadcast;
+// 0 + x would keep an add, which turns -0 into +0).
 inline __attribute__((always_inline)) vfloat splat(float x) { return x - vfloat{}; }
 
-// B^T d for one line of six inputs (interpolation points 0, 1, -1, 2, -2 and infinity; the
-// integer points keep the input transform exact in the low bits).
+// B^T d for one line of six inputs (interpolation points 0, 1, -1, 2, -2 and infinity: integer
+// points, so the input transform multiplies by small integers only).
 inline __attribute__((always_inline)) void input_line(const vfloat* d, vfloat* v) {
   const vfloat d4_minus_4d2 = d[4] - 4.0f * d[2];
   const vfloat d3_minus_4d1 = d[3] - 4.0f * d[1];
@@ -71,13 +71,13 @@ inline __attribute__((always_inline)) void gradient_line(vfloat e0, vfloat e1, v
   e[5] = e1;
 }
 
-// kLanes channels from `p` (`count` of them; the rest zero).
+// kLanes channels from `p`, `count` of which exist (none, in a vector of padding channels past
+// the last: the products' rows are padded to two vectors); the rest zero.
 inline __attribute__((always_inline)) vfloat load_channels(const float* p, int64_t count) {
-  vfloat v;
+  vfloat v{};
   if (count >= kLanes) {
     simd::load(v, p);
-  } else {
-    v = vfloat{};
+  } else if (count > 0) {
     std::memcpy(&v, p, count * sizeof(float));
   }
   return v;
@@ -86,24 +86,21 @@ inline __attribute__((always_inline)) vfloat load_channels(const float* p, int64
 inline __attribute__((always_inline)) void store_channels(float* p, vfloat v, int64_t count) {
   if (count >= kLanes) {
     simd::store(p, v);
-  } else {
+  } else if (count > 0) {
     std::memcpy(p, &v, count * sizeof(float));
   }
 }
 
-// One tile's place in a channels-last image: its top-left input position (possibly in the
-// padding) and how many of its 2 x 2 outputs exist.
-struct TileOrigin {
-  const float* image;  // sample n's first element
-  int64_t y, x;        // input row and column of the tile's first input (output row/col - pad)
-  int64_t oy, ox;      // its first output's row and column
+// Where a tile of the batch lies: its sample, and its first output's row and column (its
+// first input's are those minus the padding).
+struct TilePlace {
+  int64_t n, oy, ox;
 };
 
-inline TileOrigin tile_origin(const float* input, const Geometry& g, int64_t tile) {
+inline TilePlace tile_place(const Geometry& g, int64_t tile) {
   const int64_t per_image = g.tiles_h * g.tiles_w;
-  const int64_t n = tile / per_image, rest = tile % per_image;
-  const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
-  return {input + n * g.height * g.width * g.channels, oy - g.pad_h, ox - g.pad_w, oy, ox};
+  const int64_t rest = tile % per_image;
+  return {tile / per_image, 2 * (rest / g.tiles_w), 2 * (rest % g.tiles_w)};
 }
 
 // V for `count` tiles from `first`: each tile's 6 x 6 inputs (zero outside the image)
@@ -114,11 +111,13 @@ inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t fi
   const int64_t point_stride = rows * g.channels_padded;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const TileOrigin t = tile_origin(input, g, first + i);
+    const TilePlace t = tile_place(g, first + i);
+    const float* image = input + t.n * g.height * g.width * g.channels;
+    const int64_t y = t.oy - g.pad_h, x = t.ox - g.pad_w;  // the tile's first input
     bool row_in[6], col_in[6];
     for (int k = 0; k < 6; ++k) {
-      row_in[k] = t.y + k >= 0 && t.y + k < g.height;
-      col_in[k] = t.x + k >= 0 && t.x + k < g.width;
+      row_in[k] = y + k >= 0 && y + k < g.height;
+      col_in[k] = x + k >= 0 && x + k < g.width;
     }
     for (int64_t c = 0; c < g.channels_padded; c += kLanes) {
       const int64_t valid = g.channels - c;
@@ -127,7 +126,7 @@ inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t fi
         vfloat d[6];
         for (int k = 0; k < 6; ++k) {
           d[k] = row_in[r] && col_in[k]
-                     ? load_channels(t.image + ((t.y + r) * g.width + t.x + k) * g.channels + c,
+                     ? load_channels(image + ((y + r) * g.width + x + k) * g.channels + c,
                                      valid)
                      : vfloat{};
           not_finite += d[k] * 0.0f;
@@ -153,11 +152,9 @@ inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t fi
 inline vfloat transform_output_gradients(const float* grad_output, const Geometry& g,
                                          int64_t first, int64_t count, float* e) {
   const int64_t point_stride = count * g.out_channels_padded;
-  const int64_t per_image = g.tiles_h * g.tiles_w;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t tile = first + i, n = tile / per_image, rest = tile % per_image;
-    const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
+    const auto [n, oy, ox] = tile_place(g, first + i);
     const float* image = grad_output + n * g.out_h * g.out_w * g.out_channels;
     const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
     for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
@@ -189,11 +186,9 @@ inline vfloat transform_output_gradients(const float* grad_output, const Geometr
 inline vfloat transform_outputs(const float* m, int64_t rows, const float* bias,
                                 const Geometry& g, int64_t first, int64_t count, float* output) {
   const int64_t point_stride = rows * g.out_channels_padded;
-  const int64_t per_image = g.tiles_h * g.tiles_w;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t tile = first + i, n = tile / per_image, rest = tile % per_image;
-    const int64_t oy = 2 * (rest / g.tiles_w), ox = 2 * (rest % g.tiles_w);
+    const auto [n, oy, ox] = tile_place(g, first + i);
     float* image = output + n * g.out_h * g.out_w * g.out_channels;
     const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
     for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-import cifarnet  # noqa: F401  (loads the ops)
+import cifarnet
 from cifarnet import _C
 from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
 from op_cases import conv_out, make_tensors, op_args, pooled_out, tolerances
@@ -37,15 +37,42 @@ def applies(in_channels, out_channels, size, padding):
     return _C._winograd_applies(in_channels, out_channels, *size, [5, 5], [1, 1], list(padding))
 
 
-requires_winograd = pytest.mark.skipif(
-    not applies(32, 64, (16, 16), (2, 2)), reason="Winograd runs on CPUs with AVX2 or AVX-512 only"
-)
+@contextlib.contextmanager
+def environment(**variables):
+    """The variables set inside the block (the ops read them at each call)."""
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
 
 
-@pytest.fixture
-def native_convolution(monkeypatch):
-    """Turns Winograd off (CIFARNET_CONV_ALGORITHM is read at each call)."""
-    monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "native")
+# By default Winograd runs on the AVX2 class only; these tests run it on any CPU with AVX2
+# (AVX-512 ones included, as CIFARNET_CONV_ALGORITHM=winograd does), so that every CI machine
+# tests the loops.
+with environment(CIFARNET_CONV_ALGORITHM="winograd"):
+    requires_winograd = pytest.mark.skipif(
+        not applies(32, 64, (16, 16), (2, 2)), reason="Winograd needs a CPU with AVX2"
+    )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def winograd_wherever_avx2():
+    with environment(CIFARNET_CONV_ALGORITHM="winograd"):
+        yield
+
+
+def test_auto_runs_winograd_on_the_avx2_class_only(monkeypatch):
+    monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "auto")
+    assert applies(32, 64, (16, 16), (2, 2)) == (cifarnet.build_info()["cpu_isa"].startswith("avx2"))
+    monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "fastest")
+    with pytest.raises(ValueError, match="CIFARNET_CONV_ALGORITHM must be auto, winograd or native, got 'fastest'"):
+        applies(32, 64, (16, 16), (2, 2))
 
 
 @st.composite
@@ -116,21 +143,6 @@ def test_conv_relu_pool_with_winograd_matches_native(case, forward):
     native_grads = torch.autograd.grad(native, native_leaves, grad_output)
     for name, ours, theirs in zip(("input", "weight"), fused_grads, native_grads):
         torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"grad {name}: {m}", **tolerances(torch.float32))
-
-
-@contextlib.contextmanager
-def environment(**variables):
-    """The variables set inside the block (the ops read them at each call)."""
-    saved = {name: os.environ.get(name) for name in variables}
-    os.environ.update(variables)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = value
 
 
 @requires_winograd
@@ -246,9 +258,9 @@ def test_values_that_are_not_finite_give_native_results(value, where, monkeypatc
         return (out, *torch.autograd.grad(out, [x, w], grad_output))
 
     if where == "grad_output":
-        ours, native = run("auto", "auto"), run("auto", "native")
+        ours, native = run("winograd", "winograd"), run("winograd", "native")
     else:
-        ours, native = run("auto", "auto"), run("native", "native")
+        ours, native = run("winograd", "winograd"), run("native", "native")
     for name, mine, theirs in zip(("output", "grad input", "grad weight"), ours, native):
         assert torch.equal(mine.isnan(), theirs.isnan()), f"{name}: NaN pattern differs"
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0, equal_nan=True, msg=name)

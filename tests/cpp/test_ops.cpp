@@ -3,6 +3,7 @@
 
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
@@ -76,7 +77,12 @@ void compare_with_native(const Case& c) {
       at::max_pool2d(at::relu(at::conv2d(input_leaf, weight_leaf, bias_leaf, c.stride, c.padding)),
                      c.pool_size, native_pool_stride, c.pool_padding, {1, 1}, c.ceil_mode);
   const double tolerance = c.dtype == at::kDouble ? 1e-10 : 1e-4;
-  check(close(output, native.detach(), tolerance), c.name + ": forward matches native");
+  // Absolute error on the output's scale: where Winograd runs (the study's conv2 on AVX2 CPUs)
+  // its rounding follows a tile's magnitude (outputs here reach ~100), not each output's.
+  const double scale = std::max(1.0, native.detach().abs().max().item<double>());
+  check(output.sizes() == native.sizes() &&
+            at::allclose(output, native.detach(), tolerance, tolerance * scale),
+        c.name + ": forward matches native");
   check(at::equal(plain, output),
         c.name + ": conv2d_relu_max_pool2d equals the _with_argmax output");
   check(output.is_contiguous(c.channels_last ? at::MemoryFormat::ChannelsLast

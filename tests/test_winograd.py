@@ -2,7 +2,8 @@
 
 It runs inside conv2d_batch_norm_relu_max_pool2d (forward, backward and phase ops) and
 conv2d_relu_max_pool2d's forward for float32 5x5 convolutions with stride 1 and enough channels,
-on CPUs of the AVX2 class; these tests draw such geometries and check the
+by default on CPUs of the AVX2 class (these tests run it on any CPU with AVX2); they draw such
+geometries and check the
 convolution output, the fused op's output, statistics and gradients against float64, the
 fallback to oneDNN for values that are not finite, and the switch that turns it off.
 """

@@ -1,13 +1,14 @@
 // CPU kernels of conv2d -> batch norm (training) -> ReLU -> max_pool2d.
 //
-// Forward: one oneDNN convolution of the whole batch (its output is kept for the backward,
+// Forward: one convolution of the whole batch (oneDNN's, or Winograd's for the study's 5x5
+// convolutions on AVX2 CPUs, see winograd_convolution.h; its output is kept for the backward,
 // channels last), one pass for the batch statistics, and one epilogue pass that normalises,
 // applies ReLU, pools and records the one-byte argmax. Neither the normalised nor the ReLU
 // output is ever written.
 // Backward: the pooled gradient reaches the normalised activation only at the argmax hits, so
 // batch norm's two per-channel reductions only visit those; the convolution-output gradient
 // is then one affine pass over the saved convolution output plus the hits, and goes to
-// at::convolution_backward.
+// at::convolution_backward (or Winograd's gradients, as the forward).
 // bfloat16 and float16: the convolution and its backward run in that dtype (oneDNN: AMX or
 // AVX512-BF16 where the CPU has them), the saved convolution output is stored in it, and
 // everything else computes in float32 with statistics in double; the batch-norm parameters may
@@ -36,8 +37,8 @@
 #include "../convolution.h"
 #include "batch_norm_cpu.h"
 #include "multiversion.h"
-#include "winograd_convolution.h"
 #include "simd.h"
+#include "winograd_convolution.h"
 
 namespace cifarnet::ops {
 namespace {

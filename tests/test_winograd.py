@@ -1,10 +1,11 @@
-"""The Winograd F(2x2, 5x5) convolution of the CPU kernels, against native torch.
+"""The Winograd F(2x2, 5x5) and F(4x4, 3x3) convolutions of the CPU kernels, against native
+torch.
 
-It runs inside conv2d_batch_norm_relu_max_pool2d (forward, backward and phase ops) and
-conv2d_relu_max_pool2d's forward for float32 5x5 convolutions with stride 1 and enough channels,
-by default on CPUs of the AVX2 class (these tests run it on any CPU with AVX2); they draw such
-geometries and check the
-convolution output, the fused op's output, statistics and gradients against float64, the
+They run inside conv2d_batch_norm_relu_max_pool2d (forward, backward and phase ops),
+conv2d_relu_max_pool2d's forward and batch_norm_relu_conv2d (forward and backward) for float32
+5x5 and 3x3 convolutions with stride 1, enough channels and outputs, by default on CPUs of the
+AVX2 class (these tests run them on any CPU with AVX2); they draw such geometries and check the
+convolution output, the fused ops' outputs, statistics and gradients against float64, the
 fallback to oneDNN for values that are not finite, and the switch that turns it off.
 """
 
@@ -22,7 +23,7 @@ from hypothesis import strategies as st
 
 import cifarnet
 from cifarnet import _C
-from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
+from cifarnet.ops import batch_norm_relu_conv2d, conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
 from op_cases import conv_out, make_tensors, op_args, pooled_out, tolerances
 from conftest import native_conv2d_relu_max_pool2d
 from test_conv2d_batch_norm_relu_max_pool2d import block_tensors, check_block_against_native
@@ -34,8 +35,8 @@ STATS_OP = torch.ops.cifarnet._conv2d_batch_norm_relu_max_pool2d_stats
 CHANNELS = [32, 36, 40, 48, 64]
 
 
-def applies(in_channels, out_channels, size, padding):
-    return _C._winograd_applies(in_channels, out_channels, *size, [5, 5], [1, 1], list(padding))
+def applies(in_channels, out_channels, size, padding, kernel=5):
+    return _C._winograd_applies(in_channels, out_channels, *size, [kernel, kernel], [1, 1], list(padding))
 
 
 @contextlib.contextmanager
@@ -78,19 +79,21 @@ def test_auto_runs_winograd_on_the_avx2_class_only(monkeypatch):
 
 @st.composite
 def winograd_cases(draw, values=("normal", "nan")):
-    """A conv -> batch norm -> ReLU -> pool case whose convolution runs as Winograd: 5x5,
-    stride 1, padding 0 to 4, sizes that leave partial tiles, channel counts with padding lanes."""
-    padding = (draw(st.integers(0, 4)), draw(st.integers(0, 4)))
-    size = (draw(st.integers(1, 11)), draw(st.integers(1, 11)))
-    conv = [conv_out(s, 5, 1, p) for s, p in zip(size, padding)]
+    """A conv -> batch norm -> ReLU -> pool case whose convolution runs as Winograd: 5x5 or 3x3,
+    stride 1, padding up to the filter's reach, sizes that leave partial tiles, channel counts
+    with padding lanes."""
+    kernel = draw(st.sampled_from([3, 5]))
+    padding = (draw(st.integers(0, kernel - 1)), draw(st.integers(0, kernel - 1)))
+    size = (draw(st.integers(1, 14)), draw(st.integers(1, 14)))
+    conv = [conv_out(s, kernel, 1, p) for s, p in zip(size, padding)]
     assume(min(conv) >= 2)
     pool = draw(st.sampled_from([(2, 2), (3, 3), (1, 1)]))
     assume(all(pooled_out(c, w, w, False) > 0 for c, w in zip(conv, pool)))
     in_channels, out_channels = draw(st.sampled_from(CHANNELS)), draw(st.sampled_from(CHANNELS))
-    assume(applies(in_channels, out_channels, size, padding))
+    assume(applies(in_channels, out_channels, size, padding, kernel))
     return dict(
         batch=draw(st.integers(1, 4)), in_channels=in_channels, out_channels=out_channels, size=size,
-        kernel=(5, 5), stride=(1, 1), padding=padding, pool_size=pool, pool_stride=None, ceil_mode=False,
+        kernel=(kernel, kernel), stride=(1, 1), padding=padding, pool_size=pool, pool_stride=None, ceil_mode=False,
         pool_padding=(0, 0), bias=draw(st.booleans()), input_channels_last=draw(st.booleans()),
         weight_channels_last=draw(st.booleans()), dtype=torch.float32, values=draw(st.sampled_from(values)),
         seed=draw(st.integers(0, 2**31 - 1)), training=True, running_stats=draw(st.booleans()),
@@ -176,24 +179,25 @@ def winograd_rounding_bound(name, terms):
     batch=st.integers(1, 3),
     in_channels=st.sampled_from(CHANNELS),
     out_channels=st.sampled_from(CHANNELS),
-    size=st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    kernel=st.sampled_from([3, 5]),
     padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
     channels_last=st.booleans(),
     one_sign=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
 def test_convolution_output_within_float32_rounding_of_float64(
-    batch, in_channels, out_channels, size, padding, channels_last, one_sign, seed
+    batch, in_channels, out_channels, size, kernel, padding, channels_last, one_sign, seed
 ):
     """The convolution alone (the statistics phase returns it), against float64: within
     1e-5 of the sum of the absolute products the outputs of its tile add up (native's bound
-    would be each output's own); also for non-negative inputs (as after a ReLU) with weights
-    of one sign."""
-    assume(all(conv_out(s, 5, 1, p) >= 1 for s, p in zip(size, padding)))
-    assume(applies(in_channels, out_channels, size, padding))
+    would be each output's own; F(4x4, 3x3)'s worst over 1,000 drawn cases lay between 2e-6
+    and 4e-6); also for non-negative inputs (as after a ReLU) with weights of one sign."""
+    assume(all(conv_out(s, kernel, 1, p) >= 1 for s, p in zip(size, padding)))
+    assume(applies(in_channels, out_channels, size, padding, kernel))
     generator = torch.Generator().manual_seed(seed)
     input = torch.randn(batch, in_channels, *size, generator=generator)
-    weight = torch.randn(out_channels, in_channels, 5, 5, generator=generator) / 10
+    weight = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) / 10
     bias = torch.randn(out_channels, generator=generator)
     if one_sign:
         input, weight = input.abs(), -weight.abs()
@@ -203,16 +207,22 @@ def test_convolution_output_within_float32_rounding_of_float64(
     exact = F.conv2d(input.double(), weight.double(), bias.double(), padding=padding)
     terms = F.conv2d(input.double().abs(), weight.double().abs(), bias.double().abs(), padding=padding)
     error = (conv.double() - exact).abs()
-    bound = 1e-5 * tile_maxima(terms)
-    assert (error <= bound).all(), f"error {(error / bound).max() * 1e-5:.3g} of its tile's terms"
+    bound = OUTPUT_ROUNDING * tile_maxima(terms, TILE[kernel])
+    assert (error <= bound).all(), f"error {(error / bound).max() * OUTPUT_ROUNDING:.3g} of its tile's terms"
 
 
-def tile_maxima(terms):
-    """Each output's bound scale: the largest summed terms of its 2 x 2 tile (the transforms
-    mix the tile's 6 x 6 inputs, so rounding follows the tile's scale, not each output's)."""
+# Outputs along a tile's side, by filter size; the bound on an output's rounding, as a fraction
+# of its tile's summed terms.
+TILE = {5: 2, 3: 4}
+OUTPUT_ROUNDING = 1e-5
+
+
+def tile_maxima(terms, tile):
+    """Each output's bound scale: the largest summed terms of its tile (the transforms mix the
+    tile's 6 x 6 inputs, so rounding follows the tile's scale, not each output's)."""
     height, width = terms.shape[-2:]
-    maxima = F.max_pool2d(terms, 2, 2, ceil_mode=True)
-    return maxima.repeat_interleave(2, dim=-2).repeat_interleave(2, dim=-1)[..., :height, :width]
+    maxima = F.max_pool2d(terms, tile, tile, ceil_mode=True)
+    return maxima.repeat_interleave(tile, dim=-2).repeat_interleave(tile, dim=-1)[..., :height, :width]
 
 
 def test_winograd_is_not_oneDNN_and_the_switch_restores_oneDNN(monkeypatch):
@@ -275,11 +285,37 @@ def test_study_layers_run_winograd_but_not_conv1():
     assert not applies(3, 32, (32, 32), (2, 2))
 
 
+@requires_winograd
+def test_resnet_3x3_layers_run_winograd_where_it_pays():
+    """ResNet's 3x3 convolutions at 224x224 (64 channels at 56x56, 128 at 28x28) and at
+    CIFAR's 32x32 (64 at 8x8) take F(4x4, 3x3); on a 2x2 image a tile computes four times the
+    outputs that exist, which does not pay."""
+    assert applies(64, 64, (56, 56), (1, 1), 3) and applies(128, 128, (28, 28), (1, 1), 3)
+    assert applies(64, 64, (8, 8), (1, 1), 3)
+    assert not applies(256, 256, (2, 2), (1, 1), 3)
+
+
+@requires_winograd
+def test_channels_whose_block_outgrows_l2_are_refused():
+    """The smallest block (12 tiles' transformed inputs and products) must fit in one core's
+    L2: 128 + 128 channels take 432 KiB, 256 + 256 twice that."""
+    machine = _C._cache_sizes()
+    try:
+        _C._set_cache_sizes(l1d_bytes=32 << 10, l2_bytes=512 << 10, llc_bytes=32 << 20)
+        assert applies(128, 128, (28, 28), (1, 1), 3)
+        assert not applies(256, 256, (28, 28), (1, 1), 3) and not applies(64, 512, (28, 28), (1, 1), 3)
+        _C._set_cache_sizes(l1d_bytes=32 << 10, l2_bytes=2 << 20, llc_bytes=32 << 20)
+        assert applies(256, 256, (28, 28), (1, 1), 3)
+    finally:
+        _C._set_cache_sizes()
+    assert _C._cache_sizes() == machine
+
+
 @pytest.mark.parametrize(
     "kernel, stride, padding, size",
-    [((3, 3), (1, 1), (1, 1), (16, 16)), ((5, 5), (2, 2), (2, 2), (16, 16)), ((5, 5), (1, 1), (5, 5), (16, 16)),
-     ((5, 5), (1, 1), (3, 0), (1, 8))],
-    ids=["3x3", "stride-2", "padding-5", "filter-rows-that-only-meet-padding"],
+    [((7, 7), (1, 1), (3, 3), (16, 16)), ((5, 5), (2, 2), (2, 2), (16, 16)), ((5, 5), (1, 1), (5, 5), (16, 16)),
+     ((3, 3), (1, 1), (3, 3), (16, 16)), ((5, 5), (1, 1), (3, 0), (1, 8)), ((3, 3), (1, 1), (1, 1), (1, 16))],
+    ids=["7x7", "stride-2", "padding-5", "3x3-padding-3", "filter-rows-that-only-meet-padding", "3x3-filter-rows-that-only-meet-padding"],
 )
 def test_geometries_winograd_does_not_cover_are_refused(kernel, stride, padding, size):
     assert not _C._winograd_applies(64, 64, *size, list(kernel), list(stride), list(padding))
@@ -293,7 +329,7 @@ def test_gradients_take_native_layouts(input_channels_last, weight_channels_last
     the weight is), as the oneDNN path gives them. (36 output channels: a vector of padding
     channels past the last, which once made the transforms write out of bounds.)"""
     generator = torch.Generator().manual_seed(2)
-    input = torch.randn(2, 32, 9, 9, generator=generator)
+    input = torch.randn(2, 32, 10, 10, generator=generator)
     weight = torch.randn(36, 32, 5, 5, generator=generator)
     if input_channels_last:
         input = input.contiguous(memory_format=torch.channels_last)
@@ -307,4 +343,89 @@ def test_gradients_take_native_layouts(input_channels_last, weight_channels_last
     native_grads = torch.autograd.grad(native, native_leaves, torch.randn_like(native))
     for ours, theirs in zip(grads, native_grads):
         assert ours.stride() == theirs.stride()
-    assert _C._winograd_applies(32, 36, 9, 9, [5, 5], [1, 1], [2, 2])
+    assert _C._winograd_applies(32, 36, 10, 10, [5, 5], [1, 1], [2, 2])
+
+
+@requires_winograd
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    batch=st.integers(1, 3),
+    in_channels=st.sampled_from(CHANNELS),
+    out_channels=st.sampled_from(CHANNELS),
+    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    kernel=st.sampled_from([3, 5]),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    bias=st.booleans(),
+    input_channels_last=st.booleans(),
+    weight_channels_last=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_batch_norm_relu_conv_with_winograd_matches_float64(
+    batch, in_channels, out_channels, size, kernel, padding, bias, input_channels_last, weight_channels_last, seed
+):
+    """batch_norm_relu_conv2d with its convolution as Winograd (a ResNet block's 3x3 one),
+    against native's chain in float64: the output within the bound above of its tile's summed
+    terms; the weight gradient within 3e-5 of its filter's largest summed terms (both plus
+    what the batch norm's own float32 rounding, 8 ulps of its terms, moves them: a rectified
+    value just above zero carries it relative to its size); the batch norm's gradients within
+    3e-5 of the batch norm's backward taken over the convolution's input-gradient terms in
+    absolute values (where Winograd's rounding goes), plus native's float32 tolerance of their
+    scale; native's layouts."""
+    assume(all(s + 2 * p >= kernel for s, p in zip(size, padding)))
+    assume(applies(in_channels, out_channels, size, padding, kernel))
+    generator = torch.Generator().manual_seed(seed)
+    input = torch.randn(batch, in_channels, *size, generator=generator) * 2 + 1
+    bn_weight = 0.5 + torch.rand(in_channels, generator=generator)
+    bn_bias = torch.randn(in_channels, generator=generator)
+    weight = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) / 10
+    conv_bias = torch.randn(out_channels, generator=generator) if bias else None
+    if input_channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    if weight_channels_last:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    leaves = [t.clone().requires_grad_() for t in (input, bn_weight, bn_bias, weight)]
+    output = batch_norm_relu_conv2d(*leaves[:1], None, None, *leaves[1:], conv_bias, training=True, padding=padding)
+    grad_output = torch.randn(output.shape, generator=generator)
+    grads = torch.autograd.grad(output, leaves, grad_output)
+
+    exact_leaves = [t.double().requires_grad_() for t in (input, bn_weight, bn_bias, weight)]
+    x, gamma, beta, w = exact_leaves
+    normalised = F.batch_norm(x, None, None, gamma, beta, training=True)
+    rectified = F.relu(normalised)
+    exact = F.conv2d(rectified, w, None if conv_bias is None else conv_bias.double(), padding=padding)
+    exact_grads = torch.autograd.grad(exact, exact_leaves, grad_output.double())
+    native = F.conv2d(F.relu(F.batch_norm(input, None, None, bn_weight, bn_bias, training=True)), weight, conv_bias, padding=padding)
+    assert output.stride() == native.stride()
+
+    r, g, dy = rectified.detach().abs(), w.detach().abs(), grad_output.double().abs()
+    dims = (0, 2, 3)
+    mean, var = x.detach().mean(dims, keepdim=True), x.detach().var(dims, unbiased=False, keepdim=True)
+    x_hat = ((x.detach() - mean) / (var + 1e-5).sqrt()).abs()
+    normalised_terms = gamma.detach().view(1, -1, 1, 1) * x_hat + beta.detach().abs().view(1, -1, 1, 1)
+    rectified_rounding = 2**-20 * normalised_terms * (normalised > -2**-20 * normalised_terms)
+    terms = F.conv2d(r, g, None if conv_bias is None else conv_bias.double().abs(), padding=padding)
+    bound = OUTPUT_ROUNDING * tile_maxima(terms, TILE[kernel]) + F.conv2d(rectified_rounding, g, padding=padding)
+    error = (output.double() - exact.detach()).abs()
+    assert (error <= bound).all(), f"output: {(error / bound).nan_to_num().max():.3g} of the bound"
+
+    weight_terms = torch.nn.grad.conv2d_weight(r, w.shape, dy, padding=padding)
+    weight_bound = 3e-5 * weight_terms.amax(dim=(2, 3), keepdim=True) + torch.nn.grad.conv2d_weight(
+        rectified_rounding, w.shape, dy, padding=padding
+    )
+    weight_error = (grads[3].double() - exact_grads[3]).abs()
+    assert (weight_error <= weight_bound).all(), f"grad weight: {(weight_error / weight_bound).nan_to_num().max():.3g} of the bound"
+    assert grads[3].stride() == weight.stride() or grads[3].is_contiguous(memory_format=torch.channels_last)
+
+    # The batch norm's backward over the input-gradient terms, in absolute values: how far
+    # Winograd's rounding of the convolution's input gradient can move each gradient.
+    input_terms = torch.nn.grad.conv2d_input(x.shape, g, dy, padding=padding) * (normalised > 0)
+    scale = gamma.detach().abs().view(1, -1, 1, 1) / (var + 1e-5).sqrt()
+    spread = {
+        "input": scale * (input_terms + input_terms.mean(dims, keepdim=True) + x_hat * (input_terms * x_hat).mean(dims, keepdim=True)),
+        "bn_weight": (input_terms * x_hat).sum(dims),
+        "bn_bias": input_terms.sum(dims),
+    }
+    for name, mine, reference in zip(("input", "bn_weight", "bn_bias"), grads, exact_grads):
+        allowed = 3e-5 * spread[name] + 1e-5 * reference.abs().max()
+        difference = (mine.double() - reference).abs()
+        assert (difference <= allowed).all(), f"grad {name}: {(difference / allowed).nan_to_num().max():.3g} of the bound"

@@ -7,7 +7,9 @@
 // rectified tensor. This op keeps only the batch norm's input and statistics, and its backward
 // recomputes the rectified tensor (one elementwise pass) where native reads it back. Its
 // kernels are compositions of the library's batch-norm ops, with the ReLU fused into them
-// (forward and backward), and ATen's convolution, so one kernel serves every device (and Meta).
+// (forward and backward), and ATen's convolution, so one kernel serves every device (and Meta);
+// on the CPU a convolution Winograd applies to (cpu/winograd_convolution.h: ResNets' 3x3 ones
+// on AVX2 CPUs) runs as Winograd instead.
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
@@ -21,6 +23,7 @@
 #include "batch_norm_common.h"
 #include "batch_norm_running_stats.h"
 #include "conv_pool_geometry.h"
+#include "cpu/winograd_convolution.h"
 #include "internal_op.h"
 #include "native_composition.h"
 #include "ops.h"
@@ -114,9 +117,25 @@ at::Tensor rectified_input(const at::Tensor& input, const at::Tensor& mean, cons
                                     /*relu=*/true));
 }
 
+// conv2d(rectified, weight, bias) in native conv2d's output layout: Winograd where it applies
+// (and every value is finite), ATen's convolution otherwise.
+at::Tensor convolution(const at::Tensor& rectified, const at::Tensor& weight,
+                       const OptionalTensor& bias, at::IntArrayRef stride,
+                       at::IntArrayRef padding) {
+  const at::MemoryFormat format = conv_output_memory_format(rectified, weight);
+  if (winograd_applies(rectified, weight, stride, padding)) {
+    if (auto output = winograd_convolution(rectified, winograd_filters(weight), bias, padding)) {
+      return output->contiguous(format);
+    }
+  }
+  return at::convolution(rectified, weight, bias, stride, padding, /*dilation=*/{1, 1},
+                         /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1)
+      .contiguous(format);
+}
+
 // Statistics with the batch-norm statistics op (double on the CPU, the accumulation type on
 // CUDA: float32 for bfloat16/float16), the rectified tensor in a temporary freed on return, and
-// ATen's convolution, whose output layout is native conv2d's.
+// the convolution, in native conv2d's output layout.
 Tensor3 batch_norm_relu_conv2d_training_kernel(const at::Tensor& input,
                                                const OptionalTensor& bn_weight,
                                                const OptionalTensor& bn_bias,
@@ -130,11 +149,7 @@ Tensor3 batch_norm_relu_conv2d_training_kernel(const at::Tensor& input,
   check_batch_norm_eps(eps, /*training=*/true);
   auto [save_mean, save_var] = statistics.call(input);
   const at::Tensor rectified = rectified_input(input, save_mean, save_var, bn_weight, bn_bias, eps);
-  const at::Tensor output =
-      at::convolution(rectified, weight, bias, stride, padding, /*dilation=*/{1, 1},
-                      /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1)
-          .contiguous(conv_output_memory_format(rectified, weight));
-  return {output, save_mean, save_var};
+  return {convolution(rectified, weight, bias, stride, padding), save_mean, save_var};
 }
 
 // The rectified tensor recomputed, the convolution's gradients, and batch norm's training
@@ -169,10 +184,16 @@ Tensor5 batch_norm_relu_conv2d_training_backward_kernel(
   const at::Tensor rectified = rectified_input(input, save_mean, save_var, bn_weight, bn_bias, eps);
   const at::MemoryFormat format = conv_output_memory_format(rectified, weight);
   at::Tensor grad_rectified;
-  std::tie(grad_rectified, grad_weight, grad_bias) = at::convolution_backward(
-      grad_output, rectified, weight, at::IntArrayRef{weight.size(0)}, stride, padding,
-      /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
-      {batch_norm_grads, output_mask[3], output_mask[4]});
+  if (winograd_applies(rectified, weight, stride, padding)) {
+    std::tie(grad_rectified, grad_weight, grad_bias) =
+        cpu_convolution_grads(grad_output, rectified, weight, stride, padding,
+                              {batch_norm_grads, output_mask[3], output_mask[4]});
+  } else {
+    std::tie(grad_rectified, grad_weight, grad_bias) = at::convolution_backward(
+        grad_output, rectified, weight, at::IntArrayRef{weight.size(0)}, stride, padding,
+        /*dilation=*/{1, 1}, /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1,
+        {batch_norm_grads, output_mask[3], output_mask[4]});
+  }
   if (grad_weight.defined()) grad_weight = grad_weight.contiguous(format);
   if (batch_norm_grads) {
     std::tie(grad_input, grad_bn_weight, grad_bn_bias) = batch_norm_backward.call(

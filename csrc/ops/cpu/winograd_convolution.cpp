@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "../convolution.h"
@@ -46,6 +47,7 @@ struct Geometry {
   int64_t height, width, channels, channels_padded;
   int64_t out_h, out_w, out_channels, out_channels_padded;
   int64_t pad_h, pad_w, tiles_h, tiles_w;
+  int64_t tile;  // outputs along a tile's side: 2 (5x5 filters) or 4 (3x3)
 };
 
 // The loops, compiled for AVX2 (x86-64-v3) alone: the only class they have been measured on
@@ -83,26 +85,50 @@ Algorithm requested_algorithm() {
                     value, "'");
 }
 
-Geometry make_geometry(const at::Tensor& input, int64_t out_channels, at::IntArrayRef padding) {
+// Outputs along a tile's side for a filter of this side: 6 transformed points either way.
+int64_t tile_for_kernel(int64_t kernel) { return 7 - kernel; }
+
+Geometry make_geometry(const at::Tensor& input, int64_t out_channels, int64_t kernel,
+                       at::IntArrayRef padding) {
   Geometry g{};
   g.height = input.size(2), g.width = input.size(3);
   g.channels = input.size(1), g.channels_padded = round_up(g.channels, kLanes);
   g.pad_h = padding[0], g.pad_w = padding[1];
-  g.out_h = g.height + 2 * g.pad_h - 4, g.out_w = g.width + 2 * g.pad_w - 4;
+  g.out_h = g.height + 2 * g.pad_h - (kernel - 1), g.out_w = g.width + 2 * g.pad_w - (kernel - 1);
   g.out_channels = out_channels, g.out_channels_padded = round_up(out_channels, 2 * kLanes);
-  g.tiles_h = (g.out_h + 1) / 2, g.tiles_w = (g.out_w + 1) / 2;
+  g.tile = tile_for_kernel(kernel);
+  g.tiles_h = (g.out_h + g.tile - 1) / g.tile, g.tiles_w = (g.out_w + g.tile - 1) / g.tile;
   return g;
 }
 
-// Tiles per block: as many (a multiple of 12, the register blocks' rows) as keep the block's two
-// buffers within two thirds of one core's L2 (the rest: the filters being multiplied, the
-// input rows being transformed). On a Zen 3 (512 KiB L2) the study's conv2 and conv3 ran
-// fastest at 24 and 12 tiles, which this gives; half the L2 (12, 12) and 48 or more tiles
-// were up to 20% slower.
+// body(std::integral_constant<int, tile>{}) for the geometry's tile: the loops' template
+// argument.
+template <typename Body>
+void with_tile(int64_t tile, const Body& body) {
+  if (tile == 2) {
+    body(std::integral_constant<int, 2>{});
+  } else {
+    TORCH_INTERNAL_ASSERT(tile == 4, "Winograd tiles are 2 or 4 outputs wide, got ", tile);
+    body(std::integral_constant<int, 4>{});
+  }
+}
+
+// The register blocks' rows, twice: the fewest tiles a block takes.
+constexpr int64_t kMinBlockTiles = 12;
+
+// Bytes of one tile in a block's two buffers (transformed inputs and products).
+int64_t block_bytes_per_tile(int64_t channels_padded, int64_t out_channels_padded) {
+  return kPoints * (channels_padded + out_channels_padded) * static_cast<int64_t>(sizeof(float));
+}
+
+// Tiles per block: as many (a multiple of 12) as keep the block's buffers within two thirds of
+// one core's L2 (the rest: the filters being multiplied, the input rows being transformed),
+// and at least 12. On a Zen 3 (512 KiB L2) the study's conv2 and conv3 ran fastest at 24 and
+// 12 tiles, which this gives; half the L2 (12, 12) and 48 or more tiles were up to 20% slower.
 int64_t block_tiles(const Geometry& g) {
-  const int64_t bytes_per_tile =
-      kPoints * (g.channels_padded + g.out_channels_padded) * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(12, cache_sizes().l2_bytes * 2 / 3 / bytes_per_tile / 12 * 12);
+  const int64_t fitting = cache_sizes().l2_bytes * 2 / 3 /
+                          block_bytes_per_tile(g.channels_padded, g.out_channels_padded);
+  return std::max(kMinBlockTiles, fitting / kMinBlockTiles * kMinBlockTiles);
 }
 
 // A buffer of `size` floats, 64-byte aligned (the CPU allocator's alignment, as the loops'
@@ -117,12 +143,15 @@ WinogradFilters transform(const at::Tensor& weight, bool adjoint) {
   WinogradFilters filters;
   filters.channels = weight.size(adjoint ? 0 : 1);
   filters.out_channels = weight.size(adjoint ? 1 : 0);
+  filters.kernel = weight.size(2);
   const int64_t c_pad = round_up(filters.channels, kLanes);
   const int64_t k_pad = round_up(filters.out_channels, 2 * kLanes);
   filters.transformed = float_buffer(kPoints * c_pad * k_pad);
-  isa_avx2::winograd::transform_filters(weight.data_ptr<float>(), weight.strides().data(), adjoint,
-                                        filters.channels, filters.out_channels, c_pad, k_pad,
-                                        filters.transformed.data_ptr<float>());
+  with_tile(tile_for_kernel(filters.kernel), [&](auto tile) {
+    isa_avx2::winograd::transform_filters<decltype(tile)::value>(
+        weight.data_ptr<float>(), weight.strides().data(), adjoint, filters.channels,
+        filters.out_channels, c_pad, k_pad, filters.transformed.data_ptr<float>());
+  });
   return filters;
 }
 
@@ -136,12 +165,12 @@ constexpr int64_t kTilesPerFloatSum = 96;
 // blocks' products (in double, see kTilesPerFloatSum), then the threads' sums are added in
 // thread order.
 std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output,
-                                                   const at::Tensor& input,
+                                                   const at::Tensor& input, int64_t kernel,
                                                    at::IntArrayRef padding,
                                                    at::MemoryFormat format) {
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
-  const Geometry g = make_geometry(x, dy.size(1), padding);
+  const Geometry g = make_geometry(x, dy.size(1), kernel, padding);
   const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
   const int64_t blocks = (tiles + rows - 1) / rows;
   const int64_t blocks_per_float_sum = std::max<int64_t>(1, kTilesPerFloatSum / rows);
@@ -164,9 +193,11 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
         const bool starts_sum = (block - begin) % blocks_per_float_sum == 0;
         const bool ends_sum = (block - begin + 1) % blocks_per_float_sum == 0 || block + 1 == end;
         bool block_not_finite = false;
-        isa_avx2::winograd::weight_gradient_block(in, grad, g, first, count, v.data_ptr<float>(),
-                                                  e.data_ptr<float>(), product_sum,
-                                                  /*accumulate=*/!starts_sum, &block_not_finite);
+        with_tile(g.tile, [&](auto tile) {
+          isa_avx2::winograd::weight_gradient_block<decltype(tile)::value>(
+              in, grad, g, first, count, v.data_ptr<float>(), e.data_ptr<float>(), product_sum,
+              /*accumulate=*/!starts_sum, &block_not_finite);
+        });
         if (block_not_finite) not_finite = true;
         if (ends_sum) {
           isa_avx2::winograd::add_products(product_sum, sum_size, sums[chunk].data_ptr<double>());
@@ -178,22 +209,25 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
   std::vector<const double*> sum_data;
   for (const at::Tensor& sum : sums) sum_data.push_back(sum.data_ptr<double>());
   at::Tensor grad_weight =
-      at::empty({g.out_channels, g.channels, 5, 5}, x.options().memory_format(format));
+      at::empty({g.out_channels, g.channels, kernel, kernel}, x.options().memory_format(format));
   bool weight_not_finite = false;
-  isa_avx2::winograd::transform_filter_gradients(
-      sum_data.data(), chunks, g.channels, g.out_channels, g.channels_padded,
-      g.out_channels_padded, grad_weight.data_ptr<float>(), grad_weight.strides().data(),
-      &weight_not_finite);
+  with_tile(g.tile, [&](auto tile) {
+    isa_avx2::winograd::transform_filter_gradients<decltype(tile)::value>(
+        sum_data.data(), chunks, g.channels, g.out_channels, g.channels_padded,
+        g.out_channels_padded, grad_weight.data_ptr<float>(), grad_weight.strides().data(),
+        &weight_not_finite);
+  });
   if (weight_not_finite) return std::nullopt;
   return grad_weight;
 }
 
 // The input gradient: the forward over the output gradient with the filters flipped and their
-// channel axes swapped, padded by 4 - p.
+// channel axes swapped, padded by r - 1 - p for r x r filters.
 std::optional<at::Tensor> winograd_input_gradient(const at::Tensor& grad_output,
                                                   const at::Tensor& weight,
                                                   at::IntArrayRef padding) {
-  const std::array<int64_t, 2> adjoint_padding{4 - padding[0], 4 - padding[1]};
+  const int64_t reach = weight.size(2) - 1;
+  const std::array<int64_t, 2> adjoint_padding{reach - padding[0], reach - padding[1]};
   return winograd_convolution(grad_output, transform(weight, /*adjoint=*/true), std::nullopt,
                               adjoint_padding);
 }
@@ -217,7 +251,7 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
                                                at::IntArrayRef padding) {
 #if CIFARNET_HAS_ISA_VARIANTS
   const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const Geometry g = make_geometry(x, filters.out_channels, padding);
+  const Geometry g = make_geometry(x, filters.out_channels, filters.kernel, padding);
   std::vector<float> padded_bias;
   if (bias.has_value() && bias->defined()) {
     const at::Tensor b = bias->contiguous();
@@ -238,9 +272,11 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
     for (int64_t block = begin; block < end; ++block) {
       const int64_t first = block * rows, count = std::min(rows, tiles - first);
       bool block_not_finite = false;
-      isa_avx2::winograd::forward_block(in, u, padded_bias.empty() ? nullptr : padded_bias.data(),
-                                        g, first, count, rows, v.data_ptr<float>(),
-                                        m.data_ptr<float>(), out, &block_not_finite);
+      with_tile(g.tile, [&](auto tile) {
+        isa_avx2::winograd::forward_block<decltype(tile)::value>(
+            in, u, padded_bias.empty() ? nullptr : padded_bias.data(), g, first, count, rows,
+            v.data_ptr<float>(), m.data_ptr<float>(), out, &block_not_finite);
+      });
       if (block_not_finite) not_finite = true;
     }
   });
@@ -270,22 +306,41 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
       if (cpu_isa() != CpuIsa::avx2) return false;
       break;
   }
-  if (kernel[0] != 5 || kernel[1] != 5 || stride[0] != 1 || stride[1] != 1 || padding[0] < 0 ||
-      padding[1] < 0 || padding[0] > 4 || padding[1] > 4) {
+  const int64_t r = kernel[0];
+  if ((r != 3 && r != 5) || kernel[1] != r || stride[0] != 1 || stride[1] != 1 ||
+      padding[0] < 0 || padding[1] < 0 || padding[0] > r - 1 || padding[1] > r - 1) {
     return false;
   }
-  // Every filter element meets the image somewhere (height + padding >= 5): the transforms
+  // Every filter element meets the image somewhere (height + padding >= r): the transforms
   // spread rounding over the whole filter, which would leave a few ulps of the filter's scale
   // in gradients that are exactly zero (elements that only ever meet padding); such inputs
   // are a few pixels across, where direct convolution is as fast.
-  if (height + padding[0] < 5 || width + padding[1] < 5) return false;
-  // Multiplies per four outputs: 36 per (padded) channel pair against direct's 100, in both
-  // directions (the input gradient swaps the channel counts). The other half pays for the
-  // transforms.
-  const auto pays = [&](int64_t in, int64_t out) {
-    return 2 * 36 * round_up(in, kLanes) * round_up(out, 2 * kLanes) <= 100 * in * out;
+  if (height + padding[0] < r || width + padding[1] < r) return false;
+  // Multiplies: 36 per tile and (padded) channel pair against direct's r^2 per output and
+  // channel pair, counting the outputs a partial tile computes past the edge, in both
+  // directions (the input gradient, a convolution of the output gradient padded by r - 1 - p,
+  // swaps the channel counts and the image sizes). Winograd must take at most half: the rest
+  // pays for the transforms.
+  const int64_t m = tile_for_kernel(r);
+  const auto pays = [&](int64_t in, int64_t out, int64_t h, int64_t w) {
+    const int64_t tiles = ((h + m - 1) / m) * ((w + m - 1) / m);
+    return 2 * 36 * tiles * round_up(in, kLanes) * round_up(out, 2 * kLanes) <=
+           r * r * h * w * in * out;
   };
-  return pays(channels, out_channels) && pays(out_channels, channels);
+  const int64_t out_h = height + 2 * padding[0] - (r - 1), out_w = width + 2 * padding[1] - (r - 1);
+  if (!pays(channels, out_channels, out_h, out_w) || !pays(out_channels, channels, height, width)) {
+    return false;
+  }
+  // The smallest block's buffers fit in one core's L2. With more channels a block's
+  // transformed values leave the cache between the transforms and the products, and the
+  // transformed filters (36 C K floats, read once per block) outgrow the caches: on a Zen 3
+  // (512 KiB L2; 12 tiles of 128 and 128 channels take 432 KiB) ResNet's 3x3 convolutions ran
+  // at 2-2.5x oneDNN's speed with 64 and 128 channels, level with 256 and 0.2x with 512.
+  const auto fits = [&](int64_t in, int64_t out) {
+    return kMinBlockTiles * block_bytes_per_tile(round_up(in, kLanes), round_up(out, 2 * kLanes)) <=
+           cache_sizes().l2_bytes;
+  };
+  return fits(channels, out_channels) && fits(out_channels, channels);
 }
 
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
@@ -323,7 +378,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cpu_convolution_grads(
   std::optional<at::Tensor> grad_input, grad_weight;
   if (output_mask[0]) grad_input = winograd_input_gradient(grad_conv, weight, padding);
   const at::MemoryFormat format = conv_output_memory_format(input, weight);
-  if (output_mask[1]) grad_weight = winograd_weight_gradient(grad_conv, input, padding, format);
+  if (output_mask[1]) {
+    grad_weight = winograd_weight_gradient(grad_conv, input, weight.size(2), padding, format);
+  }
   if ((output_mask[0] && !grad_input) || (output_mask[1] && !grad_weight)) {
     return convolution_grads(grad_conv, input, weight, stride, padding, output_mask);
   }

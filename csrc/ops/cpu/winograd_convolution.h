@@ -1,7 +1,8 @@
 #pragma once
-// Winograd F(2x2, 5x5) convolutions on the CPU, where they apply and pay: the batch-norm
-// chain's convolution and its gradients, and conv -> ReLU -> pool's forward. oneDNN
-// (at::convolution) everywhere else.
+// Winograd F(2x2, 5x5) and F(4x4, 3x3) convolutions on the CPU, where they apply and pay: the
+// batch-norm chain's convolution and its gradients, conv -> ReLU -> pool's forward, and batch
+// norm -> ReLU -> conv's convolution and its gradients. oneDNN (at::convolution) everywhere
+// else.
 
 #include <ATen/ATen.h>
 
@@ -13,10 +14,11 @@
 
 namespace cifarnet::ops {
 
-// Whether conv2d(input, weight) with this stride and padding runs as Winograd F(2x2, 5x5): a
-// float32 5x5 convolution with stride 1 and padding at most 4 on an image every filter element
-// meets, with enough channels that the transformed product takes under half of direct
-// convolution's multiplies (not conv1's three input channels), on a CPU of the AVX2 class.
+// Whether conv2d(input, weight) with this stride and padding runs as Winograd (F(2x2, 5x5) or
+// F(4x4, 3x3)): a float32 5x5 or 3x3 convolution with stride 1 and padding at most r - 1 on an
+// image every filter element meets, with enough channels and outputs that the transformed
+// product takes under half of direct convolution's multiplies (not the study's conv1 with its
+// three input channels, nor a 3x3 one on a 2x2 image), on a CPU of the AVX2 class.
 // CIFARNET_CONV_ALGORITHM (read at each call) overrides: "native" never, "winograd" on any CPU
 // with AVX2 (AVX-512 ones included), "auto" (or unset) as above.
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
@@ -30,10 +32,10 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
 // A convolution's filters, transformed once for every tile (and every call) that uses them.
 struct WinogradFilters {
   at::Tensor transformed;  // U[point][channels padded][out_channels padded], float32
-  int64_t channels = 0, out_channels = 0;
+  int64_t channels = 0, out_channels = 0, kernel = 0;
 };
 
-// The filters of a [out_channels][channels][5][5] float32 weight (any strides).
+// The filters of a [out_channels][channels][r][r] float32 weight (r = 3 or 5, any strides).
 WinogradFilters winograd_filters(const at::Tensor& weight);
 
 // conv2d(input, weight, bias, stride 1, padding) as Winograd, channels last, where

@@ -1,7 +1,9 @@
-// Loops of the Winograd F(2x2, 5x5) convolution (see winograd_convolution.cpp): the input,
-// output-gradient and output transforms of one block of tiles, vectorised over channels, and
-// the register-blocked matrix product that multiplies the transformed tiles by the
-// transformed filters at each of the 36 points. Included inside an ISA namespace that defines
+// Loops of the Winograd F(2x2, 5x5) and F(4x4, 3x3) convolutions (see winograd_convolution.cpp):
+// the input, output-gradient and output transforms of one block of tiles, vectorised over
+// channels, and the register-blocked matrix product that multiplies the transformed tiles by
+// the transformed filters at each of the 36 points. Both use the interpolation points 0, 1,
+// -1, 2, -2 and infinity, so they share the input transform; a template parameter kTile (the
+// outputs along a tile's side, 2 or 4; the filter's side is 7 - kTile) picks the rest. Included inside an ISA namespace that defines
 // kVectorRegisters and kVectorRegisterBytes (so: no include guard, no includes), for AVX2
 // today; written for any width.
 //
@@ -51,24 +53,38 @@ inline __attribute__((always_inline)) void input_line(const vfloat* d, vfloat* v
   v[5] = 4.0f * d[1] - 5.0f * d[3] + d[5];
 }
 
-// A M for one line of six transformed values: the two outputs.
-inline __attribute__((always_inline)) void output_line(const vfloat* m, vfloat& y0, vfloat& y1) {
+// A^T m for one line of six transformed values: the kTile outputs (output i takes each finite
+// point's value times the point to the power i, and the point at infinity's in the last).
+template <int kTile>
+inline __attribute__((always_inline)) void output_line(const vfloat* m, vfloat* y) {
   const vfloat sum12 = m[1] + m[2], diff12 = m[1] - m[2];
   const vfloat sum34 = m[3] + m[4], diff34 = m[3] - m[4];
-  y0 = m[0] + sum12 + sum34;
-  y1 = diff12 + 2.0f * diff34 + m[5];
+  y[0] = m[0] + sum12 + sum34;
+  if constexpr (kTile == 2) {
+    y[1] = diff12 + 2.0f * diff34 + m[5];
+  } else {
+    static_assert(kTile == 4);
+    y[1] = diff12 + 2.0f * diff34;
+    y[2] = sum12 + 4.0f * sum34;
+    y[3] = diff12 + 8.0f * diff34 + m[5];
+  }
 }
 
-// A^T e for one line of two output gradients: the six transformed values (the adjoint of
+// A e for one line of kTile output gradients: the six transformed values (the adjoint of
 // output_line).
-inline __attribute__((always_inline)) void gradient_line(vfloat e0, vfloat e1, vfloat* e) {
-  const vfloat twice = 2.0f * e1;
-  e[0] = e0;
-  e[1] = e0 + e1;
-  e[2] = e0 - e1;
-  e[3] = e0 + twice;
-  e[4] = e0 - twice;
-  e[5] = e1;
+template <int kTile>
+inline __attribute__((always_inline)) void gradient_line(const vfloat* e, vfloat* points) {
+  vfloat even = e[0], odd = e[1], even4 = e[0], odd2 = 2.0f * e[1];  // at 1 and 2
+  if constexpr (kTile == 4) {
+    even += e[2], odd += e[3];
+    even4 += 4.0f * e[2], odd2 += 8.0f * e[3];
+  }
+  points[0] = e[0];
+  points[1] = even + odd;
+  points[2] = even - odd;
+  points[3] = even4 + odd2;
+  points[4] = even4 - odd2;
+  points[5] = e[kTile - 1];
 }
 
 // kLanes channels from `p`, `count` of which exist (none, in a vector of padding channels past
@@ -97,21 +113,23 @@ struct TilePlace {
   int64_t n, oy, ox;
 };
 
+template <int kTile>
 inline TilePlace tile_place(const Geometry& g, int64_t tile) {
   const int64_t per_image = g.tiles_h * g.tiles_w;
   const int64_t rest = tile % per_image;
-  return {tile / per_image, 2 * (rest / g.tiles_w), 2 * (rest % g.tiles_w)};
+  return {tile / per_image, kTile * (rest / g.tiles_w), kTile * (rest % g.tiles_w)};
 }
 
 // V for `count` tiles from `first`: each tile's 6 x 6 inputs (zero outside the image)
 // transformed, at v[point * rows * channels_padded + tile * channels_padded + c]. Returns a
 // vector that is non-zero (NaN) where an input was not finite.
+template <int kTile>
 inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t first,
                                int64_t count, int64_t rows, float* v) {
   const int64_t point_stride = rows * g.channels_padded;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const TilePlace t = tile_place(g, first + i);
+    const TilePlace t = tile_place<kTile>(g, first + i);
     const float* image = input + t.n * g.height * g.width * g.channels;
     const int64_t y = t.oy - g.pad_h, x = t.ox - g.pad_w;  // the tile's first input
     bool row_in[6], col_in[6];
@@ -147,33 +165,38 @@ inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t fi
   return not_finite;
 }
 
-// The output gradients of `count` tiles transformed (A^T e A, the adjoint of the output
+// The output gradients of `count` tiles transformed (A e A^T, the adjoint of the output
 // transform; zero for outputs past the edge), at e[point * count * out_padded + ...].
+template <int kTile>
 inline vfloat transform_output_gradients(const float* grad_output, const Geometry& g,
                                          int64_t first, int64_t count, float* e) {
   const int64_t point_stride = count * g.out_channels_padded;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const auto [n, oy, ox] = tile_place(g, first + i);
+    const auto [n, oy, ox] = tile_place<kTile>(g, first + i);
     const float* image = grad_output + n * g.out_h * g.out_w * g.out_channels;
-    const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
+    const int64_t rows = std::min<int64_t>(kTile, g.out_h - oy);
+    const int64_t cols = std::min<int64_t>(kTile, g.out_w - ox);
     for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
       const int64_t valid = g.out_channels - c;
-      const float* p = image + (oy * g.out_w + ox) * g.out_channels + c;
-      const vfloat y00 = load_channels(p, valid);
-      const vfloat y01 = col1 ? load_channels(p + g.out_channels, valid) : vfloat{};
-      const vfloat y10 = row1 ? load_channels(p + g.out_w * g.out_channels, valid) : vfloat{};
-      const vfloat y11 =
-          row1 && col1 ? load_channels(p + (g.out_w + 1) * g.out_channels, valid) : vfloat{};
-      not_finite += (y00 + y01 + y10 + y11) * 0.0f;
-      vfloat row0[6], row1_points[6];
-      gradient_line(y00, y01, row0);
-      gradient_line(y10, y11, row1_points);
+      vfloat row_points[kTile][6];  // A applied along each row of gradients
+      for (int r = 0; r < kTile; ++r) {
+        vfloat line[kTile];
+        for (int col = 0; col < kTile; ++col) {
+          line[col] = r < rows && col < cols
+                          ? load_channels(image + ((oy + r) * g.out_w + ox + col) * g.out_channels + c,
+                                          valid)
+                          : vfloat{};
+          not_finite += line[col] * 0.0f;
+        }
+        gradient_line<kTile>(line, row_points[r]);
+      }
       for (int b = 0; b < 6; ++b) {
-        vfloat column[6];
-        gradient_line(row0[b], row1_points[b], column);
+        vfloat column[kTile], points[6];
+        for (int r = 0; r < kTile; ++r) column[r] = row_points[r][b];
+        gradient_line<kTile>(column, points);
         for (int a = 0; a < 6; ++a) {
-          store_aligned(e + (a * 6 + b) * point_stride + i * g.out_channels_padded + c, column[a]);
+          store_aligned(e + (a * 6 + b) * point_stride + i * g.out_channels_padded + c, points[a]);
         }
       }
     }
@@ -183,35 +206,40 @@ inline vfloat transform_output_gradients(const float* grad_output, const Geometr
 
 // The outputs of `count` tiles from M (A^T M A plus the bias), written where they exist.
 // Returns a vector that is non-zero (NaN) where an output is not finite.
+template <int kTile>
 inline vfloat transform_outputs(const float* m, int64_t rows, const float* bias,
                                 const Geometry& g, int64_t first, int64_t count, float* output) {
   const int64_t point_stride = rows * g.out_channels_padded;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
-    const auto [n, oy, ox] = tile_place(g, first + i);
+    const auto [n, oy, ox] = tile_place<kTile>(g, first + i);
     float* image = output + n * g.out_h * g.out_w * g.out_channels;
-    const bool row1 = oy + 1 < g.out_h, col1 = ox + 1 < g.out_w;
+    const int64_t out_rows = std::min<int64_t>(kTile, g.out_h - oy);
+    const int64_t out_cols = std::min<int64_t>(kTile, g.out_w - ox);
     for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
       const int64_t valid = g.out_channels - c;
-      vfloat reduced0[6], reduced1[6];  // A^T applied along each point row
+      vfloat reduced[kTile][6];  // A^T applied along each point row: reduced[column][point row]
       for (int a = 0; a < 6; ++a) {
-        vfloat line[6];
+        vfloat line[6], y[kTile];
         for (int b = 0; b < 6; ++b) {
           load_aligned(line[b], m + (a * 6 + b) * point_stride + i * g.out_channels_padded + c);
         }
-        output_line(line, reduced0[a], reduced1[a]);
+        output_line<kTile>(line, y);
+        for (int col = 0; col < kTile; ++col) reduced[col][a] = y[col];
       }
       const vfloat b = bias != nullptr ? load_channels(bias + c, valid) : vfloat{};
-      vfloat y00, y10, y01, y11;
-      output_line(reduced0, y00, y10);
-      output_line(reduced1, y01, y11);
-      y00 += b, y01 += b, y10 += b, y11 += b;
-      not_finite += (y00 + y01 + y10 + y11) * 0.0f;
-      float* p = image + (oy * g.out_w + ox) * g.out_channels + c;
-      store_channels(p, y00, valid);
-      if (col1) store_channels(p + g.out_channels, y01, valid);
-      if (row1) store_channels(p + g.out_w * g.out_channels, y10, valid);
-      if (row1 && col1) store_channels(p + (g.out_w + 1) * g.out_channels, y11, valid);
+      for (int col = 0; col < kTile; ++col) {
+        vfloat y[kTile];
+        output_line<kTile>(reduced[col], y);
+        for (int r = 0; r < kTile; ++r) {
+          y[r] += b;
+          not_finite += y[r] * 0.0f;
+          if (r < out_rows && col < out_cols) {
+            store_channels(image + ((oy + r) * g.out_w + ox + col) * g.out_channels + c, y[r],
+                           valid);
+          }
+        }
+      }
     }
   }
   return not_finite;
@@ -291,26 +319,28 @@ inline bool any_lane(vfloat v) {
 // One block of the forward: `count` tiles from `first`, through buffers v and m of `rows`
 // (>= count) tiles. u: the transformed filters, u[point][c][k_padded]. Sets *not_finite where
 // an input or output value was not finite.
+template <int kTile>
 inline void forward_block(const float* input, const float* u, const float* bias,
                           const Geometry& g, int64_t first, int64_t count, int64_t rows, float* v,
                           float* m, float* output, bool* not_finite) {
-  vfloat flag = transform_inputs(input, g, first, count, rows, v);
+  vfloat flag = transform_inputs<kTile>(input, g, first, count, rows, v);
   const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
   for (int point = 0; point < kPoints; ++point) {
     gemm(count, k_pad, c_pad, v + point * rows * c_pad, c_pad, 1, u + point * c_pad * k_pad,
          k_pad, m + point * rows * k_pad, k_pad, /*accumulate=*/false);
   }
-  flag += transform_outputs(m, rows, bias, g, first, count, output);
+  flag += transform_outputs<kTile>(m, rows, bias, g, first, count, output);
   *not_finite = any_lane(flag);
 }
 
 // One block of the weight gradient: products[point][c][k_padded] (=|+=) the sum over the
 // block's tiles of V[point][tile][c] E[point][tile][k] (v and e hold `count` tiles).
+template <int kTile>
 inline void weight_gradient_block(const float* input, const float* grad_output,
                                   const Geometry& g, int64_t first, int64_t count, float* v,
                                   float* e, float* products, bool accumulate, bool* not_finite) {
-  vfloat flag = transform_inputs(input, g, first, count, count, v);
-  flag += transform_output_gradients(grad_output, g, first, count, e);
+  vfloat flag = transform_inputs<kTile>(input, g, first, count, count, v);
+  flag += transform_output_gradients<kTile>(grad_output, g, first, count, e);
   const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
   for (int point = 0; point < kPoints; ++point) {
     gemm(c_pad, k_pad, count, v + point * count * c_pad, 1, c_pad, e + point * count * k_pad,
@@ -325,14 +355,21 @@ inline void add_products(const float* products, int64_t size, double* sum) {
 }
 
 
-// G (6 x 5) for the points 0, 1, -1, 2, -2 and infinity.
-constexpr double kFilterTransform[6][5] = {
-    {1.0 / 4, 0, 0, 0, 0},
-    {-1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6, -1.0 / 6},
-    {-1.0 / 6, 1.0 / 6, -1.0 / 6, 1.0 / 6, -1.0 / 6},
-    {1.0 / 24, 1.0 / 12, 1.0 / 6, 1.0 / 3, 2.0 / 3},
-    {1.0 / 24, -1.0 / 12, 1.0 / 6, -1.0 / 3, 2.0 / 3},
-    {0, 0, 0, 0, 1},
+// G (6 x kKernel) for the points 0, 1, -1, 2, -2 and infinity: each finite point's powers
+// scaled by the inverse of its factor in B^T and A^T's normalisation (1/4, -1/6, 1/24), the
+// point at infinity picking the filter's last tap.
+template <int kKernel>
+struct FilterTransform {
+  double g[6][kKernel] = {};
+  constexpr FilterTransform() {
+    constexpr double points[5] = {0, 1, -1, 2, -2};
+    constexpr double scales[5] = {1.0 / 4, -1.0 / 6, -1.0 / 6, 1.0 / 24, 1.0 / 24};
+    for (int a = 0; a < 5; ++a) {
+      double power = 1;
+      for (int j = 0; j < kKernel; ++j, power *= points[a]) g[a][j] = scales[a] * power;
+    }
+    g[5][kKernel - 1] = 1;
+  }
 };
 
 // Output channels the filter transforms take at once: the innermost loop, which GCC
@@ -340,14 +377,17 @@ constexpr double kFilterTransform[6][5] = {
 // them cost more than that on a machine whose other core was busy.
 constexpr int kFilterBlock = 8;
 
-// U[point][c][k_padded] = (G w[k][c] G^T)[point] for weights w[k][c][5][5] (element (k, c, i, j)
-// at k * strides[0] + c * strides[1] + i * strides[2] + j * strides[3]), computed in double and
-// rounded once; zero in the padding channels. With `adjoint`, w holds the weights
-// [channels][out_channels][5][5] of the convolution whose input gradient this is, and the
-// filters are theirs flipped, their channel axes swapped.
+// U[point][c][k_padded] = (G w[k][c] G^T)[point] for weights w[k][c][r][r] (r = 7 - kTile;
+// element (k, c, i, j) at k * strides[0] + c * strides[1] + i * strides[2] + j * strides[3]),
+// computed in double and rounded once; zero in the padding channels. With `adjoint`, w holds
+// the weights [channels][out_channels][r][r] of the convolution whose input gradient this is,
+// and the filters are theirs flipped, their channel axes swapped.
+template <int kTile>
 inline void transform_filters(const float* w, const int64_t* strides, bool adjoint,
                               int64_t channels, int64_t out_channels, int64_t c_pad,
                               int64_t k_pad, float* u) {
+  constexpr int r = 7 - kTile;
+  constexpr FilterTransform<r> transform;
   for (int64_t point = 0; point < kPoints; ++point) {
     for (int64_t c = channels; c < c_pad; ++c) {
       for (int64_t k = 0; k < k_pad; ++k) u[(point * c_pad + c) * k_pad + k] = 0.0f;
@@ -356,22 +396,22 @@ inline void transform_filters(const float* w, const int64_t* strides, bool adjoi
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t k0 = 0; k0 < k_pad; k0 += kFilterBlock) {
       const int64_t count = out_channels - k0 < kFilterBlock ? out_channels - k0 : kFilterBlock;
-      double filter[25][kFilterBlock] = {};
+      double filter[r * r][kFilterBlock] = {};
       for (int64_t j = 0; j < count; ++j) {
-        for (int e = 0; e < 25; ++e) {
-          const int64_t i = e / 5, jj = e % 5;
+        for (int e = 0; e < r * r; ++e) {
+          const int64_t i = e / r, jj = e % r;
           filter[e][j] = adjoint ? w[c * strides[0] + (k0 + j) * strides[1] +
-                                     (4 - i) * strides[2] + (4 - jj) * strides[3]]
+                                     (r - 1 - i) * strides[2] + (r - 1 - jj) * strides[3]]
                                  : w[(k0 + j) * strides[0] + c * strides[1] + i * strides[2] +
                                      jj * strides[3]];
         }
       }
-      double rows[6][5][kFilterBlock] = {};  // G w
+      double rows[6][r][kFilterBlock] = {};  // G w
       for (int a = 0; a < 6; ++a) {
-        for (int v = 0; v < 5; ++v) {
-          for (int i = 0; i < 5; ++i) {
+        for (int v = 0; v < r; ++v) {
+          for (int i = 0; i < r; ++i) {
             for (int j = 0; j < kFilterBlock; ++j) {
-              rows[a][v][j] += kFilterTransform[a][i] * filter[i * 5 + v][j];
+              rows[a][v][j] += transform.g[a][i] * filter[i * r + v][j];
             }
           }
         }
@@ -379,8 +419,8 @@ inline void transform_filters(const float* w, const int64_t* strides, bool adjoi
       for (int a = 0; a < 6; ++a) {
         for (int b = 0; b < 6; ++b) {
           double sum[kFilterBlock] = {};
-          for (int v = 0; v < 5; ++v) {
-            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[a][v][j] * kFilterTransform[b][v];
+          for (int v = 0; v < r; ++v) {
+            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[a][v][j] * transform.g[b][v];
           }
           float* out = u + ((a * 6 + b) * c_pad + c) * k_pad + k0;
           for (int j = 0; j < kFilterBlock; ++j) out[j] = static_cast<float>(sum[j]);
@@ -394,10 +434,13 @@ inline void transform_filters(const float* w, const int64_t* strides, bool adjoi
 // c * strides[1] + u * strides[2] + v * strides[3]), dU the sum of the `chunks` threads'
 // sums[chunk][point][c][k_padded] (added in chunk order). Sets *not_finite where a gradient is
 // not finite.
+template <int kTile>
 inline void transform_filter_gradients(const double* const* sums, int64_t chunks,
                                        int64_t channels, int64_t out_channels, int64_t c_pad,
                                        int64_t k_pad, float* grad_weight,
                                        const int64_t* strides, bool* not_finite) {
+  constexpr int r = 7 - kTile;
+  constexpr FilterTransform<r> transform;
   double flag = 0;
   for (int64_t c = 0; c < channels; ++c) {
     for (int64_t k0 = 0; k0 < out_channels; k0 += kFilterBlock) {
@@ -409,21 +452,21 @@ inline void transform_filter_gradients(const double* const* sums, int64_t chunks
           for (int j = 0; j < kFilterBlock; ++j) grad_u[point][j] += sum[j];
         }
       }
-      double rows[5][6][kFilterBlock] = {};  // G^T dU
-      for (int u = 0; u < 5; ++u) {
+      double rows[r][6][kFilterBlock] = {};  // G^T dU
+      for (int u = 0; u < r; ++u) {
         for (int b = 0; b < 6; ++b) {
           for (int a = 0; a < 6; ++a) {
             for (int j = 0; j < kFilterBlock; ++j) {
-              rows[u][b][j] += kFilterTransform[a][u] * grad_u[a * 6 + b][j];
+              rows[u][b][j] += transform.g[a][u] * grad_u[a * 6 + b][j];
             }
           }
         }
       }
-      for (int u = 0; u < 5; ++u) {
-        for (int v = 0; v < 5; ++v) {
+      for (int u = 0; u < r; ++u) {
+        for (int v = 0; v < r; ++v) {
           double sum[kFilterBlock] = {};
           for (int b = 0; b < 6; ++b) {
-            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[u][b][j] * kFilterTransform[b][v];
+            for (int j = 0; j < kFilterBlock; ++j) sum[j] += rows[u][b][j] * transform.g[b][v];
           }
           for (int64_t j = 0; j < count; ++j) {
             const float value = static_cast<float>(sum[j]);

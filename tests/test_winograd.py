@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import cifarnet
 from cifarnet import _C
 from cifarnet.ops import batch_norm_relu_conv2d, conv2d_batch_norm_relu_max_pool2d, conv2d_relu_max_pool2d
-from op_cases import conv_out, make_tensors, op_args, pooled_out, tolerances
+from op_cases import assert_no_worse_than_native, conv_out, make_tensors, op_args, pooled_out, tolerances
 from conftest import native_conv2d_relu_max_pool2d
 from test_conv2d_batch_norm_relu_max_pool2d import block_tensors, check_block_against_native
 
@@ -429,3 +429,54 @@ def test_batch_norm_relu_conv_with_winograd_matches_float64(
         allowed = 3e-5 * spread[name] + 1e-5 * reference.abs().max()
         difference = (mine.double() - reference).abs()
         assert (difference <= allowed).all(), f"grad {name}: {(difference / allowed).nan_to_num().max():.3g} of the bound"
+
+
+@requires_winograd
+@settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
+@given(
+    batch=st.integers(1, 3),
+    in_channels=st.sampled_from(CHANNELS),
+    out_channels=st.sampled_from(CHANNELS),
+    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    kernel=st.sampled_from([3, 5]),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_bfloat16_computes_in_float32_and_rounds_as_native(batch, in_channels, out_channels, size, kernel, padding, channels_last, seed):
+    """A bfloat16 convolution (Winograd takes them where the CPU has no bfloat16 arithmetic)
+    computes in float32 and rounds once, as oneDNN's: batch_norm_relu_conv2d's output and
+    gradients in native's dtypes and layouts, no further from float64 on the same data than
+    native bfloat16's (the batch norm's parameters in float32, as autocast leaves them)."""
+    assume(all(s + 2 * p >= kernel for s, p in zip(size, padding)))
+    assume(applies(in_channels, out_channels, size, padding, kernel))
+    generator = torch.Generator().manual_seed(seed)
+    input = torch.randn(batch, in_channels, *size, generator=generator).bfloat16()
+    weight = (torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) / 10).bfloat16()
+    bn_weight, bn_bias = 0.5 + torch.rand(in_channels, generator=generator), torch.randn(in_channels, generator=generator)
+    if channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    grad_output = None
+
+    def run(function, dtype):
+        nonlocal grad_output
+        leaves = [t.to(dtype if t.dtype == torch.bfloat16 else None).requires_grad_() for t in (input, bn_weight, bn_bias, weight)]
+        if dtype == torch.float64:
+            leaves = [t.detach().double().requires_grad_() for t in leaves]
+        output = function(leaves[0], None, None, *leaves[1:], None, training=True, padding=padding)
+        if grad_output is None:
+            grad_output = torch.randn(output.shape, generator=generator).bfloat16()
+        return output, torch.autograd.grad(output, leaves, grad_output.to(output.dtype))
+
+    def native(input, running_mean, running_var, bn_weight, bn_bias, weight, bias, training, padding):
+        normalised = F.batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training)
+        return F.conv2d(F.relu(normalised), weight, bias, padding=padding)
+
+    ours, ours_grads = run(batch_norm_relu_conv2d, torch.bfloat16)
+    theirs, native_grads = run(native, torch.bfloat16)
+    exact, exact_grads = run(native, torch.float64)
+    assert ours.dtype == theirs.dtype and ours.stride() == theirs.stride()
+    assert_no_worse_than_native(ours, theirs, exact, "output", rtol=1e-2, atol=1e-2)
+    for name, mine, native_grad, reference in zip(("input", "bn_weight", "bn_bias", "weight"), ours_grads, native_grads, exact_grads):
+        assert mine.dtype == native_grad.dtype and mine.stride() == native_grad.stride(), name
+        assert_no_worse_than_native(mine, native_grad, reference, f"grad {name}", rtol=1e-2, atol=1e-2)

@@ -190,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
       1, forward_tile_bytes(input.scalar_type()) / std::max<int64_t>(1, sample_bytes));
 
   const int64_t threads = at::get_num_threads();
-  // The study's conv2 and conv3 on AVX2 CPUs (float32): filters transformed once for all tiles.
+  // Where Winograd applies (winograd_convolution.h): filters transformed once for all tiles.
   const std::array<int64_t, 2> stride_hw{g.stride_h, g.stride_w}, padding_hw{g.pad_h, g.pad_w};
   std::optional<WinogradFilters> winograd;
   if (winograd_applies(input, weight, stride_hw, padding_hw)) winograd = winograd_filters(weight);

@@ -139,7 +139,8 @@ at::Tensor float_buffer(int64_t size) { return at::empty({size}, at::kFloat); }
 // The filters transformed. With `adjoint`, those of the convolution by `weight` flipped with
 // its channel axes swapped (whose forward is the input gradient of the convolution by
 // `weight`).
-WinogradFilters transform(const at::Tensor& weight, bool adjoint) {
+WinogradFilters transform(const at::Tensor& bfloat16_or_float_weight, bool adjoint) {
+  const at::Tensor weight = bfloat16_or_float_weight.to(at::kFloat);
   WinogradFilters filters;
   filters.channels = weight.size(adjoint ? 0 : 1);
   filters.out_channels = weight.size(adjoint ? 1 : 0);
@@ -168,8 +169,8 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
                                                    const at::Tensor& input, int64_t kernel,
                                                    at::IntArrayRef padding,
                                                    at::MemoryFormat format) {
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor dy = grad_output.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = input.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor dy = grad_output.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g = make_geometry(x, dy.size(1), kernel, padding);
   const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
   const int64_t blocks = (tiles + rows - 1) / rows;
@@ -218,7 +219,7 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
         &weight_not_finite);
   });
   if (weight_not_finite) return std::nullopt;
-  return grad_weight;
+  return grad_weight.to(input.scalar_type());
 }
 
 // The input gradient: the forward over the output gradient with the filters flipped and their
@@ -250,11 +251,11 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
                                                const std::optional<at::Tensor>& bias,
                                                at::IntArrayRef padding) {
 #if CIFARNET_HAS_ISA_VARIANTS
-  const at::Tensor x = input.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor x = input.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g = make_geometry(x, filters.out_channels, filters.kernel, padding);
   std::vector<float> padded_bias;
   if (bias.has_value() && bias->defined()) {
-    const at::Tensor b = bias->contiguous();
+    const at::Tensor b = bias->to(at::kFloat).contiguous();
     padded_bias.assign(b.data_ptr<float>(), b.data_ptr<float>() + g.out_channels);
     padded_bias.resize(g.out_channels_padded, 0.0f);
   }
@@ -281,7 +282,7 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
     }
   });
   if (not_finite) return std::nullopt;
-  return output;
+  return output.to(input.scalar_type());
 #else
   TORCH_INTERNAL_ASSERT(false, "Winograd convolutions need GCC's ISA variants");
   return std::nullopt;
@@ -345,8 +346,16 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
 
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef padding) {
-  if (input.device().type() != at::kCPU || input.scalar_type() != at::kFloat ||
-      weight.scalar_type() != at::kFloat || input.dim() != 4 || weight.dim() != 4 ||
+  // bfloat16 where the CPU has no bfloat16 arithmetic (the AVX2 class; anywhere with
+  // CIFARNET_CONV_ALGORITHM=winograd), computed in float32 and rounded once, as oneDNN's
+  // bfloat16 convolution accumulates in float32 and rounds: on such CPUs oneDNN emulates
+  // bfloat16 at a fraction of float32's speed (a 64-channel 3x3 layer: 7x slower).
+  const bool dtype_applies =
+      input.scalar_type() == at::kFloat ||
+      (input.scalar_type() == at::kBFloat16 &&
+       (cpu_isa() == CpuIsa::avx2 || requested_algorithm() == Algorithm::winograd));
+  if (input.device().type() != at::kCPU || !dtype_applies ||
+      weight.scalar_type() != input.scalar_type() || input.dim() != 4 || weight.dim() != 4 ||
       weight.size(1) != input.size(1)) {
     return false;
   }

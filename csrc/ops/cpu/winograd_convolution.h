@@ -15,10 +15,12 @@
 namespace cifarnet::ops {
 
 // Whether conv2d(input, weight) with this stride and padding runs as Winograd (F(2x2, 5x5) or
-// F(4x4, 3x3)): a float32 5x5 or 3x3 convolution with stride 1 and padding at most r - 1 on an
-// image every filter element meets, with enough channels and outputs that the transformed
+// F(4x4, 3x3)): a float32 (or bfloat16, which the AVX2 class has no arithmetic for: computed in
+// float32 and rounded once) 5x5 or 3x3 convolution with stride 1 and padding at most r - 1 on
+// an image every filter element meets, with enough channels and outputs that the transformed
 // product takes under half of direct convolution's multiplies (not the study's conv1 with its
-// three input channels, nor a 3x3 one on a 2x2 image), on a CPU of the AVX2 class.
+// three input channels, nor a 3x3 one on a 2x2 image) and few enough that a block of tiles
+// fits in L2, on a CPU of the AVX2 class.
 // CIFARNET_CONV_ALGORITHM (read at each call) overrides: "native" never, "winograd" on any CPU
 // with AVX2 (AVX-512 ones included), "auto" (or unset) as above.
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,

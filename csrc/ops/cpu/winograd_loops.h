@@ -3,9 +3,9 @@
 // channels, and the register-blocked matrix product that multiplies the transformed tiles by
 // the transformed filters at each of the 36 points. Both use the interpolation points 0, 1,
 // -1, 2, -2 and infinity, so they share the input transform; a template parameter kTile (the
-// outputs along a tile's side, 2 or 4; the filter's side is 7 - kTile) picks the rest. Included inside an ISA namespace that defines
-// kVectorRegisters and kVectorRegisterBytes (so: no include guard, no includes), for AVX2
-// today; written for any width.
+// outputs along a tile's side, 2 or 4; the filter's side is 7 - kTile) picks the rest.
+// Included inside an ISA namespace that defines kVectorRegisters and kVectorRegisterBytes (so:
+// no include guard, no includes), for AVX2 today; written for any width.
 //
 // Buffers of one block: V[point][tile][in_padded], M[point][tile][out_padded], every row a
 // multiple of kLanes floats (zero in the padding channels), so that the product runs on whole
@@ -74,7 +74,9 @@ inline __attribute__((always_inline)) void output_line(const vfloat* m, vfloat* 
 // output_line).
 template <int kTile>
 inline __attribute__((always_inline)) void gradient_line(const vfloat* e, vfloat* points) {
-  vfloat even = e[0], odd = e[1], even4 = e[0], odd2 = 2.0f * e[1];  // at 1 and 2
+  // The gradients' even and odd terms at the points 1 (even, odd) and 2 (even4, odd2); at -1
+  // and -2 the odd terms change sign.
+  vfloat even = e[0], odd = e[1], even4 = e[0], odd2 = 2.0f * e[1];
   if constexpr (kTile == 4) {
     even += e[2], odd += e[3];
     even4 += 4.0f * e[2], odd2 += 8.0f * e[3];
@@ -183,10 +185,11 @@ inline vfloat transform_output_gradients(const float* grad_output, const Geometr
       for (int r = 0; r < kTile; ++r) {
         vfloat line[kTile];
         for (int col = 0; col < kTile; ++col) {
-          line[col] = r < rows && col < cols
-                          ? load_channels(image + ((oy + r) * g.out_w + ox + col) * g.out_channels + c,
-                                          valid)
-                          : vfloat{};
+          line[col] = vfloat{};
+          if (r < rows && col < cols) {
+            line[col] = load_channels(image + ((oy + r) * g.out_w + ox + col) * g.out_channels + c,
+                                      valid);
+          }
           not_finite += line[col] * 0.0f;
         }
         gradient_line<kTile>(line, row_points[r]);

@@ -77,6 +77,18 @@ def test_auto_runs_winograd_on_the_avx2_class_only(monkeypatch):
         applies(32, 64, (16, 16), (2, 2))
 
 
+# A convolution's sizes, for the tests that draw their own tensors (the tests assume the ones
+# Winograd takes).
+GEOMETRIES = dict(
+    batch=st.integers(1, 3),
+    in_channels=st.sampled_from(CHANNELS),
+    out_channels=st.sampled_from(CHANNELS),
+    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
+    kernel=st.sampled_from([3, 5]),
+    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+)
+
+
 @st.composite
 def winograd_cases(draw, values=("normal", "nan")):
     """A conv -> batch norm -> ReLU -> pool case whose convolution runs as Winograd: 5x5 or 3x3,
@@ -176,12 +188,7 @@ def winograd_rounding_bound(name, terms):
 @requires_winograd
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
-    batch=st.integers(1, 3),
-    in_channels=st.sampled_from(CHANNELS),
-    out_channels=st.sampled_from(CHANNELS),
-    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
-    kernel=st.sampled_from([3, 5]),
-    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    **GEOMETRIES,
     channels_last=st.booleans(),
     one_sign=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
@@ -349,12 +356,7 @@ def test_gradients_take_native_layouts(input_channels_last, weight_channels_last
 @requires_winograd
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
-    batch=st.integers(1, 3),
-    in_channels=st.sampled_from(CHANNELS),
-    out_channels=st.sampled_from(CHANNELS),
-    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
-    kernel=st.sampled_from([3, 5]),
-    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    **GEOMETRIES,
     bias=st.booleans(),
     input_channels_last=st.booleans(),
     weight_channels_last=st.booleans(),
@@ -434,12 +436,7 @@ def test_batch_norm_relu_conv_with_winograd_matches_float64(
 @requires_winograd
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(
-    batch=st.integers(1, 3),
-    in_channels=st.sampled_from(CHANNELS),
-    out_channels=st.sampled_from(CHANNELS),
-    size=st.tuples(st.integers(1, 14), st.integers(1, 14)),
-    kernel=st.sampled_from([3, 5]),
-    padding=st.tuples(st.integers(0, 4), st.integers(0, 4)),
+    **GEOMETRIES,
     channels_last=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )

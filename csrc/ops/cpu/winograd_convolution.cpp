@@ -1,25 +1,29 @@
-// Winograd F(2x2, 5x5) convolution on the CPU, for the study's 5x5 convolutions (conv2, conv3)
-// in the batch-norm chain (forward, both gradients) and in conv -> ReLU -> pool (forward; its
-// sparse backward does a quarter of the dense arithmetic, less than Winograd's 36%).
+// Winograd F(2x2, 5x5) and F(4x4, 3x3) convolutions on the CPU: the study's 5x5 convolutions
+// (conv2, conv3) and 3x3 ones (ResNet's, VGG's) in the batch-norm chain (forward, both
+// gradients), in batch norm -> ReLU -> conv (forward, both gradients) and in conv -> ReLU ->
+// pool (forward; its sparse backward does a quarter of the dense arithmetic, no more than
+// Winograd's 36% or 25%).
 //
-// Each 2 x 2 block of outputs (a tile) comes from a 6 x 6 window of the input. Transformed
-// (V = B^T d B per input channel, U = G g G^T per filter), the tile's outputs are A^T M A with
-// M = sum over input channels of U * V elementwise: at each of the 36 points a matrix product
-// [tiles x in_channels] x [in_channels x out_channels]. That is 36 multiplies per input channel
-// for four outputs where direct convolution takes 100: 2.8x fewer, which is what lets the
-// convolutions beat oneDNN's direct ones on CPUs (AVX2) where those already run at the FMA
-// units' peak. Tiles go in blocks sized so that a block's V and M stay in the L2 cache.
+// Each 2 x 2 (4 x 4) block of outputs (a tile) comes from a 6 x 6 window of the input.
+// Transformed (V = B^T d B per input channel, U = G g G^T per filter), the tile's outputs are
+// A^T M A with M = sum over input channels of U * V elementwise: at each of the 36 points a
+// matrix product [tiles x in_channels] x [in_channels x out_channels]. That is 36 multiplies
+// per input channel for four outputs where direct convolution takes 100 (for sixteen where it
+// takes 144): 2.8x (4x) fewer, which is what lets the convolutions beat oneDNN's direct ones
+// on CPUs (AVX2) where those already run at the FMA units' peak. Tiles go in blocks sized so
+// that a block's V and M stay in the L2 cache. bfloat16 tensors are computed in float32 and
+// rounded once (see winograd_applies).
 //
 // Backward: the input gradient is the same forward over the output gradient with the filters
-// flipped and transposed (padding 4 - p); the weight gradient is the adjoint of the forward:
-// dU = sum over tiles of (A dY A^T) * V, a product [in_channels x tiles] x [tiles x
+// flipped and transposed (padding r - 1 - p); the weight gradient is the adjoint of the
+// forward: dU = sum over tiles of (A dY A^T) * V, a product [in_channels x tiles] x [tiles x
 // out_channels] per point, then dW = G^T dU G.
 //
 // The transforms mix a tile's 36 inputs, so an infinity or NaN would spread over outputs whose
 // windows never saw it; any non-finite value (in or out) sends the call to oneDNN, which gives
-// native's pattern. Rounding: 1-3 times oneDNN's error on the study's layers, but on the scale
-// of a tile's outputs (a filter's, for the weight gradient) rather than each output's own
-// (tests/test_winograd.py states the bounds).
+// native's pattern. Rounding: 1-3 times oneDNN's error on the study's layers (4-10 times on
+// 64-channel 3x3 ones), but on the scale of a tile's outputs (a filter's, for the weight
+// gradient) rather than each output's own (tests/test_winograd.py states the bounds).
 
 #include "winograd_convolution.h"
 

@@ -340,7 +340,7 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
   // transformed values leave the cache between the transforms and the products, and the
   // transformed filters (36 C K floats, read once per block) outgrow the caches: on a Zen 3
   // (512 KiB L2; 12 tiles of 128 and 128 channels take 432 KiB) ResNet's 3x3 convolutions ran
-  // at 2-2.5x oneDNN's speed with 64 and 128 channels, level with 256 and 0.2x with 512.
+  // at 1.7-2.5x oneDNN's speed with 64 and 128 channels, level with 256 and 0.2x with 512.
   const auto fits = [&](int64_t in, int64_t out) {
     return kMinBlockTiles * block_bytes_per_tile(round_up(in, kLanes), round_up(out, 2 * kLanes)) <=
            cache_sizes().l2_bytes;

@@ -123,10 +123,9 @@ at::Tensor convolution(const at::Tensor& rectified, const at::Tensor& weight,
                        const OptionalTensor& bias, at::IntArrayRef stride,
                        at::IntArrayRef padding) {
   const at::MemoryFormat format = conv_output_memory_format(rectified, weight);
-  if (winograd_applies(rectified, weight, stride, padding)) {
-    if (auto output = winograd_convolution(rectified, winograd_filters(weight), bias, padding)) {
-      return output->contiguous(format);
-    }
+  if (auto output =
+          winograd_convolution_where_it_applies(rectified, weight, bias, stride, padding)) {
+    return output->contiguous(format);
   }
   return at::convolution(rectified, weight, bias, stride, padding, /*dilation=*/{1, 1},
                          /*transposed=*/false, /*output_padding=*/{0, 0}, /*groups=*/1)

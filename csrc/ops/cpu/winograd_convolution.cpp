@@ -367,17 +367,24 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
                                    {weight.size(2), weight.size(3)}, stride, padding);
 }
 
+std::optional<at::Tensor> winograd_convolution_where_it_applies(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding) {
+#if CIFARNET_HAS_ISA_VARIANTS
+  if (input.size(0) > 0 && winograd_applies(input, weight, stride, padding)) {
+    return winograd_convolution(input, winograd_filters(weight), bias, padding);
+  }
+#endif
+  return std::nullopt;
+}
+
 at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
                                          const std::optional<at::Tensor>& bias,
                                          const ConvPoolGeometry& g, at::IntArrayRef stride,
                                          at::IntArrayRef padding) {
-#if CIFARNET_HAS_ISA_VARIANTS
-  if (g.batch > 0 && winograd_applies(input, weight, stride, padding)) {
-    if (auto output = winograd_convolution(input, winograd_filters(weight), bias, padding)) {
-      return *output;
-    }
+  if (auto output = winograd_convolution_where_it_applies(input, weight, bias, stride, padding)) {
+    return *output;
   }
-#endif
   return channels_last_convolution(input, weight, bias, g, stride, padding);
 }
 

@@ -48,6 +48,12 @@ std::optional<at::Tensor> winograd_convolution(const at::Tensor& input,
                                                const std::optional<at::Tensor>& bias,
                                                at::IntArrayRef padding);
 
+// winograd_convolution with the weight's filters where winograd_applies (and the batch is not
+// empty); nullopt where it does not apply or a value was not finite: the caller runs oneDNN.
+std::optional<at::Tensor> winograd_convolution_where_it_applies(
+    const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    at::IntArrayRef stride, at::IntArrayRef padding);
+
 // channels_last_convolution (../convolution.h) on the CPU.
 at::Tensor cpu_channels_last_convolution(const at::Tensor& input, const at::Tensor& weight,
                                          const std::optional<at::Tensor>& bias,

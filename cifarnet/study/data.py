@@ -30,6 +30,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -397,10 +398,11 @@ def _write_cache(path: Path, train: Split, test: Split) -> None:
         warnings.warn(f"could not write the decode cache {path} ({error}); images will be decoded again", stacklevel=3)
 
 
-def _default_sigterm() -> None:
-    """A decode worker dies of SIGTERM, which Pool.terminate() sends and then waits for: forked
-    from cifarnet-train, it would inherit the trainer's handler, which raises instead (seen: a
-    worker blocked on the pool's queue lock outlived terminate(), and the join hung)."""
+def _quiet_worker_signals() -> None:
+    """Decode workers leave interruption to the main process, which cancels what is queued and
+    waits for them: Ctrl-C reaches the whole process group, and a worker forked from
+    cifarnet-train would otherwise inherit the trainer's SIGTERM handler, which raises."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
@@ -430,10 +432,12 @@ def _decode_images(paths: list[str], root: Path, workers: int | None, progress: 
     pool = None
     try:
         if workers > 1 and len(paths) >= POOL_MIN_IMAGES:
-            # fork, as torch's DataLoader does on Linux: workers start at once and only use PIL.
+            # fork, as torch's DataLoader does on Linux: workers start at once and only use PIL
+            # (spawn or forkserver would run an unguarded user script again in each worker).
             methods = multiprocessing.get_all_start_methods()
-            pool = multiprocessing.get_context("fork" if "fork" in methods else None).Pool(workers, _default_sigterm)
-            results = pool.imap(_decode_files, chunks)
+            context = multiprocessing.get_context("fork" if "fork" in methods else None)
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_quiet_worker_signals)
+            results = pool.map(_decode_files, chunks)
         else:
             results = map(_decode_files, chunks)
         decoded = []
@@ -445,8 +449,10 @@ def _decode_images(paths: list[str], root: Path, workers: int | None, progress: 
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            # Never kills a worker (multiprocessing.Pool.terminate() hung twice in CI on this
+            # error path): the queued chunks are cancelled, the running ones (DECODE_CHUNK images
+            # each) finish, and every worker exits before this returns.
+            pool.shutdown(wait=True, cancel_futures=True)
     return torch.from_numpy(np.concatenate(decoded)).permute(0, 3, 1, 2).contiguous()
 
 

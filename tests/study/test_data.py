@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import urllib.error
 from pathlib import Path
@@ -349,6 +350,7 @@ def test_corrupt_image_found_by_a_worker(tmp_path, splits, cache_dir, monkeypatc
     monkeypatch.setattr(data_module, "POOL_MIN_IMAGES", 0)
     monkeypatch.setattr(data_module, "DECODE_CHUNK", 5)
     assert f"{bad} is not a readable image" in load_error(root, cache_dir=cache_dir, workers=2)
+    assert multiprocessing.active_children() == []
 
 
 def test_wrong_image_size(tmp_path, splits, cache_dir):

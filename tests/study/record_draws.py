@@ -5,7 +5,8 @@ as ``python -m cifarnet.study train`` would, and saves this process's random dra
 What it saves: for each training epoch, in order, a dict with
 
 * ``"crops"``: ``int64`` ``Tensor[3, N]`` per prepared chunk, the ``top``, ``left`` and ``flip``
-  of the crops this process applied (see :func:`cifarnet.study.data.crop_flip`);
+  of the crops this process applied (see :func:`cifarnet.study.data.crop_flip`; patched where
+  :mod:`cifarnet.study.data.batches` calls it);
 * ``"masks"``: ``bool`` ``Tensor[B, F]`` per training batch, the mask the model's dropout drew
   (True: kept).
 
@@ -22,13 +23,13 @@ import sys
 
 import torch
 
-import cifarnet.study.data as data
+import cifarnet.study.data.batches as batches
 import cifarnet.study.train.loop as loop
 from cifarnet.study.cli import train_main
 
 epochs: list[dict[str, list[torch.Tensor]]] = []
 
-original_crop_flip = data.crop_flip
+original_crop_flip = batches.crop_flip
 original_epoch = loop.epoch
 
 
@@ -71,7 +72,7 @@ class RecordingConvNet(loop.ConvNet):
 
 if __name__ == "__main__":
     record = sys.argv[1]
-    data.crop_flip = recording_crop_flip
+    batches.crop_flip = recording_crop_flip
     loop.epoch = recording_epoch
     loop.ConvNet = RecordingConvNet
     status = train_main(sys.argv[2:])

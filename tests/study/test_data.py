@@ -16,7 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import cifarnet.study.data as data_module
+from cifarnet.study.data import batches as batches_module
+from cifarnet.study.data import image_folders, pickles
 from cifarnet.study.data import (
     CLASSES,
     MEAN,
@@ -88,7 +89,7 @@ def test_pickle_layout_matches_torchvision_reader(tmp_path, splits, monkeypatch)
     write_pickles(tmp_path, *splits)
     # torchvision insists on the official md5 sums, which generated batches cannot have.
     monkeypatch.setattr(TorchvisionCIFAR10, "_check_integrity", lambda self: True)
-    monkeypatch.setattr(data_module, "_download", lambda data_dir: pytest.fail("must not download"))
+    monkeypatch.setattr(pickles, "download", lambda data_dir: pytest.fail("must not download"))
     import torchvision.datasets.cifar as cifar
 
     monkeypatch.setattr(cifar, "check_integrity", lambda *args, **kwargs: True)
@@ -140,8 +141,8 @@ def test_grayscale_and_palette_images_become_rgb(tmp_path, balanced_splits, cach
 def test_worker_pool_decodes_like_the_main_process(tmp_path, splits, cache_dir, monkeypatch):
     root = write_folders(tmp_path, *splits)
     serial = load_cifar10(root, cache_dir=cache_dir / "serial", workers=1, progress=False)
-    monkeypatch.setattr(data_module, "POOL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data_module, "DECODE_CHUNK", 7)  # several chunks, one of them short
+    monkeypatch.setattr(image_folders, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(image_folders, "DECODE_CHUNK", 7)  # several chunks, one of them short
     pooled = load_cifar10(root, cache_dir=cache_dir / "pooled", workers=2, progress=False)
     assert torch.equal(serial.train.images, pooled.train.images)
     assert torch.equal(serial.test.images, pooled.test.images)
@@ -158,7 +159,7 @@ def test_second_load_comes_from_the_cache(tmp_path, splits, cache_dir, monkeypat
     def no_decoding(*args, **kwargs):
         raise AssertionError("decoded again instead of using the cache")
 
-    monkeypatch.setattr(data_module, "_decode_images", no_decoding)
+    monkeypatch.setattr(image_folders, "_decode_images", no_decoding)
     second = load_cifar10(root, cache_dir=cache_dir, progress=False)
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -273,7 +274,7 @@ def test_interrupted_download_leaves_nothing_behind(tmp_path, monkeypatch):
 
 
 def test_download_never_goes_into_a_folder_of_other_things(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "_download", lambda data_dir: pytest.fail("must not download"))
+    monkeypatch.setattr(pickles, "download", lambda data_dir: pytest.fail("must not download"))
     (tmp_path / "photos").mkdir()
     (tmp_path / "notes.txt").write_text("")
     message = load_error(tmp_path)
@@ -347,8 +348,8 @@ def test_corrupt_image_found_by_a_worker(tmp_path, splits, cache_dir, monkeypatc
     root = write_folders(tmp_path, *splits)
     bad = root / "test" / "truck" / "0000.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    monkeypatch.setattr(data_module, "POOL_MIN_IMAGES", 0)
-    monkeypatch.setattr(data_module, "DECODE_CHUNK", 5)
+    monkeypatch.setattr(image_folders, "POOL_MIN_IMAGES", 0)
+    monkeypatch.setattr(image_folders, "DECODE_CHUNK", 5)
     assert f"{bad} is not a readable image" in load_error(root, cache_dir=cache_dir, workers=2)
     assert multiprocessing.active_children() == []
 
@@ -510,7 +511,7 @@ def test_batches_have_the_variants_shape_and_scale(dataset, variant, size):
 
 @pytest.mark.parametrize("chunk", [1, 40, 4096])
 def test_training_batches_are_a_shuffled_epoch(dataset, monkeypatch, chunk):
-    monkeypatch.setattr(data_module, "PREPARE_CHUNK", chunk)
+    monkeypatch.setattr(batches_module, "PREPARE_CHUNK", chunk)
     loader = BatchLoader(dataset.train, 16, recipe("normalized"), train=True, generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     assert len(loader) == len(batches) == 4 and [len(b[1]) for b in batches] == [16, 16, 16, 12]
@@ -527,7 +528,7 @@ def test_training_batches_are_a_shuffled_epoch(dataset, monkeypatch, chunk):
 def test_test_batches_do_not_depend_on_the_chunk_size(dataset, monkeypatch):
     loader = BatchLoader(dataset.test, 8, recipe("full"), train=False)
     whole = list(loader)
-    monkeypatch.setattr(data_module, "PREPARE_CHUNK", 1)
+    monkeypatch.setattr(batches_module, "PREPARE_CHUNK", 1)
     for (a, la), (b, lb) in zip(whole, list(loader), strict=True):
         assert torch.equal(a, b) and torch.equal(la, lb)
     assert [len(labels) for _, labels in whole] == [8, 8, 8, 6]  # 30 test images

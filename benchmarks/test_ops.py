@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import cifarnet
-from cifarnet import benchmark as bench
+from cifarnet import benchmark_ops as bench
+from cifarnet._timing import keep_freed_memory, saved_tensor_bytes
 
 BATCH_SIZE = int(os.environ.get("CIFARNET_BENCH_BATCH", "128"))
 DTYPE_NAME = os.environ.get("CIFARNET_BENCH_DTYPE", "float32")
@@ -29,7 +30,7 @@ AUTOCAST_DTYPE = None if DTYPE_NAME == "float32" else getattr(torch, DTYPE_NAME)
 @pytest.fixture(scope="module", autouse=True)
 def steady_allocator():
     """As cifarnet-bench does: no page faults from glibc returning freed memory mid-run."""
-    bench.keep_freed_memory()
+    keep_freed_memory()
 
 
 @pytest.mark.parametrize("mode", bench.MODES)
@@ -44,7 +45,7 @@ def test_op(benchmark, op, implementation, layer, mode):
         call()
     benchmark.group = f"{op.name} {op.describe(layer, BATCH_SIZE)} {DTYPE_NAME} {mode}"
     if implementation != "compiled":
-        benchmark.extra_info["saved_bytes"] = bench.saved_tensor_bytes(
+        benchmark.extra_info["saved_bytes"] = saved_tensor_bytes(
             lambda: block(bench.leaves(tensors, True, bench.input_requires_grad(op, layer)))
         )
     benchmark.pedantic(call, rounds=15, iterations=1)

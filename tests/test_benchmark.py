@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cifarnet
-from cifarnet import benchmark
+from cifarnet import _timing, benchmark, benchmark_models, benchmark_ops, benchmark_report
 from conftest import DEVICES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,34 +33,34 @@ def test_bench_command_writes_tables_json_and_plot(tmp_path, capsys):
     printed = capsys.readouterr().out
     cpu = cifarnet.build_info()["cpu"]
     assert f"CPU: {cpu['model']}" in printed and " ".join(cpu["isa"]) in printed  # what the figures were measured on
-    for op in benchmark.OPS:
+    for op in benchmark_ops.OPS:
         assert f"{op}, contiguous:" in printed and f"{op}, channels_last:" in printed
     saved = json.loads(report.read_text())
     assert saved["gpu"] is None and list(saved["implementations"]) == ["native", "fused"]  # --no-compile, on the CPU
     results = saved["results"]
-    assert {(r["op"], r["memory_format"]) for r in results} == {(op, f) for op in benchmark.OPS for f in benchmark.MEMORY_FORMATS}
+    assert {(r["op"], r["memory_format"]) for r in results} == {(op, f) for op in benchmark_ops.OPS for f in _timing.MEMORY_FORMATS}
     for result in results:
         assert result["implementations"] == ["native", "fused"]
-        assert [row["layer"] for row in result["layers"]] == [layer.name for layer in benchmark.STUDY_LAYERS]
+        assert [row["layer"] for row in result["layers"]] == [layer.name for layer in benchmark_ops.STUDY_LAYERS]
         for row in result["layers"]:
             assert all(row["forward_ms"][name] > 0 for name in ("native", "fused"))
-            for mode in benchmark.MODES:
+            for mode in benchmark_ops.MODES:
                 speedup = row["speedup"][mode]
                 assert set(speedup) == {"fused", "fused_vs_best_native"} and speedup["fused_vs_best_native"] == speedup["fused"]
                 assert row["fastest"][mode] == {"native": "native", "fused": "fused"}
-            if benchmark.OPS[result["op"]].conv:  # the fused layers keep less for the backward
+            if benchmark_ops.OPS[result["op"]].conv:  # the fused layers keep less for the backward
                 assert 0 < row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
     assert plot.stat().st_size > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_on_the_cpu_runs_every_implementation_under_autocast(dtype):
-    op, layer = benchmark.OPS["conv2d_relu_max_pool2d"], benchmark.STUDY_LAYERS[2]
-    tensors = benchmark.make_tensors(op, layer, 2, torch.float32, torch.device("cpu"), torch.channels_last)
+    op, layer = benchmark_ops.OPS["conv2d_relu_max_pool2d"], benchmark_ops.STUDY_LAYERS[2]
+    tensors = benchmark_ops.make_tensors(op, layer, 2, torch.float32, torch.device("cpu"), torch.channels_last)
     for implementation in ("native", "fused"):
-        block = benchmark.make_block(op, implementation, dtype)
-        assert block(benchmark.leaves(tensors, False, False)).dtype == dtype, implementation
-        assert benchmark.make_block(op, implementation)(tensors).dtype == torch.float32
+        block = benchmark_ops.make_block(op, implementation, dtype)
+        assert block(benchmark_ops.leaves(tensors, False, False)).dtype == dtype, implementation
+        assert benchmark_ops.make_block(op, implementation)(tensors).dtype == torch.float32
 
 
 def test_bench_in_bfloat16_on_the_cpu_says_so(tmp_path, capsys):
@@ -116,7 +116,7 @@ def test_bench_model_creates_the_folder_of_its_report(tmp_path, monkeypatch):
     monkeypatch.setattr(benchmark, "benchmark_model", lambda *args: [])
     monkeypatch.setattr(benchmark, "format_model_table", lambda rows: "")
     report = tmp_path / "missing" / "bench.json"
-    assert benchmark.main(["--model", next(iter(benchmark.MODEL_INPUT_SIZES)), "--json", str(report)]) == 0
+    assert benchmark.main(["--model", next(iter(benchmark_models.MODEL_INPUT_SIZES)), "--json", str(report)]) == 0
     assert json.loads(report.read_text())["results"] == []
 
 
@@ -167,7 +167,7 @@ def test_keep_freed_memory_stops_page_faults_on_fresh_tensors():
     # Two 8 MiB tensors freed together leave more than glibc's default trim threshold free at
     # the top of its heap: by default it returns that memory, and the next pair page-faults
     # in afresh (2048 faults a pair here).
-    assert benchmark.keep_freed_memory()
+    assert _timing.keep_freed_memory()
 
     def pair():
         first, second = (torch.empty(8 << 20, dtype=torch.uint8).fill_(1) for _ in range(2))
@@ -215,11 +215,11 @@ needs_cuda = pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and c
 
 
 def test_the_cpu_times_what_it_did_and_cuda_adds_autotune_and_graphs():
-    assert benchmark.device_implementations(CPU) == ["native", "compiled", "fused"]
-    assert benchmark.device_implementations(CPU, compile=False) == ["native", "fused"]
-    assert benchmark.device_implementations(CUDA) == list(benchmark.IMPLEMENTATIONS)
-    assert benchmark.device_implementations(CUDA, compile=False) == ["native", "native_graph", "fused", "fused_graph"]
-    for name, implementation in benchmark.IMPLEMENTATIONS.items():
+    assert benchmark_ops.device_implementations(CPU) == ["native", "compiled", "fused"]
+    assert benchmark_ops.device_implementations(CPU, compile=False) == ["native", "fused"]
+    assert benchmark_ops.device_implementations(CUDA) == list(benchmark_ops.IMPLEMENTATIONS)
+    assert benchmark_ops.device_implementations(CUDA, compile=False) == ["native", "native_graph", "fused", "fused_graph"]
+    for name, implementation in benchmark_ops.IMPLEMENTATIONS.items():
         assert implementation.cuda_only == (implementation.graph or implementation.compile_mode is not None), name
         assert implementation.fused == name.startswith("fused"), name
 
@@ -248,18 +248,18 @@ def test_help_says_what_each_implementation_is(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--help"])
     printed = " ".join(capsys.readouterr().out.split())
-    for name, implementation in benchmark.IMPLEMENTATIONS.items():
+    for name, implementation in benchmark_ops.IMPLEMENTATIONS.items():
         assert f"{name} {implementation.description}" in printed
-    assert "max-autotune-no-cudagraphs" in printed and f"after {benchmark.GRAPH_WARMUP} warm-up calls on a side stream" in printed
+    assert "max-autotune-no-cudagraphs" in printed and f"after {benchmark_ops.GRAPH_WARMUP} warm-up calls on a side stream" in printed
 
 
 def synthetic_rows(implementations, times_of) -> list[dict]:
     """cifarnet-bench's rows for the study's layers, with the times ``times_of(layer, mode)``
     gives (one per implementation) and made-up saved bytes."""
     rows = []
-    for index, layer in enumerate(benchmark.STUDY_LAYERS):
+    for index, layer in enumerate(benchmark_ops.STUDY_LAYERS):
         row = {"op": "batch_norm", "layer": layer.name, "shape": layer.describe(8)}
-        for mode in benchmark.MODES:
+        for mode in benchmark_ops.MODES:
             row[f"{mode}_ms"] = dict(zip(implementations, times_of(index, mode), strict=True))
         row["saved_bytes"] = {"native": 4 << 20, "fused": (1 + index) << 20}
         rows.append(row)
@@ -272,13 +272,13 @@ times_ms = st.floats(min_value=0.01, max_value=100.0, allow_nan=False)
 @settings(max_examples=30, deadline=None)
 @given(st.data())
 def test_summarise_compares_every_implementation_with_native_and_the_fastest_with_the_fastest(data):
-    implementations = list(benchmark.IMPLEMENTATIONS)
+    implementations = list(benchmark_ops.IMPLEMENTATIONS)
     drawn = data.draw(st.lists(times_ms, min_size=6 * 6, max_size=6 * 6))
-    rows = synthetic_rows(implementations, lambda layer, mode: drawn[6 * (2 * layer + benchmark.MODES.index(mode)):][:6])
-    total = benchmark.summarise(rows, implementations)
+    rows = synthetic_rows(implementations, lambda layer, mode: drawn[6 * (2 * layer + benchmark_ops.MODES.index(mode)):][:6])
+    total = benchmark_report.summarise(rows, implementations)
     natives = ["native", "compiled", "compiled_autotune", "native_graph"]
     for entry in rows + [total]:
-        for mode in benchmark.MODES:
+        for mode in benchmark_ops.MODES:
             times, speedup, fastest = entry[f"{mode}_ms"], entry["speedup"][mode], entry["fastest"][mode]
             for name in implementations[1:]:
                 assert speedup[name] == pytest.approx(times["native"] / times[name])
@@ -287,16 +287,16 @@ def test_summarise_compares_every_implementation_with_native_and_the_fastest_wit
             assert times[fastest["native"]] == min(times[name] for name in natives)
             assert times[fastest["fused"]] == min(times["fused"], times["fused_graph"])
             assert speedup["fused_vs_best_native"] == pytest.approx(times[fastest["native"]] / times[fastest["fused"]])
-    for mode in benchmark.MODES:
+    for mode in benchmark_ops.MODES:
         for name in implementations:
             assert total[f"{mode}_ms"][name] == pytest.approx(sum(row[f"{mode}_ms"][name] for row in rows))
 
 
 def test_the_table_shows_graph_and_autotune_columns_and_the_best_against_the_best():
-    implementations = list(benchmark.IMPLEMENTATIONS)
+    implementations = list(benchmark_ops.IMPLEMENTATIONS)
     rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
-    total = benchmark.summarise(rows, implementations)
-    lines = benchmark.format_table(rows, total, implementations).splitlines()
+    total = benchmark_report.summarise(rows, implementations)
+    lines = benchmark_report.format_table(rows, total, implementations).splitlines()
     header = [cell.strip() for cell in lines[0].strip("|").split("|")]
     for mode in ("fwd", "fwd+bwd"):
         names = ["native", "compiled", "compiled autotune", "native graph", "fused", "fused graph"]
@@ -312,7 +312,7 @@ def test_the_table_shows_graph_and_autotune_columns_and_the_best_against_the_bes
 
 def cpu_table_header(implementations) -> str:
     rows = synthetic_rows(implementations, lambda layer, mode: [1.0] * len(implementations))
-    return benchmark.format_table(rows, benchmark.summarise(rows, implementations), implementations).splitlines()[0]
+    return benchmark_report.format_table(rows, benchmark_report.summarise(rows, implementations), implementations).splitlines()[0]
 
 
 def test_the_cpu_table_keeps_the_columns_the_docs_transcribe():
@@ -337,14 +337,14 @@ def test_graph_implementations_time_a_captured_call(monkeypatch):
         def __call__(self):
             self.call()
 
-    monkeypatch.setattr(benchmark, "CapturedCall", EagerCapture)
-    op, layer = benchmark.OPS["conv2d_batch_norm_relu_max_pool2d"], benchmark.STUDY_LAYERS[2]
+    monkeypatch.setattr(benchmark_ops, "CapturedCall", EagerCapture)
+    op, layer = benchmark_ops.OPS["conv2d_batch_norm_relu_max_pool2d"], benchmark_ops.STUDY_LAYERS[2]
     implementations = ["native", "native_graph", "fused", "fused_graph"]
-    row = benchmark.benchmark_layer(op, layer, 2, torch.float32, CPU, torch.channels_last, implementations, 1, 1)
-    assert len(captured) == 2 * len(benchmark.MODES)
-    for mode in benchmark.MODES:
+    row = benchmark_ops.benchmark_layer(op, layer, 2, torch.float32, CPU, torch.channels_last, implementations, 1, 1)
+    assert len(captured) == 2 * len(benchmark_ops.MODES)
+    for mode in benchmark_ops.MODES:
         assert set(row[f"{mode}_ms"]) == set(implementations) and min(row[f"{mode}_ms"].values()) > 0
-    total = benchmark.summarise([row], implementations)
+    total = benchmark_report.summarise([row], implementations)
     assert {"fused_vs_best_native", "fused_graph_vs_native_graph", "native_graph", "fused_graph"} <= set(total["speedup"]["forward"])
 
 
@@ -352,12 +352,12 @@ def test_a_failed_capture_says_what_it_captured(monkeypatch):
     def refuse(call):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(benchmark, "CapturedCall", refuse)
-    op, layer = benchmark.OPS["batch_norm"], benchmark.STUDY_LAYERS[2]
-    tensors = benchmark.make_tensors(op, layer, 2, torch.float32, CPU, torch.contiguous_format)
-    block = benchmark.make_block(op, "fused_graph")
+    monkeypatch.setattr(benchmark_ops, "CapturedCall", refuse)
+    op, layer = benchmark_ops.OPS["batch_norm"], benchmark_ops.STUDY_LAYERS[2]
+    tensors = benchmark_ops.make_tensors(op, layer, 2, torch.float32, CPU, torch.contiguous_format)
+    block = benchmark_ops.make_block(op, "fused_graph")
     with pytest.raises(RuntimeError, match=r"fused_graph: capturing batch_norm at conv3 \(forward\) in a CUDA graph failed: operation not"):
-        benchmark.make_timed_call(op, "fused_graph", block, tensors, layer, "forward")
+        benchmark_ops.make_timed_call(op, "fused_graph", block, tensors, layer, "forward")
 
 
 def load_gpu_summary():
@@ -368,9 +368,9 @@ def load_gpu_summary():
 
 
 def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_path):
-    implementations = list(benchmark.IMPLEMENTATIONS)
+    implementations = list(benchmark_ops.IMPLEMENTATIONS)
     rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
-    total = benchmark.summarise(rows, implementations)
+    total = benchmark_report.summarise(rows, implementations)
     report = tmp_path / "bench.json"
     report.write_text(json.dumps({"results": [{"op": "batch_norm", "memory_format": "channels_last", "layers": rows, "total": total}]}))
     ratios = load_gpu_summary().bench_ratios(report)
@@ -383,11 +383,11 @@ def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_
 
 
 def test_the_plot_adds_the_best_against_the_best_with_graphs(tmp_path):
-    implementations = list(benchmark.IMPLEMENTATIONS)
+    implementations = list(benchmark_ops.IMPLEMENTATIONS)
     rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
-    total = benchmark.summarise(rows, implementations)
+    total = benchmark_report.summarise(rows, implementations)
     result = {"op": "batch_norm", "memory_format": "channels_last", "implementations": implementations, "layers": rows, "total": total}
-    benchmark.plot_speedups([result], str(tmp_path / "bench.png"))
+    benchmark_report.plot_speedups([result], str(tmp_path / "bench.png"))
     assert (tmp_path / "bench.png").stat().st_size > 0
 
 
@@ -409,10 +409,10 @@ def test_bench_on_cuda_times_eager_and_graph_implementations(tmp_path, capsys, d
     saved = json.loads(report.read_text())
     implementations = ["native", "native_graph", "fused", "fused_graph"]
     assert list(saved["implementations"]) == implementations and saved["gpu"]["torch.backends.cudnn.allow_tf32"] in (True, False)
-    assert {result["op"] for result in saved["results"]} == set(benchmark.OPS)
+    assert {result["op"] for result in saved["results"]} == set(benchmark_ops.OPS)
     for result in saved["results"]:
         for entry in result["layers"] + [result["total"]]:
-            for mode in benchmark.MODES:
+            for mode in benchmark_ops.MODES:
                 assert set(entry[f"{mode}_ms"]) == set(implementations) and min(entry[f"{mode}_ms"].values()) > 0
                 assert entry["speedup"][mode]["fused_vs_best_native"] > 0
 
@@ -422,15 +422,15 @@ def test_bench_on_cuda_times_eager_and_graph_implementations(tmp_path, capsys, d
 def test_a_captured_cuda_call_replays_the_op(implementation):
     """A replay runs the kernels again: batch norm's running mean moves at each replay as at
     each eager call, and the output is the eager one."""
-    op, layer = benchmark.OPS["batch_norm"], benchmark.STUDY_LAYERS[1]
-    tensors = benchmark.make_tensors(op, layer, 8, torch.float32, CUDA, torch.channels_last)
+    op, layer = benchmark_ops.OPS["batch_norm"], benchmark_ops.STUDY_LAYERS[1]
+    tensors = benchmark_ops.make_tensors(op, layer, 8, torch.float32, CUDA, torch.channels_last)
     tensors["input"] += 1  # a mean away from the running mean's start
     eager_tensors = {name: tensor.clone() for name, tensor in tensors.items()}
-    block = benchmark.make_block(op, implementation)
-    for mode in benchmark.MODES:
-        captured = benchmark.CapturedCall(benchmark.make_call(block, tensors, op, layer, mode))
-        eager = benchmark.make_call(block, eager_tensors, op, layer, mode)
-        for _ in range(benchmark.GRAPH_WARMUP):
+    block = benchmark_ops.make_block(op, implementation)
+    for mode in benchmark_ops.MODES:
+        captured = benchmark_ops.CapturedCall(benchmark_ops.make_call(block, tensors, op, layer, mode))
+        eager = benchmark_ops.make_call(block, eager_tensors, op, layer, mode)
+        for _ in range(benchmark_ops.GRAPH_WARMUP):
             eager()
         for _ in range(4):
             captured()

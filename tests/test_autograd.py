@@ -208,14 +208,93 @@ def test_torch_func_transforms_match_native(name, device):
         torch.func.grad(lambda *t: native(*t).square().sum(), every)(*primals),
     ):
         torch.testing.assert_close(mine, theirs)
-    if "batch_norm" in name:
-        # NB: no vmap: the batch-norm ops' schemas mutate the running statistics, which
-        # functorch's fallback refuses ("Batching rule not implemented for cifarnet::...").
-        return
     batch = torch.stack([primals[0], primals[0].flip(0)])
     torch.testing.assert_close(
         torch.func.vmap(lambda x: ours(x, *primals[1:]))(batch), torch.func.vmap(lambda x: native(x, *primals[1:]))(batch)
     )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", OPS)
+def test_per_example_gradients_match_native(name, device):
+    """vmap(grad): each example's parameter gradients (DP-SGD's clipping, influence functions),
+    every example a batch of one; the ops run under vmap as native does."""
+    ours, native, _, _ = OPS[name]
+    generator = torch.Generator().manual_seed(5)
+    primals = [t.detach() for t in all_tensors(name, device, generator)]
+    examples = primals[0]
+    parameters = tuple(range(1, len(primals)))
+
+    def per_example(op):
+        loss = lambda x, *rest: op(x[None], *rest).square().sum()  # noqa: E731
+        return torch.func.vmap(torch.func.grad(loss, parameters), in_dims=(0, *[None] * len(parameters)))(
+            examples, *primals[1:]
+        )
+
+    for i, (mine, theirs) in enumerate(zip(per_example(ours), per_example(native), strict=True)):
+        torch.testing.assert_close(mine, theirs, msg=f"{name}: parameter {i + 1}")
+
+
+def test_ensemble_of_fused_models_matches_native():
+    """An ensemble over stacked weights (torch.func.stack_module_state + functional_call), the
+    models in evaluation, as the fused model's layers replace native ones."""
+    import cifarnet
+
+    torch.manual_seed(6)
+
+    def model():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3), torch.nn.Flatten(), torch.nn.Dropout(0.5),
+        ).double()
+
+    natives = [model() for _ in range(3)]
+    for native in natives:  # running statistics other than the initial ones
+        native.train()(torch.randn(8, 3, 8, 8, dtype=torch.float64))
+        native.eval()
+    fused = []
+    for native in natives:
+        model_fused, report = cifarnet.fuse(native, report=True)
+        assert len(report.fused) == 2, f"the test compares fused layers with native ones; fuse did: {report}"
+        fused.append(model_fused)
+    x = torch.randn(5, 3, 8, 8, dtype=torch.float64)
+
+    def ensemble(models):
+        params, buffers = torch.func.stack_module_state(models)
+        call = lambda p, b: torch.func.functional_call(models[0], (p, b), (x,))  # noqa: E731
+        return torch.func.vmap(call)(params, buffers)
+
+    torch.testing.assert_close(ensemble(fused), ensemble(natives))
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda x, mean, var: ops.batch_norm(x, mean, var, training=True),
+        lambda x, mean, var: F.batch_norm(x, mean, var, training=True),
+    ],
+    ids=["ours", "native"],
+)
+def test_vmap_of_training_with_shared_running_statistics_fails_as_native(op):
+    """Running statistics shared by every example cannot take each example's update: native
+    refuses, and so does the op, with native's message."""
+    mean, var = torch.zeros(3), torch.ones(3)
+    with pytest.raises(RuntimeError, match="running_mean or running_var, which will be updated in place"):
+        torch.func.vmap(lambda x: op(x, mean, var))(torch.randn(4, 2, 3, 5))
+
+
+def test_dropout_under_vmap_draws_as_randomness_says():
+    """vmap's randomness: "error" refuses the draw, "different" draws a mask per example,
+    "same" one mask for all; kept elements are scaled by 1 / (1 - p)."""
+    ones = torch.ones(4, 2000)
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda x: ops.dropout(x, 0.5))(ones)
+    different = torch.func.vmap(lambda x: ops.dropout(x, 0.5), randomness="different")(ones)
+    same = torch.func.vmap(lambda x: ops.dropout(x, 0.5), randomness="same")(ones)
+    for masks in (different, same):
+        assert set(masks.unique().tolist()) == {0.0, 2.0}
+    assert not torch.equal(different[0], different[1])
+    assert all(torch.equal(same[0], row) for row in same)
 
 
 class OpNames(TorchDispatchMode):

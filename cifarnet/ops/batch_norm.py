@@ -18,6 +18,7 @@ from cifarnet.ops._layout import (
     empty_like_layout,
 )
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation, onnx_translation, per_channel_or
+from cifarnet.ops._transforms import under_vmap
 
 
 def batch_norm(
@@ -62,9 +63,10 @@ def batch_norm(
         return handle_torch_function(
             batch_norm, tensors, input, running_mean, running_var, weight, bias, training, momentum, eps
         )
-    if input.numel() == 0:
+    if input.numel() == 0 or under_vmap():
         # NB: F.batch_norm takes empty inputs (of any rank, even (0,)) in training too, where
         # the op needs two values per channel; it also decides which empty shapes are valid.
+        # Under vmap, native's batching rule (see cifarnet.ops._transforms).
         return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
     return torch.ops.cifarnet.batch_norm.default(
         input, running_mean, running_var, weight, bias, bool(training), float(momentum), float(eps)

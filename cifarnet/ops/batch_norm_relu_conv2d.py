@@ -22,6 +22,7 @@ from cifarnet.ops._layout import (
     empty_like_layout,
 )
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
+from cifarnet.ops._transforms import under_vmap
 
 
 def batch_norm_relu_conv2d(
@@ -90,6 +91,9 @@ def batch_norm_relu_conv2d(
         raise RuntimeError(
             f"input must be a 4-D tensor (N, C_in, H, W), got {input.dim()}-D tensor of shape {list(input.shape)}"
         )
+    if under_vmap():  # see cifarnet.ops._transforms
+        normalized = F.batch_norm(input, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        return F.conv2d(F.relu(normalized), weight, bias, stride, padding)
     if isinstance(padding, str) and padding == "same" and (weight.dim() == 4 and any(k % 2 == 0 for k in weight.shape[2:])):
         # NB: conv_padding pads the input for an even kernel's extra row or column, which here
         # would enter the batch statistics: native pads the rectified tensor.

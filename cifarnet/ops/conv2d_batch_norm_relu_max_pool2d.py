@@ -15,6 +15,7 @@ from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import conv_padding, pair
 from cifarnet.ops._layout import batch_norm_stats_dtype, channel_stats, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
+from cifarnet.ops._transforms import under_vmap
 from cifarnet.ops.conv2d_relu_max_pool2d import (
     _conv2d_relu_max_pool2d_backward_fake,
     _conv2d_relu_max_pool2d_with_argmax_fake,
@@ -89,6 +90,11 @@ def conv2d_batch_norm_relu_max_pool2d(
             pool_padding,
         )
     unbatched = is_unbatched(input)
+    if under_vmap():  # see cifarnet.ops._transforms; an unbatched input is a batch of one
+        conv = F.conv2d(input.unsqueeze(0) if unbatched else input, weight, bias, stride, padding)
+        normalized = F.batch_norm(conv, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+        output = F.max_pool2d(F.relu(normalized), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
+        return output.squeeze(0) if unbatched else output
     input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
     output = torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
         input,

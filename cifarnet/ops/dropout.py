@@ -13,6 +13,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation
+from cifarnet.ops._transforms import under_vmap
 
 _SEED_BOUND = 2**63 - 1
 
@@ -74,7 +75,9 @@ def dropout(input: Tensor, p: float = 0.5, training: bool = True, generator: tor
         raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return input
-    if input.device.type not in ("cpu", "cuda"):
+    if input.device.type not in ("cpu", "cuda") or (generator is None and under_vmap()):
+        # Under vmap, native's batching rule draws as vmap's `randomness` says (its default,
+        # "error", refuses); see cifarnet.ops._transforms.
         return F.dropout(input, p, True)
     # NB: on the CPU the seed stays a host draw: the masks of a torch.manual_seed are those of
     # earlier releases, and a compiled graph draws it with the other random ops.

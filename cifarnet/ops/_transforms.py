@@ -1,0 +1,20 @@
+"""Which ``torch.func`` transforms are running the current call.
+
+Under ``torch.func.vmap`` the batch-norm ops and dropout run as the native composition they
+replace: their schemas mutate running statistics, or draw a seed on the host, which functorch's
+per-example fallback refuses, while native batch norm and dropout have batching rules. So a
+fused layer vmaps wherever its native one does (an ensemble over stacked weights, per-example
+gradients, batch norm without running statistics or in evaluation), and fails where native
+fails, with native's message.
+"""
+
+from __future__ import annotations
+
+from torch._C._functorch import TransformType, get_interpreter_stack
+
+
+def under_vmap() -> bool:
+    """Whether a ``torch.func.vmap`` is running this call, at any depth of nested transforms
+    (``vmap(grad(f))`` included)."""
+    stack = get_interpreter_stack()  # None outside every transform
+    return stack is not None and any(interpreter.key() == TransformType.Vmap for interpreter in stack)

@@ -10,11 +10,16 @@ fails, with native's message.
 
 from __future__ import annotations
 
+import torch
 from torch._C._functorch import TransformType, get_interpreter_stack
 
 
 def under_vmap() -> bool:
     """Whether a ``torch.func.vmap`` is running this call, at any depth of nested transforms
-    (``vmap(grad(f))`` included)."""
+    (``vmap(grad(f))`` included). False while ``torch.compile`` traces: dynamo cannot trace
+    the interpreter stack (a graph break, an error with ``fullgraph=True``), and it traces
+    vmap as an op of its own."""
+    if torch.compiler.is_compiling():
+        return False
     stack = get_interpreter_stack()  # None outside every transform
     return stack is not None and any(interpreter.key() == TransformType.Vmap for interpreter in stack)

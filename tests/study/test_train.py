@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -364,6 +365,29 @@ def test_bfloat16_run_records_its_precision_and_resumes_exactly(dataset, tmp_pat
     assert without_seconds(float32) != without_seconds(whole)  # the precision did change the computation
     with pytest.raises(ValueError, match=r"different settings \(precision: 'bfloat16' -> 'float32'\)"):
         run(dataset, tmp_path / "parts", variant="full", ops=ops, epochs=3, resume=True)
+
+
+@pytest.mark.parametrize(
+    "system, machine, isa, warns",
+    [
+        ("Linux", "x86_64", ["AVX2"], True),
+        ("Linux", "x86_64", ["AVX2", "AVX-512"], True),
+        ("Linux", "x86_64", ["AVX2", "AVX-512", "AVX512-BF16"], False),
+        ("Linux", "x86_64", ["AVX2", "AVX-512", "AVX512-BF16", "AMX-BF16"], False),
+        ("Linux", "aarch64", [], False),  # instruction sets unknown: no warning
+        ("Darwin", "x86_64", [], False),
+    ],
+)
+def test_bfloat16_on_a_cpu_without_bfloat16_arithmetic_warns(dataset, tmp_path, monkeypatch, system, machine, isa, warns):
+    monkeypatch.setattr(train_module.platform, "system", lambda: system)
+    monkeypatch.setattr(train_module.platform, "machine", lambda: machine)
+    monkeypatch.setattr(train_module, "cpu_info", lambda: {"model": "a CPU", "isa": isa, "last_level_cache_bytes": None})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(dataset, tmp_path / "bf16", variant="baseline", precision="bfloat16", epochs=1, limit_train=BATCH)
+        run(dataset, tmp_path / "fp32", variant="baseline", epochs=1, limit_train=BATCH)
+    emulated = [w for w in caught if "bfloat16 arithmetic is emulated" in str(w.message)]
+    assert len(emulated) == (1 if warns else 0), [str(w.message) for w in caught]
 
 
 def test_checkpoint_without_a_precision_resumes_as_float32(dataset, tmp_path):

@@ -21,9 +21,11 @@ import contextlib
 import itertools
 import json
 import math
+import platform
 import random
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 import cifarnet.nn
+from cifarnet._cpu import cpu_info
 from cifarnet.study.data import CIFAR10, CROP_SIZE, IMAGE_SIZE, load_cifar10, make_loaders
 from cifarnet.study.distributed import Peers, epoch_seed
 from cifarnet.study.fileio import atomic_save, output_folder_problem
@@ -305,6 +308,16 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return device
 
 
+def has_bfloat16_arithmetic() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): where it does not,
+    oneDNN emulates it and bfloat16 autocast is slower than float32, not faster. True where the
+    instruction sets are unknown (other than x86-64 Linux), so that only a known lack warns."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return True
+    isa = cpu_info()["isa"]
+    return "AVX512-BF16" in isa or "AMX-BF16" in isa
+
+
 def _check_model_runs_on(model: ConvNet, device: torch.device) -> None:
     """Fails early, in one line, where the build lacks a kernel for ``device`` (fused ops)."""
     if device.type == "cpu":
@@ -412,6 +425,12 @@ def train(
             "train; expected the number of processes"
         )
     device = resolve_device(device)
+    if device.type == "cpu" and config.precision == "bfloat16" and not has_bfloat16_arithmetic():
+        warnings.warn(
+            "precision bfloat16 on a CPU without AVX512-BF16 or AMX: bfloat16 arithmetic is emulated there, and a "
+            "step takes several times float32's (docs/benchmarks.md); precision float32 trains faster",
+            stacklevel=2,
+        )
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be at least 1; got {threads}")

@@ -27,7 +27,9 @@ cpp_suite() {
 
 failed=()
 lint-imports --no-cache || failed+=("lint-imports: the import contract (exit status $?)")
-python -m pytest "$@" || failed+=("pytest (exit status $?)")
+# The slowest tests are listed at the end, so that a CI log shows where its time went (a hung
+# one fails after pyproject.toml's timeout instead).
+python -m pytest --durations=15 "$@" || failed+=("pytest (exit status $?)")
 cpp_suite || failed+=("C++ suite, at step: $cpp_step")
 
 if ((${#failed[@]})); then

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -163,12 +166,39 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warnings_in_one_line(program: str):
+    """Decorates a command so that warnings print as ``program: warning: message`` on stderr,
+    one line as its errors do (naming the process under torchrun), not in Python's
+    ``file:line: UserWarning`` form with a line of source."""
+
+    def decorate(command):
+        @functools.wraps(command)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                several = int(os.environ.get("WORLD_SIZE") or 1) > 1
+            except ValueError:  # the command itself reports a malformed WORLD_SIZE
+                several = False
+            where = f"rank {os.environ.get('RANK', '?')}: " if several else ""
+
+            def show(message, category, filename, lineno, file=None, line=None):
+                print(f"{program}: warning: {where}{message}", file=sys.stderr, flush=True)
+
+            with warnings.catch_warnings():
+                warnings.showwarning = show
+                return command(argv)
+
+        return run
+
+    return decorate
+
+
 def _fail(program: str, message: object) -> int:
     print(f"{program}: error: {message}", file=sys.stderr)
     return ERROR_STATUS
 
 
 @ends_quietly_on_a_closed_pipe
+@_warnings_in_one_line("cifarnet-train")
 def train_main(argv: list[str] | None = None) -> int:
     """``cifarnet-train``: trains one variant into ``--out``, or all six into ``--out/<variant>``
     followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status.
@@ -362,6 +392,7 @@ def _eval_parser() -> argparse.ArgumentParser:
 
 
 @ends_quietly_on_a_closed_pipe
+@_warnings_in_one_line("cifarnet-eval")
 def eval_main(argv: list[str] | None = None) -> int:
     """``cifarnet-eval``: tests a checkpoint and prints the figures, a per-class table and the
     path of the confusion-matrix PNG. Returns the exit status."""

@@ -590,6 +590,25 @@ def test_bfloat16_training_is_evaluated_in_bfloat16(folders, tmp_path, capsys):
     assert f"test loss {final['test_loss']:.4f}" in printed  # the same computation as training's test pass
 
 
+@pytest.mark.parametrize("world", [{}, {"WORLD_SIZE": "2", "RANK": "1"}])
+def test_warnings_print_as_one_line(folders, tmp_path, capsys, monkeypatch, world):
+    """A warning (here: bfloat16 on a CPU without bfloat16 arithmetic) prints as the command's
+    errors do, naming the process where several run, not as Python's file:line form."""
+    import cifarnet.study.train.loop as loop
+
+    monkeypatch.setattr(loop, "has_bfloat16_arithmetic", lambda: False)
+    for name, value in world.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(cli, "launch_from_environment", lambda: None)  # one process trains all the same
+    out = tmp_path / "bf16"
+    assert train_main(["--variant", "baseline", "--epochs", "1", "--precision", "bfloat16", "--data-dir", str(folders),
+                       "--out", str(out), *TINY]) == 0
+    err = capsys.readouterr().err
+    where = "rank 1: " if world else ""
+    assert f"cifarnet-train: warning: {where}precision bfloat16 on a CPU without AVX512-BF16 or AMX" in err
+    assert "UserWarning" not in err and "train(" not in err
+
+
 def test_eval_reports_what_training_measured(trained, folders, capsys):
     capsys.readouterr()
     status = eval_main([str(trained / "checkpoint.pt"), "--data-dir", str(folders), "--no-progress", "--device", "cpu"])

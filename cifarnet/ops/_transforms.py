@@ -1,11 +1,11 @@
 """Which ``torch.func`` transforms are running the current call.
 
 Under ``torch.func.vmap`` the batch-norm ops and dropout run as the native composition they
-replace: their schemas mutate running statistics, or draw a seed on the host, which functorch's
-per-example fallback refuses, while native batch norm and dropout have batching rules. So a
-fused layer vmaps wherever its native one does (an ensemble over stacked weights, per-example
-gradients, batch norm without running statistics or in evaluation), and fails where native
-fails, with native's message.
+replace: the batch-norm schemas mutate running statistics, which functorch's per-example
+fallback refuses where native batch norm has a batching rule, and native dropout's rule draws
+as vmap's ``randomness`` says on every device. So a fused layer vmaps wherever its native one
+does (an ensemble over stacked weights, per-example gradients, batch norm without running
+statistics or in evaluation), and fails where native fails, with native's message.
 """
 
 from __future__ import annotations

@@ -90,12 +90,13 @@ def conv2d_batch_norm_relu_max_pool2d(
             pool_padding,
         )
     unbatched = is_unbatched(input)
-    if under_vmap():  # see cifarnet.ops._transforms; an unbatched input is a batch of one
-        conv = F.conv2d(input.unsqueeze(0) if unbatched else input, weight, bias, stride, padding)
+    batch = input.unsqueeze(0) if unbatched else input
+    if under_vmap():  # see cifarnet.ops._transforms
+        conv = F.conv2d(batch, weight, bias, stride, padding)
         normalized = F.batch_norm(conv, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
         output = F.max_pool2d(F.relu(normalized), pool_size, pool_stride, pool_padding, ceil_mode=ceil_mode)
         return output.squeeze(0) if unbatched else output
-    input, padding = conv_padding(input.unsqueeze(0) if unbatched else input, weight, stride, padding)
+    input, padding = conv_padding(batch, weight, stride, padding)
     output = torch.ops.cifarnet.conv2d_batch_norm_relu_max_pool2d.default(
         input,
         weight,

@@ -48,6 +48,16 @@ def conv_output_memory_format(input: Tensor, weight: Tensor) -> torch.memory_for
     return torch.contiguous_format
 
 
+def pooled_output_memory_format(input: Tensor, weight: Tensor, conv_output: Tensor) -> torch.memory_format:
+    """The pooled output's layout, the C++ kernels' ``pooled_output_memory_format``: native
+    conv2d's, except where the convolution output is 1x1: native's ReLU and batch norm return a
+    contiguous tensor then (no order can be read from size-1 dimensions), and max_pool2d keeps
+    it, which shows where a padded pool makes the output larger."""
+    if conv_output.shape[-2:] == (1, 1):
+        return torch.contiguous_format
+    return conv_output_memory_format(input, weight)
+
+
 def check_pool_window(pool_size) -> None:
     elements = pool_size[0] * pool_size[1]
     torch._check(

@@ -10,7 +10,13 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import conv_padding, pair
-from cifarnet.ops._layout import check_pool_padding, check_pool_window, conv_output_memory_format, is_unbatched
+from cifarnet.ops._layout import (
+    check_pool_padding,
+    check_pool_window,
+    conv_output_memory_format,
+    is_unbatched,
+    pooled_output_memory_format,
+)
 from cifarnet.ops._onnx import BACKWARD, no_onnx_translation, onnx_translation, pads
 
 
@@ -114,7 +120,7 @@ def _conv2d_relu_max_pool2d_with_argmax_fake(
     check_pool_padding(pool_size, pool_padding)
     conv = F.conv2d(input, weight, bias, stride, padding)
     pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, pool_padding, ceil_mode=ceil_mode)
-    memory_format = conv_output_memory_format(input, weight)
+    memory_format = pooled_output_memory_format(input, weight, conv)
     output = torch.empty(pooled.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)
     argmax = torch.empty(pooled.shape, dtype=torch.uint8, device=input.device, memory_format=memory_format)
     return output, argmax

@@ -174,6 +174,17 @@ inline at::MemoryFormat conv_output_memory_format(const at::Tensor& input,
   return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// The layout native's conv2d -> ReLU [-> batch norm] -> max_pool2d gives the pooled output: the
+// convolution's, except where the convolution output is 1x1. ReLU and batch norm then return
+// a contiguous tensor whatever the convolution's strides (no order can be read from size-1
+// dimensions), and max_pool2d keeps it: visible where a padded pool makes the output larger.
+inline at::MemoryFormat pooled_output_memory_format(const at::Tensor& input,
+                                                    const at::Tensor& weight,
+                                                    const ConvPoolGeometry& g) {
+  if (g.conv_h == 1 && g.conv_w == 1) return at::MemoryFormat::Contiguous;
+  return conv_output_memory_format(input, weight);
+}
+
 // Checks the backward's extra arguments against the forward geometry.
 inline void check_conv2d_relu_max_pool2d_backward_args(const at::Tensor& grad_output,
                                                        const at::Tensor& argmax,

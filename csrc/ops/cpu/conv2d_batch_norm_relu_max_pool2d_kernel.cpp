@@ -54,7 +54,7 @@ namespace {
 std::pair<at::Tensor, at::Tensor> empty_pooled_output(const at::Tensor& input,
                                                       const at::Tensor& weight,
                                                       const ConvPoolGeometry& g) {
-  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  const at::MemoryFormat format = pooled_output_memory_format(input, weight, g);
   at::Tensor output =
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));

@@ -174,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_kernel(
       input, weight, bias, stride, padding, pool_size, pool_stride, ceil_mode, pool_padding);
   TORCH_CHECK(input.is_cpu(), "input must be a CPU tensor for the CPU kernel, got ",
               input.device());
-  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  const at::MemoryFormat format = pooled_output_memory_format(input, weight, g);
   at::Tensor output =
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));

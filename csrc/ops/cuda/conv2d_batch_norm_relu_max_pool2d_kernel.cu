@@ -105,7 +105,7 @@ cuda::DenseLayout conv_layout(const at::Tensor& conv) {
 std::tuple<at::Tensor, at::Tensor> normalise_relu_max_pool2d(
     const at::Tensor& conv, const at::Tensor& input, const at::Tensor& weight,
     const ConvPoolGeometry& g, const cuda::Normalization& normalization) {
-  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  const at::MemoryFormat format = pooled_output_memory_format(input, weight, g);
   at::Tensor output =
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));

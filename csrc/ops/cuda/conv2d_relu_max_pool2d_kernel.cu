@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_max_pool2d_forward_cuda(
   TORCH_CHECK(input.is_cuda(), "input must be a CUDA tensor for the CUDA kernel, got ",
               input.device());
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const at::MemoryFormat format = conv_output_memory_format(input, weight);
+  const at::MemoryFormat format = pooled_output_memory_format(input, weight, g);
   at::Tensor output =
       at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, input.options().memory_format(format));
   at::Tensor argmax = at::empty_like(output, output.options().dtype(at::kByte));

@@ -352,6 +352,30 @@ def low_precision_block_cases(draw):
 def test_conv2d_batch_norm_relu_max_pool2d_low_precision(case):
     """Training mode: output and running statistics by the value rule, gradients through our
     argmax (see the module docstring)."""
+    check_conv2d_batch_norm_relu_max_pool2d_low_precision(case)
+
+
+# 4x2 windows of stride 1 send up to 8 hits to one position; at some, the hits' gradients cancel
+# to a third of their sizes (integer values, so the argmax sees ties).
+OVERLAPPING_HITS = {
+    "batch": 3, "in_channels": 1, "out_channels": 1, "size": (12, 10), "kernel": (2, 3), "stride": (2, 1),
+    "padding": (1, 2), "pool_size": (4, 2), "pool_stride": (1, 1), "ceil_mode": False, "pool_padding": (1, 0),
+    "bias": True, "input_channels_last": False, "weight_channels_last": False, "values": "integers", "seed": 1,
+    "bn_affine": False, "parameter_dtype": "same",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_overlapping_windows_add_their_hits_in_float(dtype):
+    """The hits of overlapping windows add up in float, as native max-pool backward's do: added
+    in bfloat16, the rounding of their partial sums put 38 roundings of its terms into the input
+    gradient (native's: 2.3), found by a 1500-example run of the test above."""
+    check_conv2d_batch_norm_relu_max_pool2d_low_precision({**OVERLAPPING_HITS, "dtype": dtype}, gradients_as_bounded=True)
+
+
+def check_conv2d_batch_norm_relu_max_pool2d_low_precision(case, gradients_as_bounded=False):
+    """The training-mode checks of one case. ``gradients_as_bounded``: the convolution's
+    gradients within their rounding bound everywhere, not merely no worse than native's."""
     input, weight, bias, generator = make_tensors(case, "cpu")
     dtype, channels, geometry = case["dtype"], case["out_channels"], op_args(case)
     parameter_dtype = dtype if case["parameter_dtype"] == "same" else torch.float32
@@ -399,7 +423,8 @@ def test_conv2d_batch_norm_relu_max_pool2d_low_precision(case):
         assert mine.dtype == tensors[i].dtype, f"grad {names[i]}: dtype {mine.dtype}"
         if i < 3:
             # 16 roundings: the convolution output is stored rounded and normalised from there
-            assert_within_roundings(f"grad {names[i]}", mine, exact_grad, terms[i], dtype, roundings=16, native=native_grad)
+            native_or_none = None if gradients_as_bounded else native_grad
+            assert_within_roundings(f"grad {names[i]}", mine, exact_grad, terms[i], dtype, roundings=16, native=native_or_none)
         else:
             # sums over the hits of |grad| (bn_bias) or |grad * normalised value| (bn_weight)
             assert_within_roundings(f"grad {names[i]}", mine, exact_grad, hit_terms[i - 3], dtype, roundings=16, native=native_grad)

@@ -444,8 +444,10 @@ void input_grad_channels_outer(scalar_t* out, const scalar_t* x, const scalar_t*
   }
 }
 
-template <typename scalar_t, typename T = simd::opmath_t<scalar_t>>
-void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const scalar_t* g,
+// (channels inner: g may also be float for 16-bit data, as the fused conv -> batch norm
+// backward adds overlapping pool windows' hits in float)
+template <typename scalar_t, typename T = simd::opmath_t<scalar_t>, typename grad_t = scalar_t>
+void input_grad_channels_inner(scalar_t* out, const scalar_t* x, const grad_t* g,
                                int64_t channels, int64_t pixel_begin, int64_t pixel_end,
                                const T* mean, const T* slope, const T* offset, const T* k,
                                bool stream, const scalar_t* relu_output = nullptr) {

@@ -196,11 +196,31 @@ at::Tensor conv_output_grad(const BackwardInputs& in, const ConvPoolGeometry& g,
   const scalar_t* conv_data = in.conv.const_data_ptr<scalar_t>();
   const scalar_t* grad_data = in.grad.const_data_ptr<scalar_t>();
   const uint8_t* argmax_data = in.argmax.const_data_ptr<uint8_t>();
-  at::Tensor grad_conv = tiled ? at::empty_like(in.conv) : at::zeros_like(in.conv);
+  // Overlapping windows add several hits into one position. In 16-bit data they add in float,
+  // as native max-pool backward's do: added in 16 bits, hits that cancel would keep the
+  // rounding of their partial sums (8 hits of a 4x2 window of stride 1, summing to a third of
+  // their sizes, put 38 roundings of the sum into the gradient).
+  const bool add_in_float = !tiled && sizeof(scalar_t) == 2 &&
+                            (g.pool_stride_h < g.pool_h || g.pool_stride_w < g.pool_w);
+  // (zeroed where the hits are scattered into it)
+  at::Tensor grad_conv =
+      tiled || add_in_float ? at::empty_like(in.conv) : at::zeros_like(in.conv);
   scalar_t* grad_conv_data = grad_conv.mutable_data_ptr<scalar_t>();
+  const at::Tensor hits_in_float =
+      add_in_float ? at::zeros_like(in.conv, in.conv.options().dtype(at::kFloat)) : at::Tensor();
+  float* hits_data = add_in_float ? hits_in_float.mutable_data_ptr<float>() : nullptr;
   // input_grad over pixels [begin, end): ((x - hi) * slope + offset + dy) * k, dy read
-  // from grad_conv itself (the scattered hits) or absent (uncovered positions).
+  // from the scattered hits (in float, or in grad_conv itself) or absent (uncovered positions).
   auto input_grad_pixels = [&](int64_t begin, int64_t end, bool with_hits) {
+    if constexpr (sizeof(scalar_t) == 2) {
+      if (with_hits && add_in_float) {
+        CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, grad_conv_data, conv_data,
+                              static_cast<const float*>(hits_data), channels, begin, end,
+                              mean.data(), slope.data(), offset.data(), k.data(),
+                              /*stream=*/false);
+        return;
+      }
+    }
     CIFARNET_ISA_DISPATCH(input_grad_channels_inner<scalar_t>, grad_conv_data, conv_data,
                           with_hits ? grad_conv_data : nullptr, channels, begin, end, mean.data(),
                           slope.data(), offset.data(), k.data(), /*stream=*/false);
@@ -229,7 +249,11 @@ at::Tensor conv_output_grad(const BackwardInputs& in, const ConvPoolGeometry& g,
       for_each_argmax_hit<scalar_t>(
           in.grad, in.argmax, g, window, n,
           [&](int64_t c, int64_t, int64_t, int64_t h, int64_t w_, scalar_t grad) {
-            grad_conv_data[conv_offset(g, n, h, w_) + c] += grad;
+            if (add_in_float) {
+              hits_data[conv_offset(g, n, h, w_) + c] += static_cast<float>(grad);
+            } else {
+              grad_conv_data[conv_offset(g, n, h, w_) + c] += grad;
+            }
           });
       input_grad_pixels(sample_pixel, sample_pixel + g.conv_h * g.conv_w, true);
     }

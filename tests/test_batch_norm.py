@@ -15,7 +15,7 @@ from torch import nn
 import cifarnet
 from cifarnet.ops import batch_norm
 from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP
-from conftest import DEVICES
+from conftest import DEVICES, EVALUATION_EPS_MESSAGE, TRAINING_EPS_MESSAGE
 from op_cases import assert_no_worse_than_native
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
@@ -251,9 +251,9 @@ def _bad_batch_norm_cases():
         ("only running_mean", dict(running_var=None), "both be given or both be None", RuntimeError),
         # F.batch_norm's checks, with its exception type: a zero eps would divide by zero on a
         # constant channel in training.
-        ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
-        ("eps negative in training", dict(eps=-1.0), "eps must be positive during training", ValueError),
-        ("eps negative in evaluation", dict(eps=-1.0, training=False), "eps must be non-negative", ValueError),
+        ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),
+        ("eps negative in training", dict(eps=-1.0), TRAINING_EPS_MESSAGE, ValueError),
+        ("eps negative in evaluation", dict(eps=-1.0, training=False), EVALUATION_EPS_MESSAGE, ValueError),
     ]
 
 
@@ -457,7 +457,7 @@ def test_relu_keeps_negative_zero_and_nan_as_torch_relu(dtype, scale, training):
     bias = torch.full((1,), -0.0)
     parameters = dict(dtype=torch.float32) if dtype in (torch.float16, torch.bfloat16) else dict(dtype=dtype)
     mean, var, weight, bias = (t.to(**parameters) for t in (mean, var, weight, bias))
-    eps = 0.0 if not training else 1e-30
+    eps = 2.0**-60 if not training else 1e-30  # evaluation: 1 / sqrt(1 + eps) rounds to 1
     stats = (None, None) if training else (mean, var)
     ours = BN_FORWARD_OP(input, *stats, weight, bias, training, eps, True)[0]
     native = F.relu(F.batch_norm(input, *stats, weight, bias, training, 0.0, eps))

@@ -16,7 +16,7 @@ from cifarnet._timing import saved_tensor_bytes
 from cifarnet.nn import BatchNormReLUConv2d
 from cifarnet.ops import batch_norm_relu_conv2d
 from cifarnet._op_handles import BN_RELU_CONV_TRAINING_BACKWARD_OP, BN_RELU_CONV_TRAINING_OP
-from conftest import DEVICES
+from conftest import DEVICES, TRAINING_EPS_MESSAGE
 from op_cases import assert_no_worse_than_native, assert_same_layout, every_weight_element_sees_input
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
@@ -346,7 +346,7 @@ def _bad_cases():
         ("weight dtype", dict(weight=torch.randn(4, 3, 3, 3, dtype=torch.float64)), "weight dtype Double does not match input dtype Float", RuntimeError),
         ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode", RuntimeError),
         ("one value per channel", dict(input=torch.randn(1, 3, 1, 1), padding=1), "Expected more than 1 value per channel when training", ValueError),
-        ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
+        ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),
         ("negative padding", dict(padding=-1), "padding must be non-negative, got [-1, -1]", RuntimeError),
         ("kernel over the input", dict(weight=torch.randn(4, 3, 9, 3)), "weight kernel 9x3 is larger than the padded input 8x8", RuntimeError),
         ("same padding, even kernel", dict(weight=torch.randn(4, 3, 2, 2), padding="same"), "padding='same' with an even kernel", ValueError),

@@ -16,7 +16,7 @@ import cifarnet
 from cifarnet.nn import Conv2dBatchNormReLUMaxPool2d
 from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
 from cifarnet._op_handles import TRAINING_BACKWARD_OP, TRAINING_OP
-from conftest import DEVICES
+from conftest import DEVICES, EVALUATION_EPS_MESSAGE, TRAINING_EPS_MESSAGE
 from op_cases import (
     assert_no_worse_than_native,
     assert_same_layout,
@@ -341,8 +341,8 @@ def _bad_cases():
         ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode", RuntimeError),
         ("one value per channel", dict(input=torch.randn(1, 3, 3, 3), pool_size=1), "Expected more than 1 value per channel when training", ValueError),
         ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), "input has 5 channels", RuntimeError),
-        ("eps zero in training", dict(eps=0.0), "eps must be positive during training", ValueError),
-        ("eps negative in evaluation", dict(eps=-1.0, training=False), "eps must be non-negative", ValueError),
+        ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),
+        ("eps negative in evaluation", dict(eps=-1.0, training=False), EVALUATION_EPS_MESSAGE, ValueError),
         ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),
         ("pool padding over half the window", dict(pool_padding=2), "pool_padding should be at most half of pool_size", RuntimeError),
         ("pool padding over half in evaluation", dict(pool_padding=(0, 2), training=False), "pool_padding should be at most half", RuntimeError),

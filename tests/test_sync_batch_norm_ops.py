@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from conftest import DEVICES
+from conftest import DEVICES, EVALUATION_EPS_MESSAGE
 from op_cases import conv_out, layer_cases, make_tensors
 
 EXAMPLES = int(os.environ.get("CIFARNET_EXAMPLES", 100))
@@ -189,7 +189,7 @@ def test_opcheck(device):
     [
         ("epilogue", dict(mean=torch.zeros(5, dtype=torch.float64)), "mean should contain 6 elements"),
         ("epilogue", dict(conv_output=torch.zeros(3, 6, 4, 4)), "conv_output must have shape [3, 6, 9, 8]"),
-        ("epilogue", dict(eps=-1.0), "eps must be non-negative, but got -1"),
+        ("epilogue", dict(eps=-1.0), f"{EVALUATION_EPS_MESSAGE}, but got -1"),
         ("elementwise", dict(count=10), "at least this process's 216 and positive, got 10"),
         ("elementwise", dict(sum_dy=torch.zeros(6, 1, dtype=torch.float64)), "sum_dy must have shape [6]"),
         ("reduce", dict(argmax=torch.zeros(3, 6, 4, 4, dtype=torch.int64)), "argmax must be uint8"),

@@ -5,6 +5,7 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <array>
@@ -148,10 +149,17 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
   }
 }
 
-// F.batch_norm's check of eps, with its exception type and conditions: positive in training (a
-// constant channel would divide by zero), non-negative in evaluation. NaN passes, as natively.
+// F.batch_norm's check of eps, with its exception type, conditions and message in the torch the
+// ops are built against: positive in training (a constant channel would divide by zero),
+// non-negative in evaluation since torch 2.12 (pytorch/pytorch#175508), positive there too in
+// torch 2.10 and 2.11. NaN passes, as natively.
+constexpr bool kEvaluationEpsMayBeZero =
+    TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12);
+
 inline void check_batch_norm_eps(double eps, bool training) {
-  if (training) {
+  if (!kEvaluationEpsMayBeZero) {
+    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive, but got ", eps);
+  } else if (training) {
     TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ",
                       eps);
   } else {

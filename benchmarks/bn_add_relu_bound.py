@@ -8,7 +8,8 @@ bn3), native ``relu_(bn(x) + identity)`` and native ``bn(x)`` alone are timed, f
 forward+backward, channels-last float32, interleaved, at the shapes the model gives that batch
 norm. A fused op still computes the batch norm, reads the identity and writes its gradient, so
 it takes at least what the batch norm alone takes: the difference, summed over the blocks, bounds
-its gain. The model's native training step is timed in the same run to put the bound in scale.
+its gain. The model's native training step (forward, backward, SGD) is timed in the same run
+to put the bound in scale.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torchvision
 from torch import nn
 
 from cifarnet._timing import Stopwatch, interleaved_medians, keep_freed_memory
+from resnet_chains_profile import make_step  # (benchmarks/ is on sys.path when run as a script)
 
 
 def block_batch_norms(model: nn.Module) -> list[nn.BatchNorm2d]:
@@ -75,16 +77,6 @@ def chain_calls(shape: torch.Size) -> dict[str, object]:
     }
 
 
-def model_step(model: nn.Module, input: torch.Tensor):
-    labels = torch.zeros(input.shape[0], dtype=torch.long)
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(input), labels).backward()
-
-    return step
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=("resnet18", "resnet50"), default="resnet50")
@@ -99,7 +91,8 @@ def main() -> None:
     stopwatch = Stopwatch(torch.device("cpu"))
     model = getattr(torchvision.models, args.model)().to(memory_format=torch.channels_last)
     input = torch.randn(args.batch_size, 3, args.input_size, args.input_size).contiguous(memory_format=torch.channels_last)
-    step_ms = interleaved_medians({"step": model_step(model, input)}, stopwatch, warmup=2, repeats=max(3, args.repeats // 3))["step"]
+    labels = torch.zeros(args.batch_size, dtype=torch.long)
+    step_ms = interleaved_medians({"step": make_step(model, input, labels)}, stopwatch, warmup=2, repeats=max(3, args.repeats // 3))["step"]
 
     print(f"{args.model}, {args.input_size}x{args.input_size}, batch {args.batch_size}, float32 channels-last, {args.threads} thread(s), median of {args.repeats}")
     print("| batch norm input | blocks | chain fwd ms | BN fwd ms | chain fwd+bwd ms | BN fwd+bwd ms |")

@@ -202,7 +202,7 @@ at::Tensor conv_output_grad(const BackwardInputs& in, const ConvPoolGeometry& g,
   // their sizes, put 38 roundings of the sum into the gradient).
   const bool add_in_float = !tiled && sizeof(scalar_t) == 2 &&
                             (g.pool_stride_h < g.pool_h || g.pool_stride_w < g.pool_w);
-  // (zeroed where the hits are scattered into it)
+  // (zero-filled only where the hits add into it in place)
   at::Tensor grad_conv =
       tiled || add_in_float ? at::empty_like(in.conv) : at::zeros_like(in.conv);
   scalar_t* grad_conv_data = grad_conv.mutable_data_ptr<scalar_t>();

@@ -30,8 +30,8 @@ if [ ! -x "$root/venv/bin/python" ]; then
   python -m venv "$root/venv"
   "$root/venv/bin/pip" install -q --no-deps "torch==$release" "torchvision==$torchvision"
   "$root/venv/bin/pip" install -q numpy tqdm matplotlib pillow sympy networkx jinja2 filelock fsspec \
-    typing_extensions setuptools wheel ninja pytest hypothesis pytest-benchmark cmake onnx onnxscript \
-    onnxruntime expecttest
+    typing_extensions setuptools wheel ninja pytest hypothesis pytest-benchmark pytest-timeout cmake onnx \
+    onnxscript onnxruntime expecttest "import-linter>=2.1"
   # Last on sys.path: only what the new environment lacks (the nvidia-* packages) comes from here.
   echo "$site_packages" >"$root/venv/lib/$(basename "$(dirname "$site_packages")")/site-packages/zz-nvidia-wheels.pth"
 fi

@@ -26,7 +26,14 @@ from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from cuda_toolkit import all_targets_notice, arch_list_of, find_cuda_toolkit, tell_user, torch_cuda_major  # noqa: E402
+from cuda_toolkit import (  # noqa: E402
+    all_targets_notice,
+    arch_list_of,
+    find_cuda_toolkit,
+    tell_user,
+    torch_cuda_arch_names,
+    torch_cuda_major,
+)
 
 
 def sources(pattern):
@@ -90,7 +97,7 @@ def extension():
     # compiles and links; both are set so that nvcc and libcudart come from the same toolkit.
     cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_root
     if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
-        arch_list = arch_list_of(torch.cuda.get_arch_list())
+        arch_list = arch_list_of(torch_cuda_arch_names())
         if arch_list is None:
             sys.exit(f"cifarnet: no GPU visible and torch {torch.__version__} names no CUDA targets; set TORCH_CUDA_ARCH_LIST")
         tell_user(all_targets_notice(len(cuda_sources), arch_list))

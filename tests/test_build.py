@@ -97,12 +97,24 @@ def test_a_build_for_every_gpu_target_says_so_first_and_how_to_shorten_it():
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible: the build compiles for its targets only")
-    arch_list = cuda_toolkit.arch_list_of(torch.cuda.get_arch_list())
+    arch_list = cuda_toolkit.arch_list_of(cuda_toolkit.torch_cuda_arch_names())
     cuda_files = len(list((ROOT / "csrc").rglob("*.cu")))
     notice = cuda_toolkit.all_targets_notice(cuda_files, arch_list)
     assert notice in result.stdout.splitlines()
     assert f"all {len(arch_list.split(';'))} GPU targets" in notice and f"the {cuda_files} CUDA files" in notice
     assert "TORCH_CUDA_ARCH_LIST=" in notice and "CIFARNET_CUDA=0" in notice
+
+
+def test_torch_cuda_arch_names_also_without_a_visible_gpu(monkeypatch):
+    """torch 2.11's get_arch_list() answers [] where no GPU is visible; the build then reads the
+    targets torch was compiled for from its own flags (or it would stop and ask for a variable)."""
+    import torch
+
+    flags = getattr(torch._C, "_cuda_getArchFlags", lambda: None)()
+    if not flags:
+        pytest.skip("torch is a CPU build")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: [])
+    assert cuda_toolkit.torch_cuda_arch_names() == flags.split()
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,19 @@ def find_cuda_toolkit(required_major: str | None = None, candidates: list[str] |
     return search
 
 
+def torch_cuda_arch_names() -> list[str]:
+    """The GPU architectures the installed torch's CUDA build holds code for (``['sm_75', ...,
+    'sm_120']``), also where no GPU is visible: ``torch.cuda.get_arch_list()`` answers ``[]``
+    there in torch 2.11 (it asks for a device first), so the build's own flags are read then."""
+    import torch
+
+    names = torch.cuda.get_arch_list()
+    if not names:
+        flags = getattr(torch._C, "_cuda_getArchFlags", lambda: None)()
+        names = flags.split() if flags else []
+    return names
+
+
 def torch_cuda_major() -> str | None:
     """The CUDA major version of the installed torch, or None for a CPU build (or no torch)."""
     try:

@@ -151,8 +151,9 @@ inline void check_batch_norm_input(const at::Tensor& input, bool training) {
 
 // F.batch_norm's check of eps, with its exception type, conditions and message in the torch the
 // ops are built against: positive in training (a constant channel would divide by zero),
-// non-negative in evaluation since torch 2.12 (pytorch/pytorch#175508), positive there too in
-// torch 2.10 and 2.11. NaN passes, as natively.
+// non-negative in evaluation since pytorch/pytorch#175508 (in 2.14; merged after 2.11's branch,
+// so taken as 2.12's, not checked on 2.12 or 2.13), positive there too in torch 2.10 and 2.11.
+// NaN passes, as natively.
 constexpr bool kEvaluationEpsMayBeZero =
     TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 12);
 

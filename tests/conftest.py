@@ -18,8 +18,9 @@ def _devices() -> list[str]:
 
 DEVICES = _devices()
 
-# F.batch_norm's messages for an eps it refuses, which the ops give too: torch 2.12 allows eps = 0
-# in evaluation (pytorch/pytorch#175508); 2.10 and 2.11 want eps positive in both modes.
+# F.batch_norm's messages for an eps it refuses, which the ops give too: torch 2.14 allows eps = 0
+# in evaluation (pytorch/pytorch#175508; from 2.12, as the ops take it), 2.10 and 2.11 want eps
+# positive in both modes.
 if torch.torch_version.TorchVersion(torch.__version__) >= "2.12":
     TRAINING_EPS_MESSAGE, EVALUATION_EPS_MESSAGE = "eps must be positive during training", "eps must be non-negative"
 else:

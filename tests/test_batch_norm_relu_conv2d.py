@@ -350,6 +350,9 @@ def _bad_cases():
         ("negative padding", dict(padding=-1), "padding must be non-negative, got [-1, -1]", RuntimeError),
         ("kernel over the input", dict(weight=torch.randn(4, 3, 9, 3)), "weight kernel 9x3 is larger than the padded input 8x8", RuntimeError),
         ("same padding, even kernel", dict(weight=torch.randn(4, 3, 2, 2), padding="same"), "padding='same' with an even kernel", ValueError),
+        ("integer input", dict(input=torch.randint(0, 5, (2, 3, 8, 8)), weight=torch.randint(0, 5, (4, 3, 3, 3))),
+         "batch_norm: input must be float32, float64, float16 or bfloat16, got Long", NotImplementedError),
+        ("running_var requiring grad", dict(running_var=torch.ones(3, requires_grad=True)), "running_var cannot have requires_grad=True", RuntimeError),
     ]
 
 
@@ -412,6 +415,12 @@ def test_from_modules_shares_parameters_and_to_native_keeps_the_keys():
     ):
         with pytest.raises(ValueError, match=message):
             BatchNormReLUConv2d.from_modules(bad_bn, bad_conv)
+
+
+def test_from_modules_takes_the_conv_mode_and_leaves_the_batch_norm_its_own():
+    bn, conv = nn.BatchNorm2d(3).eval(), nn.Conv2d(3, 4, 3)
+    fused = BatchNormReLUConv2d.from_modules(bn, conv)
+    assert fused.training and not bn.training
 
 
 def test_module_is_a_leaf_under_fx_tracing_and_follows_train_eval():

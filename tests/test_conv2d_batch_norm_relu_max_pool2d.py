@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import cifarnet
-from cifarnet.nn import Conv2dBatchNormReLUMaxPool2d
+from cifarnet.nn import Conv2dBatchNormReLUMaxPool2d, SyncConv2dBatchNormReLUMaxPool2d
 from cifarnet.ops import conv2d_batch_norm_relu_max_pool2d
 from cifarnet._op_handles import TRAINING_BACKWARD_OP, TRAINING_OP
 from conftest import DEVICES, EVALUATION_EPS_MESSAGE, TRAINING_EPS_MESSAGE
@@ -346,6 +346,17 @@ def _bad_cases():
         ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),
         ("pool padding over half the window", dict(pool_padding=2), "pool_padding should be at most half of pool_size", RuntimeError),
         ("pool padding over half in evaluation", dict(pool_padding=(0, 2), training=False), "pool_padding should be at most half", RuntimeError),
+        # native's NotImplementedError, before any parameter's dtype is blamed
+        ("integer input", dict(input=torch.randint(0, 5, (2, 3, 8, 8)), weight=torch.randint(0, 5, (4, 3, 3, 3))),
+         "batch_norm: input must be float32, float64, float16 or bfloat16, got Long", NotImplementedError),
+        ("running_mean requiring grad in evaluation", dict(running_mean=torch.zeros(4, requires_grad=True), training=False),
+         "running_mean cannot have requires_grad=True", RuntimeError),
+        # evaluation folds the bias into another: it is checked first, as conv2d checks it
+        ("bias of one element in evaluation", dict(bias=torch.randn(1), training=False), "bias should contain 4 elements", RuntimeError),
+        ("0-d bias in evaluation", dict(bias=torch.tensor(0.5), training=False), "bias should contain 4 elements", RuntimeError),
+        ("(4, 1) bias in evaluation", dict(bias=torch.randn(4, 1), training=False), "got shape [4, 1]", RuntimeError),
+        ("float64 bias in evaluation", dict(bias=torch.randn(4, dtype=torch.float64), training=False), "bias dtype Double does not match weight dtype Float", RuntimeError),
+        ("integer bias in evaluation", dict(bias=torch.arange(4), training=False), "bias dtype Long does not match weight dtype Float", RuntimeError),
     ]
 
 
@@ -388,6 +399,15 @@ def test_from_modules_shares_parameters_and_maps_state_dict_keys():
     with pytest.raises(ValueError, match="num_features"):
         Conv2dBatchNormReLUMaxPool2d.from_modules(conv, nn.BatchNorm2d(5), pool)
     assert "ceil_mode=False" in repr(fused) and isinstance(fused.bn, nn.BatchNorm2d)
+
+
+@pytest.mark.parametrize("conv_training", [True, False])
+def test_from_modules_takes_the_conv_mode_and_leaves_the_batch_norm_its_own(conv_training):
+    conv, bn, pool = nn.Conv2d(3, 4, 3).train(conv_training), nn.BatchNorm2d(4).train(not conv_training), nn.MaxPool2d(2)
+    fused = Conv2dBatchNormReLUMaxPool2d.from_modules(conv, bn, pool)
+    assert fused.training is conv_training and bn.training is not conv_training
+    sync = SyncConv2dBatchNormReLUMaxPool2d.from_layer(fused)
+    assert sync.training is conv_training and sync.bn.training is not conv_training
 
 
 def test_same_seed_gives_the_native_pair_initialisation():

@@ -9,6 +9,7 @@ import operator
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -477,18 +478,31 @@ def test_same_padding_of_even_kernels_is_fused(batch_norm):
         torch.testing.assert_close(fused(input), model(input), **FLOAT64)
 
 
-def test_pool_returning_indices_and_hooked_modules_are_not_fused():
+@pytest.mark.parametrize(
+    "pool_with_indices",
+    [
+        lambda x: F.max_pool2d(x, 2, return_indices=True),
+        lambda x: F.max_pool2d_with_indices(x, 2),  # returns indices without the argument
+        lambda x: F.max_pool2d_with_indices(x, 2, return_indices=False),
+    ],
+    ids=["max_pool2d", "max_pool2d_with_indices", "max_pool2d_with_indices(return_indices=False)"],
+)
+def test_pool_returning_indices_and_hooked_modules_are_not_fused(pool_with_indices):
     class IndicesNet(nn.Module):
         def __init__(self):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
 
         def forward(self, x):
-            values, indices = F.max_pool2d(F.relu(self.conv(x)), 2, return_indices=True)
-            return values
+            values, indices = pool_with_indices(F.relu(self.conv(x)))
+            return values * 2, indices
 
-    _, report = fuse_quietly(IndicesNet(), report=True)
+    model = IndicesNet()
+    fused, report = fuse_quietly(model, report=True)
     assert [c.reason for c in report.unfused] == ["pool.return_indices=True; the fused op returns only the pooled values"]
+    input = torch.randn(2, 3, 8, 8)
+    for ours, native in zip(fused(input), model(input), strict=True):
+        assert ours.dtype == native.dtype and torch.equal(ours, native)
     hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
     hooked[1].register_forward_hook(lambda module, args, output: None)
     _, report = fuse_quietly(hooked, report=True)
@@ -694,6 +708,225 @@ def test_fused_layers_are_not_built_by_hand():
         FusedConv2dBatchNormReLUMaxPool2d(3, 4, 3)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         cifarnet.fuse(lambda x: x)
+
+
+# --------------------------------------------------------------------------------------------
+# What a traced graph would lose: hooks, a train() of the model's own, grad mode and autocast
+# switched in forward, attributes forward assigns, submodules in their own modes, shared modules
+
+
+class Block(nn.Module):
+    def __init__(self, channels=4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.conv(x)), 2)
+
+
+class TwoBlocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = Block(), Block()
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def block_input(batch=2, size=8):
+    return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward"])
+def test_hooks_of_a_module_forward_calls_run_at_every_call(hook):
+    # A Grad-CAM-style hook on a block: the graph calls the block, which is fused inside.
+    torch.manual_seed(0)
+    model = TwoBlocks().double()
+    seen = []
+    getattr(model.second, f"register_{hook}_hook")(lambda module, *tensors: seen.append(tensors[-1]))
+    fused, report = fuse_quietly(model, report=True)
+    assert seen == []  # fusing ran no hook
+    assert [chain.names for chain in report.fused] == [
+        ("first.conv", "relu", "max_pool2d"),  # traced into the model's graph
+        ("second.conv", "second.relu", "second.max_pool2d"),  # in the hooked block's own
+    ]
+    assert isinstance(fused.second.conv, FusedConv2dReLUMaxPool2d)
+    assert_same_function(fused, model, block_input(), FLOAT64)
+    fused_calls, native_calls = seen[0::2], seen[1::2]
+    assert len(fused_calls) == 2 and all(type(tensors[0]) is torch.Tensor for tensors in fused_calls)
+    for ours, native in zip(fused_calls, native_calls):
+        assert_close(ours[0], native[0], FLOAT64)
+    assert_state_dicts_load_both_ways(fused, model)
+    assert_unfuses_to(model, fused, block_input(), FLOAT64)
+
+
+class FrozenBatchNormNet(nn.Module):
+    """Keeps its batch norm in evaluation mode, whatever train() asks (detection backbones do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.bn.eval()
+        return self
+
+    def forward(self, x):
+        return F.max_pool2d(F.relu(self.bn(self.conv(x))), 2)
+
+
+def test_a_train_method_of_the_model_s_own_still_runs():
+    torch.manual_seed(0)
+    model = FrozenBatchNormNet().double()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-1, 1)
+    fused = fuse_quietly(model)
+    assert isinstance(fused, torch.fx.GraphModule) and isinstance(fused.conv, FusedConv2dBatchNormReLUMaxPool2d)
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
+    fused.train()
+    assert fused.training and not fused.bn.training and int(fused.bn.num_batches_tracked) == 0
+
+
+class GradModeNet(nn.Module):
+    """Runs a frozen stem under no_grad (or autocast) before a chain."""
+
+    def __init__(self, context):
+        super().__init__()
+        self.context = context
+        self.frozen = nn.Conv2d(3, 3, 1)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        with self.context():
+            x = self.frozen(x)
+        return F.max_pool2d(F.relu(self.conv(x.float())), 2)
+
+
+@pytest.mark.parametrize(
+    "context", [torch.no_grad, lambda: torch.autocast("cpu", dtype=torch.bfloat16)], ids=["no_grad", "autocast"]
+)
+def test_forward_switching_grad_mode_or_autocast_is_not_traced(context):
+    torch.manual_seed(0)
+    model = GradModeNet(context)
+    with pytest.warns(UserWarning, match=r"cannot trace the model .*switches grad mode or autocast"):
+        fused = cifarnet.fuse(model)
+    assert type(fused) is GradModeNet and type(fused.conv) is nn.Conv2d
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    output = fused(input)
+    output.sum().backward()
+    native = model(input)
+    assert output.dtype == native.dtype and torch.equal(output, native)
+    assert (fused.frozen.weight.grad is None) == (context is torch.no_grad)
+
+
+class CountingNet(Block):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_forward_assigning_an_attribute_is_not_traced():
+    model = CountingNet()
+    with pytest.warns(UserWarning, match="forward changes the attribute calls outside the traced graph"):
+        fused = cifarnet.fuse(model)
+    assert fused.calls == 0  # as it was before tracing
+    fused(block_input().float())
+    assert type(fused) is CountingNet and fused.calls == 1
+
+
+class TrainingOnlyDoubling(nn.Module):
+    def forward(self, x):
+        return x * 2 if self.training else x
+
+
+class DoublingNet(Block):
+    def __init__(self):
+        super().__init__()
+        self.doubling = TrainingOnlyDoubling()
+
+    def forward(self, x):
+        return self.doubling(super().forward(x))
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_a_submodule_traced_into_in_another_mode_than_the_graph_s_gets_the_original_forward(mode):
+    torch.manual_seed(0)
+    model = DoublingNet().double().train(mode)
+    fused = fuse_quietly(model)
+    assert fused._traced_from.traced_into == ("doubling",)
+    for copied in (fused, copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        for doubling_mode in (True, False):
+            model.doubling.train(doubling_mode)
+            copied.doubling.train(doubling_mode)
+            assert_close(copied(block_input()), model(block_input()), FLOAT64)
+
+
+class UntraceableBlocks(nn.Module):
+    """One block twice (tied weights) in a forward torch.fx cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        block = Block()
+        self.blocks = nn.ModuleList([block, block])
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_module_held_twice_is_fused_once():
+    torch.manual_seed(0)
+    model = UntraceableBlocks().double()
+    with pytest.warns(UserWarning, match="cannot trace the model"):
+        fused, report = cifarnet.fuse(model, report=True)
+    assert fused.blocks[0] is fused.blocks[1] and isinstance(fused.blocks[0].conv, FusedConv2dReLUMaxPool2d)
+    assert [chain.names for chain in report.fused] == [("blocks.0.conv", "blocks.0.relu", "blocks.0.max_pool2d")]
+    assert_same_function(fused, model, block_input(size=16), FLOAT64)
+
+
+class SharedChainNet(nn.Module):
+    """Two nn.Sequential holding the same convolution and batch norm, in a forward torch.fx
+    cannot trace."""
+
+    def __init__(self):
+        super().__init__()
+        conv, bn = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.a = nn.Sequential(conv, bn, nn.ReLU(), nn.MaxPool2d(2))
+        self.b = nn.Sequential(conv, bn, nn.ReLU(), nn.MaxPool2d(2))
+
+    def forward(self, x):
+        return self.a(x) + 2 * self.b(x + 1) if x.sum() > -1e9 else self.b(x)
+
+
+class SharedChainHead(SharedChainNet):
+    """Calls one of the two, in a forward torch.fx traces."""
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("model_class, left", [(SharedChainNet, ["a.0", "b.0"]), (SharedChainHead, ["a.0"])])
+def test_shared_convolutions_and_batch_norms_are_left_with_the_reason(model_class, left):
+    torch.manual_seed(0)
+    model = model_class()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fused, report = cifarnet.fuse(model, report=True)
+    assert report.fused == []
+    assert [chain.reason for chain in report.unfused] == [f"{conv} is shared: a child of 2 modules" for conv in left]
+    fused, model = fused.double(), model.double()
+    assert fused.a[1].running_mean is fused.b[1].running_mean
+    assert_same_function(fused, model, torch.randn(2, 3, 8, 8, dtype=torch.float64), FLOAT64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_fuse_still_treats_cifarnet_layers_as_leaves():
     from cifarnet.fuse.tracing import _trace
 
     _, ours = dropout_models()
-    graph, _, mode = _trace(ours)
+    graph, _, mode, _ = _trace(ours)
     assert mode is None  # a leaf layer: one graph for training and evaluation
     assert [node.op for node in graph.nodes] == ["placeholder", "call_module", "call_module", "call_module", "output"]
 

@@ -49,12 +49,18 @@ instead, on the same tensors with the graph's fused layers back to ``nn.Conv2d``
 what the original raises (the ``ValueError``, or the user's own exception type) or, on a way
 the graph does not hold, returns what the original returns. A module that cannot be traced
 is left as it is, except that its plain ``nn.Sequential`` children are rewritten by position
-and its other children are tried in turn; :func:`fuse` warns, naming it.
+and its other children are tried in turn; :func:`fuse` warns, naming it. A ``forward`` that
+switches grad mode or autocast, or assigns an attribute, counts as untraceable: the graph would
+record neither. A module with hooks stays a call in its parent's graph (its hooks then run at
+every call) and is fused on its own; a module held under two names is fused once. The
+GraphModule keeps the traced class's own ``train()``; where a submodule traced into the graph
+is in the other mode than the one the graph holds, the module's own ``forward`` runs.
 
 Chains the fused ops cannot compute (dilation, groups, padding modes, dilated or
 index-returning pools, pools padded by more than half their window, which native refuses too,
 windows over 255 elements, batch-norm subclasses, synchronized batch norms before a ReLU ->
-conv, hooked modules, reused outputs, modules called more than once) stay unfused and are listed, with the reason, in the
+conv, hooked modules, reused outputs, modules called more than once, convolutions and batch
+norms shared by two modules) stay unfused and are listed, with the reason, in the
 :class:`FusionReport`. Padded pools, such as ResNet's and DenseNet's stems (max pool 3x3, stride
 2, padding 1), fuse.
 

@@ -27,9 +27,12 @@ from cifarnet.fuse.layers import _BatchNormByReference, _FusedChainLayer
 _MODULE_STATE = frozenset(vars(nn.Module()))
 
 
-def _graph_module(module: nn.Module, graph: torch.fx.Graph, mode: bool | None = None) -> GraphModule:
+def _graph_module(
+    module: nn.Module, graph: torch.fx.Graph, mode: bool | None = None, traced_into: tuple[str, ...] = ()
+) -> GraphModule:
     """A GraphModule running ``graph`` that takes over ``module``'s whole state; ``graph`` holds
-    ``module.forward`` in training (``mode`` True) or evaluation mode only, or either (None).
+    ``module.forward`` in training (``mode`` True) or evaluation mode only, or either (None),
+    with the forwards of the submodules named by ``traced_into`` in it.
 
     ``GraphModule(module, graph)`` alone copies only what the graph calls, into bare
     containers; taking over ``module``'s dictionaries keeps every submodule (called or not),
@@ -47,10 +50,10 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph, mode: bool | None = 
         if key not in _MODULE_STATE and key not in vars(graph_module) and key != "forward"
     }
     if not isinstance(module, GraphModule):  # a GraphModule's class holds no forward to go back to
-        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode)
+        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode, traced_into)
     elif mode is not None and "_traced_from" in preserved:
         # a fused GraphModule traced again: its graph now holds this mode
-        preserved["_traced_from"] = dataclasses.replace(preserved["_traced_from"], mode=mode)
+        preserved["_traced_from"] = dataclasses.replace(preserved["_traced_from"], mode=mode, traced_into=traced_into)
     _set_module_state(graph_module, {**state, **preserved})
     _keep_through_copies(graph_module, type(module).__name__, preserved)
     return graph_module
@@ -60,11 +63,22 @@ def _graph_module(module: nn.Module, graph: torch.fx.Graph, mode: bool | None = 
 class _TracedFrom:
     """The class of the module a GraphModule replaced and the names of its plain attributes:
     unfuse makes an instance of that class again, as deepcopy and pickle make one. ``mode``:
-    the one train/eval mode the graph holds where forward branches on it (None: both)."""
+    the one train/eval mode the graph holds where forward branches on it (None: both);
+    ``traced_into``: the submodules whose forward the graph holds (in that mode too)."""
 
     cls: type
     attributes: tuple[str, ...]
     mode: bool | None = None
+    traced_into: tuple[str, ...] = ()
+
+    def holds_modes_of(self, module: nn.Module) -> bool:
+        """Whether the graph holds ``module``'s forward in the train/eval modes its modules are
+        in now: where it holds one mode, the module and the submodules traced into are in it."""
+        if self.mode is None:
+            return True
+        return module.training == self.mode and all(
+            module.get_submodule(name).training == self.mode for name in self.traced_into
+        )
 
 
 class _UntracedBranch(AssertionError):
@@ -97,6 +111,17 @@ class _FusedGraphModule(GraphModule):
     back first, so that the original's forward changes them once, as it would unfused.
     """
 
+    def train(self, mode: bool = True):
+        """``nn.Module.train``, or where the traced class has its own (one that keeps a batch
+        norm frozen, say), that one, on :func:`_as_traced_class` of this module's state."""
+        traced_from = vars(self).get("_traced_from")
+        if traced_from is None or traced_from.cls.train is nn.Module.train:
+            return super().train(mode)
+        view = _as_traced_class(self)
+        traced_from.cls.train(view, mode)
+        _set_module_state(self, vars(view))  # its mode and any attribute train() set
+        return self
+
     def recompile(self):
         python_code = super().recompile()
         cls = _graph_module_class(self)  # where recompile puts the graph's code
@@ -120,7 +145,7 @@ def _or_original_forward(graph_forward):
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
         traced_from = self._traced_from
-        if traced_from.mode is not None and self.training != traced_from.mode:  # the other mode
+        if not traced_from.holds_modes_of(self):  # the other mode
             return traced_from.cls.forward(_original_view(self), *args, **kwargs)
         saved = [(buffer, buffer.clone()) for buffer in _named_buffers(self, self._buffers_before_checks)]
         try:

@@ -31,7 +31,8 @@ _RELU_FUNCTIONS = {F.relu: "torch.nn.functional.relu", torch.relu: "torch.relu",
 _RELU_METHODS = ("relu", "relu_")
 _MAX_POOL_FUNCTIONS = {
     F.max_pool2d: "torch.nn.functional.max_pool2d",
-    F.max_pool2d_with_indices: "torch.nn.functional.max_pool2d_with_indices",  # return_indices=True
+    # What F.max_pool2d(..., return_indices=True) records; it returns indices however called.
+    F.max_pool2d_with_indices: "torch.nn.functional.max_pool2d_with_indices",
     torch.max_pool2d: "torch.max_pool2d",
 }
 _FUNCTIONS_BY_NAME = {name: function for table in (_RELU_FUNCTIONS, _MAX_POOL_FUNCTIONS) for function, name in table.items()}
@@ -74,6 +75,11 @@ def _is_leaf(module: nn.Module) -> bool:
     return torch_layer and not isinstance(module, nn.Sequential)
 
 
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has its own forward or backward hooks (called only by its ``__call__``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
 def _is_plain_sequential(module: nn.Module) -> bool:
     return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
@@ -97,10 +103,7 @@ def _fusability_reason(candidate: _Candidate) -> str | None:
     else:
         modules = (conv, *([] if bn is None else [bn]), candidate.relu, pool)
     for name, module in zip(candidate.names, modules, strict=True):
-        hooked = module is not None and (
-            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        )
-        if hooked:
+        if module is not None and _has_hooks(module):
             return f"{name} has hooks, which the fused layer would not call"
     return None
 
@@ -148,6 +151,8 @@ def _max_pool_module(node: Node) -> nn.MaxPool2d:
     """The ``nn.MaxPool2d`` equivalent to a ``F.max_pool2d``/``torch.max_pool2d`` call."""
     values = dict(zip(_MAX_POOL_PARAMETERS, node.args[1:]))
     values.update(node.kwargs)
+    if node.target is F.max_pool2d_with_indices:
+        values["return_indices"] = True
     stride = values.get("stride")
     return nn.MaxPool2d(
         values.get("kernel_size"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import warnings
 
 from torch import nn
@@ -77,8 +78,9 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False, bn_re
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not inplace:
         model = copy.deepcopy(model)
-    fusion = FusionReport()
-    fused = _fuse_module(model, "", fusion, bn_relu_conv)
+    fusing = _Fusing(FusionReport(), bn_relu_conv, _parents(model))
+    fused = _fuse_module(model, "", fusing)
+    fusion = fusing.report
     for name, why in fusion.untraced.items():
         where = "the model" if not name else repr(name)
         warnings.warn(
@@ -89,22 +91,53 @@ def fuse(model: nn.Module, *, inplace: bool = False, report: bool = False, bn_re
     return (fused, fusion) if report else fused
 
 
-def _fuse_module(module: nn.Module, name: str, report: FusionReport, bn_relu_conv: bool) -> nn.Module:
-    """``module`` with its chains fused: the same object, or a GraphModule replacing it."""
+@dataclasses.dataclass
+class _Fusing:
+    """What one :func:`fuse` call knows as it goes through the model."""
+
+    report: FusionReport
+    bn_relu_conv: bool
+    parents: collections.Counter  # id(module): how many modules hold it as a child
+    # id(module): (module, what fusing made of it): a module held twice is fused once
+    done: dict[int, tuple[nn.Module, nn.Module]] = dataclasses.field(default_factory=dict)
+
+
+def _parents(model: nn.Module) -> collections.Counter:
+    return collections.Counter(
+        id(child) for parent in model.modules() for child in parent._modules.values() if child is not None
+    )
+
+
+def _fuse_module(module: nn.Module, name: str, fusing: _Fusing) -> nn.Module:
+    """``module`` with its chains fused: the same object, or a GraphModule replacing it; a
+    module reached again under another name gets what it got the first time."""
+    module_and_fused = fusing.done.get(id(module))
+    if module_and_fused is not None and module_and_fused[0] is module:
+        return module_and_fused[1]
+    fused = _fuse_module_once(module, name, fusing)
+    fusing.done[id(module)] = (module, fused)
+    return fused
+
+
+def _fuse_module_once(module: nn.Module, name: str, fusing: _Fusing) -> nn.Module:
+    report = fusing.report
     if type(module).forward is nn.Module.forward:  # a container that is not called: ModuleList, ...
-        _fuse_children(module, name, report, bn_relu_conv)
+        _fuse_children(module, name, fusing)
         return module
     if _is_leaf(module):
         return module
     try:
-        graph, checks, mode = _trace(module)
+        traced = _trace(module)
     except _Untraceable as error:
         report.untraced[name] = str(error)
         if _is_plain_sequential(module):
-            _fuse_sequential(module, name, report, bn_relu_conv)
-        _fuse_children(module, name, report, bn_relu_conv)
+            _fuse_sequential(module, name, fusing)
+        _fuse_children(module, name, fusing)
         return module
-    chains = _graph_chains(graph, module, name, bn_relu_conv)
+    graph, checks, mode = traced.graph, traced.checks, traced.mode
+    chains = _graph_chains(graph, module, name, fusing.bn_relu_conv)
+    for chain in chains:
+        chain.reason = chain.reason or _shared_module(chain, fusing)
     report.unfused += [chain.reported() for chain in chains if chain.reason is not None]
     fusable = [chain for chain in chains if chain.reason is None]
     report.fused += [chain.reported() for chain in fusable]
@@ -113,12 +146,14 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport, bn_relu_con
     if all(position is not None for position in positions):
         for (parent, children), chain in zip(positions, fusable):
             _fuse_positions(module.get_submodule(parent), children, chain)
+        _fuse_called_modules(module, graph, name, fusing)
         return module
-    graph_module = _graph_module(module, graph, mode)
+    graph_module = _graph_module(module, graph, mode, traced.traced_into)
     for chain in fusable:
         _fuse_in_graph(graph_module, chain)
     graph_module.graph.lint()
     graph_module.recompile()
+    _fuse_called_modules(graph_module, graph_module.graph, name, fusing)
     if mode is not None:
         checks = [f"forward branches on the mode: the graph holds {_MODE_NAMES[mode]} mode; in {_MODE_NAMES[not mode]} "
                   "mode the module's own forward runs, unfused", *checks]
@@ -129,24 +164,49 @@ def _fuse_module(module: nn.Module, name: str, report: FusionReport, bn_relu_con
 _MODE_NAMES = {True: "training", False: "evaluation"}
 
 
-def _fuse_children(module: nn.Module, name: str, report: FusionReport, bn_relu_conv: bool) -> None:
+def _fuse_called_modules(module: nn.Module, graph, name: str, fusing: _Fusing) -> None:
+    """Fuses inside the modules ``graph`` calls rather than traces into (those with hooks)."""
+    for node in graph.nodes:
+        if node.op != "call_module":
+            continue
+        called = module.get_submodule(node.target)
+        if _is_leaf(called):
+            continue
+        fused = _fuse_module(called, _qualified(name, node.target), fusing)
+        if fused is not called:
+            module.set_submodule(node.target, fused)
+
+
+def _fuse_children(module: nn.Module, name: str, fusing: _Fusing) -> None:
     for child_name, child in list(module._modules.items()):
         if child is None:
             continue
-        fused = _fuse_module(child, _qualified(name, child_name), report, bn_relu_conv)
+        fused = _fuse_module(child, _qualified(name, child_name), fusing)
         if fused is not child:
             setattr(module, child_name, fused)
 
 
-def _fuse_sequential(sequential: nn.Sequential, name: str, report: FusionReport, bn_relu_conv: bool) -> None:
+def _fuse_sequential(sequential: nn.Sequential, name: str, fusing: _Fusing) -> None:
     """Fuses the chains of consecutive children of an untraced ``nn.Sequential`` by position,
     taking ``nn.Sequential.forward``'s word that each output only feeds the next child."""
-    for children, chain in _sequential_chains(sequential, name, bn_relu_conv):
+    for children, chain in _sequential_chains(sequential, name, fusing.bn_relu_conv):
+        chain.reason = chain.reason or _shared_module(chain, fusing)
         if chain.reason is None:
             _fuse_positions(sequential, children, chain)
-            report.fused.append(chain.reported())
+            fusing.report.fused.append(chain.reported())
         else:
-            report.unfused.append(chain.reported())
+            fusing.report.unfused.append(chain.reported())
+
+
+def _shared_module(chain: _Candidate, fusing: _Fusing) -> str | None:
+    """Why ``chain`` is left: its convolution or batch norm is also a child of another module,
+    which would keep the original beside the fused layer (a batch norm rewritten by position
+    would part from it at the first ``.to()``); None where neither is."""
+    conv_name, bn_name = (chain.names[-1], chain.names[0]) if chain.bn_relu_conv else chain.names[:2]
+    for name, module in ((conv_name, chain.conv), (bn_name, chain.bn)):
+        if module is not None and fusing.parents[id(module)] > 1:
+            return f"{name} is shared: a child of {fusing.parents[id(module)]} modules"
+    return None
 
 
 def _fuse_positions(parent: nn.Module, children: list[str], chain: _Candidate) -> None:

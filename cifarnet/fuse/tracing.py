@@ -16,8 +16,8 @@ import torch.fx
 from torch import nn
 
 from cifarnet.fuse._torch_internals import _tensor_version
-from cifarnet.fuse.graph_module import _check_branch
-from cifarnet.fuse.patterns import _is_leaf, _qualified
+from cifarnet.fuse.graph_module import _MODULE_STATE, _check_branch
+from cifarnet.fuse.patterns import _has_hooks, _is_leaf, _qualified
 
 
 # Ways through forward's branches tried per mode before giving up on tracing a module.
@@ -52,11 +52,17 @@ for _name in ("iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "
 
 
 class _Tracer(torch.fx.Tracer):
-    """torch.fx's tracer with cifarnet's layers as leaves, which follows a plan at branches.
+    """torch.fx's tracer with cifarnet's layers and hooked modules as leaves, which follows a
+    plan at branches and records the modules it traces into.
 
     At the i-th branch on a traced value (``if input.dim() != 4:``) it takes ``plan[i]``
     (False past the plan's end), records where the branch is and what it took, and puts a
     :func:`_check_branch` of the condition's value in the graph.
+
+    A module with hooks stays a call in the graph, so that its hooks run at every call (traced
+    into, they would run once, on tracing's proxies). A forward that switches grad mode or
+    autocast (``with torch.no_grad():``) raises :class:`_ModeSwitch`: the graph would not
+    record the switch.
     """
 
     # NB: plan has a default because torch.fx unpickles a GraphModule by tracing its code again
@@ -66,9 +72,24 @@ class _Tracer(torch.fx.Tracer):
         self.plan = plan
         self.taken: list[bool] = []
         self.branches: list[str] = []
+        self.traced_into: list[str] = []  # the modules whose forward became part of the graph
+        self.modes = _grad_and_autocast_modes()
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return _is_leaf(module)
+        return _is_leaf(module) or _has_hooks(module)
+
+    def call_module(self, module: nn.Module, forward, args, kwargs):
+        if not self.is_leaf_module(module, ""):
+            self.traced_into.append(self.path_of_module(module))
+        return super().call_module(module, forward, args, kwargs)
+
+    def create_node(self, *args, **kwargs) -> torch.fx.Node:
+        if _grad_and_autocast_modes() != self.modes:
+            raise _ModeSwitch(
+                "forward switches grad mode or autocast (torch.no_grad, torch.autocast, ...), "
+                "which a torch.fx graph does not record"
+            )
+        return super().create_node(*args, **kwargs)
 
     def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
         return _Proxy(node, self)
@@ -90,6 +111,18 @@ class _Tracer(torch.fx.Tracer):
         return value
 
 
+class _ModeSwitch(Exception):
+    """Tracing met an operation run in another grad mode or autocast state than forward's start."""
+
+
+def _grad_and_autocast_modes() -> tuple:
+    """What ``torch.no_grad``, ``torch.inference_mode`` and ``torch.autocast`` set."""
+    autocast = tuple(
+        (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")
+    )
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled(), autocast
+
+
 def _caller_source() -> str:
     """``file:line (source)`` of the innermost frame outside torch.fx and this file."""
     fx_directory = os.path.dirname(torch.fx.__file__)
@@ -107,8 +140,9 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {first_line[:200]}"
 
 
-def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
-    """The one graph of ``module.forward`` in its current mode, and the branches it assumes.
+def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str], list[str]]:
+    """The one graph of ``module.forward`` in its current mode, the branches it assumes and
+    the modules traced into.
 
     Tries every way through forward's branches on traced values, depth first; exactly one
     must trace to the end.
@@ -122,10 +156,12 @@ def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
         tracer = _Tracer(plan)
         try:
             graph = tracer.trace(module)
+        except _ModeSwitch as error:  # on any way through forward: no graph can hold it
+            raise _Untraceable(str(error)) from None
         except Exception as error:  # this way raises, or cannot be traced: either rules it out
             failures.append(error)
         else:
-            complete.append((tracer.taken, graph, tracer.branches))
+            complete.append((tracer.taken, graph, tracer.branches, tracer.traced_into))
         # The branches past the plan took False: their True side is still to be tried.
         plans += [tuple(tracer.taken[:index]) + (True,) for index in range(len(plan), len(tracer.taken))]
     else:
@@ -134,17 +170,25 @@ def _trace_branches(module: nn.Module) -> tuple[torch.fx.Graph, list[str]]:
     if not complete:
         raise _Untraceable(_describe(failures[0]))
     if len(complete) > 1:
-        (first, _, branches), (second, _, _) = complete[:2]
+        (first, _, branches, _), (second, _, _, _) = complete[:2]
         index = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
         where = branches[index].rsplit(" is ", 1)[0]
         raise _Untraceable(f"forward takes either branch at {where} depending on the input")
-    _, graph, branches = complete[0]
-    return graph, branches
+    _, graph, branches, traced_into = complete[0]
+    return graph, branches, traced_into
 
 
-def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str], bool | None]:
-    """The graph of ``module.forward``, which must not change a buffer outside the graph (a
-    fused model would silently differ), its kept checks, and the mode it holds.
+class _Traced(typing.NamedTuple):
+    graph: torch.fx.Graph
+    checks: list[str]  # the branch conditions the graph assumes
+    mode: bool | None  # the train/eval mode the graph holds (True: training); None: both
+    traced_into: tuple[str, ...]  # the submodules whose forward is part of the graph
+
+
+def _trace(module: nn.Module) -> _Traced:
+    """The graph of ``module.forward``, which must not change a buffer or a plain attribute of
+    a module outside the graph (a fused model would silently differ), its kept checks, the mode
+    it holds and the submodules traced into.
 
     ``forward`` is traced in training and in evaluation mode. Where the two graphs differ (a
     branch on ``self.training``: auxiliary outputs, stochastic depth), the graph of the mode
@@ -161,6 +205,8 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str], bool | None]:
         for name, buffer in owner._buffers.items()
         if buffer is not None
     ]
+    # Likewise what it assigns to a plain attribute (a call counter, a cached value).
+    attributes = [(owner_name, owner, _plain_attributes(owner)) for owner_name, owner in module.named_modules()]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing's own warnings say nothing to the user
@@ -174,21 +220,36 @@ def _trace(module: nn.Module) -> tuple[torch.fx.Graph, list[str], bool | None]:
         changed = []
         for owner_name, owner, name, buffer, version, saved in buffers:
             if owner._buffers.get(name) is not buffer or _tensor_version(buffer) != version:
-                changed.append(_qualified(owner_name, name))
+                changed.append(f"buffer {_qualified(owner_name, name)}")
                 owner._buffers[name] = buffer
                 with torch.no_grad():
                     buffer.copy_(saved)
+        for owner_name, owner, saved in attributes:
+            now = _plain_attributes(owner)
+            for name in now.keys() | saved.keys():
+                if name not in saved or name not in now or now[name] is not saved[name]:
+                    changed.append(f"attribute {_qualified(owner_name, name)}")
+                    if name in saved:
+                        owner.__dict__[name] = saved[name]
+                    else:
+                        del owner.__dict__[name]
     if changed:
-        raise _Untraceable(f"forward changes the buffer {changed[0]} outside the traced graph")
+        raise _Untraceable(f"forward changes the {changed[0]} outside the traced graph")
     if held is not None:
         mode = held
     elif traced[True][0].python_code("self").src != traced[False][0].python_code("self").src:
         mode = modes[module]
     else:
         mode = None
-    graph, checks = traced[True if mode is None else mode]
+    graph, checks, traced_into = traced[True if mode is None else mode]
     _resolve_string_annotations(graph, type(module).forward)
-    return graph, checks, mode
+    return _Traced(graph, checks, mode, tuple(dict.fromkeys(traced_into)))
+
+
+def _plain_attributes(module: nn.Module) -> dict:
+    """``module``'s attributes other than nn.Module's own state (parameters, buffers, children,
+    hooks, mode)."""
+    return {name: value for name, value in vars(module).items() if name not in _MODULE_STATE}
 
 
 def _resolve_string_annotations(graph: torch.fx.Graph, forward) -> None:

@@ -112,8 +112,8 @@ class BatchNormReLUConv2d(nn.Module):
 
         Uses ``bn`` itself as the child ``bn`` (its parameters, running statistics and
         ``num_batches_tracked`` keep counting) and shares ``conv``'s parameters (the same
-        ``Parameter`` objects, so optimisers keep working), in ``conv``'s train/eval mode.
-        Raises ``ValueError`` when the pair cannot be fused.
+        ``Parameter`` objects, so optimisers keep working), in ``conv``'s train/eval mode
+        (``bn`` keeps its own). Raises ``ValueError`` when the pair cannot be fused.
         """
         reason = bn_relu_conv_unfusable_reason(bn, conv)
         if reason is not None:
@@ -121,7 +121,7 @@ class BatchNormReLUConv2d(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._adopt(bn, conv)
-        fused.train(conv.training)
+        fused.training = conv.training  # not .train(): bn keeps its own mode
         return fused
 
     def forward(self, input: Tensor) -> Tensor:

@@ -154,7 +154,8 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
 
         Shares ``conv``'s parameters and uses ``bn`` itself as the child ``bn`` (its
         parameters, running statistics and ``num_batches_tracked`` keep counting), in
-        ``conv``'s train/eval mode. Raises ``ValueError`` when the chain cannot be fused.
+        ``conv``'s train/eval mode (``bn`` keeps its own). Raises ``ValueError`` when the chain
+        cannot be fused.
         """
         reason = conv_bn_relu_pool_unfusable_reason(conv, bn, pool)
         if reason is not None:
@@ -162,7 +163,7 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused._adopt(Conv2dReLUMaxPool2d.from_modules(conv, pool), bn)
-        fused.train(conv.training)
+        fused.training = conv.training  # not .train(): bn keeps its own mode
         return fused
 
     def forward(self, input: Tensor) -> Tensor:

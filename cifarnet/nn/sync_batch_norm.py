@@ -121,7 +121,7 @@ class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
         nn.Module.__init__(sync)
         bn = layer.bn if isinstance(layer.bn, SyncBatchNorm2d) else SyncBatchNorm2d.from_batch_norm(layer.bn, process_group)
         sync._adopt(layer, bn)
-        sync.train(layer.training)
+        sync.training = layer.training  # not .train(): bn keeps its own mode
         return sync
 
     @property

@@ -6,8 +6,9 @@ see tools/cuda_toolkit.py, and builds the CPU kernels only, saying why, when the
   CIFARNET_CUDA=1        require the CUDA kernels: fail with the reason when they cannot be built.
   CUDA_HOME              the CUDA toolkit to try first.
   TORCH_CUDA_ARCH_LIST   GPU targets. Default: the visible GPUs' own, and on a machine without
-                         one every target of torch's own CUDA build (torch.cuda.get_arch_list(),
-                         e.g. 7.5;8.0;8.6;9.0;10.0;12.0+PTX), so an extension built on a login
+                         one every target of torch's own CUDA build (the targets it was compiled
+                         for, e.g. 7.5;8.0;8.6;9.0;10.0;12.0+PTX; see
+                         tools/cuda_toolkit.torch_cuda_arch_names), so an extension built on a login
                          node runs on whichever GPU torch itself runs on. One target is
                          several times faster to compile (CI sets 9.0).
   MAX_JOBS               parallel compile jobs (ninja).

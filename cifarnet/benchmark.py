@@ -37,7 +37,7 @@ import cifarnet
 from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
 from cifarnet._cpu import describe_cpu
 from cifarnet._timing import MEMORY_FORMATS, keep_freed_memory
-from cifarnet.benchmark_models import MODEL_INPUT_SIZES, benchmark_model, format_model_table
+from cifarnet.benchmark_models import MODEL_INPUT_SIZES, benchmark_model, format_model_table, input_size_problem
 from cifarnet.benchmark_ops import (
     GRAPH_WARMUP,
     IMPLEMENTATIONS,
@@ -122,12 +122,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--input-size must be positive, got {args.input_size}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be positive, got {args.threads}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must not be negative, got {args.warmup}")
     try:
         device = torch.device(args.device)
     except RuntimeError as error:
         parser.error(f"--device {args.device}: {error}")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: cifarnet-bench times the CPU and CUDA kernels; expected cpu or cuda[:N]")
+    if args.model:
+        size = args.input_size or MODEL_INPUT_SIZES[args.model]
+        problem = input_size_problem(args.model, size, args.batch_size)
+        if problem:
+            parser.error(f"--input-size {size}: {args.model} cannot take {size}x{size} inputs ({problem})")
     if args.implementations is None:
         args.implementations = device_implementations(device, compile=not args.no_compile)
     else:

@@ -32,6 +32,18 @@ def make_model(name: str) -> nn.Module:
     return getattr(torchvision.models, name)()
 
 
+def input_size_problem(name: str, size: int, batch_size: int) -> str | None:
+    """Why ``name`` cannot take a batch of ``size`` x ``size`` inputs in training mode (its
+    first error, found on the meta device: shapes only, nothing computed), or None."""
+    with torch.device("meta"):
+        model = make_model(name).train()
+        try:
+            model(torch.empty(batch_size, 3, size, size))
+        except (RuntimeError, ValueError) as error:
+            return (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return None
+
+
 def model_forward_backward(model: nn.Module, input: Tensor, autocast_dtype: torch.dtype | None = None) -> Callable[[], object]:
     """A zero-argument forward (under CPU autocast in ``autocast_dtype`` where given) then
     backward of ``model`` on ``input``, with a fixed output gradient and fresh parameter

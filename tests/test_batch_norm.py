@@ -254,6 +254,15 @@ def _bad_batch_norm_cases():
         ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),
         ("eps negative in training", dict(eps=-1.0), TRAINING_EPS_MESSAGE, ValueError),
         ("eps negative in evaluation", dict(eps=-1.0, training=False), EVALUATION_EPS_MESSAGE, ValueError),
+        # A tensor on another device takes the dispatch elsewhere (meta: the fake kernel): the
+        # composite names it first, as native refuses it.
+        ("meta weight", dict(weight=torch.ones(3, device="meta")), "weight is on meta but input is on cpu", RuntimeError),
+        ("meta bias in evaluation", dict(bias=torch.ones(3, device="meta"), training=False), "bias is on meta but input is on cpu", RuntimeError),
+        ("meta running statistics in evaluation", dict(running_mean=torch.zeros(3, device="meta"), running_var=torch.ones(3, device="meta"), training=False),
+         "running_mean is on meta but input is on cpu", RuntimeError),
+        ("running_mean requiring grad", dict(running_mean=torch.zeros(3, requires_grad=True)), "running_mean cannot have requires_grad=True", RuntimeError),
+        ("running_var requiring grad in evaluation", dict(running_var=torch.ones(3, requires_grad=True), training=False),
+         "running_var cannot have requires_grad=True", RuntimeError),
     ]
 
 
@@ -294,6 +303,40 @@ def test_modules_match_torch_nn_over_training_then_eval(device, module_args, dim
     ours.eval(), native.eval()
     input = torch.randn(shape, dtype=torch.float64, device=device)
     torch.testing.assert_close(ours(input), native(input))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_infinite_first_element_gives_native_statistics(channels_last):
+    # The statistics are shifted by an element of each channel; inf - inf would make them NaN.
+    input = torch.randn(4, 2, 3, 3)
+    input[0, 0, 0, 0] = float("inf")
+    input[0, 1, 0, 0] = float("-inf")
+    if channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    ours, native = (torch.zeros(2), torch.ones(2)), (torch.zeros(2), torch.ones(2))
+    batch_norm(input, *ours, training=True)
+    F.batch_norm(input, *native, training=True)
+    for mine, expected in zip(ours, native):
+        torch.testing.assert_close(mine, expected, equal_nan=True)
+    assert ours[0].isinf().all()
+
+
+@pytest.mark.parametrize("dtype, stats_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_evaluation_double_backward_in_every_dtype(dtype, stats_dtype):
+    # The saved statistics are float64 on the CPU; the double backward must hand native batch
+    # norm the running statistics in their own dtype.
+    generator = torch.Generator().manual_seed(0)
+    input = torch.randn(4, 3, 5, 5, generator=generator).to(dtype).requires_grad_()
+    weight = (torch.rand(3, generator=generator) + 0.5).to(stats_dtype).requires_grad_()
+    stats = torch.randn(3, generator=generator).to(stats_dtype), (torch.rand(3, generator=generator) + 0.5).to(stats_dtype)
+    results = []
+    for function in (batch_norm, F.batch_norm):
+        output = function(input, *stats, weight, None, False)
+        grads = torch.autograd.grad(output.float().pow(2).sum(), (input, weight), create_graph=True)
+        results.append(torch.autograd.grad(sum(g.float().sum() for g in grads), (input, weight)))
+    for ours, native in zip(*results):
+        assert ours.dtype == native.dtype
+        torch.testing.assert_close(ours, native, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_module_state_dict_loads_into_torch_nn():

@@ -149,11 +149,21 @@ def test_bench_model_resnet_fuses_its_chains_and_saves_less_at_the_size_given(tm
 @pytest.mark.parametrize("argv, message", [
     (["--input-size", "32"], "--input-size sizes the inputs of --model"),
     (["--model", "resnet18", "--input-size", "0"], "--input-size must be positive, got 0"),
+    (["--model", "vgg11", "--input-size", "16"], "--input-size 16: vgg11 cannot take 16x16 inputs (Given input size: (512x1x1)"),
+    (["--model", "convnet", "--input-size", "4"], "--input-size 4: convnet cannot take 4x4 inputs ("),
 ])
-def test_bench_refuses_input_sizes_it_cannot_use(argv, message, capsys):
-    with pytest.raises(SystemExit):
-        benchmark.main(argv)
-    assert message in capsys.readouterr().err
+def test_bench_refuses_input_sizes_it_cannot_use(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(benchmark, "benchmark_model", lambda *args, **kwargs: pytest.fail("timed before checking"))
+    assert message in bench_usage_error(capsys, argv)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "0"], "--threads must be positive, got 0"),
+    (["--warmup", "-1"], "--warmup must not be negative, got -1"),
+    (["--device", "meta"], "--device meta: cifarnet-bench times the CPU and CUDA kernels; expected cpu or cuda[:N]"),
+])
+def test_bench_refuses_threads_warmups_and_devices_it_cannot_use(argv, message, capsys):
+    assert message in bench_usage_error(capsys, argv)
 
 
 def test_bench_model_refuses_both_layouts(capsys):

@@ -289,6 +289,10 @@ def _bad_input_cases():
         ("zero pool size", dict(pool_size=(0, 2)), RuntimeError, "pool_size must be positive, got [0, 2]"),
         ("zero pool stride", dict(pool_stride=0), RuntimeError, "pool_stride must be positive, got [0, 0]"),
         ("pool window of 256", dict(input=torch.randn(1, 3, 20, 20), pool_size=16), RuntimeError, "has 256 elements; at most 255"),
+        # sizes whose products and sums would overflow int64
+        ("pool window of 2**64", dict(pool_size=2**32, pool_stride=2, ceil_mode=True), RuntimeError, "pool_size [4294967296, 4294967296] has more than 255 elements"),
+        ("pool stride over max_pool2d's", dict(pool_stride=2**63 - 1, ceil_mode=True), RuntimeError, "pool_stride must be at most 2147483647"),
+        ("padding over int64", dict(padding=2**62), RuntimeError, "padding [4611686018427387904, 4611686018427387904] is too large"),
         ("pool larger than conv output", dict(pool_size=7), RuntimeError, "pool_size [7, 7] is larger than the convolution output 6x6"),
         # max_pool2d's limit, and its exception type
         ("pool padding over half the window", dict(pool_size=(3, 2), pool_padding=(1, 2)), RuntimeError,

@@ -76,6 +76,11 @@ def batch_norm(
 @torch.library.register_fake("cifarnet::_batch_norm_forward")
 def _batch_norm_forward_fake(input, mean, var, weight, bias, training, eps, relu=False):
     torch._check(input.dim() >= 2, lambda: f"input must have at least 2 dimensions (N, C, ...), got {input.dim()}-D")
+    for name, tensor in (("running_mean", mean), ("running_var", var), ("weight", weight), ("bias", bias)):
+        torch._check(
+            tensor is None or tensor.device == input.device,
+            lambda: f"{name} is on {tensor.device} but input is on {input.device}",
+        )
     return (empty_like_layout(input, batch_norm_memory_format(input)), *channel_stats(input, input.shape[1]))
 
 

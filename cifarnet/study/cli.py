@@ -154,8 +154,8 @@ def _train_parser() -> argparse.ArgumentParser:
                                   "global batch, cifarnet.nn.convert_sync_batchnorm)")
     earlier_run = parser.add_mutually_exclusive_group()
     earlier_run.add_argument("--resume", action="store_true",
-                             help="continue from OUT/checkpoint.pt where it exists (same data and settings; "
-                                  "--epochs and --ops may change)")
+                             help="continue from OUT/checkpoint.pt where it exists (with --variant all, each "
+                                  "OUT/VARIANT/checkpoint.pt; same data and settings; --epochs and --ops may change)")
     earlier_run.add_argument("--overwrite", action="store_true",
                              help="where OUT already holds a run, replace it (without this, or --resume, such "
                                   "a folder is refused)")
@@ -276,13 +276,11 @@ def train_main(argv: list[str] | None = None) -> int:
     except (DataError, ValueError, OSError, PeerFailure) as error:
         status = _fail("cifarnet-train", _on_rank(launch, error))
     except KeyboardInterrupt:
-        print(f"cifarnet-train: {_on_rank(launch, 'interrupted')}; completed epochs are saved in {out}, continue with "
-              "--resume", file=sys.stderr)
+        print(f"cifarnet-train: {_on_rank(launch, 'interrupted')}; {_what_was_saved(out)}", file=sys.stderr)
         status = INTERRUPTED_STATUS
     except _Terminated:
         why = " (torchrun sends it to every process when one fails, or when it is stopped itself)" if distributed else ""
-        print(f"cifarnet-train: {_on_rank(launch, 'stopped by SIGTERM')}{why}; completed epochs are saved in {out}, "
-              "continue with --resume", file=sys.stderr)
+        print(f"cifarnet-train: {_on_rank(launch, 'stopped by SIGTERM')}{why}; {_what_was_saved(out)}", file=sys.stderr)
         status = TERMINATED_STATUS
     finally:
         if handle_sigterm:
@@ -343,6 +341,13 @@ class _Terminated(BaseException):
     for an error."""
 
 
+def _what_was_saved(out: Path) -> str:
+    """What a stopped cifarnet-train leaves in ``out`` (a run's folder, or --variant all's)."""
+    if (out / CHECKPOINT_FILE).exists() or any(out.glob(f"*/{CHECKPOINT_FILE}")):
+        return f"completed epochs are saved in {out}, continue with --resume"
+    return "no epoch had completed, so nothing was saved"
+
+
 def _raise_terminated(signum, frame) -> None:
     raise _Terminated()
 
@@ -366,6 +371,9 @@ def _train_output_problem(
                 + (" (with --variant all, --resume keeps complete runs and continues the others, "
                    "--overwrite replaces every run)" if every_variant else "")
             )
+        if earlier and resume and CHECKPOINT_FILE not in earlier:
+            # --resume would start afresh and rewrite the metrics: the recorded epochs would be lost.
+            return f"{folder} holds {', '.join(earlier)} but no {CHECKPOINT_FILE} to resume from; pass --overwrite to replace it"
     return None
 
 
@@ -414,8 +422,11 @@ def eval_main(argv: list[str] | None = None) -> int:
         try:
             model.load_state_dict(checkpoint["model"])
         except RuntimeError as error:
-            first_line = str(error).strip().splitlines()[0]
-            raise ValueError(f"{args.checkpoint} does not fit a {config.variant} ConvNet ({first_line})") from None
+            # torch's first line only names the model; the missing, unexpected or mis-sized keys follow.
+            lines = [line.strip() for line in str(error).strip().splitlines()]
+            details = "; ".join(lines[1:]) or lines[0]
+            details = details if len(details) <= 400 else details[:400] + "..."
+            raise ValueError(f"{args.checkpoint} does not fit a {config.variant} ConvNet: {details}") from None
         model.to(device)
         data = _eval_data(args.data_dir, checkpoint, args.checkpoint, progress)
         loader = BatchLoader(data.test, args.batch_size or config.batch_size, recipe(config.variant), train=False, device=device)

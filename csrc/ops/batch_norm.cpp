@@ -68,19 +68,24 @@ at::Tensor batch_norm_composite(const at::Tensor& input,
       const at::Tensor&, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool, double, bool)>(
       "cifarnet::_batch_norm_forward");
-  // F.batch_norm's checks in its order: the batch, eps, then the dtypes.
+  // F.batch_norm's checks in its order: the batch, eps, then the dtypes; then shapes and
+  // devices here, where a tensor on another device would take the dispatch elsewhere (a meta
+  // weight: to the fake kernel).
   check_batch_norm_input(input, training);
   check_batch_norm_eps(eps, training);
   check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
                                             {"running_var", running_var},
                                             {"weight", weight},
                                             {"bias", bias}});
+  check_running_stats_need_no_grad(running_mean, running_var);
+  check_per_channel(running_mean, "running_mean", input);
+  check_per_channel(running_var, "running_var", input);
+  check_per_channel(weight, "weight", input);
+  check_per_channel(bias, "bias", input);
   if (!training) {
     return std::get<0>(
         forward.call(input, running_mean, running_var, weight, bias, false, eps, /*relu=*/false));
   }
-  check_per_channel(running_mean, "running_mean", input);
-  check_per_channel(running_var, "running_var", input);
   auto [output, save_mean, save_var] =
       forward.call(input, std::nullopt, std::nullopt, weight, bias, true, eps, /*relu=*/false);
   update_running_stats_if_given(running_mean, running_var, save_mean, save_var, momentum,

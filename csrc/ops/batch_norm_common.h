@@ -11,6 +11,7 @@
 #include <array>
 #include <initializer_list>
 #include <optional>
+#include <utility>
 
 #include "conv_pool_geometry.h"
 
@@ -129,14 +130,18 @@ inline double unbiased_variance_factor(int64_t count) {
   return static_cast<double>(count) / static_cast<double>(count - 1);
 }
 
-inline void check_batch_norm_input(const at::Tensor& input, bool training) {
-  TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
-              input.dim(), "-D tensor of shape ", shape_string(input));
-  // A NotImplementedError, as native batch norm's dtype dispatch raises it.
+// A NotImplementedError, as native batch norm's dtype dispatch raises it.
+inline void check_batch_norm_input_dtype(const at::Tensor& input) {
   const at::ScalarType dtype = input.scalar_type();
   TORCH_CHECK_NOT_IMPLEMENTED(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       "batch_norm: input must be float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+inline void check_batch_norm_input(const at::Tensor& input, bool training) {
+  TORCH_CHECK(input.dim() >= 2, "input must have at least 2 dimensions (N, C, ...), got ",
+              input.dim(), "-D tensor of shape ", shape_string(input));
+  check_batch_norm_input_dtype(input);
   // A ValueError, as torch.nn.functional.batch_norm raises it; symbolic sizes (torch.compile)
   // defer the check to run time, where it raises a RuntimeError.
   const c10::SymBool enough = c10::SymBool(!training).sym_or(batch_norm_count(input).sym_gt(1));
@@ -165,6 +170,18 @@ inline void check_batch_norm_eps(double eps, bool training) {
                       eps);
   } else {
     TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ", eps);
+  }
+}
+
+// Running statistics are buffers, updated in place under no_grad: native refuses them where
+// they require grad (its schema marks them not differentiable), in either mode.
+inline void check_running_stats_need_no_grad(const std::optional<at::Tensor>& running_mean,
+                                             const std::optional<at::Tensor>& running_var) {
+  for (const auto& [name, t] : {std::pair{"running_mean", &running_mean},
+                                std::pair{"running_var", &running_var}}) {
+    TORCH_CHECK(!defined(*t) || !(*t)->requires_grad(), name,
+                " cannot have requires_grad=True: batch norm is not differentiable with respect to ",
+                "its running statistics");
   }
 }
 

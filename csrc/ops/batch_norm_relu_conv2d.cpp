@@ -213,6 +213,8 @@ at::Tensor batch_norm_relu_conv2d_composite(
     at::IntArrayRef padding) {
   check_public_args(input, running_mean, running_var, bn_weight, bn_bias, weight);
   check_batch_norm_eps(eps, training);
+  check_batch_norm_input_dtype(input);
+  check_running_stats_need_no_grad(running_mean, running_var);
   check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
                                             {"running_var", running_var},
                                             {"bn_weight", bn_weight},

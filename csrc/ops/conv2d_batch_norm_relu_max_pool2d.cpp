@@ -52,6 +52,8 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
   check_batch_norm_eps(eps, training);
+  check_batch_norm_input_dtype(input);
+  check_running_stats_need_no_grad(running_mean, running_var);
   check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
                                             {"running_var", running_var},
                                             {"bn_weight", bn_weight},
@@ -77,6 +79,11 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   }
   TORCH_CHECK(defined(running_mean) && defined(running_var),
               "running_mean and running_var must be defined in evaluation mode");
+  // The bias is folded into another before the convolution sees it: checked here against the
+  // weight (the input may be in autocast's dtype yet).
+  check_per_output_channel(bias, "bias", weight);
+  TORCH_CHECK(!defined(bias) || bias->scalar_type() == weight.scalar_type(), "bias dtype ",
+              bias->scalar_type(), " does not match weight dtype ", weight.scalar_type());
   at::Tensor scale = at::rsqrt(*running_var + eps);
   if (defined(bn_weight)) scale = scale * *bn_weight;
   // float32 batch-norm parameters of bfloat16 or float16 convolutions (as native allows them,

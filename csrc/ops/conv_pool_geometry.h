@@ -7,6 +7,7 @@
 
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <string>
 
@@ -125,9 +126,20 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   TORCH_CHECK(pool_padding[0] <= pool_size[0] / 2 && pool_padding[1] <= pool_size[1] / 2,
               "pool_padding should be at most half of pool_size, got pool_padding=", pool_padding,
               " and pool_size=", pool_size);
-  TORCH_CHECK(pool_size[0] * pool_size[1] <= kMaxPoolWindowElements, "pool_size ", pool_size,
-              " has ", pool_size[0] * pool_size[1], " elements; at most ", kMaxPoolWindowElements,
+  // Each side first: their product could overflow.
+  const bool sides_fit =
+      pool_size[0] <= kMaxPoolWindowElements && pool_size[1] <= kMaxPoolWindowElements;
+  TORCH_CHECK(sides_fit && pool_size[0] * pool_size[1] <= kMaxPoolWindowElements, "pool_size ",
+              pool_size, " has ",
+              sides_fit ? std::to_string(pool_size[0] * pool_size[1])
+                        : "more than " + std::to_string(kMaxPoolWindowElements),
+              " elements; at most ", kMaxPoolWindowElements,
               " are supported (the argmax is stored in one byte)");
+  // max_pool2d's own limit (its sizes are int); pooled_size's arithmetic then cannot overflow.
+  TORCH_CHECK(window_stride[0] <= std::numeric_limits<int32_t>::max() &&
+                  window_stride[1] <= std::numeric_limits<int32_t>::max(),
+              "pool_stride must be at most ", std::numeric_limits<int32_t>::max(), ", got ",
+              window_stride);
 
   ConvPoolGeometry g{};
   g.batch = input.size(0);
@@ -141,6 +153,10 @@ inline ConvPoolGeometry check_conv2d_relu_max_pool2d_args(
   g.stride_w = stride[1];
   g.pad_h = padding[0];
   g.pad_w = padding[1];
+  constexpr int64_t kMaxSize = std::numeric_limits<int64_t>::max();
+  TORCH_CHECK(g.pad_h <= (kMaxSize - g.in_h) / 2 && g.pad_w <= (kMaxSize - g.in_w) / 2, "padding ",
+              padding, " is too large: the padded input ", g.in_h, "x", g.in_w,
+              " would have more than ", kMaxSize, " rows or columns");
   TORCH_CHECK(g.kernel_h > 0 && g.kernel_w > 0, "weight must have a non-empty kernel, got shape ",
               shape_string(weight));
   TORCH_CHECK(g.kernel_h <= g.in_h + 2 * g.pad_h && g.kernel_w <= g.in_w + 2 * g.pad_w,

@@ -216,6 +216,30 @@ def test_overwrite_replaces_an_earlier_run(pickles, tmp_path):
     assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["seed"] == 2
 
 
+def test_resume_without_a_checkpoint_keeps_the_recorded_epochs(pickles, tmp_path, capsys):
+    # A folder whose checkpoint was deleted (or a copy of docs/results): --resume would start
+    # afresh and rewrite metrics.jsonl.
+    out = tmp_path / "run"
+    common = ["--variant", "baseline", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]
+    assert train_main(common) == 0
+    (out / "checkpoint.pt").unlink()
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    line = assert_one_line_error(capsys, train_main([*common, "--resume"]))
+    assert f"{out} holds metrics.jsonl but no checkpoint.pt to resume from; pass --overwrite" in line
+    assert (out / "metrics.jsonl").read_bytes() == metrics
+
+
+def test_interrupted_before_an_epoch_completes_says_nothing_was_saved(pickles, tmp_path, capsys, monkeypatch):
+    def interrupted(config, run_out, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "train", interrupted)
+    out = tmp_path / "run"
+    assert train_main(["--variant", "baseline", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 130
+    assert capsys.readouterr().err == "cifarnet-train: interrupted; no epoch had completed, so nothing was saved\n"
+
+
 def test_resume_and_overwrite_together_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         train_main(["--resume", "--overwrite"])
@@ -646,6 +670,16 @@ def test_eval_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, folders, 
     broken.write_bytes(content)
     line = assert_one_line_error(capsys, eval_main([str(broken), "--data-dir", str(folders), "--no-progress"]), "cifarnet-eval")
     assert f"{broken} is not a checkpoint: it is {what}; expected a checkpoint.pt written by cifarnet-train" in line
+
+
+def test_eval_of_a_checkpoint_that_does_not_fit_its_variant_names_the_keys(trained, folders, tmp_path, capsys):
+    checkpoint = torch.load(trained / "checkpoint.pt", weights_only=True)
+    checkpoint["config"]["variant"] = "full"  # batch norms the augmented weights lack
+    edited = tmp_path / "edited.pt"
+    torch.save(checkpoint, edited)
+    capsys.readouterr()
+    line = assert_one_line_error(capsys, eval_main([str(edited), "--data-dir", str(folders), "--no-progress"]), "cifarnet-eval")
+    assert f"{edited} does not fit a full ConvNet: Missing key(s) in state_dict: " in line and "bn1.weight" in line
 
 
 def test_eval_of_a_png_names_what_it_got(trained, folders, capsys):

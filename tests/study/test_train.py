@@ -524,6 +524,15 @@ def test_a_folder_holding_a_run_is_refused(dataset, tmp_path):
     assert {name: (tmp_path / name).read_bytes() for name in before} == before
 
 
+def test_resume_without_a_checkpoint_is_refused(dataset, tmp_path):
+    run(dataset, tmp_path, variant="baseline", epochs=1, seed=1)
+    (tmp_path / "checkpoint.pt").unlink()
+    metrics = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"holds metrics.jsonl but no checkpoint.pt to resume from"):
+        run(dataset, tmp_path, variant="baseline", epochs=1, seed=1, resume=True)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == metrics
+
+
 def test_overwrite_replaces_the_run(dataset, tmp_path):
     run(dataset, tmp_path / "old", variant="baseline", epochs=2, seed=1)
     fresh = run(dataset, tmp_path / "fresh", variant="baseline", epochs=1, seed=2)

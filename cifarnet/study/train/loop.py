@@ -446,6 +446,9 @@ def train(
             raise ValueError(
                 f"{out} already holds a run ({', '.join(earlier)}); resume it (resume=True) or replace it (overwrite=True)"
             )
+        if earlier and resume and CHECKPOINT_FILE not in earlier:
+            # Resuming would start afresh and rewrite the metrics: the recorded epochs would be lost.
+            raise ValueError(f"{out} holds {', '.join(earlier)} but no {CHECKPOINT_FILE} to resume from; replace it (overwrite=True)")
         if not (resume and checkpoint_path.exists()):
             return None
         found = load_checkpoint(checkpoint_path)

@@ -58,6 +58,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     ctx->save_for_backward({input, save_mean, save_var, value_or_undefined(weight),
                             value_or_undefined(bias), relu ? output : at::Tensor()});
     ctx->saved_data["training"] = training;
+    // Evaluation saves the running statistics in the statistics dtype; a differentiable
+    // backward gives them to native batch norm in their own.
+    if (!training && defined(mean)) ctx->saved_data["running_dtype"] = mean->scalar_type();
     ctx->saved_data["relu"] = relu;
     ctx->saved_data["eps"] = eps;
     save_parameter_grad_dtypes(ctx, parameter_grad_dtype(weight, input),
@@ -84,9 +87,15 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
       at::AutoGradMode grad_mode(true);
       const bool training = ctx->saved_data["training"].toBool();
       // Evaluation's saved statistics are the running ones it normalised with.
+      at::Tensor running_mean, running_var;
+      if (!training) {
+        const at::ScalarType dtype = ctx->saved_data["running_dtype"].toScalarType();
+        running_mean = saved[1].to(dtype);
+        running_var = saved[2].to(dtype);
+      }
       const at::Tensor output = composed_batch_norm_maybe_relu(
-          saved[0], training ? at::Tensor() : saved[1], training ? at::Tensor() : saved[2],
-          saved[3], saved[4], training, ctx->saved_data["eps"].toDouble(), relu);
+          saved[0], running_mean, running_var, saved[3], saved[4], training,
+          ctx->saved_data["eps"].toDouble(), relu);
       const variable_list found = native_composition_grads(
           output, grad_outputs[0], {saved[0], saved[3], saved[4]}, output_mask);
       std::tie(grads[0], grads[3], grads[4]) = std::tuple(found[0], found[1], found[2]);

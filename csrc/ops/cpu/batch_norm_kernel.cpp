@@ -146,9 +146,12 @@ BatchNormStats<stats_t<scalar_t>> batch_statistics(const at::Tensor& dense, bool
                                rows,  row_len,        at::MemoryFormat::Contiguous};
   const scalar_t* x = dense.const_data_ptr<scalar_t>();
   // Shift by an element of each channel: sums of (x - ref) keep the variance of inputs whose
-  // mean is far from zero.
+  // mean is far from zero. Not by an infinite one (inf - inf would make the mean NaN).
   std::vector<scalar_t> ref(channels);
-  for (int64_t c = 0; c < channels; ++c) ref[c] = x[channels_inner ? c : c * row_len];
+  for (int64_t c = 0; c < channels; ++c) {
+    const scalar_t first = x[channels_inner ? c : c * row_len];
+    ref[c] = std::isfinite(static_cast<double>(first)) ? first : scalar_t(0);
+  }
   auto [sum, sum_sq] = channel_sums<acc_t>(
       layout,
       [&](int64_t begin, int64_t end, acc_t* s, acc_t* q) {

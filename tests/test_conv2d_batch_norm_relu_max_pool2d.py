@@ -38,6 +38,22 @@ def native_block(input, weight, bias, running_mean, running_var, bn_weight, bn_b
     )
 
 
+def exact_block(input, weight, bias, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps, **pool):
+    """``native_block`` as exact arithmetic computes it, the float64 reference: where a training
+    batch's integer-valued convolution output equals its channel's mean, the normalised value
+    is 0 and the ReLU's gradient there is 0. Native normalises with an FMA of a rounded shift
+    (x * a + b), whose residue (1e-17, of either sign) picks a side of the kink by rounding."""
+    conv = F.conv2d(input, weight, bias, pool["stride"], pool["padding"])
+    normalised = F.batch_norm(conv, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
+    if training and bn_weight is None and bn_bias is None and torch.equal(conv, conv.round()):
+        count = conv.numel() // conv.shape[1]
+        at_mean = conv * count == conv.sum(dim=(0, 2, 3), keepdim=True)  # integers: exact
+        normalised = torch.where(at_mean, torch.zeros_like(normalised), normalised)
+    return F.max_pool2d(
+        F.relu(normalised), pool["pool_size"], pool["pool_stride"], pool.get("pool_padding", 0), ceil_mode=pool["ceil_mode"]
+    )
+
+
 @st.composite
 def block_cases(draw):
     case = draw(layer_cases())
@@ -120,7 +136,7 @@ def check_block_against_native(case, device, fused_op, rounding_bound=None):
             if ours is not None:
                 torch.testing.assert_close(ours, theirs, equal_nan=True, **tolerances(case["dtype"]))
         return
-    exact, exact_stats, exact_grads = run(native_block, torch.float64)
+    exact, exact_stats, exact_grads = run(exact_block, torch.float64)
     tolerance = dict(rtol=1e-5, atol=1e-5) if case["dtype"] == torch.float32 else dict(rtol=1e-9, atol=1e-9)
     assert_no_worse_than_native(fused, native, exact, "output", **tolerance)
     for name, ours, theirs, reference in zip(("running_mean", "running_var"), fused_stats, native_stats, exact_stats):
@@ -191,9 +207,11 @@ def exact_grad_conv(tensors, running, case, grad_output):
     geometry = op_args(case)
     conv = F.conv2d(input, weight, bias, geometry["stride"], geometry["padding"]).requires_grad_()
     stats = [t.to(torch.float64, copy=True) for t in running] if running else [None, None]
-    normalised = F.batch_norm(conv, stats[0], stats[1], bn_weight, bn_bias, case["training"], case["momentum"], 1e-5)
-    output = F.max_pool2d(
-        F.relu(normalised), geometry["pool_size"], geometry["pool_stride"], geometry["pool_padding"], ceil_mode=geometry["ceil_mode"]
+    # exact_block from the convolution output on (a 1x1 identity convolution)
+    identity = torch.eye(conv.shape[1], dtype=torch.float64, device=conv.device)[:, :, None, None]
+    output = exact_block(
+        conv, identity, None, stats[0], stats[1], bn_weight, bn_bias, case["training"], case["momentum"], 1e-5,
+        **{**geometry, "stride": 1, "padding": 0},
     )
     return torch.autograd.grad(output, conv, grad_output)[0]
 

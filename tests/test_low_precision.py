@@ -447,11 +447,16 @@ def bn_grad_conv_term_scales(conv, bn_weight, argmax, grad_output, geometry):
 
 
 def bn_parameter_term_scales(conv, argmax, grad_output, geometry):
-    """Per channel, the sums of |grad * normalised value| and of |grad| over the argmax hits."""
-    normalised = F.batch_norm(conv.detach(), None, None, None, None, True)
+    """Per channel, the sums over the argmax hits of |grad| times the normalised value's size
+    (bn_weight), with its rounding error growing with |x| as in bn_grad_conv_term_scales (the
+    convolution output is stored rounded: a channel far from zero loses most of its spread to
+    that rounding, native's as much as ours), and of |grad| (bn_bias)."""
+    conv = conv.detach()
+    normalised = F.batch_norm(conv, None, None, None, None, True)
+    invstd = (conv.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5).rsqrt()
     placeholder = torch.zeros_like(normalised).requires_grad_()
     hits = torch.autograd.grad(pool_at_argmax(placeholder, argmax, geometry), placeholder, grad_output.double().abs())[0]
-    return [(hits * normalised.abs()).sum((0, 2, 3)), hits.sum((0, 2, 3))]
+    return [(hits * (normalised.abs() + conv.abs() * invstd)).sum((0, 2, 3)), hits.sum((0, 2, 3))]
 
 
 def native_bn_block(input, weight, bias, running, bn, geometry, training=True):

@@ -771,6 +771,7 @@ class FrozenBatchNormNet(nn.Module):
     def train(self, mode=True):
         super().train(mode)
         self.bn.eval()
+        self.trained_last = mode  # an attribute train() sets, not forward: no reason not to trace
         return self
 
     def forward(self, x):
@@ -788,6 +789,7 @@ def test_a_train_method_of_the_model_s_own_still_runs():
     assert_same_function(fused, model, input, FLOAT64)
     fused.train()
     assert fused.training and not fused.bn.training and int(fused.bn.num_batches_tracked) == 0
+    assert fused.trained_last is True  # set by the class's train(), on the GraphModule
 
 
 class GradModeNet(nn.Module):

@@ -205,34 +205,31 @@ def _trace(module: nn.Module) -> _Traced:
         for name, buffer in owner._buffers.items()
         if buffer is not None
     ]
-    # Likewise what it assigns to a plain attribute (a call counter, a cached value).
-    attributes = [(owner_name, owner, _plain_attributes(owner)) for owner_name, owner in module.named_modules()]
+    # Likewise what it assigns to a plain attribute (a call counter, a cached value); what a
+    # train() of the module's own sets is put back too, but is no reason to give up.
+    before_train = _attribute_values(module)
+    changed = []
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracing's own warnings say nothing to the user
             traced = {}
             for training in (True, False) if held is None else (held,):
                 module.train(training)
+                before_forward = _attribute_values(module)
                 traced[training] = _trace_branches(module)
+                changed += _restore_attributes(before_forward)
     finally:
         for submodule, training in modes.items():
             submodule.training = training
-        changed = []
+        _restore_attributes(before_train)
+        changed_buffers = []
         for owner_name, owner, name, buffer, version, saved in buffers:
             if owner._buffers.get(name) is not buffer or _tensor_version(buffer) != version:
-                changed.append(f"buffer {_qualified(owner_name, name)}")
+                changed_buffers.append(f"buffer {_qualified(owner_name, name)}")
                 owner._buffers[name] = buffer
                 with torch.no_grad():
                     buffer.copy_(saved)
-        for owner_name, owner, saved in attributes:
-            now = _plain_attributes(owner)
-            for name in now.keys() | saved.keys():
-                if name not in saved or name not in now or now[name] is not saved[name]:
-                    changed.append(f"attribute {_qualified(owner_name, name)}")
-                    if name in saved:
-                        owner.__dict__[name] = saved[name]
-                    else:
-                        del owner.__dict__[name]
+        changed[:0] = changed_buffers
     if changed:
         raise _Untraceable(f"forward changes the {changed[0]} outside the traced graph")
     if held is not None:
@@ -246,10 +243,30 @@ def _trace(module: nn.Module) -> _Traced:
     return _Traced(graph, checks, mode, tuple(dict.fromkeys(traced_into)))
 
 
-def _plain_attributes(module: nn.Module) -> dict:
-    """``module``'s attributes other than nn.Module's own state (parameters, buffers, children,
-    hooks, mode)."""
-    return {name: value for name, value in vars(module).items() if name not in _MODULE_STATE}
+def _attribute_values(module: nn.Module) -> list[tuple[str, nn.Module, dict]]:
+    """(name, submodule, its attributes other than nn.Module's own state: parameters, buffers,
+    children, hooks, mode) of ``module`` and every submodule."""
+    return [
+        (name, owner, {key: value for key, value in vars(owner).items() if key not in _MODULE_STATE})
+        for name, owner in module.named_modules()
+    ]
+
+
+def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[str]:
+    """Puts back the attributes :func:`_attribute_values` saved; the qualified names of those
+    that had changed (assigned, added or deleted)."""
+    changed = []
+    for owner_name, owner, values in saved:
+        now = {key: value for key, value in vars(owner).items() if key not in _MODULE_STATE}
+        for key in sorted(now.keys() | values.keys()):
+            if key in values and key in now and now[key] is values[key]:
+                continue
+            changed.append(f"attribute {_qualified(owner_name, key)}")
+            if key in values:
+                owner.__dict__[key] = values[key]
+            else:
+                del owner.__dict__[key]
+    return changed
 
 
 def _resolve_string_annotations(graph: torch.fx.Graph, forward) -> None:

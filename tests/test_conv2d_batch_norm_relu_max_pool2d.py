@@ -364,9 +364,9 @@ def _bad_cases():
         ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),
         ("pool padding over half the window", dict(pool_padding=2), "pool_padding should be at most half of pool_size", RuntimeError),
         ("pool padding over half in evaluation", dict(pool_padding=(0, 2), training=False), "pool_padding should be at most half", RuntimeError),
-        # native's NotImplementedError, before any parameter's dtype is blamed
+        # the convolution's refusal, as in the native chain, before any parameter's dtype is blamed
         ("integer input", dict(input=torch.randint(0, 5, (2, 3, 8, 8)), weight=torch.randint(0, 5, (4, 3, 3, 3))),
-         "batch_norm: input must be float32, float64, float16 or bfloat16, got Long", NotImplementedError),
+         "input must be float32, float64, float16 or bfloat16, got Long", RuntimeError),
         ("running_mean requiring grad in evaluation", dict(running_mean=torch.zeros(4, requires_grad=True), training=False),
          "running_mean cannot have requires_grad=True", RuntimeError),
         # evaluation folds the bias into another: it is checked first, as conv2d checks it

@@ -971,6 +971,34 @@ def test_unfuse_turns_cifarnet_layers_into_torch_modules():
     assert_torch_only(inplace.stage1)
 
 
+@pytest.mark.parametrize(
+    "layer",
+    [
+        cifarnet.nn.Conv2dReLUMaxPool2d(3, 4, 3),
+        cifarnet.nn.Conv2dBatchNormReLUMaxPool2d(3, 4, 3),
+        cifarnet.nn.BatchNormReLUConv2d(3, 4, 3),
+        cifarnet.nn.BatchNorm2d(3),
+        cifarnet.nn.Dropout(0.0),
+    ],
+    ids=lambda layer: type(layer).__name__,
+)
+def test_unfuse_keeps_the_hooks_of_the_layers_it_replaces(layer):
+    model = nn.Sequential(layer)
+    outputs = []
+    handle = layer.register_forward_hook(lambda module, args, output: outputs.append(output))
+    input = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    model.eval()(input)
+    assert len(cifarnet.unfuse(model)[0]._forward_hooks) == 1  # a copy's own copy of it
+    unfused = cifarnet.unfuse(model, inplace=True)
+    assert not any(type(module).__module__.startswith("cifarnet") for module in unfused.modules())
+    unfused(input)
+    assert len(outputs) == 2
+    torch.testing.assert_close(outputs[1], outputs[0])
+    handle.remove()  # in place, the user's handle still removes it
+    unfused(input)
+    assert len(outputs) == 2
+
+
 def test_an_unfused_model_loads_without_cifarnet(tmp_path):
     torch.manual_seed(0)
     layers = LayersNet().double()

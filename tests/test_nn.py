@@ -83,6 +83,56 @@ def test_constructor_arguments_match_native_modules():
     torch.testing.assert_close(fused(input), reference(input))
 
 
+def test_from_modules_refuses_a_legacy_weight_norm_conv():
+    # nn.utils.weight_norm recomputes conv.weight (a plain tensor) in a pre-hook: one value of
+    # it frozen in the fused layer would drop weight_g and weight_v.
+    conv = nn.utils.weight_norm(nn.Conv2d(2, 3, 3, padding=1))
+    with pytest.raises(ValueError, match="conv.weight is not a Parameter"):
+        Conv2dReLUMaxPool2d.from_modules(conv, nn.MaxPool2d(2))
+    with pytest.raises(ValueError, match="conv.weight is not a Parameter"):
+        cifarnet.nn.BatchNormReLUConv2d.from_modules(nn.BatchNorm2d(2), conv)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Conv2dReLUMaxPool2d(3, 4, 3),
+        lambda: Conv2dBatchNormReLUMaxPool2d(3, 4, 3),
+        lambda: cifarnet.nn.BatchNormReLUConv2d(3, 4, 3),
+    ],
+    ids=["conv_relu_pool", "conv_bn_relu_pool", "bn_relu_conv"],
+)
+def test_layers_built_on_the_meta_device_initialise_with_reset_parameters(make):
+    # The usual materialisation: to_empty(), then every module's reset_parameters().
+    with torch.device("meta"):
+        layer = make()
+    layer = layer.to_empty(device="cpu")
+    for parameter in layer.parameters():
+        nn.init.constant_(parameter, float("nan"))
+    for module in layer.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    assert not any(parameter.isnan().any() for parameter in layer.parameters())
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3)
+    assert torch.equal(layer.weight, conv.weight) and torch.equal(layer.bias, conv.bias)
+
+
+def test_a_call_failing_in_the_convolution_does_not_count_a_batch():
+    # The native chain's conv2d raises before its batch norm counts the batch (momentum=None
+    # then averages over the wrong count).
+    layer = Conv2dBatchNormReLUMaxPool2d(2, 3, 3, momentum=None)
+    native = layer.to_native()
+    for model in (layer, native):
+        with pytest.raises(RuntimeError):
+            model(torch.randn(2, 4, 6, 6))  # 4 channels where the weight takes 2
+        assert int(model.bn.num_batches_tracked) == 0
+    layer(torch.randn(2, 2, 6, 6))
+    assert int(layer.bn.num_batches_tracked) == 1
+
+
 def test_from_modules_shares_parameters_and_mode():
     conv, pool = nn.Conv2d(3, 4, 3), nn.MaxPool2d(2)
     conv.eval()

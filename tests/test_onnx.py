@@ -147,6 +147,28 @@ def test_conv2d_batch_norm_relu_max_pool2d_exports_folded_into_conv(bias, channe
     assert nodes == ["Conv", "Relu", "MaxPool"]
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_batch_norm_relu_conv2d_exports_as_batch_normalization_relu_conv(stride):
+    # onnxruntime checks the Conv node's attributes: its dilations must name both dimensions.
+    torch.manual_seed(0)
+    layer = randomise_running_statistics(cnn.BatchNormReLUConv2d(4, 6, 3, stride=stride, padding=1))
+    proto = exported_and_checked(layer, image(2, 4, 9, 8))
+    assert node_types(proto) == ["BatchNormalization", "Relu", "Conv"]
+    (conv,) = [node for node in proto.graph.node if node.op_type == "Conv"]
+    assert {attribute.name: list(attribute.ints) for attribute in conv.attribute}["dilations"] == [1, 1]
+
+
+def test_fused_torchvision_resnet18_exports_and_computes_the_same():
+    torch.manual_seed(0)
+    model = randomise_running_statistics(torchvision.models.resnet18(num_classes=10))
+    fused = cifarnet.fuse(model).eval()
+    input = image(2, 3, 32, 32)
+    nodes = node_types(exported_and_checked(fused, input))
+    assert nodes.count("Conv") == 20 and nodes.count("MaxPool") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input), model.eval()(input), rtol=1e-4, atol=1e-4)
+
+
 def test_batch_statistics_fail_to_export_naming_the_reason():
     layer = cnn.BatchNorm2d(4, track_running_stats=False)  # batch statistics in eval too
     with pytest.raises(Exception, match="batch statistics"):

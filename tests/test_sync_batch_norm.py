@@ -98,6 +98,29 @@ def test_sync_layers_built_directly_match_the_unsynchronized_ones():
     assert torch.equal(bn(sync(input)), BatchNorm2d(4, momentum=None, dtype=torch.float64)(layer(input)))
 
 
+def test_native_forms_of_layers_with_a_synchronized_batch_norm_synchronize():
+    # A model converted, then unfused: its batch norms must still synchronize over the group.
+    group = object()  # any process group; it is only carried over here
+    bn_first = nn.Sequential(cifarnet.nn.BatchNormReLUConv2d(3, 4, 3))
+    convert_sync_batchnorm(bn_first, process_group=group)
+    pooled = Conv2dBatchNormReLUMaxPool2d.from_modules(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4, process_group=group), nn.MaxPool2d(2))
+    for native_bn in (
+        bn_first[0].to_native().bn,
+        pooled.to_native().bn,
+        pooled.to_sequential()[1],
+        cifarnet.unfuse(bn_first, inplace=True)[0].bn,  # in place: a deep copy would copy the group
+    ):
+        assert type(native_bn) is nn.SyncBatchNorm and native_bn.process_group is group
+
+
+def test_sync_batch_norm2d_takes_batch_norm2d_s_keywords():
+    # torch 2.14's nn.BatchNorm2d(..., bias=False): an affine weight and no bias
+    if "bias" not in nn.BatchNorm2d.__init__.__code__.co_varnames:
+        pytest.skip("this torch's nn.BatchNorm2d has no bias keyword")
+    bn, native = SyncBatchNorm2d(3, bias=False), nn.SyncBatchNorm(3, bias=False)
+    assert bn.bias is None and list(bn.state_dict()) == list(native.state_dict())
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_torch_compile_of_a_converted_model_without_torch_distributed(dynamic):
     torch._dynamo.reset()

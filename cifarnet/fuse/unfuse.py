@@ -7,6 +7,7 @@ import copy
 from torch import nn
 from torch.fx import GraphModule
 
+from cifarnet.fuse._torch_internals import _set_module_state
 from cifarnet.fuse.graph_module import _as_traced_class
 from cifarnet.fuse.layers import FusedBatchNorm2d, FusedIdentity, _FusedChainLayer
 from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME
@@ -57,7 +58,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             _unfuse_graph(module)
     _unfuse_children(model)
     model = _untraced(model)
-    return model.to_native() if isinstance(model, _LAYERS) else model
+    return _with_hooks_of(model, model.to_native()) if isinstance(model, _LAYERS) else model
 
 
 # The layers of cifarnet.nn, each with a to_native() that computes it with torch alone.
@@ -75,12 +76,27 @@ def _unfuse_children(module: nn.Module) -> None:
         elif isinstance(child, FusedIdentity):
             native = child.original.train(child.training)
         elif isinstance(child, _LAYERS):
-            native = child.to_native()
+            native = _with_hooks_of(child, child.to_native())
         else:
             if child is not None:
                 _unfuse_children(child)
             continue
         setattr(module, name, native)
+
+
+# nn.Module's hook dictionaries (the handles users hold remove from these very objects).
+_HOOKS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
+
+def _with_hooks_of(layer: nn.Module, native: nn.Module) -> nn.Module:
+    """``native`` (``layer.to_native()``, which computes what ``layer`` computes) holding
+    ``layer``'s hooks, so that they run on it as they ran on ``layer``."""
+    _set_module_state(native, {name: vars(layer)[name] for name in _HOOKS if name in vars(layer)})
+    return native
 
 
 def _untraced(module: nn.Module) -> nn.Module:

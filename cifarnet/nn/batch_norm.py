@@ -53,6 +53,20 @@ def share_batch_norm_state(cls: type, bn: nn.modules.batchnorm._BatchNorm) -> nn
     return shared
 
 
+def native_batch_norm2d(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """The torch.nn batch norm computing ``bn`` over its very tensors and mode:
+    ``nn.SyncBatchNorm`` over the same group where ``bn`` synchronizes (torch's or cifarnet's),
+    else ``nn.BatchNorm2d``."""
+    to_native = getattr(bn, "to_native", None)
+    if to_native is not None:  # cifarnet's: BatchNorm2d -> nn.BatchNorm2d, SyncBatchNorm2d -> nn.SyncBatchNorm
+        return to_native()
+    if isinstance(bn, nn.SyncBatchNorm):
+        native = share_batch_norm_state(nn.SyncBatchNorm, bn)
+        native.process_group = bn.process_group
+        return native
+    return share_batch_norm_state(nn.BatchNorm2d, bn)
+
+
 def _batch_norm_forward(bn: nn.modules.batchnorm._BatchNorm, input: Tensor) -> Tensor:
     """The forward of :class:`BatchNorm1d` and :class:`BatchNorm2d`: torch's input check, then
     :func:`cifarnet.ops.batch_norm` with the module's tensors and mode."""

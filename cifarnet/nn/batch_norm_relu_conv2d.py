@@ -10,8 +10,8 @@ from torch import Tensor, nn
 
 from cifarnet import ops
 from cifarnet.nn._fx import leaf_call
-from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
-from cifarnet.nn.conv2d_relu_max_pool2d import conv_unfusable_reason
+from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, native_batch_norm2d
+from cifarnet.nn.conv2d_relu_max_pool2d import conv_unfusable_reason, reset_conv_parameters
 
 
 def bn_relu_conv_unfusable_reason(bn: nn.Module, conv: nn.Module) -> str | None:
@@ -92,6 +92,10 @@ class BatchNormReLUConv2d(nn.Module):
             raise ValueError(reason)
         self._adopt(bn, conv)
 
+    def reset_parameters(self) -> None:
+        """The convolution's, as ``nn.Conv2d`` initialises them (``bn`` resets its own)."""
+        reset_conv_parameters(self.weight, self.bias)
+
     def _adopt(self, bn: nn.BatchNorm2d, conv: nn.Conv2d) -> None:
         self._set_batch_norm(bn)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
@@ -144,14 +148,15 @@ class BatchNormReLUConv2d(nn.Module):
         """This layer computed by torch alone, with the same state_dict keys.
 
         A ``torch.fx.GraphModule`` whose forward is ``F.conv2d(self.relu(self.bn(input)),
-        self.weight, self.bias, stride, padding)``: ``bn`` an ``nn.BatchNorm2d`` over this
-        layer's batch norm's very tensors (its mode too), ``relu`` an ``nn.ReLU``, and this
+        self.weight, self.bias, stride, padding)``: ``bn`` an ``nn.BatchNorm2d`` (``nn.SyncBatchNorm``
+        over the same group where it synchronizes) over this layer's batch norm's very tensors
+        (its mode too), ``relu`` an ``nn.ReLU``, and this
         layer's own ``weight`` and ``bias`` ``Parameter`` objects, so checkpoints load both
         ways and it needs nothing of cifarnet to run, pickle or export.
         """
         root = nn.Module()
         root.weight, root.bias = self.weight, self.bias
-        root.bn = share_batch_norm_state(nn.BatchNorm2d, self.bn)
+        root.bn = native_batch_norm2d(self.bn)
         root.relu = nn.ReLU().train(self.training)
         graph = torch.fx.Graph()
         input = graph.placeholder("input")

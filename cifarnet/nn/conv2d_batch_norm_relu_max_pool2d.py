@@ -12,8 +12,8 @@ from cifarnet import ops
 from cifarnet._sync_batch_norm import sync_conv2d_batch_norm_relu_max_pool2d
 from cifarnet.nn._fx import leaf_call
 from cifarnet.nn._native import _native_chain, _native_sequential
-from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
-from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
+from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, native_batch_norm2d
+from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason, reset_conv_parameters
 from cifarnet.ops._layout import is_unbatched
 
 
@@ -34,18 +34,27 @@ def conv2d_batch_norm_module_relu_max_pool2d(
     statistics of the whole batch over its process group where ``bn`` is synchronized (see
     :func:`batch_norm_sync_group`), else :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d`."""
     group = batch_norm_sync_group(bn)
+    tracked = bn.num_batches_tracked
+    tracked_before = None if tracked is None else tracked.clone()
     arguments = batch_norm_arguments(bn)
-    if group is not None:
-        return sync_conv2d_batch_norm_relu_max_pool2d(
-            input, weight, bias, arguments["running_mean"], arguments["running_var"], bn.weight, bn.bias,
-            arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode,
-            pool_padding, group,
+    try:
+        if group is not None:
+            return sync_conv2d_batch_norm_relu_max_pool2d(
+                input, weight, bias, arguments["running_mean"], arguments["running_var"], bn.weight, bn.bias,
+                arguments["momentum"], arguments["eps"], stride, padding, pool_size, pool_stride, ceil_mode,
+                pool_padding, group,
+            )  # fmt: skip
+        return ops.conv2d_batch_norm_relu_max_pool2d(
+            input, weight, bias, bn_weight=bn.weight, bn_bias=bn.bias, stride=stride, padding=padding,
+            pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, pool_padding=pool_padding,
+            **arguments,
         )  # fmt: skip
-    return ops.conv2d_batch_norm_relu_max_pool2d(
-        input, weight, bias, bn_weight=bn.weight, bn_bias=bn.bias, stride=stride, padding=padding,
-        pool_size=pool_size, pool_stride=pool_stride, ceil_mode=ceil_mode, pool_padding=pool_padding,
-        **arguments,
-    )  # fmt: skip
+    except Exception:
+        # The native chain's convolution raises before its batch norm counts the batch.
+        if tracked is not None:
+            with torch.no_grad():
+                tracked.copy_(tracked_before)
+        raise
 
 
 @torch.fx.wrap  # a call in torch.fx graphs, not a branch on a traced value
@@ -132,6 +141,10 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         )  # fmt: skip
         self._adopt(conv, BatchNorm2d(out_channels, eps, momentum, affine, track_running_stats, device, dtype))
 
+    def reset_parameters(self) -> None:
+        """The convolution's, as ``nn.Conv2d`` initialises them (``bn`` resets its own)."""
+        reset_conv_parameters(self.weight, self.bias)
+
     def _adopt(self, conv: Conv2dReLUMaxPool2d, bn: nn.BatchNorm2d) -> None:
         for name in (
             "in_channels", "out_channels", "kernel_size", "stride", "padding", "pool_size", "pool_stride", "ceil_mode",
@@ -182,24 +195,24 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         A ``torch.fx.GraphModule`` (a torch class, not an ``nn.Sequential``) whose forward is
         ``self.pool(self.relu(self.bn(F.conv2d(input, self.weight, self.bias, stride,
         padding))))``: it holds this layer's own ``weight`` and ``bias`` ``Parameter`` objects
-        and, as children, ``bn``, an ``nn.BatchNorm2d`` over the batch norm's very tensors (its
-        mode too), an ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool``. The keys stay
+        and, as children, ``bn``, an ``nn.BatchNorm2d`` (``nn.SyncBatchNorm`` over the same group
+        where ``bn`` synchronizes) over the batch norm's very tensors (its mode too), an ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool``. The keys stay
         ``weight``, ``bias`` and ``bn.*``, so checkpoints load both ways; it needs nothing of
         cifarnet to run, pickle or export. The convolution is a call, not an ``nn.Conv2d``
         child, which would rename its parameters ``conv.weight``: for torch.nn modules only,
         see :meth:`to_sequential`.
         """
-        return _native_chain(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
+        return _native_chain(self, native_batch_norm2d(self.bn))
 
     def to_sequential(self) -> nn.Sequential:
         """``nn.Sequential(nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d)`` computing this
-        layer: the conv holds this layer's own ``weight`` and ``bias``, the batch norm the very
-        tensors of ``bn`` (and its mode).
+        layer (``nn.SyncBatchNorm`` where ``bn`` synchronizes): the conv holds this layer's own
+        ``weight`` and ``bias``, the batch norm the very tensors of ``bn`` (and its mode).
 
         Plain torch.nn layers, for tools that look for them; its state_dict keys are ``0.*``
         (the conv) and ``1.*`` (the batch norm), not this layer's (see :meth:`to_native`).
         """
-        return _native_sequential(self, share_batch_norm_state(nn.BatchNorm2d, self.bn))
+        return _native_sequential(self, native_batch_norm2d(self.bn))
 
     def extra_repr(self) -> str:
         return (

@@ -14,6 +14,16 @@ from cifarnet._arguments import check_padding_string, pair, stored_pair
 from cifarnet.nn._native import _native_chain, _native_sequential
 
 
+def reset_conv_parameters(weight: Tensor, bias: Tensor | None) -> None:
+    """nn.Conv2d's initialisation, in the same order, so one seed gives both the same weights."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    if bias is not None:
+        fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
+        if fan_in != 0:
+            bound = 1 / math.sqrt(fan_in)
+            nn.init.uniform_(bias, -bound, bound)
+
+
 def conv_unfusable_reason(conv: nn.Module) -> str | None:
     """Why the fused ops cannot compute ``conv``'s convolution (they convolve as a plain
     ``nn.Conv2d`` with dilation 1, one group and zero padding), or None if they can."""
@@ -25,6 +35,9 @@ def conv_unfusable_reason(conv: nn.Module) -> str | None:
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
     if conv.padding_mode != "zeros":
         return f"conv.padding_mode={conv.padding_mode!r}; the fused op pads with zeros"
+    if not isinstance(conv.weight, nn.Parameter):
+        # nn.utils.weight_norm's legacy form: a plain tensor a pre-hook recomputes at every call
+        return "conv.weight is not a Parameter (nn.utils.weight_norm?); the fused layer would keep one value of it"
     return None
 
 
@@ -110,13 +123,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.Conv2d's initialisation, in the same order, so one seed gives both the same weights.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            fan_in, _ = nn.init._calculate_fan_in_and_fan_out(self.weight)
-            if fan_in != 0:
-                bound = 1 / math.sqrt(fan_in)
-                nn.init.uniform_(self.bias, -bound, bound)
+        reset_conv_parameters(self.weight, self.bias)
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, pool: nn.MaxPool2d) -> Conv2dReLUMaxPool2d:

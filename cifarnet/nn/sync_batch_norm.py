@@ -3,12 +3,10 @@ and ``convert_sync_batchnorm`` for models of cifarnet layers (and on the CPU).""
 
 from __future__ import annotations
 
-import torch.fx
 from torch import Tensor, nn
 
 from cifarnet._sync_batch_norm import sync_batch_norm
 from cifarnet.nn._fx import leaf_call
-from cifarnet.nn._native import _native_chain, _native_sequential
 from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import Conv2dBatchNormReLUMaxPool2d
 
@@ -45,8 +43,9 @@ class SyncBatchNorm2d(BatchNorm2d):
         process_group=None,
         device=None,
         dtype=None,
+        **keywords,  # nn.BatchNorm2d's keyword-only ones: bias=True since torch 2.14
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **keywords)
         self.process_group = process_group
         self.fallback_class = BatchNorm2d
 
@@ -128,15 +127,6 @@ class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
     def process_group(self):
         return self.bn.process_group
 
-    def to_native(self) -> torch.fx.GraphModule:
-        """As :meth:`Conv2dBatchNormReLUMaxPool2d.to_native`, with a ``torch.nn.SyncBatchNorm``
-        over the same group as ``bn``."""
-        return _native_chain(self, self.bn.to_native())
-
-    def to_sequential(self) -> nn.Sequential:
-        """As :meth:`Conv2dBatchNormReLUMaxPool2d.to_sequential`, with a
-        ``torch.nn.SyncBatchNorm`` over the same group as ``bn``."""
-        return _native_sequential(self, self.bn.to_native())
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

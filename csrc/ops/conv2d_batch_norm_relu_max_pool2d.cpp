@@ -52,7 +52,9 @@ at::Tensor conv2d_batch_norm_relu_max_pool2d_composite(
   check_per_output_channel(bn_weight, "bn_weight", weight);
   check_per_output_channel(bn_bias, "bn_bias", weight);
   check_batch_norm_eps(eps, training);
-  check_batch_norm_input_dtype(input);
+  // The convolution's refusal of integer input (a RuntimeError), which the native chain meets
+  // first, before the batch norm's dtypes.
+  check_floating_dtype(input, "input");
   check_running_stats_need_no_grad(running_mean, running_var);
   check_batch_norm_parameter_dtypes(input, {{"running_mean", running_mean},
                                             {"running_var", running_var},

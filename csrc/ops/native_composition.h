@@ -22,13 +22,22 @@ inline at::Tensor composed_relu_max_pool2d(const at::Tensor& conv_output, at::In
                         /*dilation=*/{1, 1}, ceil_mode);
 }
 
+// The ops' convolution in native ops: no dilation and one group, spelled out in two dimensions.
+// NB: at::conv2d's default dilation is {1}, which torch.onnx writes as a one-element attribute
+// that onnxruntime refuses ("Attribute dilations has incorrect size").
+inline at::Tensor composed_conv2d(const at::Tensor& input, const at::Tensor& weight,
+                                  const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                  at::IntArrayRef padding) {
+  return at::conv2d(input, weight, bias, stride, padding, /*dilation=*/{1, 1}, /*groups=*/1);
+}
+
 inline at::Tensor composed_conv2d_relu_max_pool2d(const at::Tensor& input, const at::Tensor& weight,
                                                   const std::optional<at::Tensor>& bias,
                                                   at::IntArrayRef stride, at::IntArrayRef padding,
                                                   at::IntArrayRef pool_size,
                                                   at::IntArrayRef pool_stride, bool ceil_mode,
                                                   at::IntArrayRef pool_padding) {
-  return composed_relu_max_pool2d(at::conv2d(input, weight, bias, stride, padding), pool_size,
+  return composed_relu_max_pool2d(composed_conv2d(input, weight, bias, stride, padding), pool_size,
                                   pool_stride, ceil_mode, pool_padding);
 }
 
@@ -51,7 +60,7 @@ inline at::Tensor composed_conv2d_batch_norm_relu_max_pool2d(
     bool training, double momentum, double eps, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef pool_size, at::IntArrayRef pool_stride, bool ceil_mode,
     at::IntArrayRef pool_padding) {
-  const at::Tensor conv_output = at::conv2d(input, weight, bias, stride, padding);
+  const at::Tensor conv_output = composed_conv2d(input, weight, bias, stride, padding);
   return composed_relu_max_pool2d(composed_batch_norm(conv_output, running_mean, running_var,
                                                       bn_weight, bn_bias, training, momentum, eps),
                                   pool_size, pool_stride, ceil_mode, pool_padding);
@@ -65,9 +74,9 @@ inline at::Tensor composed_batch_norm_relu_conv2d(
     const std::optional<at::Tensor>& bn_bias, const at::Tensor& weight,
     const std::optional<at::Tensor>& bias, bool training, double momentum, double eps,
     at::IntArrayRef stride, at::IntArrayRef padding) {
-  return at::conv2d(at::relu(composed_batch_norm(input, running_mean, running_var, bn_weight,
-                                                 bn_bias, training, momentum, eps)),
-                    weight, bias, stride, padding);
+  return composed_conv2d(at::relu(composed_batch_norm(input, running_mean, running_var, bn_weight,
+                                                      bn_bias, training, momentum, eps)),
+                         weight, bias, stride, padding);
 }
 
 }  // namespace cifarnet

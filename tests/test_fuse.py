@@ -999,6 +999,19 @@ def test_unfuse_keeps_the_hooks_of_the_layers_it_replaces(layer):
     assert len(outputs) == 2
 
 
+def test_unfuse_warns_that_hooks_registered_on_fused_positions_are_dropped():
+    model = nn.Sequential(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2)))
+    fused = cifarnet.fuse(model)
+    fused[0][0].register_forward_hook(lambda module, args, output: None)  # the pooled output
+    fused[0][3].register_forward_pre_hook(lambda module, args: None)
+    with pytest.warns(UserWarning, match=r"hooks registered after fusing on 0\.0, 0\.3 are dropped"):
+        unfused = cifarnet.unfuse(fused)
+    assert not any(module._forward_hooks or module._forward_pre_hooks for module in unfused.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cifarnet.unfuse(cifarnet.fuse(model))  # nothing hooked, nothing said
+
+
 def test_an_unfused_model_loads_without_cifarnet(tmp_path):
     torch.manual_seed(0)
     layers = LayersNet().double()

@@ -14,8 +14,10 @@ from torch import nn
 import cifarnet
 from cifarnet.fuse import FusedBatchNorm2d, FusedConv2dBatchNormReLUMaxPool2d
 from cifarnet.nn import (
+    BatchNorm1d,
     BatchNorm2d,
     Conv2dBatchNormReLUMaxPool2d,
+    SyncBatchNorm1d,
     SyncBatchNorm2d,
     SyncConv2dBatchNormReLUMaxPool2d,
     convert_sync_batchnorm,
@@ -82,6 +84,29 @@ def test_without_torch_distributed_the_converted_model_computes_exactly_the_same
         assert actual_calls == expected_calls
         for a, b in zip(actual, expected, strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("batch_norm_class", [nn.BatchNorm1d, BatchNorm1d])
+def test_batch_norm1d_converts_and_computes_as_before_without_torch_distributed(batch_norm_class):
+    torch.manual_seed(4)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), batch_norm_class(5, momentum=None)).double()
+    keys, parameters = list(head.state_dict()), list(head.parameters())
+    expected = copy.deepcopy(head)
+    group = object()
+    converted = convert_sync_batchnorm(head, process_group=group)
+    assert type(converted[2]) is SyncBatchNorm1d and converted[2].process_group is group
+    assert converted[2].fallback_class is batch_norm_class  # the same op calls as before
+    assert list(converted.state_dict()) == keys
+    assert all(a is b for a, b in zip(converted.parameters(), parameters, strict=True))
+    for mode in (True, False):
+        input = torch.randn(6, 3, 2, 2, dtype=torch.float64)
+        converted.train(mode), expected.train(mode)
+        assert torch.equal(converted(input), expected(input))
+    native = converted[2].to_native()
+    assert type(native) is nn.SyncBatchNorm and native.process_group is group
+    assert native.running_mean is converted[2].running_mean
+    with pytest.raises(ValueError, match="expected 2D or 3D input"):
+        SyncBatchNorm1d(5)(torch.randn(2, 5, 3, 3))
 
 
 def test_sync_layers_built_directly_match_the_unsynchronized_ones():

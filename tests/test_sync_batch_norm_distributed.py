@@ -26,6 +26,7 @@ from cifarnet.fuse import FusedConv2dBatchNormReLUMaxPool2d
 from cifarnet.nn import (
     BatchNormReLUConv2d,
     Conv2dBatchNormReLUMaxPool2d,
+    SyncBatchNorm1d,
     SyncBatchNorm2d,
     SyncConv2dBatchNormReLUMaxPool2d,
     convert_sync_batchnorm,
@@ -56,7 +57,7 @@ def _worker(rank: int, store: str, scenario: str, processes: int, args: tuple) -
 def _randomise_batch_norms(model: nn.Module, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
             with torch.no_grad():
                 module.weight.copy_(torch.rand(module.weight.shape, generator=generator, dtype=torch.float64) * 2 - 0.5)
                 module.bias.copy_(torch.randn(module.bias.shape, generator=generator, dtype=torch.float64))
@@ -155,6 +156,21 @@ class OffsetBy(nn.Module):
 @pytest.mark.parametrize("device", DEVICES)
 def test_batch_norm_matches_native_whole_batch(tmp_path, device):
     run_on_processes(tmp_path, "batch_norm_matches_native", device)
+
+
+def converted_batch_norm1d_matches_native(rank, device):
+    # A classifier head's batch norm: [N, C] and [N, C, L] inputs.
+    for sizes in SPLITS:
+        for input_shape in ((5,), (5, 7)):
+            native = _randomise_batch_norms(nn.Sequential(nn.BatchNorm1d(5, dtype=torch.float64)), 5).to(device)
+            synced = convert_sync_batchnorm(copy.deepcopy(native))
+            assert type(synced[0]) is SyncBatchNorm1d
+            _check_against_whole_batch(rank, sizes, native, synced, _pairs(native, synced), input_shape, device=device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_converted_batch_norm1d_matches_native_whole_batch(tmp_path, device):
+    run_on_processes(tmp_path, "converted_batch_norm1d_matches_native", device)
 
 
 def converted_and_fused_models_match_native(rank):

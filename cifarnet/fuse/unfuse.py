@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 from torch import nn
 from torch.fx import GraphModule
@@ -10,7 +11,7 @@ from torch.fx import GraphModule
 from cifarnet.fuse._torch_internals import _set_module_state
 from cifarnet.fuse.graph_module import _as_traced_class
 from cifarnet.fuse.layers import FusedBatchNorm2d, FusedIdentity, _FusedChainLayer
-from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME
+from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME, _has_hooks
 from cifarnet.nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -39,8 +40,10 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     ``nn.Conv2d``: the layer's ``weight`` and ``bias`` stay its own keys, where a child
     ``nn.Conv2d`` would add a prefix) that calls ``F.conv2d`` on them, then its children ``bn``
     (``nn.BatchNorm2d``), ``relu`` (``nn.ReLU``) and ``pool`` (``nn.MaxPool2d``); see
-    :meth:`cifarnet.nn.Conv2dReLUMaxPool2d.to_native`. A forward that calls
-    :mod:`cifarnet.ops` itself is code, not a layer, and stays as it is.
+    :meth:`cifarnet.nn.Conv2dReLUMaxPool2d.to_native`, which keeps the layer's hooks. A forward
+    that calls :mod:`cifarnet.ops` itself is code, not a layer, and stays as it is. Hooks
+    registered on the modules ``fuse`` put in are dropped with a warning: the module put back
+    computes another output (the ``nn.Conv2d`` where the fused layer pooled).
 
     Args:
         model: any model: one returned by :func:`fuse`, or one built with :mod:`cifarnet.nn`.
@@ -56,7 +59,13 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     for module in list(model.modules()):
         if isinstance(module, GraphModule):
             _unfuse_graph(module)
-    _unfuse_children(model)
+    dropped_hooks = _unfuse_children(model)
+    if dropped_hooks:
+        warnings.warn(
+            f"cifarnet.unfuse: the hooks registered after fusing on {', '.join(dropped_hooks)} are dropped: "
+            "the modules put back in their places compute other outputs",
+            stacklevel=2,
+        )
     model = _untraced(model)
     return _with_hooks_of(model, model.to_native()) if isinstance(model, _LAYERS) else model
 
@@ -65,10 +74,16 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 _LAYERS = (Conv2dReLUMaxPool2d, Conv2dBatchNormReLUMaxPool2d, BatchNormReLUConv2d, BatchNorm1d, BatchNorm2d, Dropout)
 
 
-def _unfuse_children(module: nn.Module) -> None:
-    """Replaces, at every depth below ``module``, what fuse put in by what it replaced, and the
-    layers of cifarnet.nn by their ``to_native()``."""
+def _unfuse_children(module: nn.Module, prefix: str = "", dropped_hooks: list[str] | None = None) -> list[str]:
+    """Replaces, at every depth below ``module`` (named ``prefix``), what fuse put in by what it
+    replaced, and the layers of cifarnet.nn by their ``to_native()``; returns the names of the
+    modules fuse put in whose hooks were dropped with them."""
+    dropped_hooks = [] if dropped_hooks is None else dropped_hooks
     for name, child in list(module._modules.items()):
+        if isinstance(child, (_FusedChainLayer, FusedBatchNorm2d, FusedIdentity)) and _has_hooks(child):
+            # fuse leaves hooked modules unfused, so these hooks came after it, and the module
+            # put back computes another output (a convolution where the fused layer pooled).
+            dropped_hooks.append(f"{prefix}{name}")
         if isinstance(child, _FusedChainLayer):  # before _LAYERS: the chain's other positions come back too
             native = child.to_conv2d()
         elif isinstance(child, FusedBatchNorm2d):
@@ -79,9 +94,10 @@ def _unfuse_children(module: nn.Module) -> None:
             native = _with_hooks_of(child, child.to_native())
         else:
             if child is not None:
-                _unfuse_children(child)
+                _unfuse_children(child, f"{prefix}{name}.", dropped_hooks)
             continue
         setattr(module, name, native)
+    return dropped_hooks
 
 
 # nn.Module's hook dictionaries (the handles users hold remove from these very objects).

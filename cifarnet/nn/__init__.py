@@ -18,7 +18,7 @@ from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import (
 )
 from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason
 from cifarnet.nn.dropout import Dropout
-from cifarnet.nn.sync_batch_norm import SyncBatchNorm2d, SyncConv2dBatchNormReLUMaxPool2d, convert_sync_batchnorm
+from cifarnet.nn.sync_batch_norm import SyncBatchNorm1d, SyncBatchNorm2d, SyncConv2dBatchNormReLUMaxPool2d, convert_sync_batchnorm
 
 # The public modules; the rules and helpers above are imported from here by cifarnet.fuse and
 # the study.
@@ -29,6 +29,7 @@ __all__ = [
     "Conv2dBatchNormReLUMaxPool2d",
     "Conv2dReLUMaxPool2d",
     "Dropout",
+    "SyncBatchNorm1d",
     "SyncBatchNorm2d",
     "SyncConv2dBatchNormReLUMaxPool2d",
     "convert_sync_batchnorm",

@@ -11,6 +11,11 @@ from cifarnet._sync_batch_norm import synchronizing_group
 from cifarnet.nn._fx import leaf_call
 
 
+def counts_batches(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether a call of ``bn`` counts its batch in ``num_batches_tracked`` (torch.nn's rule)."""
+    return bn.training and bn.track_running_stats and bn.num_batches_tracked is not None
+
+
 def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     """The running statistics, mode and momentum a batch-norm module normalises with.
 
@@ -20,7 +25,7 @@ def batch_norm_arguments(bn: nn.modules.batchnorm._BatchNorm) -> dict:
     batch statistics are used in evaluation too.
     """
     momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+    if counts_batches(bn):
         bn.num_batches_tracked.add_(1)
         if bn.momentum is None:
             momentum = 1.0 / float(bn.num_batches_tracked)

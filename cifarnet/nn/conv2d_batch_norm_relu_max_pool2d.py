@@ -12,7 +12,13 @@ from cifarnet import ops
 from cifarnet._sync_batch_norm import sync_conv2d_batch_norm_relu_max_pool2d
 from cifarnet.nn._fx import leaf_call
 from cifarnet.nn._native import _native_chain, _native_sequential
-from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, native_batch_norm2d
+from cifarnet.nn.batch_norm import (
+    BatchNorm2d,
+    batch_norm_arguments,
+    batch_norm_sync_group,
+    counts_batches,
+    native_batch_norm2d,
+)
 from cifarnet.nn.conv2d_relu_max_pool2d import Conv2dReLUMaxPool2d, conv_relu_pool_unfusable_reason, reset_conv_parameters
 from cifarnet.ops._layout import is_unbatched
 
@@ -34,8 +40,7 @@ def conv2d_batch_norm_module_relu_max_pool2d(
     statistics of the whole batch over its process group where ``bn`` is synchronized (see
     :func:`batch_norm_sync_group`), else :func:`cifarnet.ops.conv2d_batch_norm_relu_max_pool2d`."""
     group = batch_norm_sync_group(bn)
-    tracked = bn.num_batches_tracked
-    tracked_before = None if tracked is None else tracked.clone()
+    counted = counts_batches(bn)
     arguments = batch_norm_arguments(bn)
     try:
         if group is not None:
@@ -51,9 +56,9 @@ def conv2d_batch_norm_module_relu_max_pool2d(
         )  # fmt: skip
     except Exception:
         # The native chain's convolution raises before its batch norm counts the batch.
-        if tracked is not None:
+        if counted:
             with torch.no_grad():
-                tracked.copy_(tracked_before)
+                bn.num_batches_tracked.sub_(1)
         raise
 
 
@@ -196,7 +201,8 @@ class Conv2dBatchNormReLUMaxPool2d(nn.Module):
         ``self.pool(self.relu(self.bn(F.conv2d(input, self.weight, self.bias, stride,
         padding))))``: it holds this layer's own ``weight`` and ``bias`` ``Parameter`` objects
         and, as children, ``bn``, an ``nn.BatchNorm2d`` (``nn.SyncBatchNorm`` over the same group
-        where ``bn`` synchronizes) over the batch norm's very tensors (its mode too), an ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool``. The keys stay
+        where ``bn`` synchronizes) over the batch norm's very tensors (its mode too), an
+        ``nn.ReLU`` ``relu`` and an ``nn.MaxPool2d`` ``pool``. The keys stay
         ``weight``, ``bias`` and ``bn.*``, so checkpoints load both ways; it needs nothing of
         cifarnet to run, pickle or export. The convolution is a call, not an ``nn.Conv2d``
         child, which would rename its parameters ``conv.weight``: for torch.nn modules only,

@@ -1,5 +1,6 @@
-"""Synchronized batch norm as modules: ``SyncBatchNorm2d``, ``SyncConv2dBatchNormReLUMaxPool2d``,
-and ``convert_sync_batchnorm`` for models of cifarnet layers (and on the CPU)."""
+"""Synchronized batch norm as modules: ``SyncBatchNorm1d``, ``SyncBatchNorm2d``,
+``SyncConv2dBatchNormReLUMaxPool2d``, and ``convert_sync_batchnorm`` for models of cifarnet
+layers (and on the CPU)."""
 
 from __future__ import annotations
 
@@ -7,31 +8,22 @@ from torch import Tensor, nn
 
 from cifarnet._sync_batch_norm import sync_batch_norm
 from cifarnet.nn._fx import leaf_call
-from cifarnet.nn.batch_norm import BatchNorm2d, batch_norm_arguments, batch_norm_sync_group, share_batch_norm_state
+from cifarnet.nn.batch_norm import (
+    BatchNorm1d,
+    BatchNorm2d,
+    batch_norm_arguments,
+    batch_norm_sync_group,
+    share_batch_norm_state,
+)
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import Conv2dBatchNormReLUMaxPool2d
 
 
-class SyncBatchNorm2d(BatchNorm2d):
-    """:class:`BatchNorm2d` whose training statistics are those of the whole batch spread over
-    the processes of ``process_group``, as ``torch.nn.SyncBatchNorm`` (which refuses CPU
-    tensors) computes them; on any device the ops run on.
+class _SynchronizedBatchNorm:
+    """What :class:`SyncBatchNorm1d` and :class:`SyncBatchNorm2d` share: the process group,
+    the synchronized training forward, and their unsynchronized and native forms."""
 
-    Each process passes its own part of the batch (the parts may differ in size, one may be
-    empty); every process of the group must call the module the same number of times. The
-    running statistics take the whole batch's mean and unbiased variance. In evaluation, and
-    where there is nothing to synchronize (``torch.distributed`` not initialised, or a group
-    of one process), it is exactly :class:`BatchNorm2d`, or ``nn.BatchNorm2d`` where it was made
-    from one (``fallback_class``: the same op calls as before the conversion). Same parameters
-    and buffers as ``nn.BatchNorm2d``.
-
-    Args:
-        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
-            ``nn.BatchNorm2d``.
-        process_group: the ``torch.distributed`` group; None means the default group.
-
-    Shape:
-        input ``[N, C, H, W]`` (this process's part of the batch) -> output of the same shape.
-    """
+    _unsynchronized: type  # the cifarnet batch norm it computes where nothing synchronizes
+    _native: type  # the torch.nn batch norm of the same rank
 
     def __init__(
         self,
@@ -43,20 +35,20 @@ class SyncBatchNorm2d(BatchNorm2d):
         process_group=None,
         device=None,
         dtype=None,
-        **keywords,  # nn.BatchNorm2d's keyword-only ones: bias=True since torch 2.14
+        **keywords,  # torch.nn batch norms' keyword-only ones: bias=True since torch 2.14
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, **keywords)
         self.process_group = process_group
-        self.fallback_class = BatchNorm2d
+        self.fallback_class = self._unsynchronized
 
     @classmethod
-    def from_batch_norm(cls, bn: nn.BatchNorm2d, process_group=None) -> SyncBatchNorm2d:
-        """The synchronized counterpart of ``bn`` (an ``nn.BatchNorm2d``, this module's
-        ``fallback_class``, or a :class:`BatchNorm2d`), holding its very parameters and buffers
-        and its mode."""
+    def from_batch_norm(cls, bn: nn.modules.batchnorm._BatchNorm, process_group=None):
+        """The synchronized counterpart of ``bn`` (a torch.nn batch norm of this rank, this
+        module's ``fallback_class``, or the cifarnet one), holding its very parameters and
+        buffers and its mode."""
         sync = share_batch_norm_state(cls, bn)
         sync.process_group = process_group
-        sync.fallback_class = getattr(bn, "fallback_class", nn.BatchNorm2d if type(bn) is nn.BatchNorm2d else BatchNorm2d)
+        sync.fallback_class = getattr(bn, "fallback_class", cls._native if type(bn) is cls._native else cls._unsynchronized)
         return sync
 
     def forward(self, input: Tensor) -> Tensor:
@@ -85,6 +77,51 @@ class SyncBatchNorm2d(BatchNorm2d):
         native = share_batch_norm_state(nn.SyncBatchNorm, self)
         native.process_group = self.process_group
         return native
+
+
+class SyncBatchNorm2d(_SynchronizedBatchNorm, BatchNorm2d):
+    """:class:`BatchNorm2d` whose training statistics are those of the whole batch spread over
+    the processes of ``process_group``, as ``torch.nn.SyncBatchNorm`` (which refuses CPU
+    tensors) computes them; on any device the ops run on.
+
+    Each process passes its own part of the batch (the parts may differ in size, one may be
+    empty); every process of the group must call the module the same number of times. The
+    running statistics take the whole batch's mean and unbiased variance. In evaluation, and
+    where there is nothing to synchronize (``torch.distributed`` not initialised, or a group
+    of one process), it is exactly :class:`BatchNorm2d`, or ``nn.BatchNorm2d`` where it was made
+    from one (``fallback_class``: the same op calls as before the conversion). Same parameters
+    and buffers as ``nn.BatchNorm2d``.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
+            ``nn.BatchNorm2d``.
+        process_group: the ``torch.distributed`` group; None means the default group.
+
+    Shape:
+        input ``[N, C, H, W]`` (this process's part of the batch) -> output of the same shape.
+    """
+
+    _unsynchronized = BatchNorm2d
+    _native = nn.BatchNorm2d
+
+
+class SyncBatchNorm1d(_SynchronizedBatchNorm, BatchNorm1d):
+    """:class:`BatchNorm1d` synchronized as :class:`SyncBatchNorm2d` is (a classifier head's
+    batch norm, say); exactly :class:`BatchNorm1d`, or ``nn.BatchNorm1d`` where it was made from
+    one, where nothing synchronizes.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats, device, dtype: as in
+            ``nn.BatchNorm1d``.
+        process_group: the ``torch.distributed`` group; None means the default group.
+
+    Shape:
+        input ``[N, C]`` or ``[N, C, L]`` (this process's part of the batch) -> output of the
+        same shape.
+    """
+
+    _unsynchronized = BatchNorm1d
+    _native = nn.BatchNorm1d
 
 
 class SyncConv2dBatchNormReLUMaxPool2d(Conv2dBatchNormReLUMaxPool2d):
@@ -135,14 +172,17 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     and on the CPU.
 
     ``nn.BatchNorm2d`` and :class:`BatchNorm2d` become :class:`SyncBatchNorm2d`,
+    ``nn.BatchNorm1d`` and :class:`BatchNorm1d` :class:`SyncBatchNorm1d`,
     :class:`Conv2dBatchNormReLUMaxPool2d` becomes :class:`SyncConv2dBatchNormReLUMaxPool2d`;
     the new modules hold the very ``Parameter`` and buffer objects of the old (optimisers keep
     working, nothing is re-initialised) under the same state_dict keys, in the same mode.
     Containers are changed in place, as torch's converter does; the returned module is
     ``module`` itself unless ``module`` is converted. Models fused by :func:`cifarnet.fuse`
     convert too (their fused layers then read the converted batch norms). Modules that are
-    already synchronized (:class:`SyncBatchNorm2d`, ``nn.SyncBatchNorm``) and subclasses of
-    ``nn.BatchNorm2d`` (whose forward may differ) are left as they are.
+    already synchronized (:class:`SyncBatchNorm2d`, ``nn.SyncBatchNorm``), subclasses of
+    torch's batch norms (whose forward may differ) and ``nn.BatchNorm3d`` (cifarnet has no 3-D
+    layers; ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` converts it for GPUs) are left as
+    they are.
 
     Args:
         module: the model.
@@ -169,6 +209,8 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
 def _convert_sync_batchnorm(module: nn.Module, process_group, replaced: dict[int, nn.Module]) -> nn.Module:
     if type(module) in (nn.BatchNorm2d, BatchNorm2d):
         converted = SyncBatchNorm2d.from_batch_norm(module, process_group)
+    elif type(module) in (nn.BatchNorm1d, BatchNorm1d):
+        converted = SyncBatchNorm1d.from_batch_norm(module, process_group)
     elif hasattr(type(module), "_to_sync_batch_norm"):
         # NB: a module that converts itself (cifarnet.fuse's FusedBatchNorm2d): fuse imports this
         # module, so this module does not name fuse's classes.

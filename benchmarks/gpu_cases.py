@@ -2,8 +2,10 @@
 
 ``--small``: every op forward and backward in float32, float64, float16 and bfloat16,
 contiguous and channels-last, over the geometries where index math breaks first (ceil mode
-with a 3x2 pool at stride (2, 1), an overlapping 3x3 pool at stride 1, N=0, C=1, 1x1 spatial),
-each compared with the same op on the CPU. Small enough to run under compute-sanitizer.
+with a 3x2 pool at stride (2, 1), an overlapping 3x3 pool at stride 1, padded pools, N=0, C=1,
+1x1 spatial), each compared with the same op on the CPU; then the public ops whose other
+kernels those phase ops do not reach (evaluation batch norm, running statistics, batch norm ->
+ReLU -> conv, dropout). Small enough to run under compute-sanitizer.
 
 ``--large``: the argmax bytes of CUDA and CPU compared bit for bit on integer-valued and NaN
 inputs (exact ties); batch-norm statistics over large counts against float64; one pooling call
@@ -18,25 +20,30 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import cifarnet
 from cifarnet._op_handles import BN_BACKWARD_OP, BN_FORWARD_OP, CONV_BACKWARD_OP, TRAINING_BACKWARD_OP, TRAINING_OP, WITH_ARGMAX_OP
 
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 FORMATS = [torch.contiguous_format, torch.channels_last]
-# (name, input shape, weight shape, conv stride, padding, pool size, pool stride, ceil mode)
+# (name, input shape, weight shape, conv stride, padding, pool size, pool stride, ceil mode,
+# pool padding)
 GEOMETRIES = [
-    ("study 2x2", (3, 5, 12, 11), (7, 5, 3, 3), [1, 1], [1, 1], [2, 2], [], False),
-    ("ceil 3x2 stride (2,1)", (2, 3, 9, 8), (4, 3, 3, 3), [2, 1], [2, 0], [3, 2], [2, 1], True),
-    ("overlapping 3x3 stride 1", (2, 4, 8, 9), (5, 4, 3, 3), [1, 1], [1, 1], [3, 3], [1, 1], False),
-    ("N=0", (0, 3, 8, 8), (4, 3, 3, 3), [1, 1], [1, 1], [2, 2], [], False),
-    ("C=1", (2, 1, 7, 7), (1, 1, 3, 3), [1, 1], [1, 1], [2, 2], [], True),
-    ("1x1 spatial", (4, 6, 1, 1), (3, 6, 1, 1), [1, 1], [0, 0], [1, 1], [], False),
+    ("study 2x2", (3, 5, 12, 11), (7, 5, 3, 3), [1, 1], [1, 1], [2, 2], [], False, [0, 0]),
+    ("ceil 3x2 stride (2,1)", (2, 3, 9, 8), (4, 3, 3, 3), [2, 1], [2, 0], [3, 2], [2, 1], True, [0, 0]),
+    ("overlapping 3x3 stride 1", (2, 4, 8, 9), (5, 4, 3, 3), [1, 1], [1, 1], [3, 3], [1, 1], False, [0, 0]),
+    ("ResNet stem pool 3x3/2 pad 1", (2, 3, 9, 10), (4, 3, 3, 3), [1, 1], [1, 1], [3, 3], [2, 2], False, [1, 1]),
+    ("ceil 3x4 stride (3,2) pad (1,2)", (2, 3, 10, 9), (4, 3, 3, 3), [1, 1], [0, 1], [3, 4], [3, 2], True, [1, 2]),
+    ("N=0", (0, 3, 8, 8), (4, 3, 3, 3), [1, 1], [1, 1], [2, 2], [], False, [0, 0]),
+    ("C=1", (2, 1, 7, 7), (1, 1, 3, 3), [1, 1], [1, 1], [2, 2], [], True, [0, 0]),
+    ("1x1 spatial", (4, 6, 1, 1), (3, 6, 1, 1), [1, 1], [0, 0], [1, 1], [], False, [0, 0]),
 ]
 
 
@@ -82,7 +89,7 @@ def integer_tensor(shape, generator, low=-3, high=4):
 
 def small_cases(report: Report) -> None:
     generator = torch.Generator().manual_seed(0)
-    for (name, in_shape, w_shape, stride, padding, pool, pool_stride, ceil), dtype, memory_format in itertools.product(
+    for (name, in_shape, w_shape, stride, padding, pool, pool_stride, ceil, pool_padding), dtype, memory_format in itertools.product(
         GEOMETRIES, DTYPES, FORMATS
     ):
         # Integer-valued data: the convolution is exact in every dtype on both devices, so the
@@ -92,7 +99,7 @@ def small_cases(report: Report) -> None:
         b64 = integer_tensor(w_shape[:1], generator)
         layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
         tag = f"{name} {str(dtype).removeprefix('torch.')} {layout}"
-        geometry = (stride, padding, pool, pool_stride, ceil, [0, 0])  # (no pool padding)
+        geometry = (stride, padding, pool, pool_stride, ceil, pool_padding)
 
         def tensors(device):
             cast = lambda t: t.to(device, dtype)  # noqa: E731
@@ -155,6 +162,74 @@ def small_cases(report: Report) -> None:
             report.run(f"{case} {tag}", fn)
 
 
+def public_op_cases(report: Report) -> None:
+    """The kernels the phase ops of :func:`small_cases` do not reach, through the public ops and
+    autograd, CUDA against CPU: evaluation batch norm, the running statistics' update, batch norm
+    -> ReLU -> conv in both modes, and dropout (its mask drawn on each device, so checked by what
+    it must satisfy)."""
+    generator = torch.Generator().manual_seed(4)
+    for dtype, memory_format in itertools.product(DTYPES, FORMATS):
+        layout = "channels_last" if memory_format == torch.channels_last else "contiguous"
+        tag = f"{str(dtype).removeprefix('torch.')} {layout}"
+        # 16-bit data with float32 parameters and statistics, as under autocast
+        parameter_dtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+        x64, w64 = integer_tensor((3, 5, 6, 7), generator), integer_tensor((4, 5, 3, 3), generator, -1, 2)
+
+        def compare(case, results_on):
+            results = {device: results_on(device) for device in ("cpu", "cuda")}
+            torch.cuda.synchronize()
+            oks = [close(g, c, dtype) for g, c in zip(results["cuda"], results["cpu"], strict=True)]
+            report.check(f"{case} {tag}", all(ok for ok, _ in oks), str([d for _, d in oks]))
+
+        def tensors(device):
+            x = x64.to(device, dtype).contiguous(memory_format=memory_format).requires_grad_()
+            per_channel = lambda low, high: torch.linspace(low, high, 5, device=device, dtype=parameter_dtype)  # noqa: E731
+            return x, per_channel(-1, 1), per_channel(0.5, 2), per_channel(0.5, 1.5).requires_grad_(), per_channel(-1, 1).requires_grad_()
+
+        def batch_norm(training):
+            def results_on(device):
+                x, running_mean, running_var, weight, bias = tensors(device)
+                out = cifarnet.ops.batch_norm(x, running_mean, running_var, weight, bias, training=training)
+                grads = torch.autograd.grad(out, (x, weight, bias), torch.ones_like(out) * 0.5 + out.detach())
+                return out, *grads, running_mean, running_var
+
+            return results_on
+
+        def batch_norm_relu_conv(training):
+            def results_on(device):
+                x, running_mean, running_var, bn_weight, bn_bias = tensors(device)
+                weight = w64.to(device, dtype).requires_grad_()
+                bias = torch.linspace(-1, 1, 4, device=device, dtype=dtype).requires_grad_()
+                out = cifarnet.ops.batch_norm_relu_conv2d(
+                    x, running_mean, running_var, bn_weight, bn_bias, weight, bias, training=training, padding=1
+                )
+                grads = torch.autograd.grad(out, (x, bn_weight, bn_bias, weight, bias), torch.ones_like(out))
+                return out, *grads, running_mean, running_var
+
+            return results_on
+
+        for training in (True, False):
+            mode = "training" if training else "evaluation"
+            report.run(f"batch_norm {mode} {tag}", lambda: compare(f"batch_norm {mode}", batch_norm(training)))
+            report.run(f"bn_relu_conv {mode} {tag}", lambda: compare(f"bn_relu_conv {mode}", batch_norm_relu_conv(training)))
+        report.run(f"dropout {tag}", lambda: dropout_case(report, x64, dtype, memory_format, tag))
+
+
+def dropout_case(report: Report, x64, dtype, memory_format, tag: str) -> None:
+    """Dropout on the GPU: each element dropped (0) or kept and scaled by 1 / (1 - p), about
+    half kept, its gradient the same mask and scale; p = 0 keeps everything, p = 1 nothing."""
+    x = (x64.abs() + 1).to("cuda", dtype).contiguous(memory_format=memory_format).requires_grad_()
+    out = cifarnet.ops.dropout(x, 0.5)
+    (grad,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    kept = out != 0
+    scaled = torch.equal(out[kept], (x.detach() * 2)[kept])
+    same_mask = torch.equal(grad, kept.to(dtype) * 2)
+    share = kept.double().mean().item()
+    ends = torch.equal(cifarnet.ops.dropout(x, 0.0), x) and not cifarnet.ops.dropout(x, 1.0).any()
+    report.check(f"dropout {tag}", scaled and same_mask and 0.3 < share < 0.7 and ends,
+                 f"kept scaled {scaled}, gradient mask {same_mask}, kept {share:.2f}, p=0 and p=1 {ends}")
+
+
 def argmax_bit_for_bit(report: Report) -> None:
     generator = torch.Generator().manual_seed(1)
     for dtype, nan in itertools.product(DTYPES, (False, True)):
@@ -163,14 +238,16 @@ def argmax_bit_for_bit(report: Report) -> None:
             x.view(-1)[torch.randperm(x.numel(), generator=generator)[:50]] = float("nan")
         w = integer_tensor((32, 16, 3, 3), generator, 0, 2)
         for memory_format in FORMATS:
-            for pool, pool_stride in (([2, 2], []), ([3, 3], [1, 1]), ([3, 2], [2, 1])):
-                args = ([1, 1], [1, 1], pool, pool_stride, True, [0, 0])
+            for pool, pool_stride, pool_padding in (
+                ([2, 2], [], [0, 0]), ([3, 3], [1, 1], [0, 0]), ([3, 2], [2, 1], [0, 0]), ([3, 3], [2, 2], [1, 1])
+            ):  # fmt: skip
+                args = ([1, 1], [1, 1], pool, pool_stride, True, pool_padding)
                 cpu = WITH_ARGMAX_OP(x.to(dtype).contiguous(memory_format=memory_format), w.to(dtype), None, *args)
                 gpu = WITH_ARGMAX_OP(x.to("cuda", dtype).contiguous(memory_format=memory_format), w.to("cuda", dtype), None, *args)
                 same = torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].cpu(), cpu[0]) if not nan else (
                     torch.equal(gpu[1].cpu(), cpu[1]) and torch.equal(gpu[0].isnan().cpu(), cpu[0].isnan())
                 )
-                report.check(f"argmax bit for bit {str(dtype)[6:]} nan={nan} {memory_format} pool {pool}/{pool_stride}", same)
+                report.check(f"argmax bit for bit {str(dtype)[6:]} nan={nan} {memory_format} pool {pool}/{pool_stride}/{pool_padding}", same)
 
 
 def large_statistics(report: Report) -> None:
@@ -225,9 +302,13 @@ def main() -> int:
         print("gpu_cases: needs a GPU and cifarnet built with CUDA", file=sys.stderr)
         return 2
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    # The CPU references convolve as oneDNN does, exactly on integer data: on an AVX2-only host
+    # Winograd would round, and the argmax's ties could part.
+    os.environ["CIFARNET_CONV_ALGORITHM"] = "native"
     report = Report()
     if args.small:
         small_cases(report)
+        public_op_cases(report)
     if args.large:
         report.run("argmax bit for bit", lambda: argmax_bit_for_bit(report))
         report.run("batch norm statistics", lambda: large_statistics(report))

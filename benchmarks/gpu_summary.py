@@ -4,7 +4,8 @@
 
 Reads the junit XML of the CUDA tests, the gpu_cases.py reports, the compute-sanitizer logs,
 the cifarnet-bench JSON and the training-step JSON found in OUT_DIR. Exit status 1 when no CUDA
-test ran (none found, or every one skipped), so a build without CUDA kernels cannot pass.
+test ran (none found, or every one skipped) or this machine has no usable GPU or CUDA build, so a
+build without CUDA kernels cannot pass.
 """
 
 from __future__ import annotations
@@ -14,6 +15,16 @@ import re
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
+
+
+# Test modules skipped whole without a GPU: every test of theirs that passed ran on it.
+CUDA_ONLY_MODULES = {"test_cuda", "test_cuda_graphs"}
+
+
+def ran_on_cuda(classname: str, name: str) -> bool:
+    """Whether a test that passed ran on the GPU: parametrised with the cuda device, or in a
+    module that needs one (other tests in test_cuda_*.py files run on the CPU)."""
+    return "cuda" in name.partition("[")[2] or not CUDA_ONLY_MODULES.isdisjoint(classname.split("."))
 
 
 def test_counts(path: Path) -> dict | None:
@@ -32,9 +43,7 @@ def test_counts(path: Path) -> dict | None:
                 counts["skipped"] += 1
             else:
                 counts["passed"] += 1
-                # a test that ran on the GPU: parametrised with the cuda device, or test_cuda.py's
-                ran_on_cuda = "cuda" in name.partition("[")[2] or "test_cuda" in name
-                counts["device_cuda_passed"] += ran_on_cuda
+                counts["device_cuda_passed"] += ran_on_cuda(case.get("classname"), case.get("name"))
     return counts
 
 
@@ -115,9 +124,21 @@ def main(out: Path) -> int:
         for dtype in ("float32", "bfloat16"):
             summary[f"bench_{dtype}_batch{batch}_speedup_vs_native_eager"] = bench_ratios(out / f"bench_{dtype}_{batch}.json")
         summary[f"train_step_batch{batch}"] = step_ratios(out / f"train_steps_{batch}.json")
+    skipped = out / "skipped_steps"
+    summary["steps_skipped_for_time"] = skipped.read_text().splitlines() if skipped.exists() else []
+    summary["cuda_available"] = cuda_available()
     json.dump(summary, sys.stdout, indent=1)
     print()
-    return 0 if tests and tests["device_cuda_passed"] > 0 else 1
+    return 0 if summary["cuda_available"] and tests and tests["device_cuda_passed"] > 0 else 1
+
+
+def cuda_available() -> bool:
+    """Whether this machine has a usable GPU and cifarnet was built with CUDA kernels."""
+    import torch
+
+    import cifarnet
+
+    return torch.cuda.is_available() and bool(cifarnet.build_info()["cuda"])
 
 
 if __name__ == "__main__":

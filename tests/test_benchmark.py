@@ -392,6 +392,27 @@ def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_
     assert set(old["batch_norm total"]) == {"forward", "forward_backward", "saved_ratio"}
 
 
+def test_gpu_summary_counts_only_tests_that_ran_on_the_gpu(tmp_path):
+    # A CPU-only run: the modules that need a GPU skipped, the CPU tests beside them passed.
+    cases = [
+        ("tests.test_cuda_launches", "test_the_launch_table_budgets_every_counted_pass", ""),
+        ("tests.study.test_cuda_graph", "test_the_step_is_refused_on_the_cpu", ""),
+        ("tests.test_batch_norm", "test_forward[cpu-float32]", ""),
+        ("tests.test_cuda", "test_ops_run_on_the_current_stream", "<skipped/>"),
+        ("tests.test_batch_norm", "test_forward[cuda-float32]", "<skipped/>"),
+    ]
+    xml = "".join(f'<testcase classname="{c}" name="{n}">{body}</testcase>' for c, n, body in cases)
+    (tmp_path / "tests.xml").write_text(f"<testsuite>{xml}</testsuite>")
+    summary = load_gpu_summary()
+    counts = summary.test_counts(tmp_path / "tests.xml")
+    assert (counts["passed"], counts["skipped"], counts["device_cuda_passed"]) == (3, 2, 0)
+    (tmp_path / "tests.xml").write_text(
+        '<testsuite><testcase classname="tests.test_cuda" name="test_ops_run_on_the_current_stream"/>'
+        '<testcase classname="tests.test_batch_norm" name="test_forward[cuda-float32]"/></testsuite>'
+    )
+    assert summary.test_counts(tmp_path / "tests.xml")["device_cuda_passed"] == 2
+
+
 def test_the_plot_adds_the_best_against_the_best_with_graphs(tmp_path):
     implementations = list(benchmark_ops.IMPLEMENTATIONS)
     rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])

@@ -178,3 +178,21 @@ def test_mixed_devices_are_refused():
     input, weight, bias = study_layer(torch.float32, torch.contiguous_format)
     with pytest.raises(RuntimeError, match="weight is on cpu but input is on cuda"):
         conv2d_relu_max_pool2d(input, weight.cpu(), None, padding=2)
+
+
+def test_the_batch_norm_backward_phase_ops_refuse_a_gradient_or_sums_on_another_device():
+    # Called directly (autograd and synchronized batch norm pass matching devices), a CPU
+    # gradient would reach the kernel as a host pointer.
+    ops = torch.ops.cifarnet
+    input = torch.randn(4, 3, 5, 5, device="cuda")
+    mean, var = ops._batch_norm_stats(input)
+    grad = torch.randn_like(input)
+    sums = ops._batch_norm_backward_reduce(grad, input, mean)
+    with pytest.raises(RuntimeError, match="grad_output is on cpu but input is on cuda"):
+        ops._batch_norm_backward(grad.cpu(), input, mean, var, None, True, 1e-5, [True, True, True])
+    with pytest.raises(RuntimeError, match="grad_output is on cpu but input is on cuda"):
+        ops._batch_norm_backward_reduce(grad.cpu(), input, mean)
+    with pytest.raises(RuntimeError, match="sum_dy is on cpu but input is on cuda"):
+        ops._batch_norm_backward_elementwise(grad, input, mean, var, None, sums[0].cpu(), sums[1], 100, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_output dtype Double does not match input dtype Float"):
+        ops._batch_norm_backward_reduce(grad.double(), input, mean)

@@ -386,6 +386,21 @@ def test_functional_draws_its_seed_from_torch_generators():
     assert torch.equal(cifarnet.ops.dropout(x, 0.5, generator=generator), cifarnet.ops.dropout(x, 0.5, generator=again))
 
 
+def test_seeds_span_the_64_bit_range_and_every_call_draws_another_mask():
+    generator = torch.Generator().manual_seed(5)
+    seeds = torch.cat([cifarnet.ops.dropout_seed(generator) for _ in range(2000)])
+    assert seeds.dtype == torch.int64 and seeds.device.type == "cpu"
+    assert seeds.unique().numel() == 2000
+    assert (seeds < 0).any() and (seeds > 0).any()
+    assert (seeds.abs() > 2**62).sum() > 800  # half of them, where the high bits are drawn
+    again = torch.Generator().manual_seed(5)
+    assert torch.equal(cifarnet.ops.dropout_seed(again), seeds[:1])
+    # A study epoch's calls (390 batches): as many masks as calls.
+    torch.manual_seed(0)
+    masks = {tuple(cifarnet.ops.dropout(torch.ones(64), 0.5).bool().tolist()) for _ in range(390)}
+    assert len(masks) == 390
+
+
 @pytest.mark.parametrize(
     "call, error, message",
     [

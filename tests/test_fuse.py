@@ -336,6 +336,40 @@ def test_functional_chains_fuse_in_the_graph_and_compute_the_same():
     assert_unfuses_to(model, fused, input, FLOAT64)
 
 
+class FunctionalPool(nn.Module):
+    """conv -> batch norm -> ReLU -> a functional max pool written with ``pool``'s arguments."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), pool
+
+    def forward(self, x):
+        return self.pool(F.relu(self.bn(self.conv(x))))
+
+
+@pytest.mark.parametrize(
+    "pool, reason",
+    [
+        (lambda x: F.max_pool2d(x, 3, 2, 1), None),  # ResNet's stem, positionally
+        (lambda x: torch.max_pool2d(x, 3, 2, 1, 1, True), None),  # positional dilation 1 and ceil mode
+        (lambda x: F.max_pool2d(x, kernel_size=4, stride=1, padding=2), None),  # padding at half the window
+        (lambda x: F.max_pool2d(x, (3, 2), padding=(1, 0), ceil_mode=True), None),
+        (lambda x: F.max_pool2d(x, 2, dilation=2), "pool.dilation=2; the fused op pools without dilation"),
+        (lambda x: torch.max_pool2d(x, 3, 1, 1, 2), "pool.dilation=2; the fused op pools without dilation"),
+    ],
+)
+def test_functional_pools_keep_their_padding_ceil_mode_and_dilation(pool, reason):
+    torch.manual_seed(0)
+    model = FunctionalPool(pool).double()
+    fused, report = fuse_quietly(model, report=True)
+    if reason is None:
+        assert len(report.fused) == 1 and report.unfused == [], report
+    else:
+        assert report.fused == [] and [chain.reason for chain in report.unfused] == [reason], report
+    input = torch.randn(2, 3, 11, 13, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_same_function(fused, model, input, FLOAT64)
+
+
 def test_a_frozen_batch_norm_stays_frozen():
     # Each batch norm's own mode decides, as in torch: here bn2 normalises with its running
     # statistics (and leaves them alone) while the rest of the model trains.

@@ -72,6 +72,13 @@ def assert_same_strides(actual, expected, name):
     assert actual.stride() == expected.stride(), f"{name}: strides {actual.stride()} differ from {expected.stride()}"
 
 
+def assert_same_values_and_strides(actual, expected, name):
+    """Native's layout and native's values (float64): a kernel that reads a stride wrong gives
+    the right layout and the wrong numbers."""
+    assert_same_strides(actual, expected, name)
+    torch.testing.assert_close(actual.cpu(), expected.cpu(), rtol=1e-9, atol=1e-9, msg=lambda m: f"{name}: {m}")
+
+
 def assert_same_order(actual, expected, name):
     """Same element order in memory: strides equal but where a dimension has size 1."""
 
@@ -139,7 +146,7 @@ def test_batch_norm_layouts_are_natives(device, shape, name, order, step):
         real, fake = real_and_fake(batch_norm_grads(ops.batch_norm, training, grad_layouts), input, weight, bias)
         names = ["output"] + [f"grad_input (output gradient {o or 'like the output'})" for o in grad_layouts]
         for ours, native, what in zip(real, expected, names):
-            assert_same_strides(ours, native, f"training={training} {what}")
+            assert_same_values_and_strides(ours, native, f"training={training} {what}")
         assert_fakes_match(real, fake, names)
 
 
@@ -294,7 +301,7 @@ def test_conv_layer_layouts_are_natives(device, kind):
         real, fake = real_and_fake(conv_grads(fused, geometry[2]), input, weight, bias)
         names = ["output", "grad_input", "grad_weight"]
         for ours, theirs, what in zip(real, expected, names):
-            assert_same_strides(ours, theirs, f"{case}: {what}")
+            assert_same_values_and_strides(ours, theirs, f"{case}: {what}")
         assert_fakes_match(real, fake, [f"{case}: {what}" for what in names])
 
 

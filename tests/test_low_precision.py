@@ -71,6 +71,16 @@ def pool_at_argmax(activation, argmax, geometry):
     return torch.where(hit, gathered, torch.zeros_like(gathered))
 
 
+def assert_relu_zero_flags_the_zero_outputs(output, argmax):
+    """The argmax is the ReLU's zero (255) exactly where the pooled output is 0 (its window's
+    maximum is not positive, padding never wins): there the backward sends nothing back, as
+    native's ReLU gradient is 0. The gradient references here go through the op's own argmax, so
+    this is what ties them to native."""
+    counted = ~output.isnan()
+    flagged, zero = (argmax == RELU_ZERO)[counted], (output == 0)[counted]
+    assert torch.equal(flagged, zero), f"{(flagged != zero).sum().item()} windows flagged otherwise than their output"
+
+
 def term_scales(input, weight, grad_conv, geometry):
     """Per element of the input, weight and bias gradients: the sum of the absolute values of
     the products they add up."""
@@ -114,6 +124,7 @@ def test_conv2d_relu_max_pool2d_low_precision(case):
     tensors = [input, weight] + ([bias] if bias is not None else [])
     leaves = [t.detach().clone().requires_grad_() for t in tensors]
     output, argmax = WITH_ARGMAX_OP(leaves[0], leaves[1], leaves[2] if bias is not None else None, *conv_args(geometry))
+    assert_relu_zero_flags_the_zero_outputs(output, argmax)
     public = conv2d_relu_max_pool2d(leaves[0], leaves[1], leaves[2] if bias is not None else None, **geometry)
     assert torch.equal(public.nan_to_num(), output.nan_to_num())
     native = native_conv2d_relu_max_pool2d(*tensors[:2], bias, **geometry)
@@ -218,6 +229,7 @@ def test_study_shapes_low_precision(dtype, channels_last, pool, backward, monkey
         ceil_mode=False, pool_padding=pair(pool.get("pool_padding", 0)),
     )  # fmt: skip
     output, argmax = WITH_ARGMAX_OP(*tensors, *conv_args(geometry))
+    assert_relu_zero_flags_the_zero_outputs(output, argmax)
     ours_out = conv2d_relu_max_pool2d(*leaves, **geometry)
     native = native_conv2d_relu_max_pool2d(*tensors, **geometry)
     exact = native_conv2d_relu_max_pool2d(*(t.double() for t in tensors), **geometry)
@@ -282,6 +294,7 @@ def test_dense_backward_channels_last_windows_that_do_not_overlap(dtype, pool, m
         ceil_mode=pool["ceil_mode"], pool_padding=pair(pool.get("pool_padding", 0)),
     )  # fmt: skip
     output, argmax = WITH_ARGMAX_OP(*tensors, *conv_args(geometry))
+    assert_relu_zero_flags_the_zero_outputs(output, argmax)
     ours_out = conv2d_relu_max_pool2d(*leaves, **geometry)
     assert ours_out.is_contiguous(memory_format=torch.channels_last)
     grad_output = torch.randn(output.shape, generator=generator).to(dtype)
@@ -388,7 +401,8 @@ def check_conv2d_batch_norm_relu_max_pool2d_low_precision(case, gradients_as_bou
     leaves = [None if t is None else t.detach().clone().requires_grad_() for t in tensors]
     stats = [t.clone() for t in running]
     output = conv2d_batch_norm_relu_max_pool2d(leaves[0], leaves[1], leaves[2], stats[0], stats[1], leaves[3], leaves[4], training=True, momentum=0.5, **geometry)
-    _, argmax, *_ = TRAINING_OP(input, weight, bias, bn[0], bn[1], 1e-5, *conv_args(geometry))
+    training_output, argmax, *_ = TRAINING_OP(input, weight, bias, bn[0], bn[1], 1e-5, *conv_args(geometry))
+    assert_relu_zero_flags_the_zero_outputs(training_output, argmax)
     native_stats = [t.clone() for t in running]
     native = native_bn_block(input, weight, bias, native_stats, bn, geometry)
     exact_stats = [t.double() for t in running]

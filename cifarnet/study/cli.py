@@ -203,10 +203,12 @@ def train_main(argv: list[str] | None = None) -> int:
     """``cifarnet-train``: trains one variant into ``--out``, or all six into ``--out/<variant>``
     followed by ``results.md`` and ``test_accuracy.png``. Returns the exit status.
 
-    With ``--variant all --resume`` the six runs can be made over several sessions: a complete
-    run is kept (whatever remedies it was trained with), an interrupted one continues and a
-    missing one starts. The table and plot are written from whatever runs exist, also when the
-    command stops early (an interruption, a divergence), with the missing ones marked.
+    With ``--variant all`` a variant that diverges is reported (one line) and the next one
+    trains; the exit status is then an error. With ``--variant all --resume`` the six runs can
+    be made over several sessions: a complete run is kept (whatever remedies it was trained
+    with), an interrupted or diverged one continues from its last complete epoch and a missing
+    one starts. The table and plot are written from whatever runs exist, also when the command
+    stops early (an interruption), with the missing and diverged ones marked.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the processes train each run
     together (see :func:`cifarnet.study.train.train`), in a process group that waits at most
@@ -263,10 +265,19 @@ def train_main(argv: list[str] | None = None) -> int:
             for variant in variants:
                 run_out = run_folders[variant]
                 started = True
-                train(
-                    configs[variant], run_out, data=data, device=device, threads=threads, resume=args.resume,
-                    overwrite=args.overwrite, progress=progress, peers=peers, cuda_graph=not args.no_cuda_graph,
-                )
+                try:
+                    train(
+                        configs[variant], run_out, data=data, device=device, threads=threads, resume=args.resume,
+                        overwrite=args.overwrite, progress=progress, peers=peers, cuda_graph=not args.no_cuda_graph,
+                    )
+                except TrainingDiverged as error:
+                    if not every_variant:
+                        raise
+                    # The other variants still train (a diverged momentum run would otherwise keep
+                    # dropout and full from ever starting, --resume reaching the same divergence).
+                    failed = _fail("cifarnet-train", error.describe(REMEDY_OPTIONS)) if is_main else ERROR_STATUS
+                    status = status or failed
+                    continue
                 if is_main:
                     print(f"{variant}: results in {run_out}")
     except (TrainingDiverged, EveryProcessError) as error:

@@ -130,6 +130,11 @@ def read_runs(folder: str | Path, epochs: int | None = None) -> list[Run]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder of runs")
+    if (folder / METRICS_FILE).is_file():
+        raise ValueError(
+            f"{folder} is a run's folder (it holds {METRICS_FILE}); expected a folder of run folders, such as the "
+            "--out of cifarnet-train --variant all"
+        )
     runs = [
         read_run(path, epochs)
         for path in sorted(folder.iterdir())
@@ -328,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = read_runs(args.folder)
+        if not runs:
+            raise ValueError(
+                f"{args.folder} holds no run folders (<variant> or <variant>-<anything>, each with its {METRICS_FILE})"
+            )
         table, plot = write_report(args.folder, runs=runs)
         if args.page is not None:
             update_page(args.page, runs)

@@ -293,14 +293,26 @@ inline ConvPoolGeometry check_conv2d_batch_norm_relu_max_pool2d_epilogue_args(
   return g;
 }
 
-// The elementwise backward phases' reduced sums and the count they were reduced over: `count`
-// values per channel in the whole (synchronized) batch, of which this process holds
-// `local_count`.
+// A batch-norm backward's gradient: the input's shape, dtype and device.
+inline void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
+  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
+              shape_string(input), ", got ", shape_string(grad_output));
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ",
+              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
+  TORCH_CHECK(grad_output.device() == input.device(), "grad_output is on ", grad_output.device(),
+              " but input is on ", input.device());
+}
+
+// The elementwise backward phases' reduced sums (on `device`, the input's) and the count they
+// were reduced over: `count` values per channel in the whole (synchronized) batch, of which this
+// process holds `local_count`.
 inline void check_backward_sums(const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                int64_t count, int64_t channels, int64_t local_count) {
-  auto check_sum = [channels](const at::Tensor& t, const char* name) {
+                                int64_t count, int64_t channels, int64_t local_count,
+                                c10::Device device) {
+  auto check_sum = [channels, device](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == channels, name, " must have shape [", channels,
                 "] (one sum per channel), got ", shape_string(t));
+    TORCH_CHECK(t.device() == device, name, " is on ", t.device(), " but input is on ", device);
     TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
                 " must be a floating-point tensor, got ", t.scalar_type());
   };

@@ -507,13 +507,24 @@ def test_bad_remedy_values_are_usage_errors(capsys, option, value):
     assert info.value.code == 2 and f"argument {option}" in capsys.readouterr().err
 
 
-def test_diverged_all_variants_report_the_divergence(pickles, tmp_path, capsys):
+def test_diverged_all_variants_report_the_divergence_and_train_the_others(pickles, tmp_path, capsys):
     out = tmp_path / "study"
-    status = train_main(["--variant", "all", "--epochs", "1", "--lr", "1e6", "--data-dir", str(pickles), "--out", str(out), *TINY])
-    assert "baseline epoch 1 batch" in assert_one_line_error(capsys, status)
+    args = ["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), "--no-progress", *TINY]
+    status = train_main([*args, "--lr", "1e6"])
+    captured = capsys.readouterr()
     rows = table_rows(out / "results.md")
-    assert re.fullmatch(r"diverged \((nan|inf) loss in epoch 1, batch \d\)", rows["baseline"][6])
-    assert [rows[v][6] for v in VARIANT_NAMES[1:]] == ["not run"] * 5
+    diverged = [v for v in VARIANT_NAMES if rows[v][6].startswith("diverged")]
+    assert status == 2 and diverged[:2] == ["baseline", "normalized"], rows
+    # Each divergence is one line, and every variant after it was trained.
+    errors = captured.err.splitlines()
+    assert [line.split()[2] for line in errors] == diverged and all("(training diverged)" in line for line in errors)
+    assert all(re.fullmatch(r"diverged \((nan|inf) loss in epoch 1(, batch \d+)?\)", rows[v][6]) for v in diverged), rows
+    assert not any(rows[v][6] == "not run" for v in VARIANT_NAMES), rows
+    # --resume retries only what is not complete: with a sane rate the diverged ones now train.
+    assert train_main([*args, "--resume"]) == 0
+    rows = table_rows(out / "results.md")
+    assert [rows[v][0] for v in VARIANT_NAMES] == ["1"] * 6, rows
+    assert not any(rows[v][6].startswith("diverged") for v in VARIANT_NAMES), rows
 
 
 def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_path, capsys):
@@ -555,6 +566,12 @@ def test_results_command_regenerates_the_table_from_metrics_files(pickles, tmp_p
     assert f"{runs / 'results.md'}" in capsys.readouterr().out
     assert results_main([str(tmp_path / "nowhere")]) == 2
     assert "is not a folder of runs" in capsys.readouterr().err
+    # A run's own folder, and a folder without runs, are refused (not six "not run" rows).
+    assert results_main([str(tmp_path / "full")]) == 2
+    assert "is a run's folder (it holds metrics.jsonl); expected a folder of run folders" in capsys.readouterr().err
+    assert not (tmp_path / "full" / "results.md").exists()
+    assert results_main([str(runs / "notes")]) == 2
+    assert "holds no run folders" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not (REPO / "docs" / "results" / "results.md").is_file(), reason="no docs/results/results.md")

@@ -175,6 +175,12 @@ def test_changed_files_invalidate_the_cache(tmp_path, splits, cache_dir):
     data = load_cifar10(root, cache_dir=cache_dir, progress=False)
     ship = data.train.labels.tolist().index(CLASSES.index("ship"))
     assert torch.equal(data.train.images[ship], torch.full((3, 32, 32), 7, dtype=torch.uint8))
+    # The stale copy is gone (each is a whole data set); another folder's cache stays.
+    other = write_folders(tmp_path / "other", *splits)
+    load_cifar10(other, cache_dir=cache_dir, progress=False)
+    os.utime(path, ns=(2, 2))
+    load_cifar10(root, cache_dir=cache_dir, progress=False)
+    assert len(list(cache_dir.glob("*.pt"))) == 2
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, splits, cache_dir):

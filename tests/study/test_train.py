@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from PIL import Image
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import cifarnet._cpu
 import cifarnet.study.train.loop as train_module  # where train() looks up epoch()
 from cifarnet.study.data import CIFAR10, DataError, Split, load_cifar10
 from cifarnet.study.models import ConvNet
@@ -411,8 +414,13 @@ def test_resume_refuses_other_data(dataset, tmp_path):
     images = dataset.train.images.clone()
     images[-1, 0, 0, 0] ^= 1  # one bit of one pixel
     other = CIFAR10(Split(images, dataset.train.labels), dataset.test, dataset.layout, dataset.root)
-    with pytest.raises(ValueError, match=r"cannot resume .*checkpoint.pt on other data: it was trained on .*40 training"):
+    # The same folder and counts: what differs is said, not two equal descriptions.
+    changed = rf"cannot resume .*checkpoint.pt on other data: {re.escape(str(Path(dataset.root).resolve()))} no longer holds"
+    with pytest.raises(ValueError, match=changed):
         run(other, tmp_path, variant="baseline", epochs=2, resume=True)
+    fewer = CIFAR10(Split(images[:-1], dataset.train.labels[:-1]), dataset.test, dataset.layout, dataset.root)
+    with pytest.raises(ValueError, match=r"on other data: it was trained on .*40 training.*, not on .*39 training"):
+        run(fewer, tmp_path, variant="baseline", epochs=2, resume=True)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
@@ -425,6 +433,27 @@ def test_resume_on_the_same_images_elsewhere_continues_with_a_note(dataset, tmp_
     assert without_seconds(resumed) == without_seconds(whole)
     assert f"{tmp_path / 'moved'} holds the same images" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "parts" / "checkpoint.pt")["data"]["root"] == str(tmp_path / "moved")
+
+
+def test_resume_on_other_threads_or_another_cpu_class_says_it_will_not_match_bit_for_bit(dataset, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        run(dataset, tmp_path, variant="baseline", epochs=1)
+        path = tmp_path / "checkpoint.pt"
+        recorded = load_checkpoint(path)["compute"]
+        assert recorded == {"threads": 1, "isa": cifarnet._cpu.cpu_info()["isa"]}
+        capsys.readouterr()
+        run(dataset, tmp_path, variant="baseline", epochs=2, resume=True)  # the same: nothing said
+        assert "other compute" not in capsys.readouterr().out
+        checkpoint = torch.load(path, weights_only=True)
+        checkpoint["compute"] = {"threads": 3, "isa": ["AVX512F"]}  # as if written elsewhere
+        torch.save(checkpoint, path)
+        run(dataset, tmp_path, variant="baseline", epochs=3, resume=True)
+        note = capsys.readouterr().out
+        assert "continues on other compute (3 threads -> 1; a CPU with AVX512F ->" in note and "bit for bit" in note
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_checkpoint_without_a_data_record_still_resumes(dataset, tmp_path, capsys):
@@ -582,9 +611,14 @@ def test_resume_of_a_finished_run_trains_nothing(dataset, tmp_path):
     assert run(dataset, tmp_path, variant="baseline", epochs=1, resume=True) == history
 
 
-def test_limit_train_shrinks_the_epoch(dataset, tmp_path):
+def test_limit_train_shrinks_the_epoch(dataset, tmp_path, capsys):
     run(dataset, tmp_path, variant="baseline", epochs=1, limit_train=10)
     assert len(load_checkpoint(tmp_path / "checkpoint.pt")["batch_losses"][0]) == 1
+    assert "note: limit_train" not in capsys.readouterr().out
+    # More than there are: all of them, and a note saying so.
+    history = run(dataset, tmp_path / "more", variant="baseline", epochs=1, limit_train=len(dataset.train) + 1)
+    assert history[0]["train_images"] == len(dataset.train)
+    assert f"note: limit_train {len(dataset.train) + 1} is more than the {len(dataset.train)} training images" in capsys.readouterr().out
 
 
 class NotPlainData:

@@ -34,7 +34,8 @@ def load_image_folders(root: Path, cache_dir: Path, workers: int | None, progres
     """The data set in ``root/train`` and ``root/test``, from ``cache_dir`` where its fingerprint
     is cached, else decoded by ``workers`` processes and cached."""
     listing = _list_image_folders(root)
-    cache_file = cache_dir / f"{_fingerprint(root, listing)}.pt"
+    # One file per folder: named by the folder, then by its files' fingerprint.
+    cache_file = cache_dir / f"{_folder_key(root)}-{_fingerprint(root, listing)}.pt"
     cached = _read_cache(cache_file)
     if cached is not None:
         train, test = cached
@@ -44,7 +45,8 @@ def load_image_folders(root: Path, cache_dir: Path, workers: int | None, progres
         train_count = len(listing["train"])
         train = Split(images[:train_count], torch.tensor([label for _, label in listing["train"]], dtype=torch.int64))
         test = Split(images[train_count:], torch.tensor([label for _, label in listing["test"]], dtype=torch.int64))
-        _write_cache(cache_file, train, test)
+        if _write_cache(cache_file, train, test):
+            _remove_older_caches(cache_file)
     return CIFAR10(train=train, test=test, layout="folders", root=root)
 
 
@@ -87,6 +89,20 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _folder_key(root: Path) -> str:
+    """Hash of the folder's absolute path: the prefix of its cache files' names."""
+    return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+
+
+def _remove_older_caches(cache_file: Path) -> None:
+    """Removes the folder's earlier cache files (its files changed since; each holds a whole data
+    set, 185 MB for CIFAR-10), keeping ``cache_file``."""
+    folder_key = cache_file.name.split("-", 1)[0]
+    for older in cache_file.parent.glob(f"{folder_key}-*.pt"):
+        if older != cache_file:
+            older.unlink(missing_ok=True)
+
+
 def _fingerprint(root: Path, listing: dict[str, list[tuple[os.DirEntry, int]]]) -> str:
     """Hash of the folder's absolute path and every file's name, size and mtime."""
     digest = hashlib.sha256(f"cifarnet decoded v{CACHE_FORMAT}\0folders\0{root.resolve()}\0".encode())
@@ -114,7 +130,8 @@ def _read_cache(path: Path) -> tuple[Split, Split] | None:
         return None
 
 
-def _write_cache(path: Path, train: Split, test: Split) -> None:
+def _write_cache(path: Path, train: Split, test: Split) -> bool:
+    """Writes the decoded data set to ``path``; False (with a warning) where it cannot."""
     arrays = {"train_images": train.images, "train_labels": train.labels}
     arrays.update({"test_images": test.images, "test_labels": test.labels})
     try:
@@ -122,6 +139,8 @@ def _write_cache(path: Path, train: Split, test: Split) -> None:
         atomic_save(arrays, path)
     except OSError as error:
         warnings.warn(f"could not write the decode cache {path} ({error}); images will be decoded again", stacklevel=3)
+        return False
+    return True
 
 
 def _quiet_worker_signals() -> None:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cifarnet._cpu import cpu_info
 from cifarnet.study.data import CIFAR10
 from cifarnet.study.fileio import atomic_write_text, describe_file
 from cifarnet.study.train.config import (
@@ -217,6 +218,33 @@ def data_record(data: CIFAR10, limit_train: int | None = None) -> dict:
     }
 
 
+def compute_record(device: torch.device) -> dict | None:
+    """What computes a run's epochs where that changes their rounding, as stored in its
+    checkpoint under ``"compute"``: on the CPU, the threads (float sums split among them add in
+    another order) and the instruction sets (which choose the kernels; see
+    :func:`cifarnet._cpu.cpu_info`); None on a GPU."""
+    if device.type != "cpu":
+        return None
+    return {"threads": torch.get_num_threads(), "isa": cpu_info()["isa"]}
+
+
+def _check_same_compute(saved, current: dict | None, path: Path) -> None:
+    """Says where a resumed run is computed otherwise than its earlier epochs were (threads,
+    instruction sets), so the result will not match an uninterrupted run bit for bit."""
+    if not (isinstance(saved, dict) and isinstance(current, dict)):
+        return
+    changes = []
+    if saved.get("threads") != current["threads"]:
+        changes.append(f"{saved.get('threads')} threads -> {current['threads']}")
+    if saved.get("isa") != current["isa"]:
+        changes.append(f"a CPU with {'/'.join(saved.get('isa') or ['x86-64'])} -> {'/'.join(current['isa'] or ['x86-64'])}")
+    if changes:
+        _note(
+            f"{path} continues on other compute ({'; '.join(changes)}): float sums add in another order (and the "
+            "kernels may differ), so the result will not match an uninterrupted run bit for bit"
+        )
+
+
 def _describe_data(record: dict) -> str:
     return f"{record['root']} ({record['train_images']:,} training and {record['test_images']:,} test images)"
 
@@ -228,9 +256,16 @@ def _check_same_data(saved, current: dict, path: Path) -> None:
               f"{_describe_data(current)} unchecked")
         return
     if saved.get("sha256") != current["sha256"]:
+        if _describe_data(saved) == _describe_data(current):
+            where = (
+                f"{current['root']} no longer holds the images it was trained on (as many images, another "
+                "sha256 of their pixels and labels)"
+            )
+        else:
+            where = f"it was trained on {_describe_data(saved)}, not on {_describe_data(current)}"
         raise ValueError(
-            f"cannot resume {path} on other data: it was trained on {_describe_data(saved)}, not on "
-            f"{_describe_data(current)}; point the data folder at the run's data, or train into another folder"
+            f"cannot resume {path} on other data: {where}; point the data folder at the run's data, or train "
+            "into another folder"
         )
     if saved.get("root") != current["root"]:
         _note(f"{path} was trained on {saved.get('root')}; {current['root']} holds the same images, so the run continues")

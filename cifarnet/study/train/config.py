@@ -37,6 +37,8 @@ CHECKPOINT_KEYS = ("epoch", "config", "model", "optimizer", "scheduler", "rng", 
 # Optional: what the run was trained on (see data_record); checkpoints written before it was
 # recorded lack it and still resume, unchecked.
 CHECKPOINT_DATA_KEY = "data"
+# Optional too: the threads and CPU that trained it (see compute_record).
+CHECKPOINT_COMPUTE_KEY = "compute"
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, BATCH_LOSSES_FILE, CURVES_FILE, BATCH_LOSSES_PLOT, DIVERGENCE_FILE)
 """The files a run writes into its folder (and ``overwrite`` removes)."""
 

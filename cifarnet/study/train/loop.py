@@ -44,12 +44,14 @@ from cifarnet.study.models import ConvNet
 from cifarnet.study.plots import plot_batch_losses, plot_curves
 from cifarnet.study.train.checkpoints import (
     _batch_loss_rows,
+    _check_same_compute,
     _check_same_data,
     _note,
     _resumable_config,
     _rng_state,
     _set_rng_state,
     _write_records,
+    compute_record,
     data_record,
     earlier_run_files,
     load_checkpoint,
@@ -57,6 +59,7 @@ from cifarnet.study.train.checkpoints import (
 from cifarnet.study.train.config import (
     BATCH_LOSSES_FILE,
     BATCH_LOSSES_PLOT,
+    CHECKPOINT_COMPUTE_KEY,
     CHECKPOINT_DATA_KEY,
     CHECKPOINT_FILE,
     CHECKPOINT_FORMAT,
@@ -357,7 +360,9 @@ def train(
     that it resumes on a machine with fewer GPUs, the data generator, epoch, config, history),
     appends to ``metrics.jsonl`` and ``batch_losses.csv`` and redraws the plots. So a
     run killed at any moment loses at most the epoch in progress, and on the CPU a resumed run
-    gives the same metrics, bit for bit, as one that was never interrupted.
+    gives the same metrics, bit for bit, as one that was never interrupted, where it runs on as
+    many threads and the same class of CPU (the checkpoint records both; a note says where they
+    differ).
 
     With ``peers`` (several processes under ``torchrun``), the processes train one model data
     parallel: each takes its slice of every global batch of ``config.batch_size`` (the same
@@ -459,8 +464,13 @@ def train(
     if data is None:
         data = load_cifar10(data_dir, progress=progress and is_main)
     trained_on = data_record(data, config.limit_train)
+    if config.limit_train is not None and config.limit_train > len(data.train) and is_main:
+        _note(f"limit_train {config.limit_train} is more than the {len(data.train):,} training images of {data.root}: training on all of them")
+    computed_by = compute_record(device)
     if checkpoint is not None:
         _on_main(peers, lambda: _check_same_data(checkpoint.get(CHECKPOINT_DATA_KEY), trained_on, checkpoint_path))
+        if is_main:
+            _check_same_compute(checkpoint.get(CHECKPOINT_COMPUTE_KEY), computed_by, checkpoint_path)
     if peers is not None:
         _check_processes_agree(peers, config, trained_on)
     _check_last_batch(trained_on["train_images"], config.batch_size, world_size)
@@ -574,6 +584,7 @@ def train(
                 "history": history,
                 "batch_losses": batch_losses,
                 CHECKPOINT_DATA_KEY: trained_on,
+                CHECKPOINT_COMPUTE_KEY: computed_by,
             },
             checkpoint_path,
         )

@@ -270,13 +270,6 @@ void training_input_grad(const BatchNormLayout& layout, scalar_t* out, const sca
                               /*input_grad=*/true, /*relu=*/false, relu_output);
 }
 
-void check_batch_norm_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
-              shape_string(input), ", got ", shape_string(grad_output));
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), "grad_output dtype ",
-              grad_output.scalar_type(), " does not match input dtype ", input.scalar_type());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_kernel(
     const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& save_mean,
     const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
@@ -397,7 +390,7 @@ at::Tensor batch_norm_backward_elementwise_kernel(
   const BatchNormLayout layout =
       dense_layout(input, batch_norm_grad_input_memory_format(input, grad_output));
   check_backward_sums(sum_dy, sum_dy_xmu, count, layout.channels,
-                      batch_norm_count(input).expect_int());
+                      batch_norm_count(input).expect_int(), input.device());
   const at::Tensor grad = grad_output.contiguous(layout.format);
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(layout.format));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(),

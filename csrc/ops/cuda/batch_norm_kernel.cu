@@ -399,8 +399,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& save_var, const std::optional<at::Tensor>& weight, bool training, double eps,
     std::array<bool, 3> output_mask, const std::optional<at::Tensor>& relu_output) {
   check_batch_norm_input(input, /*training=*/false);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
-              shape_string(input), ", got ", shape_string(grad_output));
+  check_batch_norm_grad_output(grad_output, input);
   check_per_channel(save_mean, "save_mean", input);
   check_per_channel(save_var, "save_var", input);
   check_per_channel(weight, "weight", input);
@@ -468,8 +467,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
                                                                    const at::Tensor& input,
                                                                    const at::Tensor& mean) {
   check_batch_norm_input(input, /*training=*/false);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
-              shape_string(input), ", got ", shape_string(grad_output));
+  check_batch_norm_grad_output(grad_output, input);
   check_per_channel(mean, "mean", input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const DenseBatchNormInputs in(input, grad_output);
@@ -485,14 +483,13 @@ at::Tensor batch_norm_backward_elementwise_cuda(
     const at::Tensor& var, const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
     const at::Tensor& sum_dy_xmu, int64_t count, double eps) {
   check_batch_norm_input(input, /*training=*/false);
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output must have the input's shape ",
-              shape_string(input), ", got ", shape_string(grad_output));
+  check_batch_norm_grad_output(grad_output, input);
   check_per_channel(mean, "mean", input);
   check_per_channel(var, "var", input);
   check_per_channel(weight, "weight", input);
   TORCH_CHECK(eps >= 0, "eps must be non-negative, got ", eps);
   check_backward_sums(sum_dy, sum_dy_xmu, count, input.size(1),
-                      batch_norm_count(input).expect_int());
+                      batch_norm_count(input).expect_int(), input.device());
   const c10::cuda::CUDAGuard device_guard(input.device());
   const DenseBatchNormInputs in(input, grad_output);
   at::Tensor grad_input = at::empty(input.sizes(), input.options().memory_format(in.format));
@@ -516,7 +513,8 @@ void batch_norm_update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& 
               save_var.numel());
   TORCH_CHECK(running_mean.dim() == 1 && running_var.dim() == 1 &&
                   running_mean.device() == save_mean.device() &&
-                  running_var.device() == save_var.device(),
+                  running_var.device() == save_var.device() &&
+                  running_var.device() == running_mean.device(),
               "running statistics must be 1-D tensors on the batch statistics' device, got ",
               shape_string(running_mean), " on ", running_mean.device(), " and ",
               shape_string(running_var), " on ", running_var.device());

@@ -47,8 +47,11 @@ struct Welford {
     }
     const acc_t total = count + other.count;
     const acc_t delta = other.mean - mean;
-    mean += delta * other.count / total;
-    m2 += other.m2 + delta * delta * count * other.count / total;
+    const acc_t other_share = other.count / total;
+    mean += delta * other_share;
+    // NB: count * share, not count * other.count / total: the product of two counts and a
+    // squared difference overflows float where the variance itself does not (native's order).
+    m2 += other.m2 + delta * delta * count * other_share;
     count = total;
   }
   __device__ Welford shfl_down(int offset) const {

@@ -285,7 +285,8 @@ conv2d_batch_norm_relu_max_pool2d_backward_elementwise_cuda(
   const ConvPoolGeometry g = check_conv2d_batch_norm_relu_max_pool2d_backward_args(
       grad_output, input, weight, conv_output, save_mean, save_var, bn_weight, argmax, stride,
       padding, pool_size, pool_stride, ceil_mode, pool_padding);
-  check_backward_sums(sum_dy, sum_dy_xmu, count, weight.size(0), g.batch * g.conv_h * g.conv_w);
+  check_backward_sums(sum_dy, sum_dy_xmu, count, weight.size(0), g.batch * g.conv_h * g.conv_w,
+                      input.device());
   check_cuda(input);
   const c10::cuda::CUDAGuard device_guard(input.device());
   at::AutoDispatchBelowADInplaceOrView below_autograd;

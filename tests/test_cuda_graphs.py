@@ -97,6 +97,17 @@ def run_conv2d_batch_norm_relu_max_pool2d(training):
     return run
 
 
+def run_batch_norm_relu_conv2d(training):
+    def run():
+        input = cuda_randn(16, 64, 8, 8, memory_format=torch.channels_last, requires_grad=True)
+        bn_weight, bn_bias, (mean, var) = bn_tensors()
+        weight = (0.1 * cuda_randn(32, 64, 3, 3, seed=4)).requires_grad_()
+        output = ops.batch_norm_relu_conv2d(input, mean, var, bn_weight, bn_bias, weight, None, training, padding=1)
+        return input, output
+
+    return run
+
+
 def run_dropout(seeded):
     def run():
         input = cuda_randn(128, 1000, requires_grad=True)
@@ -111,6 +122,8 @@ OP_RUNS = {
     "batch_norm-eval": run_batch_norm(False),
     "conv2d_batch_norm_relu_max_pool2d-train": run_conv2d_batch_norm_relu_max_pool2d(True),
     "conv2d_batch_norm_relu_max_pool2d-eval": run_conv2d_batch_norm_relu_max_pool2d(False),
+    "batch_norm_relu_conv2d-train": run_batch_norm_relu_conv2d(True),
+    "batch_norm_relu_conv2d-eval": run_batch_norm_relu_conv2d(False),
     "dropout": run_dropout(seeded=False),
     "dropout-explicit_seed": run_dropout(seeded=True),  # a CPU seed, read on the host: no sync
 }

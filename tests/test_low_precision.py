@@ -759,10 +759,16 @@ for dtype in (torch.bfloat16, torch.float16):
     ours = conv2d_relu_max_pool2d(x, w, None, padding=1)
     native = F.max_pool2d(F.relu(F.conv2d(x, w, None, padding=1)), 2)
     torch.testing.assert_close(ours, native, rtol=0.02, atol=0.02)
-    xs = [t.detach().clone().requires_grad_() for t in (x, w)]
-    out = conv2d_relu_max_pool2d(*xs, None, padding=1)
+    b = torch.randn(19, generator=g).to(dtype)
+    xs, ns = ([t.detach().clone().requires_grad_() for t in (x, w, b)] for _ in range(2))
+    out = conv2d_relu_max_pool2d(*xs, padding=1)
     out.backward(torch.ones_like(out))
     assert xs[0].grad.dtype == dtype and xs[0].grad.isfinite().all()
+    native_out = F.max_pool2d(F.relu(F.conv2d(*ns, padding=1)), 2)
+    native_out.backward(torch.ones_like(native_out))
+    # The bias gradient counts each channel's positive outputs (exact in 16 bits up to 256):
+    # native's count, give or take one output that rounds to the other side of zero.
+    torch.testing.assert_close(xs[2].grad.float(), ns[2].grad.float(), rtol=0, atol=1)
     y = torch.randn(4, 37, 5, 5, generator=g).to(dtype)
     torch.testing.assert_close(batch_norm(y, None, None, training=True).float(), F.batch_norm(y, None, None, training=True).float(), rtol=0.02, atol=0.02)
     bn = conv2d_batch_norm_relu_max_pool2d(x, w, None, None, None, torch.ones(19), torch.zeros(19), training=True, padding=1)

@@ -12,6 +12,7 @@ from cifarnet.nn import (
     BatchNormReLUConv2d,
     Conv2dBatchNormReLUMaxPool2d,
     Conv2dReLUMaxPool2d,
+    native_batch_norm2d,
     share_batch_norm_state,
 )
 
@@ -210,11 +211,7 @@ class FusedBatchNorm2d(nn.BatchNorm2d):
     def to_batch_norm2d(self) -> nn.BatchNorm2d | nn.SyncBatchNorm:
         """A plain ``nn.BatchNorm2d`` holding this module's tensors (an ``nn.SyncBatchNorm``
         over the same group where it is synchronized)."""
-        if hasattr(self, "process_group"):
-            native = share_batch_norm_state(nn.SyncBatchNorm, self)
-            native.process_group = self.process_group
-            return native
-        return share_batch_norm_state(nn.BatchNorm2d, self)
+        return native_batch_norm2d(self)
 
     def _to_sync_batch_norm(self, process_group) -> FusedBatchNorm2d:
         """For :func:`cifarnet.nn.convert_sync_batchnorm`: this position synchronized over

@@ -246,10 +246,12 @@ def _trace(module: nn.Module) -> _Traced:
 def _attribute_values(module: nn.Module) -> list[tuple[str, nn.Module, dict]]:
     """(name, submodule, its attributes other than nn.Module's own state: parameters, buffers,
     children, hooks, mode) of ``module`` and every submodule."""
-    return [
-        (name, owner, {key: value for key, value in vars(owner).items() if key not in _MODULE_STATE})
-        for name, owner in module.named_modules()
-    ]
+    return [(name, owner, _plain_attributes(owner)) for name, owner in module.named_modules()]
+
+
+def _plain_attributes(module: nn.Module) -> dict:
+    """``module``'s attributes other than nn.Module's own state."""
+    return {name: value for name, value in vars(module).items() if name not in _MODULE_STATE}
 
 
 def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[str]:
@@ -257,7 +259,7 @@ def _restore_attributes(saved: list[tuple[str, nn.Module, dict]]) -> list[str]:
     that had changed (assigned, added or deleted)."""
     changed = []
     for owner_name, owner, values in saved:
-        now = {key: value for key, value in vars(owner).items() if key not in _MODULE_STATE}
+        now = _plain_attributes(owner)
         for key in sorted(now.keys() | values.keys()):
             if key in values and key in now and now[key] is values[key]:
                 continue

@@ -7,6 +7,7 @@ from cifarnet.nn.batch_norm import (
     BatchNorm2d,
     batch_norm_arguments,
     batch_norm_sync_group,
+    native_batch_norm2d,
     share_batch_norm_state,
 )
 from cifarnet.nn.batch_norm_relu_conv2d import BatchNormReLUConv2d, bn_relu_conv_unfusable_reason

@@ -58,17 +58,22 @@ def share_batch_norm_state(cls: type, bn: nn.modules.batchnorm._BatchNorm) -> nn
     return shared
 
 
+def native_sync_batch_norm(bn: nn.modules.batchnorm._BatchNorm) -> nn.SyncBatchNorm:
+    """A ``torch.nn.SyncBatchNorm`` over ``bn``'s very tensors, mode and ``process_group``."""
+    native = share_batch_norm_state(nn.SyncBatchNorm, bn)
+    native.process_group = bn.process_group
+    return native
+
+
 def native_batch_norm2d(bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
     """The torch.nn batch norm computing ``bn`` over its very tensors and mode:
-    ``nn.SyncBatchNorm`` over the same group where ``bn`` synchronizes (torch's or cifarnet's),
-    else ``nn.BatchNorm2d``."""
+    ``nn.SyncBatchNorm`` over the same group where ``bn`` synchronizes (it has a
+    ``process_group``: torch's, cifarnet's, fuse's), else ``nn.BatchNorm2d``."""
     to_native = getattr(bn, "to_native", None)
     if to_native is not None:  # cifarnet's: BatchNorm2d -> nn.BatchNorm2d, SyncBatchNorm2d -> nn.SyncBatchNorm
         return to_native()
-    if isinstance(bn, nn.SyncBatchNorm):
-        native = share_batch_norm_state(nn.SyncBatchNorm, bn)
-        native.process_group = bn.process_group
-        return native
+    if hasattr(bn, "process_group"):
+        return native_sync_batch_norm(bn)
     return share_batch_norm_state(nn.BatchNorm2d, bn)
 
 

@@ -13,6 +13,7 @@ from cifarnet.nn.batch_norm import (
     BatchNorm2d,
     batch_norm_arguments,
     batch_norm_sync_group,
+    native_sync_batch_norm,
     share_batch_norm_state,
 )
 from cifarnet.nn.conv2d_batch_norm_relu_max_pool2d import Conv2dBatchNormReLUMaxPool2d
@@ -74,9 +75,7 @@ class _SynchronizedBatchNorm:
     def to_native(self) -> nn.SyncBatchNorm:
         """A ``torch.nn.SyncBatchNorm`` over the same group, holding this module's very
         parameters and buffers, and its mode."""
-        native = share_batch_norm_state(nn.SyncBatchNorm, self)
-        native.process_group = self.process_group
-        return native
+        return native_sync_batch_norm(self)
 
 
 class SyncBatchNorm2d(_SynchronizedBatchNorm, BatchNorm2d):

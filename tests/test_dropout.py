@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -102,11 +102,15 @@ def test_native_arithmetic_is_what_native_dropout_computes(dtype, p):
 
 
 SPECIAL = [0.0, -0.0, 1.0, -2.5, 3e38, float("inf"), -float("inf"), float("nan"), 1e-40]
+# Sampled, not st.integers: beside five other arguments hypothesis drew integers' lower bound in
+# nearly half the examples (an empty tensor, 17 of 40). The empty tensor is one explicit example.
+NUMELS = st.sampled_from(range(1, 301))
 
 
 @settings(max_examples=40, deadline=None)
+@example(numel=0, seed=7, p=0.5, dtype=torch.float32, specials=[], device="cpu")
 @given(
-    numel=st.integers(0, 300),
+    numel=NUMELS,
     seed=st.integers(-(2**63), 2**63 - 1),
     p=st.sampled_from([0.0, 1e-9, 0.25, 0.5, 0.9, 1 - 1e-9]) | st.floats(0, 1, exclude_max=True),
     dtype=st.sampled_from(DTYPES),
@@ -140,8 +144,9 @@ def test_large_tensor_threaded_matches_the_reference():
 
 
 @settings(max_examples=30, deadline=None)
+@example(numel=0, seed=7, offset=8, p=0.5, dtype=torch.float32, device="cpu")
 @given(
-    numel=st.integers(0, 300),
+    numel=NUMELS,
     seed=st.integers(-(2**63), 2**63 - 1),
     offset=st.integers(0, 2**61 - 1).map(lambda quarter: 4 * quarter),  # torch's offsets: multiples of 4
     p=st.sampled_from([0.0, 0.25, 0.5, 1 - 1e-9]) | st.floats(0, 1, exclude_max=True),

@@ -359,6 +359,9 @@ def _bad_cases():
         ("eval without stats", dict(training=False, running_mean=None, running_var=None), "must be defined in evaluation mode", RuntimeError),
         ("one value per channel", dict(input=torch.randn(1, 3, 3, 3), pool_size=1), "Expected more than 1 value per channel when training", ValueError),
         ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), "input has 5 channels", RuntimeError),
+        # (in training an input without elements is the native chain's, whose max_pool2d refuses it)
+        ("no input channels in evaluation", dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(4, 0, 3, 3), training=False),
+         "weight must have at least one input channel", RuntimeError),
         ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),
         ("eps negative in evaluation", dict(eps=-1.0, training=False), EVALUATION_EPS_MESSAGE, ValueError),
         ("eps zero in an empty batch", dict(eps=0.0, input=torch.randn(0, 3, 8, 8)), "eps must be positive", ValueError),

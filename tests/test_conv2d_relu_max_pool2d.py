@@ -279,6 +279,9 @@ def _bad_input_cases():
         ("5-D input", dict(input=torch.randn(2, 3, 8, 8, 1)), RuntimeError, "input must be a 3-D (unbatched) or 4-D (batched) tensor, got 5-D"),
         ("5-D weight", dict(weight=torch.randn(4, 3, 3, 3, 1)), RuntimeError, "weight must be a 4-D tensor"),
         ("channel mismatch", dict(input=torch.randn(2, 5, 8, 8)), RuntimeError, "input has 5 channels"),
+        # native conv2d returns 0 output channels here, whatever the weight's 4
+        ("no input channels", dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(4, 0, 3, 3)), RuntimeError,
+         "weight must have at least one input channel, got shape [4, 0, 3, 3]"),
         ("dtype mismatch", dict(weight=w.double()), RuntimeError, "weight dtype Double does not match input dtype Float"),
         ("integer input", dict(input=x.long(), weight=w.long()), RuntimeError, "input must be float32, float64, float16 or bfloat16, got Long"),
         ("mixed 16-bit dtypes", dict(input=x.half(), weight=w.bfloat16()), RuntimeError, "weight dtype BFloat16 does not match input dtype Half"),
@@ -466,3 +469,42 @@ def test_sparse_backward_without_avx512_matches_native(isa):
     env = dict(os.environ, CIFARNET_CPU_ISA=isa, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run([sys.executable, "-c", SPARSE_BACKWARD_SCRIPT % isa], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+BAD_SETTING_SCRIPT = """
+import torch, cifarnet
+input, weight = torch.randn(2, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3)
+try:
+    cifarnet.ops.conv2d_relu_max_pool2d(input, weight).sum().backward()
+except ValueError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize(
+    "variable, value, accepted",
+    [
+        ("CIFARNET_CPU_ISA", "AVX2", "avx512, avx2, baseline"),  # ONEDNN_MAX_CPU_ISA's spelling
+        ("CIFARNET_CONV_BACKWARD", "Sparse", "sparse, dense"),
+        ("CIFARNET_CONV_FORWARD", "sample", "samples, tiles"),
+    ],
+)
+def test_a_bad_setting_is_refused_not_ignored(variable, value, accepted):
+    """In a fresh process (the instruction-set cap is read once per process): a typo must not
+    leave the default in force while the user believes they measure the setting."""
+    env = dict(os.environ, **{variable: value})
+    result = subprocess.run([sys.executable, "-c", BAD_SETTING_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert f"{variable} must be one of {accepted} (or unset), got '{value}'" in result.stdout, result.stdout + result.stderr[-3000:]
+
+
+def test_no_input_channels_are_refused_by_the_fake_kernels_too():
+    """As by the CPU kernel (the bad-input cases above): native conv2d would return 0 output
+    channels, which no fused op can match."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        input, weight = torch.empty(2, 0, 8, 8), torch.empty(4, 0, 3, 3)
+        with pytest.raises(RuntimeError, match=r"weight must have at least one input channel, got shape \[4, 0, 3, 3\]"):
+            torch.ops.cifarnet.conv2d_relu_max_pool2d_with_argmax(input, weight)
+        with pytest.raises(RuntimeError, match="weight must have at least one input channel"):
+            torch.ops.cifarnet._batch_norm_relu_conv2d_training(input, None, None, weight, None, 1e-5, [1, 1], [0, 0])

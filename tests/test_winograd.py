@@ -73,8 +73,52 @@ def test_auto_runs_winograd_on_the_avx2_class_only(monkeypatch):
     monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "auto")
     assert applies(32, 64, (16, 16), (2, 2)) == (cifarnet.build_info()["cpu_isa"].startswith("avx2"))
     monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "fastest")
-    with pytest.raises(ValueError, match="CIFARNET_CONV_ALGORITHM must be auto, winograd or native, got 'fastest'"):
+    with pytest.raises(ValueError, match="CIFARNET_CONV_ALGORITHM must be one of auto, winograd, native .* got 'fastest'"):
         applies(32, 64, (16, 16), (2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_a_bad_algorithm_is_refused_for_every_dtype(dtype, monkeypatch):
+    """Not only for the dtypes Winograd could take: a typo must not pass unnoticed in float64."""
+    monkeypatch.setenv("CIFARNET_CONV_ALGORITHM", "Winograd")
+    input, weight = torch.randn(2, 32, 12, 12, dtype=dtype), torch.randn(64, 32, 5, 5, dtype=dtype)
+    with pytest.raises(ValueError, match="CIFARNET_CONV_ALGORITHM must be one of auto, winograd, native"):
+        conv2d_relu_max_pool2d(input, weight, padding=2)
+
+
+@requires_winograd
+def test_the_weight_gradient_is_the_same_for_any_thread_count():
+    """Its float partial sums cover the same tiles whatever the thread count (a thread's share
+    starts where a partial sum starts), so the gradient comes out the same to the bit, as
+    oneDNN's does. The phase ops of synchronized batch norm isolate it: statistics, argmax and
+    the reduced sums once, then only the backward that convolves, at 1, 2 and 3 threads. With a
+    512 KiB L2, blocks of 24 tiles and partial sums of 4 blocks: 13 samples of 14x14 make 637
+    tiles, 27 blocks, which 2 or 3 equal shares would split inside a partial sum."""
+    ops = torch.ops.cifarnet
+    generator = torch.Generator().manual_seed(3)
+    input = torch.randn(13, 32, 14, 14, generator=generator).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(64, 32, 5, 5, generator=generator)
+    grad_output = torch.randn(13, 64, 7, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    assert applies(32, 64, (14, 14), (2, 2))
+    geometry = ([1, 1], [2, 2], [2, 2], [2, 2], False, [0, 0])
+    conv_output, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_stats(input, weight, None, *geometry)
+    _, argmax = ops._conv2d_batch_norm_relu_max_pool2d_epilogue(input, weight, conv_output, mean, var, None, None, 1e-5, *geometry)
+    sums = ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad_output, input, weight, conv_output, mean, argmax, *geometry)
+    threads = torch.get_num_threads()
+    gradients = []
+    _C._set_cache_sizes(32 * 1024, 512 * 1024, 32 * 2**20)
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            _, grad_weight, _ = ops._conv2d_batch_norm_relu_max_pool2d_backward_elementwise(
+                grad_output, input, weight, conv_output, mean, var, None, argmax, *sums, 13 * 14 * 14, 1e-5,
+                *geometry, [False, True, False],
+            )  # fmt: skip
+            gradients.append(grad_weight)
+    finally:
+        torch.set_num_threads(threads)
+        _C._set_cache_sizes()
+    assert torch.equal(gradients[0], gradients[1]) and torch.equal(gradients[0], gradients[2])
 
 
 # A convolution's sizes, for the tests that draw their own tensors (the tests assume the ones

@@ -58,6 +58,15 @@ def pooled_output_memory_format(input: Tensor, weight: Tensor, conv_output: Tens
     return conv_output_memory_format(input, weight)
 
 
+def check_input_channels(weight: Tensor) -> None:
+    """The C++ kernels' refusal of a weight without input channels (native conv2d returns 0
+    output channels for those, whatever the weight's output channels)."""
+    torch._check(
+        weight.shape[1] != 0,
+        lambda: f"weight must have at least one input channel, got shape {list(weight.shape)}",
+    )
+
+
 def check_pool_window(pool_size) -> None:
     elements = pool_size[0] * pool_size[1]
     torch._check(

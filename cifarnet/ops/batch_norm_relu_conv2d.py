@@ -18,6 +18,7 @@ from cifarnet.ops._layout import (
     batch_norm_memory_format,
     batch_norm_stats_dtype,
     channel_stats,
+    check_input_channels,
     conv_output_memory_format,
     empty_like_layout,
 )
@@ -128,6 +129,7 @@ def _batch_norm_relu_conv2d_training_fake(input, bn_weight, bn_bias, weight, bia
     torch._check(input.dim() == 4, lambda: f"input must be a 4-D tensor (N, C_in, H, W), got {input.dim()}-D")
     rectified = _rectified_fake(input)
     output = F.conv2d(rectified, weight, bias, stride, padding)  # native's shape checks and rule
+    check_input_channels(weight)
     output = empty_like_layout(output, conv_output_memory_format(rectified, weight))
     return (output, *channel_stats(input, input.shape[1]))
 

@@ -11,6 +11,7 @@ from torch.overrides import handle_torch_function, has_torch_function
 from cifarnet import _C  # noqa: F401  (defines the op)
 from cifarnet._arguments import conv_padding, pair
 from cifarnet.ops._layout import (
+    check_input_channels,
     check_pool_padding,
     check_pool_window,
     conv_output_memory_format,
@@ -119,6 +120,7 @@ def _conv2d_relu_max_pool2d_with_argmax_fake(
     check_pool_window(pool_size)
     check_pool_padding(pool_size, pool_padding)
     conv = F.conv2d(input, weight, bias, stride, padding)
+    check_input_channels(weight)
     pooled = F.max_pool2d(conv, pool_size, pool_stride or pool_size, pool_padding, ceil_mode=ceil_mode)
     memory_format = pooled_output_memory_format(input, weight, conv)
     output = torch.empty(pooled.shape, dtype=input.dtype, device=input.device, memory_format=memory_format)

@@ -72,6 +72,10 @@ inline void check_floating_dtype(const at::Tensor& t, const char* name) {
 // them: dtypes and devices match the input's, one bias value per output channel.
 inline void check_conv_parameters(const at::Tensor& input, const at::Tensor& weight,
                                   const std::optional<at::Tensor>& bias) {
+  // Native conv2d returns 0 output channels for 0 input channels, whatever the weight says:
+  // there is no native result to match, and the kernels would read the weight's channels.
+  TORCH_CHECK(weight.size(1) > 0, "weight must have at least one input channel, got shape ",
+              shape_string(weight));
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
               " does not match input dtype ", input.scalar_type());
   TORCH_CHECK(weight.device() == input.device(), "weight is on ", weight.device(),

@@ -114,9 +114,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // gradient's is not (see dense_conv_gradients), so the backward never does this.
 // CIFARNET_CONV_FORWARD=samples or =tiles forces one (for tests and measurements).
 bool forward_by_samples(int64_t batch, int64_t threads) {
-  if (const char* forced = std::getenv("CIFARNET_CONV_FORWARD")) {
-    if (std::strcmp(forced, "samples") == 0) return true;
-    if (std::strcmp(forced, "tiles") == 0) return false;
+  if (const char* forced = env_setting("CIFARNET_CONV_FORWARD", {"samples", "tiles"})) {
+    return std::strcmp(forced, "samples") == 0;
   }
   if (threads < 2 || at::in_parallel_region()) return false;
   return 4 * ceil_div(batch, threads) * threads <= 5 * batch;
@@ -357,11 +356,9 @@ bool sparse_backward_applies(const at::Tensor& input, const at::Tensor& weight,
 // CIFARNET_CONV_BACKWARD=sparse or =dense forces one backward (for tests and measurements);
 // nullopt leaves the choice to the rules below.
 std::optional<bool> forced_sparse_backward() {
-  const char* forced = std::getenv("CIFARNET_CONV_BACKWARD");
+  const char* forced = env_setting("CIFARNET_CONV_BACKWARD", {"sparse", "dense"});
   if (forced == nullptr) return std::nullopt;
-  if (std::strcmp(forced, "sparse") == 0) return true;
-  if (std::strcmp(forced, "dense") == 0) return false;
-  return std::nullopt;
+  return std::strcmp(forced, "sparse") == 0;
 }
 
 // Whether the sparse backward (in float32) beats the dense one for 16-bit data, where the dense

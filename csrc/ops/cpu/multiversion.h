@@ -15,8 +15,9 @@
 #define CIFARNET_HAS_ISA_VARIANTS 0
 #endif
 
-#include <cstdlib>
 #include <cstring>
+
+#include "env_setting.h"
 
 namespace cifarnet {
 
@@ -27,7 +28,9 @@ enum class CpuIsa { baseline, avx2, avx512 };
 //   avx512    AVX-512 loops, no AMX       (with ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16)
 //   avx2      AVX2 loops                  (with ONEDNN_MAX_CPU_ISA=AVX2)
 //   baseline  the compiler's x86-64 loops
-inline const char* cpu_isa_cap() { return std::getenv("CIFARNET_CPU_ISA"); }
+inline const char* cpu_isa_cap() {
+  return env_setting("CIFARNET_CPU_ISA", {"avx512", "avx2", "baseline"});
+}
 
 inline bool cpu_isa_capped_at(const char* level) {
   const char* cap = cpu_isa_cap();

@@ -79,14 +79,9 @@ constexpr int64_t kLanes = 8;
 enum class Algorithm { automatic, winograd, native };
 
 Algorithm requested_algorithm() {
-  const char* value = std::getenv("CIFARNET_CONV_ALGORITHM");
-  if (value == nullptr || *value == '\0' || std::strcmp(value, "auto") == 0) {
-    return Algorithm::automatic;
-  }
-  if (std::strcmp(value, "winograd") == 0) return Algorithm::winograd;
-  if (std::strcmp(value, "native") == 0) return Algorithm::native;
-  TORCH_CHECK_VALUE(false, "CIFARNET_CONV_ALGORITHM must be auto, winograd or native, got '",
-                    value, "'");
+  const char* value = env_setting("CIFARNET_CONV_ALGORITHM", {"auto", "winograd", "native"});
+  if (value == nullptr || std::strcmp(value, "auto") == 0) return Algorithm::automatic;
+  return std::strcmp(value, "winograd") == 0 ? Algorithm::winograd : Algorithm::native;
 }
 
 // Outputs along a tile's side for a filter of this side: 6 transformed points either way.
@@ -166,9 +161,13 @@ WinogradFilters transform(const at::Tensor& bfloat16_or_float_weight, bool adjoi
 // every block (12-24 tiles) into double took half as long as the products themselves.
 constexpr int64_t kTilesPerFloatSum = 96;
 
-// The weight gradient, in `format`; nullopt where a value was not finite. Each thread sums its
-// blocks' products (in double, see kTilesPerFloatSum), then the threads' sums are added in
-// thread order.
+// The weight gradient, in `format`; nullopt where a value was not finite. Blocks of at most
+// kTilesPerFloatSum tiles; each float sum covers the same blocks whatever the thread count (its
+// groups start at fixed block indices and no chunk splits one), so the threads change only how
+// the double sums of those float sums are grouped: the float gradient came out the same for 1,
+// 2 and 3 threads in the tests (where the float sums followed each thread's first block, it
+// differed in the last bits). Each chunk adds its groups' sums in double, then the chunks' sums
+// are added in chunk order.
 std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output,
                                                    const at::Tensor& input, int64_t kernel,
                                                    at::IntArrayRef padding,
@@ -176,10 +175,13 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
   const at::Tensor x = input.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const at::Tensor dy = grad_output.to(at::kFloat).contiguous(at::MemoryFormat::ChannelsLast);
   const Geometry g = make_geometry(x, dy.size(1), kernel, padding);
-  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w, rows = block_tiles(g);
+  const int64_t tiles = x.size(0) * g.tiles_h * g.tiles_w;
+  // NB: block_tiles is a multiple of kMinBlockTiles (12), as is kTilesPerFloatSum.
+  const int64_t rows = std::min(block_tiles(g), kTilesPerFloatSum);
   const int64_t blocks = (tiles + rows - 1) / rows;
-  const int64_t blocks_per_float_sum = std::max<int64_t>(1, kTilesPerFloatSum / rows);
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), blocks);
+  const int64_t blocks_per_float_sum = kTilesPerFloatSum / rows;
+  const int64_t float_sums = (blocks + blocks_per_float_sum - 1) / blocks_per_float_sum;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), float_sums);
   const int64_t sum_size = kPoints * g.channels_padded * g.out_channels_padded;
   std::vector<at::Tensor> sums(chunks);
   const float* in = x.data_ptr<float>();
@@ -192,11 +194,12 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
     float* product_sum = products.data_ptr<float>();
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       sums[chunk] = at::zeros({sum_size}, at::kDouble);
-      const int64_t begin = blocks * chunk / chunks, end = blocks * (chunk + 1) / chunks;
+      const int64_t begin = float_sums * chunk / chunks * blocks_per_float_sum;
+      const int64_t end = std::min(blocks, float_sums * (chunk + 1) / chunks * blocks_per_float_sum);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t first = block * rows, count = std::min(rows, tiles - first);
-        const bool starts_sum = (block - begin) % blocks_per_float_sum == 0;
-        const bool ends_sum = (block - begin + 1) % blocks_per_float_sum == 0 || block + 1 == end;
+        const bool starts_sum = block % blocks_per_float_sum == 0;
+        const bool ends_sum = (block + 1) % blocks_per_float_sum == 0 || block + 1 == end;
         bool block_not_finite = false;
         with_tile(g.tile, [&](auto tile) {
           isa_avx2::winograd::weight_gradient_block<decltype(tile)::value>(
@@ -312,7 +315,7 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
       break;
   }
   const int64_t r = kernel[0];
-  if ((r != 3 && r != 5) || kernel[1] != r || stride[0] != 1 || stride[1] != 1 ||
+  if (channels <= 0 || out_channels <= 0 || (r != 3 && r != 5) || kernel[1] != r || stride[0] != 1 || stride[1] != 1 ||
       padding[0] < 0 || padding[1] < 0 || padding[0] > r - 1 || padding[1] > r - 1) {
     return false;
   }
@@ -350,6 +353,9 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
 
 bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::IntArrayRef stride,
                       at::IntArrayRef padding) {
+  // First, so that a bad CIFARNET_CONV_ALGORITHM is refused for every call, not only for the
+  // dtypes and devices Winograd could take.
+  const Algorithm algorithm = requested_algorithm();
   // bfloat16 where the CPU has no bfloat16 arithmetic (the AVX2 class; anywhere with
   // CIFARNET_CONV_ALGORITHM=winograd), computed in float32 and rounded once, as oneDNN's
   // bfloat16 convolution accumulates in float32 and rounds: on such CPUs oneDNN emulates
@@ -357,7 +363,7 @@ bool winograd_applies(const at::Tensor& input, const at::Tensor& weight, at::Int
   const bool dtype_applies =
       input.scalar_type() == at::kFloat ||
       (input.scalar_type() == at::kBFloat16 &&
-       (cpu_isa() == CpuIsa::avx2 || requested_algorithm() == Algorithm::winograd));
+       (cpu_isa() == CpuIsa::avx2 || algorithm == Algorithm::winograd));
   if (input.device().type() != at::kCPU || !dtype_applies ||
       weight.scalar_type() != input.scalar_type() || input.dim() != 4 || weight.dim() != 4 ||
       weight.size(1) != input.size(1)) {

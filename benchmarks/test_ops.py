@@ -33,6 +33,15 @@ def steady_allocator():
     keep_freed_memory()
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each case compiles from empty caches, as cifarnet-bench does per layer: under autocast
+    every case's block wraps the one autocast function, whose cache keeps 8 graphs
+    (torch._dynamo.config.recompile_limit); past that, torch.compile ran the later cases eager
+    with no more than a warning."""
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("layer", bench.STUDY_LAYERS, ids=lambda layer: layer.name)
 @pytest.mark.parametrize("implementation", bench.device_implementations(torch.device("cpu")))

@@ -119,7 +119,9 @@ class Trainer:
         self.autocast_dtype = torch.bfloat16 if config.bfloat16 else None
         self.device = device
         self.next = 0
-        self.floor = FloorInputs(self.model, batches[0][0].contiguous(memory_format=memory_format)) if config.ops == "floor" else None
+        self.floor = None
+        if config.ops == "floor":
+            self.floor = FloorInputs(self.model, self.batches[0][0], self.autocast_dtype)
         self.graphed = None
         if config.graph:
             # Held open for the trainer's life: its learning rates stay device tensors.
@@ -163,12 +165,15 @@ class Trainer:
 
 
 class FloorInputs:
-    """What the floor's step computes on: each convolution's input at the size and layout the
-    network gives it (the image, then the pooled outputs), the input of fc4, and gradients for
-    the convolutions' outputs; the inputs after the first ask for a gradient, as in the network."""
+    """What the floor's step computes on: each convolution's input at the size, layout and dtype
+    the network gives it (the image, then the pooled outputs; in the autocast dtype under
+    autocast, so the floor casts no more than the network does), the input of fc4, and
+    gradients for the convolutions' outputs; the inputs after the first ask for a gradient, as
+    in the network."""
 
-    def __init__(self, model: ConvNet, images: Tensor):
-        with torch.no_grad():
+    def __init__(self, model: ConvNet, images: Tensor, autocast_dtype: torch.dtype | None):
+        autocast = torch.autocast(images.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+        with torch.no_grad(), autocast:
             self.conv_inputs = [images]
             for conv, pool in ((model.conv1, model.pool1), (model.conv2, model.pool2)):
                 self.conv_inputs.append(pool(conv(self.conv_inputs[-1])).requires_grad_())
@@ -181,8 +186,6 @@ class FloorInputs:
         convs = (model.conv1, model.conv2, model.conv3)
         outputs = [conv(x) for conv, x in zip(convs, [images, *self.conv_inputs[1:]])]
         logits = model.fc5(torch.relu(model.fc4(self.fc_input)))
-        if self.conv_grads[0].dtype != outputs[0].dtype:  # once: autocast's dtype
-            self.conv_grads = [g.to(o.dtype) for g, o in zip(self.conv_grads, outputs)]
         return [*outputs, criterion(logits, labels)], [*self.conv_grads, None]
 
 
@@ -247,26 +250,45 @@ def parse_configs(text: str | None, no_compile: bool, device: torch.device) -> l
 
 
 # The CPU classes --isa-caps stands in for: (name, the cpuinfo flag the CPU needs, environment).
+# Every library's own cap: oneDNN's convolutions, cifarnet's loops, ATen's kernels (batch norm,
+# pooling, the loss, the optimiser) and the code torch.compile generates (ATEN_CPU_CAPABILITY),
+# MKL's matrix products; uncapped, native's non-convolution work would run AVX-512 in the AVX2
+# class while cifarnet's loops ran AVX2.
 ISA_CAPS = [
     ("AMX", "amx_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"}),
     ("AVX512-BF16, no AMX", "avx512_bf16", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "CIFARNET_CPU_ISA": "avx512"}),
-    ("AVX2 only", "avx2", {"ONEDNN_MAX_CPU_ISA": "AVX2", "CIFARNET_CPU_ISA": "avx2"}),
+    ("AVX2 only", "avx2", {
+        "ONEDNN_MAX_CPU_ISA": "AVX2", "CIFARNET_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    }),
 ]
+CAP_VARIABLES = ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
-# What --load runs beside the timed steps, on one core.
+# What --load runs beside the timed steps, on one core. Each prints "ready" once it loads the
+# core (the torch one after its first step: importing torch takes seconds) and ends when its
+# parent does (a benchmark killed by a signal must not leave a core busy).
+_LOAD_PROLOGUE = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent\n"
+    "if os.getppid() != int(sys.argv[1]): sys.exit(1)  # the parent died before prctl\n"
+)
 LOADS = {
-    "busy": "while True: pass",
-    "torch": (
+    "busy": _LOAD_PROLOGUE + "print('ready', flush=True)\nwhile True: pass\n",
+    "torch": _LOAD_PROLOGUE + (
         "import torch\n"
         "from cifarnet.study.models import ConvNet\n"
         "torch.set_num_threads(1)\n"
         "model = ConvNet('full', 'native').train()\n"
         "optimizer = torch.optim.SGD(model.parameters(), lr=0.01)\n"
         "images, labels = torch.randn(32, 3, 28, 28), torch.randint(0, 10, (32,))\n"
+        "ready = False\n"
         "while True:\n"
         "    optimizer.zero_grad()\n"
         "    torch.nn.functional.cross_entropy(model(images), labels).backward()\n"
         "    optimizer.step()\n"
+        "    if not ready:\n"
+        "        print('ready', flush=True)\n"
+        "        ready = True\n"
     ),
 }
 
@@ -289,25 +311,41 @@ def run_under_isa_caps(argv: list[str], json_path: str | None) -> None:
     if "--json" in forwarded:  # each run writes its own file; this one writes them all
         at = forwarded.index("--json")
         del forwarded[at : at + 2]
-    combined = {}
+    combined, failed = {}, []
     with tempfile.TemporaryDirectory() as folder:
         for name, env in caps:
             path = os.path.join(folder, "run.json")
-            caps_env = {k: v for k, v in os.environ.items() if k not in ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA")}
+            caps_env = {k: v for k, v in os.environ.items() if k not in CAP_VARIABLES}
             print(f"== {name}: " + " ".join(f"{k}={v}" for k, v in env.items()), flush=True)
-            subprocess.run([sys.executable, __file__, *forwarded, "--json", path], env={**caps_env, **env}, check=True)
+            run = subprocess.run([sys.executable, __file__, *forwarded, "--json", path], env={**caps_env, **env})
+            if run.returncode != 0:  # the other classes' tables still count
+                failed.append(name)
+                combined[name] = {"environment": env, "failed": f"exit status {run.returncode}"}
+                continue
             with open(path) as file:
                 combined[name] = {"environment": env, **json.load(file)}
     if json_path:
         with open(json_path, "w") as file:
             json.dump(combined, file, indent=2)
+    if failed:
+        raise SystemExit(f"train_steps: --isa-caps: the run of {', '.join(failed)} failed (see above)")
 
 
 def start_load(kind: str | None) -> subprocess.Popen | None:
+    """Starts the --load process and returns once it loads its core."""
     if kind is None:
         return None
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", LOADS[kind]], env=environment)
+    load = subprocess.Popen([sys.executable, "-c", LOADS[kind], str(os.getpid())], env=environment, stdout=subprocess.PIPE, text=True)
+    if load.stdout.readline().strip() != "ready":
+        load.kill()
+        raise SystemExit(f"train_steps: the --load {kind} process ended before it started (exit status {load.wait()})")
+    return load
+
+
+def check_load_runs(load: subprocess.Popen | None, kind: str | None) -> None:
+    if load is not None and load.poll() is not None:
+        raise SystemExit(f"train_steps: the --load {kind} process ended during the run (exit status {load.returncode})")
 
 
 def main() -> None:
@@ -356,9 +394,11 @@ def main() -> None:
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 times[name] += trainers[name].run(args.steps)
+            check_load_runs(load, args.load)
     finally:
         if load is not None:
             load.kill()
+            load.wait()
     report(args, device, times)
 
 
@@ -369,7 +409,7 @@ def report(args, device: torch.device, times: dict[str, list[float]]) -> None:
     native = {name: r["median_ms"] for name, r in results.items() if name.startswith("native")}
     best_native = min(native, key=native.get) if native else None
     cpu = cifarnet.build_info()["cpu"]
-    cap = " ".join(f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "CIFARNET_CPU_ISA") if k in os.environ)
+    cap = " ".join(f"{k}={os.environ[k]}" for k in CAP_VARIABLES if k in os.environ)
     print(f"{args.variant} ConvNet, batch {args.batch_size}, {torch.get_num_threads()} threads, {device}; median ms per step over {args.rounds} rounds of {args.steps}")
     print(f"CPU: {cpu['model']} ({', '.join(cpu['isa'])}){'; capped: ' + cap if cap else ''}{'; load: ' + args.load if args.load else ''}")
     gpu = None

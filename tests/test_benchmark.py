@@ -129,6 +129,11 @@ def test_bench_model_in_channels_last(tmp_path):
     assert status == 0
     (row,) = json.loads(report.read_text())["results"]
     assert row["memory_format"] == "channels_last" and row["fused_chains"] > 0
+    # Against the faster of native's two layouts, timed in the same run.
+    times = row["forward_backward_ms"]
+    assert row["other_memory_format"] == "contiguous"
+    best_native = min(times["native"], times["native_other_layout"])
+    assert row["speedup_vs_best_native"] == pytest.approx(best_native / times["fused"])
 
 
 def test_bench_model_resnet_fuses_its_chains_and_saves_less_at_the_size_given(tmp_path):

@@ -9,10 +9,12 @@ The implementations (``IMPLEMENTATIONS``; ``--help`` lists them): on the CPU, na
 ``torch.compile``d native and the fused op; on CUDA also native compiled with
 ``mode="max-autotune-no-cudagraphs"``, and native and the fused op each captured in a CUDA graph
 (the timed call is the graph's replay: no host work, no launch overhead). Each is compared with
-native eager, and the fastest fused one with the fastest native one (``fused_vs_best_native``).
+native eager, and the fastest fused one with the fastest native one (``fused_vs_best_native``);
+with ``--memory-format both`` also over both layouts (``best_across_layouts`` in the JSON).
 
 With ``--model`` it times a whole model instead, forward+backward in training mode, before and
-after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``features`` alone).
+after :func:`cifarnet.fuse` (and, for ``vgg11_bn``, its convolution stack ``features`` alone),
+native also in the other layout, so the fused model is compared with native's faster layout.
 
     cifarnet-bench --batch-size 128 --threads 2 --json bench.json
     cifarnet-bench --device cuda --dtype bfloat16 --memory-format channels_last --batch-size 1024
@@ -48,7 +50,7 @@ from cifarnet.benchmark_ops import (
     device_implementations,
     stack_saved_bytes,
 )
-from cifarnet.benchmark_report import format_table, plot_speedups, summarise
+from cifarnet.benchmark_report import best_across_layouts, format_table, plot_speedups, summarise
 from cifarnet.study.fileio import output_file_problem
 
 
@@ -281,6 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"fused {stack['fused'] / 2**20:.1f} MiB ({stack['fused'] / stack['native']:.3f}x)."
                 )
     progress.close()
+    across_layouts = best_across_layouts(results)
+    for op_name, modes in across_layouts.items():
+        best = modes["forward_backward"]
+        print(
+            f"\n{op_name}, both layouts, forward+backward: fastest native {best['native'][1]} ({best['native'][0]}) "
+            f"{best['native'][2]:.2f} ms, fastest fused {best['fused'][1]} ({best['fused'][0]}) {best['fused'][2]:.2f} ms: "
+            f"{best['fused_vs_best_native']:.2f}x"
+        )
     if args.plot:
         plot_speedups(results, _make_parent(args.plot))
     if args.json:
@@ -294,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "implementations": {name: IMPLEMENTATIONS[name].description for name in implementations},
             "results": results,
         }
+        if across_layouts:
+            report["best_across_layouts"] = across_layouts
         with open(_make_parent(args.json), "w") as file:
             json.dump(report, file, indent=2)
     return 0

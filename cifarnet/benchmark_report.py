@@ -38,6 +38,30 @@ def summarise(rows: list[dict], implementations: Sequence[str]) -> dict:
     return total
 
 
+def best_across_layouts(results: list[dict]) -> dict:
+    """Per op timed in both layouts, per mode: the fastest native (non-fused) and fused
+    implementation over both layouts' totals, as ``{"native": [layout, implementation, ms],
+    "fused": [...], "fused_vs_best_native": ratio}``. Each layout's table compares within its
+    layout only; a user picks the layout too."""
+    by_op: dict[str, list[dict]] = {}
+    for result in results:
+        by_op.setdefault(result["op"], []).append(result)
+    best = {}
+    for op, layouts in by_op.items():
+        if len(layouts) < 2:
+            continue
+        best[op] = {}
+        for mode in MODES:
+            candidates = {"native": [], "fused": []}
+            for result in layouts:
+                for name, ms in result["total"][f"{mode}_ms"].items():
+                    side = "fused" if IMPLEMENTATIONS[name].fused else "native"
+                    candidates[side].append([result["memory_format"], name, ms])
+            fastest = {side: min(entries, key=lambda entry: entry[2]) for side, entries in candidates.items()}
+            best[op][mode] = {**fastest, "fused_vs_best_native": fastest["native"][2] / fastest["fused"][2]}
+    return best
+
+
 def shows_best_native(implementations: Sequence[str]) -> bool:
     """Whether the table has a "vs best native" column: where a CUDA-only implementation was
     timed (on the CPU, "vs compiled" already compares with the other native one)."""

@@ -50,6 +50,16 @@ def test_bench_command_writes_tables_json_and_plot(tmp_path, capsys):
                 assert row["fastest"][mode] == {"native": "native", "fused": "fused"}
             if benchmark_ops.OPS[result["op"]].conv:  # the fused layers keep less for the backward
                 assert 0 < row["saved_bytes"]["fused"] < row["saved_bytes"]["native"]
+    # Both layouts timed: the fastest of each side over both, against each other.
+    for op, modes in saved["best_across_layouts"].items():
+        layouts = {r["memory_format"]: r["total"] for r in results if r["op"] == op}
+        for mode, best in modes.items():
+            for side in ("native", "fused"):
+                times = [(f, t[f"{mode}_ms"][side]) for f, t in layouts.items()]
+                assert best[side] == [*min(times, key=lambda entry: entry[1])[:1], side, min(t for _, t in times)]
+            assert best["fused_vs_best_native"] == pytest.approx(best["native"][2] / best["fused"][2])
+        assert f"{op}, both layouts, forward+backward: fastest native native" in printed
+    assert set(saved["best_across_layouts"]) == set(benchmark_ops.OPS)
     assert plot.stat().st_size > 0
 
 

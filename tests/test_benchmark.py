@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -385,11 +386,17 @@ def test_a_failed_capture_says_what_it_captured(monkeypatch):
         benchmark_ops.make_timed_call(op, "fused_graph", block, tensors, layer, "forward")
 
 
-def load_gpu_summary():
-    spec = importlib.util.spec_from_file_location("gpu_summary", REPO / "benchmarks" / "gpu_summary.py")
+def load_benchmark_script(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def load_gpu_summary():
+    return load_benchmark_script("gpu_summary")
 
 
 def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_path):
@@ -498,3 +505,21 @@ def test_bench_on_cuda_compiles_in_both_modes(tmp_path):
     total = json.loads(report.read_text())["results"][0]["total"]
     assert set(total["forward_backward_ms"]) == {"native", "compiled", "compiled_autotune", "fused"}
     assert {"compiled", "compiled_autotune", "fused_vs_compiled", "fused_vs_best_native"} <= set(total["speedup"]["forward"])
+
+
+def test_train_steps_reports_against_the_fastest_native_and_floor_of_each_precision(tmp_path, capsys):
+    """benchmarks/train_steps.py's report: each fused step against the fastest native step of
+    the run, and as a multiple of the faster floor in its own precision, whatever the layout."""
+    train_steps = load_benchmark_script("train_steps")
+    times = {
+        "native-fp32": [120.0], "native-fp32-cl": [100.0], "native-bf16-cl": [90.0],
+        "fused-fp32-cl": [80.0], "fused-bf16-cl": [60.0],
+        "floor-fp32": [70.0], "floor-fp32-cl": [75.0], "floor-bf16": [50.0], "floor-bf16-cl": [40.0],
+    }
+    args = argparse.Namespace(variant="full", batch_size=128, rounds=1, steps=1, load=None, json=str(tmp_path / "steps.json"))
+    train_steps.report(args, torch.device("cpu"), times)
+    results = json.loads((tmp_path / "steps.json").read_text())["results"]
+    assert results["fused-fp32-cl"]["speedup_vs_best_native"] == pytest.approx(90.0 / 80.0)
+    assert results["fused-fp32-cl"]["floor"] == "floor-fp32" and results["fused-fp32-cl"]["multiple_of_floor"] == pytest.approx(80.0 / 70.0)
+    assert results["fused-bf16-cl"]["floor"] == "floor-bf16-cl" and results["fused-bf16-cl"]["multiple_of_floor"] == pytest.approx(60.0 / 40.0)
+    assert "1.14x its floor (floor-fp32)" in capsys.readouterr().out

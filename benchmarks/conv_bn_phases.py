@@ -14,7 +14,8 @@ Phases (the private phase ops synchronized batch norm calls, each a whole op):
   winograd fwd / bwd        the same with the convolutions as Winograd F(2x2, 5x5) where the
                             op uses it (conv2 and conv3 on the AVX2 class; "-" elsewhere)
 Everything but the last two runs with CIFARNET_CONV_ALGORITHM=native (oneDNN's convolutions).
-Medians of --repeats calls; the machine's noise shows in the spread between runs.
+Medians of --repeats calls, all of a layer's calls taking turns (each round starting one call
+later), so the machine's drift falls on all alike; its noise shows in the spread between runs.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import cifarnet
 from cifarnet import _C
+from cifarnet._timing import Stopwatch, interleaved_medians
 
 LAYERS = [(3, 32, 28), (32, 64, 14), (64, 64, 7)]  # (in channels, out channels, input side) of the `full` ConvNet on 28x28 crops
 
@@ -48,18 +48,19 @@ def conv_algorithm(name: str):
             os.environ["CIFARNET_CONV_ALGORITHM"] = previous
 
 
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        begin = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
+def with_algorithm(name: str, fn):
+    """``fn`` run with CIFARNET_CONV_ALGORITHM=name."""
+
+    def call():
+        with conv_algorithm(name):
+            return fn()
+
+    return call
 
 
 def time_layer(index: int, batch: int, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """Median ms of each phase (as the module docstring lists), every call timed round-robin
+    with the others (interleaved_medians), so the machine's drift falls on all alike."""
     ops = torch.ops.cifarnet
     cin, cout, side = LAYERS[index]
     cl = torch.channels_last
@@ -68,55 +69,35 @@ def time_layer(index: int, batch: int, dtype: torch.dtype, repeats: int) -> dict
     b, gamma, beta = torch.randn(cout, dtype=dtype), torch.ones(cout, dtype=dtype), torch.zeros(cout, dtype=dtype)
     geometry = ([1, 1], [2, 2], [2, 2], [2, 2], index == 2, [0, 0])  # stride, padding, pool, pool stride, ceil (pool3), pool padding
     with conv_algorithm("native"):
-        t = time_phases(ops, index, x, w, b, gamma, beta, geometry, repeats)
-    applies = dtype == torch.float32 and _C._winograd_applies(cin, cout, side, side, [5, 5], [1, 1], [2, 2])
-    if applies:
-        t["winograd fwd"] = median_ms(lambda: ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry), repeats)
         out, argmax, conv, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry)
         grad = torch.randn_like(out)
-        t["winograd bwd"] = median_ms(
-            lambda: ops._conv2d_batch_norm_relu_max_pool2d_training_backward(
-                grad, x, w, conv, mean, var, gamma, argmax, 1e-5, *geometry, [True, True, True, True, True]
-            ),
-            repeats,
-        )
-    return t
-
-
-def time_phases(ops, index, x, w, b, gamma, beta, geometry, repeats) -> dict[str, float]:
-    """The native convolution and each phase of the fused op, as the module docstring lists."""
-    batch, cout, side = x.shape[0], w.shape[0], x.shape[-1]
-    out, argmax, conv, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry)
-    grad = torch.randn_like(out)
-    sum_g, sum_gx = ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad, x, w, conv, mean, argmax, *geometry)
+        sum_g, sum_gx = ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad, x, w, conv, mean, argmax, *geometry)
     count = batch * side * side
     grad_conv = torch.randn_like(conv)
     mask = [index > 0, True, True]  # conv1's input (the image) needs no gradient
-    t = {"conv fwd": median_ms(lambda: F.conv2d(x, w, b, padding=2), repeats)}
-    t["stats"] = median_ms(lambda: ops._conv2d_batch_norm_relu_max_pool2d_stats(x, w, b, *geometry), repeats) - t["conv fwd"]
-    t["epilogue"] = median_ms(
-        lambda: ops._conv2d_batch_norm_relu_max_pool2d_epilogue(x, w, conv, mean, var, gamma, beta, 1e-5, *geometry), repeats
+    fused_forward = lambda: ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry)  # noqa: E731
+    fused_backward = lambda: ops._conv2d_batch_norm_relu_max_pool2d_training_backward(  # noqa: E731
+        grad, x, w, conv, mean, var, gamma, argmax, 1e-5, *geometry, mask + [True, True]
     )
-    t["fused fwd"] = median_ms(lambda: ops._conv2d_batch_norm_relu_max_pool2d_training(x, w, b, gamma, beta, 1e-5, *geometry), repeats)
-    t["reduce"] = median_ms(
-        lambda: ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad, x, w, conv, mean, argmax, *geometry), repeats
-    )
-    t["elementwise"] = median_ms(
-        lambda: ops._conv2d_batch_norm_relu_max_pool2d_backward_elementwise(
+    calls = {
+        "conv fwd": lambda: F.conv2d(x, w, b, padding=2),
+        "stats": lambda: ops._conv2d_batch_norm_relu_max_pool2d_stats(x, w, b, *geometry),
+        "epilogue": lambda: ops._conv2d_batch_norm_relu_max_pool2d_epilogue(x, w, conv, mean, var, gamma, beta, 1e-5, *geometry),
+        "fused fwd": fused_forward,
+        "reduce": lambda: ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad, x, w, conv, mean, argmax, *geometry),
+        "elementwise": lambda: ops._conv2d_batch_norm_relu_max_pool2d_backward_elementwise(
             grad, x, w, conv, mean, var, gamma, argmax, sum_g, sum_gx, count, 1e-5, *geometry, [False, False, False]
         ),
-        repeats,
-    )
-    t["conv bwd"] = median_ms(
-        lambda: torch.ops.aten.convolution_backward(grad_conv, x, w, [cout], [1, 1], [2, 2], [1, 1], False, [0, 0], 1, mask),
-        repeats,
-    )
-    t["fused bwd"] = median_ms(
-        lambda: ops._conv2d_batch_norm_relu_max_pool2d_training_backward(
-            grad, x, w, conv, mean, var, gamma, argmax, 1e-5, *geometry, mask + [True, True]
-        ),
-        repeats,
-    )
+        "conv bwd": lambda: torch.ops.aten.convolution_backward(grad_conv, x, w, [cout], [1, 1], [2, 2], [1, 1], False, [0, 0], 1, mask),
+        "fused bwd": fused_backward,
+    }
+    calls = {name: with_algorithm("native", fn) for name, fn in calls.items()}
+    if dtype == torch.float32 and _C._winograd_applies(cin, cout, side, side, [5, 5], [1, 1], [2, 2]):
+        chosen = os.environ.get("CIFARNET_CONV_ALGORITHM") or "auto"  # =winograd runs it on AVX-512 CPUs too
+        calls["winograd fwd"] = with_algorithm(chosen, fused_forward)
+        calls["winograd bwd"] = with_algorithm(chosen, fused_backward)
+    t = interleaved_medians(calls, Stopwatch(torch.device("cpu")), warmup=3, repeats=repeats)
+    t["stats"] -= t["conv fwd"]  # the statistics phase minus the convolution it also runs
     return t
 
 

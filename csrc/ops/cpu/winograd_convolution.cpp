@@ -195,7 +195,8 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       sums[chunk] = at::zeros({sum_size}, at::kDouble);
       const int64_t begin = float_sums * chunk / chunks * blocks_per_float_sum;
-      const int64_t end = std::min(blocks, float_sums * (chunk + 1) / chunks * blocks_per_float_sum);
+      const int64_t end =
+          std::min(blocks, float_sums * (chunk + 1) / chunks * blocks_per_float_sum);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t first = block * rows, count = std::min(rows, tiles - first);
         const bool starts_sum = block % blocks_per_float_sum == 0;
@@ -315,8 +316,9 @@ bool winograd_applies_to_sizes(int64_t channels, int64_t out_channels, int64_t h
       break;
   }
   const int64_t r = kernel[0];
-  if (channels <= 0 || out_channels <= 0 || (r != 3 && r != 5) || kernel[1] != r || stride[0] != 1 || stride[1] != 1 ||
-      padding[0] < 0 || padding[1] < 0 || padding[0] > r - 1 || padding[1] > r - 1) {
+  if (channels <= 0 || out_channels <= 0 || (r != 3 && r != 5) || kernel[1] != r ||
+      stride[0] != 1 || stride[1] != 1 || padding[0] < 0 || padding[1] < 0 || padding[0] > r - 1 ||
+      padding[1] > r - 1) {
     return false;
   }
   // Every filter element meets the image somewhere (height + padding >= r): the transforms

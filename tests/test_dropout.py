@@ -124,7 +124,12 @@ def test_output_is_the_reference_mask_with_native_arithmetic(numel, seed, p, dty
     output = DROPOUT(x.to(device), seed_tensor(seed), p).cpu()
     expected = native_arithmetic(x, reference_keep(numel, seed, p), p)
     torch.testing.assert_close(output, expected, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(output.signbit(), expected.signbit())  # x * 0 keeps -0
+    # x * 0 keeps -0. A NaN's sign is left out: native's own differs between its paths (bfloat16
+    # rounding in ATen's vector loop keeps the sign of inf * 0's negative NaN, its scalar tail
+    # makes every NaN positive, so a 32-element bfloat16 tensor's first NaN is negative and a
+    # 31-element one's positive).
+    number = ~expected.isnan()
+    assert torch.equal(output.signbit()[number], expected.signbit()[number])
 
 
 def test_large_tensor_threaded_matches_the_reference():

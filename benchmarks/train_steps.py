@@ -431,8 +431,9 @@ def report(args, device: torch.device, times: dict[str, list[float]]) -> None:
         if best_native and name.startswith("fused"):
             result["speedup_vs_best_native"] = native[best_native] / result["median_ms"]
             line += f"   {result['speedup_vs_best_native']:.2f}x vs {best_native}"
-        precision = "bf16" if CONFIGS[name].bfloat16 else "fp32"
-        floors = {n: r["median_ms"] for n, r in results.items() if CONFIGS[n].ops == "floor" and n.startswith(f"floor-{precision}")}
+        floors = {
+            n: r["median_ms"] for n, r in results.items() if CONFIGS[n].ops == "floor" and CONFIGS[n].bfloat16 == CONFIGS[name].bfloat16
+        }
         if name.startswith("fused") and floors:
             floor = min(floors, key=floors.get)
             result["floor"] = floor

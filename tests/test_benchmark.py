@@ -395,22 +395,18 @@ def load_benchmark_script(name: str):
     return module
 
 
-def load_gpu_summary():
-    return load_benchmark_script("gpu_summary")
-
-
 def test_gpu_summary_carries_the_best_against_the_best_where_the_run_has_it(tmp_path):
     implementations = list(benchmark_ops.IMPLEMENTATIONS)
     rows = synthetic_rows(implementations, lambda layer, mode: [2.0, 1.5, 1.2, 1.0, 1.6, 0.5])
     total = benchmark_report.summarise(rows, implementations)
     report = tmp_path / "bench.json"
     report.write_text(json.dumps({"results": [{"op": "batch_norm", "memory_format": "channels_last", "layers": rows, "total": total}]}))
-    ratios = load_gpu_summary().bench_ratios(report)
+    ratios = load_benchmark_script("gpu_summary").bench_ratios(report)
     assert ratios["batch_norm conv1"]["forward"] == 1.25 and ratios["batch_norm total"]["saved_ratio"] == 0.5
     assert ratios["batch_norm total"]["fused_vs_best_native"] == {"forward": 2.0, "forward_backward": 2.0}
     assert ratios["batch_norm conv2"]["fastest"]["forward_backward"] == {"native": "native_graph", "fused": "fused_graph"}
     # a run from before (fused and native eager only) reads as it did
-    old = load_gpu_summary().bench_ratios(REPO / "docs" / "gpu" / "h200_bench_float32.json")
+    old = load_benchmark_script("gpu_summary").bench_ratios(REPO / "docs" / "gpu" / "h200_bench_float32.json")
     assert set(old["batch_norm total"]) == {"forward", "forward_backward", "saved_ratio"}
 
 
@@ -425,7 +421,7 @@ def test_gpu_summary_counts_only_tests_that_ran_on_the_gpu(tmp_path):
     ]
     xml = "".join(f'<testcase classname="{c}" name="{n}">{body}</testcase>' for c, n, body in cases)
     (tmp_path / "tests.xml").write_text(f"<testsuite>{xml}</testsuite>")
-    summary = load_gpu_summary()
+    summary = load_benchmark_script("gpu_summary")
     counts = summary.test_counts(tmp_path / "tests.xml")
     assert (counts["passed"], counts["skipped"], counts["device_cuda_passed"]) == (3, 2, 0)
     (tmp_path / "tests.xml").write_text(

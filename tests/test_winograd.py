@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -92,13 +94,15 @@ def test_the_weight_gradient_is_the_same_for_any_thread_count():
     starts where a partial sum starts), so the gradient comes out the same to the bit, as
     oneDNN's does. The phase ops of synchronized batch norm isolate it: statistics, argmax and
     the reduced sums once, then only the backward that convolves, at 1, 2 and 3 threads. With a
-    512 KiB L2, blocks of 24 tiles and partial sums of 4 blocks: 13 samples of 14x14 make 637
-    tiles, 27 blocks, which 2 or 3 equal shares would split inside a partial sum."""
+    512 KiB L2, blocks of 24 tiles and partial sums of 4 blocks: 40 samples of 14x14 make 1960
+    tiles, 82 blocks, which 2 or 3 equal shares would split inside a partial sum; the input and
+    gradient (3 MiB) hold the sums of three runs of partial sums (885 KiB each), so each thread
+    takes a run."""
     ops = torch.ops.cifarnet
     generator = torch.Generator().manual_seed(3)
-    input = torch.randn(13, 32, 14, 14, generator=generator).contiguous(memory_format=torch.channels_last)
+    input = torch.randn(40, 32, 14, 14, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(64, 32, 5, 5, generator=generator)
-    grad_output = torch.randn(13, 64, 7, 7, generator=generator).contiguous(memory_format=torch.channels_last)
+    grad_output = torch.randn(40, 64, 7, 7, generator=generator).contiguous(memory_format=torch.channels_last)
     assert applies(32, 64, (14, 14), (2, 2))
     geometry = ([1, 1], [2, 2], [2, 2], [2, 2], False, [0, 0])
     conv_output, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_stats(input, weight, None, *geometry)
@@ -111,7 +115,7 @@ def test_the_weight_gradient_is_the_same_for_any_thread_count():
         for count in (1, 2, 3):
             torch.set_num_threads(count)
             _, grad_weight, _ = ops._conv2d_batch_norm_relu_max_pool2d_backward_elementwise(
-                grad_output, input, weight, conv_output, mean, var, None, argmax, *sums, 13 * 14 * 14, 1e-5,
+                grad_output, input, weight, conv_output, mean, var, None, argmax, *sums, 40 * 14 * 14, 1e-5,
                 *geometry, [False, True, False],
             )  # fmt: skip
             gradients.append(grad_weight)
@@ -119,6 +123,61 @@ def test_the_weight_gradient_is_the_same_for_any_thread_count():
         torch.set_num_threads(threads)
         _C._set_cache_sizes()
     assert torch.equal(gradients[0], gradients[1]) and torch.equal(gradients[0], gradients[2])
+
+
+WEIGHT_GRADIENT_MEMORY_SCRIPT = """
+import re, sys, torch
+from cifarnet import _C
+ops = torch.ops.cifarnet
+
+def resident_bytes(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+generator = torch.Generator().manual_seed(0)
+input = torch.randn(32, 128, 16, 16, generator=generator).contiguous(memory_format=torch.channels_last)
+weight = torch.randn(128, 128, 3, 3, generator=generator)
+grad_output = torch.randn(32, 128, 8, 8, generator=generator).contiguous(memory_format=torch.channels_last)
+geometry = ([1, 1], [1, 1], [2, 2], [2, 2], False, [0, 0])
+conv_output, mean, var = ops._conv2d_batch_norm_relu_max_pool2d_stats(input, weight, None, *geometry)
+_, argmax = ops._conv2d_batch_norm_relu_max_pool2d_epilogue(input, weight, conv_output, mean, var, None, None, 1e-5, *geometry)
+sums = ops._conv2d_batch_norm_relu_max_pool2d_backward_reduce(grad_output, input, weight, conv_output, mean, argmax, *geometry)
+_C._set_cache_sizes(32 * 1024, 512 * 1024, 32 * 2**20)
+torch.set_num_threads(int(sys.argv[1]))
+backward = lambda: ops._conv2d_batch_norm_relu_max_pool2d_backward_elementwise(
+    grad_output, input, weight, conv_output, mean, var, None, argmax, *sums, 32 * 16 * 16, 1e-5,
+    *geometry, [False, True, False])[1]
+gradient = backward()  # the threads' stacks and every lazy allocation, before measuring
+peaks = []
+for _ in range(3):
+    open("/proc/self/clear_refs", "w").write("5")  # the peak resident set starts again from here
+    resident = resident_bytes("VmRSS")
+    backward()
+    peaks.append(resident_bytes("VmHWM") - resident)
+torch.save(gradient, sys.argv[2])
+print(min(peaks))
+"""
+
+
+@requires_winograd
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="measures the peak resident set through Linux's /proc")
+def test_the_weight_gradient_memory_does_not_grow_with_threads(tmp_path):
+    """Its threads' double sums of the transformed gradient (7 MiB each for 128 -> 128) are held
+    to what fits in the input and output gradient's bytes, the threads beyond them splitting the
+    output channels: with 16 threads the backward takes no more than with one (one sum per thread
+    took 40 MiB here, for 8 MiB of input and gradient), and gives the same gradient. Measured as
+    the peak resident set of a fresh process (torch's profiler does not see allocations in
+    worker threads), glibc told to map every buffer of 64 KiB or more on its own so that freeing
+    returns it (the default threshold moves with what was freed)."""
+    env = dict(os.environ, CIFARNET_CONV_ALGORITHM="winograd", MALLOC_MMAP_THRESHOLD_="65536")
+    peaks = {}
+    for threads in (1, 16):
+        command = [sys.executable, "-c", WEIGHT_GRADIENT_MEMORY_SCRIPT, str(threads), str(tmp_path / f"{threads}.pt")]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[threads] = int(result.stdout.split()[-1])
+    held_bytes = 2 * 32 * 128 * 16 * 16 * 4
+    assert peaks[16] <= peaks[1] + held_bytes // 2, f"peak resident bytes above the start with 1 and 16 threads: {peaks}"
+    assert torch.equal(torch.load(tmp_path / "1.pt"), torch.load(tmp_path / "16.pt"))
 
 
 # A convolution's sizes, for the tests that draw their own tensors (the tests assume the ones

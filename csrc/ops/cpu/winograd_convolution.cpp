@@ -161,13 +161,35 @@ WinogradFilters transform(const at::Tensor& bfloat16_or_float_weight, bool adjoi
 // every block (12-24 tiles) into double took half as long as the products themselves.
 constexpr int64_t kTilesPerFloatSum = 96;
 
+// How the weight gradient's work splits between threads: `partial_sums` runs of float sums,
+// each run with a double sum of the whole transformed gradient (kPoints x channels x
+// out_channels), and each run's output channels in `slices` ranges.
+struct WeightGradientSplit {
+  int64_t partial_sums, slices;
+};
+
+// A run per thread while the runs' sums (8 bytes a value, and 4 for a thread's float sum) take
+// no more than `held_bytes`, the float input and output gradient the call holds (or one run
+// where a sum takes more); threads beyond the runs split each run's output channels, and each
+// of them transforms the run's inputs again. With one run per thread, 64 threads kept 64 sums of
+// 7 MB (450 MB) for a 128-channel 3x3 convolution's 12 MB of input and output gradient.
+WeightGradientSplit split_weight_gradient(const Geometry& g, int64_t float_sums,
+                                          int64_t held_bytes) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t run_bytes = kPoints * g.channels_padded * g.out_channels_padded * 12;
+  const int64_t fitting = std::max<int64_t>(1, held_bytes / run_bytes);
+  const int64_t partial_sums = std::min({threads, float_sums, fitting});
+  const int64_t column_groups = g.out_channels_padded / (2 * kLanes);
+  return {partial_sums, std::min((threads + partial_sums - 1) / partial_sums, column_groups)};
+}
+
 // The weight gradient, in `format`; nullopt where a value was not finite. Blocks of at most
 // kTilesPerFloatSum tiles; each float sum covers the same blocks whatever the thread count (its
-// groups start at fixed block indices and no chunk splits one), so the threads change only how
+// groups start at fixed block indices and no run splits one), so the threads change only how
 // the double sums of those float sums are grouped: the float gradient came out the same for 1,
 // 2 and 3 threads in the tests (where the float sums followed each thread's first block, it
-// differed in the last bits). Each chunk adds its groups' sums in double, then the chunks' sums
-// are added in chunk order.
+// differed in the last bits). Each run adds its groups' sums in double, then the runs' sums are
+// added in run order.
 std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output,
                                                    const at::Tensor& input, int64_t kernel,
                                                    at::IntArrayRef padding,
@@ -181,22 +203,28 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
   const int64_t blocks = (tiles + rows - 1) / rows;
   const int64_t blocks_per_float_sum = kTilesPerFloatSum / rows;
   const int64_t float_sums = (blocks + blocks_per_float_sum - 1) / blocks_per_float_sum;
-  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), float_sums);
-  const int64_t sum_size = kPoints * g.channels_padded * g.out_channels_padded;
-  std::vector<at::Tensor> sums(chunks);
+  const WeightGradientSplit split =
+      split_weight_gradient(g, float_sums, (x.numel() + dy.numel()) * sizeof(float));
+  const int64_t runs = split.partial_sums, slices = split.slices;
+  const int64_t column_groups = g.out_channels_padded / (2 * kLanes);
+  const int64_t widest = (column_groups + slices - 1) / slices * 2 * kLanes;
+  const int64_t sum_rows = kPoints * g.channels_padded;
+  std::vector<at::Tensor> sums(runs);
+  for (at::Tensor& sum : sums) sum = at::zeros({sum_rows * g.out_channels_padded}, at::kDouble);
   const float* in = x.data_ptr<float>();
   const float* grad = dy.data_ptr<float>();
   std::atomic<bool> not_finite{false};
-  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+  at::parallel_for(0, runs * slices, 1, [&](int64_t item_begin, int64_t item_end) {
     const at::Tensor v = float_buffer(kPoints * rows * g.channels_padded);
-    const at::Tensor e = float_buffer(kPoints * rows * g.out_channels_padded);
-    const at::Tensor products = float_buffer(sum_size);
+    const at::Tensor e = float_buffer(kPoints * rows * widest);
+    const at::Tensor products = float_buffer(sum_rows * widest);
     float* product_sum = products.data_ptr<float>();
-    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      sums[chunk] = at::zeros({sum_size}, at::kDouble);
-      const int64_t begin = float_sums * chunk / chunks * blocks_per_float_sum;
-      const int64_t end =
-          std::min(blocks, float_sums * (chunk + 1) / chunks * blocks_per_float_sum);
+    for (int64_t item = item_begin; item < item_end; ++item) {
+      const int64_t run = item / slices, slice = item % slices;
+      const int64_t k_begin = column_groups * slice / slices * 2 * kLanes;
+      const int64_t k_end = column_groups * (slice + 1) / slices * 2 * kLanes;
+      const int64_t begin = float_sums * run / runs * blocks_per_float_sum;
+      const int64_t end = std::min(blocks, float_sums * (run + 1) / runs * blocks_per_float_sum);
       for (int64_t block = begin; block < end; ++block) {
         const int64_t first = block * rows, count = std::min(rows, tiles - first);
         const bool starts_sum = block % blocks_per_float_sum == 0;
@@ -204,12 +232,14 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
         bool block_not_finite = false;
         with_tile(g.tile, [&](auto tile) {
           isa_avx2::winograd::weight_gradient_block<decltype(tile)::value>(
-              in, grad, g, first, count, v.data_ptr<float>(), e.data_ptr<float>(), product_sum,
-              /*accumulate=*/!starts_sum, &block_not_finite);
+              in, grad, g, first, count, k_begin, k_end, v.data_ptr<float>(),
+              e.data_ptr<float>(), product_sum, /*accumulate=*/!starts_sum, &block_not_finite);
         });
         if (block_not_finite) not_finite = true;
         if (ends_sum) {
-          isa_avx2::winograd::add_products(product_sum, sum_size, sums[chunk].data_ptr<double>());
+          isa_avx2::winograd::add_products(product_sum, sum_rows, k_end - k_begin,
+                                           sums[run].data_ptr<double>(), g.out_channels_padded,
+                                           k_begin);
         }
       }
     }
@@ -222,7 +252,7 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
   bool weight_not_finite = false;
   with_tile(g.tile, [&](auto tile) {
     isa_avx2::winograd::transform_filter_gradients<decltype(tile)::value>(
-        sum_data.data(), chunks, g.channels, g.out_channels, g.channels_padded,
+        sum_data.data(), runs, g.channels, g.out_channels, g.channels_padded,
         g.out_channels_padded, grad_weight.data_ptr<float>(), grad_weight.strides().data(),
         &weight_not_finite);
   });

@@ -168,18 +168,20 @@ inline vfloat transform_inputs(const float* input, const Geometry& g, int64_t fi
 }
 
 // The output gradients of `count` tiles transformed (A e A^T, the adjoint of the output
-// transform; zero for outputs past the edge), at e[point * count * out_padded + ...].
+// transform; zero for outputs past the edge) in the output channels [k_begin, k_end) (of the
+// padded ones, multiples of kLanes), at e[point][tile][k - k_begin].
 template <int kTile>
 inline vfloat transform_output_gradients(const float* grad_output, const Geometry& g,
-                                         int64_t first, int64_t count, float* e) {
-  const int64_t point_stride = count * g.out_channels_padded;
+                                         int64_t first, int64_t count, int64_t k_begin,
+                                         int64_t k_end, float* e) {
+  const int64_t width = k_end - k_begin, point_stride = count * width;
   vfloat not_finite{};
   for (int64_t i = 0; i < count; ++i) {
     const auto [n, oy, ox] = tile_place<kTile>(g, first + i);
     const float* image = grad_output + n * g.out_h * g.out_w * g.out_channels;
     const int64_t rows = std::min<int64_t>(kTile, g.out_h - oy);
     const int64_t cols = std::min<int64_t>(kTile, g.out_w - ox);
-    for (int64_t c = 0; c < g.out_channels_padded; c += kLanes) {
+    for (int64_t c = k_begin; c < k_end; c += kLanes) {
       const int64_t valid = g.out_channels - c;
       vfloat row_points[kTile][6];  // A applied along each row of gradients
       for (int r = 0; r < kTile; ++r) {
@@ -199,7 +201,7 @@ inline vfloat transform_output_gradients(const float* grad_output, const Geometr
         for (int r = 0; r < kTile; ++r) column[r] = row_points[r][b];
         gradient_line<kTile>(column, points);
         for (int a = 0; a < 6; ++a) {
-          store_aligned(e + (a * 6 + b) * point_stride + i * g.out_channels_padded + c, points[a]);
+          store_aligned(e + (a * 6 + b) * point_stride + i * width + c - k_begin, points[a]);
         }
       }
     }
@@ -336,27 +338,34 @@ inline void forward_block(const float* input, const float* u, const float* bias,
   *not_finite = any_lane(flag);
 }
 
-// One block of the weight gradient: products[point][c][k_padded] (=|+=) the sum over the
-// block's tiles of V[point][tile][c] E[point][tile][k] (v and e hold `count` tiles).
+// One block of the weight gradient in the output channels [k_begin, k_end) (multiples of
+// kGemmCols): products[point][c][k - k_begin] (=|+=) the sum over the block's tiles of
+// V[point][tile][c] E[point][tile][k] (v and e hold `count` tiles).
 template <int kTile>
 inline void weight_gradient_block(const float* input, const float* grad_output,
-                                  const Geometry& g, int64_t first, int64_t count, float* v,
-                                  float* e, float* products, bool accumulate, bool* not_finite) {
+                                  const Geometry& g, int64_t first, int64_t count,
+                                  int64_t k_begin, int64_t k_end, float* v, float* e,
+                                  float* products, bool accumulate, bool* not_finite) {
   vfloat flag = transform_inputs<kTile>(input, g, first, count, count, v);
-  flag += transform_output_gradients<kTile>(grad_output, g, first, count, e);
-  const int64_t c_pad = g.channels_padded, k_pad = g.out_channels_padded;
+  flag += transform_output_gradients<kTile>(grad_output, g, first, count, k_begin, k_end, e);
+  const int64_t c_pad = g.channels_padded, width = k_end - k_begin;
   for (int point = 0; point < kPoints; ++point) {
-    gemm(c_pad, k_pad, count, v + point * count * c_pad, 1, c_pad, e + point * count * k_pad,
-         k_pad, products + point * c_pad * k_pad, k_pad, accumulate);
+    gemm(c_pad, width, count, v + point * count * c_pad, 1, c_pad, e + point * count * width,
+         width, products + point * c_pad * width, width, accumulate);
   }
   *not_finite = any_lane(flag);
 }
 
-// sum += products, in double.
-inline void add_products(const float* products, int64_t size, double* sum) {
-  for (int64_t i = 0; i < size; ++i) sum[i] += products[i];
+// sum[row][k_begin + j] += products[row][j] in double, for `rows` rows of `width` products
+// (the sum's rows hold `sum_row` values).
+inline void add_products(const float* products, int64_t rows, int64_t width, double* sum,
+                         int64_t sum_row, int64_t k_begin) {
+  for (int64_t row = 0; row < rows; ++row) {
+    double* sum_row_slice = sum + row * sum_row + k_begin;
+    const float* product_row = products + row * width;
+    for (int64_t j = 0; j < width; ++j) sum_row_slice[j] += product_row[j];
+  }
 }
-
 
 // G (6 x kKernel) for the points 0, 1, -1, 2, -2 and infinity: each finite point's powers
 // scaled by the inverse of its factor in B^T and A^T's normalisation (1/4, -1/6, 1/24), the
@@ -434,11 +443,11 @@ inline void transform_filters(const float* w, const int64_t* strides, bool adjoi
 }
 
 // dW[k][c] = G^T dU[.][c][k] G into grad_weight (element (k, c, u, v) at k * strides[0] +
-// c * strides[1] + u * strides[2] + v * strides[3]), dU the sum of the `chunks` threads'
-// sums[chunk][point][c][k_padded] (added in chunk order). Sets *not_finite where a gradient is
+// c * strides[1] + u * strides[2] + v * strides[3]), dU the sum of the `runs` runs' sums
+// sums[run][point][c][k_padded] (added in run order). Sets *not_finite where a gradient is
 // not finite.
 template <int kTile>
-inline void transform_filter_gradients(const double* const* sums, int64_t chunks,
+inline void transform_filter_gradients(const double* const* sums, int64_t runs,
                                        int64_t channels, int64_t out_channels, int64_t c_pad,
                                        int64_t k_pad, float* grad_weight,
                                        const int64_t* strides, bool* not_finite) {
@@ -449,9 +458,9 @@ inline void transform_filter_gradients(const double* const* sums, int64_t chunks
     for (int64_t k0 = 0; k0 < out_channels; k0 += kFilterBlock) {
       const int64_t count = out_channels - k0 < kFilterBlock ? out_channels - k0 : kFilterBlock;
       double grad_u[kPoints][kFilterBlock] = {};
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      for (int64_t run = 0; run < runs; ++run) {
         for (int point = 0; point < kPoints; ++point) {
-          const double* sum = sums[chunk] + (point * c_pad + c) * k_pad + k0;
+          const double* sum = sums[run] + (point * c_pad + c) * k_pad + k0;
           for (int j = 0; j < kFilterBlock; ++j) grad_u[point][j] += sum[j];
         }
       }

@@ -15,7 +15,8 @@ PADDING_STRINGS = ("valid", "same")
 
 
 def pair(value, name: str) -> list[int]:
-    """Returns ``[h, w]`` from an int or a sequence of two ints; raises naming ``name``.
+    """Returns ``[h, w]`` from an int or a sequence of one or two ints (one: the same for both,
+    as F.conv2d and F.max_pool2d take it); raises naming ``name``.
 
     A sequence of another length raises ``RuntimeError`` and a non-integer ``TypeError``, as
     F.conv2d and F.max_pool2d raise them. Value checks (positive sizes, non-negative padding)
@@ -25,11 +26,22 @@ def pair(value, name: str) -> list[int]:
         return [int(value), int(value)]
     if isinstance(value, Sequence) and not isinstance(value, str):
         items = list(value)
-        if len(items) != 2:
+        if len(items) not in (1, 2):
             raise RuntimeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
         if all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in items):
-            return [int(items[0]), int(items[1])]
+            return [int(items[0]), int(items[-1])]
     raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
+
+
+def is_window_stride(pool_stride) -> bool:
+    """Whether a pool's ``stride`` means the window's size: None, or an empty sequence (which
+    F.max_pool2d and nn.MaxPool2d read so)."""
+    return pool_stride is None or (isinstance(pool_stride, Sequence) and not isinstance(pool_stride, str) and len(pool_stride) == 0)
+
+
+def pool_stride_pair(pool_stride) -> list[int]:
+    """``pair(pool_stride)``, or ``[]`` (the ops' "the window's size") where it means the window."""
+    return [] if is_window_stride(pool_stride) else pair(pool_stride, "pool_stride")
 
 
 def stored_pair(value) -> tuple:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cifarnet._arguments import conv_padding, pair
+from cifarnet._arguments import conv_padding, pair, pool_stride_pair
 
 _ops = torch.ops.cifarnet
 
@@ -211,7 +211,7 @@ def sync_conv2d_batch_norm_relu_max_pool2d(
         pair(stride, "stride"),
         padding,
         pair(pool_size, "pool_size"),
-        [] if pool_stride is None else pair(pool_stride, "pool_stride"),
+        pool_stride_pair(pool_stride),
         bool(ceil_mode),
         pair(pool_padding, "pool_padding"),
     )

@@ -248,7 +248,9 @@ def _bad_batch_norm_cases():
         ("one value per channel", dict(input=torch.randn(1, 3, 1, 1)), "Expected more than 1 value per channel when training", ValueError),
         ("integer input", dict(input=x.long()), "input must be float32, float64, float16 or bfloat16, got Long", RuntimeError),
         ("eval without running stats", dict(running_mean=None, running_var=None, training=False), "must be defined in evaluation mode", RuntimeError),
-        ("only running_mean", dict(running_var=None), "both be given or both be None", RuntimeError),
+        # F.batch_norm's exception type
+        ("only running_mean", dict(running_var=None), "both be given or both be None", ValueError),
+        ("only running_var", dict(running_mean=None), "both be given or both be None", ValueError),
         # F.batch_norm's checks, with its exception type: a zero eps would divide by zero on a
         # constant channel in training.
         ("eps zero in training", dict(eps=0.0), TRAINING_EPS_MESSAGE, ValueError),

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 
 import cifarnet
@@ -316,6 +317,13 @@ def test_bad_input_raises_a_clear_error(name, overrides, error, message):
     with pytest.raises(error, match=None) as info:
         conv2d_relu_max_pool2d(**args)
     assert message in str(info.value), str(info.value)
+
+
+def test_one_element_sizes_and_an_empty_pool_stride_read_as_native_reads_them():
+    input, weight = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3)
+    out = conv2d_relu_max_pool2d(input, weight, stride=(1,), padding=[1], pool_size=[3], pool_stride=[], pool_padding=(1,))
+    native = F.max_pool2d(F.relu(F.conv2d(input, weight, stride=(1,), padding=[1])), [3], [], (1,))
+    torch.testing.assert_close(out, native)
 
 
 def test_pool_window_of_255_elements_is_accepted():

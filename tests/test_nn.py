@@ -161,6 +161,39 @@ def test_from_modules_refuses_what_it_cannot_fuse(conv, pool, reason):
         Conv2dReLUMaxPool2d.from_modules(conv, pool)
 
 
+@pytest.mark.parametrize(
+    "conv, pool",
+    [
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d((2,))),
+        (nn.Conv2d(3, 4, 3, stride=(2,), padding=(1,), dilation=(1,)), nn.MaxPool2d(2, stride=[], padding=(1,))),
+        (nn.Conv2d(3, 4, 3), nn.MaxPool2d([3], stride=(2,), dilation=[1])),
+    ],
+    ids=["one-element pool size", "one-element conv sizes, empty pool stride", "one-element pool stride"],
+)
+def test_one_element_sizes_and_an_empty_pool_stride_fuse_as_native_reads_them(conv, pool):
+    """F.conv2d and F.max_pool2d take a one-element size for both sides, and max pooling an
+    empty stride for the window's."""
+    native = nn.Sequential(conv, nn.ReLU(), pool)
+    fused = Conv2dReLUMaxPool2d.from_modules(conv, pool)
+    input = torch.randn(2, 3, 9, 9, requires_grad=True)
+    expected, actual = native(input), fused(input)
+    torch.testing.assert_close(actual, expected)
+    grad = torch.randn_like(expected)
+    torch.testing.assert_close(torch.autograd.grad(actual, input, grad)[0], torch.autograd.grad(expected, input, grad)[0])
+
+
+def test_a_malformed_size_is_left_for_native_to_refuse():
+    """A chain native cannot run either is not fused (nor does fusing it raise): the model
+    raises native's own error when it runs."""
+    pool = nn.MaxPool2d((2, 2, 2))
+    with pytest.raises(ValueError, match=r"pool.kernel_size must be an int or a pair of ints"):
+        Conv2dReLUMaxPool2d.from_modules(nn.Conv2d(3, 4, 3), pool)
+    model = cifarnet.fuse(nn.Sequential(nn.Conv2d(3, 4, 3, stride=(1, 1, 1)), nn.ReLU(), nn.MaxPool2d(2)))
+    assert type(model[0]) is nn.Conv2d
+    with pytest.raises(RuntimeError, match="stride"):
+        model(torch.randn(1, 3, 8, 8))
+
+
 def test_extra_repr_names_every_hyperparameter():
     text = repr(Conv2dReLUMaxPool2d(3, 32, 5, padding=2, ceil_mode=True, pool_padding=(1, 0)))
     parts = ("3, 32", "kernel_size=(5, 5)", "stride=(1, 1)", "padding=(2, 2)", "pool_size=(2, 2)", "ceil_mode=True", "pool_padding=(1, 0)")

@@ -10,7 +10,7 @@ import torch.fx
 from torch import Tensor, nn
 
 from cifarnet import _C, ops
-from cifarnet._arguments import check_padding_string, pair, stored_pair
+from cifarnet._arguments import check_padding_string, is_window_stride, pair, stored_pair
 from cifarnet.nn._native import _native_chain, _native_sequential
 
 
@@ -29,7 +29,14 @@ def conv_unfusable_reason(conv: nn.Module) -> str | None:
     ``nn.Conv2d`` with dilation 1, one group and zero padding), or None if they can."""
     if type(conv) is not nn.Conv2d:
         return f"{type(conv).__name__} is not an nn.Conv2d"
-    if tuple(conv.dilation) != (1, 1):
+    try:  # a malformed size is native's to refuse, when the model runs
+        dilation = pair(conv.dilation, "conv.dilation")
+        pair(conv.stride, "conv.stride")
+        if not isinstance(conv.padding, str):
+            pair(conv.padding, "conv.padding")
+    except (RuntimeError, TypeError) as error:
+        return str(error)
+    if dilation != [1, 1]:
         return f"conv.dilation={tuple(conv.dilation)}; the fused op needs dilation 1"
     if conv.groups != 1:
         return f"conv.groups={conv.groups}; the fused op needs groups=1"
@@ -48,17 +55,22 @@ def conv_relu_pool_unfusable_reason(conv: nn.Module, pool: nn.Module) -> str | N
         return reason
     if type(pool) is not nn.MaxPool2d:
         return f"{type(pool).__name__} is not an nn.MaxPool2d"
-    if pair(pool.dilation, "pool.dilation") != [1, 1]:
+    try:  # a malformed size is native's to refuse, when the model runs
+        window, pool_padding = pair(pool.kernel_size, "pool.kernel_size"), pair(pool.padding, "pool.padding")
+        dilation = pair(pool.dilation, "pool.dilation")
+        if not is_window_stride(pool.stride):
+            pair(pool.stride, "pool.stride")
+    except (RuntimeError, TypeError) as error:
+        return str(error)
+    if dilation != [1, 1]:
         return f"pool.dilation={pool.dilation}; the fused op pools without dilation"
     if pool.return_indices:
         return "pool.return_indices=True; the fused op returns only the pooled values"
-    window = pair(pool.kernel_size, "pool.kernel_size")
     if window[0] * window[1] > _C.MAX_POOL_WINDOW_ELEMENTS:
         return (
             f"pool.kernel_size={pool.kernel_size} has {window[0] * window[1]} elements; "
             f"at most {_C.MAX_POOL_WINDOW_ELEMENTS} are supported"
         )
-    pool_padding = pair(pool.padding, "pool.padding")
     if not all(0 <= pad <= size // 2 for pad, size in zip(pool_padding, window)):
         # Native max_pool2d refuses it too: the original keeps its own error.
         return f"pool.padding={pool.padding} is not between 0 and half of pool.kernel_size={pool.kernel_size}"
@@ -112,7 +124,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.stride = stored_pair(stride)
         self.padding = padding if isinstance(padding, str) else stored_pair(padding)
         self.pool_size = stored_pair(pool_size)
-        self.pool_stride = self.pool_size if pool_stride is None else stored_pair(pool_stride)
+        self.pool_stride = self.pool_size if is_window_stride(pool_stride) else stored_pair(pool_stride)
         self.ceil_mode = bool(ceil_mode)
         self.pool_padding = stored_pair(pool_padding)
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
@@ -144,7 +156,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         fused.stride = tuple(conv.stride)
         fused.padding = conv.padding  # 'valid' and 'same' too, as the functional op takes them
         fused.pool_size = stored_pair(pool.kernel_size)
-        fused.pool_stride = fused.pool_size if pool.stride is None else stored_pair(pool.stride)
+        fused.pool_stride = fused.pool_size if is_window_stride(pool.stride) else stored_pair(pool.stride)
         fused.ceil_mode = bool(pool.ceil_mode)
         fused.pool_padding = stored_pair(pool.padding)
         fused.weight = conv.weight

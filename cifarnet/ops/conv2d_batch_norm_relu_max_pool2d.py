@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet._arguments import conv_padding, pair
+from cifarnet._arguments import conv_padding, pair, pool_stride_pair
 from cifarnet.ops._layout import batch_norm_stats_dtype, channel_stats, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
 from cifarnet.ops._transforms import under_vmap
@@ -111,7 +111,7 @@ def conv2d_batch_norm_relu_max_pool2d(
         pair(stride, "stride"),
         padding,
         pair(pool_size, "pool_size"),
-        [] if pool_stride is None else pair(pool_stride, "pool_stride"),
+        pool_stride_pair(pool_stride),
         bool(ceil_mode),
         pair(pool_padding, "pool_padding"),
     )

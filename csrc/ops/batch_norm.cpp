@@ -44,8 +44,8 @@ void update_running_stats_if_given(const std::optional<at::Tensor>& running_mean
                                    const std::optional<at::Tensor>& running_var,
                                    const at::Tensor& save_mean, const at::Tensor& save_var,
                                    double momentum, c10::SymInt count) {
-  TORCH_CHECK(defined(running_mean) == defined(running_var),
-              "running_mean and running_var must both be given or both be None");
+  TORCH_CHECK_VALUE(defined(running_mean) == defined(running_var),
+                    "running_mean and running_var must both be given or both be None");
   if (!defined(running_mean)) return;
   static auto op =
       internal_op<void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, double,

@@ -43,6 +43,7 @@ from fuse_cases import (
     run,
 )
 from op_cases import assert_no_worse_than_native
+from conftest import recorded_op_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -617,8 +618,8 @@ def test_forward_that_depends_on_the_mode_is_fused_in_the_mode_it_is_in(mode):
     for training in (mode, not mode):
         fused.train(training)(input)
     hook.remove()
-    # the fused layer pools in the graph's mode; the original forward calls it as nn.Conv2d
-    assert calls == [torch.Size([2, 8, 3, 3])]
+    # hooked, the fused layer is an nn.Conv2d again in either mode (the original forward runs)
+    assert calls == [torch.Size([2, 8, 6, 6])] * 2
     assert_same_function(copy.deepcopy(fused), model, input, FLOAT64)
     assert_same_function(pickle.loads(pickle.dumps(fused)), model, input, FLOAT64)
 
@@ -902,6 +903,64 @@ def test_a_submodule_traced_into_in_another_mode_than_the_graph_s_gets_the_origi
             model.doubling.train(doubling_mode)
             copied.doubling.train(doubling_mode)
             assert_close(copied(block_input()), model(block_input()), FLOAT64)
+
+
+def resnet18_fused_by_graph():
+    """ResNet-18 in float64 evaluation mode beside its fused copy (the stem's chain and every
+    bn -> ReLU -> conv chain fused in the graph of forward, traced into each block)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double().eval()
+    return model, fuse_quietly(copy.deepcopy(model))
+
+
+def calls_fused_ops(model, input) -> bool:
+    with recorded_op_calls() as recorded:
+        model(input)
+    return any(call.startswith("cifarnet.") for call in recorded.calls)
+
+
+@pytest.mark.parametrize("where", ["layer4", "layer1.0", "maxpool", "relu", "layer1.0.bn1", "conv1"])
+def test_hooks_registered_after_fusing_run_as_on_the_original(where):
+    """On a block the graph traced into, a module of a fused chain or the fused layer itself,
+    a hook registered after fusing makes the model run its own forward, where the hook sees
+    what it sees unfused (a convolution's output, not the chain's); the graph runs again once
+    the hook is removed."""
+    model, fused = resnet18_fused_by_graph()
+    input = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert calls_fused_ops(fused, input)
+    results = {}
+    for name, network in (("native", model), ("fused", fused)):
+        seen = []
+        handle = network.get_submodule(where).register_forward_hook(lambda module, args, output: seen.append(output.clone()))
+        results[name] = network(input), seen
+        handle.remove()
+    (expected, expected_seen), (actual, actual_seen) = results["native"], results["fused"]
+    assert len(actual_seen) == len(expected_seen) > 0
+    for ours, theirs in zip(actual_seen, expected_seen):
+        assert_close(ours, theirs, FLOAT64)
+    assert_close(actual, expected, FLOAT64)
+    assert calls_fused_ops(fused, input)
+
+
+@pytest.mark.parametrize(
+    "where, replacement",
+    [
+        ("maxpool", nn.Identity),  # the usual edit for CIFAR-sized inputs
+        ("bn1", nn.Identity),
+        ("conv1", lambda: nn.Conv2d(3, 64, 3, padding=1)),
+        ("layer1", nn.Identity),
+        ("layer2.0.bn1", lambda: nn.BatchNorm2d(128, eps=0.5)),
+    ],
+)
+def test_modules_replaced_after_fusing_are_the_ones_that_run(where, replacement):
+    """A fused layer holds its chain's batch norm and pool: replacing one of them, the fused
+    layer, or a block the graph traced into sends the model to its own forward."""
+    model, fused = resnet18_fused_by_graph()
+    new = replacement().double().eval()
+    model.set_submodule(where, new)
+    fused.set_submodule(where, new)
+    input = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert_close(fused(input), model(input), FLOAT64)
 
 
 class UntraceableBlocks(nn.Module):

@@ -18,10 +18,12 @@ from torch import nn
 
 from cifarnet.fuse._torch_internals import (
     _graph_module_class,
+    _has_hooks,
     _keep_through_copies,
     _rename_graph_module,
     _set_module_state,
     _tensor_version,
+    _with_hooks_of,
 )
 from cifarnet.ops import _layout, batch_norm, conv2d_relu_max_pool2d
 
@@ -139,6 +141,28 @@ def strided_cases():
             yield dense[..., ::2]  # not dense
             yield dense[:, :, :, 1:]
             yield dense.transpose(2, 3)
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        lambda module: module.register_forward_hook(lambda m, args, output: None),
+        lambda module: module.register_forward_hook(lambda m, args, kwargs, output: None, with_kwargs=True),
+        lambda module: module.register_forward_pre_hook(lambda m, args: None),
+        lambda module: module.register_full_backward_hook(lambda m, grad_input, grad_output: None),
+        lambda module: module.register_full_backward_pre_hook(lambda m, grad_output: None),
+    ],
+    ids=["forward", "forward with kwargs", "forward pre", "full backward", "full backward pre"],
+)
+def test_has_hooks_sees_every_call_hook_and_with_hooks_of_shares_them(register):
+    conv = nn.Conv2d(2, 3, 3)
+    assert not _has_hooks(conv), TORCH
+    handle = register(conv)
+    assert _has_hooks(conv), TORCH
+    other = _with_hooks_of(conv, nn.Conv2d(2, 3, 3))
+    assert _has_hooks(other), TORCH
+    handle.remove()  # the user's handle removes it from both: the same dictionaries
+    assert not _has_hooks(conv) and not _has_hooks(other), TORCH
 
 
 def test_suggest_memory_format_agrees_with_the_cpp_rule():

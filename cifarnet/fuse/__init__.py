@@ -54,7 +54,10 @@ switches grad mode or autocast, or assigns an attribute, counts as untraceable: 
 record neither. A module with hooks stays a call in its parent's graph (its hooks then run at
 every call) and is fused on its own; a module held under two names is fused once. The
 GraphModule keeps the traced class's own ``train()``; where a submodule traced into the graph
-is in the other mode than the one the graph holds, the module's own ``forward`` runs.
+is in the other mode than the one the graph holds, the module's own ``forward`` runs, as it
+does where a module traced into or a module of a fused chain (the fused layer included) was
+replaced or hooked after fusing. An ``nn.Sequential`` rewritten by position computes each
+chain at its convolution's index: a slice ending inside a chain returns the pooled output.
 
 Chains the fused ops cannot compute (dilation, groups, padding modes, dilated or
 index-returning pools, pools padded by more than half their window, which native refuses too,

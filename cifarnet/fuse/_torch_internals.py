@@ -54,3 +54,23 @@ def _keep_through_copies(graph_module: GraphModule, class_name: str, attributes:
         graph_module.meta[torch.fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY] = attributes
     _set_module_state(graph_module, {"_graphmodule_cls_name": class_name})
     graph_module._register_deepcopy_hook(functools.partial(_rename_graph_module, class_name))
+
+
+# nn.Module's hook dictionaries (the handles users hold remove from these very objects).
+_HOOKS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)  # fmt: skip
+
+
+def _with_hooks_of(layer: nn.Module, native: nn.Module) -> nn.Module:
+    """``native`` (a module that computes what ``layer`` computes) holding ``layer``'s hooks,
+    so that they run on it as they ran on ``layer``."""
+    _set_module_state(native, {name: vars(layer)[name] for name in _HOOKS if name in vars(layer)})
+    return native
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has its own forward or backward hooks (called only by its ``__call__``)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)

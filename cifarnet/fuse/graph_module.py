@@ -16,9 +16,11 @@ from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet.fuse._torch_internals import (
     _graph_module_class,
+    _has_hooks,
     _keep_through_copies,
     _rename_graph_module,
     _set_module_state,
+    _with_hooks_of,
 )
 from cifarnet.fuse.layers import _BatchNormByReference, _FusedChainLayer
 
@@ -49,11 +51,14 @@ def _graph_module(
         for key, value in vars(module).items()
         if key not in _MODULE_STATE and key not in vars(graph_module) and key != "forward"
     }
+    traced_modules = tuple(module.get_submodule(name) for name in traced_into)
     if not isinstance(module, GraphModule):  # a GraphModule's class holds no forward to go back to
-        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode, traced_into)
+        preserved["_traced_from"] = _TracedFrom(type(module), tuple(preserved), mode, traced_into, traced_modules)
     elif mode is not None and "_traced_from" in preserved:
         # a fused GraphModule traced again: its graph now holds this mode
-        preserved["_traced_from"] = dataclasses.replace(preserved["_traced_from"], mode=mode, traced_into=traced_into)
+        preserved["_traced_from"] = dataclasses.replace(
+            preserved["_traced_from"], mode=mode, traced_into=traced_into, traced_modules=traced_modules
+        )
     _set_module_state(graph_module, {**state, **preserved})
     _keep_through_copies(graph_module, type(module).__name__, preserved)
     return graph_module
@@ -64,12 +69,14 @@ class _TracedFrom:
     """The class of the module a GraphModule replaced and the names of its plain attributes:
     unfuse makes an instance of that class again, as deepcopy and pickle make one. ``mode``:
     the one train/eval mode the graph holds where forward branches on it (None: both);
-    ``traced_into``: the submodules whose forward the graph holds (in that mode too)."""
+    ``traced_into``: the submodules whose forward the graph holds (in that mode too), and
+    ``traced_modules`` those modules, as fuse found them."""
 
     cls: type
     attributes: tuple[str, ...]
     mode: bool | None = None
     traced_into: tuple[str, ...] = ()
+    traced_modules: tuple[nn.Module, ...] = ()
 
     def holds_modes_of(self, module: nn.Module) -> bool:
         """Whether the graph holds ``module``'s forward in the train/eval modes its modules are
@@ -79,6 +86,49 @@ class _TracedFrom:
         return module.training == self.mode and all(
             module.get_submodule(name).training == self.mode for name in self.traced_into
         )
+
+    def traced_modules_changed(self, module: nn.Module) -> bool:
+        """Whether a module the graph traced into was replaced or has hooks since (which the
+        graph, holding its forward's code, would not call)."""
+        return any(
+            _submodule_or_none(module, name) is not traced or _has_hooks(traced)
+            for name, traced in zip(self.traced_into, self.traced_modules)
+        )
+
+
+def _submodule_or_none(module: nn.Module, name: str) -> nn.Module | None:
+    """``module.get_submodule(name)``, or None where there is none (replaced or deleted since).
+
+    NB: walks the children's dictionaries itself: get_submodule took 10 us a name, which the
+    checks of every call would have paid some 40 times for a ResNet-18."""
+    for part in name.split(".") if name else ():
+        module = module._modules.get(part)
+        if module is None:
+            return None
+    return module
+
+
+def _fused_layers(graph_module: GraphModule) -> tuple[tuple[str, _FusedChainLayer], ...]:
+    """``(path, layer)`` of each fused layer that ``graph_module``'s graph calls."""
+    targets = dict.fromkeys(node.target for node in graph_module.graph.nodes if node.op == "call_module")
+    layers = ((target, _submodule_or_none(graph_module, target)) for target in targets)
+    return tuple((target, layer) for target, layer in layers if isinstance(layer, _FusedChainLayer))
+
+
+def _changed_since_fusing(graph_module: _FusedGraphModule) -> bool:
+    """Whether the graph no longer computes what the module's own forward would: a module it
+    traced into, a fused layer or a module of a fused chain was replaced or has hooks since
+    fusing (fuse leaves hooked modules unfused, so these hooks came after it). A hook on a
+    fused layer expects the convolution's output, not the chain's."""
+    if graph_module._traced_from.traced_modules_changed(graph_module):
+        return True
+    for target, layer in graph_module._fused_layers:
+        if _submodule_or_none(graph_module, target) is not layer or _has_hooks(layer):
+            return True
+        for name, member in layer._members:
+            if _submodule_or_none(graph_module, name) is not member or _has_hooks(member):
+                return True
+    return False
 
 
 class _UntracedBranch(AssertionError):
@@ -129,6 +179,7 @@ class _FusedGraphModule(GraphModule):
         # NB: in the instance's __dict__, as GraphModule keeps its graph: recompile runs again
         # whenever the graph changes (set, deep-copied, unpickled).
         self.__dict__["_buffers_before_checks"] = _buffers_before_last_check(self.graph)
+        self.__dict__["_fused_layers"] = _fused_layers(self)
         return python_code
 
     def __reduce__(self):
@@ -137,15 +188,15 @@ class _FusedGraphModule(GraphModule):
 
 
 def _or_original_forward(graph_forward):
-    """``forward`` running the graph's code, or where a branch check fails or the module is in
-    the train/eval mode the graph does not hold, the traced class's own ``forward`` on
-    :func:`_original_view`."""
+    """``forward`` running the graph's code, or where a branch check fails, the module is in
+    the train/eval mode the graph does not hold or its modules changed since fusing, the traced
+    class's own ``forward`` on :func:`_original_view`."""
 
     # NB: wraps keeps the graph's signature where torch.fx and torch.export read it.
     @functools.wraps(graph_forward)
     def forward(self, *args, **kwargs):
         traced_from = self._traced_from
-        if not traced_from.holds_modes_of(self):  # the other mode
+        if not traced_from.holds_modes_of(self) or _changed_since_fusing(self):
             return traced_from.cls.forward(_original_view(self), *args, **kwargs)
         saved = [(buffer, buffer.clone()) for buffer in _named_buffers(self, self._buffers_before_checks)]
         try:
@@ -231,7 +282,8 @@ def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
     instance of the traced class whose graph-fused layers are ``nn.Conv2d`` again.
 
     The modules on the way to those layers are shallow copies, so ``graph_module`` itself is
-    left as it is; the batch norms, ReLUs and pools of its chains are where they always were.
+    left as it is; the batch norms, ReLUs and pools of its chains are where they always were
+    (or whatever replaced them), and the convolutions hold the fused layers' hooks.
     """
     view = _as_traced_class(graph_module)
     _set_module_state(view, {"_modules": dict(view._modules)})
@@ -239,7 +291,7 @@ def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
     for node in graph_module.graph.nodes:
         if node.op != "call_module":
             continue
-        layer = graph_module.get_submodule(node.target)
+        layer = _submodule_or_none(graph_module, node.target)  # None: its parent was replaced
         if not isinstance(layer, _FusedChainLayer) or not layer.steps:
             continue
         *path, name = node.target.split(".")
@@ -252,7 +304,7 @@ def _original_view(graph_module: _FusedGraphModule) -> nn.Module:
                 copies.add(id(child))
                 owner._modules[part] = child
             owner = child
-        owner._modules[name] = layer.to_conv2d()
+        owner._modules[name] = _with_hooks_of(layer, layer.to_conv2d())
     return view
 
 

@@ -33,9 +33,15 @@ class _FusedChainLayer:
     # Where the chain's other calls stood: after the convolution, or before it (bn -> ReLU -> conv).
     steps_before_conv = False
 
-    def _remember(self, conv: nn.Conv2d, names: tuple[str, ...], steps: tuple[_Step, ...]) -> None:
+    def _remember(
+        self, conv: nn.Conv2d, names: tuple[str, ...], steps: tuple[_Step, ...], members: tuple[tuple[str, nn.Module], ...] = ()
+    ) -> None:
         self.fuses = tuple(names)
         self.steps = tuple(steps)  # empty when rewritten by position: the positions remember
+        # The chain's other modules, by their paths in the GraphModule, which its graph no longer
+        # calls (graph rewriting only): replaced or hooked later, they send the model to its own
+        # forward. NB: not children (each stays registered at its own position).
+        _set_module_state(self, {"_members": tuple(members)})
         self._conv_arguments = {
             "in_channels": conv.in_channels,
             "out_channels": conv.out_channels,
@@ -76,7 +82,7 @@ class FusedConv2dReLUMaxPool2d(_FusedChainLayer, Conv2dReLUMaxPool2d):
         raise TypeError("FusedConv2dReLUMaxPool2d is made by cifarnet.fuse; build a cifarnet.nn.Conv2dReLUMaxPool2d instead")
 
     @classmethod
-    def from_chain(cls, conv: nn.Conv2d, pool: nn.MaxPool2d, names, steps=()) -> FusedConv2dReLUMaxPool2d:
+    def from_chain(cls, conv: nn.Conv2d, pool: nn.MaxPool2d, names, steps=(), members=()) -> FusedConv2dReLUMaxPool2d:
         """The fused layer of ``conv -> ReLU -> pool``, sharing ``conv``'s parameters.
 
         Args:
@@ -84,9 +90,10 @@ class FusedConv2dReLUMaxPool2d(_FusedChainLayer, Conv2dReLUMaxPool2d):
                 when the chain pools functionally); ``ValueError`` if they cannot be fused.
             names: the chain's qualified names, for ``repr`` and reports.
             steps: how to call the chain's other nodes again (graph rewriting only).
+            members: ``(path, module)`` of the chain's other modules (graph rewriting only).
         """
         fused = cls.from_modules(conv, pool)
-        fused._remember(conv, names, steps)
+        fused._remember(conv, names, steps, members)
         return fused
 
     def extra_repr(self) -> str:
@@ -112,8 +119,11 @@ class _BatchNormByReference:
 
     def _set_batch_norm(self, bn: nn.BatchNorm2d) -> None:
         # NB: not through nn.Module.__setattr__, which would register bn as a child and add
-        # "bn.*" keys; bn is registered (once) at its own position in the model.
-        _set_module_state(self, {"_batch_norm": bn})
+        # "bn.*" keys; bn is registered (once) at its own position in the model. A converter
+        # that replaces it there (convert_sync_batchnorm) points the chain's members at it too.
+        old = vars(self).get("_batch_norm")
+        members = tuple((name, bn if member is old else member) for name, member in vars(self).get("_members", ()))
+        _set_module_state(self, {"_batch_norm": bn, "_members": members})
 
 
 class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, _BatchNormByReference, Conv2dBatchNormReLUMaxPool2d):
@@ -136,12 +146,12 @@ class FusedConv2dBatchNormReLUMaxPool2d(_FusedChainLayer, _BatchNormByReference,
 
     @classmethod
     def from_chain(
-        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, names, steps=()
+        cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.MaxPool2d, names, steps=(), members=()
     ) -> FusedConv2dBatchNormReLUMaxPool2d:
         """The fused layer of ``conv -> bn -> ReLU -> pool``: shares ``conv``'s parameters and
         reads ``bn``'s tensors; arguments as in :meth:`FusedConv2dReLUMaxPool2d.from_chain`."""
         fused = cls.from_modules(conv, bn, pool)
-        fused._remember(conv, names, steps)
+        fused._remember(conv, names, steps, members)
         return fused
 
     def extra_repr(self) -> str:
@@ -168,12 +178,12 @@ class FusedBatchNormReLUConv2d(_FusedChainLayer, _BatchNormByReference, BatchNor
         raise TypeError("FusedBatchNormReLUConv2d is made by cifarnet.fuse; build a cifarnet.nn.BatchNormReLUConv2d instead")
 
     @classmethod
-    def from_chain(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, names, steps=()) -> FusedBatchNormReLUConv2d:
+    def from_chain(cls, bn: nn.BatchNorm2d, conv: nn.Conv2d, names, steps=(), members=()) -> FusedBatchNormReLUConv2d:
         """The fused layer of ``bn -> ReLU -> conv``: shares ``conv``'s parameters and reads
         ``bn``'s tensors; ``steps`` are the batch-norm and ReLU calls, in order, that
         :func:`unfuse` puts back before the convolution (graph rewriting only)."""
         fused = cls.from_modules(bn, conv)
-        fused._remember(conv, names, steps)
+        fused._remember(conv, names, steps, members)
         return fused
 
     def extra_repr(self) -> str:

@@ -14,6 +14,7 @@ from torch.fx import Node
 
 import cifarnet.nn as cnn
 from cifarnet.fuse import layers as fused_layers
+from cifarnet.fuse._torch_internals import _has_hooks
 from cifarnet.fuse.report import Chain
 from cifarnet.nn import (
     BATCH_NORMS_2D,
@@ -73,11 +74,6 @@ def _is_leaf(module: nn.Module) -> bool:
         return True
     torch_layer = type(module).__module__.startswith(("torch.nn", "torch.ao.nn"))
     return torch_layer and not isinstance(module, nn.Sequential)
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether ``module`` has its own forward or backward hooks (called only by its ``__call__``)."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
 
 
 def _is_plain_sequential(module: nn.Module) -> bool:

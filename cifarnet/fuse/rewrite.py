@@ -238,10 +238,15 @@ def _step(node: Node) -> _Step:
 
 def _fuse_in_graph(graph_module: GraphModule, chain: _Candidate) -> None:
     """Makes the chain's convolution node call the fused layer and removes its other nodes."""
+    members = tuple(
+        (node.target, graph_module.get_submodule(node.target))
+        for node in chain.nodes
+        if node.op == "call_module" and graph_module.get_submodule(node.target) is not chain.conv
+    )
     if chain.bn_relu_conv:
         bn_node, relu_node, conv_node = chain.nodes
         steps = (_step(bn_node), _step(relu_node))
-        fused = FusedBatchNormReLUConv2d.from_chain(chain.bn, chain.conv, chain.names, steps)
+        fused = FusedBatchNormReLUConv2d.from_chain(chain.bn, chain.conv, chain.names, steps, members)
         graph_module.set_submodule(conv_node.target, fused)
         conv_node.update_arg(0, bn_node.args[0])  # read now: an earlier rewrite may have replaced it
         graph_module.graph.erase_node(relu_node)
@@ -250,9 +255,9 @@ def _fuse_in_graph(graph_module: GraphModule, chain: _Candidate) -> None:
     conv_node, *rest = chain.nodes
     steps = tuple(_step(node) for node in rest)
     if chain.bn is None:
-        fused = FusedConv2dReLUMaxPool2d.from_chain(chain.conv, chain.pool, chain.names, steps)
+        fused = FusedConv2dReLUMaxPool2d.from_chain(chain.conv, chain.pool, chain.names, steps, members)
     else:
-        fused = FusedConv2dBatchNormReLUMaxPool2d.from_chain(chain.conv, chain.bn, chain.pool, chain.names, steps)
+        fused = FusedConv2dBatchNormReLUMaxPool2d.from_chain(chain.conv, chain.bn, chain.pool, chain.names, steps, members)
     graph_module.set_submodule(conv_node.target, fused)
     rest[-1].replace_all_uses_with(conv_node)
     for node in reversed(rest):

@@ -15,9 +15,9 @@ import torch
 import torch.fx
 from torch import nn
 
-from cifarnet.fuse._torch_internals import _tensor_version
+from cifarnet.fuse._torch_internals import _has_hooks, _tensor_version
 from cifarnet.fuse.graph_module import _MODULE_STATE, _check_branch
-from cifarnet.fuse.patterns import _has_hooks, _is_leaf, _qualified
+from cifarnet.fuse.patterns import _is_leaf, _qualified
 
 
 # Ways through forward's branches tried per mode before giving up on tracing a module.

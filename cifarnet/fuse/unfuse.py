@@ -8,10 +8,10 @@ import warnings
 from torch import nn
 from torch.fx import GraphModule
 
-from cifarnet.fuse._torch_internals import _set_module_state
+from cifarnet.fuse._torch_internals import _has_hooks, _with_hooks_of
 from cifarnet.fuse.graph_module import _as_traced_class
 from cifarnet.fuse.layers import FusedBatchNorm2d, FusedIdentity, _FusedChainLayer
-from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME, _has_hooks
+from cifarnet.fuse.patterns import _FUNCTIONS_BY_NAME
 from cifarnet.nn import (
     BatchNorm1d,
     BatchNorm2d,
@@ -98,21 +98,6 @@ def _unfuse_children(module: nn.Module, prefix: str = "", dropped_hooks: list[st
             continue
         setattr(module, name, native)
     return dropped_hooks
-
-
-# nn.Module's hook dictionaries (the handles users hold remove from these very objects).
-_HOOKS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)  # fmt: skip
-
-
-def _with_hooks_of(layer: nn.Module, native: nn.Module) -> nn.Module:
-    """``native`` (``layer.to_native()``, which computes what ``layer`` computes) holding
-    ``layer``'s hooks, so that they run on it as they ran on ``layer``."""
-    _set_module_state(native, {name: vars(layer)[name] for name in _HOOKS if name in vars(layer)})
-    return native
 
 
 def _untraced(module: nn.Module) -> nn.Module:

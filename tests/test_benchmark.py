@@ -112,6 +112,13 @@ def test_bench_checks_its_outputs_before_timing_anything(tmp_path, capsys, monke
     assert blocker.read_text() == "mine"
 
 
+def test_bench_refuses_a_plot_it_could_not_draw_before_timing(tmp_path, capsys, monkeypatch):
+    """matplotlib would refuse the format only after the timing (and before --json was written)."""
+    monkeypatch.setattr(benchmark, "benchmark_layer", lambda *args, **kwargs: pytest.fail("timed before checking"))
+    err = bench_usage_error(capsys, ["--plot", str(tmp_path / "notes.txt")])
+    assert f"--plot {tmp_path / 'notes.txt'}: expected a .png file" in err
+
+
 def test_bench_creates_the_folders_of_its_outputs(tmp_path):
     report, plot = tmp_path / "missing" / "dir" / "bench.json", tmp_path / "other" / "bench.png"
     status = benchmark.main(

@@ -125,7 +125,7 @@ def _changed_since_fusing(graph_module: _FusedGraphModule) -> bool:
     for target, layer in graph_module._fused_layers:
         if _submodule_or_none(graph_module, target) is not layer or _has_hooks(layer):
             return True
-        for name, member in layer._members:
+        for name, member in getattr(layer, "_members", ()):  # not recorded in models pickled before
             if _submodule_or_none(graph_module, name) is not member or _has_hooks(member):
                 return True
     return False

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import math
 import os
 import signal
 import sys
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
-from cifarnet.study.data import CIFAR10, CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10
+from cifarnet.study.data import CIFAR10, CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10, shortfall
 from cifarnet.study.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
     EveryProcessError,
@@ -102,8 +103,22 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
+    return value
+
+
+# torch.manual_seed's range.
+MAX_SEED = 2**32 - 1
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {value}")
     return value
 
 
@@ -123,7 +138,7 @@ def _train_parser() -> argparse.ArgumentParser:
                         help=f"cifar-10-batches-py/ or train/ and test/ image folders; downloaded when empty "
                              f"(default: {default_data_dir()})")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: runs/<variant>)")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    parser.add_argument("--seed", type=_seed, default=defaults.seed, help="0 to 2**32 - 1 (default: %(default)s)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     parser.add_argument("--ops", choices=OPS, default=defaults.ops,
                         help="fused cifarnet ops or native torch layers (default: %(default)s)")
@@ -326,16 +341,20 @@ def _train_config(args: argparse.Namespace, variant: str, world_size: int) -> Tr
 
 
 def _load_data(data_dir: Path | None, progress: bool, launch: Launch | None, peers: Peers | None):
-    """The data set; with several processes, each machine's first process reads it first (it may
-    download or decode it into the cache), then the others read what it left."""
+    """The data set, with a note where it is not the whole of CIFAR-10; with several processes,
+    each machine's first process reads it first (it may download or decode it into the cache),
+    then the others read what it left."""
     if peers is None:
-        return load_cifar10(data_dir, progress=progress)
-    first_on_machine = launch.local_rank == 0
-    if not first_on_machine:
-        peers.barrier()
-    data = load_cifar10(data_dir, progress=progress and first_on_machine)
-    if first_on_machine:
-        peers.barrier()
+        data = load_cifar10(data_dir, progress=progress)
+    else:
+        first_on_machine = launch.local_rank == 0
+        if not first_on_machine:
+            peers.barrier()
+        data = load_cifar10(data_dir, progress=progress and first_on_machine)
+        if first_on_machine:
+            peers.barrier()
+    if (launch is None or launch.rank == 0) and shortfall(data):
+        print(f"note: {shortfall(data)}", flush=True)
     return data
 
 
@@ -370,6 +389,11 @@ def _train_output_problem(
     problem = output_folder_problem(out)
     if problem:
         return f"--out {out}: {problem}"
+    earlier = earlier_run_files(out)
+    if every_variant and earlier:
+        # Checked now: the summary of the six runs could not be written there after they train.
+        return (f"--out {out} holds a single run ({', '.join(earlier)}); --variant all writes a folder of "
+                f"run folders: choose another folder")
     for folder in run_folders:
         problem = output_folder_problem(folder)
         if problem:
@@ -395,8 +419,8 @@ def _eval_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("checkpoint", type=Path, help=f"a {CHECKPOINT_FILE} written by cifarnet-train")
     parser.add_argument("--data-dir", type=Path, default=None,
-                        help=f"as for cifarnet-train (default: the folder the checkpoint was trained on, where it still "
-                             f"exists and holds the same images; else {default_data_dir()})")
+                        help=f"as for cifarnet-train (default: the folder the checkpoint was trained on, which "
+                             f"must still hold the same images; where it is gone, {default_data_dir()})")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     parser.add_argument("--ops", choices=OPS, default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
@@ -489,6 +513,8 @@ def _eval_data(data_dir: Path | None, checkpoint: dict, path: Path, progress: bo
         else:
             data_dir, reads_recorded = Path(recorded_root), True
     data = load_cifar10(data_dir, progress=progress)
+    if shortfall(data):
+        print(f"note: {shortfall(data)}", flush=True)
     if "sha256" not in record:
         if reads_recorded:
             print(f"data: {recorded_root}, the folder {path} was trained on (its images unchecked: the checkpoint "

@@ -132,7 +132,9 @@ def plot_test_accuracy(
         runs = np.array([[record["test_top1"] for record in history[:epochs]] for history in histories])
         label = name if len(histories) == 1 else f"{name} ({len(histories)} runs: mean, range shaded)"
         label = f"{label}: {notes[name]}" if name in notes else label
-        axes.plot(x, runs.mean(0), color=colour, linestyle=style, label=label)
+        # A marker where a run has one epoch: a line through one point draws nothing.
+        marker = "o" if len(x) == 1 else None
+        axes.plot(x, runs.mean(0), color=colour, linestyle=style, marker=marker, markersize=4, label=label)
         if len(histories) > 1:
             axes.fill_between(x, runs.min(0), runs.max(0), color=colour, alpha=0.15, linewidth=0)
     for name, note in notes.items():

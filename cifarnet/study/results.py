@@ -91,6 +91,10 @@ def _variant_of(name: str) -> str | None:
     return variant if variant in VARIANTS else None
 
 
+# What the tables and plots read of each epoch's record in metrics.jsonl.
+RECORD_KEYS = ("epoch", "train_loss", "test_loss", "test_top1", "seconds")
+
+
 def read_run(folder: str | Path, epochs: int | None = None) -> Run | None:
     """The run in ``folder``, or None where it holds none (no metrics and no divergence).
 
@@ -112,6 +116,10 @@ def read_run(folder: str | Path, epochs: int | None = None) -> Run | None:
             history = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
         except json.JSONDecodeError as error:
             raise ValueError(f"{metrics}: not one JSON object per line ({error})") from None
+        for number, line in enumerate(history, 1):
+            missing = [key for key in RECORD_KEYS if key not in line] if isinstance(line, dict) else list(RECORD_KEYS)
+            if missing:
+                raise ValueError(f"{metrics}: epoch record {number} lacks {', '.join(missing)}; expected cifarnet-train's metrics")
     record = json.loads(divergence.read_text(encoding="utf-8")) if divergence.is_file() else None
     if not history and record is None:
         return None

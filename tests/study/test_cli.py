@@ -14,6 +14,7 @@ import time
 import urllib.error
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -161,6 +162,19 @@ def test_all_variants_and_their_summary(pickles, tmp_path, capsys):
         assert image.format == "PNG"
 
 
+def test_a_one_epoch_curve_is_drawn(tmp_path):
+    """A line through one point draws nothing: one-epoch runs (a smoke test of --variant all)
+    left test_accuracy.png with a legend and empty axes."""
+    from cifarnet.study.plots import plot_test_accuracy
+
+    plot_test_accuracy({"full": [[{"epoch": 1, "test_top1": 50.0}]]}, tmp_path / "one.png")
+    with Image.open(tmp_path / "one.png") as image:
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    above_the_legend = pixels[: pixels.shape[0] // 2]
+    first_colour = np.array([0x1F, 0x77, 0xB4])  # matplotlib's C0, the first curve's
+    assert (np.abs(above_the_legend - first_colour).sum(-1) < 30).sum() > 10
+
+
 def test_unknown_variant_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         train_main(["--variant", "best"])
@@ -255,6 +269,31 @@ def test_all_variants_check_every_run_folder_before_training(pickles, tmp_path, 
     assert f"{out / 'full'} already holds a run" in line
     assert "with --variant all, --resume keeps complete runs and continues the others" in line
     assert sorted(p.name for p in out.iterdir()) == ["full"]  # baseline, trained first, was not started
+
+
+def test_all_variants_refuse_a_single_run_s_folder_before_training(pickles, tmp_path, capsys):
+    """The summary of the six runs could not be written there: found out only after they all
+    trained, where a study takes days."""
+    out = tmp_path / "run"
+    assert train_main(["--variant", "full", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]) == 0
+    capsys.readouterr()
+    line = assert_one_line_error(capsys, train_main(["--variant", "all", "--epochs", "1", "--data-dir", str(pickles), "--out", str(out), *TINY]))
+    assert f"--out {out} holds a single run (checkpoint.pt, metrics.jsonl); --variant all writes a folder of run folders" in line
+    assert not any(path.is_dir() for path in out.iterdir())
+
+
+@pytest.mark.parametrize("value", ["-1", "4294967296", "99999999999999999999999", "1.5"])
+def test_a_seed_out_of_torch_s_range_is_a_usage_error(capsys, value):
+    with pytest.raises(SystemExit) as info:
+        train_main(["--seed", value])
+    assert info.value.code == 2 and "argument --seed: expected an integer from 0 to 4294967295" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--lr", "--clip-grad-norm"])
+def test_an_infinite_rate_or_norm_is_a_usage_error(capsys, option):
+    with pytest.raises(SystemExit) as info:
+        train_main([option, "inf"])
+    assert info.value.code == 2 and f"argument {option}: expected a positive finite number, got inf" in capsys.readouterr().err
 
 
 # --- resuming: the same data and settings -----------------------------------------------------
@@ -482,9 +521,8 @@ def test_divergence_stops_with_one_line_naming_the_remedies(pickles, tmp_path, c
     status = train_main(["--variant", "momentum", "--epochs", "3", "--lr", "1e6", "--data-dir", str(pickles), "--out", str(out), *TINY])
     line = assert_one_line_error(capsys, status)
     assert re.fullmatch(
-        r"cifarnet-train: error: momentum epoch 1 batch \d: the loss is (nan|inf) \(training diverged\); the study's "
-        r"schedule is at the edge of stability without batch norm: try --clip-grad-norm 5 or --warmup-epochs 1 "
-        r"\(off by default\)",
+        r"cifarnet-train: error: momentum epoch 1 batch \d: the loss is (nan|inf) \(training diverged\); lr 1000000.0 "
+        r"is not the study's 0.1: try --clip-grad-norm 5 or --warmup-epochs 1 \(off by default\)",
         line,
     ), line
     assert not (out / "checkpoint.pt").exists() and read_metrics(out) == []
@@ -788,7 +826,7 @@ def test_eval_without_data_dir_uses_the_default_folder_when_the_run_folder_is_go
     write_pickles(default_data_dir(), make_split(40, seed=21), make_split(20, seed=22))  # the pickles fixture's images
     assert eval_main([str(checkpoint), "--no-progress", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
-    assert why in printed and "note:" not in printed  # the same images, so nothing more to say
+    assert why in printed and "other images than" not in printed  # the same images
     final = read_metrics(out)[-1]
     assert f"test loss {final['test_loss']:.4f}  top-1 {final['test_top1']:.2f}%" in printed
 
@@ -797,7 +835,7 @@ def test_eval_on_other_images_than_the_run_trained_on_says_so(trained, pickles, 
     args = [str(trained / "checkpoint.pt"), "--no-progress", "--device", "cpu", "--data-dir"]
     capsys.readouterr()
     assert eval_main([*args, str(folders)]) == 0
-    assert "note:" not in capsys.readouterr().out
+    assert "other images than" not in capsys.readouterr().out
     assert eval_main([*args, str(pickles)]) == 0
     note = f"note: {pickles / 'cifar-10-batches-py'} holds other images than {trained / 'checkpoint.pt'} was trained on"
     assert note in capsys.readouterr().out

@@ -22,14 +22,17 @@ from cifarnet.study.data import (
     CLASSES,
     MEAN,
     STD,
+    CIFAR10,
     BatchLoader,
     DataError,
+    Split,
     center_crop,
     crop_flip,
     load_cifar10,
     make_loaders,
     normalize,
     random_crop_flip,
+    shortfall,
     to_float,
 )
 from cifarnet.study.variants import recipe
@@ -179,6 +182,8 @@ def test_changed_files_invalidate_the_cache(tmp_path, splits, cache_dir):
     other = write_folders(tmp_path / "other", *splits)
     load_cifar10(other, cache_dir=cache_dir, progress=False)
     os.utime(path, ns=(2, 2))
+    # A cache file named as cifarnet named them before they began with the folder's key.
+    (cache_dir / ("0123456789abcdef" * 2 + ".pt")).write_bytes(b"an old decoded data set")
     load_cifar10(root, cache_dir=cache_dir, progress=False)
     assert len(list(cache_dir.glob("*.pt"))) == 2
 
@@ -453,6 +458,33 @@ def test_mean_and_std_are_the_training_images_statistics():
     per_image_std = pixels.std((2, 3)).mean(0)
     torch.testing.assert_close(torch.tensor(MEAN, dtype=torch.float64), mean, rtol=0, atol=6e-4)
     torch.testing.assert_close(torch.tensor(STD, dtype=torch.float64), per_image_std, rtol=0, atol=2e-3)
+
+
+def whole_cifar10_labels(per_class: int) -> torch.Tensor:
+    return torch.arange(len(CLASSES)).repeat_interleave(per_class)
+
+
+def test_shortfall_names_a_split_cut_short_and_its_thinnest_class():
+    def data_with(train_labels, test_labels):
+        split = lambda labels: Split(torch.zeros(len(labels), 3, 1, 1, dtype=torch.uint8), labels)
+        return CIFAR10(split(train_labels), split(test_labels), "folders", Path("/data"))
+
+    train, test = whole_cifar10_labels(5000), whole_cifar10_labels(1000)
+    assert shortfall(data_with(train, test)) is None
+    cats_short = torch.cat([train[train != 3], torch.full((5,), 3)])
+    assert shortfall(data_with(cats_short, test)) == (
+        "/data holds 45,005 training images (5 of class cat), where CIFAR-10 has 50,000 and 10,000, 5,000 and 1,000 "
+        "of each class: the figures are not comparable with the study's"
+    )
+    # The right total is not enough: every class must hold its tenth.
+    unbalanced = torch.cat([test[test != 9], torch.zeros(1000, dtype=torch.int64)])
+    assert shortfall(data_with(train, unbalanced)).startswith("/data holds 10,000 test images (0 of class truck), where")
+
+
+@pytest.mark.real_data
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real CIFAR-10 not found at {REAL_DATA}")
+def test_the_real_data_set_has_no_shortfall():
+    assert shortfall(load_cifar10(REAL_DATA, download=False, progress=False)) is None
 
 
 def test_random_crop_offsets_are_uniform_and_flips_fair():

@@ -650,6 +650,10 @@ def test_unreadable_checkpoint(tmp_path):
     torch.save({"format": 1, "epoch": 1}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match="lacks config, model"):
         load_checkpoint(tmp_path / "partial.pt")
+    torch.save({"format": 1, "model": torch.zeros(1000)}, tmp_path / "whole.pt")
+    (tmp_path / "truncated.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"truncated.pt is a damaged or truncated checkpoint: a ZIP archive of 2,000 bytes without its end"):
+        load_checkpoint(tmp_path / "truncated.pt")
 
 
 def test_checkpoint_path_that_is_a_run_folder(dataset, tmp_path):
@@ -756,6 +760,14 @@ def test_a_collapsed_network_stops_the_run(dataset, tmp_path, monkeypatch):
     assert read_run(out).status == "collapsed (one class for every test image, stopped after epoch 2)"
 
 
+def test_a_metrics_line_without_a_figure_is_reported_not_a_key_error(tmp_path):
+    folder = tmp_path / "full"
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text('{"epoch": 1, "train_loss": 2.3, "test_loss": 2.2, "test_top1": 12.0, "seconds": 3.0}\n{"epoch": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: epoch record 2 lacks train_loss, test_loss, test_top1, seconds; expected"):
+        read_run(folder)
+
+
 def test_training_reports_whether_the_first_layer_learned_and_how_many_classes_it_predicts():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4), nn.ReLU(), nn.Linear(4, 3))
@@ -780,9 +792,18 @@ def test_a_diverged_run_with_a_remedy_suggests_the_other(dataset, tmp_path, monk
 
 
 def test_a_huge_learning_rate_diverges_and_stops(dataset, tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"^momentum epoch 1 batch \d: the loss is (nan|inf)"):
+    # The message blames the rate the user chose, not the study's schedule.
+    with pytest.raises(TrainingDiverged, match=r"^momentum epoch 1 batch \d: the loss is (nan|inf) \(training diverged\); "
+                       r"lr 1000000.0 is not the study's 0.1: try"):
         run(dataset, tmp_path, variant="momentum", epochs=3, lr=1e6)
     assert not (tmp_path / "checkpoint.pt").exists() and read_metrics(tmp_path) == []
+
+
+def test_a_diverged_run_with_batch_norm_does_not_blame_its_absence(dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "epoch", nan_inputs_in_training_pass(train_module.epoch, [], 1, 0))
+    with pytest.raises(TrainingDiverged, match=r"^full epoch 1 batch 1: the loss is nan \(training diverged\); "
+                       r"the study's schedule diverged here even with batch norm: try"):
+        run(dataset, tmp_path, variant="full", epochs=1)
 
 
 @pytest.fixture

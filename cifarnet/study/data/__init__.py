@@ -39,6 +39,7 @@ from cifarnet.study.data.dataset import (
     Split,
     default_cache_dir,
     default_data_dir,
+    shortfall,
 )
 from cifarnet.study.data.loading import detect_layout, load_cifar10
 
@@ -61,5 +62,6 @@ __all__ = [
     "make_loaders",
     "normalize",
     "random_crop_flip",
+    "shortfall",
     "to_float",
 ]

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -67,3 +68,26 @@ class CIFAR10:
     test: Split
     layout: str
     root: Path
+
+
+# The whole data set: images per split, a tenth of them in each class.
+FULL_SPLIT_SIZES = {"training": 50_000, "test": 10_000}
+
+
+def shortfall(data: CIFAR10) -> str | None:
+    """How ``data`` differs from the whole CIFAR-10 (50,000 training and 10,000 test images,
+    a tenth of each split per class), in one line, or None where it does not: a copy cut short
+    trains and tests without error, on figures that are not the study's."""
+    parts = []
+    for name, split in (("training", data.train), ("test", data.test)):
+        expected = FULL_SPLIT_SIZES[name]
+        counts = torch.bincount(split.labels, minlength=len(CLASSES)).tolist()
+        if len(split) != expected or any(count != expected // len(CLASSES) for count in counts):
+            fewest = min(range(len(CLASSES)), key=counts.__getitem__)
+            parts.append(f"{len(split):,} {name} images ({counts[fewest]:,} of class {CLASSES[fewest]})")
+    if not parts:
+        return None
+    return (
+        f"{data.root} holds {' and '.join(parts)}, where CIFAR-10 has 50,000 and 10,000, 5,000 and 1,000 of each "
+        "class: the figures are not comparable with the study's"
+    )

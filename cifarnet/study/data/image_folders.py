@@ -8,6 +8,7 @@ import hashlib
 import itertools
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import warnings
@@ -94,13 +95,21 @@ def _folder_key(root: Path) -> str:
     return hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
 
 
+# The names of cache files written before they began with their folder's key: the fingerprint
+# alone. No later write could tell which folder such a file was for, so none removed them.
+_UNKEYED_CACHE_NAME = re.compile(r"[0-9a-f]{32}\.pt")
+
+
 def _remove_older_caches(cache_file: Path) -> None:
     """Removes the folder's earlier cache files (its files changed since; each holds a whole data
-    set, 185 MB for CIFAR-10), keeping ``cache_file``."""
+    set, 185 MB for CIFAR-10), keeping ``cache_file``, and any cache file of the older naming."""
     folder_key = cache_file.name.split("-", 1)[0]
     for older in cache_file.parent.glob(f"{folder_key}-*.pt"):
         if older != cache_file:
             older.unlink(missing_ok=True)
+    for unkeyed in cache_file.parent.glob("*.pt"):
+        if _UNKEYED_CACHE_NAME.fullmatch(unkeyed.name):
+            unkeyed.unlink(missing_ok=True)
 
 
 def _fingerprint(root: Path, listing: dict[str, list[tuple[os.DirEntry, int]]]) -> str:

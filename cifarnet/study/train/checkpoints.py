@@ -112,7 +112,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(f"checkpoint {path} is a folder; did you mean {path / CHECKPOINT_FILE}?")
     if not zipfile.is_zipfile(path):
         # torch.save writes a ZIP archive; anything else (an image, a text file) is not ours.
-        raise ValueError(f"{path} is not a checkpoint: it is {describe_file(path)}; {expected} (a torch.save ZIP archive)")
+        what = describe_file(path)
+        if what == "a ZIP archive":  # its start, without the directory at its end: cut short
+            raise ValueError(
+                f"{path} is a damaged or truncated checkpoint: a ZIP archive of {path.stat().st_size:,} bytes "
+                "without its end (a copy cut short?); it cannot be read: copy it again, or train afresh with --overwrite"
+            )
+        raise ValueError(f"{path} is not a checkpoint: it is {what}; {expected} (a torch.save ZIP archive)")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cifarnet.study.fileio import atomic_write_text
 from cifarnet.study.train.config import DIVERGENCE_FILE, REMEDIES, TrainConfig
+from cifarnet.study.variants import recipe
 
 
 class TrainingDiverged(ValueError):
@@ -20,10 +21,15 @@ class TrainingDiverged(ValueError):
             training losses were finite but the test loss of the epoch's model was not.
         loss: the non-finite value (nan, inf or -inf).
         remedies: the remedies to suggest (setting -> value), those the run lacks.
+        cause: what the message blames (see :func:`likely_cause`).
     """
 
-    def __init__(self, variant: str, epoch: int, batch: int | None, loss: float, remedies: dict):
+    def __init__(
+        self, variant: str, epoch: int, batch: int | None, loss: float, remedies: dict,
+        cause: str = "the study's schedule is at the edge of stability without batch norm",
+    ):  # fmt: skip
         self.variant, self.epoch, self.batch, self.loss, self.remedies = variant, epoch, batch, loss, remedies
+        self.cause = cause
         super().__init__(self.describe({name: f"{name}={value}" for name, value in remedies.items()}))
 
     def _what_happened(self) -> str:
@@ -33,7 +39,7 @@ class TrainingDiverged(ValueError):
 
     def describe(self, remedy_names: dict[str, str]) -> str:
         """The one-line message, naming each remedy as ``remedy_names[setting]`` (e.g. an option)."""
-        message = f"{self._what_happened()}; the study's schedule is at the edge of stability without batch norm"
+        message = f"{self._what_happened()}; {self.cause}"
         if not self.remedies:
             return f"{message}: try a lower learning rate"
         return f"{message}: try {' or '.join(remedy_names[name] for name in self.remedies)} (off by default)"
@@ -61,6 +67,17 @@ class _NonFiniteLoss(ArithmeticError):
         self.batch, self.loss = batch, loss
 
 
+def likely_cause(config: TrainConfig) -> str:
+    """What a divergence message blames: the learning rate where it is not the study's, else
+    the study's schedule (at the edge of stability without batch norm, as docs/divergence.md
+    measured)."""
+    if config.lr != TrainConfig.lr:
+        return f"lr {config.lr} is not the study's {TrainConfig.lr}"
+    if recipe(config.variant).batch_norm:
+        return "the study's schedule diverged here even with batch norm"
+    return "the study's schedule is at the edge of stability without batch norm"
+
+
 def _diverged(
     config: TrainConfig, out: Path, epoch_number: int, batch: int | None, loss: float, *, record: bool = True,
     collapsed: bool = False,
@@ -68,7 +85,9 @@ def _diverged(
     """Records the divergence (or collapse) in ``out`` (beside the last good epoch's files) and
     raises; only ``record``-ing processes (rank 0) write."""
     remedies = {name: value for name, value in REMEDIES.items() if getattr(config, name) in (0, None)}
-    error = (TrainingCollapsed if collapsed else TrainingDiverged)(config.variant, epoch_number, batch, loss, remedies)
+    error = (TrainingCollapsed if collapsed else TrainingDiverged)(
+        config.variant, epoch_number, batch, loss, remedies, likely_cause(config)
+    )
     if record:
         entry = {"epoch": epoch_number, "batch": batch, "loss": str(loss), "message": str(error)}
         if collapsed:

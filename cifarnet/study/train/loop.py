@@ -520,7 +520,9 @@ def train(
     batches_per_epoch = len(train_loader)
     progress = progress and is_main
     if checkpoint is not None and len(history) >= config.epochs and is_main:
-        _note(f"{out} is complete ({len(history)} of {config.epochs} epochs); nothing to train")
+        trained, asked = len(history), config.epochs
+        done = f"{trained} of {asked} epochs" if trained == asked else f"{trained} epochs, more than the {asked} asked for"
+        _note(f"{out} is complete ({done}); nothing to train")
     for epoch_number in range(len(history) + 1, config.epochs + 1):
         label = f"{config.variant} {epoch_number}/{config.epochs}"
         started = time.perf_counter()

@@ -209,8 +209,10 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
   const int64_t column_groups = g.out_channels_padded / (2 * kLanes);
   const int64_t widest = (column_groups + slices - 1) / slices * 2 * kLanes;
   const int64_t sum_rows = kPoints * g.channels_padded;
+  // NB: not zeroed here: each item's first float sum is stored, not added, in its own part
+  // (which the thread computing it so touches first, in parallel).
   std::vector<at::Tensor> sums(runs);
-  for (at::Tensor& sum : sums) sum = at::zeros({sum_rows * g.out_channels_padded}, at::kDouble);
+  for (at::Tensor& sum : sums) sum = at::empty({sum_rows * g.out_channels_padded}, at::kDouble);
   const float* in = x.data_ptr<float>();
   const float* grad = dy.data_ptr<float>();
   std::atomic<bool> not_finite{false};
@@ -237,9 +239,10 @@ std::optional<at::Tensor> winograd_weight_gradient(const at::Tensor& grad_output
         });
         if (block_not_finite) not_finite = true;
         if (ends_sum) {
+          const bool first_sum = block < begin + blocks_per_float_sum;
           isa_avx2::winograd::add_products(product_sum, sum_rows, k_end - k_begin,
                                            sums[run].data_ptr<double>(), g.out_channels_padded,
-                                           k_begin);
+                                           k_begin, /*accumulate=*/!first_sum);
         }
       }
     }

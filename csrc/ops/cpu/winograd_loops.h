@@ -356,14 +356,18 @@ inline void weight_gradient_block(const float* input, const float* grad_output,
   *not_finite = any_lane(flag);
 }
 
-// sum[row][k_begin + j] += products[row][j] in double, for `rows` rows of `width` products
+// sum[row][k_begin + j] (=|+=) products[row][j] in double, for `rows` rows of `width` products
 // (the sum's rows hold `sum_row` values).
 inline void add_products(const float* products, int64_t rows, int64_t width, double* sum,
-                         int64_t sum_row, int64_t k_begin) {
+                         int64_t sum_row, int64_t k_begin, bool accumulate) {
   for (int64_t row = 0; row < rows; ++row) {
     double* sum_row_slice = sum + row * sum_row + k_begin;
     const float* product_row = products + row * width;
-    for (int64_t j = 0; j < width; ++j) sum_row_slice[j] += product_row[j];
+    if (accumulate) {
+      for (int64_t j = 0; j < width; ++j) sum_row_slice[j] += product_row[j];
+    } else {
+      for (int64_t j = 0; j < width; ++j) sum_row_slice[j] = product_row[j];
+    }
   }
 }
 

@@ -33,6 +33,14 @@ def pair(value, name: str) -> list[int]:
     raise TypeError(f"{name} must be an int or a pair of ints (height, width), got {value!r}")
 
 
+def check_bool(value, name: str) -> bool:
+    """``value`` where it is a bool; else ``TypeError``, as F.max_pool2d refuses 1, a NumPy
+    bool or a tensor for its ``ceil_mode``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be bool, not {type(value).__name__}")
+    return value
+
+
 def is_window_stride(pool_stride) -> bool:
     """Whether a pool's ``stride`` means the window's size: None, or an empty sequence (which
     F.max_pool2d and nn.MaxPool2d read so)."""

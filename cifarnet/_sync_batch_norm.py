@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from cifarnet._arguments import conv_padding, pair, pool_stride_pair
+from cifarnet._arguments import check_bool, conv_padding, pair, pool_stride_pair
 
 _ops = torch.ops.cifarnet
 
@@ -212,7 +212,7 @@ def sync_conv2d_batch_norm_relu_max_pool2d(
         padding,
         pair(pool_size, "pool_size"),
         pool_stride_pair(pool_stride),
-        bool(ceil_mode),
+        check_bool(ceil_mode, "ceil_mode"),
         pair(pool_padding, "pool_padding"),
     )
     return _SyncConv2dBatchNormReLUMaxPool2d.apply(

@@ -306,6 +306,9 @@ def _bad_input_cases():
         # a RuntimeError, as F.conv2d raises it
         ("three-element stride", dict(stride=(1, 1, 1)), RuntimeError, "stride must be an int or a pair"),
         ("float padding", dict(padding=1.5), TypeError, "padding must be an int or a pair"),
+        # F.max_pool2d takes a bool alone
+        ("integer ceil_mode", dict(ceil_mode=1), TypeError, "ceil_mode must be bool, not int"),
+        ("string ceil_mode", dict(ceil_mode="yes"), TypeError, "ceil_mode must be bool, not str"),
         ("device mismatch", dict(weight=w.to("meta")), RuntimeError, "meta"),
     ]
 

@@ -125,7 +125,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else stored_pair(padding)
         self.pool_size = stored_pair(pool_size)
         self.pool_stride = self.pool_size if is_window_stride(pool_stride) else stored_pair(pool_stride)
-        self.ceil_mode = bool(ceil_mode)
+        self.ceil_mode = ceil_mode  # as nn.MaxPool2d keeps it: checked when the layer runs
         self.pool_padding = stored_pair(pool_padding)
         self.weight = nn.Parameter(torch.empty((out_channels, in_channels, *self.kernel_size), **factory))
         if bias:
@@ -157,7 +157,7 @@ class Conv2dReLUMaxPool2d(nn.Module):
         fused.padding = conv.padding  # 'valid' and 'same' too, as the functional op takes them
         fused.pool_size = stored_pair(pool.kernel_size)
         fused.pool_stride = fused.pool_size if is_window_stride(pool.stride) else stored_pair(pool.stride)
-        fused.ceil_mode = bool(pool.ceil_mode)
+        fused.ceil_mode = pool.ceil_mode
         fused.pool_padding = stored_pair(pool.padding)
         fused.weight = conv.weight
         if conv.bias is None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet._arguments import conv_padding, pair, pool_stride_pair
+from cifarnet._arguments import check_bool, conv_padding, pair, pool_stride_pair
 from cifarnet.ops._layout import batch_norm_stats_dtype, channel_stats, is_unbatched
 from cifarnet.ops._onnx import BACKWARD, EXPORT_IN_EVAL_MODE, no_onnx_translation
 from cifarnet.ops._transforms import under_vmap
@@ -112,7 +112,7 @@ def conv2d_batch_norm_relu_max_pool2d(
         padding,
         pair(pool_size, "pool_size"),
         pool_stride_pair(pool_stride),
-        bool(ceil_mode),
+        check_bool(ceil_mode, "ceil_mode"),
         pair(pool_padding, "pool_padding"),
     )
     # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's

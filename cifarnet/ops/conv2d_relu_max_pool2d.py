@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function
 
 from cifarnet import _C  # noqa: F401  (defines the op)
-from cifarnet._arguments import conv_padding, pair, pool_stride_pair
+from cifarnet._arguments import check_bool, conv_padding, pair, pool_stride_pair
 from cifarnet.ops._layout import (
     check_input_channels,
     check_pool_padding,
@@ -90,7 +90,7 @@ def conv2d_relu_max_pool2d(
         padding,
         pair(pool_size, "pool_size"),
         pool_stride_pair(pool_stride),
-        bool(ceil_mode),
+        check_bool(ceil_mode, "ceil_mode"),
         pair(pool_padding, "pool_padding"),
     )
     # NB: native max_pool2d gives a 3-D input a contiguous output, whatever the convolution's

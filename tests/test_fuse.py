@@ -905,6 +905,18 @@ def test_a_submodule_traced_into_in_another_mode_than_the_graph_s_gets_the_origi
             assert_close(copied(block_input()), model(block_input()), FLOAT64)
 
 
+def test_a_submodule_traced_into_and_deleted_after_fusing_fails_as_on_the_original():
+    model = DoublingNet().double()
+    fused = fuse_quietly(model)
+    errors = []
+    for network in (model, fused):
+        del network.doubling
+        with pytest.raises(AttributeError) as error:
+            network(block_input())
+        errors.append(str(error.value))
+    assert errors[1] == errors[0]
+
+
 def resnet18_fused_by_graph():
     """ResNet-18 in float64 evaluation mode beside its fused copy (the stem's chain and every
     bn -> ReLU -> conv chain fused in the graph of forward, traced into each block)."""

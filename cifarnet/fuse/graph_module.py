@@ -80,11 +80,13 @@ class _TracedFrom:
 
     def holds_modes_of(self, module: nn.Module) -> bool:
         """Whether the graph holds ``module``'s forward in the train/eval modes its modules are
-        in now: where it holds one mode, the module and the submodules traced into are in it."""
+        in now: where it holds one mode, the module and the submodules traced into are in it
+        (and are still there)."""
         if self.mode is None:
             return True
+        submodules = (_submodule_or_none(module, name) for name in self.traced_into)
         return module.training == self.mode and all(
-            module.get_submodule(name).training == self.mode for name in self.traced_into
+            submodule is not None and submodule.training == self.mode for submodule in submodules
         )
 
     def traced_modules_changed(self, module: nn.Module) -> bool:

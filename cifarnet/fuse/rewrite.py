@@ -238,11 +238,8 @@ def _step(node: Node) -> _Step:
 
 def _fuse_in_graph(graph_module: GraphModule, chain: _Candidate) -> None:
     """Makes the chain's convolution node call the fused layer and removes its other nodes."""
-    members = tuple(
-        (node.target, graph_module.get_submodule(node.target))
-        for node in chain.nodes
-        if node.op == "call_module" and graph_module.get_submodule(node.target) is not chain.conv
-    )
+    called = ((node.target, graph_module.get_submodule(node.target)) for node in chain.nodes if node.op == "call_module")
+    members = tuple((target, module) for target, module in called if module is not chain.conv)
     if chain.bn_relu_conv:
         bn_node, relu_node, conv_node = chain.nodes
         steps = (_step(bn_node), _step(relu_node))

@@ -49,6 +49,7 @@ from cifarnet.study.train import (
     CHECKPOINT_DATA_KEY,
     CHECKPOINT_FILE,
     DEVICES,
+    MAX_SEED,
     PRECISIONS,
     REMEDIES,
     TrainConfig,
@@ -106,10 +107,6 @@ def _positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"expected a positive finite number, got {value}")
     return value
-
-
-# torch.manual_seed's range.
-MAX_SEED = 2**32 - 1
 
 
 def _seed(text: str) -> int:
@@ -353,9 +350,14 @@ def _load_data(data_dir: Path | None, progress: bool, launch: Launch | None, pee
         data = load_cifar10(data_dir, progress=progress and first_on_machine)
         if first_on_machine:
             peers.barrier()
-    if (launch is None or launch.rank == 0) and shortfall(data):
-        print(f"note: {shortfall(data)}", flush=True)
+    if launch is None or launch.rank == 0:
+        _note_shortfall(data)
     return data
+
+
+def _note_shortfall(data: CIFAR10) -> None:
+    if (difference := shortfall(data)) is not None:
+        print(f"note: {difference}", flush=True)
 
 
 def _on_rank(launch: Launch | None, message: object) -> str:
@@ -513,8 +515,7 @@ def _eval_data(data_dir: Path | None, checkpoint: dict, path: Path, progress: bo
         else:
             data_dir, reads_recorded = Path(recorded_root), True
     data = load_cifar10(data_dir, progress=progress)
-    if shortfall(data):
-        print(f"note: {shortfall(data)}", flush=True)
+    _note_shortfall(data)
     if "sha256" not in record:
         if reads_recorded:
             print(f"data: {recorded_root}, the folder {path} was trained on (its images unchecked: the checkpoint "

@@ -24,6 +24,8 @@ processes changes it; ``train_images``: the training images the run trains on, a
 ``test_classes_predicted`` or ``train_images`` existed lack them."""
 
 DEVICES = ("auto", "cpu", "cuda")
+# torch.manual_seed's range.
+MAX_SEED = 2**32 - 1
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.jsonl"
 BATCH_LOSSES_FILE = "batch_losses.csv"
@@ -119,8 +121,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be at least 1; got {self.batch_size}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be a positive number; got {self.lr}")
-        if not 0 <= self.seed <= 2**32 - 1:
-            raise ValueError(f"seed must be from 0 to 2**32 - 1 (torch.manual_seed's range); got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be from 0 to {MAX_SEED} (torch.manual_seed's range); got {self.seed}")
         if self.limit_train is not None and self.limit_train < 1:
             raise ValueError(f"limit_train must be at least 1 (or None for all images); got {self.limit_train}")
         if self.warmup_epochs < 0:

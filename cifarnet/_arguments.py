@@ -22,6 +22,12 @@ def pair(value, name: str) -> list[int]:
     F.conv2d and F.max_pool2d raise them. Value checks (positive sizes, non-negative padding)
     are the ops' own, so C++ callers get them too; this only checks the form.
     """
+    # NB: the exact types first: the ABC checks below take microseconds, a share of every
+    # small layer's call.
+    if type(value) is int:
+        return [value, value]
+    if type(value) in (tuple, list) and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        return [value[0], value[1]]
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return [int(value), int(value)]
     if isinstance(value, Sequence) and not isinstance(value, str):

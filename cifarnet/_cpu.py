@@ -8,6 +8,7 @@ Linux only (``/proc/cpuinfo``, sysfs); elsewhere the fields are ``None`` / empty
 from __future__ import annotations
 
 import glob
+import os
 import platform
 
 # cpuinfo flag -> the name people know; in the order of the ISA ladder.
@@ -69,3 +70,13 @@ def describe_cpu() -> str:
     if cache:
         parts.append(f"{cache / 2**20:g} MiB last-level cache")
     return ", ".join(parts)
+
+
+def thread_count_problem(threads: int) -> str | None:
+    """Why ``threads`` cannot be the CPU thread count, or None where it can: from 1 to the CPUs
+    this machine has. NB: far above that, OpenMP fails to create its threads and aborts the
+    process ("libgomp: Thread creation failed"), where torch.set_num_threads accepts any value."""
+    limit = os.cpu_count() or 1
+    if 1 <= threads <= limit:
+        return None
+    return f"expected 1 to {limit} (the CPUs this machine has), got {threads}"

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 import cifarnet
 from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
-from cifarnet._cpu import describe_cpu
+from cifarnet._cpu import describe_cpu, thread_count_problem
 from cifarnet._timing import MEMORY_FORMATS, keep_freed_memory
 from cifarnet.benchmark_models import MODEL_INPUT_SIZES, benchmark_model, format_model_table, input_size_problem
 from cifarnet.benchmark_ops import (
@@ -124,8 +124,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--input-size must be positive, got {args.input_size}")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive, got {args.batch_size}")
-    if args.threads is not None and args.threads < 1:
-        parser.error(f"--threads must be positive, got {args.threads}")
+    if args.threads is not None and (problem := thread_count_problem(args.threads)):
+        parser.error(f"--threads: {problem}")
     if args.repeats < 1:
         parser.error(f"--repeats must be positive, got {args.repeats}")
     if args.warmup < 0:

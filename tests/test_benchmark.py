@@ -181,7 +181,8 @@ def test_bench_refuses_input_sizes_it_cannot_use(argv, message, capsys, monkeypa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--threads", "0"], "--threads must be positive, got 0"),
+    (["--threads", "0"], "--threads: expected 1 to "),
+    (["--threads", str((os.cpu_count() or 1) + 1)], f"--threads: expected 1 to {os.cpu_count()} (the CPUs this machine has)"),
     (["--warmup", "-1"], "--warmup must not be negative, got -1"),
     (["--device", "meta"], "--device meta: cifarnet-bench times the CPU and CUDA kernels; expected cpu or cuda[:N]"),
 ])

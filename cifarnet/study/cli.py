@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cifarnet._closed_pipe import ends_quietly_on_a_closed_pipe
+from cifarnet._cpu import thread_count_problem
 from cifarnet.study.data import CIFAR10, CLASSES, BatchLoader, DataError, default_data_dir, load_cifar10, shortfall
 from cifarnet.study.distributed import (
     DEFAULT_TIMEOUT_SECONDS,
@@ -86,6 +87,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _threads(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if problem := thread_count_problem(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
@@ -150,7 +161,7 @@ def _train_parser() -> argparse.ArgumentParser:
     remedies.add_argument("--clip-grad-norm", type=_positive_float, default=defaults.clip_grad_norm, metavar="MAX",
                           help="clip each batch's gradients to total 2-norm MAX before the step "
                                f"(suggested: {REMEDIES['clip_grad_norm']:g}; default: none)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--threads", type=_threads, default=None,
                         help="CPU threads (default: torch's choice; under torchrun, the machine's cores shared "
                              "among its processes)")
     parser.add_argument("--limit-train", type=_positive_int, default=None, metavar="N",
@@ -427,7 +438,7 @@ def _eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ops", choices=OPS, default=None, help="default: the checkpoint's")
     parser.add_argument("--batch-size", type=_positive_int, default=None, help="default: the checkpoint's")
     parser.add_argument("--precision", choices=PRECISIONS, default=None, help="default: the checkpoint's")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--threads", type=_threads, default=None, help="CPU threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"confusion-matrix PNG (default: {CONFUSION_PLOT} beside the checkpoint); an "
                              "existing file is replaced only where it is a plot cifarnet drew")

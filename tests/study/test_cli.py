@@ -289,6 +289,17 @@ def test_a_seed_out_of_torch_s_range_is_a_usage_error(capsys, value):
     assert info.value.code == 2 and "argument --seed: expected an integer from 0 to 4294967295" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("main", [train_main, eval_main])
+@pytest.mark.parametrize("extra", [1, 100_000])
+def test_more_threads_than_cpus_is_a_usage_error(capsys, main, extra):
+    # OpenMP aborts the process where it cannot create that many threads
+    threads = (os.cpu_count() or 1) + extra
+    with pytest.raises(SystemExit) as info:
+        main(["--threads", str(threads), *(["checkpoint.pt"] if main is eval_main else [])])
+    message = f"argument --threads: expected 1 to {os.cpu_count()} (the CPUs this machine has), got {threads}"
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("option", ["--lr", "--clip-grad-norm"])
 def test_an_infinite_rate_or_norm_is_a_usage_error(capsys, option):
     with pytest.raises(SystemExit) as info:

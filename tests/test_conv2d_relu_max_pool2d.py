@@ -283,6 +283,8 @@ def _bad_input_cases():
         # native conv2d returns 0 output channels here, whatever the weight's 4
         ("no input channels", dict(input=torch.randn(2, 0, 8, 8), weight=torch.randn(4, 0, 3, 3)), RuntimeError,
          "weight must have at least one input channel, got shape [4, 0, 3, 3]"),
+        ("no output channels", dict(weight=torch.randn(0, 3, 3, 3), bias=torch.randn(0)), RuntimeError,
+         "weight must have at least one output channel, got shape [0, 3, 3, 3]"),
         ("dtype mismatch", dict(weight=w.double()), RuntimeError, "weight dtype Double does not match input dtype Float"),
         ("integer input", dict(input=x.long(), weight=w.long()), RuntimeError, "input must be float32, float64, float16 or bfloat16, got Long"),
         ("mixed 16-bit dtypes", dict(input=x.half(), weight=w.bfloat16()), RuntimeError, "weight dtype BFloat16 does not match input dtype Half"),

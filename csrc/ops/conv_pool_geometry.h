@@ -76,6 +76,9 @@ inline void check_conv_parameters(const at::Tensor& input, const at::Tensor& wei
   // there is no native result to match, and the kernels would read the weight's channels.
   TORCH_CHECK(weight.size(1) > 0, "weight must have at least one input channel, got shape ",
               shape_string(weight));
+  // Native conv2d refuses a weight without output channels.
+  TORCH_CHECK(weight.size(0) > 0, "weight must have at least one output channel, got shape ",
+              shape_string(weight));
   TORCH_CHECK(weight.scalar_type() == input.scalar_type(), "weight dtype ", weight.scalar_type(),
               " does not match input dtype ", input.scalar_type());
   TORCH_CHECK(weight.device() == input.device(), "weight is on ", weight.device(),

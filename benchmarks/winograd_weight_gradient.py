@@ -24,6 +24,8 @@ import sys
 
 import torch
 
+from cifarnet._timing import Stopwatch, interleaved_medians
+
 # name, batch, in channels, out channels, kernel, input side, convolution padding
 LAYERS = (
     ("128->128 3x3, 16x16", 32, 128, 128, 3, 16, 1),
@@ -53,23 +55,12 @@ def weight_gradient_call(batch: int, in_channels: int, out_channels: int, kernel
     )  # fmt: skip
 
 
-def median_milliseconds(call, calls: int) -> float:
-    import time
-
-    for _ in range(3):
-        call()
-    samples = []
-    for _ in range(calls):
-        begin = time.perf_counter()
-        call()
-        samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples)
-
-
 def worker(threads: int, calls: int) -> None:
     os.environ["CIFARNET_CONV_ALGORITHM"] = "winograd"
     torch.set_num_threads(threads)
-    print(json.dumps({name: median_milliseconds(weight_gradient_call(*shape), calls) for name, *shape in LAYERS}))
+    stopwatch = Stopwatch(torch.device("cpu"))
+    medians = {name: interleaved_medians({name: weight_gradient_call(*shape)}, stopwatch, 3, calls)[name] for name, *shape in LAYERS}
+    print(json.dumps(medians))
 
 
 def run_worker(threads: int, calls: int, package_dir: str | None) -> dict:

@@ -91,10 +91,7 @@ def _positive_int(text: str) -> int:
 
 
 def _threads(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    value = _positive_int(text)
     if problem := thread_count_problem(value):
         raise argparse.ArgumentTypeError(problem)
     return value
